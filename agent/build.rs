@@ -1,0 +1,41 @@
+//! Builds the kernel programs (`agent-ebpf`) for `bpfel-unknown-none` with
+//! the nightly toolchain and bpf-linker, so one `cargo build` of the agent
+//! produces a binary with its eBPF object embedded. `cargo xtask setup`
+//! installs what this needs.
+
+use anyhow::{Context as _, anyhow};
+
+fn main() -> anyhow::Result<()> {
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let ebpf = packages
+        .iter()
+        .find(|p| p.name.as_str() == "flowaudit-ebpf")
+        .ok_or_else(|| anyhow!("package flowaudit-ebpf not found in the workspace"))?;
+    let root_dir = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("flowaudit-ebpf manifest has no parent directory"))?;
+    if which_bpf_linker().is_none() {
+        return Err(anyhow!(
+            "bpf-linker is not on PATH: run `cargo xtask setup` (it builds bpf-linker against the nightly toolchain's LLVM)"
+        ));
+    }
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: ebpf.name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Nightly,
+    )
+}
+
+fn which_bpf_linker() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("bpf-linker"))
+        .find(|p| p.is_file())
+}

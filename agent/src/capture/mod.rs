@@ -1,0 +1,352 @@
+//! Kernel capture: loads the embedded eBPF object, hands it the struct
+//! offsets of the running kernel, attaches the `sock_ops` program to the
+//! cgroup v2 root, and turns ring-buffer records into `KernelEvent`s on a
+//! channel. Records the kernel could not deliver are counted per place
+//! (`LOST` per-CPU array) and read back here, never silently dropped.
+
+pub mod btf;
+pub mod record;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::{CgroupAttachMode, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use flowaudit_common::{LOSS_PLACES, LossPlace, names};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+
+use self::btf::{Btf, KernelOffsets};
+use self::record::KernelEvent;
+
+/// The eBPF object built by build.rs from `agent-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowaudit"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "flowaudit agent must run as root (effective uid is {0}): loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; run it with sudo, or in the DaemonSet from deploy/"
+    )]
+    NotRoot(u32),
+    #[error(
+        "this kernel exposes no BTF ({0} is missing): flowaudit resolves kernel struct offsets from it; use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every mainstream distribution kernel since 5.4), or mount /sys/kernel/btf into the agent's container"
+    )]
+    NoBtf(PathBuf),
+    #[error("could not parse the kernel BTF at {path}: {source}")]
+    Btf {
+        path: PathBuf,
+        source: btf::BtfError,
+    },
+    #[error(
+        "no cgroup v2 hierarchy is mounted (no `cgroup2` entry in /proc/self/mountinfo): mount one with `mount -t cgroup2 none /sys/fs/cgroup/unified`, or mount the host's into the agent's container"
+    )]
+    NoCgroup2,
+    #[error("could not open the cgroup v2 root {path}: {source}")]
+    CgroupOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the kernel rejected flowaudit's eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected the sock_ops program: {0}")]
+    Program(#[source] aya::programs::ProgramError),
+    #[error("the eBPF object lacks {0}: the agent binary was built without its kernel programs")]
+    Missing(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("could not watch the ring buffer: {0}")]
+    Poll(#[source] std::io::Error),
+}
+
+/// Counters the capture stage keeps; read by status and metrics.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    /// Records read from the ring buffer.
+    pub records: AtomicU64,
+    /// Records that could not be decoded.
+    pub malformed: AtomicU64,
+    /// Per loss place, the kernel's count as last read.
+    pub lost: [AtomicU64; LOSS_PLACES as usize],
+}
+
+impl CaptureStats {
+    /// Flow events the kernel could not deliver (ring buffer full).
+    pub fn events_lost(&self) -> u64 {
+        LossPlace::ALL
+            .iter()
+            .filter(|p| p.loses_event())
+            .map(|p| self.lost[*p as usize].load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts (kind
+/// nodes), `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_root() -> Result<PathBuf, CaptureError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    cgroup2_root_from(&mountinfo).ok_or(CaptureError::NoCgroup2)
+}
+
+fn cgroup2_root_from(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "... mount-point options - fstype source super-options"
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        (fstype == "cgroup2").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// The attached programs. Dropping it detaches them.
+pub struct Capture {
+    _ebpf: Ebpf,
+    lost: PerCpuArray<MapData, u64>,
+    pub stats: Arc<CaptureStats>,
+    pub cgroup_root: PathBuf,
+    pub offsets: KernelOffsets,
+    ring: Option<RingBuf<MapData>>,
+}
+
+impl Capture {
+    /// Checks prerequisites, loads and attaches. Fails with the fix in the message.
+    pub fn start() -> Result<Self, CaptureError> {
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 {
+            return Err(CaptureError::NotRoot(euid));
+        }
+        let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+        let btf_bytes =
+            std::fs::read(btf_path).map_err(|_| CaptureError::NoBtf(btf_path.to_path_buf()))?;
+        let btf = Btf::parse(&btf_bytes).map_err(|source| CaptureError::Btf {
+            path: btf_path.to_path_buf(),
+            source,
+        })?;
+        let (offsets, missing) = KernelOffsets::resolve(&btf);
+        for m in &missing {
+            tracing::warn!(error = %m, "kernel struct offset not found; the field it feeds stays empty");
+        }
+        drop(btf);
+        drop(btf_bytes);
+        raise_memlock();
+
+        let cgroup_root = cgroup2_root()?;
+        let cgroup =
+            std::fs::File::open(&cgroup_root).map_err(|source| CaptureError::CgroupOpen {
+                path: cgroup_root.clone(),
+                source,
+            })?;
+
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(
+                names::OFF_TASK_GROUP_LEADER,
+                &offsets.task_group_leader,
+                true,
+            )
+            .override_global(
+                names::OFF_TASK_START_BOOTTIME,
+                &offsets.task_start_boottime,
+                true,
+            )
+            .override_global(names::OFF_TASK_COMM, &offsets.task_comm, true)
+            .override_global(names::OFF_SOCK_ERR, &offsets.sock_err, true)
+            .override_global(names::OFF_SOCK_ERR_SOFT, &offsets.sock_err_soft, true)
+            .override_global(names::OFF_SOCK_FLAGS, &offsets.sock_flags, true);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(CaptureError::Load)?;
+
+        let prog: &mut SockOps = ebpf
+            .program_mut(names::PROG_SOCK_OPS)
+            .ok_or(CaptureError::Missing(names::PROG_SOCK_OPS))?
+            .try_into()
+            .map_err(CaptureError::Program)?;
+        prog.load().map_err(CaptureError::Program)?;
+        // On 5.7+ aya attaches through a bpf_link, which always runs beside
+        // other programs on the cgroup (Cilium's, another flowaudit's) and
+        // rejects explicit attach flags: hence the default mode here.
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(CaptureError::Program)?;
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map(names::MAP_EVENTS)
+                .ok_or(CaptureError::Missing(names::MAP_EVENTS))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: names::MAP_EVENTS,
+            source,
+        })?;
+        let lost = PerCpuArray::try_from(
+            ebpf.take_map(names::MAP_LOST)
+                .ok_or(CaptureError::Missing(names::MAP_LOST))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: names::MAP_LOST,
+            source,
+        })?;
+        Ok(Self {
+            _ebpf: ebpf,
+            lost,
+            stats: Arc::default(),
+            cgroup_root,
+            offsets,
+            ring: Some(ring),
+        })
+    }
+
+    /// Reads the kernel's per-CPU loss counters into `stats`; returns the
+    /// places whose count grew since the last read, with the increase.
+    pub fn poll_losses(&self) -> Vec<(LossPlace, u64)> {
+        let mut grown = Vec::new();
+        for place in LossPlace::ALL {
+            let Ok(values) = self.lost.get(&(place as u32), 0) else {
+                continue;
+            };
+            let total: u64 = values.iter().sum();
+            let prev = self.stats.lost[place as usize].swap(total, Ordering::Relaxed);
+            if total > prev {
+                grown.push((place, total - prev));
+            }
+        }
+        grown
+    }
+
+    /// Spawns the ring-buffer reader. It sends every decoded record on `tx`
+    /// (waiting when the pipeline is busy: the ring buffer holds the rest, and
+    /// what it cannot hold is counted as lost by the kernel) until
+    /// `shutdown` fires, then drains what is left and returns.
+    pub fn spawn_reader(
+        &mut self,
+        tx: mpsc::Sender<KernelEvent>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<tokio::task::JoinHandle<()>, CaptureError> {
+        let ring = self.ring.take().ok_or(CaptureError::Missing(
+            "ring buffer (reader already started)",
+        ))?;
+        let mut fd = AsyncFd::new(ring).map_err(CaptureError::Poll)?;
+        let stats = self.stats.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    guard = fd.readable_mut() => {
+                        let Ok(mut guard) = guard else { break };
+                        if drain(guard.get_inner_mut(), &tx, &stats).await.is_err() {
+                            return;
+                        }
+                        guard.clear_ready();
+                    }
+                    _ = shutdown.changed() => break,
+                }
+            }
+            let _ = drain(fd.get_mut(), &tx, &stats).await;
+        }))
+    }
+}
+
+/// Moves every record now in the ring buffer to the channel.
+async fn drain(
+    ring: &mut RingBuf<MapData>,
+    tx: &mpsc::Sender<KernelEvent>,
+    stats: &CaptureStats,
+) -> Result<(), ()> {
+    loop {
+        let decoded = {
+            let Some(item) = ring.next() else {
+                return Ok(());
+            };
+            KernelEvent::from_bytes(&item)
+        };
+        stats.records.fetch_add(1, Ordering::Relaxed);
+        match decoded {
+            Ok(ev) => tx.send(ev).await.map_err(|_| ())?,
+            Err(e) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "malformed kernel record");
+            }
+        }
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so the
+/// ring buffer and socket map fit. Newer kernels ignore it.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}
+
+/// Converts CLOCK_MONOTONIC nanoseconds (the kernel's timestamps) to wall time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// realtime - monotonic, in nanoseconds.
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = monotonic_ns() as i128;
+        let real = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Self {
+            offset_ns: real - mono,
+        }
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> std::time::SystemTime {
+        let ns = (mono_ns as i128 + self.offset_ns).max(0) as u128;
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.min(u64::MAX as u128) as u64)
+    }
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_unified_layouts() {
+        let hybrid = "25 24 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw\n\
+                      27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            cgroup2_root_from(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_root_from(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            cgroup2_root_from("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
+        assert_eq!(cgroup2_root_from("garbage"), None);
+    }
+
+    #[test]
+    fn clock_maps_monotonic_now_to_wall_now() {
+        let clock = Clock::now();
+        let wall = clock.wall(monotonic_ns());
+        let diff = wall
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_else(|e| e.duration());
+        assert!(diff < std::time::Duration::from_secs(1), "{diff:?}");
+    }
+}

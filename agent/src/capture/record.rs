@@ -1,0 +1,250 @@
+//! Decoding of the kernel's `FlowRecord`s: raw ring-buffer bytes in, a typed
+//! `KernelEvent` out (addresses as `SocketAddr`, IPv4-mapped IPv6 folded to
+//! IPv4, the owner as process facts). Bytes from the kernel are still
+//! untrusted input here: a short or malformed record is an error, not a panic.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use flowaudit_common::{
+    AF_INET, AF_INET6, FlowRecord, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED,
+    SocketSide,
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("kernel record has {got} bytes, expected {expected}")]
+    Size { got: usize, expected: usize },
+    #[error("kernel record has unknown kind {0}")]
+    Kind(u8),
+    #[error("kernel record has unknown socket side {0}")]
+    Side(u8),
+    #[error("kernel record has unknown address family {0}")]
+    Family(u8),
+}
+
+/// The process that owned the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub tgid: u32,
+    /// Start time of the process, nanoseconds since boot (0 = unknown).
+    pub start_boottime_ns: u64,
+    pub cgroup_id: u64,
+    pub comm: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEvent {
+    pub kind: RecordKind,
+    pub side: SocketSide,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub netns_cookie: u64,
+    pub sock_cookie: u64,
+    pub owner: Option<ProcessInfo>,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub start_ns: u64,
+    pub established_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub error: u32,
+    pub retransmits: u32,
+}
+
+fn addr(family: u16, raw: [u8; 16], port: u16) -> SocketAddr {
+    let ip = if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    } else {
+        let v6 = Ipv6Addr::from(raw);
+        // A dual-stack socket talking IPv4 reports ::ffff:a.b.c.d.
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    };
+    SocketAddr::new(ip, port)
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+impl KernelEvent {
+    /// Decodes one ring-buffer item.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RecordError> {
+        let expected = std::mem::size_of::<FlowRecord>();
+        if bytes.len() < expected {
+            return Err(RecordError::Size {
+                got: bytes.len(),
+                expected,
+            });
+        }
+        // SAFETY: length checked; FlowRecord is plain data valid for any bit
+        // pattern; read_unaligned because ring-buffer items are 8-aligned
+        // only by convention.
+        let rec = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowRecord>()) };
+        Self::from_record(&rec)
+    }
+
+    pub fn from_record(rec: &FlowRecord) -> Result<Self, RecordError> {
+        let kind = RecordKind::from_u8(rec.kind).ok_or(RecordError::Kind(rec.kind))?;
+        let side = match rec.side {
+            1 => SocketSide::Active,
+            2 => SocketSide::Passive,
+            s => return Err(RecordError::Side(s)),
+        };
+        let family = u16::from(rec.family);
+        if family != AF_INET && family != AF_INET6 {
+            return Err(RecordError::Family(rec.family));
+        }
+        let owner = (rec.owner_known == 1).then(|| ProcessInfo {
+            tgid: rec.owner.tgid,
+            start_boottime_ns: rec.owner.start_boottime_ns,
+            cgroup_id: rec.owner.cgroup_id,
+            comm: comm(&rec.owner.comm),
+        });
+        Ok(Self {
+            kind,
+            side,
+            local: addr(family, rec.local_addr, rec.local_port),
+            remote: addr(family, rec.remote_addr, rec.remote_port),
+            netns_cookie: rec.netns_cookie,
+            sock_cookie: rec.sock_cookie,
+            owner,
+            ts_ns: rec.ts_ns,
+            start_ns: rec.start_ns,
+            established_ns: rec.established_ns,
+            // The kernel's counters run in sequence space, where SYN and FIN
+            // take one each; report payload bytes.
+            bytes_sent: rec
+                .bytes_sent
+                .saturating_sub(u64::from(rec.seq_flags & SEQ_SYN_ACKED != 0))
+                .saturating_sub(u64::from(rec.seq_flags & SEQ_FIN_ACKED != 0)),
+            bytes_received: rec
+                .bytes_received
+                .saturating_sub(u64::from(rec.seq_flags & SEQ_FIN_RECEIVED != 0)),
+            error: rec.error,
+            retransmits: rec.retransmits,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use flowaudit_common::Owner;
+
+    pub(crate) fn sample() -> FlowRecord {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"node");
+        let mut local = [0u8; 16];
+        local[..4].copy_from_slice(&[10, 244, 1, 5]);
+        let mut remote = [0u8; 16];
+        remote[..4].copy_from_slice(&[10, 244, 1, 9]);
+        FlowRecord {
+            kind: RecordKind::Close as u8,
+            side: SocketSide::Active as u8,
+            family: AF_INET as u8,
+            owner_known: 1,
+            old_state: 1,
+            seq_flags: 0,
+            _pad: [0; 2],
+            local_port: 43122,
+            remote_port: 5432,
+            error: 0,
+            local_addr: local,
+            remote_addr: remote,
+            netns_cookie: 7,
+            sock_cookie: 99,
+            owner: Owner {
+                tgid: 1234,
+                _pad: 0,
+                start_boottime_ns: 5,
+                cgroup_id: 42,
+                comm,
+            },
+            ts_ns: 3_000_000,
+            start_ns: 1_000_000,
+            established_ns: 1_500_000,
+            bytes_sent: 10,
+            bytes_received: 20,
+            retransmits: 0,
+            _pad2: 0,
+        }
+    }
+
+    fn as_bytes(r: &FlowRecord) -> Vec<u8> {
+        let p = (r as *const FlowRecord).cast::<u8>();
+        unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<FlowRecord>()) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_an_ipv4_record() {
+        let ev = KernelEvent::from_bytes(&as_bytes(&sample())).unwrap();
+        assert_eq!(ev.local, "10.244.1.5:43122".parse().unwrap());
+        assert_eq!(ev.remote, "10.244.1.9:5432".parse().unwrap());
+        let owner = ev.owner.unwrap();
+        assert_eq!(
+            (owner.tgid, owner.cgroup_id, owner.comm.as_str()),
+            (1234, 42, "node")
+        );
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (10, 20));
+    }
+
+    #[test]
+    fn folds_ipv4_mapped_ipv6_and_keeps_real_ipv6() {
+        let mut r = sample();
+        r.family = AF_INET6 as u8;
+        r.local_addr = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+        r.remote_addr = "fd00:10:244:1::9".parse::<Ipv6Addr>().unwrap().octets();
+        let ev = KernelEvent::from_record(&r).unwrap();
+        assert_eq!(ev.local.ip(), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            ev.remote.ip(),
+            "fd00:10:244:1::9".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn byte_counts_leave_out_syn_and_fin() {
+        let mut r = sample();
+        r.bytes_sent = 7; // "hello" + SYN + FIN
+        r.bytes_received = 51; // 50 bytes + FIN
+        r.seq_flags = SEQ_SYN_ACKED | SEQ_FIN_ACKED | SEQ_FIN_RECEIVED;
+        let ev = KernelEvent::from_record(&r).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (5, 50));
+        // Passive side: no SYN of ours in bytes_acked; FIN never acked (reset).
+        r.bytes_sent = 50;
+        r.seq_flags = SEQ_FIN_RECEIVED;
+        let ev = KernelEvent::from_record(&r).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (50, 50));
+        // Counters never underflow on odd input.
+        r.bytes_sent = 0;
+        r.bytes_received = 0;
+        r.seq_flags = 0xff;
+        let ev = KernelEvent::from_record(&r).unwrap();
+        assert_eq!((ev.bytes_sent, ev.bytes_received), (0, 0));
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        let bytes = as_bytes(&sample());
+        assert!(matches!(
+            KernelEvent::from_bytes(&bytes[..10]),
+            Err(RecordError::Size { .. })
+        ));
+        let mut r = sample();
+        r.kind = 0;
+        assert_eq!(KernelEvent::from_record(&r), Err(RecordError::Kind(0)));
+        let mut r = sample();
+        r.family = 3;
+        assert_eq!(KernelEvent::from_record(&r), Err(RecordError::Family(3)));
+        let mut r = sample();
+        r.side = 7;
+        assert_eq!(KernelEvent::from_record(&r), Err(RecordError::Side(7)));
+        let mut r = sample();
+        r.owner_known = 0;
+        assert_eq!(KernelEvent::from_record(&r).unwrap().owner, None);
+    }
+}

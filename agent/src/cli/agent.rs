@@ -1,0 +1,156 @@
+//! `flowaudit agent`: the node daemon. Attaches the kernel capture, runs the
+//! pipeline, reports kernel losses as they happen, and on SIGINT/SIGTERM
+//! drains what the kernel already recorded before detaching.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+use crate::capture::Capture;
+use crate::export::file::ExportFile;
+use crate::pipeline::{Pipeline, PipelineStats};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Name of this node in flow events (default: $NODE_NAME, else the hostname).
+    #[arg(long, env = "FLOWAUDIT_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Write flow events to this file as JSON lines, rotated by size.
+    #[arg(long, env = "FLOWAUDIT_EXPORT_FILE", value_name = "PATH")]
+    pub export_file: Option<PathBuf>,
+    /// Rotate the export file when it reaches this many MiB.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_EXPORT_FILE_MAX_SIZE_MB",
+        default_value_t = 64,
+        value_name = "MIB"
+    )]
+    pub export_file_max_size_mb: u64,
+    /// How many rotated export files to keep (PATH.1 ... PATH.N).
+    #[arg(
+        long,
+        env = "FLOWAUDIT_EXPORT_FILE_MAX_BACKUPS",
+        default_value_t = 5,
+        value_name = "N"
+    )]
+    pub export_file_max_backups: u32,
+    /// Log format on standard error.
+    #[arg(long, env = "FLOWAUDIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+pub fn node_name(explicit: Option<&str>) -> String {
+    if let Some(n) = explicit.filter(|n| !n.is_empty()) {
+        return n.to_owned();
+    }
+    if let Ok(n) = std::env::var("NODE_NAME") {
+        if !n.is_empty() {
+            return n;
+        }
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWAUDIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
+    let node = node_name(args.node_name.as_deref());
+    let export = match &args.export_file {
+        Some(path) => Some(ExportFile::open(
+            path,
+            args.export_file_max_size_mb.saturating_mul(1024 * 1024),
+            args.export_file_max_backups,
+        )?),
+        None => None,
+    };
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+
+    let mut capture = Capture::start()?;
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let reader = capture.spawn_reader(tx, shutdown_rx)?;
+    let pipeline_stats = std::sync::Arc::new(PipelineStats::default());
+    let pipeline = tokio::spawn(
+        Pipeline {
+            node_name: node.clone(),
+            export,
+            stats: pipeline_stats.clone(),
+        }
+        .run(rx),
+    );
+    tracing::info!(
+        node = %node,
+        cgroup_root = %capture.cgroup_root.display(),
+        offsets = ?capture.offsets,
+        export_file = ?args.export_file,
+        "agent ready: sock_ops attached to the cgroup v2 root"
+    );
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => report_losses(&capture),
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
+        }
+    }
+    // Stop reading only after draining what the kernel has already written.
+    let _ = shutdown_tx.send(true);
+    let _ = reader.await;
+    let _ = pipeline.await;
+    report_losses(&capture);
+    let stats = &capture.stats;
+    tracing::info!(
+        kernel_records = stats.records.load(Ordering::Relaxed),
+        malformed_records = stats.malformed.load(Ordering::Relaxed),
+        kernel_events_lost = stats.events_lost(),
+        flows = pipeline_stats.flows.load(Ordering::Relaxed),
+        export_errors = pipeline_stats.export_errors.load(Ordering::Relaxed),
+        "agent stopped; programs detached"
+    );
+    drop(capture);
+    Ok(())
+}
+
+fn report_losses(capture: &Capture) {
+    for (place, n) in capture.poll_losses() {
+        tracing::warn!(
+            place = place.name(),
+            lost = n,
+            total = capture.stats.lost[place as usize].load(Ordering::Relaxed),
+            "kernel could not deliver records"
+        );
+    }
+}

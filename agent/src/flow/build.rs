@@ -1,0 +1,166 @@
+//! Builds a `FlowEvent` from a `KernelEvent`: orients the 4-tuple from the
+//! client (source) to the server (destination), puts the owning process on
+//! the end whose socket the kernel saw, and computes bytes and duration.
+//! Identity and verdict start UNKNOWN; later stages fill them.
+
+use flowaudit_common::{RecordKind, SocketSide};
+use flowaudit_policy::Verdict;
+
+use super::{
+    Direction, Encryption, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket, rfc3339_nanos,
+};
+use crate::capture::Clock;
+use crate::capture::record::KernelEvent;
+
+impl FlowEvent {
+    pub fn from_kernel(ev: &KernelEvent, node_name: &str, clock: &Clock) -> Self {
+        let event = match ev.kind {
+            RecordKind::Connect => EventKind::Connect,
+            RecordKind::Close => EventKind::Close,
+            RecordKind::Failed => EventKind::Failed,
+        };
+        let mut local = Endpoint::unknown();
+        if let Some(owner) = &ev.owner {
+            local.pid = Some(owner.tgid);
+            local.process = Some(owner.comm.clone());
+            local.cgroup_id = Some(owner.cgroup_id);
+        }
+        let remote = Endpoint::unknown();
+        // bytes_sent/received are from the source's point of view: what the
+        // client sent to the server and got back.
+        let (direction, source, destination, src, dst, bytes_sent, bytes_received) = match ev.side {
+            SocketSide::Active => (
+                Direction::Egress,
+                local,
+                remote,
+                ev.local,
+                ev.remote,
+                ev.bytes_sent,
+                ev.bytes_received,
+            ),
+            SocketSide::Passive => (
+                Direction::Ingress,
+                remote,
+                local,
+                ev.remote,
+                ev.local,
+                ev.bytes_received,
+                ev.bytes_sent,
+            ),
+        };
+        let duration_ns = match ev.kind {
+            RecordKind::Connect => 0,
+            RecordKind::Close => ev.ts_ns.saturating_sub(ev.established_ns),
+            RecordKind::Failed => ev.ts_ns.saturating_sub(ev.start_ns),
+        };
+        let mut flow = FlowEvent {
+            time: rfc3339_nanos(clock.wall(ev.ts_ns)),
+            node_name: node_name.to_owned(),
+            event,
+            verdict: Verdict::Unknown,
+            findings: Vec::new(),
+            policy_rule: String::new(),
+            l4: L4 {
+                protocol: "TCP".into(),
+                source_ip: src.ip(),
+                source_port: src.port(),
+                destination_ip: dst.ip(),
+                destination_port: dst.port(),
+            },
+            source,
+            destination,
+            direction,
+            encryption: Encryption::default(),
+            bytes_sent,
+            bytes_received,
+            duration_ms: duration_ns / 1_000_000,
+            summary: String::new(),
+            socket: Socket {
+                cookie: ev.sock_cookie,
+                netns_cookie: ev.netns_cookie,
+                process_start_ns: ev.owner.as_ref().map_or(0, |o| o.start_boottime_ns),
+                failure_reason: (ev.kind == RecordKind::Failed)
+                    .then(|| FailureReason::classify(ev.error)),
+                error: ev.error,
+                retransmits: ev.retransmits,
+            },
+        };
+        flow.summary = flow.make_summary();
+        flow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::record::tests::sample;
+
+    #[test]
+    fn egress_close_puts_the_process_on_the_source() {
+        let ev = KernelEvent::from_record(&sample()).unwrap();
+        let f = FlowEvent::from_kernel(&ev, "n1", &Clock::now());
+        assert_eq!(f.event, EventKind::Close);
+        assert_eq!(f.direction, Direction::Egress);
+        assert_eq!(f.source.pid, Some(1234));
+        assert_eq!(f.destination.pid, None);
+        assert_eq!((f.l4.source_port, f.l4.destination_port), (43122, 5432));
+        assert_eq!((f.bytes_sent, f.bytes_received), (10, 20));
+        assert_eq!(f.duration_ms, 1); // 3.0 ms - 1.5 ms
+        assert_eq!(f.verdict, Verdict::Unknown);
+    }
+
+    #[test]
+    fn ingress_swaps_ends_and_byte_directions() {
+        let mut r = sample();
+        r.side = SocketSide::Passive as u8;
+        let ev = KernelEvent::from_record(&r).unwrap();
+        let f = FlowEvent::from_kernel(&ev, "n1", &Clock::now());
+        assert_eq!(f.direction, Direction::Ingress);
+        // The passive socket's local end is the server: the destination.
+        assert_eq!(
+            f.l4.destination_ip,
+            "10.244.1.5".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(f.destination.pid, Some(1234));
+        assert_eq!((f.bytes_sent, f.bytes_received), (20, 10));
+    }
+
+    #[test]
+    fn failed_attempt_carries_reason_and_json_shape() {
+        let mut r = sample();
+        r.kind = RecordKind::Failed as u8;
+        r.error = libc::ECONNREFUSED as u32;
+        let ev = KernelEvent::from_record(&r).unwrap();
+        let f = FlowEvent::from_kernel(&ev, "n1", &Clock::now());
+        assert_eq!(f.socket.failure_reason, Some(FailureReason::Refused));
+        assert_eq!(f.duration_ms, 2);
+        let v: serde_json::Value = serde_json::to_value(&f).unwrap();
+        for key in [
+            "time",
+            "node_name",
+            "event",
+            "verdict",
+            "findings",
+            "policy_rule",
+            "l4",
+            "source",
+            "destination",
+            "direction",
+            "encryption",
+            "bytes_sent",
+            "bytes_received",
+            "duration_ms",
+            "summary",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key} in {v}");
+        }
+        assert_eq!(v["event"], "FAILED");
+        assert_eq!(v["verdict"], "UNKNOWN");
+        assert_eq!(v["l4"]["protocol"], "TCP");
+        assert_eq!(v["source"]["identity_source"], "UNKNOWN");
+        assert_eq!(v["encryption"]["state"], "UNKNOWN");
+        assert!(f.summary.contains("failed: refused"), "{}", f.summary);
+        let back: FlowEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, f);
+    }
+}

@@ -1,0 +1,334 @@
+//! The flow event: what every stage after capture passes along and what the
+//! export file, the stream and `observe -o json` carry, in the exact JSON
+//! shape of PRODUCT.md. Capture fills the kernel facts (4-tuple, owner,
+//! bytes, timing); identity, policy and the TLS classifier fill the rest.
+
+mod build;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use flowaudit_policy::{EncryptionState, FindingKind, IdentitySource, Verdict};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventKind {
+    Connect,
+    Close,
+    Failed,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Connect => "CONNECT",
+            EventKind::Close => "CLOSE",
+            EventKind::Failed => "FAILED",
+        }
+    }
+}
+
+/// Seen from the node: EGRESS when the observing socket connected out,
+/// INGRESS when it accepted the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "EGRESS",
+            Direction::Ingress => "INGRESS",
+        }
+    }
+}
+
+/// Why an attempt never established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FailureReason {
+    /// The peer answered the SYN with a reset (nothing listening, or a reject rule).
+    Refused,
+    /// The connection was reset during the handshake.
+    Reset,
+    /// SYNs went unanswered until the kernel gave up.
+    TimedOut,
+    /// The network said the peer cannot be reached (ICMP, or no ARP/ND answer).
+    Unreachable,
+    /// The application closed the socket while the handshake was pending,
+    /// typically its own connect timeout; `retransmits` says how many SYNs were retried.
+    Aborted,
+    /// Another socket error; the errno is in the message.
+    Error,
+}
+
+impl FailureReason {
+    /// Classifies the socket error (errno) of a socket that closed before it established.
+    pub fn classify(errno: u32) -> Self {
+        match errno as i32 {
+            // No error: the application gave up (its own connect timeout);
+            // `retransmits` tells whether SYNs went unanswered meanwhile.
+            0 => FailureReason::Aborted,
+            libc::ECONNREFUSED => FailureReason::Refused,
+            libc::ECONNRESET | libc::EPIPE => FailureReason::Reset,
+            libc::ETIMEDOUT => FailureReason::TimedOut,
+            libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN => {
+                FailureReason::Unreachable
+            }
+            _ => FailureReason::Error,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Refused => "REFUSED",
+            FailureReason::Reset => "RESET",
+            FailureReason::TimedOut => "TIMED_OUT",
+            FailureReason::Unreachable => "UNREACHABLE",
+            FailureReason::Aborted => "ABORTED",
+            FailureReason::Error => "ERROR",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L4 {
+    pub protocol: String,
+    pub source_ip: IpAddr,
+    pub source_port: u16,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+}
+
+/// One end of a flow. `pid`/`process` are set for the end whose socket the
+/// kernel saw on this node (both ends when both live here, as two events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub spiffe_id: String,
+    pub identity_source: IdentitySource,
+    pub namespace: String,
+    pub pod_name: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+    /// cgroup v2 id of the owning process: the key identity uses to find the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+}
+
+impl Endpoint {
+    pub fn unknown() -> Self {
+        Self {
+            spiffe_id: String::new(),
+            identity_source: IdentitySource::Unknown,
+            namespace: String::new(),
+            pod_name: String::new(),
+            service_account: String::new(),
+            labels: BTreeMap::new(),
+            pid: None,
+            process: None,
+            cgroup_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    pub state: EncryptionState,
+    pub tls_version: String,
+    pub sni: String,
+    pub alpn: Vec<String>,
+}
+
+impl Default for Encryption {
+    fn default() -> Self {
+        Self {
+            state: EncryptionState::Unknown,
+            tls_version: String::new(),
+            sni: String::new(),
+            alpn: Vec::new(),
+        }
+    }
+}
+
+/// Kernel facts that do not belong to either end: which socket, which
+/// network namespace, why it failed. Kept so a CONNECT can be tied to its
+/// CLOSE and a pod's traffic told apart from the host's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Socket {
+    pub cookie: u64,
+    pub netns_cookie: u64,
+    /// Start time of the owning process (ns since boot), to tell a reused pid.
+    #[serde(default)]
+    pub process_start_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<FailureReason>,
+    /// errno of the socket error seen at close, 0 if none.
+    #[serde(default)]
+    pub error: u32,
+    #[serde(default)]
+    pub retransmits: u32,
+}
+
+/// A flow event (PRODUCT.md "Flow events", JSON form).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEvent {
+    /// RFC 3339 with nanoseconds, UTC.
+    pub time: String,
+    pub node_name: String,
+    pub event: EventKind,
+    pub verdict: Verdict,
+    pub findings: Vec<Finding>,
+    pub policy_rule: String,
+    pub l4: L4,
+    pub source: Endpoint,
+    pub destination: Endpoint,
+    pub direction: Direction,
+    pub encryption: Encryption,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    pub summary: String,
+    pub socket: Socket,
+}
+
+impl FlowEvent {
+    /// The endpoint whose socket the kernel saw (the one with the process).
+    pub fn local_end(&self) -> &Endpoint {
+        match self.direction {
+            Direction::Egress => &self.source,
+            Direction::Ingress => &self.destination,
+        }
+    }
+
+    /// Short name of an end for summaries: pod, else address.
+    pub fn end_name(&self, ep: &Endpoint, ip: IpAddr) -> String {
+        if !ep.service_account.is_empty() {
+            // The workload's name reads better than the pod's hashed one: "frontend", not "frontend-7d9f".
+            ep.service_account.clone()
+        } else if !ep.pod_name.is_empty() {
+            ep.pod_name.clone()
+        } else if let Some(p) = &ep.process {
+            format!("{ip} ({p})")
+        } else {
+            ip.to_string()
+        }
+    }
+
+    /// One-line description, e.g. "frontend -> postgresql:5432 plaintext: no rule allows this flow".
+    pub fn make_summary(&self) -> String {
+        let src = self.end_name(&self.source, self.l4.source_ip);
+        let dst = self.end_name(&self.destination, self.l4.destination_ip);
+        let mut s = format!("{src} -> {dst}:{}", self.l4.destination_port);
+        match self.event {
+            EventKind::Connect => s.push_str(" connected"),
+            EventKind::Close => s.push_str(&format!(
+                " closed after {} ms, {} B sent, {} B received",
+                self.duration_ms, self.bytes_sent, self.bytes_received
+            )),
+            EventKind::Failed => {
+                let reason = self
+                    .socket
+                    .failure_reason
+                    .map_or("FAILED", FailureReason::as_str);
+                s.push_str(&format!(
+                    " failed: {}",
+                    reason.to_lowercase().replace('_', " ")
+                ));
+                if self.socket.retransmits > 0 {
+                    s.push_str(&format!(
+                        " after {} SYN retransmissions",
+                        self.socket.retransmits
+                    ));
+                }
+            }
+        }
+        if let Some(f) = self.findings.first() {
+            s.push_str(": ");
+            s.push_str(&f.message);
+        }
+        s
+    }
+}
+
+/// Formats a wall-clock time as RFC 3339 UTC with nanoseconds.
+pub fn rfc3339_nanos(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, dd) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(rfc3339_nanos(UNIX_EPOCH), "1970-01-01T00:00:00.000000000Z");
+        let t = UNIX_EPOCH + Duration::new(1_795_867_201, 123_456_789);
+        assert_eq!(rfc3339_nanos(t), "2026-11-28T12:00:01.123456789Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339_nanos(leap), "2000-02-29T00:00:00.000000000Z");
+    }
+
+    #[test]
+    fn failure_reasons_follow_the_socket_error() {
+        assert_eq!(
+            FailureReason::classify(libc::ECONNREFUSED as u32),
+            FailureReason::Refused
+        );
+        assert_eq!(
+            FailureReason::classify(libc::ETIMEDOUT as u32),
+            FailureReason::TimedOut
+        );
+        assert_eq!(
+            FailureReason::classify(libc::EHOSTUNREACH as u32),
+            FailureReason::Unreachable
+        );
+        assert_eq!(
+            FailureReason::classify(libc::ECONNRESET as u32),
+            FailureReason::Reset
+        );
+        assert_eq!(FailureReason::classify(0), FailureReason::Aborted);
+        assert_eq!(
+            FailureReason::classify(libc::EACCES as u32),
+            FailureReason::Error
+        );
+    }
+}

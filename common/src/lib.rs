@@ -1,0 +1,266 @@
+//! Types that cross the kernel/user boundary, defined once for both sides:
+//! the flow record the eBPF programs write into the ring buffer, the
+//! per-socket state they keep in maps, the names of the kernel-side maps and
+//! globals, and the places where a record can be lost. `#![no_std]` and
+//! `#[repr(C)]` so the eBPF crate and the agent agree on every byte; the
+//! `user` feature adds `aya::Pod` so userspace can read them from maps.
+#![no_std]
+
+/// Address family values as the kernel reports them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// What a record says happened to a connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// The handshake completed (either side).
+    Connect = 1,
+    /// An established connection ended; carries bytes and duration.
+    Close = 2,
+    /// An active attempt ended without ever establishing.
+    Failed = 3,
+}
+
+impl RecordKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Connect),
+            2 => Some(Self::Close),
+            3 => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// Which side of the connection the recording socket is.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketSide {
+    /// The socket called connect(): the flow leaves its owner (EGRESS).
+    Active = 1,
+    /// The socket was accepted from a listener: the flow enters its owner (INGRESS).
+    Passive = 2,
+}
+
+/// The process that owns a socket: for an active socket the process that
+/// called connect(), for a passive one the process that called listen().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Thread group id (the userspace "pid"); 0 when unknown.
+    pub tgid: u32,
+    pub _pad: u32,
+    /// Start time of the thread group leader, nanoseconds since boot
+    /// (`task_struct.start_boottime`), so userspace can tell a reused pid.
+    /// 0 when the kernel offsets were not available.
+    pub start_boottime_ns: u64,
+    /// cgroup v2 id (inode of the cgroup directory) of the owner.
+    pub cgroup_id: u64,
+    /// The owner's command name (NUL padded).
+    pub comm: [u8; 16],
+}
+
+/// Per-socket state kept in the `SOCKETS` map from the first callback until
+/// the socket closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketState {
+    pub owner: Owner,
+    /// When the attempt started (active) or the handshake completed (passive),
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    /// When the handshake completed; 0 while it has not.
+    pub established_ns: u64,
+    /// `SocketSide` as u8.
+    pub side: u8,
+    /// 1 when the owner came from a listener entry or connect() context,
+    /// 0 when it could not be established (e.g. a listener opened before
+    /// the agent started).
+    pub owner_known: u8,
+    /// Bit `1 << state` for every TCP state the socket entered (STATE_CB).
+    pub states_seen: u16,
+    pub _pad: [u8; 4],
+}
+
+/// Key of the `LISTENERS` map: a listening port in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Value of the `LISTENERS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Listener {
+    pub owner: Owner,
+    /// Cookie of the listening socket, so that closing one of several
+    /// SO_REUSEPORT listeners does not remove another's entry.
+    pub sock_cookie: u64,
+}
+
+/// One record in the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FlowRecord {
+    /// `RecordKind` as u8.
+    pub kind: u8,
+    /// `SocketSide` as u8.
+    pub side: u8,
+    /// `AF_INET` or `AF_INET6` (as u8: 2 or 10).
+    pub family: u8,
+    /// 1 when `owner` is known.
+    pub owner_known: u8,
+    /// TCP state the socket left when it closed (`Close`/`Failed`), else 0.
+    pub old_state: u8,
+    /// `SEQ_*` bits: which of SYN and FIN the byte counters include, so
+    /// userspace can report payload bytes exactly.
+    pub seq_flags: u8,
+    pub _pad: [u8; 2],
+    /// Local and remote ports, host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `sk_err`, else `sk_err_soft`, when the socket closed (errno, positive); 0 if none.
+    pub error: u32,
+    /// Local and remote addresses in network byte order; IPv4 in the first 4 bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Network namespace cookie (`bpf_get_netns_cookie`).
+    pub netns_cookie: u64,
+    /// Socket cookie (`bpf_get_socket_cookie`): ties Connect to Close.
+    pub sock_cookie: u64,
+    pub owner: Owner,
+    /// When this happened, CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// When the attempt started (active) or was accepted (passive).
+    pub start_ns: u64,
+    /// When the handshake completed, 0 if it never did.
+    pub established_ns: u64,
+    /// Bytes this socket sent and the peer acknowledged (`bytes_acked`).
+    pub bytes_sent: u64,
+    /// Bytes this socket received (`bytes_received`).
+    pub bytes_received: u64,
+    /// Retransmitted segments (`total_retrans`): SYN retries for a failed attempt.
+    pub retransmits: u32,
+    pub _pad2: u32,
+}
+
+/// `FlowRecord::seq_flags`: `bytes_acked` counts our SYN (active side).
+pub const SEQ_SYN_ACKED: u8 = 1;
+/// `bytes_acked` counts our FIN: it was sent and acknowledged.
+pub const SEQ_FIN_ACKED: u8 = 2;
+/// `bytes_received` counts the peer's FIN (`SOCK_DONE` was set).
+pub const SEQ_FIN_RECEIVED: u8 = 4;
+
+/// Places where the kernel side can lose information; index into the
+/// per-CPU `LOST` counter array. Each is counted where it happens.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossPlace {
+    /// The ring buffer was full: a Connect record was dropped.
+    RingFullConnect = 0,
+    /// The ring buffer was full: a Close record was dropped.
+    RingFullClose = 1,
+    /// The ring buffer was full: a Failed record was dropped.
+    RingFullFailed = 2,
+    /// The `SOCKETS` map was full: the socket is not tracked to its close.
+    SocketMapFull = 3,
+    /// The `LISTENERS` map update failed: accepted sockets lose their owner.
+    ListenerMapFull = 4,
+}
+
+pub const LOSS_PLACES: u32 = 5;
+
+impl LossPlace {
+    pub const ALL: [LossPlace; LOSS_PLACES as usize] = [
+        Self::RingFullConnect,
+        Self::RingFullClose,
+        Self::RingFullFailed,
+        Self::SocketMapFull,
+        Self::ListenerMapFull,
+    ];
+
+    /// Label used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RingFullConnect => "ring_full_connect",
+            Self::RingFullClose => "ring_full_close",
+            Self::RingFullFailed => "ring_full_failed",
+            Self::SocketMapFull => "socket_map_full",
+            Self::ListenerMapFull => "listener_map_full",
+        }
+    }
+
+    /// Whether a loss here means a flow event never reached userspace.
+    pub fn loses_event(self) -> bool {
+        matches!(
+            self,
+            Self::RingFullConnect | Self::RingFullClose | Self::RingFullFailed
+        )
+    }
+}
+
+/// Names shared by the eBPF object and the loader.
+pub mod names {
+    pub const PROG_SOCK_OPS: &str = "flowaudit_sock_ops";
+    pub const MAP_EVENTS: &str = "EVENTS";
+    pub const MAP_LOST: &str = "LOST";
+    pub const MAP_SOCKETS: &str = "SOCKETS";
+    pub const MAP_LISTENERS: &str = "LISTENERS";
+    /// Byte offsets resolved from the running kernel's BTF at load time
+    /// (0 = unknown: the program then skips that read).
+    pub const OFF_TASK_GROUP_LEADER: &str = "OFF_TASK_GROUP_LEADER";
+    pub const OFF_TASK_START_BOOTTIME: &str = "OFF_TASK_START_BOOTTIME";
+    pub const OFF_TASK_COMM: &str = "OFF_TASK_COMM";
+    pub const OFF_SOCK_ERR: &str = "OFF_SOCK_ERR";
+    pub const OFF_SOCK_ERR_SOFT: &str = "OFF_SOCK_ERR_SOFT";
+    pub const OFF_SOCK_FLAGS: &str = "OFF_SOCK_FLAGS";
+}
+
+/// Sizes of the kernel-side maps.
+pub const EVENTS_RING_BYTES: u32 = 8 * 1024 * 1024;
+pub const SOCKETS_MAX: u32 = 262_144;
+pub const LISTENERS_MAX: u32 = 16_384;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, explicit padding.
+    unsafe impl aya::Pod for Owner {}
+    unsafe impl aya::Pod for SocketState {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for Listener {}
+    unsafe impl aya::Pod for FlowRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        // Implicit padding would leave bytes the kernel never writes; the
+        // sizes below are the sums of the declared fields.
+        assert_eq!(core::mem::size_of::<Owner>(), 4 + 4 + 8 + 8 + 16);
+        assert_eq!(core::mem::size_of::<SocketState>(), 40 + 8 + 8 + 8);
+        assert_eq!(core::mem::size_of::<ListenerKey>(), 16);
+        assert_eq!(core::mem::size_of::<Listener>(), 48);
+        assert_eq!(
+            core::mem::size_of::<FlowRecord>(),
+            8 + 2 + 2 + 4 + 16 + 16 + 8 + 8 + 40 + 8 * 5 + 4 + 4
+        );
+    }
+
+    #[test]
+    fn record_kind_round_trips() {
+        for k in [RecordKind::Connect, RecordKind::Close, RecordKind::Failed] {
+            assert_eq!(RecordKind::from_u8(k as u8), Some(k));
+        }
+        assert_eq!(RecordKind::from_u8(0), None);
+        assert_eq!(RecordKind::from_u8(9), None);
+    }
+}

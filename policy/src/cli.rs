@@ -1,0 +1,426 @@
+//! The `flowaudit policy` subcommands as a library: `check` (validate, summarise,
+//! warn) and `explain` (what would flowaudit say about one flow, without eBPF or
+//! root). The agent's binary embeds [`PolicyCommand`] and calls [`PolicyCommand::run`]
+//! with its stdout and stderr.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::diag::Severity;
+use crate::load::check_paths;
+use crate::model::{
+    Decision, EncryptionState, Flow, IdentitySource, ObservedEncryption, Peer, PeerKind,
+};
+use crate::spiffe::{derive_id, ns_sa_of, split_id};
+
+const PEER_HELP: &str = "A SPIFFE ID (spiffe://demo.local/ns/99-apps/sa/frontend), `world`, `host`, `unknown`, \
+or a pod description `ns=99-apps,app=frontend[,sa=frontend]`: keys `ns` (namespace), `sa` (service account), \
+`id` (SPIFFE ID), `pod` (name); every other key=value is a pod label. With `ns` and `sa` but no `id`, the ID is \
+derived as spiffe://<trust domain>/ns/<ns>/sa/<sa> from the loaded FlowPolicy. A bare SPIFFE ID following that \
+convention also gives namespace and service account; its labels stay unknown.";
+
+/// `flowaudit policy ...`
+#[derive(Debug, Clone, Subcommand)]
+pub enum PolicyCommand {
+    /// Parse, validate and summarise policies (FlowPolicy, CiliumNetworkPolicy,
+    /// CiliumClusterwideNetworkPolicy, NetworkPolicy); exit non-zero on errors.
+    Check(CheckArgs),
+    /// Show the verdict, findings and rule flowaudit would give one flow.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Policy files or directories (every *.yaml / *.yml in them).
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// Policy file or directory; repeatable.
+    #[arg(
+        long = "policy",
+        required = true,
+        value_name = "PATH",
+        env = "FLOWAUDIT_POLICY",
+        value_delimiter = ','
+    )]
+    pub policy: Vec<PathBuf>,
+    /// Source of the flow.
+    #[arg(long, value_name = "PEER", long_help = PEER_HELP)]
+    pub from: String,
+    /// Destination of the flow.
+    #[arg(long, value_name = "PEER", long_help = PEER_HELP)]
+    pub to: String,
+    /// Destination TCP port.
+    #[arg(long)]
+    pub port: u16,
+    /// What was seen on the wire.
+    #[arg(long, value_enum, default_value_t = EncryptionArg::Unknown)]
+    pub encryption: EncryptionArg,
+    /// The connection attempt failed (refused, reset, timed out).
+    #[arg(long)]
+    pub failed: bool,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EncryptionArg {
+    /// No TLS.
+    Plaintext,
+    /// TLS; whether the client sent a certificate cannot be observed (TLS 1.3).
+    Tls,
+    /// TLS 1.2 or older, handshake seen, no client certificate.
+    TlsNoClientCert,
+    /// Mutual TLS.
+    Mtls,
+    /// No payload seen.
+    Unknown,
+}
+
+impl From<EncryptionArg> for ObservedEncryption {
+    fn from(e: EncryptionArg) -> Self {
+        match e {
+            EncryptionArg::Plaintext => ObservedEncryption::Plaintext,
+            EncryptionArg::Tls => ObservedEncryption::TlsUnverified,
+            EncryptionArg::TlsNoClientCert => ObservedEncryption::TlsNoClientCert,
+            EncryptionArg::Mtls => ObservedEncryption::Mtls,
+            EncryptionArg::Unknown => ObservedEncryption::Unknown,
+        }
+    }
+}
+
+impl PolicyCommand {
+    /// Runs the command; returns the process exit code (0 ok, 1 policy errors, 2 bad
+    /// arguments or unreadable paths). Write errors on `out`/`err` are ignored: there
+    /// is nowhere left to report them.
+    pub fn run(&self, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+        match self {
+            PolicyCommand::Check(a) => check(a, out, err),
+            PolicyCommand::Explain(a) => explain(a, out, err),
+        }
+    }
+}
+
+fn check(a: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let report = match check_paths(&a.paths) {
+        Ok(r) => r,
+        Err(e) => {
+            for d in e.diagnostics() {
+                let _ = writeln!(err, "{d}");
+            }
+            if e.diagnostics().is_empty() {
+                let _ = writeln!(err, "error: {e}");
+            }
+            return if e.diagnostics().is_empty() { 2 } else { 1 };
+        }
+    };
+    let s = &report.summary;
+    if a.output == OutputFormat::Json {
+        #[derive(Serialize)]
+        struct J<'a> {
+            ok: bool,
+            summary: &'a crate::load::Summary,
+            diagnostics: &'a [crate::diag::Diagnostic],
+            version: Option<&'a str>,
+        }
+        let j = J {
+            ok: s.errors == 0,
+            summary: s,
+            diagnostics: &report.diagnostics,
+            version: report.policy.as_ref().map(|p| p.version()),
+        };
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&j).unwrap_or_default()
+        );
+    } else {
+        for d in &report.diagnostics {
+            let _ = writeln!(err, "{d}");
+        }
+        for e in &s.entries {
+            let _ = writeln!(out, "{e}");
+        }
+        let _ = writeln!(
+            out,
+            "{} files, {} documents: {} FlowPolicy ({} allow, {} deny rules), {} CiliumNetworkPolicy, {} CiliumClusterwideNetworkPolicy, {} NetworkPolicy ({} imported rules)",
+            s.files,
+            s.documents,
+            s.flow_policies,
+            s.allow_rules,
+            s.deny_rules,
+            s.cilium_network_policies,
+            s.cilium_clusterwide_network_policies,
+            s.network_policies,
+            s.imported_rules
+        );
+        let _ = writeln!(
+            out,
+            "{}: {} errors, {} warnings",
+            if s.errors == 0 { "ok" } else { "invalid" },
+            s.errors,
+            s.warnings
+        );
+    }
+    if report
+        .diagnostics
+        .iter()
+        .any(|d| d.severity == Severity::Error)
+    {
+        1
+    } else {
+        0
+    }
+}
+
+/// A peer parsed from the command line, owning what [`Peer`] borrows.
+#[derive(Debug, Default, Serialize)]
+struct PeerArg {
+    kind: Option<PeerKind>,
+    spiffe_id: Option<String>,
+    identity_source: Option<IdentitySource>,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    pod: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+impl PeerArg {
+    fn parse(text: &str) -> Result<PeerArg, String> {
+        let text = text.trim();
+        let mut p = PeerArg::default();
+        match text {
+            "world" => p.kind = Some(PeerKind::World),
+            "host" => p.kind = Some(PeerKind::Host),
+            "unknown" => p.kind = Some(PeerKind::Unknown),
+            t if t.starts_with("spiffe://") && !t.contains(',') => {
+                p.kind = Some(PeerKind::Workload);
+                p.set_id(t)?;
+            }
+            t => {
+                p.kind = Some(PeerKind::Workload);
+                let mut labels = BTreeMap::new();
+                for part in t.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    if part.starts_with("spiffe://") {
+                        p.set_id(part)?;
+                        continue;
+                    }
+                    let Some((k, v)) = part.split_once('=') else {
+                        return Err(format!(
+                            "`{part}` in `{t}` is not key=value; expected a SPIFFE ID, world, host, unknown or ns=<ns>,<label>=<value>[,sa=<sa>]"
+                        ));
+                    };
+                    let (k, v) = (k.trim(), v.trim());
+                    match k {
+                        "ns" | "namespace" => p.namespace = Some(v.to_string()),
+                        "sa" | "serviceaccount" => p.service_account = Some(v.to_string()),
+                        "pod" => p.pod = Some(v.to_string()),
+                        "id" => p.set_id(v)?,
+                        _ => {
+                            labels.insert(k.to_string(), v.to_string());
+                        }
+                    }
+                }
+                if p.namespace.is_none() && p.spiffe_id.is_none() {
+                    return Err(format!("pod description `{t}` needs `ns=<namespace>`"));
+                }
+                p.labels = Some(labels);
+            }
+        }
+        Ok(p)
+    }
+
+    fn set_id(&mut self, id: &str) -> Result<(), String> {
+        if split_id(id).is_none_or(|(td, path)| td.is_empty() || path.is_empty()) {
+            return Err(format!(
+                "`{id}` is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"
+            ));
+        }
+        self.spiffe_id = Some(id.to_string());
+        self.identity_source = Some(IdentitySource::Attested);
+        if let Some((ns, sa)) = ns_sa_of(id) {
+            self.namespace.get_or_insert_with(|| ns.to_string());
+            self.service_account.get_or_insert_with(|| sa.to_string());
+        }
+        Ok(())
+    }
+
+    /// Derives the SPIFFE ID from namespace and service account, as the agent does.
+    fn derive(&mut self, trust_domain: Option<&String>) {
+        if self.spiffe_id.is_none() {
+            if let (Some(td), Some(ns), Some(sa)) =
+                (trust_domain, &self.namespace, &self.service_account)
+            {
+                self.spiffe_id = Some(derive_id(td, ns, sa));
+                self.identity_source = Some(IdentitySource::Derived);
+            }
+        }
+    }
+
+    fn peer(&self) -> Peer<'_> {
+        Peer {
+            kind: self.kind.unwrap_or(PeerKind::Unknown),
+            spiffe_id: self.spiffe_id.as_deref(),
+            identity_source: self.identity_source.unwrap_or(IdentitySource::Unknown),
+            namespace: self.namespace.as_deref(),
+            service_account: self.service_account.as_deref(),
+            labels: self.labels.as_ref().map(|l| l as &dyn crate::model::Labels),
+            name: self.pod.as_deref(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let p = self.peer();
+        let mut s = p.display_name();
+        let mut extra = Vec::new();
+        if let Some(id) = &self.spiffe_id {
+            extra.push(format!("{id}, {}", p.identity_source));
+        }
+        if p.kind == PeerKind::Workload && self.spiffe_id.is_none() {
+            extra.push("no SPIFFE ID".into());
+        }
+        if let Some(ns) = &self.namespace {
+            extra.push(format!("ns {ns}"));
+        }
+        if let Some(l) = &self.labels {
+            let ls: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            if !ls.is_empty() {
+                extra.push(format!("labels {}", ls.join(",")));
+            }
+        }
+        if !extra.is_empty() {
+            s.push_str(&format!(" ({})", extra.join("; ")));
+        }
+        s
+    }
+}
+
+#[derive(Serialize)]
+struct ExplainJson<'a> {
+    verdict: crate::model::Verdict,
+    findings: &'a [crate::model::Finding],
+    policy_rule: &'a str,
+    mtls_required: bool,
+    source: &'a PeerArg,
+    destination: &'a PeerArg,
+    destination_port: u16,
+    encryption: EncryptionState,
+    failed: bool,
+    policy_version: &'a str,
+}
+
+fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let (mut from, mut to) = match (PeerArg::parse(&a.from), PeerArg::parse(&a.to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) => {
+            let _ = writeln!(err, "error: --from: {e}");
+            return 2;
+        }
+        (_, Err(e)) => {
+            let _ = writeln!(err, "error: --to: {e}");
+            return 2;
+        }
+    };
+    let loaded = match crate::load::load_paths(&a.policy) {
+        Ok(l) => l,
+        Err(e) => {
+            for d in e.diagnostics() {
+                let _ = writeln!(err, "{d}");
+            }
+            if e.diagnostics().is_empty() {
+                let _ = writeln!(err, "error: {e}");
+                return 2;
+            }
+            return 1;
+        }
+    };
+    let td = loaded.policy.trust_domains().first();
+    from.derive(td);
+    to.derive(td);
+    let encryption: ObservedEncryption = a.encryption.into();
+    let flow = Flow {
+        source: from.peer(),
+        destination: to.peer(),
+        port: a.port,
+        encryption,
+        failed: a.failed,
+    };
+    let d: Decision = loaded.policy.evaluate(&flow);
+    if a.output == OutputFormat::Json {
+        let j = ExplainJson {
+            verdict: d.verdict,
+            findings: &d.findings,
+            policy_rule: &d.policy_rule,
+            mtls_required: d.mtls_required,
+            source: &from,
+            destination: &to,
+            destination_port: a.port,
+            encryption: encryption.state(),
+            failed: a.failed,
+            policy_version: loaded.policy.version(),
+        };
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&j).unwrap_or_default()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "flow:     {} -> {} port {}",
+            from.describe(),
+            to.describe(),
+            a.port
+        );
+        let _ = writeln!(
+            out,
+            "seen:     {}{}",
+            encryption.as_str(),
+            if a.failed { ", attempt failed" } else { "" }
+        );
+        let _ = writeln!(out, "verdict:  {}", d.verdict);
+        let rule = if d.policy_rule.is_empty() {
+            "(none)"
+        } else {
+            &d.policy_rule
+        };
+        let _ = writeln!(
+            out,
+            "rule:     {rule}{}",
+            if d.mtls_required {
+                " (requires mTLS)"
+            } else {
+                ""
+            }
+        );
+        if d.findings.is_empty() {
+            let _ = writeln!(out, "findings: none");
+        } else {
+            let _ = writeln!(out, "findings:");
+            for f in &d.findings {
+                let _ = writeln!(out, "  {}: {}", f.kind, f.message);
+            }
+        }
+    }
+    for w in &loaded.warnings {
+        let _ = writeln!(err, "{w}");
+    }
+    0
+}

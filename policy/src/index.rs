@@ -1,0 +1,313 @@
+//! Compiled lookup structures, so that judging a flow costs the same with 10 or 10,000
+//! rules. FlowPolicy rules go into a two-level peer index (destination, then source),
+//! each level a per-trust-domain trie over SPIFFE path segments (literal, `*`, `**`)
+//! plus `world`/`host` slots and an "any SPIFFE ID" projection used when an end's ID is
+//! unknown; its leaves are [`PortMap`]s. Imported policies are bucketed by namespace
+//! and by one required `label=value`.
+
+use std::collections::HashMap;
+
+use crate::ir::{ImportedPolicy, PeerPattern, Tri};
+use crate::model::{Peer, PeerKind};
+use crate::ports::{PortMap, PortSet};
+use crate::spiffe::{Segment, path_segments, split_id};
+
+/// Trie over path segments.
+#[derive(Debug, Default)]
+struct TrieNode<T> {
+    lits: HashMap<String, TrieNode<T>>,
+    any: Option<Box<TrieNode<T>>>,
+    /// Patterns ending exactly here.
+    here: Option<T>,
+    /// Patterns ending here with `/**`.
+    rest: Option<T>,
+}
+
+impl<T: Default> TrieNode<T> {
+    fn slot(&mut self, segs: &[Segment]) -> &mut T {
+        let mut node = self;
+        for (i, s) in segs.iter().enumerate() {
+            match s {
+                Segment::Literal(l) => node = node.lits.entry(l.clone()).or_default(),
+                Segment::Any => node = node.any.get_or_insert_with(Default::default),
+                // `**` is only ever last (the parser guarantees it); anything after is moot.
+                Segment::Rest => {
+                    let _ = i;
+                    return node.rest.get_or_insert_with(T::default);
+                }
+            }
+        }
+        node.here.get_or_insert_with(T::default)
+    }
+}
+
+impl<T> TrieNode<T> {
+    fn lookup<'s>(&'s self, segs: &[&str], out: &mut Vec<&'s T>) {
+        // Depth-first with an explicit stack: IDs come from the network side, and
+        // recursion depth must not depend on them.
+        let mut stack: Vec<(&TrieNode<T>, usize)> = vec![(self, 0)];
+        while let Some((node, i)) = stack.pop() {
+            if i == segs.len() {
+                if let Some(t) = &node.here {
+                    out.push(t);
+                }
+                continue;
+            }
+            if let Some(t) = &node.rest {
+                out.push(t);
+            }
+            if let Some(next) = segs.get(i).and_then(|s| node.lits.get(*s)) {
+                stack.push((next, i + 1));
+            }
+            if let Some(next) = &node.any {
+                stack.push((next, i + 1));
+            }
+        }
+    }
+
+    fn for_each_mut(&mut self, f: &mut dyn FnMut(&mut T)) {
+        let mut stack: Vec<&mut TrieNode<T>> = vec![self];
+        while let Some(node) = stack.pop() {
+            if let Some(t) = &mut node.here {
+                f(t);
+            }
+            if let Some(t) = &mut node.rest {
+                f(t);
+            }
+            if let Some(a) = &mut node.any {
+                stack.push(a);
+            }
+            stack.extend(node.lits.values_mut());
+        }
+    }
+}
+
+/// One level of the FlowPolicy index: where a peer can land.
+#[derive(Debug)]
+pub struct PeerIndex<T> {
+    tds: HashMap<String, TrieNode<T>>,
+    world: Option<T>,
+    host: Option<T>,
+    /// Everything under any SPIFFE pattern, for ends whose ID is unknown.
+    any_spiffe: Option<T>,
+}
+
+impl<T> Default for PeerIndex<T> {
+    fn default() -> Self {
+        PeerIndex {
+            tds: HashMap::new(),
+            world: None,
+            host: None,
+            any_spiffe: None,
+        }
+    }
+}
+
+/// How a peer is looked up: by its ID, or as "could be any ID" or "could be anything".
+#[derive(Clone, Copy)]
+enum PeerKey<'a> {
+    World,
+    Host,
+    Id(&'a str, &'a str),
+    UnknownId,
+    Unknown,
+}
+
+fn key_of<'a>(p: &Peer<'a>) -> PeerKey<'a> {
+    match p.kind {
+        PeerKind::World => PeerKey::World,
+        PeerKind::Host => PeerKey::Host,
+        PeerKind::Unknown => PeerKey::Unknown,
+        PeerKind::Workload => match p.spiffe_id.and_then(split_id) {
+            Some((td, path)) => PeerKey::Id(td, path),
+            None => PeerKey::UnknownId,
+        },
+    }
+}
+
+impl<T: Default> PeerIndex<T> {
+    /// The slots a pattern is stored in.
+    fn slots(&mut self, p: &PeerPattern) -> Vec<&mut T> {
+        match p {
+            PeerPattern::World => vec![self.world.get_or_insert_with(T::default)],
+            PeerPattern::Host => vec![self.host.get_or_insert_with(T::default)],
+            PeerPattern::Spiffe(id) => {
+                let trie = self.tds.entry(id.trust_domain.clone()).or_default();
+                vec![
+                    trie.slot(&id.segments),
+                    self.any_spiffe.get_or_insert_with(T::default),
+                ]
+            }
+        }
+    }
+}
+
+impl<T> PeerIndex<T> {
+    fn lookup<'s>(&'s self, key: PeerKey<'_>, out: &mut Vec<(&'s T, Tri)>) {
+        match key {
+            PeerKey::World => out.extend(self.world.iter().map(|t| (t, Tri::Yes))),
+            PeerKey::Host => out.extend(self.host.iter().map(|t| (t, Tri::Yes))),
+            PeerKey::Id(td, path) => {
+                if let Some(trie) = self.tds.get(td) {
+                    // IDs have few segments; a fixed cap keeps hostile input cheap.
+                    let segs: Vec<&str> = path_segments(path).take(64).collect();
+                    let mut found = Vec::new();
+                    trie.lookup(&segs, &mut found);
+                    out.extend(found.into_iter().map(|t| (t, Tri::Yes)));
+                }
+            }
+            PeerKey::UnknownId => out.extend(self.any_spiffe.iter().map(|t| (t, Tri::Unknown))),
+            PeerKey::Unknown => {
+                for t in [&self.world, &self.host, &self.any_spiffe]
+                    .into_iter()
+                    .flatten()
+                {
+                    out.push((t, Tri::Unknown));
+                }
+            }
+        }
+    }
+
+    fn for_each_mut(&mut self, f: &mut dyn FnMut(&mut T)) {
+        for trie in self.tds.values_mut() {
+            trie.for_each_mut(f);
+        }
+        for t in [&mut self.world, &mut self.host, &mut self.any_spiffe]
+            .into_iter()
+            .flatten()
+        {
+            f(t);
+        }
+    }
+}
+
+type SrcIndex = PeerIndex<PortMap<u32>>;
+
+/// The FlowPolicy rule index: destination -> source -> port -> rule ids.
+#[derive(Debug, Default)]
+pub struct RuleIndex {
+    dst: PeerIndex<SrcIndex>,
+}
+
+impl RuleIndex {
+    pub fn insert(&mut self, id: u32, from: &[PeerPattern], to: &[PeerPattern], ports: &PortSet) {
+        for t in to {
+            for src in self.dst.slots(t) {
+                for f in from {
+                    for leaf in src.slots(f) {
+                        leaf.insert(ports, id);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn build(&mut self) {
+        self.dst.for_each_mut(&mut |src: &mut SrcIndex| {
+            src.for_each_mut(&mut |pm: &mut PortMap<u32>| pm.build())
+        });
+    }
+
+    /// Matching rule ids with certainty (`Yes`, or `Unknown` when an ID is missing).
+    /// Sorted by id, one entry per rule, strongest certainty kept.
+    pub fn lookup(&self, src: &Peer<'_>, dst: &Peer<'_>, port: u16) -> Vec<(u32, Tri)> {
+        let mut dsts = Vec::new();
+        self.dst.lookup(key_of(dst), &mut dsts);
+        let skey = key_of(src);
+        let mut out: Vec<(u32, Tri)> = Vec::new();
+        let mut srcs = Vec::new();
+        for (sidx, dt) in dsts {
+            srcs.clear();
+            sidx.lookup(skey, &mut srcs);
+            for (pm, st) in &srcs {
+                let t = dt.and(*st);
+                out.extend(pm.get(port).iter().map(|id| (*id, t)));
+            }
+        }
+        // Strongest certainty first per id, then keep the first of each id.
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        out.dedup_by_key(|e| e.0);
+        out
+    }
+}
+
+/// Imported policies bucketed by namespace and by one required label.
+#[derive(Debug, Default)]
+pub struct ImportIndex {
+    by_ns: HashMap<String, Bucket>,
+    global: Bucket,
+    count: usize,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    /// label key -> value -> policy ids.
+    by_label: HashMap<String, HashMap<String, Vec<u32>>>,
+    scan: Vec<u32>,
+}
+
+impl Bucket {
+    fn insert(&mut self, id: u32, p: &ImportedPolicy) {
+        match p.subject.index_pair() {
+            Some((k, v)) => self
+                .by_label
+                .entry(k.to_string())
+                .or_default()
+                .entry(v.to_string())
+                .or_default()
+                .push(id),
+            None => self.scan.push(id),
+        }
+    }
+
+    fn candidates(&self, peer: &Peer<'_>, out: &mut Vec<u32>) {
+        out.extend_from_slice(&self.scan);
+        for (k, values) in &self.by_label {
+            match peer.labels {
+                Some(l) => {
+                    if let Some(ids) = l.label(k).and_then(|v| values.get(v)) {
+                        out.extend_from_slice(ids);
+                    }
+                }
+                // Labels unknown: every policy could select the peer.
+                None => values.values().for_each(|ids| out.extend_from_slice(ids)),
+            }
+        }
+    }
+}
+
+impl ImportIndex {
+    pub fn new(policies: &[ImportedPolicy]) -> Self {
+        let mut idx = ImportIndex {
+            count: policies.len(),
+            ..Default::default()
+        };
+        for (i, p) in policies.iter().enumerate() {
+            let id = i as u32;
+            match p.subject.namespace() {
+                Some(ns) => idx.by_ns.entry(ns.to_string()).or_default().insert(id, p),
+                None => idx.global.insert(id, p),
+            }
+        }
+        idx
+    }
+
+    /// Policies that may select `peer` (a superset; callers evaluate the selector).
+    pub fn candidates(&self, peer: &Peer<'_>) -> Vec<u32> {
+        let mut out = Vec::new();
+        match (peer.kind, peer.namespace) {
+            (PeerKind::World | PeerKind::Host, _) => return out,
+            (PeerKind::Workload, Some(ns)) => {
+                if let Some(b) = self.by_ns.get(ns) {
+                    b.candidates(peer, &mut out);
+                }
+                self.global.candidates(peer, &mut out);
+            }
+            // Namespace unknown: any policy could apply.
+            _ => out.extend(0..self.count as u32),
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}

@@ -1,0 +1,382 @@
+//! Loading: policy paths (files, directories of `*.yaml`/`*.yml`, several of each) are
+//! read, split into YAML documents, dispatched by `kind`, validated across documents
+//! (duplicate names) and compiled into a [`PolicySet`]. Problems become diagnostics;
+//! any error makes loading fail, so a reload never swaps in a broken policy.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::diag::{Diagnostic, PolicyError, Severity};
+use crate::engine::PolicySet;
+use crate::flowpolicy::{self, FlowPolicyDoc};
+use crate::import;
+use crate::ir::{Action, ImportKind, ImportedPolicy, Rule};
+use crate::yaml::{self, Ctx, Map, is_null};
+
+/// One policy source: a display name (its path) and its text.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+/// What was loaded, for `policy check` and the agent's logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub files: usize,
+    pub documents: usize,
+    pub flow_policies: usize,
+    pub allow_rules: usize,
+    pub deny_rules: usize,
+    pub cilium_network_policies: usize,
+    pub cilium_clusterwide_network_policies: usize,
+    pub network_policies: usize,
+    pub imported_rules: usize,
+    pub errors: usize,
+    pub warnings: usize,
+    /// One line per policy: `file:line: kind name: details`.
+    pub entries: Vec<String>,
+}
+
+/// Result of checking sources: always produced, with the compiled policy when there
+/// were no errors.
+#[derive(Debug)]
+pub struct CheckReport {
+    pub diagnostics: Vec<Diagnostic>,
+    pub summary: Summary,
+    pub policy: Option<PolicySet>,
+    /// The files read (for the agent's change watcher).
+    pub files: Vec<PathBuf>,
+}
+
+/// A successfully loaded policy.
+#[derive(Debug)]
+pub struct Loaded {
+    pub policy: PolicySet,
+    pub warnings: Vec<Diagnostic>,
+    pub summary: Summary,
+    pub files: Vec<PathBuf>,
+}
+
+/// Files a set of policy paths stands for: files as given, directories' `*.yaml` and
+/// `*.yml` entries (not recursive; dot-files skipped, so Kubernetes ConfigMap mounts'
+/// `..data` copies are not read twice), sorted for a stable order.
+pub fn expand_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>, PolicyError> {
+    if paths.is_empty() {
+        return Err(PolicyError::NoPaths);
+    }
+    let mut files = Vec::new();
+    for p in paths {
+        let p = p.as_ref();
+        let meta = std::fs::metadata(p).map_err(|source| PolicyError::Io {
+            path: p.to_path_buf(),
+            source,
+        })?;
+        if meta.is_file() {
+            files.push(p.to_path_buf());
+        } else if meta.is_dir() {
+            let rd = std::fs::read_dir(p).map_err(|source| PolicyError::Io {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            let mut found = Vec::new();
+            for e in rd {
+                let e = e.map_err(|source| PolicyError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                let path = e.path();
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+                    continue;
+                }
+                if path.is_file() {
+                    found.push(path);
+                }
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            return Err(PolicyError::NotFileOrDir(p.to_path_buf()));
+        }
+    }
+    Ok(files)
+}
+
+/// Reads and checks policy paths. I/O problems are errors; policy problems are in the
+/// report.
+pub fn check_paths<P: AsRef<Path>>(paths: &[P]) -> Result<CheckReport, PolicyError> {
+    let files = expand_paths(paths)?;
+    let mut sources = Vec::with_capacity(files.len());
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|source| PolicyError::Io {
+            path: f.clone(),
+            source,
+        })?;
+        let text = match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(_) => {
+                return Err(PolicyError::Invalid(vec![Diagnostic {
+                    severity: Severity::Error,
+                    file: f.display().to_string(),
+                    line: 0,
+                    col: 0,
+                    message: "file is not valid UTF-8".into(),
+                }]));
+            }
+        };
+        sources.push(Source {
+            name: f.display().to_string(),
+            text,
+        });
+    }
+    let mut report = check_sources(&sources);
+    report.files = files;
+    Ok(report)
+}
+
+/// Loads policy paths for the agent (initially and on every reload): `Err` if anything
+/// is wrong, so the caller keeps its last good [`PolicySet`].
+pub fn load_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Loaded, PolicyError> {
+    let report = check_paths(paths)?;
+    into_loaded(report)
+}
+
+/// Like [`load_paths`], from in-memory sources (tests, fuzzing, ConfigMaps read by API).
+pub fn load_sources(sources: &[Source]) -> Result<Loaded, PolicyError> {
+    into_loaded(check_sources(sources))
+}
+
+fn into_loaded(report: CheckReport) -> Result<Loaded, PolicyError> {
+    match report.policy {
+        Some(policy) => Ok(Loaded {
+            policy,
+            warnings: report.diagnostics,
+            summary: report.summary,
+            files: report.files,
+        }),
+        None => Err(PolicyError::Invalid(report.diagnostics)),
+    }
+}
+
+enum Doc {
+    Flow(FlowPolicyDoc),
+    Imported(Vec<ImportedPolicy>),
+}
+
+/// Parses, validates and (if error-free) compiles sources.
+pub fn check_sources(sources: &[Source]) -> CheckReport {
+    let mut diagnostics = Vec::new();
+    let mut summary = Summary {
+        files: sources.len(),
+        ..Default::default()
+    };
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut imported: Vec<ImportedPolicy> = Vec::new();
+    let mut trust_domains: Vec<String> = Vec::new();
+    let mut rule_names: HashMap<String, String> = HashMap::new();
+    let mut policy_names: HashMap<String, String> = HashMap::new();
+
+    for src in sources {
+        let mut ctx = Ctx::new(src.name.clone());
+        let docs = yaml::load(&mut ctx, &src.text);
+        for node in &docs {
+            if is_null(node) {
+                continue; // empty document (`---` at the end, comments only)
+            }
+            summary.documents += 1;
+            // Bounded: a `List` inside a `List` is not something kubectl produces.
+            let mut pending: Vec<(&saphyr::MarkedYaml<'_>, bool)> = vec![(node, true)];
+            while let Some((n, top_level)) = pending.pop() {
+                let Some(map) = Map::new(&mut ctx, n, "a policy document") else {
+                    continue;
+                };
+                let kind = map.opt_string(&mut ctx, "kind", "a policy document");
+                let parsed = match kind.as_deref() {
+                    Some("FlowPolicy") => flowpolicy::parse(&mut ctx, &map).map(Doc::Flow),
+                    Some("CiliumNetworkPolicy") => Some(Doc::Imported(import::parse_cilium(
+                        &mut ctx,
+                        &map,
+                        ImportKind::CiliumNetworkPolicy,
+                    ))),
+                    Some("CiliumClusterwideNetworkPolicy") => {
+                        Some(Doc::Imported(import::parse_cilium(
+                            &mut ctx,
+                            &map,
+                            ImportKind::CiliumClusterwideNetworkPolicy,
+                        )))
+                    }
+                    Some("NetworkPolicy") => {
+                        Some(Doc::Imported(import::parse_netpol(&mut ctx, &map)))
+                    }
+                    Some("List" | "CiliumNetworkPolicyList" | "NetworkPolicyList") if top_level => {
+                        map.check_fields(
+                            &mut ctx,
+                            "List",
+                            &["apiVersion", "kind", "metadata", "items"],
+                        );
+                        if let Some(items) = map.get("items") {
+                            let items = yaml::seq(&mut ctx, items, "`items`");
+                            pending.extend(items.iter().rev().map(|i| (i, false)));
+                        }
+                        None
+                    }
+                    Some(other) => {
+                        let at = map.get("kind").unwrap_or(n);
+                        ctx.error_at(at, format!("unsupported kind `{other}`; expected FlowPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy"));
+                        None
+                    }
+                    None => {
+                        if !map.has("kind") {
+                            ctx.error_at(n, "document has no `kind`; expected FlowPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy");
+                        }
+                        None
+                    }
+                };
+                match parsed {
+                    Some(Doc::Flow(fp)) => {
+                        summary.flow_policies += 1;
+                        let allows = fp
+                            .rules
+                            .iter()
+                            .filter(|r| matches!(r.action, Action::Allow(_)))
+                            .count();
+                        let denies = fp.rules.len() - allows;
+                        summary.allow_rules += allows;
+                        summary.deny_rules += denies;
+                        let (line, _) = yaml::pos(n);
+                        summary.entries.push(format!(
+                            "{}:{}: FlowPolicy {} (trust domain {}): {} allow, {} deny",
+                            src.name, line, fp.name, fp.trust_domain, allows, denies
+                        ));
+                        if !fp.trust_domain.is_empty() && !trust_domains.contains(&fp.trust_domain)
+                        {
+                            trust_domains.push(fp.trust_domain.clone());
+                        }
+                        for r in fp.rules {
+                            if let Some(first) = rule_names.get(&r.name) {
+                                ctx.error_pos(
+                                    r.origin.line,
+                                    r.origin.col,
+                                    format!(
+                                        "duplicate rule name `{}` (first defined at {first})",
+                                        r.name
+                                    ),
+                                );
+                                continue;
+                            }
+                            rule_names.insert(r.name.clone(), r.origin.to_string());
+                            rules.push(r);
+                        }
+                    }
+                    Some(Doc::Imported(ps)) => {
+                        for p in ps {
+                            match p.kind {
+                                ImportKind::CiliumNetworkPolicy => {
+                                    summary.cilium_network_policies += 1
+                                }
+                                ImportKind::CiliumClusterwideNetworkPolicy => {
+                                    summary.cilium_clusterwide_network_policies += 1
+                                }
+                                ImportKind::NetworkPolicy => summary.network_policies += 1,
+                            }
+                            let n_rules = p.ingress.allow.len()
+                                + p.ingress.deny.len()
+                                + p.egress.allow.len()
+                                + p.egress.deny.len();
+                            summary.imported_rules += n_rules;
+                            let mut dirs = Vec::new();
+                            if p.ingress.enforced {
+                                dirs.push(format!(
+                                    "ingress {} allow{}",
+                                    p.ingress.allow.len(),
+                                    deny_note(p.ingress.deny.len())
+                                ));
+                            }
+                            if p.egress.enforced {
+                                dirs.push(format!(
+                                    "egress {} allow{}",
+                                    p.egress.allow.len(),
+                                    deny_note(p.egress.deny.len())
+                                ));
+                            }
+                            if dirs.is_empty() {
+                                dirs.push("restricts no direction".into());
+                            }
+                            summary.entries.push(format!(
+                                "{}:{}: {} {} selects {}: {}",
+                                p.origin.file,
+                                p.origin.line,
+                                p.kind.as_str(),
+                                p.rule_name(),
+                                p.subject,
+                                dirs.join(", ")
+                            ));
+                            let key = p.rule_name();
+                            if let Some(first) = policy_names.get(&key) {
+                                ctx.error_pos(
+                                    p.origin.line,
+                                    p.origin.col,
+                                    format!(
+                                        "duplicate {} `{}` (first defined at {first})",
+                                        p.kind.as_str(),
+                                        key
+                                    ),
+                                );
+                                continue;
+                            }
+                            policy_names.insert(key, p.origin.to_string());
+                            imported.push(p);
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        // Report in reading order, whatever order the checks ran in.
+        ctx.diags.sort_by_key(|d| (d.line, d.col));
+        diagnostics.append(&mut ctx.diags);
+    }
+    summary.errors = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    summary.warnings = diagnostics.len() - summary.errors;
+    let policy = (summary.errors == 0)
+        .then(|| PolicySet::new(rules, imported, trust_domains, version_of(sources)));
+    CheckReport {
+        diagnostics,
+        summary,
+        policy,
+        files: Vec::new(),
+    }
+}
+
+fn deny_note(n: usize) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" + {n} deny")
+    }
+}
+
+/// FNV-1a over names and contents: stable across runs and platforms, no dependency.
+fn version_of(sources: &[Source]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for s in sources {
+        for b in s
+            .name
+            .bytes()
+            .chain([0u8])
+            .chain(s.text.bytes())
+            .chain([0u8])
+        {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}

@@ -1,0 +1,317 @@
+//! The vocabulary shared by the policy engine and the agent's flow events: verdicts,
+//! finding kinds, encryption states and identity sources (serialised exactly as
+//! PRODUCT.md names them), plus the flow description that enters evaluation and the
+//! [`Decision`] that leaves it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a flow matches the intended posture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Verdict {
+    /// Some rule allows the flow and its mTLS requirement is met (or not observable).
+    Compliant,
+    /// No rule allows the flow, a deny rule matches it, or required mTLS is missing.
+    Violation,
+    /// An identity the decision needs could not be established.
+    Unknown,
+}
+
+/// What evaluation found out about a flow; zero or more per flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FindingKind {
+    NoMatchingRule,
+    DeniedByRule,
+    MtlsMissing,
+    MtlsUnverified,
+    UnknownIdentity,
+    IntendedFlowFailed,
+}
+
+/// Encryption as it appears in flow events (`encryption.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EncryptionState {
+    Plaintext,
+    Tls,
+    Mtls,
+    /// No payload was seen, so nothing is known.
+    Unknown,
+}
+
+/// Where an end's SPIFFE ID came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum IdentitySource {
+    /// From the SPIRE Delegated Identity API.
+    Attested,
+    /// From pod metadata and the `spiffe://<td>/ns/<ns>/sa/<sa>` convention.
+    Derived,
+    Unknown,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Compliant => "COMPLIANT",
+            Verdict::Violation => "VIOLATION",
+            Verdict::Unknown => "UNKNOWN",
+        })
+    }
+}
+
+impl fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FindingKind::NoMatchingRule => "NO_MATCHING_RULE",
+            FindingKind::DeniedByRule => "DENIED_BY_RULE",
+            FindingKind::MtlsMissing => "MTLS_MISSING",
+            FindingKind::MtlsUnverified => "MTLS_UNVERIFIED",
+            FindingKind::UnknownIdentity => "UNKNOWN_IDENTITY",
+            FindingKind::IntendedFlowFailed => "INTENDED_FLOW_FAILED",
+        })
+    }
+}
+
+impl fmt::Display for EncryptionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EncryptionState::Plaintext => "PLAINTEXT",
+            EncryptionState::Tls => "TLS",
+            EncryptionState::Mtls => "MTLS",
+            EncryptionState::Unknown => "UNKNOWN",
+        })
+    }
+}
+
+impl fmt::Display for IdentitySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IdentitySource::Attested => "ATTESTED",
+            IdentitySource::Derived => "DERIVED",
+            IdentitySource::Unknown => "UNKNOWN",
+        })
+    }
+}
+
+/// What the capture layer observed about encryption, in more detail than
+/// [`EncryptionState`]: whether a TLS client certificate was *observable* decides
+/// between `MTLS_MISSING` and `MTLS_UNVERIFIED`, and only the caller (which saw the
+/// handshake) knows that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObservedEncryption {
+    Plaintext,
+    /// TLS whose handshake was visible (TLS 1.2 and older) and carried no client
+    /// certificate: definitely not mutual.
+    TlsNoClientCert,
+    /// TLS whose client authentication cannot be observed (TLS 1.3 encrypts it).
+    TlsUnverified,
+    /// Mutual TLS: a client certificate was seen, or the mesh vouches for it.
+    Mtls,
+    /// No payload was seen (for instance a flow that failed or sent nothing).
+    Unknown,
+}
+
+impl ObservedEncryption {
+    /// The state reported in flow events.
+    pub fn state(self) -> EncryptionState {
+        match self {
+            ObservedEncryption::Plaintext => EncryptionState::Plaintext,
+            ObservedEncryption::TlsNoClientCert | ObservedEncryption::TlsUnverified => {
+                EncryptionState::Tls
+            }
+            ObservedEncryption::Mtls => EncryptionState::Mtls,
+            ObservedEncryption::Unknown => EncryptionState::Unknown,
+        }
+    }
+
+    /// Lower-case name as used by `policy explain --encryption`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObservedEncryption::Plaintext => "plaintext",
+            ObservedEncryption::TlsNoClientCert => "tls-no-client-cert",
+            ObservedEncryption::TlsUnverified => "tls",
+            ObservedEncryption::Mtls => "mtls",
+            ObservedEncryption::Unknown => "unknown",
+        }
+    }
+}
+
+/// What kind of thing one end of a flow is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerKind {
+    /// A pod (or any workload) in the cluster.
+    Workload,
+    /// An address outside the cluster.
+    World,
+    /// A node of the cluster.
+    Host,
+    /// Nothing could be resolved about this end.
+    Unknown,
+}
+
+/// Label lookup, so the agent can pass whatever map it keeps pod labels in.
+pub trait Labels {
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl Labels for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+impl Labels for HashMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// One end of a flow, borrowed from the caller's caches so that building it per flow
+/// costs nothing.
+#[derive(Clone, Copy)]
+pub struct Peer<'a> {
+    pub kind: PeerKind,
+    /// The SPIFFE ID, attested or derived; `None` when it could not be established.
+    pub spiffe_id: Option<&'a str>,
+    pub identity_source: IdentitySource,
+    pub namespace: Option<&'a str>,
+    pub service_account: Option<&'a str>,
+    /// Pod labels; `None` when they are not known (which makes label selectors
+    /// undecidable, not false).
+    pub labels: Option<&'a dyn Labels>,
+    /// Short name used in finding messages (pod or workload name); optional.
+    pub name: Option<&'a str>,
+}
+
+impl fmt::Debug for Peer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Peer")
+            .field("kind", &self.kind)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("identity_source", &self.identity_source)
+            .field("namespace", &self.namespace)
+            .field("service_account", &self.service_account)
+            .field("labels_known", &self.labels.is_some())
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl<'a> Peer<'a> {
+    /// An address outside the cluster.
+    pub const WORLD: Peer<'static> = Peer::of_kind(PeerKind::World);
+    /// A cluster node.
+    pub const HOST: Peer<'static> = Peer::of_kind(PeerKind::Host);
+    /// An end about which nothing is known.
+    pub const UNKNOWN: Peer<'static> = Peer::of_kind(PeerKind::Unknown);
+
+    const fn of_kind(kind: PeerKind) -> Peer<'static> {
+        Peer {
+            kind,
+            spiffe_id: None,
+            identity_source: IdentitySource::Unknown,
+            namespace: None,
+            service_account: None,
+            labels: None,
+            name: None,
+        }
+    }
+
+    /// A workload known only by its SPIFFE ID.
+    pub fn spiffe(id: &'a str, source: IdentitySource) -> Self {
+        Peer {
+            kind: PeerKind::Workload,
+            spiffe_id: Some(id),
+            identity_source: source,
+            namespace: None,
+            service_account: None,
+            labels: None,
+            name: None,
+        }
+    }
+
+    /// The name used in messages: the given name, else the service account (from the
+    /// SPIFFE ID's `/sa/<sa>` when present), else an app label, else the ID.
+    pub fn display_name(&self) -> String {
+        match self.kind {
+            PeerKind::World => return "world".into(),
+            PeerKind::Host => return "host".into(),
+            PeerKind::Unknown => return "unknown".into(),
+            PeerKind::Workload => {}
+        }
+        if let Some(n) = self.name {
+            return n.to_string();
+        }
+        if let Some(sa) = self.service_account {
+            return sa.to_string();
+        }
+        if let Some(id) = self.spiffe_id {
+            if let Some((_, sa)) = id.rsplit_once("/sa/") {
+                if !sa.is_empty() && !sa.contains('/') {
+                    return sa.to_string();
+                }
+            }
+        }
+        if let Some(app) = self.labels.and_then(|l| l.label("app")) {
+            return app.to_string();
+        }
+        if let Some(id) = self.spiffe_id {
+            return id.to_string();
+        }
+        match self.namespace {
+            Some(ns) => format!("unidentified pod in {ns}"),
+            None => "unidentified workload".into(),
+        }
+    }
+}
+
+/// A flow to judge.
+#[derive(Debug, Clone, Copy)]
+pub struct Flow<'a> {
+    pub source: Peer<'a>,
+    pub destination: Peer<'a>,
+    /// Destination TCP port.
+    pub port: u16,
+    pub encryption: ObservedEncryption,
+    /// The attempt never established (refused, reset, timed out).
+    pub failed: bool,
+}
+
+/// One finding with a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub message: String,
+}
+
+/// The outcome of evaluating one flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub findings: Vec<Finding>,
+    /// The rule that decided the verdict (allow or deny); empty when none did.
+    pub policy_rule: String,
+    /// Whether the allowing rule(s) require mTLS.
+    pub mtls_required: bool,
+}
+
+impl Decision {
+    pub fn has(&self, kind: FindingKind) -> bool {
+        self.findings.iter().any(|f| f.kind == kind)
+    }
+}
+
+/// Knobs the agent may expose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvalOptions {
+    /// Count `MTLS_UNVERIFIED` (TLS whose client certificate cannot be observed) as a
+    /// violation where mTLS is required. Off by default: TLS 1.3 hides client
+    /// authentication, and flagging every TLS 1.3 flow would drown real findings.
+    pub unverified_mtls_is_violation: bool,
+}

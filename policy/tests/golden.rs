@@ -1,0 +1,176 @@
+//! Golden-file tests for `policy check` and `policy explain` output. Regenerate with
+//! `UPDATE_GOLDEN=1 cargo test -p flowaudit-policy --test golden`.
+
+use clap::Parser;
+use flowaudit_policy::cli::PolicyCommand;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: PolicyCommand,
+}
+
+/// Runs `args` (relative to the package directory, as cargo runs tests there) and
+/// compares exit code, stdout and stderr with `tests/golden/<name>.txt`.
+fn golden(name: &str, args: &[&str]) {
+    let cli = Cli::try_parse_from(std::iter::once("policy").chain(args.iter().copied()))
+        .unwrap_or_else(|e| panic!("{name}: arguments {args:?} should parse: {e}"));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = cli.cmd.run(&mut out, &mut err);
+    let actual = format!(
+        "$ flowaudit policy {}\n[exit {code}]\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&err)
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &actual)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
+    assert!(
+        expected == actual,
+        "{name}: output differs from {} (UPDATE_GOLDEN=1 regenerates)\n--- expected\n{expected}\n--- actual\n{actual}",
+        path.display()
+    );
+}
+
+#[test]
+fn check_examples() {
+    golden("check-examples", &["check", "../deploy/examples"]);
+}
+
+#[test]
+fn check_wrong_namespace_label() {
+    golden(
+        "check-wrong-label",
+        &[
+            "check",
+            "tests/fixtures/postgresql-wrong-namespace-label.yaml",
+        ],
+    );
+}
+
+#[test]
+fn check_invalid() {
+    golden(
+        "check-invalid",
+        &["check", "tests/fixtures/invalid-flowpolicy.yaml"],
+    );
+}
+
+#[test]
+fn check_json() {
+    golden(
+        "check-json",
+        &["check", "-o", "json", "tests/fixtures/netpol.yaml"],
+    );
+}
+
+#[test]
+fn explain_frontend_to_postgresql() {
+    golden(
+        "explain-frontend-postgresql",
+        &[
+            "explain",
+            "--policy",
+            "../deploy/examples",
+            "--from",
+            "spiffe://demo.local/ns/99-apps/sa/frontend,app=frontend",
+            "--to",
+            "ns=99-apps,sa=postgresql,app=postgresql",
+            "--port",
+            "5432",
+            "--encryption",
+            "plaintext",
+        ],
+    );
+}
+
+#[test]
+fn explain_plaintext_frontend_to_backend_json() {
+    golden(
+        "explain-frontend-backend-json",
+        &[
+            "explain",
+            "--policy",
+            "../deploy/examples/precinct-99-flowpolicy.yaml",
+            "--from",
+            "spiffe://demo.local/ns/99-apps/sa/frontend",
+            "--to",
+            "spiffe://demo.local/ns/99-apps/sa/backend",
+            "--port",
+            "8000",
+            "--encryption",
+            "plaintext",
+            "-o",
+            "json",
+        ],
+    );
+}
+
+#[test]
+fn explain_blocked_intended_flow() {
+    golden(
+        "explain-openbao-postgresql-failed",
+        &[
+            "explain",
+            "--policy",
+            "tests/fixtures/postgresql-wrong-namespace-label.yaml",
+            "--from",
+            "ns=openbao,sa=openbao,app.kubernetes.io/name=openbao",
+            "--to",
+            "ns=99-apps,app=postgresql",
+            "--port",
+            "5432",
+            "--failed",
+        ],
+    );
+}
+
+#[test]
+fn explain_world_to_frontend() {
+    golden(
+        "explain-world-frontend",
+        &[
+            "explain",
+            "--policy",
+            "../deploy/examples",
+            "--from",
+            "world",
+            "--to",
+            "ns=99-apps,sa=frontend,app=frontend",
+            "--port",
+            "3000",
+            "--encryption",
+            "tls",
+        ],
+    );
+}
+
+#[test]
+fn explain_bad_peer() {
+    golden(
+        "explain-bad-peer",
+        &[
+            "explain",
+            "--policy",
+            "../deploy/examples",
+            "--from",
+            "frontend",
+            "--to",
+            "world",
+            "--port",
+            "1",
+        ],
+    );
+}

@@ -1,0 +1,700 @@
+//! Table-driven evaluation of the precinct-99 reference scenario, against the
+//! FlowPolicy of PRODUCT.md, the six Phase 4D Cilium policies, and both together.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use flowaudit_policy::{
+    Decision, EvalOptions, FindingKind as F, Flow, IdentitySource, ObservedEncryption as E, Peer,
+    PeerKind, PolicySet, Severity, Verdict as V, check_paths, load_paths,
+};
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+fn load(files: &[&str]) -> PolicySet {
+    let paths: Vec<PathBuf> = files.iter().map(|f| examples().join(f)).collect();
+    match load_paths(&paths) {
+        Ok(l) => l.policy,
+        Err(e) => panic!("loading {files:?} should succeed, got: {e}"),
+    }
+}
+
+/// A pod of the scenario: (namespace, service account, labels).
+struct Pod {
+    ns: &'static str,
+    sa: &'static str,
+    id: String,
+    labels: BTreeMap<String, String>,
+}
+
+fn pod(ns: &'static str, sa: &'static str, labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        ns,
+        sa,
+        id: format!("spiffe://demo.local/ns/{ns}/sa/{sa}"),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+impl Pod {
+    fn peer(&self) -> Peer<'_> {
+        Peer {
+            kind: PeerKind::Workload,
+            spiffe_id: Some(&self.id),
+            identity_source: IdentitySource::Attested,
+            namespace: Some(self.ns),
+            service_account: Some(self.sa),
+            labels: Some(&self.labels),
+            name: None,
+        }
+    }
+    fn without_id(&self) -> Peer<'_> {
+        Peer {
+            spiffe_id: None,
+            identity_source: IdentitySource::Unknown,
+            ..self.peer()
+        }
+    }
+}
+
+struct Cast {
+    frontend: Pod,
+    backend: Pod,
+    postgresql: Pod,
+    openbao: Pod,
+    spire: Pod,
+    agent: Pod,
+    other: Pod,
+}
+
+fn cast() -> Cast {
+    Cast {
+        frontend: pod("99-apps", "frontend", &[("app", "frontend")]),
+        backend: pod("99-apps", "backend", &[("app", "backend")]),
+        postgresql: pod("99-apps", "postgresql", &[("app", "postgresql")]),
+        openbao: pod(
+            "openbao",
+            "openbao",
+            &[("app.kubernetes.io/name", "openbao")],
+        ),
+        spire: pod("spire-system", "spire-server", &[("app", "spire-server")]),
+        agent: pod("spire-system", "spire-agent", &[("app", "spire-agent")]),
+        other: pod("default", "curl", &[("app", "curl")]),
+    }
+}
+
+fn eval(p: &PolicySet, src: Peer<'_>, dst: Peer<'_>, port: u16, enc: E, failed: bool) -> Decision {
+    p.evaluate(&Flow {
+        source: src,
+        destination: dst,
+        port,
+        encryption: enc,
+        failed,
+    })
+}
+
+#[track_caller]
+fn expect(d: &Decision, verdict: V, findings: &[F], rule: &str, case: &str) {
+    let kinds: Vec<F> = d.findings.iter().map(|f| f.kind).collect();
+    assert!(
+        d.verdict == verdict && kinds == findings && (rule == "*" || d.policy_rule == rule),
+        "{case}: expected {verdict} {findings:?} rule {rule:?}, got {} {kinds:?} rule {:?}\n{:#?}",
+        d.verdict,
+        d.policy_rule,
+        d.findings
+    );
+}
+
+#[test]
+fn flowpolicy_reference_scenario() {
+    let p = load(&["precinct-99-flowpolicy.yaml"]);
+    let c = cast();
+    let (fe, be, pg, ob, sp) = (
+        c.frontend.peer(),
+        c.backend.peer(),
+        c.postgresql.peer(),
+        c.openbao.peer(),
+        c.spire.peer(),
+    );
+    let table: &[(&str, Peer, Peer, u16, E, bool, V, &[F], &str)] = &[
+        (
+            "frontend->postgresql is denied",
+            fe,
+            pg,
+            5432,
+            E::Plaintext,
+            false,
+            V::Violation,
+            &[F::DeniedByRule],
+            "nothing-to-postgresql-from-frontend",
+        ),
+        (
+            "denied even when it fails",
+            fe,
+            pg,
+            5432,
+            E::Unknown,
+            true,
+            V::Violation,
+            &[F::DeniedByRule],
+            "nothing-to-postgresql-from-frontend",
+        ),
+        (
+            "frontend->backend mTLS",
+            fe,
+            be,
+            8000,
+            E::Mtls,
+            false,
+            V::Compliant,
+            &[],
+            "frontend-to-backend",
+        ),
+        (
+            "frontend->backend plaintext",
+            fe,
+            be,
+            8000,
+            E::Plaintext,
+            false,
+            V::Violation,
+            &[F::MtlsMissing],
+            "frontend-to-backend",
+        ),
+        (
+            "frontend->backend TLS1.2 no client cert",
+            fe,
+            be,
+            8000,
+            E::TlsNoClientCert,
+            false,
+            V::Violation,
+            &[F::MtlsMissing],
+            "frontend-to-backend",
+        ),
+        (
+            "frontend->backend TLS1.3",
+            fe,
+            be,
+            8000,
+            E::TlsUnverified,
+            false,
+            V::Compliant,
+            &[F::MtlsUnverified],
+            "frontend-to-backend",
+        ),
+        (
+            "frontend->backend no payload",
+            fe,
+            be,
+            8000,
+            E::Unknown,
+            false,
+            V::Compliant,
+            &[],
+            "frontend-to-backend",
+        ),
+        (
+            "frontend->backend failed",
+            fe,
+            be,
+            8000,
+            E::Unknown,
+            true,
+            V::Compliant,
+            &[F::IntendedFlowFailed],
+            "frontend-to-backend",
+        ),
+        (
+            "frontend->backend wrong port",
+            fe,
+            be,
+            8001,
+            E::Mtls,
+            false,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "backend->frontend reverse",
+            be,
+            fe,
+            3000,
+            E::Mtls,
+            false,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "backend->postgresql plaintext ok",
+            be,
+            pg,
+            5432,
+            E::Plaintext,
+            false,
+            V::Compliant,
+            &[],
+            "backend-to-postgresql",
+        ),
+        (
+            "frontend->openbao via **",
+            fe,
+            ob,
+            8200,
+            E::Mtls,
+            false,
+            V::Compliant,
+            &[],
+            "apps-to-openbao",
+        ),
+        (
+            "spire->openbao not in 99-apps",
+            sp,
+            ob,
+            8200,
+            E::Mtls,
+            false,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "world->frontend not in FlowPolicy",
+            Peer::WORLD,
+            fe,
+            3000,
+            E::Plaintext,
+            false,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "unknown source, allow hinges on it",
+            c.backend.without_id(),
+            pg,
+            5432,
+            E::Plaintext,
+            false,
+            V::Unknown,
+            &[F::UnknownIdentity],
+            "",
+        ),
+        (
+            "unknown source, no rule for port at all",
+            c.backend.without_id(),
+            pg,
+            1,
+            E::Plaintext,
+            false,
+            V::Violation,
+            &[F::NoMatchingRule, F::UnknownIdentity],
+            "",
+        ),
+        (
+            "unknown peer kind",
+            Peer::UNKNOWN,
+            be,
+            8000,
+            E::Mtls,
+            false,
+            V::Unknown,
+            &[F::UnknownIdentity],
+            "",
+        ),
+    ];
+    for (case, src, dst, port, enc, failed, v, f, rule) in table {
+        expect(
+            &eval(&p, *src, *dst, *port, *enc, *failed),
+            *v,
+            f,
+            rule,
+            case,
+        );
+    }
+}
+
+#[test]
+fn unverified_mtls_can_be_made_a_violation() {
+    let p = load(&["precinct-99-flowpolicy.yaml"]).with_options(EvalOptions {
+        unverified_mtls_is_violation: true,
+    });
+    let c = cast();
+    let d = eval(
+        &p,
+        c.frontend.peer(),
+        c.backend.peer(),
+        8000,
+        E::TlsUnverified,
+        false,
+    );
+    expect(
+        &d,
+        V::Violation,
+        &[F::MtlsUnverified],
+        "frontend-to-backend",
+        "TLS 1.3 with the strict setting",
+    );
+}
+
+#[test]
+fn phase_4d_cilium_policies_give_the_intended_outcome() {
+    let p = load(&["network-policies.yaml"]);
+    assert_eq!(p.imported().len(), 6, "six Phase 4D policies");
+    let c = cast();
+    let (fe, be, pg, ob, sp, ag, other) = (
+        c.frontend.peer(),
+        c.backend.peer(),
+        c.postgresql.peer(),
+        c.openbao.peer(),
+        c.spire.peer(),
+        c.agent.peer(),
+        c.other.peer(),
+    );
+    let table: &[(&str, Peer, Peer, u16, V, &[F], &str)] = &[
+        (
+            "frontend->backend:8000",
+            fe,
+            be,
+            8000,
+            V::Compliant,
+            &[],
+            "cnp:99-apps/backend-ingress-policy",
+        ),
+        (
+            "frontend->backend:8001",
+            fe,
+            be,
+            8001,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "frontend->postgresql blocked (log test 2)",
+            fe,
+            pg,
+            5432,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "backend->postgresql",
+            be,
+            pg,
+            5432,
+            V::Compliant,
+            &[],
+            "cnp:99-apps/postgresql-ingress-policy",
+        ),
+        (
+            "openbao->postgresql cross-namespace",
+            ob,
+            pg,
+            5432,
+            V::Compliant,
+            &[],
+            "cnp:99-apps/postgresql-ingress-policy",
+        ),
+        (
+            "backend->openbao:8200",
+            be,
+            ob,
+            8200,
+            V::Compliant,
+            &[],
+            "cnp:openbao/openbao-ingress-policy",
+        ),
+        (
+            "frontend->openbao:8200",
+            fe,
+            ob,
+            8200,
+            V::Compliant,
+            &[],
+            "cnp:openbao/openbao-ingress-policy",
+        ),
+        (
+            "default ns->openbao",
+            other,
+            ob,
+            8200,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "backend->spire-server:8081",
+            be,
+            sp,
+            8081,
+            V::Compliant,
+            &[],
+            "cnp:spire-system/spire-server-ingress-policy",
+        ),
+        (
+            "spire-agent->spire-server:8081",
+            ag,
+            sp,
+            8081,
+            V::Compliant,
+            &[],
+            "cnp:spire-system/spire-server-ingress-policy",
+        ),
+        (
+            "default ns->spire-server",
+            other,
+            sp,
+            8081,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "world->frontend:3000",
+            Peer::WORLD,
+            fe,
+            3000,
+            V::Compliant,
+            &[],
+            "cnp:99-apps/frontend-ingress-policy",
+        ),
+        (
+            "host->frontend:3000",
+            Peer::HOST,
+            fe,
+            3000,
+            V::Compliant,
+            &[],
+            "cnp:99-apps/frontend-ingress-policy",
+        ),
+        (
+            "backend->frontend:3000 same-ns health check",
+            be,
+            fe,
+            3000,
+            V::Compliant,
+            &[],
+            "cnp:99-apps/frontend-ingress-policy",
+        ),
+        (
+            "world->backend default deny",
+            Peer::WORLD,
+            be,
+            8000,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        (
+            "postgresql->backend default deny",
+            pg,
+            be,
+            8000,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+        // Nothing selects the egress of 99-apps pods or world's ingress: no intent at all.
+        (
+            "frontend->world unselected",
+            fe,
+            Peer::WORLD,
+            443,
+            V::Violation,
+            &[F::NoMatchingRule],
+            "",
+        ),
+    ];
+    for (case, src, dst, port, v, f, rule) in table {
+        expect(
+            &eval(&p, *src, *dst, *port, E::Plaintext, false),
+            *v,
+            f,
+            rule,
+            case,
+        );
+    }
+    let d = eval(&p, fe, pg, 5432, E::Plaintext, false);
+    assert!(
+        d.findings[0].message.contains("ingress of postgresql is restricted by cnp:99-apps/postgresql-ingress-policy, cnp:99-apps/default-deny-all"),
+        "message should name the restricting policies: {}",
+        d.findings[0].message
+    );
+    // Labels unknown: the default-deny policy selects everything in 99-apps, but whether
+    // the backend rule admits the source cannot be told.
+    let be_nolabels = Peer { labels: None, ..be };
+    let d = eval(&p, be_nolabels, pg, 5432, E::Plaintext, false);
+    expect(
+        &d,
+        V::Unknown,
+        &[F::UnknownIdentity],
+        "",
+        "source labels unknown",
+    );
+}
+
+#[test]
+fn flowpolicy_and_cilium_together() {
+    let p = load(&["precinct-99-flowpolicy.yaml", "network-policies.yaml"]);
+    let c = cast();
+    let (fe, be, pg, ob) = (
+        c.frontend.peer(),
+        c.backend.peer(),
+        c.postgresql.peer(),
+        c.openbao.peer(),
+    );
+    // mTLS stays required where the FlowPolicy says so, though Cilium also allows it.
+    expect(
+        &eval(&p, fe, be, 8000, E::Plaintext, false),
+        V::Violation,
+        &[F::MtlsMissing],
+        "frontend-to-backend",
+        "plaintext frontend->backend",
+    );
+    expect(
+        &eval(&p, fe, pg, 5432, E::Plaintext, false),
+        V::Violation,
+        &[F::DeniedByRule],
+        "nothing-to-postgresql-from-frontend",
+        "deny wins",
+    );
+    expect(
+        &eval(&p, ob, pg, 5432, E::Plaintext, false),
+        V::Compliant,
+        &[],
+        "cnp:99-apps/postgresql-ingress-policy",
+        "openbao->postgresql from Cilium intent",
+    );
+    expect(
+        &eval(&p, Peer::WORLD, fe, 3000, E::Plaintext, false),
+        V::Compliant,
+        &[],
+        "cnp:99-apps/frontend-ingress-policy",
+        "world->frontend",
+    );
+    expect(
+        &eval(&p, ob, pg, 5432, E::Unknown, true),
+        V::Compliant,
+        &[F::IntendedFlowFailed],
+        "cnp:99-apps/postgresql-ingress-policy",
+        "blocked intended flow",
+    );
+}
+
+#[test]
+fn wrong_namespace_label_is_warned_and_read_as_intent() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/postgresql-wrong-namespace-label.yaml");
+    let report = check_paths(&[&path]).expect("fixture is readable");
+    let warnings: Vec<_> = report
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Warning)
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning expected, got {:#?}",
+        report.diagnostics
+    );
+    let w = warnings[0];
+    assert!(
+        w.message.contains("k8s:io.kubernetes.pod.namespace"),
+        "warning must name the working label: {}",
+        w.message
+    );
+    assert_eq!(
+        (w.line, w.col),
+        (17, 13),
+        "warning must point at the label key"
+    );
+    let p = report.policy.expect("warnings do not block loading");
+    let c = cast();
+    // Cilium drops OpenBao -> PostgreSQL because of the label; flowaudit knows it was meant.
+    let d = eval(
+        &p,
+        c.openbao.peer(),
+        c.postgresql.peer(),
+        5432,
+        E::Unknown,
+        true,
+    );
+    expect(
+        &d,
+        V::Compliant,
+        &[F::IntendedFlowFailed],
+        "cnp:99-apps/postgresql-ingress-policy",
+        "label bug blocks intended flow",
+    );
+}
+
+#[test]
+fn kubernetes_networkpolicy_import() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/netpol.yaml");
+    let p = load_paths(&[path])
+        .unwrap_or_else(|e| panic!("netpol fixture should load: {e}"))
+        .policy;
+    let web = pod("shop", "web", &[("app", "web")]);
+    let api = pod("shop", "api", &[("app", "api")]);
+    let db = pod("shop", "db", &[("app", "db")]);
+    let prom = pod("monitoring", "prometheus", &[("app", "prometheus")]);
+    let prom_elsewhere = pod("shop", "prometheus", &[("app", "prometheus")]);
+    let table: &[(&str, Peer, Peer, u16, V)] = &[
+        ("web->api:8080", web.peer(), api.peer(), 8080, V::Compliant),
+        (
+            "web->api:9050 range",
+            web.peer(),
+            api.peer(),
+            9050,
+            V::Compliant,
+        ),
+        (
+            "web->api:9101 outside range",
+            web.peer(),
+            api.peer(),
+            9101,
+            V::Violation,
+        ),
+        (
+            "prometheus in monitoring ->api",
+            prom.peer(),
+            api.peer(),
+            8080,
+            V::Compliant,
+        ),
+        (
+            "prometheus in shop ->api",
+            prom_elsewhere.peer(),
+            api.peer(),
+            8080,
+            V::Violation,
+        ),
+        (
+            "api->db egress allowed, db ingress unselected",
+            api.peer(),
+            db.peer(),
+            5432,
+            V::Compliant,
+        ),
+        (
+            "api->web egress not allowed",
+            api.peer(),
+            web.peer(),
+            80,
+            V::Violation,
+        ),
+    ];
+    for (case, src, dst, port, v) in table {
+        let d = eval(&p, *src, *dst, *port, E::Plaintext, false);
+        assert_eq!(d.verdict, *v, "{case}: {d:#?}");
+    }
+}

@@ -1,0 +1,9 @@
+//! Test support for flowaudit: a simulated Kubernetes node ([`simnode`]) whose
+//! "pods" are network namespaces plus kubelet-style cgroup v2 directories, and
+//! the wire types and drivers of the `simpod` traffic tool ([`simpod`]) that
+//! runs inside those pods. Everything here needs root; nothing here skips.
+
+pub mod simnode;
+pub mod simpod;
+
+pub use simnode::{Pod, PodSpec, SimError, SimNode, cleanup_stale};
