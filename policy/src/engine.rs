@@ -162,15 +162,19 @@ impl PolicySet {
                 unknown_ids.push(format!("{role} {}", p.display_name()));
             }
         }
-        let what = format!(
-            "{} -> {}:{}",
-            src.display_name(),
-            dst.display_name(),
-            flow.port
-        );
+        // Built only when a finding needs it: most flows are compliant and silent.
+        let describe = || {
+            format!(
+                "{} -> {}:{}",
+                src.display_name(),
+                dst.display_name(),
+                flow.port
+            )
+        };
 
         // A deny that matches for certain decides, whatever else matches.
         if deny == Tri::Yes {
+            let what = describe();
             let name = match deny_yes {
                 Some(id) => self
                     .rules
@@ -198,6 +202,7 @@ impl PolicySet {
             );
         }
         if allow == Tri::No {
+            let what = describe();
             let mut message = format!("no rule allows {what}");
             if let Some((eg, ing)) = &imp {
                 let mut blocked = Vec::new();
@@ -233,6 +238,7 @@ impl PolicySet {
             );
         }
         if allow == Tri::Unknown || deny == Tri::Unknown {
+            let what = describe();
             // The decision hinges on an identity we do not have.
             let mut f = self.finish(
                 Verdict::Unknown,
@@ -285,6 +291,7 @@ impl PolicySet {
 
         let mut verdict = Verdict::Compliant;
         if flow.failed {
+            let what = describe();
             findings.push(Finding {
                 kind: FindingKind::IntendedFlowFailed,
                 message: format!("{what} is allowed by {rule_name} but failed to connect; something (a network policy, a firewall, the peer) blocks an intended flow"),
@@ -292,6 +299,7 @@ impl PolicySet {
         } else if mtls_required {
             match flow.encryption {
                 ObservedEncryption::Plaintext => {
+                    let what = describe();
                     verdict = Verdict::Violation;
                     findings.push(Finding {
                         kind: FindingKind::MtlsMissing,
@@ -299,6 +307,7 @@ impl PolicySet {
                     });
                 }
                 ObservedEncryption::TlsNoClientCert => {
+                    let what = describe();
                     verdict = Verdict::Violation;
                     findings.push(Finding {
                         kind: FindingKind::MtlsMissing,
@@ -306,6 +315,7 @@ impl PolicySet {
                     });
                 }
                 ObservedEncryption::TlsUnverified => {
+                    let what = describe();
                     if self.options.unverified_mtls_is_violation {
                         verdict = Verdict::Violation;
                     }

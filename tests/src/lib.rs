@@ -3,6 +3,7 @@
 //! the wire types and drivers of the `simpod` traffic tool ([`simpod`]) that
 //! runs inside those pods. Everything here needs root; nothing here skips.
 
+pub mod agent;
 pub mod simnode;
 pub mod simpod;
 

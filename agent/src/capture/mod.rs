@@ -5,6 +5,7 @@
 //! (`LOST` per-CPU array) and read back here, never silently dropped.
 
 pub mod btf;
+pub mod listeners;
 pub mod record;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use flowaudit_common::{LOSS_PLACES, LossPlace, names};
+use flowaudit_common::{LOSS_PLACES, Listener, ListenerKey, LossPlace, names};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
@@ -169,6 +170,30 @@ impl Capture {
         // rejects explicit attach flags: hence the default mode here.
         prog.attach(&cgroup, CgroupAttachMode::Single)
             .map_err(CaptureError::Program)?;
+
+        // Servers that were listening before we attached: find them now that
+        // listen() calls from here on are seen by the program. NOEXIST: an
+        // entry the kernel just wrote is fresher than the /proc scan.
+        let found = listeners::scan(&cgroup_root);
+        let mut map: aya::maps::HashMap<_, ListenerKey, Listener> = aya::maps::HashMap::try_from(
+            ebpf.map_mut(names::MAP_LISTENERS)
+                .ok_or(CaptureError::Missing(names::MAP_LISTENERS))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: names::MAP_LISTENERS,
+            source,
+        })?;
+        let mut added = 0;
+        for (key, value) in &found {
+            if map.insert(key, value, 1 /* BPF_NOEXIST */).is_ok() {
+                added += 1;
+            }
+        }
+        tracing::info!(
+            found = found.len(),
+            added,
+            "listeners that predate the agent registered"
+        );
 
         let ring = RingBuf::try_from(
             ebpf.take_map(names::MAP_EVENTS)

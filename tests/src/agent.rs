@@ -1,0 +1,203 @@
+//! Runs the real `flowaudit agent` for integration tests: starts it with an
+//! export file and JSON logs, waits until its programs are attached, and on
+//! `stop()` (or drop) sends SIGINT, waits for it to drain and detach, and
+//! returns the flow events it wrote and the counters of its last log line.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The agent binary: `$FLOWAUDIT_BIN`, else `target/release/flowaudit`.
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLOWAUDIT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/flowaudit");
+    if !p.exists() {
+        panic!(
+            "the agent binary {} does not exist: build it with `cargo xtask build` (or set FLOWAUDIT_BIN)",
+            p.display()
+        );
+    }
+    p
+}
+
+pub struct RunningAgent {
+    child: Option<Child>,
+    pub export_file: PathBuf,
+    dir: PathBuf,
+    log_rx: mpsc::Receiver<Value>,
+}
+
+/// What the agent reported when it stopped.
+#[derive(Debug)]
+pub struct AgentReport {
+    pub flows: Vec<Value>,
+    /// The fields of the "agent stopped" log line.
+    pub stopped: Value,
+    /// Every log line, for failure messages.
+    pub logs: Vec<Value>,
+}
+
+impl AgentReport {
+    pub fn counter(&self, name: &str) -> u64 {
+        self.stopped
+            .get(name)
+            .and_then(Value::as_u64)
+            .unwrap_or_else(|| {
+                panic!(
+                    "agent's stop log line has no counter {name}: {}",
+                    self.stopped
+                )
+            })
+    }
+}
+
+impl RunningAgent {
+    /// Starts the agent with extra arguments and waits (up to 60 s) until it
+    /// says its programs are attached.
+    pub fn start(extra_args: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "flowaudit-test-{}-{}",
+            std::process::id(),
+            rand_u64()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the agent's temp dir");
+        let export_file = dir.join("flows.jsonl");
+        let mut child = Command::new(agent_binary())
+            .arg("agent")
+            .arg("--export-file")
+            .arg(&export_file)
+            .args(["--log-format", "json", "--node-name", "sim-node"])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {}: {e}", agent_binary().display()));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent = Self {
+            child: Some(child),
+            export_file,
+            dir,
+            log_rx: rx,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match agent.log_rx.recv_timeout(left) {
+                Ok(v) if message(&v).starts_with("agent ready") => return agent,
+                Ok(_) => {}
+                Err(_) => {
+                    let status = agent
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    panic!("the agent did not report ready within 60 s (exit status: {status:?})");
+                }
+            }
+        }
+    }
+
+    /// Stops the agent with SIGINT (it drains the kernel's ring buffer
+    /// first) and returns what it recorded.
+    pub fn stop(mut self) -> AgentReport {
+        let mut child = self.child.take().expect("agent is running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait for the agent") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the agent did not stop within 30 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let logs: Vec<Value> = self.log_rx.iter().collect();
+        assert!(
+            status.success(),
+            "the agent exited with {status}; its log:\n{logs:#?}"
+        );
+        let stopped = logs
+            .iter()
+            .find(|v| message(v).starts_with("agent stopped"))
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!("the agent never logged 'agent stopped'; its log:\n{logs:#?}")
+            });
+        let text = std::fs::read_to_string(&self.export_file).unwrap_or_default();
+        let flows = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("export line is not JSON ({e}): {l}"))
+            })
+            .collect();
+        AgentReport {
+            flows,
+            stopped,
+            logs,
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn message(v: &Value) -> &str {
+    v.get("message").and_then(Value::as_str).unwrap_or("")
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    u64::from_ne_bytes(b)
+}
+
+/// Flow events whose 4-tuple is `src -> dst` (ports included).
+pub fn flows_between<'a>(
+    flows: &'a [Value],
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+) -> impl Iterator<Item = &'a Value> {
+    flows.iter().filter(move |f| {
+        let l4 = &f["l4"];
+        l4["source_ip"].as_str() == Some(&src.ip().to_string())
+            && l4["source_port"].as_u64() == Some(u64::from(src.port()))
+            && l4["destination_ip"].as_str() == Some(&dst.ip().to_string())
+            && l4["destination_port"].as_u64() == Some(u64::from(dst.port()))
+    })
+}

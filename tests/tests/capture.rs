@@ -1,0 +1,362 @@
+//! The real agent, with its real eBPF programs in this kernel, watching real
+//! connections between pods of a simulated node: every connection gives
+//! exactly one CONNECT and one CLOSE per side with the right 4-tuple,
+//! direction, owning pod process and byte counts; failed attempts say why;
+//! a burst loses nothing. Needs root (CI runs it as root); never skips.
+
+use std::net::{IpAddr, SocketAddr};
+
+use flowaudit_tests::agent::{RunningAgent, flows_between};
+use flowaudit_tests::simpod::{ConnResult, ConnectOpts, ServeOpts};
+use flowaudit_tests::{Pod, PodSpec, SimNode};
+use serde_json::Value;
+
+fn require_root() {
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "these tests load eBPF programs and build network namespaces: run them as root (`sudo -E cargo xtask test`)"
+        );
+    }
+}
+
+fn one<'a>(
+    flows: impl Iterator<Item = &'a Value>,
+    event: &str,
+    direction: &str,
+    what: &str,
+) -> &'a Value {
+    let matching: Vec<&Value> = flows
+        .filter(|f| f["event"] == event && f["direction"] == direction)
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "expected exactly one {event} {direction} for {what}, got {}: {matching:#?}",
+        matching.len()
+    );
+    matching[0]
+}
+
+/// Asserts the owner fields of the end whose socket the kernel saw.
+fn assert_owner(end: &Value, pid: u32, pod: &Pod, what: &str) {
+    assert_eq!(
+        end["pid"].as_u64(),
+        Some(u64::from(pid)),
+        "{what}: owning pid in {end}"
+    );
+    assert_eq!(
+        end["process"].as_str(),
+        Some("simpod"),
+        "{what}: process name in {end}"
+    );
+    assert_eq!(
+        end["cgroup_id"].as_u64(),
+        Some(pod.cgroup_id()),
+        "{what}: cgroup of pod {} in {end}",
+        pod.name()
+    );
+}
+
+fn two_pods(index: u8) -> (SimNode, Pod, Pod) {
+    let node = SimNode::new(index).expect("simulated node");
+    let client = node
+        .add_pod(
+            PodSpec::new("99-apps", "frontend-7d9f")
+                .service_account("frontend")
+                .label("app", "frontend"),
+        )
+        .expect("client pod");
+    let server = node
+        .add_pod(
+            PodSpec::new("99-apps", "backend-5c8b")
+                .service_account("backend")
+                .label("app", "backend"),
+        )
+        .expect("server pod");
+    (node, client, server)
+}
+
+/// `server_first`: the server listens before the agent starts (its owner
+/// comes from the start-up scan of /proc), else after (from listen() itself).
+fn check_connections(
+    family: &str,
+    client: &Pod,
+    server: &Pod,
+    server_ip: IpAddr,
+    listen: IpAddr,
+    server_first: bool,
+) {
+    let serve = || {
+        server
+            .serve(&ServeOpts {
+                listen: vec![SocketAddr::new(listen, 8000)],
+                reply_bytes: 300,
+            })
+            .expect("server")
+    };
+    let (srv, agent) = if server_first {
+        let srv = serve();
+        (srv, RunningAgent::start(&[]))
+    } else {
+        let agent = RunningAgent::start(&[]);
+        (serve(), agent)
+    };
+    let mut opts = ConnectOpts::new(SocketAddr::new(server_ip, 8000));
+    opts.count = 3;
+    opts.send_bytes = 1000;
+    let report = client.connect(&opts).expect("client");
+    let server_pid = srv.pid();
+    drop(srv);
+    let report_agent = agent.stop();
+    assert_eq!(report_agent.counter("kernel_events_lost"), 0);
+    let flows = &report_agent.flows;
+    assert_eq!(report.records.len(), 3);
+    for rec in &report.records {
+        assert_eq!(
+            rec.result,
+            ConnResult::Ok,
+            "{family} connection failed: {rec:?}"
+        );
+        let local = rec.local.expect("client local address");
+        let what = format!("{family} {local} -> {}", rec.remote);
+        let between: Vec<&Value> = flows_between(flows, local, rec.remote).collect();
+
+        let c = one(between.iter().copied(), "CONNECT", "EGRESS", &what);
+        assert_owner(&c["source"], rec.pid, client, &what);
+        let c = one(between.iter().copied(), "CLOSE", "EGRESS", &what);
+        assert_owner(&c["source"], rec.pid, client, &what);
+        assert_eq!(
+            (c["bytes_sent"].as_u64(), c["bytes_received"].as_u64()),
+            (Some(1000), Some(300)),
+            "{what}: {c}"
+        );
+
+        let s = one(between.iter().copied(), "CONNECT", "INGRESS", &what);
+        assert_owner(&s["destination"], server_pid, server, &what);
+        let s = one(between.iter().copied(), "CLOSE", "INGRESS", &what);
+        assert_owner(&s["destination"], server_pid, server, &what);
+        // Both sides agree on the bytes, counted from the client's point of view.
+        assert_eq!(
+            (s["bytes_sent"].as_u64(), s["bytes_received"].as_u64()),
+            (Some(1000), Some(300)),
+            "{what}: {s}"
+        );
+        assert!(
+            between
+                .iter()
+                .all(|f| f["l4"]["protocol"] == "TCP" && f["node_name"] == "sim-node")
+        );
+        assert_eq!(
+            between.len(),
+            4,
+            "{what}: unexpected extra events {between:#?}"
+        );
+        // The socket cookie ties each side's CONNECT to its CLOSE.
+        for dir in ["EGRESS", "INGRESS"] {
+            let cookies: Vec<&Value> = between
+                .iter()
+                .filter(|f| f["direction"] == dir)
+                .map(|f| &f["socket"]["cookie"])
+                .collect();
+            assert_eq!(
+                cookies[0], cookies[1],
+                "{what} {dir}: CONNECT and CLOSE carry different cookies"
+            );
+        }
+    }
+}
+
+#[test]
+fn ipv4_connections_to_a_server_older_than_the_agent() {
+    require_root();
+    let (_node, client, server) = two_pods(20);
+    check_connections(
+        "IPv4",
+        &client,
+        &server,
+        IpAddr::V4(server.ip4()),
+        "0.0.0.0".parse().unwrap(),
+        true,
+    );
+}
+
+#[test]
+fn ipv6_connections_to_a_server_started_after_the_agent() {
+    require_root();
+    let (_node, client, server) = two_pods(21);
+    check_connections(
+        "IPv6",
+        &client,
+        &server,
+        IpAddr::V6(server.ip6()),
+        "::".parse().unwrap(),
+        false,
+    );
+}
+
+#[test]
+fn failed_attempts_say_why() {
+    require_root();
+    let (node, client, server) = two_pods(22);
+    let agent = RunningAgent::start(&[]);
+    let mut attempts = Vec::new();
+    // Nothing listens on 9999: the peer answers the SYN with a reset.
+    for ip in [IpAddr::V4(server.ip4()), IpAddr::V6(server.ip6())] {
+        let report = client
+            .connect(&ConnectOpts::new(SocketAddr::new(ip, 9999)))
+            .expect("client");
+        attempts.push((report.records[0].clone(), "REFUSED"));
+    }
+    // A silent peer: no host answers ARP/ND for it, so the kernel reports it unreachable.
+    for ip in [IpAddr::V4(node.silent_ip4()), IpAddr::V6(node.silent_ip6())] {
+        let mut opts = ConnectOpts::new(SocketAddr::new(ip, 8000));
+        opts.timeout_ms = 10_000;
+        let report = client.connect(&opts).expect("client");
+        attempts.push((report.records[0].clone(), "UNREACHABLE"));
+    }
+    // The application gives up first (its own 300 ms connect timeout).
+    let mut opts = ConnectOpts::new(SocketAddr::new(IpAddr::V4(node.silent_ip4()), 8001));
+    opts.timeout_ms = 300;
+    let report = client.connect(&opts).expect("client");
+    attempts.push((report.records[0].clone(), "ABORTED"));
+
+    let report_agent = agent.stop();
+    for (rec, reason) in &attempts {
+        assert_ne!(rec.result, ConnResult::Ok, "{rec:?} should have failed");
+        let local = rec
+            .local
+            .expect("failed attempts still have a local address");
+        let what = format!("{local} -> {} ({:?})", rec.remote, rec.result);
+        let between: Vec<&Value> = flows_between(&report_agent.flows, local, rec.remote).collect();
+        let f = one(between.iter().copied(), "FAILED", "EGRESS", &what);
+        assert_eq!(f["socket"]["failure_reason"], *reason, "{what}: {f}");
+        assert_owner(&f["source"], rec.pid, &client, &what);
+        assert!(
+            !between
+                .iter()
+                .any(|f| f["event"] == "CONNECT" || f["event"] == "CLOSE"),
+            "{what}: a failed attempt must not look established: {between:#?}"
+        );
+    }
+}
+
+#[test]
+fn burst_of_5000_connections_across_pods_loses_nothing() {
+    require_root();
+    let node = SimNode::new(23).expect("simulated node");
+    let servers: Vec<Pod> = (0..2)
+        .map(|i| {
+            node.add_pod(PodSpec::new("99-apps", &format!("backend-{i}")))
+                .expect("server pod")
+        })
+        .collect();
+    let clients: Vec<Pod> = (0..3)
+        .map(|i| {
+            node.add_pod(PodSpec::new("99-apps", &format!("frontend-{i}")))
+                .expect("client pod")
+        })
+        .collect();
+    let _srvs: Vec<_> = servers
+        .iter()
+        .map(|s| {
+            s.serve(&ServeOpts {
+                listen: vec!["0.0.0.0:8000".parse().unwrap()],
+                reply_bytes: 16,
+            })
+            .expect("server")
+        })
+        .collect();
+    let agent = RunningAgent::start(&[]);
+    let started = std::time::Instant::now();
+    let handles: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let c = c.clone();
+            let to = SocketAddr::new(IpAddr::V4(servers[i % 2].ip4()), 8000);
+            std::thread::spawn(move || {
+                let mut opts = ConnectOpts::new(to);
+                opts.count = 1700;
+                opts.send_bytes = 32;
+                opts.concurrency = 16;
+                c.connect(&opts).expect("client burst")
+            })
+        })
+        .collect();
+    let reports: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect();
+    let elapsed = started.elapsed();
+    let report_agent = agent.stop();
+    let total: usize = reports.iter().map(|r| r.records.len()).sum();
+    assert!(total >= 5000, "only {total} connections were made");
+    eprintln!(
+        "burst: {total} connections in {elapsed:?}, {} flow events",
+        report_agent.flows.len()
+    );
+
+    use std::collections::HashMap;
+    let mut by_tuple: HashMap<(String, u64, String), Vec<&Value>> = HashMap::new();
+    for f in &report_agent.flows {
+        let l4 = &f["l4"];
+        let key = (
+            l4["source_ip"].as_str().unwrap_or("").to_owned(),
+            l4["source_port"].as_u64().unwrap_or(0),
+            format!(
+                "{}:{}",
+                l4["destination_ip"].as_str().unwrap_or(""),
+                l4["destination_port"]
+            ),
+        );
+        by_tuple.entry(key).or_default().push(f);
+    }
+    let mut missing = Vec::new();
+    for rec in reports.iter().flat_map(|r| &r.records) {
+        assert_eq!(
+            rec.result,
+            ConnResult::Ok,
+            "burst connection failed: {rec:?}"
+        );
+        let local = rec.local.expect("local address");
+        let key = (
+            local.ip().to_string(),
+            u64::from(local.port()),
+            format!("{}:{}", rec.remote.ip(), rec.remote.port()),
+        );
+        let events = by_tuple.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let mut kinds: Vec<String> = events
+            .iter()
+            .map(|f| {
+                format!(
+                    "{}/{}",
+                    f["event"].as_str().unwrap(),
+                    f["direction"].as_str().unwrap()
+                )
+            })
+            .collect();
+        kinds.sort();
+        if kinds
+            != [
+                "CLOSE/EGRESS",
+                "CLOSE/INGRESS",
+                "CONNECT/EGRESS",
+                "CONNECT/INGRESS",
+            ]
+        {
+            missing.push(format!("{local} -> {}: {kinds:?}", rec.remote));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {total} connections lack events (first: {:?})",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(
+        report_agent.counter("kernel_events_lost"),
+        0,
+        "the kernel lost records"
+    );
+    assert_eq!(report_agent.counter("malformed_records"), 0);
+}
