@@ -7,6 +7,7 @@ mod cli;
 mod export;
 mod flow;
 mod pipeline;
+mod state;
 
 use clap::{Parser, Subcommand};
 

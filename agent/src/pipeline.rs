@@ -1,7 +1,8 @@
 //! The userspace pipeline: kernel events in, flow events out to every sink.
 //! Capture -> build flow (orientation, owner, timing) -> sinks (export
-//! file). Joined by a bounded channel, so a burst waits in the kernel ring
-//! buffer rather than in unbounded memory, and every loss is counted there.
+//! file, metrics, stream). Joined by a bounded channel, so a burst waits in
+//! the kernel ring buffer rather than in unbounded memory, and every loss is
+//! counted there.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,18 +12,18 @@ use tokio::sync::mpsc;
 
 use crate::capture::Clock;
 use crate::capture::record::KernelEvent;
-use crate::export::file::ExportFile;
+use crate::export::Sink;
 use crate::flow::FlowEvent;
 
 #[derive(Debug, Default)]
 pub struct PipelineStats {
+    /// Flow events that went out to the sinks.
     pub flows: AtomicU64,
-    pub export_errors: AtomicU64,
 }
 
 pub struct Pipeline {
     pub node_name: String,
-    pub export: Option<ExportFile>,
+    pub sinks: Vec<Box<dyn Sink>>,
     pub stats: Arc<PipelineStats>,
 }
 
@@ -48,28 +49,17 @@ impl Pipeline {
     }
 
     fn handle(&mut self, ev: &KernelEvent, clock: &Clock) {
-        let flow = FlowEvent::from_kernel(ev, &self.node_name, clock);
+        let flow = Arc::new(FlowEvent::from_kernel(ev, &self.node_name, clock));
         self.stats.flows.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(summary = %flow.summary, "flow");
-        if let Some(export) = &mut self.export {
-            if let Err(e) = export.write(&flow) {
-                self.export_failed(e);
-            }
+        tracing::trace!(summary = %flow.summary, "flow");
+        for sink in &mut self.sinks {
+            sink.on_flow(&flow);
         }
     }
 
     fn flush(&mut self) {
-        if let Some(export) = &mut self.export {
-            if let Err(e) = export.flush() {
-                self.export_failed(e);
-            }
-        }
-    }
-
-    fn export_failed(&self, e: crate::export::file::ExportError) {
-        // Logged once per hundred so a full disk does not flood the log.
-        if self.stats.export_errors.fetch_add(1, Ordering::Relaxed) % 100 == 0 {
-            tracing::error!(error = %e, "export file write failed; flows still flow to the other sinks");
+        for sink in &mut self.sinks {
+            sink.flush();
         }
     }
 }

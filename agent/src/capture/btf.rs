@@ -48,7 +48,6 @@ struct Member {
 
 struct Type {
     kind: u32,
-    name_off: u32,
     size: u32,
     members: Vec<Member>,
 }
@@ -96,7 +95,6 @@ impl Btf {
 
         let mut types = vec![Type {
             kind: 0,
-            name_off: 0,
             size: 0,
             members: Vec::new(),
         }];
@@ -147,7 +145,6 @@ impl Btf {
             }
             types.push(Type {
                 kind,
-                name_off,
                 size,
                 members,
             });
@@ -159,9 +156,7 @@ impl Btf {
         })
     }
 
-    pub fn from_sys_fs() -> std::io::Result<Vec<u8>> {
-        std::fs::read("/sys/kernel/btf/vmlinux")
-    }
+    pub const SYS_FS_PATH: &'static str = "/sys/kernel/btf/vmlinux";
 
     /// Byte offset of `member` in `struct name`, looking into anonymous
     /// struct/union members (e.g. `randomized_struct_fields_start`).
@@ -215,15 +210,11 @@ impl Btf {
     }
 
     /// Size in bytes of `struct name`.
+    #[cfg(test)]
     pub fn struct_size(&self, name: &str) -> Option<u32> {
         self.structs_by_name
             .get(name)
             .map(|id| self.types[*id as usize].size)
-    }
-
-    #[cfg(test)]
-    fn name_of(&self, id: u32) -> Option<&str> {
-        str_at(&self.strings, self.types.get(id as usize)?.name_off)
     }
 }
 
@@ -346,7 +337,6 @@ mod tests {
     #[test]
     fn finds_direct_and_anonymous_members() {
         let btf = Btf::parse(&synthetic()).unwrap();
-        assert_eq!(btf.name_of(4), Some("outer"));
         assert_eq!(btf.member_offset("outer", "a").unwrap(), 0);
         assert_eq!(btf.member_offset("outer", "b").unwrap(), 8);
         assert_eq!(btf.member_offset("outer", "c").unwrap(), 8);
@@ -376,7 +366,8 @@ mod tests {
 
     #[test]
     fn running_kernel_has_the_offsets_the_programs_need() {
-        let data = Btf::from_sys_fs().expect("this machine has /sys/kernel/btf/vmlinux");
+        let data =
+            std::fs::read(Btf::SYS_FS_PATH).expect("this machine has /sys/kernel/btf/vmlinux");
         let btf = Btf::parse(&data).expect("the running kernel's BTF parses");
         let (off, errors) = KernelOffsets::resolve(&btf);
         assert!(errors.is_empty(), "{errors:?}");

@@ -119,7 +119,7 @@ impl Capture {
         if euid != 0 {
             return Err(CaptureError::NotRoot(euid));
         }
-        let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+        let btf_path = Path::new(Btf::SYS_FS_PATH);
         let btf_bytes =
             std::fs::read(btf_path).map_err(|_| CaptureError::NoBtf(btf_path.to_path_buf()))?;
         let btf = Btf::parse(&btf_bytes).map_err(|source| CaptureError::Btf {
@@ -250,7 +250,11 @@ impl Capture {
         let ring = self.ring.take().ok_or(CaptureError::Missing(
             "ring buffer (reader already started)",
         ))?;
-        let mut fd = AsyncFd::new(ring).map_err(CaptureError::Poll)?;
+        // SAFETY: the RingBuf owns its map fd and keeps it open and
+        // unchanged for as long as the AsyncFd owns the RingBuf.
+        let mut fd =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| CaptureError::Poll(std::io::Error::other(e.to_string())))?;
         let stats = self.stats.clone();
         Ok(tokio::spawn(async move {
             loop {

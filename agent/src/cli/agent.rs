@@ -2,7 +2,7 @@
 //! pipeline, reports kernel losses as they happen, and on SIGINT/SIGTERM
 //! drains what the kernel already recorded before detaching.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -11,8 +11,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use crate::capture::Capture;
-use crate::export::file::ExportFile;
 use crate::pipeline::{Pipeline, PipelineStats};
+use crate::state::AgentState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -25,25 +25,8 @@ pub struct AgentArgs {
     /// Name of this node in flow events (default: $NODE_NAME, else the hostname).
     #[arg(long, env = "FLOWAUDIT_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
-    /// Write flow events to this file as JSON lines, rotated by size.
-    #[arg(long, env = "FLOWAUDIT_EXPORT_FILE", value_name = "PATH")]
-    pub export_file: Option<PathBuf>,
-    /// Rotate the export file when it reaches this many MiB.
-    #[arg(
-        long,
-        env = "FLOWAUDIT_EXPORT_FILE_MAX_SIZE_MB",
-        default_value_t = 64,
-        value_name = "MIB"
-    )]
-    pub export_file_max_size_mb: u64,
-    /// How many rotated export files to keep (PATH.1 ... PATH.N).
-    #[arg(
-        long,
-        env = "FLOWAUDIT_EXPORT_FILE_MAX_BACKUPS",
-        default_value_t = 5,
-        value_name = "N"
-    )]
-    pub export_file_max_backups: u32,
+    #[command(flatten)]
+    pub export: crate::export::ExportArgs,
     /// Log format on standard error.
     #[arg(long, env = "FLOWAUDIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -86,14 +69,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let node = node_name(args.node_name.as_deref());
-    let export = match &args.export_file {
-        Some(path) => Some(ExportFile::open(
-            path,
-            args.export_file_max_size_mb.saturating_mul(1024 * 1024),
-            args.export_file_max_backups,
-        )?),
-        None => None,
-    };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
 
@@ -101,11 +76,17 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(16 * 1024);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let reader = capture.spawn_reader(tx, shutdown_rx)?;
-    let pipeline_stats = std::sync::Arc::new(PipelineStats::default());
+    let pipeline_stats = Arc::new(PipelineStats::default());
+    let state = Arc::new(AgentState::new(
+        node.clone(),
+        capture.stats.clone(),
+        pipeline_stats.clone(),
+    ));
+    let sinks = crate::export::start(&args.export, &state).await?;
     let pipeline = tokio::spawn(
         Pipeline {
             node_name: node.clone(),
-            export,
+            sinks,
             stats: pipeline_stats.clone(),
         }
         .run(rx),
@@ -114,10 +95,11 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         node = %node,
         cgroup_root = %capture.cgroup_root.display(),
         offsets = ?capture.offsets,
-        export_file = ?args.export_file,
+        export_file = ?args.export.export_file,
         "agent ready: sock_ops attached to the cgroup v2 root"
     );
 
+    state.attached.store(true, Ordering::Relaxed);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -137,7 +119,6 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         malformed_records = stats.malformed.load(Ordering::Relaxed),
         kernel_events_lost = stats.events_lost(),
         flows = pipeline_stats.flows.load(Ordering::Relaxed),
-        export_errors = pipeline_stats.export_errors.load(Ordering::Relaxed),
         "agent stopped; programs detached"
     );
     drop(capture);

@@ -46,7 +46,7 @@ pub fn run(args: &ObserveArgs) -> anyhow::Result<()> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut emit = |line: &str, out: &mut dyn Write| -> anyhow::Result<()> {
+    let emit = |line: &str, out: &mut dyn Write| -> anyhow::Result<()> {
         match serde_json::from_str::<FlowEvent>(line) {
             Ok(flow) => match args.output {
                 Output::Json => writeln!(out, "{}", serde_json::to_string(&flow)?)?,

@@ -128,6 +128,36 @@ impl ExportFile {
     }
 }
 
+/// As a pipeline sink: a failed write is logged (once per hundred) and
+/// counted; the other sinks go on.
+pub struct ExportFileSink {
+    pub file: ExportFile,
+    pub errors: u64,
+}
+
+impl ExportFileSink {
+    fn failed(&mut self, e: ExportError) {
+        if self.errors % 100 == 0 {
+            tracing::error!(error = %e, failures = self.errors + 1, "export file write failed; other sinks still get every flow");
+        }
+        self.errors += 1;
+    }
+}
+
+impl super::Sink for ExportFileSink {
+    fn on_flow(&mut self, flow: &std::sync::Arc<FlowEvent>) {
+        if let Err(e) = self.file.write(flow) {
+            self.failed(e);
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.file.flush() {
+            self.failed(e);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
