@@ -2,10 +2,15 @@
 //! the nightly toolchain and bpf-linker, so one `cargo build` of the agent
 //! produces a binary with its eBPF object embedded. `cargo xtask setup`
 //! installs what this needs.
+//!
+//! It also generates the gRPC service (`flowaudit.v1`) from
+//! `proto/flowaudit/v1/flowaudit.proto` with tonic-prost-build, plus the
+//! descriptor set that server reflection serves.
 
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
+    build_proto()?;
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -38,4 +43,26 @@ fn which_bpf_linker() -> Option<std::path::PathBuf> {
     std::env::split_paths(&path)
         .map(|d| d.join("bpf-linker"))
         .find(|p| p.is_file())
+}
+
+/// Generates the `flowaudit.v1` messages, server and client into OUT_DIR,
+/// and the encoded descriptor set that server reflection serves. protox
+/// compiles the .proto in Rust, so no protoc or system include files are
+/// needed (Debian's protoc lacks google/protobuf/timestamp.proto without
+/// libprotobuf-dev).
+fn build_proto() -> anyhow::Result<()> {
+    use prost::Message as _;
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR is not set")?);
+    let proto = "../proto/flowaudit/v1/flowaudit.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["../proto"])
+        .map_err(|e| anyhow!("{proto} does not compile: {e:?}"))?;
+    std::fs::write(
+        out_dir.join("flowaudit_descriptor.bin"),
+        fds.encode_to_vec(),
+    )
+    .context("writing the descriptor set")?;
+    tonic_prost_build::configure()
+        .compile_fds(fds)
+        .with_context(|| format!("generating Rust code from {proto}"))
 }

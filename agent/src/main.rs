@@ -4,8 +4,11 @@
 
 mod capture;
 mod cli;
+mod endpoints;
 mod export;
 mod flow;
+mod identity;
+mod judge;
 mod pipeline;
 mod state;
 
@@ -28,6 +31,11 @@ enum Command {
     Agent(cli::agent::AgentArgs),
     /// Print flow events.
     Observe(cli::observe::ObserveArgs),
+    /// Print a running agent's status (node, uptime, flows, losses, identity, SPIRE, policy).
+    Status(cli::status::StatusArgs),
+    /// Check and explain intended policy (FlowPolicy, CiliumNetworkPolicy, NetworkPolicy); no root needed.
+    #[command(subcommand)]
+    Policy(flowaudit_policy::cli::PolicyCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +43,11 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Agent(args) => cli::agent::run(args),
         Command::Observe(args) => cli::observe::run(&args),
+        Command::Status(args) => cli::status::run(&args),
+        Command::Policy(cmd) => {
+            let code = cmd.run(&mut std::io::stdout().lock(), &mut std::io::stderr().lock());
+            return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,9 +1,15 @@
 //! The userspace pipeline: kernel events in, flow events out to every sink.
-//! Capture -> build flow (orientation, owner, timing) -> sinks (export
-//! file, metrics, stream). Joined by a bounded channel, so a burst waits in
-//! the kernel ring buffer rather than in unbounded memory, and every loss is
-//! counted there.
+//! capture -> build flow (orientation, owner, timing) -> enrich (endpoints,
+//! SPIFFE IDs) -> judge (policy) -> sinks (export file, metrics, stream).
+//! Joined by a bounded channel, so a burst waits in the kernel ring buffer
+//! rather than in unbounded memory, and every loss is counted there.
+//!
+//! A flow whose local end's attested identity is still being fetched is
+//! parked for at most `identity_wait`, then goes out with what is known
+//! (UNKNOWN, counted). Later flows of a parked socket queue behind it, so a
+//! socket's CONNECT always precedes its CLOSE; other flows do not wait.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,44 +20,156 @@ use crate::capture::Clock;
 use crate::capture::record::KernelEvent;
 use crate::export::Sink;
 use crate::flow::FlowEvent;
+use crate::identity::spire::{Lookup, WorkloadQuery};
+use crate::identity::{Enriched, Enricher};
+use crate::judge::Judge;
 
 #[derive(Debug, Default)]
 pub struct PipelineStats {
     /// Flow events that went out to the sinks.
     pub flows: AtomicU64,
+    /// Flows that waited for SPIRE and went out without its answer.
+    pub identity_timeouts: AtomicU64,
+}
+
+struct Parked {
+    flow: FlowEvent,
+    /// None: queued behind an earlier parked flow of the same socket.
+    query: Option<WorkloadQuery>,
+    deadline: Instant,
 }
 
 pub struct Pipeline {
     pub node_name: String,
+    pub enricher: Option<Enricher>,
+    pub judge: Judge,
     pub sinks: Vec<Box<dyn Sink>>,
     pub stats: Arc<PipelineStats>,
+    pub identity_wait: Duration,
+    parked: VecDeque<Parked>,
+    parked_sockets: HashSet<u64>,
 }
 
 impl Pipeline {
-    /// Runs until the capture side closes the channel, then flushes.
+    pub fn new(
+        node_name: String,
+        enricher: Option<Enricher>,
+        judge: Judge,
+        sinks: Vec<Box<dyn Sink>>,
+        stats: Arc<PipelineStats>,
+        identity_wait: Duration,
+    ) -> Self {
+        Self {
+            node_name,
+            enricher,
+            judge,
+            sinks,
+            stats,
+            identity_wait,
+            parked: VecDeque::new(),
+            parked_sockets: HashSet::new(),
+        }
+    }
+
+    /// Runs until the capture side closes the channel, then releases what is
+    /// parked and flushes.
     pub async fn run(mut self, mut rx: mpsc::Receiver<KernelEvent>) {
         let mut clock = Clock::now();
         let mut clock_at = Instant::now();
-        while let Some(ev) = rx.recv().await {
-            // Re-anchor monotonic->wall now and then: NTP may step the wall clock.
-            if clock_at.elapsed() > Duration::from_secs(10) {
-                clock = Clock::now();
-                clock_at = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    // Re-anchor monotonic->wall now and then: NTP may step the wall clock.
+                    if clock_at.elapsed() > Duration::from_secs(10) {
+                        clock = Clock::now();
+                        clock_at = Instant::now();
+                    }
+                    self.handle(&ev, &clock);
+                    // Drain what is queued, then flush once: one write per burst.
+                    while let Ok(ev) = rx.try_recv() {
+                        self.handle(&ev, &clock);
+                    }
+                    self.release(false);
+                    self.flush();
+                }
+                _ = tick.tick(), if !self.parked.is_empty() => {
+                    self.release(false);
+                    self.flush();
+                }
             }
-            self.handle(&ev, &clock);
-            // Drain what is queued, then flush once: one write per burst.
-            while let Ok(ev) = rx.try_recv() {
-                self.handle(&ev, &clock);
-            }
-            self.flush();
         }
+        self.release(true);
         self.flush();
     }
 
     fn handle(&mut self, ev: &KernelEvent, clock: &Clock) {
-        let flow = Arc::new(FlowEvent::from_kernel(ev, &self.node_name, clock));
+        let mut flow = FlowEvent::from_kernel(ev, &self.node_name, clock);
+        let cookie = flow.socket.cookie;
+        let query = match &mut self.enricher {
+            Some(e) => match e.enrich(&mut flow) {
+                Enriched::Done => None,
+                Enriched::Pending(q) => Some(q),
+            },
+            None => None,
+        };
+        if query.is_some() || self.parked_sockets.contains(&cookie) {
+            self.parked_sockets.insert(cookie);
+            self.parked.push_back(Parked {
+                flow,
+                query,
+                deadline: Instant::now() + self.identity_wait,
+            });
+            return;
+        }
+        self.emit(flow);
+    }
+
+    /// Sends out parked flows whose identity arrived or whose wait is over.
+    /// `all`: at shutdown, everything goes.
+    fn release(&mut self, all: bool) {
+        let now = Instant::now();
+        let mut still = VecDeque::with_capacity(self.parked.len());
+        let mut blocked: HashSet<u64> = HashSet::new();
+        while let Some(mut p) = self.parked.pop_front() {
+            let cookie = p.flow.socket.cookie;
+            if blocked.contains(&cookie) {
+                still.push_back(p);
+                continue;
+            }
+            let ready = match (&p.query, &mut self.enricher) {
+                (Some(q), Some(e)) => {
+                    let answer = e.poll(q);
+                    let done = !matches!(answer, Lookup::Pending) || all || now >= p.deadline;
+                    if done {
+                        if matches!(answer, Lookup::Pending) {
+                            self.stats.identity_timeouts.fetch_add(1, Ordering::Relaxed);
+                        }
+                        e.apply_lookup(p.flow.local_end_mut(), answer);
+                    }
+                    done
+                }
+                // Queued behind an earlier flow of its socket, which has gone.
+                _ => true,
+            };
+            if ready {
+                self.emit(p.flow);
+            } else {
+                blocked.insert(cookie);
+                still.push_back(p);
+            }
+        }
+        self.parked_sockets = still.iter().map(|p| p.flow.socket.cookie).collect();
+        self.parked = still;
+    }
+
+    fn emit(&mut self, mut flow: FlowEvent) {
+        self.judge.judge(&mut flow);
+        flow.summary = flow.make_summary();
+        let flow = Arc::new(flow);
         self.stats.flows.fetch_add(1, Ordering::Relaxed);
-        tracing::trace!(summary = %flow.summary, "flow");
         for sink in &mut self.sinks {
             sink.on_flow(&flow);
         }

@@ -2,6 +2,11 @@
 //! export file and JSON logs, waits until its programs are attached, and on
 //! `stop()` (or drop) sends SIGINT, waits for it to drain and detach, and
 //! returns the flow events it wrote and the counters of its last log line.
+//!
+//! Unless the test passes its own, the agent gets `--metrics-addr
+//! 127.0.0.1:0` and a gRPC socket in its temp dir, so agents of different
+//! tests never compete for the defaults; the addresses it bound are read
+//! from its log (`metrics_addr()`, `grpc_addr()`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,6 +36,8 @@ pub struct RunningAgent {
     pub export_file: PathBuf,
     dir: PathBuf,
     log_rx: mpsc::Receiver<Value>,
+    metrics_addr: Option<std::net::SocketAddr>,
+    grpc_addrs: Vec<String>,
 }
 
 /// What the agent reported when it stopped.
@@ -68,11 +75,27 @@ impl RunningAgent {
         ));
         std::fs::create_dir_all(&dir).expect("create the agent's temp dir");
         let export_file = dir.join("flows.jsonl");
+        let has = |flag: &str| {
+            extra_args
+                .iter()
+                .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        let mut defaults: Vec<String> = Vec::new();
+        if !has("--metrics-addr") {
+            defaults.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+        }
+        if !has("--grpc-addr") {
+            defaults.extend([
+                "--grpc-addr".into(),
+                format!("unix://{}", dir.join("flowaudit.sock").display()),
+            ]);
+        }
         let mut child = Command::new(agent_binary())
             .arg("agent")
             .arg("--export-file")
             .arg(&export_file)
             .args(["--log-format", "json", "--node-name", "sim-node"])
+            .args(&defaults)
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -94,12 +117,22 @@ impl RunningAgent {
             export_file,
             dir,
             log_rx: rx,
+            metrics_addr: None,
+            grpc_addrs: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match agent.log_rx.recv_timeout(left) {
                 Ok(v) if message(&v).starts_with("agent ready") => return agent,
+                Ok(v) if message(&v).starts_with("metrics listening") => {
+                    agent.metrics_addr = v["addr"].as_str().and_then(|a| a.parse().ok());
+                }
+                Ok(v) if message(&v).starts_with("gRPC flow stream listening") => {
+                    agent
+                        .grpc_addrs
+                        .extend(v["addr"].as_str().map(str::to_owned));
+                }
                 Ok(_) => {}
                 Err(_) => {
                     let status = agent
@@ -110,6 +143,30 @@ impl RunningAgent {
                 }
             }
         }
+    }
+
+    /// Where it serves /metrics, /healthz and /readyz.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.metrics_addr
+            .expect("the agent did not log 'metrics listening' before 'agent ready'")
+    }
+
+    /// Its first gRPC address (`unix:///...` or `HOST:PORT`), for `--server`.
+    pub fn grpc_addr(&self) -> String {
+        self.grpc_addrs
+            .first()
+            .cloned()
+            .expect("the agent did not log 'gRPC flow stream listening' before 'agent ready'")
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent is running").id()
+    }
+
+    /// GET `path` from the metrics server: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.metrics_addr(), path)
     }
 
     /// Stops the agent with SIGINT (it drains the kernel's ring buffer
@@ -200,4 +257,24 @@ pub fn flows_between<'a>(
             && l4["destination_ip"].as_str() == Some(&dst.ip().to_string())
             && l4["destination_port"].as_u64() == Some(u64::from(dst.port()))
     })
+}
+
+/// A minimal HTTP/1.0 GET (no client library in this crate): (status, body).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .unwrap_or_else(|e| panic!("send GET {path} to {addr}: {e}"));
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .unwrap_or_else(|e| panic!("read GET {path} from {addr}: {e}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("GET {path} from {addr}: not an HTTP response: {head}"));
+    (code, body.to_owned())
 }

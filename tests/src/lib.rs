@@ -6,5 +6,6 @@
 pub mod agent;
 pub mod simnode;
 pub mod simpod;
+pub mod spire_double;
 
 pub use simnode::{Pod, PodSpec, SimError, SimNode, cleanup_stale};

@@ -22,7 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",         // conntrack -E: another peer for the storm
     "netcat-openbsd",
     "python3-pip",
-    "nftables",        // the demo's stand-in for a network policy that drops a flow
+    "nftables",   // the demo's stand-in for a network policy that drops a flow
     "shellcheck", // deploy/validate.sh lints the deploy scripts
 ];
 

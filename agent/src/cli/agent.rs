@@ -2,6 +2,7 @@
 //! pipeline, reports kernel losses as they happen, and on SIGINT/SIGTERM
 //! drains what the kernel already recorded before detaching.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,6 +12,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use crate::capture::Capture;
+use crate::endpoints::EndpointDirectory;
+use crate::identity::Enricher;
+use crate::identity::cgroup::CgroupResolver;
+use crate::identity::spire::{SpireClient, SpireOptions};
+use crate::judge::Judge;
 use crate::pipeline::{Pipeline, PipelineStats};
 use crate::state::AgentState;
 
@@ -25,6 +31,42 @@ pub struct AgentArgs {
     /// Name of this node in flow events (default: $NODE_NAME, else the hostname).
     #[arg(long, env = "FLOWAUDIT_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+    /// Intended policy: a file or directory of FlowPolicy, CiliumNetworkPolicy
+    /// or NetworkPolicy YAML (repeatable). Reloaded on change; an invalid new
+    /// version is rejected and the last good one stays in force.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_POLICY",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub policy: Vec<PathBuf>,
+    /// The SPIRE agent's admin socket (Delegated Identity API); `none` disables
+    /// attestation (local ends then get DERIVED identities).
+    #[arg(
+        long,
+        env = "FLOWAUDIT_SPIRE_ADMIN_SOCKET",
+        value_name = "PATH",
+        default_value = "/run/spire/admin-sockets/admin.sock"
+    )]
+    pub spire_admin_socket: String,
+    /// Static endpoint directory (YAML: pods and nodes by address), for nodes
+    /// without the Kubernetes API and for tests. Reloaded on change.
+    #[arg(long, env = "FLOWAUDIT_ENDPOINTS", value_name = "PATH")]
+    pub endpoints: Option<PathBuf>,
+    /// Trust domain for DERIVED identities (default: the policy's, else the
+    /// first attested identity's).
+    #[arg(long, env = "FLOWAUDIT_TRUST_DOMAIN", value_name = "DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// How long a flow may wait for SPIRE to attest its local end before it
+    /// goes out with an UNKNOWN identity (counted).
+    #[arg(
+        long,
+        env = "FLOWAUDIT_IDENTITY_WAIT_MS",
+        default_value_t = 500,
+        value_name = "MS"
+    )]
+    pub identity_wait_ms: u64,
     #[command(flatten)]
     pub export: crate::export::ExportArgs,
     /// Log format on standard error.
@@ -72,6 +114,17 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
 
+    // Policy and endpoints are read before anything is attached: a typo
+    // there stops the agent with the file and line, not half-way.
+    let policy = match args.policy.is_empty() {
+        true => {
+            tracing::warn!(
+                "no --policy: flows are captured and identified but not judged (verdict UNKNOWN)"
+            );
+            None
+        }
+        false => Some(crate::judge::load_initial(&args.policy)?),
+    };
     let mut capture = Capture::start()?;
     let (tx, rx) = mpsc::channel(16 * 1024);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -83,12 +136,16 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         pipeline_stats.clone(),
     ));
     let sinks = crate::export::start(&args.export, &state).await?;
+    let (enricher, judge) = start_identity_and_policy(&args, &capture, policy)?;
     let pipeline = tokio::spawn(
-        Pipeline {
-            node_name: node.clone(),
+        Pipeline::new(
+            node.clone(),
+            Some(enricher),
+            judge,
             sinks,
-            stats: pipeline_stats.clone(),
-        }
+            pipeline_stats.clone(),
+            Duration::from_millis(args.identity_wait_ms),
+        )
         .run(rx),
     );
     tracing::info!(
@@ -123,6 +180,64 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     );
     drop(capture);
     Ok(())
+}
+
+/// Starts the endpoint directory and policy watchers and the SPIRE client.
+fn start_identity_and_policy(
+    args: &AgentArgs,
+    capture: &Capture,
+    policy: Option<flowaudit_policy::Loaded>,
+) -> anyhow::Result<(Enricher, Judge)> {
+    let endpoints = match &args.endpoints {
+        Some(path) => {
+            let dir = EndpointDirectory::load(path)?;
+            tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory loaded");
+            let (tx, rx) = watch::channel(Arc::new(dir));
+            tokio::spawn(crate::endpoints::watch_file(path.clone(), tx));
+            Some(rx)
+        }
+        None => None,
+    };
+    let mut trust_domain = args.trust_domain.clone();
+    let judge = match policy {
+        Some(loaded) => {
+            for w in &loaded.warnings {
+                tracing::warn!(%w, "policy warning");
+            }
+            tracing::info!(
+                version = loaded.policy.version(),
+                rules = loaded.policy.rule_count(),
+                files = loaded.files.len(),
+                "policy loaded"
+            );
+            if trust_domain.is_none() {
+                trust_domain = loaded.policy.trust_domains().first().cloned();
+            }
+            let (tx, rx) = watch::channel(Arc::new(loaded.policy));
+            tokio::spawn(crate::judge::watch_policies(
+                args.policy.clone(),
+                tx,
+                Box::new(|_, _| {}),
+            ));
+            Judge { policy: Some(rx) }
+        }
+        None => Judge { policy: None },
+    };
+    let spire = match args.spire_admin_socket.as_str() {
+        "" | "none" => {
+            tracing::info!("SPIRE attestation disabled: local ends get DERIVED identities");
+            None
+        }
+        path => Some(SpireClient::start(
+            PathBuf::from(path),
+            SpireOptions::default(),
+        )),
+    };
+    let cgroups = CgroupResolver::new(capture.cgroup_root.clone());
+    Ok((
+        Enricher::new(endpoints, cgroups, spire, trust_domain),
+        judge,
+    ))
 }
 
 fn report_losses(capture: &Capture) {

@@ -1,16 +1,22 @@
 //! `flowaudit observe`: prints flow events, one per line, in `compact`
 //! (identities and verdict first, violations highlighted on a terminal) or
-//! `json` (the PRODUCT.md shape). Source: a JSON-lines file written by
-//! `--export-file` (`--input-file`, like `hubble observe --input-file`),
-//! optionally followed as it grows and across rotations.
+//! `json` (the PRODUCT.md shape). Source: a running agent's gRPC stream
+//! (`--server`; the filters travel to the agent, which sends only what
+//! matches), or a JSON-lines file written by `--export-file`
+//! (`--input-file`, like `hubble observe --input-file`; the same filters
+//! apply here), optionally followed as it grows and across rotations.
 
 use std::io::{BufRead, BufReader, Seek, Write};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, ValueEnum};
 use flowaudit_policy::Verdict;
+use tokio_stream::StreamExt;
 
+use crate::export::grpc::{self, convert};
+use crate::export::hub::FilterSet;
+use crate::export::proto;
 use crate::flow::{Direction, Endpoint, FlowEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -19,17 +25,69 @@ pub enum Output {
     Json,
 }
 
+/// Flows printed from the agent when neither `--last`, `--since` nor
+/// `--follow` is given (as `hubble observe` does).
+pub const DEFAULT_LAST: u64 = 20;
+
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
-    /// Read flows from this JSON-lines file (as written by `flowaudit agent --export-file`); `-` reads standard input.
+    /// The agent's gRPC address: unix:///PATH or HOST:PORT.
+    #[arg(long, env = "FLOWAUDIT_SERVER", default_value = grpc::DEFAULT_ADDR, value_name = "ADDR")]
+    pub server: String,
+    /// Read flows from this JSON-lines file (as written by `flowaudit agent --export-file`) instead of an agent; `-` reads standard input.
     #[arg(long, value_name = "PATH")]
-    pub input_file: PathBuf,
-    /// Keep printing flows as they are appended (follows rotations).
+    pub input_file: Option<PathBuf>,
+    /// Keep printing flows as they happen (from a file: as it grows, across rotations).
     #[arg(short, long)]
     pub follow: bool,
-    /// Print only the last N flows already in the file (then follow, with -f).
+    /// Print only the last N matching flows already recorded (then follow, with -f). From an agent, the default without -f is 20.
     #[arg(long, value_name = "N")]
-    pub last: Option<usize>,
+    pub last: Option<u64>,
+    /// Only flows since this long ago (30s, 5m, 1h30m, 2d) or this RFC 3339 time.
+    #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+    pub since: Option<prost_types::Timestamp>,
+    /// Only flows with this verdict: COMPLIANT, VIOLATION, UNKNOWN (repeatable: any of them).
+    #[arg(long, value_name = "V", value_parser = |s: &str| enum_value(s, "VERDICT", proto::Verdict::from_str_name))]
+    pub verdict: Vec<i32>,
+    /// Only flows with this finding: NO_MATCHING_RULE, DENIED_BY_RULE, MTLS_MISSING, MTLS_UNVERIFIED, UNKNOWN_IDENTITY, INTENDED_FLOW_FAILED.
+    #[arg(long, value_name = "KIND", value_parser = |s: &str| enum_value(s, "FINDING_KIND", proto::FindingKind::from_str_name))]
+    pub finding: Vec<i32>,
+    /// Source SPIFFE ID glob (`*` one segment, `**` the rest), e.g. 'spiffe://demo.local/ns/99-apps/**'.
+    #[arg(long, value_name = "GLOB")]
+    pub from_identity: Vec<String>,
+    /// Destination SPIFFE ID glob.
+    #[arg(long, value_name = "GLOB")]
+    pub to_identity: Vec<String>,
+    /// Either end in this namespace.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Vec<String>,
+    /// Source in this namespace.
+    #[arg(long, value_name = "NS")]
+    pub from_namespace: Vec<String>,
+    /// Destination in this namespace.
+    #[arg(long, value_name = "NS")]
+    pub to_namespace: Vec<String>,
+    /// Source pod name prefix, optionally in a namespace: [NS/]PREFIX.
+    #[arg(long, value_name = "[NS/]PREFIX")]
+    pub from_pod: Vec<String>,
+    /// Destination pod name prefix: [NS/]PREFIX.
+    #[arg(long, value_name = "[NS/]PREFIX")]
+    pub to_pod: Vec<String>,
+    /// Source labels, Kubernetes selector syntax: app=frontend, 'app in (a,b)', '!canary'.
+    #[arg(long, value_name = "SELECTOR")]
+    pub from_label: Vec<String>,
+    /// Destination labels, Kubernetes selector syntax.
+    #[arg(long, value_name = "SELECTOR")]
+    pub to_label: Vec<String>,
+    /// Destination (server) port.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Vec<u16>,
+    /// Only these events: CONNECT, CLOSE, FAILED.
+    #[arg(long, value_name = "E", value_parser = |s: &str| enum_value(s, "EVENT_KIND", proto::EventKind::from_str_name))]
+    pub event: Vec<i32>,
+    /// Only this encryption state: PLAINTEXT, TLS, MTLS, UNKNOWN.
+    #[arg(long, value_name = "S", value_parser = |s: &str| enum_value(s, "ENCRYPTION_STATE", proto::EncryptionState::from_str_name))]
+    pub encryption: Vec<i32>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Compact)]
     pub output: Output,
@@ -38,67 +96,342 @@ pub struct ObserveArgs {
     pub color: String,
 }
 
+/// `violation` -> VERDICT_VIOLATION's number; the error lists what is valid.
+fn enum_value<E: Copy + Into<i32>>(
+    s: &str,
+    prefix: &str,
+    from: impl Fn(&str) -> Option<E>,
+) -> Result<i32, String> {
+    let name = format!(
+        "{prefix}_{}",
+        s.trim().to_ascii_uppercase().replace('-', "_")
+    );
+    match from(&name) {
+        Some(e) if !name.ends_with("_UNSPECIFIED") => Ok(e.into()),
+        _ => Err(format!("unknown value `{s}`")),
+    }
+}
+
+/// `30s`, `5m`, `1h30m`, `2d`, `500ms` ago, or an RFC 3339 time.
+pub fn parse_since(s: &str) -> Result<prost_types::Timestamp, String> {
+    if let Some(t) = convert::parse_rfc3339(s) {
+        return Ok(t);
+    }
+    let d = parse_duration(s).ok_or_else(|| {
+        format!("`{s}` is neither a duration (30s, 5m, 1h30m, 2d) nor an RFC 3339 time (2026-11-28T12:00:00Z)")
+    })?;
+    let t = SystemTime::now()
+        .checked_sub(d)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok(prost_types::Timestamp {
+        seconds: i64::try_from(t.as_secs()).unwrap_or(0),
+        nanos: t.subsec_nanos() as i32,
+    })
+}
+
+fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400)?),
+            _ => return None,
+        };
+        total = total.checked_add(unit)?;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+impl ObserveArgs {
+    /// The filter flags as one `FlowFilter` (sent to the agent, or applied
+    /// to a file).
+    pub fn filter(&self) -> proto::FlowFilter {
+        proto::FlowFilter {
+            verdict: self.verdict.clone(),
+            finding: self.finding.clone(),
+            source_identity: self.from_identity.clone(),
+            destination_identity: self.to_identity.clone(),
+            namespace: self.namespace.clone(),
+            source_namespace: self.from_namespace.clone(),
+            destination_namespace: self.to_namespace.clone(),
+            source_pod: self.from_pod.clone(),
+            destination_pod: self.to_pod.clone(),
+            source_label: self.from_label.clone(),
+            destination_label: self.to_label.clone(),
+            port: self.port.iter().map(|&p| u32::from(p)).collect(),
+            event: self.event.clone(),
+            encryption: self.encryption.clone(),
+        }
+    }
+}
+
+/// Writes flows in the chosen format; a closed stdout (`| head`) ends quietly.
+struct Printer {
+    output: Output,
+    color: bool,
+}
+
+impl Printer {
+    fn print(&self, flow: &FlowEvent, out: &mut dyn Write) -> std::io::Result<()> {
+        match self.output {
+            Output::Json => {
+                serde_json::to_writer(&mut *out, flow)?;
+                out.write_all(b"\n")
+            }
+            Output::Compact => writeln!(out, "{}", compact(flow, self.color)),
+        }
+    }
+}
+
+fn quiet_pipe(r: std::io::Result<()>) -> anyhow::Result<bool> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub fn run(args: &ObserveArgs) -> anyhow::Result<()> {
     let color = match args.color.as_str() {
         "always" => true,
         "never" => false,
         _ => unsafe { libc::isatty(1) == 1 },
     };
+    let printer = Printer {
+        output: args.output,
+        color,
+    };
+    // Check the filters here too, so a typo fails before connecting.
+    let filter = FilterSet::compile(std::slice::from_ref(&args.filter()), &[])?;
+    match &args.input_file {
+        Some(path) => run_file(args, path, &filter, &printer),
+        None => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(run_server(args, &printer))
+        }
+    }
+}
+
+fn is_empty(f: &proto::FlowFilter) -> bool {
+    *f == proto::FlowFilter::default()
+}
+
+/// From the agent's stream. With `--follow`, a lost connection (agent
+/// restarted) is retried until Ctrl-C, asking for what happened since the
+/// last flow printed.
+async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()> {
+    let filter = args.filter();
+    let mut request = proto::GetFlowsRequest {
+        number: match (args.last, &args.since, args.follow) {
+            (Some(n), _, _) => n,
+            (None, None, false) => DEFAULT_LAST,
+            _ => 0,
+        },
+        follow: args.follow,
+        since: args.since,
+        allow: if is_empty(&filter) {
+            vec![]
+        } else {
+            vec![filter]
+        },
+        deny: vec![],
+    };
+    let mut client = grpc::connect(&args.server).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut last_time: Option<prost_types::Timestamp> = None;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let reason = match client.get_flows(request.clone()).await {
+            Err(status) => status.message().to_owned(),
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    let next = tokio::select! {
+                        biased;
+                        _ = &mut ctrl_c => {
+                            let _ = out.flush();
+                            return Ok(());
+                        }
+                        m = stream.next() => m,
+                        // Nothing ready right now: push out what is printed.
+                        _ = std::future::ready(()) => {
+                            if !quiet_pipe(out.flush())? {
+                                return Ok(());
+                            }
+                            tokio::select! {
+                                _ = &mut ctrl_c => return Ok(()),
+                                m = stream.next() => m,
+                            }
+                        }
+                    };
+                    match next {
+                        Some(Ok(r)) => match r.response {
+                            Some(proto::get_flows_response::Response::Flow(f)) => {
+                                last_time = f.time;
+                                match convert::flow_from_proto(f) {
+                                    Ok(flow) => {
+                                        if !quiet_pipe(printer.print(&flow, &mut out))? {
+                                            return Ok(());
+                                        }
+                                    }
+                                    Err(e) => eprintln!(
+                                        "flowaudit observe: skipping a flow the agent sent malformed: {e}"
+                                    ),
+                                }
+                            }
+                            Some(proto::get_flows_response::Response::LostEvents(l)) => {
+                                let _ = out.flush();
+                                eprintln!("flowaudit observe: {}", l.message);
+                            }
+                            None => {}
+                        },
+                        Some(Err(status)) => break status.message().to_owned(),
+                        None => break "the agent ended the stream".to_owned(),
+                    }
+                }
+            }
+        };
+        let _ = out.flush();
+        if !args.follow {
+            if reason == "the agent ended the stream" {
+                return Ok(());
+            }
+            anyhow::bail!("the stream from {} failed: {reason}", args.server);
+        }
+        eprintln!(
+            "flowaudit observe: lost the connection to {} ({reason}); reconnecting",
+            args.server
+        );
+        // Resume after the last flow printed (or from now): a restarted
+        // agent's buffer has what happened meanwhile.
+        request.number = 0;
+        request.since = Some(match last_time {
+            Some(t) if t.nanos < 999_999_999 => prost_types::Timestamp {
+                seconds: t.seconds,
+                nanos: t.nanos + 1,
+            },
+            Some(t) => prost_types::Timestamp {
+                seconds: t.seconds + 1,
+                nanos: 0,
+            },
+            None => parse_since("0s").unwrap_or_default(),
+        });
+        let mut delay = Duration::from_millis(200);
+        client = loop {
+            tokio::select! {
+                _ = &mut ctrl_c => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match grpc::connect(&args.server).await {
+                Ok(c) => break c,
+                Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
+            }
+        };
+        eprintln!("flowaudit observe: reconnected to {}", args.server);
+    }
+}
+
+fn run_file(
+    args: &ObserveArgs,
+    input: &std::path::Path,
+    filter: &FilterSet,
+    printer: &Printer,
+) -> anyhow::Result<()> {
+    let since = args.since.as_ref().map(convert::timestamp_to_rfc3339);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let emit = |line: &str, out: &mut dyn Write| -> anyhow::Result<()> {
+    // Some(flow) when the line is a flow that passes the filters.
+    let parse = |line: &str| -> Option<FlowEvent> {
         match serde_json::from_str::<FlowEvent>(line) {
-            Ok(flow) => match args.output {
-                Output::Json => writeln!(out, "{}", serde_json::to_string(&flow)?)?,
-                Output::Compact => writeln!(out, "{}", compact(&flow, color))?,
-            },
+            Ok(flow) => (filter.matches(&flow)
+                && since.as_deref().is_none_or(|s| flow.time.as_str() >= s))
+            .then_some(flow),
             Err(e) if !line.trim().is_empty() => {
-                eprintln!("flowaudit observe: skipping a line that is not a flow event: {e}")
+                eprintln!("flowaudit observe: skipping a line that is not a flow event: {e}");
+                None
             }
-            Err(_) => {}
+            Err(_) => None,
         }
-        Ok(())
     };
-    if args.input_file.as_os_str() == "-" {
+    let emit = |line: &str, out: &mut dyn Write| -> anyhow::Result<bool> {
+        match parse(line) {
+            Some(flow) => quiet_pipe(printer.print(&flow, out)),
+            None => Ok(true),
+        }
+    };
+    if input.as_os_str() == "-" {
         for line in std::io::stdin().lock().lines() {
-            emit(&line?, &mut out)?;
+            if !emit(&line?, &mut out)? {
+                return Ok(());
+            }
         }
         return Ok(());
     }
     let open = || {
-        std::fs::File::open(&args.input_file)
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", args.input_file.display()))
+        std::fs::File::open(input)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", input.display()))
     };
     let mut reader = BufReader::new(open()?);
-    let mut existing: Vec<String> = Vec::new();
+    let mut existing: Vec<FlowEvent> = Vec::new();
     let mut line = String::new();
     while reader.read_line(&mut line)? > 0 {
         if line.ends_with('\n') {
-            existing.push(std::mem::take(&mut line));
+            existing.extend(parse(&line));
+            line.clear();
         } else {
             break; // a line still being written: follow picks it up
         }
     }
-    let skip = args.last.map_or(0, |n| existing.len().saturating_sub(n));
-    for l in &existing[skip..] {
-        emit(l, &mut out)?;
+    let last = args.last.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let skip = last.map_or(0, |n| existing.len().saturating_sub(n));
+    for f in &existing[skip..] {
+        if !quiet_pipe(printer.print(f, &mut out))? {
+            return Ok(());
+        }
     }
     out.flush()?;
     if !args.follow {
         return Ok(());
     }
-    let mut inode = inode_of(&args.input_file);
+    let mut inode = inode_of(input);
     loop {
         let n = reader.read_line(&mut line)?;
         if n > 0 && line.ends_with('\n') {
-            emit(&line, &mut out)?;
+            if !emit(&line, &mut out)? {
+                return Ok(());
+            }
             line.clear();
             continue;
         }
-        out.flush()?;
+        if !quiet_pipe(out.flush())? {
+            return Ok(());
+        }
         // At the end: wait, then check whether the file was rotated away.
         std::thread::sleep(Duration::from_millis(100));
-        let now = inode_of(&args.input_file);
+        let now = inode_of(input);
         if now.is_some() && now != inode {
             // Finish the old file, then continue on the new one from its start.
             reader = BufReader::new(open()?);

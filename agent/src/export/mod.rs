@@ -1,9 +1,15 @@
 //! Where flow events leave the agent. Every sink gets each flow once, in
 //! order, from the pipeline's single judge-and-fan-out task; a sink must not
 //! block it (a slow consumer buffers or drops on its own side, and counts).
+//! Sinks: the export file ([`file`]), Prometheus counters ([`metrics`]) and
+//! the flow hub behind the gRPC stream ([`hub`], [`grpc`]).
 
 pub mod file;
+pub mod grpc;
+pub mod hub;
+pub mod metrics;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -11,6 +17,16 @@ use clap::Args;
 
 use crate::flow::FlowEvent;
 use crate::state::AgentState;
+
+/// `flowaudit.v1`, generated from `proto/flowaudit/v1/flowaudit.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("flowaudit.v1");
+
+    /// Descriptors served by gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("flowaudit_descriptor");
+}
 
 /// `flowaudit agent` flags of the export side.
 #[derive(Debug, Args)]
@@ -34,12 +50,51 @@ pub struct ExportArgs {
         value_name = "N"
     )]
     pub export_file_max_backups: u32,
+    /// Serve Prometheus metrics (/metrics), /healthz and /readyz here.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_METRICS_ADDR",
+        default_value = "0.0.0.0:9966",
+        value_name = "ADDR"
+    )]
+    pub metrics_addr: SocketAddr,
+    /// Serve the gRPC flow stream here: unix:///PATH or HOST:PORT (repeatable).
+    #[arg(
+        long,
+        env = "FLOWAUDIT_GRPC_ADDR",
+        value_delimiter = ',',
+        default_value = grpc::DEFAULT_ADDR,
+        value_name = "ADDR"
+    )]
+    pub grpc_addr: Vec<String>,
+    /// Flows kept in memory for `observe --last` and `--since`.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_FLOW_BUFFER",
+        default_value_t = 8192,
+        value_name = "N"
+    )]
+    pub flow_buffer: usize,
+    /// Flows queued per stream subscriber before it starts losing them.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_STREAM_QUEUE",
+        default_value_t = 4096,
+        value_name = "N",
+        hide = true
+    )]
+    pub stream_queue: usize,
 }
 
-/// Opens every configured sink (and starts the servers that feed from them).
+/// Most stream subscribers at once (each costs a queue and a filter check per flow).
+pub const MAX_SUBSCRIBERS: usize = 1024;
+
+/// Opens every configured sink and starts the servers that feed from them
+/// (metrics HTTP, gRPC). Every listener is bound before this returns, so a
+/// taken port or socket fails the agent's start with a clear error.
 pub async fn start(
     args: &ExportArgs,
-    _state: &Arc<AgentState>,
+    state: &Arc<AgentState>,
 ) -> anyhow::Result<Vec<Box<dyn Sink>>> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(path) = &args.export_file {
@@ -49,6 +104,21 @@ pub async fn start(
             args.export_file_max_backups,
         )?;
         sinks.push(Box::new(file::ExportFileSink { file, errors: 0 }));
+    }
+    sinks.push(Box::new(metrics::MetricsSink::new(state.metrics.clone())));
+    let hub = Arc::new(hub::Hub::new(
+        args.flow_buffer,
+        args.stream_queue,
+        MAX_SUBSCRIBERS,
+        state.metrics.clone(),
+    ));
+    sinks.push(Box::new(hub::HubSink::new(hub.clone(), state.clone())));
+
+    let metrics_addr = metrics::serve(args.metrics_addr, state.clone()).await?;
+    tracing::info!(addr = %metrics_addr, "metrics listening: /metrics, /healthz, /readyz");
+    let grpc_addrs = grpc::serve(&args.grpc_addr, hub, state.clone()).await?;
+    for addr in grpc_addrs {
+        tracing::info!(addr = %addr, "gRPC flow stream listening");
     }
     Ok(sinks)
 }

@@ -8,7 +8,8 @@ mod build;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use flowaudit_policy::{EncryptionState, FindingKind, IdentitySource, Verdict};
+pub use flowaudit_policy::Finding;
+use flowaudit_policy::{EncryptionState, IdentitySource, Verdict};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -96,12 +97,6 @@ impl FailureReason {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Finding {
-    pub kind: FindingKind,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L4 {
     pub protocol: String,
     pub source_ip: IpAddr,
@@ -110,10 +105,24 @@ pub struct L4 {
     pub destination_port: u16,
 }
 
+/// What an end is: a pod, a node's own address, outside the cluster, or not
+/// known (no endpoint directory to ask).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EndKind {
+    Pod,
+    Host,
+    World,
+    #[default]
+    Unknown,
+}
+
 /// One end of a flow. `pid`/`process` are set for the end whose socket the
 /// kernel saw on this node (both ends when both live here, as two events).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
+    #[serde(default)]
+    pub kind: EndKind,
     pub spiffe_id: String,
     pub identity_source: IdentitySource,
     pub namespace: String,
@@ -132,6 +141,7 @@ pub struct Endpoint {
 impl Endpoint {
     pub fn unknown() -> Self {
         Self {
+            kind: EndKind::Unknown,
             spiffe_id: String::new(),
             identity_source: IdentitySource::Unknown,
             namespace: String::new(),
@@ -207,10 +217,10 @@ pub struct FlowEvent {
 
 impl FlowEvent {
     /// The endpoint whose socket the kernel saw (the one with the process).
-    pub fn local_end(&self) -> &Endpoint {
+    pub fn local_end_mut(&mut self) -> &mut Endpoint {
         match self.direction {
-            Direction::Egress => &self.source,
-            Direction::Ingress => &self.destination,
+            Direction::Egress => &mut self.source,
+            Direction::Ingress => &mut self.destination,
         }
     }
 
@@ -221,6 +231,10 @@ impl FlowEvent {
             ep.service_account.clone()
         } else if !ep.pod_name.is_empty() {
             ep.pod_name.clone()
+        } else if ep.kind == EndKind::World {
+            format!("world ({ip})")
+        } else if ep.kind == EndKind::Host {
+            format!("host ({ip})")
         } else if let Some(p) = &ep.process {
             format!("{ip} ({p})")
         } else {

@@ -18,7 +18,10 @@ use flowaudit_tests::simpod::{ConnectOpts, ServeOpts, Server};
 use flowaudit_tests::{Pod, PodSpec, SimNode};
 
 #[derive(Parser)]
-#[command(name = "flowaudit-demo", about = "The precinct-99 scenario on a simulated node, with the real agent")]
+#[command(
+    name = "flowaudit-demo",
+    about = "The precinct-99 scenario on a simulated node, with the real agent"
+)]
 struct Args {
     /// The flowaudit binary.
     #[arg(long)]
@@ -46,7 +49,9 @@ extern "C" fn on_signal(_: libc::c_int) {
 fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}: expected e.g. 30s, 2m, 1h"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad duration {s:?}: expected e.g. 30s, 2m, 1h"))?;
     Ok(match unit {
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
@@ -83,7 +88,8 @@ fn main() -> Result<()> {
     }
     // SAFETY: set before any thread is started.
     unsafe { std::env::set_var("SIMPOD", &args.simpod) };
-    std::fs::create_dir_all(&args.workdir).with_context(|| format!("creating {}", args.workdir.display()))?;
+    std::fs::create_dir_all(&args.workdir)
+        .with_context(|| format!("creating {}", args.workdir.display()))?;
 
     let node = SimNode::new(99).context("creating the simulated node")?;
     let specs = [
@@ -95,7 +101,11 @@ fn main() -> Result<()> {
     ];
     let mut workloads = Vec::new();
     for (ns, name, app, port) in specs {
-        let pod = node.add_pod(PodSpec::new(ns, name).service_account(app).label("app", app))?;
+        let pod = node.add_pod(
+            PodSpec::new(ns, name)
+                .service_account(app)
+                .label("app", app),
+        )?;
         workloads.push(Workload { pod, port });
     }
     // A client outside the cluster: on the bridge, but in no endpoint directory.
@@ -106,19 +116,31 @@ fn main() -> Result<()> {
     std::fs::write(&endpoints, endpoint_directory(&node, &workloads))?;
     // The log's Phase 4D mistake, reproduced: a policy on postgresql drops
     // openbao's connections (Cilium dropping an allowed flow).
-    drop_in_pod(&workloads[postgresql].pod, workloads[openbao].pod.ip4(), 5432)?;
+    drop_in_pod(
+        &workloads[postgresql].pod,
+        workloads[openbao].pod.ip4(),
+        5432,
+    )?;
 
     let servers: Vec<Server> = workloads
         .iter()
         .map(|w| {
-            w.pod.serve(&ServeOpts { listen: vec![SocketAddr::new("0.0.0.0".parse().unwrap(), w.port)], reply_bytes: 64 })
+            w.pod.serve(&ServeOpts {
+                listen: vec![SocketAddr::new("0.0.0.0".parse().unwrap(), w.port)],
+                reply_bytes: 64,
+            })
         })
         .collect::<Result<_, _>>()?;
 
     let flows_file = args.workdir.join("flows.jsonl");
     let _ = std::fs::remove_file(&flows_file);
     let mut agent = Command::new(&args.agent)
-        .args(["agent", "--node-name", "precinct-99-worker", "--export-file"])
+        .args([
+            "agent",
+            "--node-name",
+            "precinct-99-worker",
+            "--export-file",
+        ])
         .arg(&flows_file)
         .stderr(Stdio::piped())
         .spawn()
@@ -131,15 +153,53 @@ fn main() -> Result<()> {
         .context("starting flowaudit observe")?;
 
     let scenario = [
-        Flow { label: "world -> frontend:3000", from: usize::MAX, to: frontend, expect: "intended" },
-        Flow { label: "frontend -> backend:8000", from: frontend, to: backend, expect: "intended, but plaintext where mTLS is required" },
-        Flow { label: "backend -> postgresql:5432", from: backend, to: postgresql, expect: "intended" },
-        Flow { label: "frontend -> postgresql:5432", from: frontend, to: postgresql, expect: "VIOLATION: the log's test, must be flagged" },
-        Flow { label: "openbao -> postgresql:5432", from: openbao, to: postgresql, expect: "intended, but dropped by a network policy" },
-        Flow { label: "backend -> openbao:8200", from: backend, to: openbao, expect: "intended" },
-        Flow { label: "frontend -> spire-server:8081", from: frontend, to: spire, expect: "intended" },
+        Flow {
+            label: "world -> frontend:3000",
+            from: usize::MAX,
+            to: frontend,
+            expect: "intended",
+        },
+        Flow {
+            label: "frontend -> backend:8000",
+            from: frontend,
+            to: backend,
+            expect: "intended, but plaintext where mTLS is required",
+        },
+        Flow {
+            label: "backend -> postgresql:5432",
+            from: backend,
+            to: postgresql,
+            expect: "intended",
+        },
+        Flow {
+            label: "frontend -> postgresql:5432",
+            from: frontend,
+            to: postgresql,
+            expect: "VIOLATION: the log's test, must be flagged",
+        },
+        Flow {
+            label: "openbao -> postgresql:5432",
+            from: openbao,
+            to: postgresql,
+            expect: "intended, but dropped by a network policy",
+        },
+        Flow {
+            label: "backend -> openbao:8200",
+            from: backend,
+            to: openbao,
+            expect: "intended",
+        },
+        Flow {
+            label: "frontend -> spire-server:8081",
+            from: frontend,
+            to: spire,
+            expect: "intended",
+        },
     ];
-    println!("flowaudit demo: precinct-99 on a simulated node ({} pods)", workloads.len() + 1);
+    println!(
+        "flowaudit demo: precinct-99 on a simulated node ({} pods)",
+        workloads.len() + 1
+    );
     for w in &workloads {
         println!(
             "  {:<13} {:<15} {:<16} {}:{}",
@@ -150,7 +210,13 @@ fn main() -> Result<()> {
             w.port
         );
     }
-    println!("  {:<13} {:<15} {:<16} {}", "(outside)", world.name(), "", world.ip4());
+    println!(
+        "  {:<13} {:<15} {:<16} {}",
+        "(outside)",
+        world.name(),
+        "",
+        world.ip4()
+    );
     println!("scenario traffic, every {}s:", args.interval);
     for f in &scenario {
         println!("  {:<32} {}", f.label, f.expect);
@@ -162,7 +228,11 @@ fn main() -> Result<()> {
     while !STOP.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < d) {
         round += 1;
         for f in &scenario {
-            let client = if f.from == usize::MAX { &world } else { &workloads[f.from].pod };
+            let client = if f.from == usize::MAX {
+                &world
+            } else {
+                &workloads[f.from].pod
+            };
             let to = &workloads[f.to];
             let mut opts = ConnectOpts::new(SocketAddr::new(IpAddr::V4(to.pod.ip4()), to.port));
             opts.send_bytes = 200;
@@ -190,7 +260,11 @@ fn main() -> Result<()> {
     drop(servers);
     drop(node);
     let text = std::fs::read_to_string(&flows_file).unwrap_or_default();
-    let count = |event: &str| text.lines().filter(|l| l.contains(&format!("\"event\":\"{event}\""))).count();
+    let count = |event: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("\"event\":\"{event}\"")))
+            .count()
+    };
     println!(
         "demo: {round} rounds, {} flow events ({} CONNECT, {} CLOSE, {} FAILED); agent exited {status}; simulated node removed",
         text.lines().count(),
@@ -249,7 +323,11 @@ fn drop_in_pod(pod: &Pod, from: std::net::Ipv4Addr, port: u16) -> Result<()> {
         })
         .context("running nft (apt package nftables; `cargo xtask setup` installs it)")?;
     if !out.status.success() {
-        bail!("nft failed in pod {}: {}", pod.name(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "nft failed in pod {}: {}",
+            pod.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

@@ -1,0 +1,332 @@
+//! The endpoint directory: which pod (namespace, name, UID, service account,
+//! labels, node) or node owns an address. Input: the `--endpoints` YAML file
+//! (PRODUCT.md format), reloaded when it changes; out: `Peer` answers for
+//! addresses and pod UIDs. An address in neither list is `world`. A new
+//! version of the file that does not parse is rejected with file, line and
+//! column, and the last good directory stays in force.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointsError {
+    #[error("cannot read endpoint directory {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A pod, as the directory knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodInfo {
+    pub ips: Vec<IpAddr>,
+    pub namespace: String,
+    pub pod: String,
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeInfo {
+    pub name: String,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DirectoryFile {
+    #[serde(default)]
+    nodes: Vec<NodeInfo>,
+    #[serde(default)]
+    endpoints: Vec<PodInfo>,
+}
+
+/// What an address is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Pod(Arc<PodInfo>),
+    /// A node's own address (name of the node).
+    Host(Arc<str>),
+    /// Outside the cluster.
+    World,
+}
+
+#[derive(Debug, Default)]
+pub struct EndpointDirectory {
+    by_ip: HashMap<IpAddr, Arc<PodInfo>>,
+    by_uid: HashMap<String, Arc<PodInfo>>,
+    nodes: HashMap<IpAddr, Arc<str>>,
+}
+
+impl EndpointDirectory {
+    pub fn from_pods(nodes: Vec<NodeInfo>, pods: Vec<PodInfo>) -> Self {
+        let mut dir = Self::default();
+        for n in nodes {
+            let name: Arc<str> = Arc::from(n.name.as_str());
+            for ip in n.ips {
+                dir.nodes.insert(canonical(ip), name.clone());
+            }
+        }
+        for p in pods {
+            let p = Arc::new(p);
+            for ip in &p.ips {
+                dir.by_ip.insert(canonical(*ip), p.clone());
+            }
+            if !p.uid.is_empty() {
+                dir.by_uid.insert(p.uid.clone(), p.clone());
+            }
+        }
+        dir
+    }
+
+    /// Parses the YAML text of an endpoint directory file.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, EndpointsError> {
+        let file: DirectoryFile = if text.trim().is_empty() {
+            DirectoryFile::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| {
+                let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+                EndpointsError::Parse {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    message: e.to_string(),
+                }
+            })?
+        };
+        let mut seen: HashMap<IpAddr, &str> = HashMap::new();
+        for p in &file.endpoints {
+            if p.ips.is_empty() {
+                return Err(EndpointsError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!("endpoint {}/{} has no ips", p.namespace, p.pod),
+                });
+            }
+            for ip in &p.ips {
+                if let Some(other) = seen.insert(canonical(*ip), &p.pod) {
+                    return Err(EndpointsError::Invalid {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "address {ip} belongs to both pod {other} and pod {}",
+                            p.pod
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Self::from_pods(file.nodes, file.endpoints))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, EndpointsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| EndpointsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn peer(&self, ip: IpAddr) -> Peer {
+        let ip = canonical(ip);
+        if let Some(p) = self.by_ip.get(&ip) {
+            Peer::Pod(p.clone())
+        } else if let Some(n) = self.nodes.get(&ip) {
+            Peer::Host(n.clone())
+        } else if ip.is_loopback() {
+            // Loopback never leaves the namespace it was used in.
+            Peer::Host(Arc::from("localhost"))
+        } else {
+            Peer::World
+        }
+    }
+
+    pub fn pod_by_uid(&self, uid: &str) -> Option<Arc<PodInfo>> {
+        self.by_uid.get(uid).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_uid.len().max(self.by_ip.len())
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Identifies a version of a file: a ConfigMap update swaps a symlink, so
+/// the inode changes even when size and mtime do not.
+pub fn file_stamp(path: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Watches the file and publishes every good new version on `tx`. A bad
+/// version is logged with its position and the last good one stays.
+pub async fn watch_file(path: PathBuf, tx: tokio::sync::watch::Sender<Arc<EndpointDirectory>>) {
+    let mut stamp = file_stamp(&path);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = file_stamp(&path);
+        if now == stamp {
+            continue;
+        }
+        stamp = now;
+        match EndpointDirectory::load(&path) {
+            Ok(dir) => {
+                tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory reloaded");
+                if tx.send(Arc::new(dir)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "endpoint directory rejected; the last good version stays in force")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+nodes:                      # node addresses: peers seen as `host`
+  - name: precinct-99-worker
+    ips: [172.18.0.3]
+endpoints:                  # pods
+  - ips: [10.244.1.5, "fd00:10:244:1::5"]
+    namespace: 99-apps
+    pod: frontend-7d9f
+    uid: 3f1c2a9e-5b7d-4c1e-9a0b-2d6f8e4c1a77   # pod UID (optional)
+    serviceAccount: frontend
+    labels: {app: frontend}
+    node: precinct-99-worker
+"#;
+
+    #[test]
+    fn product_md_example_parses_and_answers() {
+        let dir = EndpointDirectory::parse(Path::new("e.yaml"), SAMPLE).unwrap();
+        let Peer::Pod(p) = dir.peer("10.244.1.5".parse().unwrap()) else {
+            panic!("pod expected")
+        };
+        assert_eq!(
+            (
+                p.namespace.as_str(),
+                p.pod.as_str(),
+                p.service_account.as_str()
+            ),
+            ("99-apps", "frontend-7d9f", "frontend")
+        );
+        assert_eq!(p.labels.get("app").map(String::as_str), Some("frontend"));
+        assert!(matches!(
+            dir.peer("fd00:10:244:1::5".parse().unwrap()),
+            Peer::Pod(_)
+        ));
+        assert!(matches!(
+            dir.peer("::ffff:10.244.1.5".parse().unwrap()),
+            Peer::Pod(_)
+        ));
+        assert_eq!(
+            dir.peer("172.18.0.3".parse().unwrap()),
+            Peer::Host(Arc::from("precinct-99-worker"))
+        );
+        assert_eq!(dir.peer("8.8.8.8".parse().unwrap()), Peer::World);
+        assert!(
+            dir.pod_by_uid("3f1c2a9e-5b7d-4c1e-9a0b-2d6f8e4c1a77")
+                .is_some()
+        );
+        assert!(dir.pod_by_uid("nope").is_none());
+    }
+
+    #[test]
+    fn bad_files_name_file_line_and_column() {
+        let bad =
+            "endpoints:\n  - ips: [10.0.0.1]\n    namespace: a\n    pod: b\n    colour: red\n";
+        let e = EndpointDirectory::parse(Path::new("/etc/e.yaml"), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/etc/e.yaml:5:"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+        let e = EndpointDirectory::parse(Path::new("e.yaml"), "endpoints:\n  - ips: [not-an-ip]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("e.yaml:2:"), "{e}");
+        let dup = "endpoints:\n  - {ips: [10.0.0.1], namespace: a, pod: x}\n  - {ips: [10.0.0.1], namespace: a, pod: y}\n";
+        let e = EndpointDirectory::parse(Path::new("e.yaml"), dup)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("10.0.0.1") && e.contains("x") && e.contains("y"),
+            "{e}"
+        );
+        assert!(
+            EndpointDirectory::parse(Path::new("e.yaml"), "")
+                .unwrap()
+                .len()
+                == 0
+        );
+    }
+
+    #[tokio::test]
+    async fn watcher_publishes_good_versions_and_keeps_the_last_good_one() {
+        let dir = std::env::temp_dir().join(format!("fa-endpoints-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("e.yaml");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let (tx, mut rx) =
+            tokio::sync::watch::channel(Arc::new(EndpointDirectory::load(&path).unwrap()));
+        let task = tokio::spawn(watch_file(path.clone(), tx));
+        // A broken version: rejected, nothing published.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        std::fs::write(&path, "endpoints: [[[").unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_millis(2500), rx.changed()).await;
+        assert!(r.is_err(), "a broken file must not be published");
+        assert!(matches!(
+            rx.borrow().peer("10.244.1.5".parse().unwrap()),
+            Peer::Pod(_)
+        ));
+        // A good version with a new pod: published.
+        std::fs::write(
+            &path,
+            format!("{SAMPLE}  - {{ips: [10.244.1.9], namespace: 99-apps, pod: postgresql-0}}\n"),
+        )
+        .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed())
+            .await
+            .expect("reload")
+            .unwrap();
+        assert!(matches!(
+            rx.borrow().peer("10.244.1.9".parse().unwrap()),
+            Peer::Pod(_)
+        ));
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

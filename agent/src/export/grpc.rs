@@ -1,0 +1,896 @@
+//! The gRPC side: `flowaudit.v1.FlowAudit` served on every `--grpc-addr`
+//! (a Unix socket by default, TCP on request) with server reflection, the
+//! client connection used by `observe` and `status`, and the conversions
+//! between [`FlowEvent`] and the `Flow` message (which mirrors the JSON
+//! form field for field, so a flow survives the round trip unchanged).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint as TonicEndpoint, Server};
+use tonic::{Request, Response, Status};
+
+use super::hub::{FilterSet, Hub, Item, LostSource, Subscribe};
+use super::proto;
+use super::proto::flow_audit_client::FlowAuditClient;
+use super::proto::flow_audit_server::{FlowAudit, FlowAuditServer};
+use crate::state::AgentState;
+
+/// The default `--grpc-addr` (and `--server` of `observe` and `status`).
+pub const DEFAULT_ADDR: &str = "unix:///var/run/flowaudit/flowaudit.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    #[error(
+        "invalid gRPC address `{0}`: expected unix:///path/to.sock or HOST:PORT (e.g. 127.0.0.1:4245)"
+    )]
+    Addr(String),
+    #[error("could not create the directory of the gRPC socket {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the gRPC socket {0} is in use by another process (another flowaudit agent?): stop it or choose another --grpc-addr"
+    )]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket: refusing to replace it; choose another --grpc-addr")]
+    NotASocket(PathBuf),
+    #[error("could not listen for gRPC on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server reflection could not load the flowaudit.v1 descriptors: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error(
+        "could not connect to the flowaudit agent at {addr}: {source} (is `flowaudit agent` running there? pass --server)"
+    )]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Where the gRPC server listens or a client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcAddr {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl GrpcAddr {
+    pub fn parse(text: &str) -> Result<Self, GrpcError> {
+        if let Some(path) = text.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(GrpcError::Addr(text.to_owned()));
+            }
+            return Ok(GrpcAddr::Unix(PathBuf::from(path)));
+        }
+        let hostport = text
+            .strip_prefix("http://")
+            .unwrap_or(text)
+            .trim_end_matches('/');
+        // HOST:PORT with a numeric port; IPv6 hosts in brackets.
+        match hostport.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(GrpcAddr::Tcp(hostport.to_owned()))
+            }
+            _ => Err(GrpcError::Addr(text.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for GrpcAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrpcAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+            GrpcAddr::Tcp(a) => f.write_str(a),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- server
+
+pub struct FlowAuditService {
+    hub: Arc<Hub>,
+    state: Arc<AgentState>,
+}
+
+type FlowResponseStream =
+    Pin<Box<dyn Stream<Item = Result<proto::GetFlowsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FlowAudit for FlowAuditService {
+    type GetFlowsStream = FlowResponseStream;
+
+    async fn get_flows(
+        &self,
+        request: Request<proto::GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let req = request.into_inner();
+        let filter = FilterSet::compile(&req.allow, &req.deny)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let since = req.since.map(|t| convert::timestamp_to_rfc3339(&t));
+        let stream = self
+            .hub
+            .subscribe(Subscribe {
+                number: req.number,
+                follow: req.follow,
+                since,
+                filter,
+            })
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let node = self.state.node_name.clone();
+        // Conversion to protobuf happens here, in the subscriber's task, not
+        // on the pipeline.
+        let out = stream.map(move |item| {
+            let response = match item {
+                Item::Flow(f) => {
+                    proto::get_flows_response::Response::Flow(convert::flow_to_proto(&f))
+                }
+                Item::Lost { source, count } => {
+                    proto::get_flows_response::Response::LostEvents(lost_events(source, count))
+                }
+            };
+            Ok(proto::GetFlowsResponse {
+                response: Some(response),
+                node_name: node.clone(),
+            })
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn server_status(
+        &self,
+        _request: Request<proto::ServerStatusRequest>,
+    ) -> Result<Response<proto::ServerStatusResponse>, Status> {
+        Ok(Response::new(status_of(&self.state, &self.hub)))
+    }
+}
+
+fn lost_events(source: LostSource, count: u64) -> proto::LostEvents {
+    let (src, message) = match source {
+        LostSource::SubscriberQueue => (
+            proto::LostEventsSource::SubscriberQueue,
+            format!(
+                "{count} flows not delivered: this subscriber read more slowly than flows came and its queue was full"
+            ),
+        ),
+        LostSource::Kernel => (
+            proto::LostEventsSource::Kernel,
+            format!(
+                "{count} connection records lost in the kernel: the agent's ring buffer was full"
+            ),
+        ),
+    };
+    proto::LostEvents {
+        source: src as i32,
+        count,
+        message,
+    }
+}
+
+fn system_time_to_proto(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+pub fn status_of(state: &AgentState, hub: &Hub) -> proto::ServerStatusResponse {
+    let stages = state.stages();
+    let readiness = state.readiness();
+    proto::ServerStatusResponse {
+        node_name: state.node_name.clone(),
+        version: state.version.to_owned(),
+        started: Some(system_time_to_proto(state.started)),
+        uptime_seconds: state.started.elapsed().unwrap_or_default().as_secs(),
+        flows_seen: state.pipeline.flows.load(Ordering::Relaxed),
+        kernel_events: state.capture.records.load(Ordering::Relaxed),
+        kernel_events_lost: state.capture.events_lost(),
+        flows_buffered: hub.buffered() as u64,
+        flow_buffer_capacity: hub.capacity() as u64,
+        subscribers: u32::try_from(hub.subscribers()).unwrap_or(u32::MAX),
+        stream_dropped: hub.dropped(),
+        ready: readiness.is_ok(),
+        not_ready_reason: readiness.err().unwrap_or_default(),
+        identity_cache: stages
+            .identity_cache
+            .as_ref()
+            .map(|c| proto::IdentityCacheStatus { entries: c.entries }),
+        spire: stages.spire.as_ref().map(|s| proto::SpireStatus {
+            connected: s.connected,
+            socket: s.socket.clone(),
+        }),
+        policy: stages.policy.as_ref().map(|p| proto::PolicyStatus {
+            version: p.version.clone().unwrap_or_default(),
+            rules: p.rules,
+            loaded: p.loaded.map(system_time_to_proto),
+            last_error: p.last_error.clone().unwrap_or_default(),
+        }),
+    }
+}
+
+/// Removes the Unix socket when the server stops (the runtime drops its task).
+struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn prepare_socket(path: &Path) -> Result<(), GrpcError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| GrpcError::SocketDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            // A live socket belongs to a running agent; a dead one is left
+            // over from one that was killed.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(GrpcError::SocketInUse(path.to_path_buf()));
+            }
+            let _ = std::fs::remove_file(path);
+            Ok(())
+        }
+        Ok(_) => Err(GrpcError::NotASocket(path.to_path_buf())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Binds every address now (so a bad one fails the start) and serves them
+/// in the background. Returns the addresses bound (TCP port 0 resolved).
+pub async fn serve(
+    addrs: &[String],
+    hub: Arc<Hub>,
+    state: Arc<AgentState>,
+) -> Result<Vec<GrpcAddr>, GrpcError> {
+    let mut bound = Vec::new();
+    for text in addrs {
+        let addr = GrpcAddr::parse(text)?;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let service = FlowAuditServer::new(FlowAuditService {
+            hub: hub.clone(),
+            state: state.clone(),
+        });
+        let router = Server::builder()
+            // Notice dead peers of idle streams, so their subscriptions end.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        match &addr {
+            GrpcAddr::Unix(path) => {
+                prepare_socket(path)?;
+                let listener =
+                    tokio::net::UnixListener::bind(path).map_err(|source| GrpcError::Bind {
+                        addr: text.clone(),
+                        source,
+                    })?;
+                // Flows name workloads and processes: owner and group only.
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(
+                    |source| GrpcError::Bind {
+                        addr: text.clone(),
+                        source,
+                    },
+                )?;
+                let guard = SocketGuard(path.clone());
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    if let Err(e) = router.serve_with_incoming(incoming).await {
+                        tracing::error!(error = %e, "gRPC server on a Unix socket stopped");
+                    }
+                });
+                bound.push(addr.clone());
+            }
+            GrpcAddr::Tcp(hostport) => {
+                let listener = tokio::net::TcpListener::bind(hostport.as_str())
+                    .await
+                    .map_err(|source| GrpcError::Bind {
+                        addr: text.clone(),
+                        source,
+                    })?;
+                let local: SocketAddr =
+                    listener.local_addr().map_err(|source| GrpcError::Bind {
+                        addr: text.clone(),
+                        source,
+                    })?;
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                tokio::spawn(async move {
+                    if let Err(e) = router.serve_with_incoming(incoming).await {
+                        tracing::error!(error = %e, "gRPC server on TCP stopped");
+                    }
+                });
+                bound.push(GrpcAddr::Tcp(local.to_string()));
+            }
+        }
+    }
+    Ok(bound)
+}
+
+// ---------------------------------------------------------------- client
+
+/// Connects to an agent (`unix:///path` or `HOST:PORT`).
+pub async fn connect(text: &str) -> Result<FlowAuditClient<Channel>, GrpcError> {
+    let addr = GrpcAddr::parse(text)?;
+    let err = |source| GrpcError::Connect {
+        addr: text.to_owned(),
+        source,
+    };
+    let channel = match addr {
+        GrpcAddr::Unix(path) => {
+            // The URI is required by the API but unused: the connector dials the socket.
+            let endpoint = TonicEndpoint::from_static("http://localhost");
+            endpoint
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }))
+                .await
+                .map_err(err)?
+        }
+        GrpcAddr::Tcp(hostport) => TonicEndpoint::from_shared(format!("http://{hostport}"))
+            .map_err(|_| GrpcError::Addr(text.to_owned()))?
+            .connect()
+            .await
+            .map_err(err)?,
+    };
+    Ok(FlowAuditClient::new(channel).max_decoding_message_size(16 * 1024 * 1024))
+}
+
+// ---------------------------------------------------------------- conversions
+
+/// FlowEvent <-> `flowaudit.v1.Flow`, and the enums both ways.
+pub mod convert {
+    use std::net::IpAddr;
+
+    use flowaudit_policy::{EncryptionState, FindingKind, IdentitySource, Verdict};
+
+    use super::proto;
+    use crate::flow::{
+        Direction, Encryption, EndKind, Endpoint, EventKind, FailureReason, Finding, FlowEvent, L4,
+        Socket,
+    };
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum ConvertError {
+        #[error("flow message has no {0}")]
+        Missing(&'static str),
+        #[error("flow message has an invalid {what}: {value}")]
+        Invalid { what: &'static str, value: String },
+    }
+
+    pub fn verdict_to(v: Verdict) -> proto::Verdict {
+        match v {
+            Verdict::Compliant => proto::Verdict::Compliant,
+            Verdict::Violation => proto::Verdict::Violation,
+            Verdict::Unknown => proto::Verdict::Unknown,
+        }
+    }
+
+    pub fn verdict_from(v: i32) -> Option<Verdict> {
+        match proto::Verdict::try_from(v).ok()? {
+            proto::Verdict::Compliant => Some(Verdict::Compliant),
+            proto::Verdict::Violation => Some(Verdict::Violation),
+            proto::Verdict::Unknown => Some(Verdict::Unknown),
+            proto::Verdict::Unspecified => None,
+        }
+    }
+
+    pub fn finding_to(k: FindingKind) -> proto::FindingKind {
+        match k {
+            FindingKind::NoMatchingRule => proto::FindingKind::NoMatchingRule,
+            FindingKind::DeniedByRule => proto::FindingKind::DeniedByRule,
+            FindingKind::MtlsMissing => proto::FindingKind::MtlsMissing,
+            FindingKind::MtlsUnverified => proto::FindingKind::MtlsUnverified,
+            FindingKind::UnknownIdentity => proto::FindingKind::UnknownIdentity,
+            FindingKind::IntendedFlowFailed => proto::FindingKind::IntendedFlowFailed,
+        }
+    }
+
+    pub fn finding_from(k: i32) -> Option<FindingKind> {
+        Some(match proto::FindingKind::try_from(k).ok()? {
+            proto::FindingKind::NoMatchingRule => FindingKind::NoMatchingRule,
+            proto::FindingKind::DeniedByRule => FindingKind::DeniedByRule,
+            proto::FindingKind::MtlsMissing => FindingKind::MtlsMissing,
+            proto::FindingKind::MtlsUnverified => FindingKind::MtlsUnverified,
+            proto::FindingKind::UnknownIdentity => FindingKind::UnknownIdentity,
+            proto::FindingKind::IntendedFlowFailed => FindingKind::IntendedFlowFailed,
+            proto::FindingKind::Unspecified => return None,
+        })
+    }
+
+    pub fn event_to(e: EventKind) -> proto::EventKind {
+        match e {
+            EventKind::Connect => proto::EventKind::Connect,
+            EventKind::Close => proto::EventKind::Close,
+            EventKind::Failed => proto::EventKind::Failed,
+        }
+    }
+
+    pub fn event_from(e: i32) -> Option<EventKind> {
+        Some(match proto::EventKind::try_from(e).ok()? {
+            proto::EventKind::Connect => EventKind::Connect,
+            proto::EventKind::Close => EventKind::Close,
+            proto::EventKind::Failed => EventKind::Failed,
+            proto::EventKind::Unspecified => return None,
+        })
+    }
+
+    pub fn encryption_to(s: EncryptionState) -> proto::EncryptionState {
+        match s {
+            EncryptionState::Plaintext => proto::EncryptionState::Plaintext,
+            EncryptionState::Tls => proto::EncryptionState::Tls,
+            EncryptionState::Mtls => proto::EncryptionState::Mtls,
+            EncryptionState::Unknown => proto::EncryptionState::Unknown,
+        }
+    }
+
+    pub fn encryption_from(s: i32) -> Option<EncryptionState> {
+        Some(match proto::EncryptionState::try_from(s).ok()? {
+            proto::EncryptionState::Plaintext => EncryptionState::Plaintext,
+            proto::EncryptionState::Tls => EncryptionState::Tls,
+            proto::EncryptionState::Mtls => EncryptionState::Mtls,
+            proto::EncryptionState::Unknown => EncryptionState::Unknown,
+            proto::EncryptionState::Unspecified => return None,
+        })
+    }
+
+    fn identity_source_to(s: IdentitySource) -> proto::IdentitySource {
+        match s {
+            IdentitySource::Attested => proto::IdentitySource::Attested,
+            IdentitySource::Derived => proto::IdentitySource::Derived,
+            IdentitySource::Unknown => proto::IdentitySource::Unknown,
+        }
+    }
+
+    fn identity_source_from(s: i32) -> IdentitySource {
+        match proto::IdentitySource::try_from(s) {
+            Ok(proto::IdentitySource::Attested) => IdentitySource::Attested,
+            Ok(proto::IdentitySource::Derived) => IdentitySource::Derived,
+            _ => IdentitySource::Unknown,
+        }
+    }
+
+    fn failure_to(r: Option<FailureReason>) -> proto::FailureReason {
+        match r {
+            None => proto::FailureReason::Unspecified,
+            Some(FailureReason::Refused) => proto::FailureReason::Refused,
+            Some(FailureReason::Reset) => proto::FailureReason::Reset,
+            Some(FailureReason::TimedOut) => proto::FailureReason::TimedOut,
+            Some(FailureReason::Unreachable) => proto::FailureReason::Unreachable,
+            Some(FailureReason::Aborted) => proto::FailureReason::Aborted,
+            Some(FailureReason::Error) => proto::FailureReason::Error,
+        }
+    }
+
+    fn failure_from(r: i32) -> Option<FailureReason> {
+        Some(match proto::FailureReason::try_from(r).ok()? {
+            proto::FailureReason::Unspecified => return None,
+            proto::FailureReason::Refused => FailureReason::Refused,
+            proto::FailureReason::Reset => FailureReason::Reset,
+            proto::FailureReason::TimedOut => FailureReason::TimedOut,
+            proto::FailureReason::Unreachable => FailureReason::Unreachable,
+            proto::FailureReason::Aborted => FailureReason::Aborted,
+            proto::FailureReason::Error => FailureReason::Error,
+        })
+    }
+
+    fn end_kind_to(k: EndKind) -> proto::EndKind {
+        match k {
+            EndKind::Pod => proto::EndKind::Pod,
+            EndKind::Host => proto::EndKind::Host,
+            EndKind::World => proto::EndKind::World,
+            EndKind::Unknown => proto::EndKind::Unknown,
+        }
+    }
+
+    fn end_kind_from(k: i32) -> EndKind {
+        match proto::EndKind::try_from(k) {
+            Ok(proto::EndKind::Pod) => EndKind::Pod,
+            Ok(proto::EndKind::Host) => EndKind::Host,
+            Ok(proto::EndKind::World) => EndKind::World,
+            _ => EndKind::Unknown,
+        }
+    }
+
+    fn endpoint_to(e: &Endpoint) -> proto::Endpoint {
+        proto::Endpoint {
+            kind: end_kind_to(e.kind) as i32,
+            spiffe_id: e.spiffe_id.clone(),
+            identity_source: identity_source_to(e.identity_source) as i32,
+            namespace: e.namespace.clone(),
+            pod_name: e.pod_name.clone(),
+            service_account: e.service_account.clone(),
+            labels: e
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            pid: e.pid,
+            process: e.process.clone(),
+            cgroup_id: e.cgroup_id,
+        }
+    }
+
+    fn endpoint_from(e: proto::Endpoint) -> Endpoint {
+        Endpoint {
+            kind: end_kind_from(e.kind),
+            identity_source: identity_source_from(e.identity_source),
+            spiffe_id: e.spiffe_id,
+            namespace: e.namespace,
+            pod_name: e.pod_name,
+            service_account: e.service_account,
+            labels: e.labels.into_iter().collect(),
+            pid: e.pid,
+            process: e.process,
+            cgroup_id: e.cgroup_id,
+        }
+    }
+
+    /// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+    fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y.rem_euclid(400);
+        let mp = (i64::from(m) + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    /// Parses RFC 3339 (`2026-11-28T12:00:01.123Z`, `...+02:00`; `t` and
+    /// a space accepted for `T`) into a protobuf timestamp.
+    pub fn parse_rfc3339(text: &str) -> Option<prost_types::Timestamp> {
+        let b = text.as_bytes();
+        let num = |r: std::ops::Range<usize>| -> Option<i64> {
+            let s = text.get(r)?;
+            s.bytes()
+                .all(|c| c.is_ascii_digit())
+                .then(|| s.parse().ok())?
+        };
+        if b.len() < 20
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || !matches!(b[10], b'T' | b't' | b' ')
+            || b[13] != b':'
+            || b[16] != b':'
+        {
+            return None;
+        }
+        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+            return None;
+        }
+        let mut i = 19;
+        let mut nanos: i64 = 0;
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            let start = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                if i - start < 9 {
+                    nanos = nanos * 10 + i64::from(b[i] - b'0');
+                }
+                i += 1;
+            }
+            let digits = i - start;
+            if digits == 0 {
+                return None;
+            }
+            for _ in digits..9 {
+                nanos *= 10;
+            }
+        }
+        let offset = match text.get(i..)? {
+            "Z" | "z" => 0,
+            tz if tz.len() == 6
+                && (tz.starts_with('+') || tz.starts_with('-'))
+                && &tz[3..4] == ":" =>
+            {
+                let sign = if tz.starts_with('-') { -1 } else { 1 };
+                sign * (num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60)
+            }
+            _ => return None,
+        };
+        let days = days_from_civil(y, mo as u32, d as u32);
+        Some(prost_types::Timestamp {
+            seconds: days * 86_400 + h * 3600 + mi * 60 + s - offset,
+            nanos: nanos as i32,
+        })
+    }
+
+    /// The flow-event time form (`FlowEvent::time`) of a timestamp.
+    pub fn timestamp_to_rfc3339(t: &prost_types::Timestamp) -> String {
+        let secs = u64::try_from(t.seconds).unwrap_or(0);
+        let nanos = u32::try_from(t.nanos).unwrap_or(0).min(999_999_999);
+        crate::flow::rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
+    }
+
+    pub fn flow_to_proto(f: &FlowEvent) -> proto::Flow {
+        proto::Flow {
+            time: parse_rfc3339(&f.time),
+            node_name: f.node_name.clone(),
+            event: event_to(f.event) as i32,
+            verdict: verdict_to(f.verdict) as i32,
+            findings: f
+                .findings
+                .iter()
+                .map(|x| proto::Finding {
+                    kind: finding_to(x.kind) as i32,
+                    message: x.message.clone(),
+                })
+                .collect(),
+            policy_rule: f.policy_rule.clone(),
+            l4: Some(proto::L4 {
+                protocol: f.l4.protocol.clone(),
+                source_ip: f.l4.source_ip.to_string(),
+                source_port: u32::from(f.l4.source_port),
+                destination_ip: f.l4.destination_ip.to_string(),
+                destination_port: u32::from(f.l4.destination_port),
+            }),
+            source: Some(endpoint_to(&f.source)),
+            destination: Some(endpoint_to(&f.destination)),
+            direction: match f.direction {
+                Direction::Egress => proto::Direction::Egress,
+                Direction::Ingress => proto::Direction::Ingress,
+            } as i32,
+            encryption: Some(proto::Encryption {
+                state: encryption_to(f.encryption.state) as i32,
+                tls_version: f.encryption.tls_version.clone(),
+                sni: f.encryption.sni.clone(),
+                alpn: f.encryption.alpn.clone(),
+            }),
+            bytes_sent: f.bytes_sent,
+            bytes_received: f.bytes_received,
+            duration_ms: f.duration_ms,
+            summary: f.summary.clone(),
+            socket: Some(proto::Socket {
+                cookie: f.socket.cookie,
+                netns_cookie: f.socket.netns_cookie,
+                process_start_ns: f.socket.process_start_ns,
+                failure_reason: failure_to(f.socket.failure_reason) as i32,
+                error: f.socket.error,
+                retransmits: f.socket.retransmits,
+            }),
+        }
+    }
+
+    pub fn flow_from_proto(f: proto::Flow) -> Result<FlowEvent, ConvertError> {
+        let invalid = |what: &'static str, value: String| ConvertError::Invalid { what, value };
+        let l4 = f.l4.ok_or(ConvertError::Missing("l4"))?;
+        let ip = |what, s: &str| s.parse::<IpAddr>().map_err(|_| invalid(what, s.to_owned()));
+        let port = |what, p: u32| u16::try_from(p).map_err(|_| invalid(what, p.to_string()));
+        let enc = f.encryption.unwrap_or_default();
+        let socket = f.socket.unwrap_or_default();
+        Ok(FlowEvent {
+            time: f
+                .time
+                .as_ref()
+                .map(timestamp_to_rfc3339)
+                .ok_or(ConvertError::Missing("time"))?,
+            node_name: f.node_name,
+            event: event_from(f.event).ok_or_else(|| invalid("event", f.event.to_string()))?,
+            verdict: verdict_from(f.verdict)
+                .ok_or_else(|| invalid("verdict", f.verdict.to_string()))?,
+            findings: f
+                .findings
+                .into_iter()
+                .map(|x| {
+                    Ok(Finding {
+                        kind: finding_from(x.kind)
+                            .ok_or_else(|| invalid("finding kind", x.kind.to_string()))?,
+                        message: x.message,
+                    })
+                })
+                .collect::<Result<_, ConvertError>>()?,
+            policy_rule: f.policy_rule,
+            l4: L4 {
+                protocol: l4.protocol,
+                source_ip: ip("source_ip", &l4.source_ip)?,
+                source_port: port("source_port", l4.source_port)?,
+                destination_ip: ip("destination_ip", &l4.destination_ip)?,
+                destination_port: port("destination_port", l4.destination_port)?,
+            },
+            source: endpoint_from(f.source.ok_or(ConvertError::Missing("source"))?),
+            destination: endpoint_from(f.destination.ok_or(ConvertError::Missing("destination"))?),
+            direction: match proto::Direction::try_from(f.direction) {
+                Ok(proto::Direction::Egress) => Direction::Egress,
+                Ok(proto::Direction::Ingress) => Direction::Ingress,
+                _ => return Err(invalid("direction", f.direction.to_string())),
+            },
+            encryption: Encryption {
+                state: encryption_from(enc.state).unwrap_or(EncryptionState::Unknown),
+                tls_version: enc.tls_version,
+                sni: enc.sni,
+                alpn: enc.alpn,
+            },
+            bytes_sent: f.bytes_sent,
+            bytes_received: f.bytes_received,
+            duration_ms: f.duration_ms,
+            summary: f.summary,
+            socket: Socket {
+                cookie: socket.cookie,
+                netns_cookie: socket.netns_cookie,
+                process_start_ns: socket.process_start_ns,
+                failure_reason: failure_from(socket.failure_reason),
+                error: socket.error,
+                retransmits: socket.retransmits,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::convert::*;
+    use super::*;
+    use crate::export::hub::tests::sample_flow;
+    use crate::export::metrics::Metrics;
+
+    #[test]
+    fn a_flow_survives_the_protobuf_round_trip() {
+        let mut f = sample_flow();
+        f.source.labels.insert("app".into(), "frontend".into());
+        f.source.spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
+        f.findings.push(crate::flow::Finding {
+            kind: flowaudit_policy::FindingKind::MtlsMissing,
+            message: "plaintext".into(),
+        });
+        f.socket.failure_reason = Some(crate::flow::FailureReason::TimedOut);
+        f.encryption.alpn = vec!["h2".into()];
+        let back = flow_from_proto(flow_to_proto(&f)).unwrap();
+        assert_eq!(back, f);
+    }
+
+    #[test]
+    fn rfc3339_parses_offsets_and_fractions() {
+        let t = parse_rfc3339("2026-11-28T12:00:01.123456789Z").unwrap();
+        assert_eq!((t.seconds, t.nanos), (1_795_867_201, 123_456_789));
+        let t = parse_rfc3339("2026-11-28T14:00:01.5+02:00").unwrap();
+        assert_eq!((t.seconds, t.nanos), (1_795_867_201, 500_000_000));
+        assert_eq!(timestamp_to_rfc3339(&t), "2026-11-28T12:00:01.500000000Z");
+        for bad in [
+            "2026-11-28",
+            "2026-13-01T00:00:00Z",
+            "2026-11-28T12:00:01",
+            "x026-11-28T12:00:01Z",
+            "2026-11-28T12:00:01.Z",
+        ] {
+            assert!(parse_rfc3339(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            GrpcAddr::parse(DEFAULT_ADDR).unwrap(),
+            GrpcAddr::Unix("/var/run/flowaudit/flowaudit.sock".into())
+        );
+        assert_eq!(
+            GrpcAddr::parse("127.0.0.1:4245").unwrap(),
+            GrpcAddr::Tcp("127.0.0.1:4245".into())
+        );
+        assert_eq!(
+            GrpcAddr::parse("[::1]:4245").unwrap(),
+            GrpcAddr::Tcp("[::1]:4245".into())
+        );
+        assert_eq!(
+            GrpcAddr::parse("http://localhost:4245").unwrap(),
+            GrpcAddr::Tcp("localhost:4245".into())
+        );
+        for bad in ["unix://relative.sock", "localhost", ":4245", "host:port"] {
+            assert!(GrpcAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Delivery capacity of the stream over a real Unix socket: one
+    /// producer (the pipeline's role) and 1 or 100 followers. Prints
+    /// flows/s per subscriber and in total. Run with
+    /// `cargo test --release -p flowaudit stream_throughput -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark; prints figures"]
+    async fn stream_throughput() {
+        for subs in [1usize, 100] {
+            let flows = if subs == 1 { 200_000 } else { 20_000 };
+            let (per_sub, total, lost) = run_throughput(subs, flows).await;
+            println!(
+                "stream throughput: {subs} subscriber(s): {per_sub:.0} flows/s each, {total:.0} flows/s delivered in total, {lost} lost"
+            );
+        }
+    }
+
+    async fn run_throughput(subs: usize, flows: usize) -> (f64, f64, u64) {
+        use crate::capture::CaptureStats;
+        use crate::pipeline::PipelineStats;
+        let dir = std::env::temp_dir().join(format!("fa-grpc-bench-{}-{subs}", std::process::id()));
+        let sock = dir.join("s.sock");
+        let state = Arc::new(AgentState::new(
+            "bench".into(),
+            Arc::new(CaptureStats::default()),
+            Arc::new(PipelineStats::default()),
+        ));
+        let metrics: Arc<Metrics> = state.metrics.clone();
+        // Queues hold every flow: this measures delivery, not loss.
+        let hub = Arc::new(Hub::new(8192, flows + 1, 1024, metrics));
+        let addr = format!("unix://{}", sock.display());
+        serve(std::slice::from_ref(&addr), hub.clone(), state.clone())
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..subs {
+            let mut client = connect(&addr).await.unwrap();
+            let mut stream = client
+                .get_flows(proto::GetFlowsRequest {
+                    follow: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0usize;
+                let mut lost = 0u64;
+                let mut first = None;
+                while let Some(Ok(r)) = stream.next().await {
+                    first.get_or_insert_with(std::time::Instant::now);
+                    match r.response {
+                        Some(proto::get_flows_response::Response::Flow(_)) => n += 1,
+                        Some(proto::get_flows_response::Response::LostEvents(l)) => lost += l.count,
+                        None => {}
+                    }
+                    if n as u64 + lost >= flows as u64 {
+                        break;
+                    }
+                }
+                (n, lost, first.map(|t| t.elapsed()))
+            }));
+        }
+        while hub.subscribers() < subs {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let flow = Arc::new(sample_flow());
+        let start = std::time::Instant::now();
+        let producer = {
+            let hub = hub.clone();
+            tokio::task::spawn_blocking(move || {
+                for _ in 0..flows {
+                    hub.publish(&flow);
+                }
+            })
+        };
+        producer.await.unwrap();
+        let mut got = 0usize;
+        let mut lost = 0u64;
+        for t in tasks {
+            let (n, l, _) = t.await.unwrap();
+            got += n;
+            lost += l;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let _ = std::fs::remove_dir_all(&dir);
+        (got as f64 / subs as f64 / secs, got as f64 / secs, lost)
+    }
+}

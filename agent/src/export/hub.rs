@@ -1,0 +1,1001 @@
+//! The flow hub: the pipeline sink behind the gRPC stream. It keeps the last
+//! `--flow-buffer` flows in a ring (for `--last` and `--since`) and hands
+//! each new flow to every following subscriber whose filters match, through
+//! a bounded queue per subscriber.
+//!
+//! The pipeline never waits here: a full queue loses the flow for that
+//! subscriber only, and the loss is counted (`flowaudit_stream_dropped_total`)
+//! and told to the subscriber as a `LostEvents` notice before its next
+//! flow (or as soon as it has drained its queue). Kernel losses are told to
+//! every subscriber the same way. Filters (the `observe` flags) are compiled
+//! here from `FlowFilter` messages and also serve `observe --input-file`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use flowaudit_policy::spiffe::{IdPattern, parse_pattern};
+use flowaudit_policy::{EncryptionState, FindingKind, Verdict};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+
+use super::metrics::Metrics;
+use super::proto;
+use crate::flow::{Endpoint, EventKind, FlowEvent};
+use crate::state::AgentState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("invalid identity glob: {0}")]
+    Identity(String),
+    #[error(
+        "invalid label selector `{selector}`: {reason} (Kubernetes syntax: `app=frontend`, `app!=x`, `app in (a,b)`, `app notin (a)`, `key`, `!key`, joined by commas)"
+    )]
+    Label { selector: String, reason: String },
+    #[error("invalid pod `{0}`: expected [NAMESPACE/]POD-NAME-PREFIX")]
+    Pod(String),
+    #[error("invalid port {0}: expected 1-65535")]
+    Port(u32),
+    #[error("unknown {what} value {value} in a flow filter")]
+    Enum { what: &'static str, value: i32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("too many stream subscribers ({0}); close some `flowaudit observe -f` sessions")]
+    TooManySubscribers(usize),
+}
+
+/// What a subscriber's queue carries.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Flow(Arc<FlowEvent>),
+    Lost { source: LostSource, count: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostSource {
+    /// This subscriber's queue was full.
+    SubscriberQueue,
+    /// The kernel could not deliver records to the agent.
+    Kernel,
+}
+
+// ---------------------------------------------------------------- filters
+
+/// A Kubernetes label selector requirement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LabelReq {
+    Eq(String, String),
+    NotEq(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+impl LabelReq {
+    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            LabelReq::Eq(k, v) => labels.get(k) == Some(v),
+            // As in Kubernetes: `!=` and `notin` also match objects without the key.
+            LabelReq::NotEq(k, v) => labels.get(k) != Some(v),
+            LabelReq::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+            LabelReq::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+            LabelReq::Exists(k) => labels.contains_key(k),
+            LabelReq::NotExists(k) => !labels.contains_key(k),
+        }
+    }
+}
+
+/// A label selector: every requirement must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelSelector(Vec<LabelReq>);
+
+impl LabelSelector {
+    pub fn parse(text: &str) -> Result<Self, FilterError> {
+        let err = |reason: &str| FilterError::Label {
+            selector: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        // Split on commas outside parentheses.
+        let mut parts = Vec::new();
+        let (mut depth, mut start) = (0i32, 0usize);
+        for (i, c) in text.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&text[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+            if depth < 0 {
+                return Err(err("unbalanced `)`"));
+            }
+        }
+        if depth != 0 {
+            return Err(err("unbalanced `(`"));
+        }
+        parts.push(&text[start..]);
+        let key = |k: &str| -> Result<String, FilterError> {
+            // Hubble users write `k8s:app=x`: the source prefix means nothing here.
+            let k = k.trim();
+            let k = k.strip_prefix("k8s:").unwrap_or(k);
+            if k.is_empty() || k.contains(|c: char| c.is_whitespace() || "=!(),".contains(c)) {
+                return Err(err(&format!("`{k}` is not a label key")));
+            }
+            Ok(k.to_owned())
+        };
+        let value = |v: &str| -> Result<String, FilterError> {
+            let v = v.trim();
+            if v.contains(|c: char| c.is_whitespace() || "=!(),".contains(c)) {
+                return Err(err(&format!("`{v}` is not a label value")));
+            }
+            Ok(v.to_owned())
+        };
+        let set = |rest: &str| -> Result<Vec<String>, FilterError> {
+            let inner = rest
+                .trim()
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .ok_or_else(|| err("a set must be written `(a,b)`"))?;
+            inner.split(',').map(value).collect()
+        };
+        let mut reqs = Vec::new();
+        for part in parts {
+            let p = part.trim();
+            if p.is_empty() {
+                return Err(err("empty requirement"));
+            }
+            let req = if let Some((k, v)) = p.split_once("!=") {
+                LabelReq::NotEq(key(k)?, value(v)?)
+            } else if let Some((k, v)) = p.split_once("==").or_else(|| p.split_once('=')) {
+                LabelReq::Eq(key(k)?, value(v)?)
+            } else if let Some(k) = p.strip_prefix('!') {
+                LabelReq::NotExists(key(k)?)
+            } else if let Some((k, rest)) = p.split_once(" notin ") {
+                LabelReq::NotIn(key(k)?, set(rest)?)
+            } else if let Some((k, rest)) = p.split_once(" in ") {
+                LabelReq::In(key(k)?, set(rest)?)
+            } else {
+                LabelReq::Exists(key(p)?)
+            };
+            reqs.push(req);
+        }
+        Ok(Self(reqs))
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|r| r.matches(labels))
+    }
+}
+
+/// `[NS/]PREFIX`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PodPrefix {
+    namespace: Option<String>,
+    prefix: String,
+}
+
+impl PodPrefix {
+    fn parse(text: &str) -> Result<Self, FilterError> {
+        match text.split_once('/') {
+            Some((ns, p)) if !ns.is_empty() && !p.contains('/') => Ok(Self {
+                namespace: Some(ns.to_owned()),
+                prefix: p.to_owned(),
+            }),
+            Some(_) => Err(FilterError::Pod(text.to_owned())),
+            None if text.is_empty() => Err(FilterError::Pod(text.to_owned())),
+            None => Ok(Self {
+                namespace: None,
+                prefix: text.to_owned(),
+            }),
+        }
+    }
+
+    fn matches(&self, ep: &Endpoint) -> bool {
+        !ep.pod_name.is_empty()
+            && ep.pod_name.starts_with(&self.prefix)
+            && self.namespace.as_ref().is_none_or(|ns| *ns == ep.namespace)
+    }
+}
+
+/// One compiled `FlowFilter`: every non-empty field must match; any value
+/// of a field may.
+#[derive(Debug, Default)]
+pub struct Filter {
+    verdict: Vec<Verdict>,
+    finding: Vec<FindingKind>,
+    source_identity: Vec<IdPattern>,
+    destination_identity: Vec<IdPattern>,
+    namespace: Vec<String>,
+    source_namespace: Vec<String>,
+    destination_namespace: Vec<String>,
+    source_pod: Vec<PodPrefix>,
+    destination_pod: Vec<PodPrefix>,
+    source_label: Vec<LabelSelector>,
+    destination_label: Vec<LabelSelector>,
+    port: Vec<u16>,
+    event: Vec<EventKind>,
+    encryption: Vec<EncryptionState>,
+}
+
+fn any<T>(wanted: &[T], pred: impl Fn(&T) -> bool) -> bool {
+    wanted.is_empty() || wanted.iter().any(pred)
+}
+
+fn enums<T>(
+    values: &[i32],
+    what: &'static str,
+    conv: impl Fn(i32) -> Option<T>,
+) -> Result<Vec<T>, FilterError> {
+    values
+        .iter()
+        .map(|&value| conv(value).ok_or(FilterError::Enum { what, value }))
+        .collect()
+}
+
+impl Filter {
+    pub fn compile(f: &proto::FlowFilter) -> Result<Self, FilterError> {
+        use super::grpc::convert;
+        let globs = |v: &[String]| -> Result<Vec<IdPattern>, FilterError> {
+            v.iter()
+                .map(|g| parse_pattern(g).map_err(FilterError::Identity))
+                .collect()
+        };
+        let pods = |v: &[String]| {
+            v.iter()
+                .map(|p| PodPrefix::parse(p))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let labels = |v: &[String]| {
+            v.iter()
+                .map(|s| LabelSelector::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            verdict: enums(&f.verdict, "verdict", convert::verdict_from)?,
+            finding: enums(&f.finding, "finding", convert::finding_from)?,
+            source_identity: globs(&f.source_identity)?,
+            destination_identity: globs(&f.destination_identity)?,
+            namespace: f.namespace.clone(),
+            source_namespace: f.source_namespace.clone(),
+            destination_namespace: f.destination_namespace.clone(),
+            source_pod: pods(&f.source_pod)?,
+            destination_pod: pods(&f.destination_pod)?,
+            source_label: labels(&f.source_label)?,
+            destination_label: labels(&f.destination_label)?,
+            port: f
+                .port
+                .iter()
+                .map(|&p| {
+                    u16::try_from(p)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or(FilterError::Port(p))
+                })
+                .collect::<Result<_, _>>()?,
+            event: enums(&f.event, "event", convert::event_from)?,
+            encryption: enums(&f.encryption, "encryption", convert::encryption_from)?,
+        })
+    }
+
+    pub fn matches(&self, f: &FlowEvent) -> bool {
+        let (src, dst) = (&f.source, &f.destination);
+        any(&self.verdict, |v| *v == f.verdict)
+            && any(&self.event, |e| *e == f.event)
+            && any(&self.port, |p| *p == f.l4.destination_port)
+            && any(&self.encryption, |e| *e == f.encryption.state)
+            && any(&self.finding, |k| f.findings.iter().any(|x| x.kind == *k))
+            && any(&self.namespace, |ns| {
+                *ns == src.namespace || *ns == dst.namespace
+            })
+            && any(&self.source_namespace, |ns| *ns == src.namespace)
+            && any(&self.destination_namespace, |ns| *ns == dst.namespace)
+            && any(&self.source_pod, |p| p.matches(src))
+            && any(&self.destination_pod, |p| p.matches(dst))
+            && any(&self.source_label, |s| s.matches(&src.labels))
+            && any(&self.destination_label, |s| s.matches(&dst.labels))
+            && any(&self.source_identity, |g| {
+                !src.spiffe_id.is_empty() && g.matches(&src.spiffe_id)
+            })
+            && any(&self.destination_identity, |g| {
+                !dst.spiffe_id.is_empty() && g.matches(&dst.spiffe_id)
+            })
+    }
+}
+
+/// Allow and deny lists: a flow passes when it matches some allow filter
+/// (or there are none) and no deny filter.
+#[derive(Debug, Default)]
+pub struct FilterSet {
+    allow: Vec<Filter>,
+    deny: Vec<Filter>,
+}
+
+impl FilterSet {
+    pub fn compile(
+        allow: &[proto::FlowFilter],
+        deny: &[proto::FlowFilter],
+    ) -> Result<Self, FilterError> {
+        Ok(Self {
+            allow: allow
+                .iter()
+                .map(Filter::compile)
+                .collect::<Result<_, _>>()?,
+            deny: deny.iter().map(Filter::compile).collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn matches(&self, f: &FlowEvent) -> bool {
+        (self.allow.is_empty() || self.allow.iter().any(|a| a.matches(f)))
+            && !self.deny.iter().any(|d| d.matches(f))
+    }
+}
+
+// ---------------------------------------------------------------- hub
+
+/// Losses not yet told to a subscriber, shared by the hub (which adds) and
+/// the subscriber's stream (which tells them when its queue runs dry).
+#[derive(Debug, Default)]
+struct Pending {
+    queue: AtomicU64,
+    kernel: AtomicU64,
+}
+
+impl Pending {
+    fn counter(&self, source: LostSource) -> &AtomicU64 {
+        match source {
+            LostSource::SubscriberQueue => &self.queue,
+            LostSource::Kernel => &self.kernel,
+        }
+    }
+}
+
+struct Subscriber {
+    id: u64,
+    filter: Arc<FilterSet>,
+    tx: mpsc::Sender<Item>,
+    pending: Arc<Pending>,
+}
+
+enum Sent {
+    Ok,
+    Full,
+    Closed,
+}
+
+impl Subscriber {
+    fn try_send(&self, item: Item) -> Sent {
+        match self.tx.try_send(item) {
+            Ok(()) => Sent::Ok,
+            Err(mpsc::error::TrySendError::Full(_)) => Sent::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Sent::Closed,
+        }
+    }
+
+    /// Tells earlier losses first (so they arrive in order), then sends.
+    fn deliver(&self, flow: &Arc<FlowEvent>) -> Sent {
+        for source in [LostSource::Kernel, LostSource::SubscriberQueue] {
+            let counter = self.pending.counter(source);
+            if counter.load(Ordering::Relaxed) > 0 {
+                let count = counter.swap(0, Ordering::Relaxed);
+                if count > 0 {
+                    match self.try_send(Item::Lost { source, count }) {
+                        Sent::Ok => {}
+                        other => {
+                            counter.fetch_add(count, Ordering::Relaxed);
+                            return other;
+                        }
+                    }
+                }
+            }
+        }
+        self.try_send(Item::Flow(flow.clone()))
+    }
+}
+
+struct Inner {
+    ring: VecDeque<Arc<FlowEvent>>,
+    subscribers: Vec<Subscriber>,
+    next_id: u64,
+}
+
+/// Shared between the pipeline sink ([`HubSink`]) and the gRPC service.
+pub struct Hub {
+    inner: Mutex<Inner>,
+    capacity: usize,
+    queue: usize,
+    max_subscribers: usize,
+    metrics: Arc<Metrics>,
+    /// Flows not delivered to some subscriber, all subscribers together.
+    dropped: AtomicU64,
+}
+
+/// What a subscriber asks for (from `GetFlowsRequest`).
+pub struct Subscribe {
+    pub number: u64,
+    pub follow: bool,
+    /// RFC 3339 (as in `FlowEvent::time`): only buffered flows at or after it.
+    pub since: Option<String>,
+    pub filter: FilterSet,
+}
+
+impl Hub {
+    pub fn new(
+        capacity: usize,
+        queue: usize,
+        max_subscribers: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                ring: VecDeque::with_capacity(capacity.min(1 << 16)),
+                subscribers: Vec::new(),
+                next_id: 0,
+            }),
+            capacity,
+            queue: queue.max(1),
+            max_subscribers,
+            metrics,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (pushes and
+        // removals only), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.lock().ring.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.lock().subscribers.len()
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Buffered flows that match, then (with `follow`) a live subscription.
+    /// Both are taken under one lock, so no flow is missed or repeated
+    /// between the two.
+    pub fn subscribe(self: &Arc<Self>, req: Subscribe) -> Result<FlowStream, HubError> {
+        let mut inner = self.lock();
+        let replay_all = req.number == 0 && req.since.is_none() && !req.follow;
+        let mut replay: VecDeque<Arc<FlowEvent>> = VecDeque::new();
+        if replay_all || req.number > 0 || req.since.is_some() {
+            let limit = if req.number > 0 {
+                usize::try_from(req.number).unwrap_or(usize::MAX)
+            } else {
+                usize::MAX
+            };
+            // Newest first, so `number` keeps the last N; then put back in order.
+            for f in inner.ring.iter().rev() {
+                if replay.len() >= limit {
+                    break;
+                }
+                if let Some(since) = &req.since {
+                    // Same fixed RFC 3339 form: string order is time order.
+                    if f.time.as_str() < since.as_str() {
+                        break;
+                    }
+                }
+                if req.filter.matches(f) {
+                    replay.push_front(f.clone());
+                }
+            }
+        }
+        let mut live = None;
+        if req.follow {
+            if inner.subscribers.len() >= self.max_subscribers {
+                return Err(HubError::TooManySubscribers(self.max_subscribers));
+            }
+            let (tx, rx) = mpsc::channel(self.queue);
+            let pending = Arc::new(Pending::default());
+            let id = inner.next_id;
+            inner.next_id += 1;
+            inner.subscribers.push(Subscriber {
+                id,
+                filter: Arc::new(req.filter),
+                tx,
+                pending: pending.clone(),
+            });
+            self.metrics.subscriber_added();
+            live = Some(Live {
+                rx,
+                pending,
+                id,
+                hub: self.clone(),
+            });
+        }
+        Ok(FlowStream { replay, live })
+    }
+
+    fn unsubscribe(&self, id: u64) {
+        let mut inner = self.lock();
+        let before = inner.subscribers.len();
+        inner.subscribers.retain(|s| s.id != id);
+        if inner.subscribers.len() < before {
+            self.metrics.subscriber_removed();
+        }
+    }
+
+    /// Buffers a flow and offers it to every matching subscriber.
+    pub fn publish(&self, flow: &Arc<FlowEvent>) {
+        let mut inner = self.lock();
+        if self.capacity > 0 {
+            if inner.ring.len() >= self.capacity {
+                inner.ring.pop_front();
+            }
+            inner.ring.push_back(flow.clone());
+        }
+        let mut dropped = 0u64;
+        let mut gone = false;
+        for s in &inner.subscribers {
+            if !s.filter.matches(flow) {
+                continue;
+            }
+            match s.deliver(flow) {
+                Sent::Ok => {}
+                Sent::Full => {
+                    s.pending.queue.fetch_add(1, Ordering::Relaxed);
+                    dropped += 1;
+                }
+                Sent::Closed => gone = true,
+            }
+        }
+        if gone {
+            let before = inner.subscribers.len();
+            inner.subscribers.retain(|s| !s.tx.is_closed());
+            for _ in inner.subscribers.len()..before {
+                self.metrics.subscriber_removed();
+            }
+        }
+        drop(inner);
+        if dropped > 0 {
+            self.dropped.fetch_add(dropped, Ordering::Relaxed);
+            self.metrics.stream_dropped(dropped);
+        }
+    }
+
+    /// Tells every subscriber that the kernel lost `count` records.
+    pub fn kernel_lost(&self, count: u64) {
+        let inner = self.lock();
+        for s in &inner.subscribers {
+            let item = Item::Lost {
+                source: LostSource::Kernel,
+                count,
+            };
+            if let Sent::Full = s.try_send(item) {
+                s.pending.kernel.fetch_add(count, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+struct Live {
+    rx: mpsc::Receiver<Item>,
+    pending: Arc<Pending>,
+    id: u64,
+    hub: Arc<Hub>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(self.id);
+    }
+}
+
+/// A subscriber's flows: the replayed buffer, then live flows. Dropping it
+/// (the client went away) unsubscribes.
+pub struct FlowStream {
+    replay: VecDeque<Arc<FlowEvent>>,
+    live: Option<Live>,
+}
+
+impl Stream for FlowStream {
+    type Item = Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        if let Some(f) = self.replay.pop_front() {
+            return Poll::Ready(Some(Item::Flow(f)));
+        }
+        let Some(live) = self.live.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match live.rx.poll_recv(cx) {
+            Poll::Ready(item) => Poll::Ready(item),
+            Poll::Pending => {
+                // Queue drained: tell losses the hub could not queue.
+                for source in [LostSource::Kernel, LostSource::SubscriberQueue] {
+                    let count = live.pending.counter(source).swap(0, Ordering::Relaxed);
+                    if count > 0 {
+                        return Poll::Ready(Some(Item::Lost { source, count }));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The hub as a pipeline sink. Also watches the kernel loss counter, so
+/// subscribers learn about records that never became flows.
+pub struct HubSink {
+    hub: Arc<Hub>,
+    state: Arc<AgentState>,
+    kernel_lost: u64,
+}
+
+impl HubSink {
+    pub fn new(hub: Arc<Hub>, state: Arc<AgentState>) -> Self {
+        let kernel_lost = state.capture.events_lost();
+        Self {
+            hub,
+            state,
+            kernel_lost,
+        }
+    }
+}
+
+impl super::Sink for HubSink {
+    fn on_flow(&mut self, flow: &Arc<FlowEvent>) {
+        self.hub.publish(flow);
+    }
+
+    fn flush(&mut self) {
+        let lost = self.state.capture.events_lost();
+        if lost > self.kernel_lost {
+            self.hub.kernel_lost(lost - self.kernel_lost);
+            self.kernel_lost = lost;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::capture::CaptureStats;
+    use crate::capture::Clock;
+    use crate::capture::record::{KernelEvent, tests::sample};
+    use tokio_stream::StreamExt;
+
+    pub(crate) fn sample_flow() -> FlowEvent {
+        let mut f = FlowEvent::from_kernel(
+            &KernelEvent::from_record(&sample()).unwrap(),
+            "n1",
+            &Clock::now(),
+        );
+        f.time = "2026-11-28T12:00:01.123456789Z".into();
+        f
+    }
+
+    fn labelled(ns: &str, pod: &str, app: &str) -> Endpoint {
+        let mut e = Endpoint::unknown();
+        e.namespace = ns.into();
+        e.pod_name = pod.into();
+        e.labels.insert("app".into(), app.into());
+        e.spiffe_id = format!("spiffe://demo.local/ns/{ns}/sa/{app}");
+        e
+    }
+
+    fn scenario_flow() -> FlowEvent {
+        let mut f = sample_flow();
+        f.source = labelled("99-apps", "frontend-7d9f", "frontend");
+        f.destination = labelled("99-apps", "postgresql-0", "postgresql");
+        f.verdict = Verdict::Violation;
+        f.findings.push(crate::flow::Finding {
+            kind: FindingKind::NoMatchingRule,
+            message: "m".into(),
+        });
+        f
+    }
+
+    fn filter(edit: impl FnOnce(&mut proto::FlowFilter)) -> Filter {
+        let mut p = proto::FlowFilter::default();
+        edit(&mut p);
+        Filter::compile(&p).unwrap()
+    }
+
+    #[test]
+    fn label_selectors_follow_kubernetes_semantics() {
+        let labels: BTreeMap<String, String> = [
+            ("app".into(), "frontend".into()),
+            ("tier".into(), "web".into()),
+        ]
+        .into();
+        let yes = [
+            "app=frontend",
+            "app==frontend",
+            "k8s:app=frontend",
+            "app!=backend",
+            "app in (frontend, backend)",
+            "app notin (backend)",
+            "tier",
+            "!db",
+            "app=frontend,tier in (web)",
+            "missing!=x",
+        ];
+        for s in yes {
+            assert!(
+                LabelSelector::parse(s).unwrap().matches(&labels),
+                "{s} should match"
+            );
+        }
+        let no = [
+            "app=backend",
+            "app in (a,b)",
+            "app notin (frontend)",
+            "db",
+            "!tier",
+            "app=frontend,db",
+        ];
+        for s in no {
+            assert!(
+                !LabelSelector::parse(s).unwrap().matches(&labels),
+                "{s} should not match"
+            );
+        }
+        for bad in ["", "app in a,b", "app in (a", "a=b=c", "=x", "app=(x)"] {
+            assert!(
+                LabelSelector::parse(bad).is_err(),
+                "{bad} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn filters_match_every_field() {
+        let f = scenario_flow();
+        let cases: Vec<(Filter, bool)> = vec![
+            (
+                filter(|p| p.verdict = vec![proto::Verdict::Violation as i32]),
+                true,
+            ),
+            (
+                filter(|p| p.verdict = vec![proto::Verdict::Compliant as i32]),
+                false,
+            ),
+            (
+                filter(|p| p.finding = vec![proto::FindingKind::NoMatchingRule as i32]),
+                true,
+            ),
+            (
+                filter(|p| p.finding = vec![proto::FindingKind::MtlsMissing as i32]),
+                false,
+            ),
+            (
+                filter(|p| {
+                    p.source_identity = vec!["spiffe://demo.local/ns/99-apps/*/frontend".into()]
+                }),
+                true,
+            ),
+            (
+                filter(|p| p.source_identity = vec!["spiffe://demo.local/ns/99-apps/**".into()]),
+                true,
+            ),
+            (
+                filter(|p| {
+                    p.destination_identity = vec!["spiffe://demo.local/ns/*/sa/backend".into()]
+                }),
+                false,
+            ),
+            (filter(|p| p.namespace = vec!["99-apps".into()]), true),
+            (
+                filter(|p| p.source_namespace = vec!["openbao".into()]),
+                false,
+            ),
+            (
+                filter(|p| p.source_pod = vec!["99-apps/frontend".into()]),
+                true,
+            ),
+            (filter(|p| p.source_pod = vec!["frontend".into()]), true),
+            (
+                filter(|p| p.destination_pod = vec!["openbao/postgresql".into()]),
+                false,
+            ),
+            (
+                filter(|p| p.source_label = vec!["app=frontend".into()]),
+                true,
+            ),
+            (
+                filter(|p| p.destination_label = vec!["app in (backend)".into()]),
+                false,
+            ),
+            (filter(|p| p.port = vec![5432]), true),
+            (filter(|p| p.port = vec![8000, 5432]), true),
+            (filter(|p| p.port = vec![8000]), false),
+            (
+                filter(|p| p.event = vec![proto::EventKind::Close as i32]),
+                true,
+            ),
+            (
+                filter(|p| p.encryption = vec![proto::EncryptionState::Plaintext as i32]),
+                false,
+            ),
+        ];
+        for (i, (flt, want)) in cases.iter().enumerate() {
+            assert_eq!(flt.matches(&f), *want, "case {i}: {flt:?}");
+        }
+        let set = FilterSet::compile(
+            &[proto::FlowFilter {
+                port: vec![5432],
+                ..Default::default()
+            }],
+            &[proto::FlowFilter {
+                source_namespace: vec!["99-apps".into()],
+                ..Default::default()
+            }],
+        )
+        .unwrap();
+        assert!(!set.matches(&f), "deny wins over allow");
+        assert!(
+            Filter::compile(&proto::FlowFilter {
+                port: vec![70000],
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            Filter::compile(&proto::FlowFilter {
+                verdict: vec![99],
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+
+    fn hub(capacity: usize, queue: usize) -> Arc<Hub> {
+        let metrics = Arc::new(Metrics::new("0", Arc::new(CaptureStats::default())));
+        Arc::new(Hub::new(capacity, queue, 1000, metrics))
+    }
+
+    fn numbered(i: u64) -> Arc<FlowEvent> {
+        let mut f = sample_flow();
+        f.socket.cookie = i;
+        f.time = format!("2026-11-28T12:00:{:02}.000000000Z", i % 60);
+        Arc::new(f)
+    }
+
+    fn cookies(items: &[Item]) -> Vec<u64> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Flow(f) => Some(f.socket.cookie),
+                Item::Lost { .. } => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replays_the_last_n_then_follows_without_gap() {
+        let h = hub(5, 100);
+        for i in 0..8 {
+            h.publish(&numbered(i));
+        }
+        let all = |h: &Arc<Hub>, number, since: Option<&str>| {
+            let s = h
+                .subscribe(Subscribe {
+                    number,
+                    follow: false,
+                    since: since.map(Into::into),
+                    filter: FilterSet::default(),
+                })
+                .unwrap();
+            futures_collect(s)
+        };
+        assert_eq!(cookies(&all(&h, 0, None).await), vec![3, 4, 5, 6, 7]);
+        assert_eq!(cookies(&all(&h, 2, None).await), vec![6, 7]);
+        assert_eq!(
+            cookies(&all(&h, 0, Some("2026-11-28T12:00:05.000000000Z")).await),
+            vec![5, 6, 7]
+        );
+        let mut s = h
+            .subscribe(Subscribe {
+                number: 1,
+                follow: true,
+                since: None,
+                filter: FilterSet::default(),
+            })
+            .unwrap();
+        assert_eq!(h.subscribers(), 1);
+        h.publish(&numbered(8));
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(s.next().await.unwrap());
+        }
+        assert_eq!(cookies(&got), vec![7, 8]);
+        drop(s);
+        assert_eq!(h.subscribers(), 0);
+    }
+
+    async fn futures_collect(mut s: FlowStream) -> Vec<Item> {
+        let mut v = Vec::new();
+        while let Some(i) = s.next().await {
+            v.push(i);
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_loses_flows_for_that_subscriber_only_and_says_how_many() {
+        let h = hub(10, 4);
+        let follow = || Subscribe {
+            number: 0,
+            follow: true,
+            since: None,
+            filter: FilterSet::default(),
+        };
+        let mut slow = h.subscribe(follow()).unwrap();
+        let mut fast = h.subscribe(follow()).unwrap();
+        let mut fast_got = Vec::new();
+        for i in 0..20 {
+            h.publish(&numbered(i));
+            fast_got.push(fast.next().await.unwrap());
+        }
+        assert_eq!(cookies(&fast_got), (0..20).collect::<Vec<_>>());
+        assert_eq!(h.dropped(), 16);
+        let mut slow_got = Vec::new();
+        for _ in 0..5 {
+            slow_got.push(slow.next().await.unwrap());
+        }
+        assert_eq!(cookies(&slow_got), vec![0, 1, 2, 3]);
+        assert!(
+            matches!(
+                slow_got[4],
+                Item::Lost {
+                    source: LostSource::SubscriberQueue,
+                    count: 16
+                }
+            ),
+            "{:?}",
+            slow_got[4]
+        );
+        // After the notice, flows flow again.
+        h.publish(&numbered(20));
+        assert!(matches!(slow.next().await, Some(Item::Flow(f)) if f.socket.cookie == 20));
+        h.kernel_lost(3);
+        assert!(matches!(
+            slow.next().await,
+            Some(Item::Lost {
+                source: LostSource::Kernel,
+                count: 3
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn losses_are_told_before_the_next_flow_in_order() {
+        let h = hub(10, 2);
+        let mut s = h
+            .subscribe(Subscribe {
+                number: 0,
+                follow: true,
+                since: None,
+                filter: FilterSet::default(),
+            })
+            .unwrap();
+        for i in 0..5 {
+            h.publish(&numbered(i)); // 0,1 queued; 2,3,4 lost
+        }
+        assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 0));
+        h.publish(&numbered(5)); // room for the notice only: 5 lost too
+        assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 1));
+        assert!(matches!(s.next().await, Some(Item::Lost { count: 3, .. })));
+        h.publish(&numbered(6));
+        assert!(matches!(s.next().await, Some(Item::Lost { count: 1, .. })));
+        assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 6));
+    }
+}

@@ -1,0 +1,683 @@
+//! Prometheus metrics: the `flowaudit_*` families of PRODUCT.md, the
+//! pipeline sink that counts flows into them, and the HTTP server on
+//! `--metrics-addr` (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! [`Metrics`] lives in [`AgentState`] so every stage reaches the same
+//! handles. Stages other than export update theirs through its methods:
+//! identity calls [`Metrics::identity_lookup`] and
+//! [`Metrics::set_spire_connected`]; policy calls [`Metrics::policy_reload`]
+//! and [`Metrics::set_policy_rules`]. Kernel counters are read from
+//! [`CaptureStats`] at scrape time, so capture needs no call at all.
+//!
+//! Cardinality stays bounded: every label is a closed enum except the
+//! identities of `flowaudit_policy_violations_total`, whose series are
+//! capped (new pairs beyond the cap count under `other`) and dropped when
+//! unseen for [`VIOLATION_SERIES_IDLE`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use flowaudit_policy::{EncryptionState, FindingKind, Verdict};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::capture::CaptureStats;
+use crate::flow::{Direction, EventKind, FlowEvent};
+use crate::state::AgentState;
+
+/// Most `{source,destination,port}` series of `flowaudit_policy_violations_total`.
+pub const VIOLATION_SERIES_CAP: usize = 1000;
+/// A violation series unseen this long is dropped (its workloads are likely gone).
+pub const VIOLATION_SERIES_IDLE: Duration = Duration::from_secs(15 * 60);
+/// Connections whose first events were counted, remembered so a CLOSE adds
+/// only what its CONNECT did not; beyond this many open ones, counting
+/// falls back to per event.
+const OPEN_CONNECTIONS_CAP: usize = 1 << 19;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(
+        "could not listen for metrics on {addr}: {source} (choose another --metrics-addr, or stop what holds the port)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Result of one identity lookup, for `flowaudit_identity_lookups_total{result}`.
+#[allow(dead_code)] // the identity stage constructs them
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityLookup {
+    /// SPIFFE ID from the SPIRE Delegated Identity API.
+    Attested,
+    /// Derived from pod metadata and the trust domain convention.
+    Derived,
+    /// No identity could be established.
+    Unknown,
+    /// The lookup itself failed (SPIRE or Kubernetes API error).
+    Error,
+}
+
+impl IdentityLookup {
+    fn as_str(self) -> &'static str {
+        match self {
+            IdentityLookup::Attested => "attested",
+            IdentityLookup::Derived => "derived",
+            IdentityLookup::Unknown => "unknown",
+            IdentityLookup::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FlowLabels {
+    event: &'static str,
+    verdict: &'static str,
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ViolationLabels {
+    source: String,
+    destination: String,
+    port: String,
+}
+
+/// Every metric handle of the agent. Cheap to share (`Arc`); all methods
+/// take `&self`.
+pub struct Metrics {
+    registry: Registry,
+    flows: Family<FlowLabels, Counter>,
+    findings: Family<KindLabels, Counter>,
+    violations: Family<ViolationLabels, Counter>,
+    /// When each violation series was last seen, to cap and expire them.
+    violation_seen: Mutex<HashMap<ViolationLabels, Instant>>,
+    encryption: Family<StateLabels, Counter>,
+    identity_lookups: Family<ResultLabels, Counter>,
+    spire_connected: Gauge,
+    stream_subscribers: Gauge,
+    stream_dropped: Counter,
+    policy_reloads: Family<ResultLabels, Counter>,
+    policy_rules: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Kernel counters, read from the capture stats on each scrape.
+#[derive(Debug)]
+struct KernelCollector(Arc<CaptureStats>);
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let records = ConstCounter::new(self.0.records.load(Ordering::Relaxed));
+        records.encode(encoder.encode_descriptor(
+            "flowaudit_kernel_events",
+            "Connection records read from the kernel ring buffer",
+            None,
+            records.metric_type(),
+        )?)?;
+        let lost = ConstCounter::new(self.0.events_lost());
+        lost.encode(encoder.encode_descriptor(
+            "flowaudit_kernel_events_lost",
+            "Connection records the kernel could not deliver (ring buffer full)",
+            None,
+            lost.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+impl Metrics {
+    pub fn new(version: &'static str, capture: Arc<CaptureStats>) -> Self {
+        let mut registry = Registry::default();
+        // prometheus-client appends `_total` to counters: register the stem.
+        let flows = Family::default();
+        registry.register(
+            "flowaudit_flows",
+            "Flow events, by event kind, verdict and direction",
+            flows.clone(),
+        );
+        let findings = Family::default();
+        registry.register(
+            "flowaudit_findings",
+            "Policy findings, once per connection and observing side",
+            findings.clone(),
+        );
+        let violations = Family::default();
+        registry.register(
+            "flowaudit_policy_violations",
+            "Connections judged VIOLATION, by source identity, destination identity and port (series capped; overflow under \"other\")",
+            violations.clone(),
+        );
+        let encryption = Family::default();
+        registry.register(
+            "flowaudit_flow_encryption",
+            "Finished connections by observed encryption state",
+            encryption.clone(),
+        );
+        registry.register_collector(Box::new(KernelCollector(capture)));
+        let identity_lookups = Family::default();
+        registry.register(
+            "flowaudit_identity_lookups",
+            "Identity lookups by result",
+            identity_lookups.clone(),
+        );
+        let spire_connected = Gauge::default();
+        registry.register(
+            "flowaudit_spire_connected",
+            "1 while the SPIRE Delegated Identity API is connected",
+            spire_connected.clone(),
+        );
+        let stream_subscribers = Gauge::default();
+        registry.register(
+            "flowaudit_stream_subscribers",
+            "gRPC GetFlows subscribers following the stream",
+            stream_subscribers.clone(),
+        );
+        let stream_dropped = Counter::default();
+        registry.register(
+            "flowaudit_stream_dropped",
+            "Flows not delivered to a slow stream subscriber (its queue was full)",
+            stream_dropped.clone(),
+        );
+        let policy_reloads = Family::default();
+        registry.register(
+            "flowaudit_policy_reloads",
+            "Policy (re)loads by result (success, failure)",
+            policy_reloads.clone(),
+        );
+        let policy_rules = Gauge::default();
+        registry.register(
+            "flowaudit_policy_rules",
+            "Rules in the policy in force",
+            policy_rules.clone(),
+        );
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info.get_or_create(&VersionLabels { version }).set(1);
+        registry.register("flowaudit_build_info", "Agent version", build_info);
+        Self {
+            registry,
+            flows,
+            findings,
+            violations,
+            violation_seen: Mutex::new(HashMap::new()),
+            encryption,
+            identity_lookups,
+            spire_connected,
+            stream_subscribers,
+            stream_dropped,
+            policy_reloads,
+            policy_rules,
+        }
+    }
+
+    /// Counts one identity lookup (called by the identity stage).
+    pub fn identity_lookup(&self, result: IdentityLookup) {
+        self.identity_lookups
+            .get_or_create(&ResultLabels {
+                result: result.as_str(),
+            })
+            .inc();
+    }
+
+    /// Whether the SPIRE Delegated Identity API is connected (identity stage).
+    pub fn set_spire_connected(&self, connected: bool) {
+        self.spire_connected.set(i64::from(connected));
+    }
+
+    /// Counts a policy load or reload: `ok` false when the new version was
+    /// rejected and the last good one stays in force (policy stage).
+    pub fn policy_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.policy_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Number of rules in the policy now in force (policy stage).
+    pub fn set_policy_rules(&self, rules: u64) {
+        self.policy_rules
+            .set(i64::try_from(rules).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn subscriber_added(&self) {
+        self.stream_subscribers.inc();
+    }
+
+    pub(crate) fn subscriber_removed(&self) {
+        self.stream_subscribers.dec();
+    }
+
+    pub(crate) fn stream_dropped(&self, n: u64) {
+        self.stream_dropped.inc_by(n);
+    }
+
+    /// The exposition in OpenMetrics text (ends with `# EOF`).
+    pub fn encode_openmetrics(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The exposition in the Prometheus text format 0.0.4, for scrapers that
+    /// do not ask for OpenMetrics (and `promtool check metrics`): a counter's
+    /// family is named with its `_total`, and there is no `# EOF`.
+    pub fn encode_prometheus_text(&self) -> String {
+        let om = self.encode_openmetrics();
+        let counters: Vec<&str> = om
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.strip_suffix(" counter"))
+            .collect();
+        let mut out = String::with_capacity(om.len() + 64);
+        for line in om.lines() {
+            if line == "# EOF" {
+                continue;
+            }
+            let renamed = ["# TYPE ", "# HELP "].iter().find_map(|p| {
+                let rest = line.strip_prefix(p)?;
+                let (name, tail) = rest.split_once(' ')?;
+                counters
+                    .contains(&name)
+                    .then(|| format!("{p}{name}_total {tail}"))
+            });
+            match renamed {
+                Some(l) => out.push_str(&l),
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Drops violation series unseen for `idle` (called periodically).
+    pub fn expire_violation_series(&self, idle: Duration) {
+        let now = Instant::now();
+        let Ok(mut seen) = self.violation_seen.lock() else {
+            return;
+        };
+        seen.retain(|labels, last| {
+            let keep = now.duration_since(*last) < idle;
+            if !keep {
+                self.violations.remove(labels);
+            }
+            keep
+        });
+    }
+
+    fn count_violation(&self, flow: &FlowEvent) {
+        let id = |s: &str| if s.is_empty() { "unknown" } else { s }.to_owned();
+        let mut labels = ViolationLabels {
+            source: id(&flow.source.spiffe_id),
+            destination: id(&flow.destination.spiffe_id),
+            port: flow.l4.destination_port.to_string(),
+        };
+        if let Ok(mut seen) = self.violation_seen.lock() {
+            let now = Instant::now();
+            if let Some(last) = seen.get_mut(&labels) {
+                *last = now;
+            } else if seen.len() < VIOLATION_SERIES_CAP {
+                seen.insert(labels.clone(), now);
+            } else {
+                labels = ViolationLabels {
+                    source: "other".into(),
+                    destination: "other".into(),
+                    port: "other".into(),
+                };
+            }
+        }
+        self.violations.get_or_create(&labels).inc();
+    }
+}
+
+fn verdict_str(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Compliant => "COMPLIANT",
+        Verdict::Violation => "VIOLATION",
+        Verdict::Unknown => "UNKNOWN",
+    }
+}
+
+fn finding_str(k: FindingKind) -> &'static str {
+    match k {
+        FindingKind::NoMatchingRule => "NO_MATCHING_RULE",
+        FindingKind::DeniedByRule => "DENIED_BY_RULE",
+        FindingKind::MtlsMissing => "MTLS_MISSING",
+        FindingKind::MtlsUnverified => "MTLS_UNVERIFIED",
+        FindingKind::UnknownIdentity => "UNKNOWN_IDENTITY",
+        FindingKind::IntendedFlowFailed => "INTENDED_FLOW_FAILED",
+    }
+}
+
+fn finding_bit(k: FindingKind) -> u8 {
+    1 << match k {
+        FindingKind::NoMatchingRule => 0,
+        FindingKind::DeniedByRule => 1,
+        FindingKind::MtlsMissing => 2,
+        FindingKind::MtlsUnverified => 3,
+        FindingKind::UnknownIdentity => 4,
+        FindingKind::IntendedFlowFailed => 5,
+    }
+}
+
+const VIOLATION_BIT: u8 = 1 << 7;
+
+fn encryption_str(s: EncryptionState) -> &'static str {
+    match s {
+        EncryptionState::Plaintext => "PLAINTEXT",
+        EncryptionState::Tls => "TLS",
+        EncryptionState::Mtls => "MTLS",
+        EncryptionState::Unknown => "UNKNOWN",
+    }
+}
+
+/// The pipeline sink that counts flows. A connection gives a CONNECT and a
+/// CLOSE per observing side, and its findings may only be known at CLOSE
+/// (mTLS needs payload): findings and violations are counted once per
+/// connection and side, at the first event that carries them; encryption
+/// once, at CLOSE (or FAILED), when it is final.
+pub struct MetricsSink {
+    metrics: Arc<Metrics>,
+    /// Socket cookie of open connections -> what was already counted for it.
+    open: HashMap<u64, u8>,
+    last_expiry: Instant,
+}
+
+impl MetricsSink {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            open: HashMap::new(),
+            last_expiry: Instant::now(),
+        }
+    }
+}
+
+impl super::Sink for MetricsSink {
+    fn on_flow(&mut self, flow: &Arc<FlowEvent>) {
+        let m = &self.metrics;
+        m.flows
+            .get_or_create(&FlowLabels {
+                event: flow.event.as_str(),
+                verdict: verdict_str(flow.verdict),
+                direction: match flow.direction {
+                    Direction::Egress => "EGRESS",
+                    Direction::Ingress => "INGRESS",
+                },
+            })
+            .inc();
+        let cookie = flow.socket.cookie;
+        let done = match flow.event {
+            EventKind::Connect => 0,
+            EventKind::Close => self.open.remove(&cookie).unwrap_or(0),
+            EventKind::Failed => 0,
+        };
+        let mut now = done;
+        for f in &flow.findings {
+            let bit = finding_bit(f.kind);
+            if now & bit == 0 {
+                now |= bit;
+                m.findings
+                    .get_or_create(&KindLabels {
+                        kind: finding_str(f.kind),
+                    })
+                    .inc();
+            }
+        }
+        if flow.verdict == Verdict::Violation && now & VIOLATION_BIT == 0 {
+            now |= VIOLATION_BIT;
+            m.count_violation(flow);
+        }
+        match flow.event {
+            EventKind::Connect => {
+                if self.open.len() < OPEN_CONNECTIONS_CAP {
+                    self.open.insert(cookie, now);
+                }
+            }
+            EventKind::Close | EventKind::Failed => {
+                m.encryption
+                    .get_or_create(&StateLabels {
+                        state: encryption_str(flow.encryption.state),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.last_expiry.elapsed() > Duration::from_secs(60) {
+            self.last_expiry = Instant::now();
+            self.metrics.expire_violation_series(VIOLATION_SERIES_IDLE);
+        }
+    }
+}
+
+/// Binds `--metrics-addr` now (so a taken port fails the start) and serves
+/// it in the background.
+pub async fn serve(addr: SocketAddr, state: Arc<AgentState>) -> Result<SocketAddr, MetricsError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(local)
+}
+
+async fn metrics(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            state.metrics.encode_openmetrics(),
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            state.metrics.encode_prometheus_text(),
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(state): State<Arc<AgentState>>) -> Response {
+    match state.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::Sink;
+    use crate::flow::Finding;
+
+    fn flow(event: EventKind, cookie: u64) -> Arc<FlowEvent> {
+        let mut f = crate::export::hub::tests::sample_flow();
+        f.event = event;
+        f.socket.cookie = cookie;
+        Arc::new(f)
+    }
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn counts_flows_findings_once_per_connection_and_encryption_at_close() {
+        let m = Arc::new(Metrics::new("9.9.9", Arc::new(CaptureStats::default())));
+        let mut sink = MetricsSink::new(m.clone());
+        let mut connect = (*flow(EventKind::Connect, 7)).clone();
+        connect.verdict = Verdict::Violation;
+        connect.source.spiffe_id = "spiffe://demo.local/ns/a/sa/frontend".into();
+        connect.destination.spiffe_id = "spiffe://demo.local/ns/a/sa/postgresql".into();
+        connect.findings.push(Finding {
+            kind: FindingKind::NoMatchingRule,
+            message: "x".into(),
+        });
+        let mut close = connect.clone();
+        close.event = EventKind::Close;
+        close.encryption.state = EncryptionState::Plaintext;
+        close.findings.push(Finding {
+            kind: FindingKind::MtlsMissing,
+            message: "y".into(),
+        });
+        sink.on_flow(&Arc::new(connect));
+        sink.on_flow(&Arc::new(close));
+        let text = m.encode_prometheus_text();
+        let s = |series: &str| sample(&text, series).unwrap_or(-1.0);
+        assert_eq!(
+            s(
+                "flowaudit_flows_total{event=\"CONNECT\",verdict=\"VIOLATION\",direction=\"EGRESS\"}"
+            ),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            s("flowaudit_findings_total{kind=\"NO_MATCHING_RULE\"}"),
+            1.0
+        );
+        assert_eq!(s("flowaudit_findings_total{kind=\"MTLS_MISSING\"}"), 1.0);
+        assert_eq!(
+            s(
+                "flowaudit_policy_violations_total{source=\"spiffe://demo.local/ns/a/sa/frontend\",destination=\"spiffe://demo.local/ns/a/sa/postgresql\",port=\"5432\"}"
+            ),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            s("flowaudit_flow_encryption_total{state=\"PLAINTEXT\"}"),
+            1.0
+        );
+        assert_eq!(s("flowaudit_build_info{version=\"9.9.9\"}"), 1.0);
+        assert_eq!(s("flowaudit_kernel_events_total"), 0.0, "{text}");
+        assert!(
+            text.contains("# TYPE flowaudit_flows_total counter"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
+        assert!(m.encode_openmetrics().ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn violation_series_are_capped_and_expire() {
+        let m = Arc::new(Metrics::new("0", Arc::new(CaptureStats::default())));
+        let mut sink = MetricsSink::new(m.clone());
+        for i in 0..VIOLATION_SERIES_CAP + 5 {
+            let mut f = (*flow(EventKind::Failed, i as u64)).clone();
+            f.verdict = Verdict::Violation;
+            f.source.spiffe_id = format!("spiffe://demo.local/ns/a/sa/s{i}");
+            sink.on_flow(&Arc::new(f));
+        }
+        let text = m.encode_prometheus_text();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("flowaudit_policy_violations_total{"))
+            .count();
+        assert_eq!(series, VIOLATION_SERIES_CAP + 1);
+        assert_eq!(
+            sample(
+                &text,
+                "flowaudit_policy_violations_total{source=\"other\",destination=\"other\",port=\"other\"}"
+            ),
+            Some(5.0)
+        );
+        m.expire_violation_series(Duration::ZERO);
+        let text = m.encode_prometheus_text();
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("flowaudit_policy_violations_total{source=\"spiffe"))
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn stage_handles_update_their_series() {
+        let m = Metrics::new("0", Arc::new(CaptureStats::default()));
+        m.identity_lookup(IdentityLookup::Attested);
+        m.identity_lookup(IdentityLookup::Attested);
+        m.set_spire_connected(true);
+        m.policy_reload(true);
+        m.policy_reload(false);
+        m.set_policy_rules(6);
+        let text = m.encode_prometheus_text();
+        assert_eq!(
+            sample(
+                &text,
+                "flowaudit_identity_lookups_total{result=\"attested\"}"
+            ),
+            Some(2.0)
+        );
+        assert_eq!(sample(&text, "flowaudit_spire_connected"), Some(1.0));
+        assert_eq!(
+            sample(&text, "flowaudit_policy_reloads_total{result=\"failure\"}"),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "flowaudit_policy_rules"), Some(6.0));
+    }
+}

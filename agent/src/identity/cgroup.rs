@@ -1,0 +1,148 @@
+//! From a socket owner's cgroup id (what the kernel records) to its pod UID,
+//! the way the kubelet lays cgroups out: cgroupfs
+//! (`.../kubepods/besteffort/pod<uid>/<container>`) or systemd
+//! (`.../kubepods-besteffort-pod<uid_with_underscores>.slice/cri-containerd-<id>.scope`).
+//! The cgroup v2 tree is scanned once and again on a miss (rate limited), so
+//! a pod created after the last scan is found on its first flow.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The pod UID in a cgroup path, if the path is inside a pod.
+pub fn pod_uid_from_path(path: &str) -> Option<String> {
+    for comp in path.split('/').rev() {
+        // systemd driver: kubepods-burstable-pod1234_5678.slice
+        if let Some(rest) = comp.strip_suffix(".slice") {
+            if let Some(idx) = rest.rfind("-pod") {
+                let uid = &rest[idx + 4..];
+                if looks_like_uid(uid) {
+                    return Some(uid.replace('_', "-"));
+                }
+            }
+        }
+        // cgroupfs driver: pod1234-5678
+        if let Some(uid) = comp.strip_prefix("pod") {
+            if looks_like_uid(uid) {
+                return Some(uid.to_owned());
+            }
+        }
+    }
+    None
+}
+
+fn looks_like_uid(s: &str) -> bool {
+    s.len() >= 32
+        && s.chars()
+            .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
+}
+
+/// Cache of cgroup id -> pod UID (None: a cgroup outside any pod).
+pub struct CgroupResolver {
+    root: PathBuf,
+    cache: HashMap<u64, Option<String>>,
+    last_scan: Option<Instant>,
+    min_rescan: Duration,
+}
+
+impl CgroupResolver {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            cache: HashMap::new(),
+            last_scan: None,
+            min_rescan: Duration::from_millis(250),
+        }
+    }
+
+    /// The pod UID of the cgroup with this id, scanning the tree on a miss.
+    pub fn pod_uid(&mut self, cgroup_id: u64) -> Option<String> {
+        if let Some(hit) = self.cache.get(&cgroup_id) {
+            return hit.clone();
+        }
+        if self
+            .last_scan
+            .is_none_or(|t| t.elapsed() >= self.min_rescan)
+        {
+            self.scan();
+        }
+        self.cache.get(&cgroup_id).cloned().flatten()
+    }
+
+    fn scan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        let mut fresh = HashMap::with_capacity(self.cache.len().max(64));
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(ft) = e.file_type() else { continue };
+                if !ft.is_dir() {
+                    continue;
+                }
+                let path = e.path();
+                if let Ok(m) = e.metadata() {
+                    let rel = path.strip_prefix(&self.root).unwrap_or(&path);
+                    fresh.insert(m.ino(), pod_uid_from_path(&rel.to_string_lossy()));
+                }
+                stack.push(path);
+            }
+        }
+        if let Ok(m) = std::fs::metadata(&self.root) {
+            fresh.insert(m.ino(), None);
+        }
+        self.cache = fresh;
+    }
+
+    #[cfg(test)]
+    fn root(&self) -> &std::path::Path {
+        &self.root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_pod_uids_in_both_kubelet_layouts() {
+        let uid = "3f1c2a9e-5b7d-4c1e-9a0b-2d6f8e4c1a77";
+        assert_eq!(
+            pod_uid_from_path(&format!("/kubepods/besteffort/pod{uid}/0123456789abcdef")),
+            Some(uid.to_owned())
+        );
+        assert_eq!(
+            pod_uid_from_path(&format!("/kubepods/pod{uid}/abc")),
+            Some(uid.to_owned())
+        );
+        assert_eq!(
+            pod_uid_from_path(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-ab12.scope",
+                uid.replace('-', "_")
+            )),
+            Some(uid.to_owned())
+        );
+        assert_eq!(pod_uid_from_path("/system.slice/sshd.service"), None);
+        assert_eq!(pod_uid_from_path("/kubepods/besteffort"), None);
+        assert_eq!(pod_uid_from_path("/user.slice/podman-123.scope"), None);
+    }
+
+    #[test]
+    fn resolves_a_cgroup_created_after_the_first_scan() {
+        let base = std::env::temp_dir().join(format!("fa-cg-{}", std::process::id()));
+        let uid = "11111111-2222-3333-4444-555555555555";
+        let mut r = CgroupResolver::new(base.clone());
+        r.min_rescan = Duration::ZERO;
+        std::fs::create_dir_all(&base).unwrap();
+        assert_eq!(r.pod_uid(1), None);
+        let dir = base.join(format!("kubepods/besteffort/pod{uid}/abcdef"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ino = std::fs::metadata(&dir).unwrap().ino();
+        assert_eq!(r.pod_uid(ino), Some(uid.to_owned()));
+        assert_eq!(r.root(), base.as_path());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

@@ -1,0 +1,250 @@
+//! Judging: each flow against the intended policy in force. In: a flow whose
+//! ends carry kinds, metadata and SPIFFE IDs; out: verdict, findings and the
+//! deciding rule (the `policy` crate decides; this module adapts the flow).
+//! Also the policy watcher: `--policy` files and directories are reloaded
+//! when they change, swapped atomically; a version with errors is rejected,
+//! its diagnostics logged with file, line and column, and the last good one
+//! stays in force.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowaudit_policy::{Flow, ObservedEncryption, Peer, PeerKind, PolicySet};
+use tokio::sync::watch;
+
+use crate::flow::{EndKind, Endpoint, EventKind, FlowEvent};
+
+/// Called after every reload attempt: (accepted, rules in force).
+pub type ReloadHook = Box<dyn Fn(bool, usize) + Send + Sync>;
+
+pub struct Judge {
+    pub policy: Option<watch::Receiver<Arc<PolicySet>>>,
+}
+
+fn some(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn peer(ep: &Endpoint) -> Peer<'_> {
+    let kind = match ep.kind {
+        EndKind::Pod => PeerKind::Workload,
+        EndKind::Host => PeerKind::Host,
+        EndKind::World => PeerKind::World,
+        EndKind::Unknown => PeerKind::Unknown,
+    };
+    Peer {
+        kind,
+        spiffe_id: some(&ep.spiffe_id),
+        identity_source: ep.identity_source,
+        namespace: some(&ep.namespace),
+        service_account: some(&ep.service_account),
+        labels: (ep.kind == EndKind::Pod).then_some(&ep.labels as &dyn flowaudit_policy::Labels),
+        name: some(&ep.service_account).or(some(&ep.pod_name)),
+    }
+}
+
+impl Judge {
+    pub fn judge(&self, flow: &mut FlowEvent) {
+        let Some(rx) = &self.policy else { return };
+        let set = rx.borrow().clone();
+        let decision = set.evaluate(&Flow {
+            source: peer(&flow.source),
+            destination: peer(&flow.destination),
+            port: flow.l4.destination_port,
+            // Payload classification (TLS, mTLS) lands with the mTLS work.
+            encryption: ObservedEncryption::Unknown,
+            failed: flow.event == EventKind::Failed,
+        });
+        flow.verdict = decision.verdict;
+        flow.findings = decision.findings;
+        flow.policy_rule = decision.policy_rule;
+    }
+}
+
+/// Loads the policy at start-up: errors here stop the agent (there is no
+/// last good version to keep).
+pub fn load_initial(paths: &[PathBuf]) -> anyhow::Result<flowaudit_policy::Loaded> {
+    flowaudit_policy::load_paths(paths).map_err(|e| {
+        let details: Vec<String> = e.diagnostics().iter().map(ToString::to_string).collect();
+        if details.is_empty() {
+            anyhow::anyhow!("cannot load --policy: {e}")
+        } else {
+            anyhow::anyhow!("cannot load --policy:\n  {}", details.join("\n  "))
+        }
+    })
+}
+
+/// What identifies a version of the policy paths: every file with its stamp.
+fn stamp(paths: &[PathBuf]) -> Vec<(PathBuf, Option<(u64, u64, i64, i64)>)> {
+    match flowaudit_policy::expand_paths(paths) {
+        Ok(files) => files
+            .into_iter()
+            .map(|f| {
+                let s = crate::endpoints::file_stamp(&f);
+                (f, s)
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Polls the policy paths every second; publishes each good new version.
+pub async fn watch_policies(
+    paths: Vec<PathBuf>,
+    tx: watch::Sender<Arc<PolicySet>>,
+    hook: ReloadHook,
+) {
+    let mut last = stamp(&paths);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = stamp(&paths);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match flowaudit_policy::load_paths(&paths) {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    tracing::warn!(%w, "policy warning");
+                }
+                let rules = loaded.policy.rule_count();
+                tracing::info!(version = loaded.policy.version(), rules, "policy reloaded");
+                hook(true, rules);
+                if tx.send(Arc::new(loaded.policy)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                for d in e.diagnostics() {
+                    tracing::error!(%d, "policy rejected");
+                }
+                if e.diagnostics().is_empty() {
+                    tracing::error!(error = %e, "policy rejected");
+                }
+                tracing::error!(
+                    version = tx.borrow().version(),
+                    "the last good policy stays in force"
+                );
+                hook(false, tx.borrow().rule_count());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::Clock;
+    use crate::capture::record::{KernelEvent, tests::sample};
+    use flowaudit_policy::{FindingKind, IdentitySource, Verdict};
+
+    const POLICY: &str = "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nmetadata: {name: t}\nspec:\n  trustDomain: demo.local\n  mtls: optional\n  rules:\n    - name: frontend-to-backend\n      from: [spiffe://demo.local/ns/99-apps/sa/frontend]\n      to: [spiffe://demo.local/ns/99-apps/sa/backend]\n      ports: [8000]\n";
+
+    fn flow(dst_sa: &str, port: u16) -> FlowEvent {
+        let mut f = FlowEvent::from_kernel(
+            &KernelEvent::from_record(&sample()).unwrap(),
+            "n1",
+            &Clock::now(),
+        );
+        f.l4.destination_port = port;
+        for (ep, sa) in [(&mut f.source, "frontend"), (&mut f.destination, dst_sa)] {
+            ep.kind = EndKind::Pod;
+            ep.namespace = "99-apps".into();
+            ep.service_account = sa.into();
+            ep.spiffe_id = format!("spiffe://demo.local/ns/99-apps/sa/{sa}");
+            ep.identity_source = IdentitySource::Attested;
+        }
+        f
+    }
+
+    fn dir_with(policy: &str) -> (PathBuf, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("fa-judge-{}-{}", std::process::id(), policy.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("p.yaml");
+        std::fs::write(&file, policy).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn judges_allowed_and_unintended_flows() {
+        let (dir, file) = dir_with(POLICY);
+        let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
+        let judge = Judge {
+            policy: Some(watch::channel(Arc::new(loaded.policy)).1),
+        };
+        let mut ok = flow("backend", 8000);
+        judge.judge(&mut ok);
+        assert_eq!(ok.verdict, Verdict::Compliant, "{:?}", ok.findings);
+        assert_eq!(ok.policy_rule, "frontend-to-backend");
+        let mut bad = flow("postgresql", 5432);
+        judge.judge(&mut bad);
+        assert_eq!(bad.verdict, Verdict::Violation);
+        assert!(
+            bad.findings
+                .iter()
+                .any(|f| f.kind == FindingKind::NoMatchingRule),
+            "{:?}",
+            bad.findings
+        );
+        let mut failed = flow("backend", 8000);
+        failed.event = EventKind::Failed;
+        judge.judge(&mut failed);
+        assert!(
+            failed
+                .findings
+                .iter()
+                .any(|f| f.kind == FindingKind::IntendedFlowFailed),
+            "{:?}",
+            failed.findings
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn invalid_initial_policy_names_file_and_line() {
+        let (dir, file) = dir_with(
+            "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nmetadata: {name: t}\nspec:\n  trustDomain: demo.local\n  rules:\n    - name: r\n      from: [spiffe://other.org/x]\n      to: [world]\n",
+        );
+        let e = load_initial(std::slice::from_ref(&file))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("p.yaml:8:"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn reload_swaps_good_versions_and_keeps_the_last_good_one() {
+        let (dir, file) = dir_with(POLICY);
+        let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
+        let first = loaded.policy.version().to_owned();
+        let (tx, mut rx) = watch::channel(Arc::new(loaded.policy));
+        let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r2 = results.clone();
+        let task = tokio::spawn(watch_policies(
+            vec![dir.clone()],
+            tx,
+            Box::new(move |ok, rules| r2.lock().unwrap().push((ok, rules))),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(&file, "kind: FlowPolicy\nspec: [broken\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(
+            rx.borrow().version(),
+            first,
+            "a broken version must not replace the good one"
+        );
+        assert_eq!(results.lock().unwrap().first(), Some(&(false, 1)));
+        std::fs::write(&file, POLICY.replace("8000]", "8000, 8001]")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("reload")
+            .unwrap();
+        assert_ne!(rx.borrow().version(), first);
+        assert_eq!(results.lock().unwrap().last(), Some(&(true, 1)));
+        task.abort();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
