@@ -230,7 +230,9 @@ fn demo(duration: Option<String>) -> Result<()> {
         .arg("--simpod")
         .arg(root.join("target/release/simpod"))
         .arg("--workdir")
-        .arg(root.join("target/demo"));
+        .arg(root.join("target/demo"))
+        .arg("--policy")
+        .arg(root.join("deploy/examples/precinct-99-scenario.yaml"));
     if let Some(d) = duration {
         cmd.args(["--duration", &d]);
     }

@@ -453,6 +453,10 @@ fn end(ep: &Endpoint, ip: std::net::IpAddr, port: Option<u16>) -> String {
         ep.spiffe_id.clone()
     } else if !ep.pod_name.is_empty() {
         format!("{}/{}", ep.namespace, ep.pod_name)
+    } else if ep.kind == crate::flow::EndKind::World {
+        format!("world({ip})")
+    } else if ep.kind == crate::flow::EndKind::Host {
+        format!("host({ip})")
     } else {
         match ip {
             std::net::IpAddr::V6(v6) => format!("[{v6}]"),

@@ -1553,7 +1553,7 @@ mod tests {
             let tail = format!("{:?}", &k[k.len() - 12..]);
             for needle in [&hex, &list, &tail[1..tail.len() - 1]] {
                 assert!(
-                    !out.contains(needle.as_str()),
+                    !out.contains(needle),
                     "private key bytes in Debug output:\n{out}"
                 );
             }

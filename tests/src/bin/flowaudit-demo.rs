@@ -6,7 +6,6 @@
 //! drops — and prints the flows live with `flowaudit observe`. Cleans up on
 //! Ctrl-C or after `--duration`.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use flowaudit_tests::simpod::{ConnectOpts, ServeOpts, Server};
-use flowaudit_tests::{Pod, PodSpec, SimNode};
+use flowaudit_tests::scenario::{NODE_NAME, Precinct99, SCENARIO};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +33,9 @@ struct Args {
     /// How long to run: 30s, 2m, ... (default: until Ctrl-C).
     #[arg(long)]
     duration: Option<String>,
+    /// The intended policy the flows are judged against.
+    #[arg(long, default_value = "deploy/examples/precinct-99-scenario.yaml")]
+    policy: PathBuf,
     /// Seconds between rounds of scenario traffic.
     #[arg(long, default_value_t = 3)]
     interval: u64,
@@ -61,20 +62,6 @@ fn parse_duration(s: &str) -> Result<Duration> {
     })
 }
 
-struct Workload {
-    pod: Pod,
-    port: u16,
-}
-
-/// One kind of scenario traffic.
-struct Flow {
-    label: &'static str,
-    from: usize,
-    to: usize,
-    /// Why it is in the scenario (printed once at the start).
-    expect: &'static str,
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     if unsafe { libc::geteuid() } != 0 {
@@ -91,46 +78,10 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.workdir)
         .with_context(|| format!("creating {}", args.workdir.display()))?;
 
-    let node = SimNode::new(99).context("creating the simulated node")?;
-    let specs = [
-        ("99-apps", "frontend-7d9f", "frontend", 3000),
-        ("99-apps", "backend-5c8b", "backend", 8000),
-        ("99-apps", "postgresql-0", "postgresql", 5432),
-        ("openbao", "openbao-0", "openbao", 8200),
-        ("spire-system", "spire-server-0", "spire-server", 8081),
-    ];
-    let mut workloads = Vec::new();
-    for (ns, name, app, port) in specs {
-        let pod = node.add_pod(
-            PodSpec::new(ns, name)
-                .service_account(app)
-                .label("app", app),
-        )?;
-        workloads.push(Workload { pod, port });
-    }
-    // A client outside the cluster: on the bridge, but in no endpoint directory.
-    let world = node.add_pod(PodSpec::new("", "external-client"))?;
-    let (frontend, backend, postgresql, openbao, spire) = (0, 1, 2, 3, 4);
-
+    let sim = Precinct99::start(99).context("building the simulated node")?;
     let endpoints = args.workdir.join("endpoints.yaml");
-    std::fs::write(&endpoints, endpoint_directory(&node, &workloads))?;
-    // The log's Phase 4D mistake, reproduced: a policy on postgresql drops
-    // openbao's connections (Cilium dropping an allowed flow).
-    drop_in_pod(
-        &workloads[postgresql].pod,
-        workloads[openbao].pod.ip4(),
-        5432,
-    )?;
-
-    let servers: Vec<Server> = workloads
-        .iter()
-        .map(|w| {
-            w.pod.serve(&ServeOpts {
-                listen: vec![SocketAddr::new("0.0.0.0".parse().unwrap(), w.port)],
-                reply_bytes: 64,
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    sim.write_endpoint_directory(&endpoints)?;
+    let policy = args.policy.clone();
 
     let flows_file = args.workdir.join("flows.jsonl");
     let _ = std::fs::remove_file(&flows_file);
@@ -138,10 +89,16 @@ fn main() -> Result<()> {
         .args([
             "agent",
             "--node-name",
-            "precinct-99-worker",
+            NODE_NAME,
+            "--spire-admin-socket",
+            "none",
             "--export-file",
         ])
         .arg(&flows_file)
+        .arg("--endpoints")
+        .arg(&endpoints)
+        .arg("--policy")
+        .arg(&policy)
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", args.agent.display()))?;
@@ -152,55 +109,8 @@ fn main() -> Result<()> {
         .spawn()
         .context("starting flowaudit observe")?;
 
-    let scenario = [
-        Flow {
-            label: "world -> frontend:3000",
-            from: usize::MAX,
-            to: frontend,
-            expect: "intended",
-        },
-        Flow {
-            label: "frontend -> backend:8000",
-            from: frontend,
-            to: backend,
-            expect: "intended, but plaintext where mTLS is required",
-        },
-        Flow {
-            label: "backend -> postgresql:5432",
-            from: backend,
-            to: postgresql,
-            expect: "intended",
-        },
-        Flow {
-            label: "frontend -> postgresql:5432",
-            from: frontend,
-            to: postgresql,
-            expect: "VIOLATION: the log's test, must be flagged",
-        },
-        Flow {
-            label: "openbao -> postgresql:5432",
-            from: openbao,
-            to: postgresql,
-            expect: "intended, but dropped by a network policy",
-        },
-        Flow {
-            label: "backend -> openbao:8200",
-            from: backend,
-            to: openbao,
-            expect: "intended",
-        },
-        Flow {
-            label: "frontend -> spire-server:8081",
-            from: frontend,
-            to: spire,
-            expect: "intended",
-        },
-    ];
-    println!(
-        "flowaudit demo: precinct-99 on a simulated node ({} pods)",
-        workloads.len() + 1
-    );
-    for w in &workloads {
+    println!("flowaudit demo: precinct-99 on a simulated node");
+    for w in &sim.workloads {
         println!(
             "  {:<13} {:<15} {:<16} {}:{}",
             w.pod.namespace(),
@@ -213,13 +123,14 @@ fn main() -> Result<()> {
     println!(
         "  {:<13} {:<15} {:<16} {}",
         "(outside)",
-        world.name(),
+        sim.world.name(),
         "",
-        world.ip4()
+        sim.world.ip4()
     );
+    println!("intended policy: {}", policy.display());
     println!("scenario traffic, every {}s:", args.interval);
-    for f in &scenario {
-        println!("  {:<32} {}", f.label, f.expect);
+    for f in &SCENARIO {
+        println!("  {:<32} {:<9} {}", f.label, f.verdict, f.why);
     }
     println!("flows (also in {}):", flows_file.display());
 
@@ -227,17 +138,8 @@ fn main() -> Result<()> {
     let mut round = 0u64;
     while !STOP.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < d) {
         round += 1;
-        for f in &scenario {
-            let client = if f.from == usize::MAX {
-                &world
-            } else {
-                &workloads[f.from].pod
-            };
-            let to = &workloads[f.to];
-            let mut opts = ConnectOpts::new(SocketAddr::new(IpAddr::V4(to.pod.ip4()), to.port));
-            opts.send_bytes = 200;
-            opts.timeout_ms = 1000;
-            if let Err(e) = client.connect(&opts) {
+        for f in &SCENARIO {
+            if let Err(e) = sim.run(f) {
                 eprintln!("demo: {} failed to run: {e}", f.label);
             }
         }
@@ -257,20 +159,31 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(400));
     let _ = observe.kill();
     let _ = observe.wait();
-    drop(servers);
-    drop(node);
+    drop(sim);
     let text = std::fs::read_to_string(&flows_file).unwrap_or_default();
-    let count = |event: &str| {
-        text.lines()
-            .filter(|l| l.contains(&format!("\"event\":\"{event}\"")))
+    let flows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let count = |key: &str, value: &str| flows.iter().filter(|f| f[key] == value).count();
+    let with_finding = |kind: &str| {
+        flows
+            .iter()
+            .filter(|f| {
+                f["findings"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["kind"] == kind))
+            })
             .count()
     };
     println!(
-        "demo: {round} rounds, {} flow events ({} CONNECT, {} CLOSE, {} FAILED); agent exited {status}; simulated node removed",
-        text.lines().count(),
-        count("CONNECT"),
-        count("CLOSE"),
-        count("FAILED")
+        "demo: {round} rounds, {} flow events ({} CONNECT, {} CLOSE, {} FAILED); {} VIOLATION, {} INTENDED_FLOW_FAILED; agent exited {status}; simulated node removed",
+        flows.len(),
+        count("event", "CONNECT"),
+        count("event", "CLOSE"),
+        count("event", "FAILED"),
+        count("verdict", "VIOLATION"),
+        with_finding("INTENDED_FLOW_FAILED"),
     );
     if !status.success() {
         bail!("the agent exited with {status}");
@@ -302,56 +215,4 @@ fn wait_ready(agent: &mut Child) -> Result<()> {
         }
     }
     bail!("the agent was not ready within 60 s")
-}
-
-/// Drops TCP traffic from `from` to `port` inside the pod (an nftables rule
-/// in the pod's own network namespace, standing in for a network policy).
-fn drop_in_pod(pod: &Pod, from: std::net::Ipv4Addr, port: u16) -> Result<()> {
-    let rules = format!(
-        "table inet flowaudit_demo {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    ip saddr {from} tcp dport {port} drop\n  }}\n}}\n"
-    );
-    let out = Command::new("ip")
-        .args(["netns", "exec", pod.netns(), "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().expect("piped").write_all(rules.as_bytes())?;
-            c.wait_with_output()
-        })
-        .context("running nft (apt package nftables; `cargo xtask setup` installs it)")?;
-    if !out.status.success() {
-        bail!(
-            "nft failed in pod {}: {}",
-            pod.name(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// The endpoint directory (`--endpoints`) for the simulated node, in the
-/// PRODUCT.md format.
-fn endpoint_directory(node: &SimNode, workloads: &[Workload]) -> String {
-    let mut y = format!(
-        "nodes:\n  - name: precinct-99-worker\n    ips: [{}, \"{}\"]\nendpoints:\n",
-        node.ip4(),
-        node.ip6()
-    );
-    for w in workloads {
-        let p = &w.pod;
-        y.push_str(&format!(
-            "  - ips: [{}, \"{}\"]\n    namespace: {}\n    pod: {}\n    uid: {}\n    serviceAccount: {}\n    labels: {{app: {}}}\n    node: precinct-99-worker\n",
-            p.ip4(),
-            p.ip6(),
-            p.namespace(),
-            p.name(),
-            p.uid(),
-            p.service_account(),
-            p.service_account()
-        ));
-    }
-    y
 }

@@ -1,0 +1,237 @@
+//! The precinct-99 reference scenario (PRODUCT.md) on a simulated node: its
+//! five workloads as pods with their servers listening, a client outside the
+//! cluster, the endpoint directory describing them, the sprint log's
+//! misconfigured network policy (postgresql drops openbao's connections, an
+//! nftables rule in the pod), and one round of the scenario's traffic with
+//! what flowaudit is expected to say about each flow. Shared by the demo and
+//! the scenario tests.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::simpod::{ConnRecord, ConnectOpts, ServeOpts, Server};
+use crate::{Pod, PodSpec, SimError, SimNode};
+
+pub const NODE_NAME: &str = "precinct-99-worker";
+
+/// One kind of scenario traffic and the verdict the intended policy
+/// (`deploy/examples/precinct-99-scenario.yaml`) gives it.
+#[derive(Debug, Clone, Copy)]
+pub struct ScenarioFlow {
+    pub label: &'static str,
+    /// Index into `Precinct99::workloads`, or `None` for the outside client.
+    pub from: Option<usize>,
+    pub to: usize,
+    pub event: &'static str,
+    pub verdict: &'static str,
+    /// A finding that must be present (or "" for none required).
+    pub finding: &'static str,
+    pub why: &'static str,
+}
+
+pub const FRONTEND: usize = 0;
+pub const BACKEND: usize = 1;
+pub const POSTGRESQL: usize = 2;
+pub const OPENBAO: usize = 3;
+pub const SPIRE_SERVER: usize = 4;
+
+pub const SCENARIO: [ScenarioFlow; 7] = [
+    ScenarioFlow {
+        label: "world -> frontend:3000",
+        from: None,
+        to: FRONTEND,
+        event: "CONNECT",
+        verdict: "COMPLIANT",
+        finding: "",
+        why: "intended",
+    },
+    ScenarioFlow {
+        label: "frontend -> backend:8000",
+        from: Some(FRONTEND),
+        to: BACKEND,
+        event: "CONNECT",
+        verdict: "COMPLIANT",
+        finding: "",
+        why: "intended (mTLS required: judged once payload is classified)",
+    },
+    ScenarioFlow {
+        label: "backend -> postgresql:5432",
+        from: Some(BACKEND),
+        to: POSTGRESQL,
+        event: "CONNECT",
+        verdict: "COMPLIANT",
+        finding: "",
+        why: "intended",
+    },
+    ScenarioFlow {
+        label: "frontend -> postgresql:5432",
+        from: Some(FRONTEND),
+        to: POSTGRESQL,
+        event: "CONNECT",
+        verdict: "VIOLATION",
+        finding: "DENIED_BY_RULE",
+        why: "the log's test: must be flagged",
+    },
+    ScenarioFlow {
+        label: "openbao -> postgresql:5432",
+        from: Some(OPENBAO),
+        to: POSTGRESQL,
+        event: "FAILED",
+        verdict: "COMPLIANT",
+        finding: "INTENDED_FLOW_FAILED",
+        why: "intended, but a network policy drops it (the log's Phase 4D)",
+    },
+    ScenarioFlow {
+        label: "backend -> openbao:8200",
+        from: Some(BACKEND),
+        to: OPENBAO,
+        event: "CONNECT",
+        verdict: "COMPLIANT",
+        finding: "",
+        why: "intended",
+    },
+    ScenarioFlow {
+        label: "frontend -> spire-server:8081",
+        from: Some(FRONTEND),
+        to: SPIRE_SERVER,
+        event: "CONNECT",
+        verdict: "COMPLIANT",
+        finding: "",
+        why: "intended",
+    },
+];
+
+pub struct Workload {
+    pub pod: Pod,
+    pub port: u16,
+}
+
+pub struct Precinct99 {
+    pub workloads: Vec<Workload>,
+    pub world: Pod,
+    _servers: Vec<Server>,
+    /// Dropped last: pods and their processes go with it.
+    pub node: SimNode,
+}
+
+impl Precinct99 {
+    /// Builds the node, starts every workload's server, and installs the
+    /// misconfigured policy that drops openbao -> postgresql.
+    pub fn start(index: u8) -> Result<Self, SimError> {
+        let node = SimNode::new(index)?;
+        let specs = [
+            ("99-apps", "frontend-7d9f", "frontend", 3000),
+            ("99-apps", "backend-5c8b", "backend", 8000),
+            ("99-apps", "postgresql-0", "postgresql", 5432),
+            ("openbao", "openbao-0", "openbao", 8200),
+            ("spire-system", "spire-server-0", "spire-server", 8081),
+        ];
+        let mut workloads = Vec::new();
+        for (ns, name, app, port) in specs {
+            let pod = node.add_pod(
+                PodSpec::new(ns, name)
+                    .service_account(app)
+                    .label("app", app),
+            )?;
+            workloads.push(Workload { pod, port });
+        }
+        let world = node.add_pod(PodSpec::new("", "external-client"))?;
+        drop_in_pod(
+            &workloads[POSTGRESQL].pod,
+            workloads[OPENBAO].pod.ip4(),
+            5432,
+        )?;
+        let servers = workloads
+            .iter()
+            .map(|w| {
+                w.pod.serve(&ServeOpts {
+                    listen: vec![SocketAddr::new("0.0.0.0".parse().expect("literal"), w.port)],
+                    reply_bytes: 64,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            workloads,
+            world,
+            _servers: servers,
+            node,
+        })
+    }
+
+    /// The endpoint directory (`--endpoints`) in the PRODUCT.md format: the
+    /// workloads and the node; the outside client is in neither list.
+    pub fn endpoint_directory(&self) -> String {
+        let mut y = format!(
+            "nodes:\n  - name: {NODE_NAME}\n    ips: [{}, \"{}\"]\nendpoints:\n",
+            self.node.ip4(),
+            self.node.ip6()
+        );
+        for w in &self.workloads {
+            let p = &w.pod;
+            y.push_str(&format!(
+                "  - ips: [{}, \"{}\"]\n    namespace: {}\n    pod: {}\n    uid: {}\n    serviceAccount: {}\n    labels: {{app: {}}}\n    node: {NODE_NAME}\n",
+                p.ip4(),
+                p.ip6(),
+                p.namespace(),
+                p.name(),
+                p.uid(),
+                p.service_account(),
+                p.service_account()
+            ));
+        }
+        y
+    }
+
+    pub fn write_endpoint_directory(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, self.endpoint_directory())
+    }
+
+    /// Runs one connection of a scenario flow; returns what the client saw.
+    pub fn run(&self, flow: &ScenarioFlow) -> Result<ConnRecord, SimError> {
+        let client = flow.from.map_or(&self.world, |i| &self.workloads[i].pod);
+        let to = &self.workloads[flow.to];
+        let mut opts = ConnectOpts::new(SocketAddr::new(IpAddr::V4(to.pod.ip4()), to.port));
+        opts.send_bytes = 200;
+        opts.timeout_ms = 1000;
+        let report = client.connect(&opts)?;
+        report
+            .records
+            .into_iter()
+            .next()
+            .ok_or_else(|| SimError::Other(format!("{}: simpod printed no record", flow.label)))
+    }
+}
+
+/// Drops TCP traffic from `from` to `port` inside the pod: an nftables rule
+/// in the pod's own network namespace, standing in for a network policy.
+pub fn drop_in_pod(pod: &Pod, from: std::net::Ipv4Addr, port: u16) -> Result<(), SimError> {
+    let rules = format!(
+        "table inet flowaudit_sim {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    ip saddr {from} tcp dport {port} drop\n  }}\n}}\n"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", pod.netns(), "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            if let Some(mut stdin) = c.stdin.take() {
+                stdin.write_all(rules.as_bytes())?;
+            }
+            c.wait_with_output()
+        })
+        .map_err(|e| SimError::Io {
+            what: "run nft (Debian package nftables; `cargo xtask setup` installs it)".into(),
+            source: e,
+        })?;
+    if !out.status.success() {
+        return Err(SimError::Other(format!(
+            "nft failed in pod {}: {}",
+            pod.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
