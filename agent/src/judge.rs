@@ -15,8 +15,9 @@ use tokio::sync::watch;
 
 use crate::flow::{EndKind, Endpoint, EventKind, FlowEvent};
 
-/// Called after every reload attempt: (accepted, rules in force).
-pub type ReloadHook = Box<dyn Fn(bool, usize) + Send + Sync>;
+/// Called after every reload attempt: (accepted, version in force, rules in
+/// force, why the attempt was rejected).
+pub type ReloadHook = Box<dyn Fn(bool, &str, usize, Option<String>) + Send + Sync>;
 
 pub struct Judge {
     pub policy: Option<watch::Receiver<Arc<PolicySet>>>,
@@ -111,7 +112,7 @@ pub async fn watch_policies(
                 }
                 let rules = loaded.policy.rule_count();
                 tracing::info!(version = loaded.policy.version(), rules, "policy reloaded");
-                hook(true, rules);
+                hook(true, loaded.policy.version(), rules, None);
                 if tx.send(Arc::new(loaded.policy)).is_err() {
                     return;
                 }
@@ -127,7 +128,15 @@ pub async fn watch_policies(
                     version = tx.borrow().version(),
                     "the last good policy stays in force"
                 );
-                hook(false, tx.borrow().rule_count());
+                let why = e
+                    .diagnostics()
+                    .first()
+                    .map_or_else(|| e.to_string(), ToString::to_string);
+                let (version, rules) = {
+                    let p = tx.borrow();
+                    (p.version().to_owned(), p.rule_count())
+                };
+                hook(false, &version, rules, Some(why));
             }
         }
     }
@@ -226,7 +235,7 @@ mod tests {
         let task = tokio::spawn(watch_policies(
             vec![dir.clone()],
             tx,
-            Box::new(move |ok, rules| r2.lock().unwrap().push((ok, rules))),
+            Box::new(move |ok, _version: &str, rules, _why| r2.lock().unwrap().push((ok, rules))),
         ));
         tokio::time::sleep(Duration::from_millis(50)).await;
         std::fs::write(&file, "kind: FlowPolicy\nspec: [broken\n").unwrap();

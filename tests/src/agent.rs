@@ -36,6 +36,8 @@ pub struct RunningAgent {
     pub export_file: PathBuf,
     dir: PathBuf,
     log_rx: mpsc::Receiver<Value>,
+    /// Log lines read while waiting for "agent ready".
+    early_logs: Vec<Value>,
     metrics_addr: Option<std::net::SocketAddr>,
     grpc_addrs: Vec<String>,
 }
@@ -68,6 +70,12 @@ impl RunningAgent {
     /// Starts the agent with extra arguments and waits (up to 60 s) until it
     /// says its programs are attached.
     pub fn start(extra_args: &[&str]) -> Self {
+        Self::start_with_env(extra_args, &[])
+    }
+
+    /// Like [`RunningAgent::start`], with extra environment variables for
+    /// the agent (e.g. `KUBECONFIG`).
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "flowaudit-test-{}-{}",
             std::process::id(),
@@ -97,6 +105,7 @@ impl RunningAgent {
             .args(["--log-format", "json", "--node-name", "sim-node"])
             .args(&defaults)
             .args(extra_args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -117,13 +126,18 @@ impl RunningAgent {
             export_file,
             dir,
             log_rx: rx,
+            early_logs: Vec::new(),
             metrics_addr: None,
             grpc_addrs: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match agent.log_rx.recv_timeout(left) {
+            let got = agent.log_rx.recv_timeout(left);
+            if let Ok(v) = &got {
+                agent.early_logs.push(v.clone());
+            }
+            match got {
                 Ok(v) if message(&v).starts_with("agent ready") => return agent,
                 Ok(v) if message(&v).starts_with("metrics listening") => {
                     agent.metrics_addr = v["addr"].as_str().and_then(|a| a.parse().ok());
@@ -171,9 +185,14 @@ impl RunningAgent {
 
     /// Stops the agent with SIGINT (it drains the kernel's ring buffer
     /// first) and returns what it recorded.
-    pub fn stop(mut self) -> AgentReport {
+    pub fn stop(self) -> AgentReport {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Like `stop`, with another signal (SIGTERM is what Kubernetes sends).
+    pub fn stop_with(mut self, signal: i32) -> AgentReport {
         let mut child = self.child.take().expect("agent is running");
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(s) = child.try_wait().expect("wait for the agent") {
@@ -181,11 +200,12 @@ impl RunningAgent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("the agent did not stop within 30 s of SIGINT");
+                panic!("the agent did not stop within 30 s of signal {signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let logs: Vec<Value> = self.log_rx.iter().collect();
+        let mut logs: Vec<Value> = std::mem::take(&mut self.early_logs);
+        logs.extend(self.log_rx.iter());
         assert!(
             status.success(),
             "the agent exited with {status}; its log:\n{logs:#?}"

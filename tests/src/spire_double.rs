@@ -341,6 +341,8 @@ struct Running {
 pub struct SpireDouble {
     shared: Arc<Shared>,
     running: Mutex<Option<Running>>,
+    /// The socket's directory, if the double made it (removed on drop when empty).
+    made_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for SpireDouble {
@@ -399,6 +401,11 @@ impl SpireDouble {
         let double = SpireDouble {
             shared,
             running: Mutex::new(None),
+            made_dir: config
+                .socket
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+                .map(Path::to_path_buf),
         };
         double.serve()?;
         Ok(double)
@@ -583,6 +590,9 @@ impl Drop for SpireDouble {
             server.abort();
         }
         let _ = std::fs::remove_file(&self.shared.socket);
+        if let Some(d) = &self.made_dir {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }
 
@@ -739,6 +749,8 @@ fn issue_svid(
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.subject_alt_names = vec![SanType::URI(id.try_into()?)];
+    // An X.509-SVID leaf says CA:FALSE explicitly (SPIFFE X509-SVID spec, 4.1).
+    p.is_ca = IsCa::ExplicitNoCa;
     p.distinguished_name.push(DnType::OrganizationName, "SPIRE");
     p.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,

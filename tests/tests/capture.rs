@@ -360,3 +360,83 @@ fn burst_of_5000_connections_across_pods_loses_nothing() {
     );
     assert_eq!(report_agent.counter("malformed_records"), 0);
 }
+
+/// Names of the eBPF programs loaded in the kernel (bpftool truncates to 15 chars).
+fn loaded_programs() -> String {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "list"])
+        .output()
+        .expect("bpftool (Debian package bpftool; `cargo xtask setup` installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool prog list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sigterm_drains_and_detaches() {
+    require_root();
+    let (_node, client, server) = two_pods(24);
+    let _srv = server
+        .serve(&ServeOpts {
+            listen: vec!["0.0.0.0:8000".parse().unwrap()],
+            reply_bytes: 10,
+        })
+        .expect("server");
+    let agent = RunningAgent::start(&[]);
+    assert!(
+        loaded_programs().contains("flowaudit_sock_"),
+        "the program is not loaded while the agent runs"
+    );
+    let mut opts = ConnectOpts::new(SocketAddr::new(IpAddr::V4(server.ip4()), 8000));
+    opts.count = 200;
+    opts.concurrency = 8;
+    let rep = client.connect(&opts).expect("client");
+    // Stop at once: events still in the ring buffer must be drained, not lost.
+    let report = agent.stop_with(libc::SIGTERM);
+    let closes = report
+        .flows
+        .iter()
+        .filter(|f| f["event"] == "CLOSE" && f["direction"] == "EGRESS")
+        .count();
+    assert_eq!(
+        closes,
+        rep.records.len(),
+        "every connection's CLOSE must be written before the agent exits"
+    );
+    assert!(
+        report
+            .logs
+            .iter()
+            .any(|l| l["message"].as_str().unwrap_or("").contains("SIGTERM")),
+        "the agent did not log the SIGTERM"
+    );
+    let progs = loaded_programs();
+    assert!(
+        !progs.contains("flowaudit_sock_"),
+        "the program is still attached after the agent exited:\n{progs}"
+    );
+}
+
+#[test]
+fn not_root_is_a_clear_error() {
+    require_root();
+    // Run the agent as nobody: it must refuse with the fix, not fail obscurely.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(flowaudit_tests::agent::agent_binary())
+        .args(["agent", "--spire-admin-socket", "none"])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(
+        !out.status.success(),
+        "the agent must not start without root"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("must run as root") && err.contains("65534"),
+        "unclear error: {err}"
+    );
+}

@@ -15,10 +15,10 @@ use crate::capture::Capture;
 use crate::endpoints::EndpointDirectory;
 use crate::identity::Enricher;
 use crate::identity::cgroup::CgroupResolver;
-use crate::identity::spire::{SpireClient, SpireOptions};
+use crate::identity::spire::{SpireClient, SpireObserver, SpireOptions};
 use crate::judge::Judge;
 use crate::pipeline::{Pipeline, PipelineStats};
-use crate::state::AgentState;
+use crate::state::{AgentState, PolicyStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -47,13 +47,18 @@ pub struct AgentArgs {
         long,
         env = "FLOWAUDIT_SPIRE_ADMIN_SOCKET",
         value_name = "PATH",
-        default_value = "/run/spire/admin-sockets/admin.sock"
+        default_value = crate::identity::spire::DEFAULT_ADMIN_SOCKET
     )]
     pub spire_admin_socket: String,
     /// Static endpoint directory (YAML: pods and nodes by address), for nodes
     /// without the Kubernetes API and for tests. Reloaded on change.
     #[arg(long, env = "FLOWAUDIT_ENDPOINTS", value_name = "PATH")]
     pub endpoints: Option<PathBuf>,
+    /// Watch pods and nodes through the Kubernetes API for the endpoint
+    /// directory (default: on when KUBERNETES_SERVICE_HOST is set and no
+    /// --endpoints is given).
+    #[arg(long, env = "FLOWAUDIT_KUBERNETES")]
+    pub kubernetes: bool,
     /// Trust domain for DERIVED identities (default: the policy's, else the
     /// first attested identity's).
     #[arg(long, env = "FLOWAUDIT_TRUST_DOMAIN", value_name = "DOMAIN")]
@@ -136,7 +141,10 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         pipeline_stats.clone(),
     ));
     let sinks = crate::export::start(&args.export, &state).await?;
-    let (enricher, judge) = start_identity_and_policy(&args, &capture, policy)?;
+    let endpoints = start_endpoints(&args).await?;
+    let (enricher, judge) = start_identity_and_policy(&args, endpoints, &capture, policy, &state)?;
+    let spire = enricher.spire.clone();
+    let mut spire_seen: Option<(bool, String, Option<String>)> = None;
     let pipeline = tokio::spawn(
         Pipeline::new(
             node.clone(),
@@ -148,6 +156,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         )
         .run(rx),
     );
+    // Ready (for /readyz) before saying so in the log.
+    state.attached.store(true, Ordering::Relaxed);
     tracing::info!(
         node = %node,
         cgroup_root = %capture.cgroup_root.display(),
@@ -156,11 +166,16 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         "agent ready: sock_ops attached to the cgroup v2 root"
     );
 
-    state.attached.store(true, Ordering::Relaxed);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = tick.tick() => report_losses(&capture),
+            _ = tick.tick() => {
+                report_losses(&capture);
+                if let Some(spire) = &spire {
+                    report_spire(spire, &mut spire_seen);
+                    state.report_identity_cache(spire.status().cached_workloads as u64);
+                }
+            }
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
         }
@@ -185,19 +200,11 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
 /// Starts the endpoint directory and policy watchers and the SPIRE client.
 fn start_identity_and_policy(
     args: &AgentArgs,
+    endpoints: Option<watch::Receiver<Arc<EndpointDirectory>>>,
     capture: &Capture,
     policy: Option<flowaudit_policy::Loaded>,
+    state: &Arc<AgentState>,
 ) -> anyhow::Result<(Enricher, Judge)> {
-    let endpoints = match &args.endpoints {
-        Some(path) => {
-            let dir = EndpointDirectory::load(path)?;
-            tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory loaded");
-            let (tx, rx) = watch::channel(Arc::new(dir));
-            tokio::spawn(crate::endpoints::watch_file(path.clone(), tx));
-            Some(rx)
-        }
-        None => None,
-    };
     let mut trust_domain = args.trust_domain.clone();
     let judge = match policy {
         Some(loaded) => {
@@ -213,12 +220,26 @@ fn start_identity_and_policy(
             if trust_domain.is_none() {
                 trust_domain = loaded.policy.trust_domains().first().cloned();
             }
+            state.report_policy(PolicyStatus {
+                version: Some(loaded.policy.version().to_owned()),
+                rules: loaded.policy.rule_count() as u64,
+                loaded: Some(std::time::SystemTime::now()),
+                last_error: None,
+            });
             let (tx, rx) = watch::channel(Arc::new(loaded.policy));
-            tokio::spawn(crate::judge::watch_policies(
-                args.policy.clone(),
-                tx,
-                Box::new(|_, _| {}),
-            ));
+            let st = state.clone();
+            let hook = Box::new(
+                move |ok: bool, version: &str, rules: usize, error: Option<String>| {
+                    st.metrics.policy_reload(ok);
+                    st.report_policy(PolicyStatus {
+                        version: Some(version.to_owned()),
+                        rules: rules as u64,
+                        loaded: Some(std::time::SystemTime::now()),
+                        last_error: error,
+                    });
+                },
+            );
+            tokio::spawn(crate::judge::watch_policies(args.policy.clone(), tx, hook));
             Judge { policy: Some(rx) }
         }
         None => Judge { policy: None },
@@ -228,16 +249,105 @@ fn start_identity_and_policy(
             tracing::info!("SPIRE attestation disabled: local ends get DERIVED identities");
             None
         }
-        path => Some(SpireClient::start(
-            PathBuf::from(path),
-            SpireOptions::default(),
-        )),
+        path => {
+            let observer = Arc::new(SpireGauge {
+                state: state.clone(),
+                socket: path.to_owned(),
+            });
+            Some(SpireClient::start(
+                PathBuf::from(path),
+                SpireOptions {
+                    observer: Some(observer),
+                    ..Default::default()
+                },
+            ))
+        }
     };
     let cgroups = CgroupResolver::new(capture.cgroup_root.clone());
-    Ok((
-        Enricher::new(endpoints, cgroups, spire, trust_domain),
-        judge,
-    ))
+    let mut enricher = Enricher::new(endpoints, cgroups, spire, trust_domain);
+    enricher.node_name = node_name(args.node_name.as_deref());
+    // Counted once per flow end, when its identity is settled (not per poll).
+    let st = state.clone();
+    enricher.on_lookup = Some(Box::new(move |result| st.metrics.identity_lookup(result)));
+    Ok((enricher, judge))
+}
+
+/// The endpoint directory: from `--endpoints FILE`, or from the Kubernetes
+/// API (`--kubernetes`, on by default inside a cluster), watched either way.
+async fn start_endpoints(
+    args: &AgentArgs,
+) -> anyhow::Result<Option<watch::Receiver<Arc<EndpointDirectory>>>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
+    match (&args.endpoints, args.kubernetes) {
+        (Some(_), true) => anyhow::bail!(
+            "--endpoints and --kubernetes both set: choose one source for the endpoint directory"
+        ),
+        (Some(path), false) => {
+            let dir = EndpointDirectory::load(path)?;
+            tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory loaded");
+            let (tx, rx) = watch::channel(Arc::new(dir));
+            tokio::spawn(crate::endpoints::watch_file(path.clone(), tx));
+            Ok(Some(rx))
+        }
+        (None, explicit) if explicit || in_cluster => {
+            let client = crate::endpoints::kubernetes::client().await?;
+            let (tx, rx) = watch::channel(Arc::new(EndpointDirectory::default()));
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(crate::endpoints::kubernetes::watch_cluster(
+                client,
+                tx,
+                Some(ready_tx),
+            ));
+            // Flows judged before the first list would all be "world".
+            if tokio::time::timeout(Duration::from_secs(10), ready_rx)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "the Kubernetes API has not listed pods within 10 s; starting with an empty endpoint directory"
+                );
+            }
+            Ok(Some(rx))
+        }
+        (None, _) => {
+            tracing::warn!(
+                "no --endpoints and no Kubernetes API: peers cannot be named (kind UNKNOWN)"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Feeds the SPIRE connection state to `flowaudit_spire_connected` and status.
+struct SpireGauge {
+    state: Arc<AgentState>,
+    socket: String,
+}
+
+impl SpireObserver for SpireGauge {
+    fn on_connected(&self, connected: bool) {
+        self.state.report_spire(connected, &self.socket);
+    }
+}
+
+/// Logs the SPIRE connection whenever it changes: connected or not, which
+/// attestation mode the SPIRE agent supports, and the last error with its fix.
+fn report_spire(spire: &SpireClient, seen: &mut Option<(bool, String, Option<String>)>) {
+    let st = spire.status();
+    let now = (st.connected, st.mode.to_string(), st.last_error.clone());
+    if seen.as_ref() == Some(&now) {
+        return;
+    }
+    if st.connected {
+        tracing::info!(socket = %st.socket_path.display(), mode = %st.mode, "SPIRE Delegated Identity API connected");
+    } else {
+        tracing::warn!(
+            socket = %st.socket_path.display(),
+            error = st.last_error.as_deref().unwrap_or("not connected yet"),
+            "SPIRE Delegated Identity API unavailable: local ends get UNKNOWN identities until it answers"
+        );
+    }
+    *seen = Some(now);
 }
 
 fn report_losses(capture: &Capture) {

@@ -5,6 +5,8 @@
 //! version of the file that does not parse is rejected with file, line and
 //! column, and the last good directory stays in force.
 
+pub mod kubernetes;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

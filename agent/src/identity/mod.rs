@@ -35,6 +35,8 @@ pub struct Enricher {
     /// For DERIVED IDs; when None, the trust domain of the first attested ID seen.
     pub trust_domain: Option<String>,
     learned_trust_domain: Option<String>,
+    /// This node: remote pods elsewhere are never asked of the local SPIRE agent.
+    pub node_name: String,
     pub on_lookup: Option<Box<dyn Fn(&'static str) + Send>>,
 }
 
@@ -51,6 +53,7 @@ impl Enricher {
             spire,
             trust_domain,
             learned_trust_domain: None,
+            node_name: String::new(),
             on_lookup: None,
         }
     }
@@ -102,19 +105,27 @@ impl Enricher {
             apply_peer(remote, &d.peer(remote_ip));
         }
         // Remote end: attested if SPIRE already knows that pod, else derived.
-        let remote_uid = match (&dir, remote.kind) {
+        // SPIRE matches an entry when its selectors are a subset of those
+        // asked with: ask with everything known about the pod.
+        let remote_query = match (&dir, remote.kind) {
             (Some(d), EndKind::Pod) => match d.peer(remote_ip) {
-                Peer::Pod(p) if !p.uid.is_empty() => Some(p.uid.clone()),
+                // Only this node's SPIRE agent can attest this node's pods.
+                Peer::Pod(p)
+                    if !p.uid.is_empty() && (p.node.is_empty() || p.node == self.node_name) =>
+                {
+                    Some(WorkloadQuery {
+                        pod_uid: Some(p.uid.clone()),
+                        namespace: non_empty(&p.namespace),
+                        service_account: non_empty(&p.service_account),
+                        ..Default::default()
+                    })
+                }
                 _ => None,
             },
             _ => None,
         };
         let mut remote_attested = None;
-        if let (Some(spire), Some(uid)) = (&self.spire, remote_uid) {
-            let q = WorkloadQuery {
-                pod_uid: Some(uid),
-                ..Default::default()
-            };
+        if let (Some(spire), Some(q)) = (&self.spire, remote_query) {
             if let Lookup::Attested(id) = spire.lookup(&q) {
                 remote_attested = Some(id.spiffe_id.clone());
             }
@@ -166,7 +177,8 @@ impl Enricher {
                 set_id(local, String::new(), IdentitySource::Unknown);
                 self.count("timeout");
             }
-            Lookup::Unavailable(_) => {
+            Lookup::Unavailable(why) => {
+                tracing::debug!(%why, "SPIRE unavailable: local end UNKNOWN");
                 set_id(local, String::new(), IdentitySource::Unknown);
                 self.count("unavailable");
             }
