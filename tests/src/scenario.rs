@@ -187,6 +187,38 @@ impl Precinct99 {
         std::fs::write(path, self.endpoint_directory())
     }
 
+    /// A SPIRE stand-in configuration that knows these pods and has one
+    /// registration entry per workload, by namespace and service account (as
+    /// a ClusterSPIFFEID would make them). Let the agent in with
+    /// `set_authorized(true)`: an entry by `unix:uid:0` would also match the
+    /// pods' own root processes.
+    pub fn spire_double_config(
+        &self,
+        socket: std::path::PathBuf,
+        version: &str,
+    ) -> crate::spire_double::SpireDoubleConfig {
+        let mut cfg = crate::spire_double::SpireDoubleConfig::new(socket, "demo.local")
+            .ttl(3600)
+            .version(version);
+        for w in &self.workloads {
+            let p = &w.pod;
+            cfg = cfg
+                .pod(p.uid(), p.namespace(), p.service_account(), p.name())
+                .entry(
+                    &format!(
+                        "spiffe://demo.local/ns/{}/sa/{}",
+                        p.namespace(),
+                        p.service_account()
+                    ),
+                    &[
+                        &format!("k8s:ns:{}", p.namespace()),
+                        &format!("k8s:sa:{}", p.service_account()),
+                    ],
+                );
+        }
+        cfg
+    }
+
     /// Runs one connection of a scenario flow; returns what the client saw.
     pub fn run(&self, flow: &ScenarioFlow) -> Result<ConnRecord, SimError> {
         let client = flow.from.map_or(&self.world, |i| &self.workloads[i].pod);

@@ -28,31 +28,8 @@ fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// A double that knows the scenario's pods and has one registration entry per
-/// workload (by namespace and service account, as a ClusterSPIFFEID would make).
 fn double_config(sim: &Precinct99, socket: PathBuf, version: &str) -> SpireDoubleConfig {
-    // The agent is let in by the double's override (set_authorized): an entry
-    // by `unix:uid:0` would also match the pods' root processes.
-    let mut cfg = SpireDoubleConfig::new(socket, "demo.local")
-        .ttl(3600)
-        .version(version);
-    for w in &sim.workloads {
-        let p = &w.pod;
-        cfg = cfg
-            .pod(p.uid(), p.namespace(), p.service_account(), p.name())
-            .entry(
-                &format!(
-                    "spiffe://demo.local/ns/{}/sa/{}",
-                    p.namespace(),
-                    p.service_account()
-                ),
-                &[
-                    &format!("k8s:ns:{}", p.namespace()),
-                    &format!("k8s:sa:{}", p.service_account()),
-                ],
-            );
-    }
-    cfg
+    sim.spire_double_config(socket, version)
 }
 
 fn start_agent(sim: &Precinct99, dir: &std::path::Path, socket: &std::path::Path) -> RunningAgent {

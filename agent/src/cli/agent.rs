@@ -340,6 +340,8 @@ fn report_spire(spire: &SpireClient, seen: &mut Option<(bool, String, Option<Str
     }
     if st.connected {
         tracing::info!(socket = %st.socket_path.display(), mode = %st.mode, "SPIRE Delegated Identity API connected");
+    } else if seen.is_none() && st.last_error.is_none() {
+        tracing::info!(socket = %st.socket_path.display(), "connecting to the SPIRE Delegated Identity API");
     } else {
         tracing::warn!(
             socket = %st.socket_path.display(),
