@@ -30,12 +30,17 @@ pub struct PipelineStats {
     pub flows: AtomicU64,
     /// Flows that waited for SPIRE and went out without its answer.
     pub identity_timeouts: AtomicU64,
+    /// Flows that waited for SPIRE's answer, and how long (microseconds).
+    pub identity_waits: AtomicU64,
+    pub identity_wait_us_total: AtomicU64,
+    pub identity_wait_us_max: AtomicU64,
 }
 
 struct Parked {
     flow: FlowEvent,
     /// None: queued behind an earlier parked flow of the same socket.
     query: Option<WorkloadQuery>,
+    parked_at: Instant,
     deadline: Instant,
 }
 
@@ -117,10 +122,12 @@ impl Pipeline {
         };
         if query.is_some() || self.parked_sockets.contains(&cookie) {
             self.parked_sockets.insert(cookie);
+            let now = Instant::now();
             self.parked.push_back(Parked {
                 flow,
                 query,
-                deadline: Instant::now() + self.identity_wait,
+                parked_at: now,
+                deadline: now + self.identity_wait,
             });
             return;
         }
@@ -147,6 +154,14 @@ impl Pipeline {
                         if matches!(answer, Lookup::Pending) {
                             self.stats.identity_timeouts.fetch_add(1, Ordering::Relaxed);
                         }
+                        let waited = p.parked_at.elapsed().as_micros() as u64;
+                        self.stats.identity_waits.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .identity_wait_us_total
+                            .fetch_add(waited, Ordering::Relaxed);
+                        self.stats
+                            .identity_wait_us_max
+                            .fetch_max(waited, Ordering::Relaxed);
                         e.apply_lookup(p.flow.local_end_mut(), answer);
                     }
                     done

@@ -121,8 +121,36 @@ fn local_ends_are_attested_by_pid_and_by_selectors() {
             "{version}: the agent should say it attests by {mode}; logs: {:#?}",
             report.logs
         );
-        let stats = double.stats();
-        eprintln!("{version}: double stats {stats:?}");
+        let local_ends: Vec<&Value> = report
+            .flows
+            .iter()
+            .map(|f| {
+                if f["direction"] == "EGRESS" {
+                    &f["source"]
+                } else {
+                    &f["destination"]
+                }
+            })
+            .filter(|e| e["kind"] == "POD")
+            .collect();
+        let attested = local_ends
+            .iter()
+            .filter(|e| e["identity_source"] == "ATTESTED")
+            .count();
+        eprintln!(
+            "{version}: {attested} of {} local pod ends ATTESTED; flows that waited for SPIRE: {}, mean {} us, max {} us, timeouts {}; double {:?}",
+            local_ends.len(),
+            report.counter("identity_waits"),
+            report.counter("identity_wait_us_mean"),
+            report.counter("identity_wait_us_max"),
+            report.counter("identity_timeouts"),
+            double.stats()
+        );
+        assert_eq!(
+            report.counter("identity_timeouts"),
+            0,
+            "{version}: SPIRE answered late"
+        );
         rt.block_on(double.stop());
         std::fs::remove_dir_all(dir).ok();
     }
@@ -153,6 +181,7 @@ fn spire_outage_gives_unknown_then_attested_again() {
     std::thread::sleep(Duration::from_millis(1500));
     let during = sim.run(flow).expect("traffic");
     rt.block_on(double.restart()).expect("restart the double");
+    let restarted = std::time::Instant::now();
     double.set_authorized(true);
     // Reconnection backs off (at most 5 s): flows become ATTESTED again
     // within a bounded time; try a new client every second for 20 s.
@@ -174,6 +203,10 @@ fn spire_outage_gives_unknown_then_attested_again() {
         }
     }
     let after = after.expect("ran after the restart");
+    eprintln!(
+        "outage: ATTESTED again {:?} after the SPIRE stand-in restarted",
+        restarted.elapsed()
+    );
     let report = agent.stop();
     let src = |rec| egress(&report.flows, rec, "CONNECT")["source"].clone();
     assert_eq!(

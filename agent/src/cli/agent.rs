@@ -191,6 +191,13 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         malformed_records = stats.malformed.load(Ordering::Relaxed),
         kernel_events_lost = stats.events_lost(),
         flows = pipeline_stats.flows.load(Ordering::Relaxed),
+        identity_waits = pipeline_stats.identity_waits.load(Ordering::Relaxed),
+        identity_wait_us_mean = pipeline_stats
+            .identity_wait_us_total
+            .load(Ordering::Relaxed)
+            / pipeline_stats.identity_waits.load(Ordering::Relaxed).max(1),
+        identity_wait_us_max = pipeline_stats.identity_wait_us_max.load(Ordering::Relaxed),
+        identity_timeouts = pipeline_stats.identity_timeouts.load(Ordering::Relaxed),
         "agent stopped; programs detached"
     );
     drop(capture);
