@@ -16,7 +16,7 @@ use crate::{Pod, PodSpec, SimError, SimNode};
 pub const NODE_NAME: &str = "precinct-99-worker";
 
 /// One kind of scenario traffic and the verdict the intended policy
-/// (`deploy/examples/precinct-99-scenario.yaml`) gives it.
+/// (`deploy/examples/scenario/precinct-99-scenario.yaml`) gives it.
 #[derive(Debug, Clone, Copy)]
 pub struct ScenarioFlow {
     pub label: &'static str,

@@ -969,3 +969,49 @@ fn observe_output_matches_the_golden_files() {
         );
     }
 }
+
+#[test]
+fn prometheus_counts_the_scenario_violations() {
+    require_root();
+    let sim = flowaudit_tests::scenario::Precinct99::start(42).expect("precinct-99");
+    let dir = std::env::temp_dir().join(format!("flowaudit-prom-scenario-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let endpoints = dir.join("endpoints.yaml");
+    sim.write_endpoint_directory(&endpoints).expect("endpoints");
+    let policy = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/scenario/precinct-99-scenario.yaml");
+    let agent = RunningAgent::start(&[
+        "--endpoints",
+        endpoints.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--spire-admin-socket",
+        "none",
+    ]);
+    let prom = Prometheus::start(agent.metrics_addr());
+    let mut http = Http::connect(prom.addr);
+    wait_until("Prometheus scraped the agent", Duration::from_secs(30), || {
+        http.query("up{job=\"flowaudit\"}") == Some(1.0)
+    });
+    const ROUNDS: usize = 3;
+    for _ in 0..ROUNDS {
+        for f in &flowaudit_tests::scenario::SCENARIO {
+            sim.run(f).expect("scenario traffic");
+        }
+    }
+    // frontend -> postgresql is the scenario's one violation: counted once per
+    // connection and observing side (client EGRESS, server INGRESS).
+    let violations = "sum(flowaudit_policy_violations_total)";
+    let expected = (2 * ROUNDS) as f64;
+    wait_until("Prometheus sees the scenario's violations", Duration::from_secs(30), || {
+        http.query(violations) == Some(expected)
+    });
+    let by_pair = "sum(flowaudit_policy_violations_total{source=\"spiffe://demo.local/ns/99-apps/sa/frontend\",destination=\"spiffe://demo.local/ns/99-apps/sa/postgresql\",port=\"5432\"})";
+    assert_eq!(http.query(by_pair), Some(expected), "violations are not labelled with the identities");
+    // The dropped intended flow: one FAILED attempt per round, seen by the client.
+    wait_until("Prometheus sees INTENDED_FLOW_FAILED", Duration::from_secs(30), || {
+        http.query("sum(flowaudit_findings_total{kind=\"INTENDED_FLOW_FAILED\"})") == Some(ROUNDS as f64)
+    });
+    let report = agent.stop();
+    assert_eq!(report.counter("kernel_events_lost"), 0);
+    std::fs::remove_dir_all(dir).ok();
+}

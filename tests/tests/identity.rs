@@ -37,7 +37,7 @@ fn start_agent(sim: &Precinct99, dir: &std::path::Path, socket: &std::path::Path
     sim.write_endpoint_directory(&endpoints)
         .expect("write endpoints");
     let policy = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/examples/precinct-99-scenario.yaml");
+        .join("../deploy/examples/scenario/precinct-99-scenario.yaml");
     RunningAgent::start(&[
         "--endpoints",
         endpoints.to_str().unwrap(),

@@ -24,7 +24,7 @@ fn require_root() {
 }
 
 fn policy_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/precinct-99-scenario.yaml")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/scenario/precinct-99-scenario.yaml")
 }
 
 fn temp_dir(name: &str) -> PathBuf {

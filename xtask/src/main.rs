@@ -232,7 +232,7 @@ fn demo(duration: Option<String>) -> Result<()> {
         .arg("--workdir")
         .arg(root.join("target/demo"))
         .arg("--policy")
-        .arg(root.join("deploy/examples/precinct-99-scenario.yaml"));
+        .arg(root.join("deploy/examples/scenario/precinct-99-scenario.yaml"));
     if let Some(d) = duration {
         cmd.args(["--duration", &d]);
     }
