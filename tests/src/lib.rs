@@ -9,5 +9,6 @@ pub mod scenario;
 pub mod simnode;
 pub mod simpod;
 pub mod spire_double;
+pub mod support;
 
 pub use simnode::{Pod, PodSpec, SimError, SimNode, cleanup_stale};

@@ -8,16 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use flowaudit_tests::agent::{RunningAgent, flows_between};
 use flowaudit_tests::simpod::{ConnResult, ConnectOpts, ServeOpts};
+use flowaudit_tests::support::*;
 use flowaudit_tests::{Pod, PodSpec, SimNode};
 use serde_json::Value;
-
-fn require_root() {
-    if unsafe { libc::geteuid() } != 0 {
-        panic!(
-            "these tests load eBPF programs and build network namespaces: run them as root (`sudo -E cargo xtask test`)"
-        );
-    }
-}
 
 fn one<'a>(
     flows: impl Iterator<Item = &'a Value>,
@@ -55,25 +48,6 @@ fn assert_owner(end: &Value, pid: u32, pod: &Pod, what: &str) {
         "{what}: cgroup of pod {} in {end}",
         pod.name()
     );
-}
-
-fn two_pods(index: u8) -> (SimNode, Pod, Pod) {
-    let node = SimNode::new(index).expect("simulated node");
-    let client = node
-        .add_pod(
-            PodSpec::new("99-apps", "frontend-7d9f")
-                .service_account("frontend")
-                .label("app", "frontend"),
-        )
-        .expect("client pod");
-    let server = node
-        .add_pod(
-            PodSpec::new("99-apps", "backend-5c8b")
-                .service_account("backend")
-                .label("app", "backend"),
-        )
-        .expect("server pod");
-    (node, client, server)
 }
 
 /// `server_first`: the server listens before the agent starts (its owner

@@ -12,21 +12,8 @@ use flowaudit_tests::agent::{RunningAgent, flows_between};
 use flowaudit_tests::scenario::{BACKEND, FRONTEND, Precinct99, SCENARIO};
 use flowaudit_tests::simpod::ConnRecord;
 use flowaudit_tests::spire_double::{SpireDouble, SpireDoubleConfig};
+use flowaudit_tests::support::*;
 use serde_json::Value;
-
-fn require_root() {
-    if unsafe { libc::geteuid() } != 0 {
-        panic!(
-            "these tests load eBPF programs and build network namespaces: run them as root (`sudo -E cargo xtask test`)"
-        );
-    }
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flowaudit-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
 
 fn double_config(sim: &Precinct99, socket: PathBuf, version: &str) -> SpireDoubleConfig {
     sim.spire_double_config(socket, version)

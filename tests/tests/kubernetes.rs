@@ -6,32 +6,14 @@
 //! (new name and service account on the same address) show in later flows.
 //! Needs root; never skips.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flowaudit_tests::agent::{RunningAgent, flows_between};
 use flowaudit_tests::kube_standin::{KubeStandin, StandinPod};
 use flowaudit_tests::scenario::{BACKEND, FRONTEND, Precinct99, SCENARIO};
 use flowaudit_tests::simpod::ConnRecord;
+use flowaudit_tests::support::*;
 use serde_json::Value;
-
-fn require_root() {
-    if unsafe { libc::geteuid() } != 0 {
-        panic!(
-            "these tests load eBPF programs and build network namespaces: run them as root (`sudo -E cargo xtask test`)"
-        );
-    }
-}
-
-fn policy_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/scenario/precinct-99-scenario.yaml")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flowaudit-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
 
 fn findings(f: &Value) -> Vec<&str> {
     f["findings"]
@@ -84,7 +66,9 @@ fn pod_metadata_comes_from_the_kubernetes_api_and_follows_changes() {
         &[
             "--kubernetes",
             "--policy",
-            policy_path().to_str().unwrap(),
+            flowaudit_tests::support::scenario_policy()
+                .to_str()
+                .unwrap(),
             "--spire-admin-socket",
             "none",
         ],

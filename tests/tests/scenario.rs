@@ -5,30 +5,12 @@
 //! derived from pod metadata; and a change to the endpoint directory is
 //! picked up while the agent runs. Needs root; never skips.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use flowaudit_tests::agent::{RunningAgent, flows_between};
 use flowaudit_tests::scenario::{FRONTEND, Precinct99, SCENARIO};
+use flowaudit_tests::support::*;
 use serde_json::Value;
-
-fn require_root() {
-    if unsafe { libc::geteuid() } != 0 {
-        panic!(
-            "these tests load eBPF programs and build network namespaces: run them as root (`sudo -E cargo xtask test`)"
-        );
-    }
-}
-
-fn policy_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/scenario/precinct-99-scenario.yaml")
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flowaudit-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
 
 fn findings(f: &Value) -> Vec<&str> {
     f["findings"]
@@ -49,7 +31,9 @@ fn scenario_flows_get_the_intended_verdicts() {
         "--endpoints",
         endpoints.to_str().unwrap(),
         "--policy",
-        policy_path().to_str().unwrap(),
+        flowaudit_tests::support::scenario_policy()
+            .to_str()
+            .unwrap(),
         "--spire-admin-socket",
         "none",
     ]);
@@ -150,7 +134,9 @@ fn endpoint_directory_changes_apply_while_running() {
         "--endpoints",
         endpoints.to_str().unwrap(),
         "--policy",
-        policy_path().to_str().unwrap(),
+        flowaudit_tests::support::scenario_policy()
+            .to_str()
+            .unwrap(),
         "--spire-admin-socket",
         "none",
     ]);

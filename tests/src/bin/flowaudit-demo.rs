@@ -34,7 +34,10 @@ struct Args {
     #[arg(long)]
     duration: Option<String>,
     /// The intended policy the flows are judged against.
-    #[arg(long, default_value = "deploy/examples/scenario/precinct-99-scenario.yaml")]
+    #[arg(
+        long,
+        default_value = "deploy/examples/scenario/precinct-99-scenario.yaml"
+    )]
     policy: PathBuf,
     /// Seconds between rounds of scenario traffic.
     #[arg(long, default_value_t = 3)]

@@ -1,0 +1,67 @@
+//! Small helpers every integration test uses: the root check that fails
+//! (never skips) with the fix, a per-test temporary directory, the two-pod
+//! node, the scenario policy's path, and the "local pod end" of a flow event.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::{Pod, PodSpec, SimNode};
+
+/// Fails the test with the fix when not root: the tests load eBPF programs
+/// and build network namespaces. Never a silent skip.
+pub fn require_root() {
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "these tests load eBPF programs and build network namespaces: run them as root (`sudo -E cargo xtask test`)"
+        );
+    }
+}
+
+/// A fresh directory for one test, named after it and this process.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flowaudit-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+    d
+}
+
+/// `deploy/examples/scenario/precinct-99-scenario.yaml`.
+pub fn scenario_policy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples/scenario/precinct-99-scenario.yaml")
+}
+
+/// A node with a client pod (frontend) and a server pod (backend).
+pub fn two_pods(index: u8) -> (SimNode, Pod, Pod) {
+    let node = SimNode::new(index).expect("simulated node");
+    let client = node
+        .add_pod(
+            PodSpec::new("99-apps", "frontend-7d9f")
+                .service_account("frontend")
+                .label("app", "frontend"),
+        )
+        .expect("client pod");
+    let server = node
+        .add_pod(
+            PodSpec::new("99-apps", "backend-5c8b")
+                .service_account("backend")
+                .label("app", "backend"),
+        )
+        .expect("server pod");
+    (node, client, server)
+}
+
+/// The end whose socket the node saw, for events whose ends are pods.
+pub fn local_pod_ends(flows: &[Value]) -> Vec<&Value> {
+    flows
+        .iter()
+        .map(|f| {
+            if f["direction"] == "EGRESS" {
+                &f["source"]
+            } else {
+                &f["destination"]
+            }
+        })
+        .filter(|e| e["kind"] == "POD")
+        .collect()
+}
