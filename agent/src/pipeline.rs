@@ -106,6 +106,12 @@ impl Pipeline {
                 }
             }
         }
+        // Shutting down: parked flows still get their bounded wait.
+        let until = Instant::now() + self.identity_wait;
+        while !self.parked.is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.release(false);
+        }
         self.release(true);
         self.flush();
     }

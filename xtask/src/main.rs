@@ -42,7 +42,7 @@ enum Task {
         #[arg(long)]
         duration: Option<String>,
     },
-    /// Benchmarks (criterion micro-benchmarks).
+    /// Benchmarks: policy evaluation cost (criterion) and gRPC stream capacity.
     Bench,
     /// Exactly what CI runs: `test`.
     Ci,
@@ -240,5 +240,18 @@ fn demo(duration: Option<String>) -> Result<()> {
 }
 
 fn bench() -> Result<()> {
-    run(cargo().args(["bench", "-p", "flowaudit-policy"]))
+    // Policy evaluation cost at 10, 1,000 and 10,000 rules (criterion).
+    run(cargo().args(["bench", "-p", "flowaudit-policy"]))?;
+    // gRPC stream capacity to 1 and 100 subscribers (ignored in `test`: it
+    // measures, it does not assert on time).
+    run(cargo().args([
+        "test",
+        "--release",
+        "-p",
+        "flowaudit",
+        "stream_throughput",
+        "--",
+        "--ignored",
+        "--nocapture",
+    ]))
 }

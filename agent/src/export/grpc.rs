@@ -811,7 +811,7 @@ mod tests {
     /// flows/s per subscriber and in total. Run with
     /// `cargo test --release -p flowaudit stream_throughput -- --ignored --nocapture`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "benchmark; prints figures"]
+    #[ignore = "a measurement, run by `cargo xtask bench`; tests do not assert on time"]
     async fn stream_throughput() {
         for subs in [1usize, 100] {
             let flows = if subs == 1 { 200_000 } else { 20_000 };

@@ -1017,7 +1017,15 @@ async fn follow(
     let mut stream = match opened {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            if let Key::Pid { pid, .. } = key {
+            if let Key::Pid { pid, start_ns } = key {
+                // A short-lived process may exit before SPIRE attests it:
+                // then ask by its pod's selectors instead.
+                if shared.check_start(*pid, *start_ns) != StartCheck::Same {
+                    return Outcome::Redirect(format!(
+                        "pid {pid} exited before SPIRE attested it: {}",
+                        s.message()
+                    ));
+                }
                 match (mode_from_pid_error(&s), s.code()) {
                     (Some(SpireMode::Selectors), _) => {
                         shared.learn_mode(SpireMode::Selectors, s.message());
@@ -1062,7 +1070,18 @@ async fn follow(
                     shared.socket.display()
                 ));
             }
-            Err(s) => return Outcome::Failed(describe_status(&shared.socket, &s)),
+            Err(s) => {
+                if first
+                    && let Key::Pid { pid, start_ns } = key
+                    && shared.check_start(*pid, *start_ns) != StartCheck::Same
+                {
+                    return Outcome::Redirect(format!(
+                        "pid {pid} exited while SPIRE attested it: {}",
+                        s.message()
+                    ));
+                }
+                return Outcome::Failed(describe_status(&shared.socket, &s));
+            }
         }
     }
 }
