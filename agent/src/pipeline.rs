@@ -143,6 +143,9 @@ impl Pipeline {
     /// Sends out parked flows whose identity arrived or whose wait is over.
     /// `all`: at shutdown, everything goes.
     fn release(&mut self, all: bool) {
+        if self.parked.is_empty() {
+            return;
+        }
         let now = Instant::now();
         let mut still = VecDeque::with_capacity(self.parked.len());
         let mut blocked: HashSet<u64> = HashSet::new();

@@ -101,27 +101,26 @@ impl Enricher {
             (None, Some(d)) => apply_peer(local, &d.peer(local_ip)),
             (None, None) => {}
         }
-        if let Some(d) = &dir {
-            apply_peer(remote, &d.peer(remote_ip));
+        // Looked up once: it names the remote end and decides whether to ask SPIRE.
+        let remote_peer = dir.as_ref().map(|d| d.peer(remote_ip));
+        if let Some(peer) = &remote_peer {
+            apply_peer(remote, peer);
         }
         // Remote end: attested if SPIRE already knows that pod, else derived.
         // SPIRE matches an entry when its selectors are a subset of those
-        // asked with: ask with everything known about the pod.
-        let remote_query = match (&dir, remote.kind) {
-            (Some(d), EndKind::Pod) => match d.peer(remote_ip) {
-                // Only this node's SPIRE agent can attest this node's pods.
-                Peer::Pod(p)
-                    if !p.uid.is_empty() && (p.node.is_empty() || p.node == self.node_name) =>
-                {
-                    Some(WorkloadQuery {
-                        pod_uid: Some(p.uid.clone()),
-                        namespace: non_empty(&p.namespace),
-                        service_account: non_empty(&p.service_account),
-                        ..Default::default()
-                    })
-                }
-                _ => None,
-            },
+        // asked with: ask with everything known about the pod. Only this
+        // node's SPIRE agent can attest this node's pods.
+        let remote_query = match &remote_peer {
+            Some(Peer::Pod(p))
+                if !p.uid.is_empty() && (p.node.is_empty() || p.node == self.node_name) =>
+            {
+                Some(WorkloadQuery {
+                    pod_uid: Some(p.uid.clone()),
+                    namespace: non_empty(&p.namespace),
+                    service_account: non_empty(&p.service_account),
+                    ..Default::default()
+                })
+            }
             _ => None,
         };
         let mut remote_attested = None;
