@@ -189,7 +189,7 @@ fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
 /// Runs every cargo-fuzz target of the project briefly; a crash fails the run.
 fn fuzz(seconds: u64) -> Result<()> {
     let root = project_root();
-    for dir in ["policy/fuzz", "agent/fuzz"] {
+    for dir in ["policy/fuzz", "wire/fuzz"] {
         let fuzz_dir = root.join(dir);
         if !fuzz_dir.join("Cargo.toml").exists() {
             continue;

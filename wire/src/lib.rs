@@ -1,0 +1,1 @@
+//! What a TCP connection carries on the wire (work in progress).
