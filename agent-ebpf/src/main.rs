@@ -6,6 +6,12 @@
 //! establish. Only `bpf_sock_ops` context fields and helpers are used, plus
 //! five struct offsets that the loader resolves from the running kernel's
 //! BTF, so the same object runs on 5.15 to 6.x kernels.
+//!
+//! Two `cgroup_skb` programs (egress and ingress, also on the root) copy the
+//! first payload bytes of each tracked connection into the same ring buffer,
+//! so userspace can tell plaintext from TLS and mutual TLS. A connection is
+//! looked at only until its budget is spent or its first payload shows it is
+//! not TLS; after that each of its packets costs one hash-map miss.
 #![no_std]
 #![no_main]
 
@@ -22,16 +28,20 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
-        generated::{bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_load_bytes,
+        },
     },
-    macros::{map, sock_ops},
+    macros::{cgroup_skb, map, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::SockOpsContext,
+    programs::{SkBuffContext, SockOpsContext},
 };
 use flowaudit_common::{
-    AF_INET6, EVENTS_RING_BYTES, FlowRecord, LISTENERS_MAX, LOSS_PLACES, Listener, ListenerKey,
-    LossPlace, Owner, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SOCKETS_MAX,
-    SocketSide, SocketState,
+    AF_INET6, DIR_IN, DIR_OUT, EVENTS_RING_BYTES, FlowRecord, LISTENERS_MAX, LOSS_PLACES, Listener,
+    ListenerKey, LossPlace, Owner, PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_IN_DONE,
+    PAYLOAD_OUT_DONE, PAYLOAD_PEEK, PAYLOAD_TLS, PayloadHeader, PayloadRecord, PayloadState,
+    RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SOCKETS_MAX, SocketSide,
+    SocketState, TLS_HANDSHAKE,
 };
 
 #[map]
@@ -42,6 +52,11 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_PLACES, 0);
 
 #[map]
 static SOCKETS: HashMap<u64, SocketState> = HashMap::with_max_entries(SOCKETS_MAX, 0);
+
+// Sockets whose first payload bytes are still wanted; the entry goes as
+// soon as nothing more is wanted, so the common case is a miss.
+#[map]
+static PAYLOAD: HashMap<u64, PayloadState> = HashMap::with_max_entries(SOCKETS_MAX, 0);
 
 // LRU: a listener that closes while the agent is down never gets its entry
 // removed; eviction keeps the map from filling up with them.
@@ -242,6 +257,23 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
     } else {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     }
+    // The next sequence numbers now are those of the first payload byte in
+    // each direction: the payload programs count stream offsets from them.
+    let snd = field!(ops, snd_nxt);
+    let rcv = field!(ops, rcv_nxt);
+    let watch = PayloadState {
+        out_base: snd,
+        in_base: rcv,
+        out_next: snd,
+        in_next: rcv,
+        out_taken: 0,
+        in_taken: 0,
+        flags: 0,
+        _pad: 0,
+    };
+    if PAYLOAD.insert(&sock_cookie, &watch, 0).is_err() {
+        count_loss(LossPlace::PayloadMapFull);
+    }
     emit(
         ctx,
         RecordKind::Connect,
@@ -283,6 +315,7 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
         }
         return Ok(());
     }
+    let _ = PAYLOAD.remove(&sock_cookie);
     let Some(state) = (unsafe { SOCKETS.get(&sock_cookie) }) else {
         return Ok(());
     };
@@ -360,6 +393,7 @@ fn emit(
             RecordKind::Connect => LossPlace::RingFullConnect,
             RecordKind::Close => LossPlace::RingFullClose,
             RecordKind::Failed => LossPlace::RingFullFailed,
+            RecordKind::Payload => LossPlace::RingFullPayload,
         });
         return;
     };
@@ -438,6 +472,192 @@ fn emit(
         (*rec)._pad2 = 0;
     }
     entry.submit(0);
+}
+
+#[cgroup_skb(egress)]
+pub fn flowaudit_skb_egress(ctx: SkBuffContext) -> i32 {
+    payload(&ctx, DIR_OUT);
+    // Never drop: the agent only observes.
+    1
+}
+
+#[cgroup_skb(ingress)]
+pub fn flowaudit_skb_ingress(ctx: SkBuffContext) -> i32 {
+    payload(&ctx, DIR_IN);
+    1
+}
+
+const IPPROTO_TCP: u8 = 6;
+/// Chunks copied from one packet at most (a GSO packet can be 64 KiB).
+const CHUNKS_PER_PACKET: u32 = PAYLOAD_BUDGET / PAYLOAD_CHUNK as u32;
+
+#[inline(always)]
+fn load<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
+    ctx.load::<T>(offset as usize).ok()
+}
+
+/// Copies what is still wanted of this packet's payload. The skb starts at
+/// the IP header on both hooks.
+#[inline(always)]
+fn payload(ctx: &SkBuffContext, dir: u8) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+    let Some(st) = PAYLOAD.get_ptr_mut(&cookie) else {
+        return;
+    };
+    let st = unsafe { &mut *st };
+    let Some(vihl) = load::<u8>(ctx, 0) else {
+        return;
+    };
+    let (ip_len, proto) = match vihl >> 4 {
+        4 => (((vihl & 0x0f) as u32) * 4, load::<u8>(ctx, 9)),
+        // Extension headers are not followed: such packets are skipped.
+        6 => (40, load::<u8>(ctx, 6)),
+        _ => return,
+    };
+    if proto != Some(IPPROTO_TCP) {
+        return;
+    }
+    let (Some(seq), Some(doff)) = (load::<u32>(ctx, ip_len + 4), load::<u8>(ctx, ip_len + 12))
+    else {
+        return;
+    };
+    let seq = u32::from_be(seq);
+    let start = ip_len + ((doff >> 4) as u32) * 4;
+    let total = ctx.len();
+    if total <= start {
+        return;
+    }
+    let len = total - start;
+    let (next, base, taken, done_bit) = if dir == DIR_OUT {
+        (st.out_next, st.out_base, st.out_taken, PAYLOAD_OUT_DONE)
+    } else {
+        (st.in_next, st.in_base, st.in_taken, PAYLOAD_IN_DONE)
+    };
+    if st.flags & done_bit != 0 {
+        return;
+    }
+    // Bytes of this packet already seen (a retransmission overlaps them).
+    let skip = next.wrapping_sub(seq);
+    if (skip as i32) < 0 {
+        // A gap (out of order, or an earlier packet not seen): the stream
+        // can no longer be followed in this direction.
+        finish(cookie, st, done_bit);
+        return;
+    }
+    if skip >= len {
+        return;
+    }
+    let data_off = start + skip;
+    let fresh = len - skip;
+    if st.flags & PAYLOAD_TLS == 0 {
+        // The first payload of the connection: a TLS handshake record, or
+        // not TLS at all (then a peek is enough, and we are done with it).
+        let Some(first) = load::<u8>(ctx, data_off) else {
+            return;
+        };
+        if first != TLS_HANDSHAKE {
+            let n = if fresh > PAYLOAD_PEEK as u32 {
+                PAYLOAD_PEEK as u32
+            } else {
+                fresh
+            };
+            emit_bytes::<PAYLOAD_PEEK>(ctx, cookie, dir, next.wrapping_sub(base), data_off, n);
+            let _ = PAYLOAD.remove(&cookie);
+            return;
+        }
+        st.flags |= PAYLOAD_TLS;
+    }
+    let mut copied = 0u32;
+    let mut taken = taken;
+    for _ in 0..CHUNKS_PER_PACKET {
+        if copied >= fresh || taken >= PAYLOAD_BUDGET {
+            break;
+        }
+        let mut n = fresh - copied;
+        if n > PAYLOAD_CHUNK as u32 {
+            n = PAYLOAD_CHUNK as u32;
+        }
+        if n > PAYLOAD_BUDGET - taken {
+            n = PAYLOAD_BUDGET - taken;
+        }
+        let offset = next.wrapping_sub(base).wrapping_add(copied);
+        if !emit_bytes::<PAYLOAD_CHUNK>(ctx, cookie, dir, offset, data_off + copied, n) {
+            break;
+        }
+        copied += n;
+        taken += n;
+    }
+    let seen_to = seq.wrapping_add(len);
+    if dir == DIR_OUT {
+        st.out_next = seen_to;
+        st.out_taken = taken;
+    } else {
+        st.in_next = seen_to;
+        st.in_taken = taken;
+    }
+    if taken >= PAYLOAD_BUDGET || copied < fresh {
+        finish(cookie, st, done_bit);
+    }
+}
+
+/// Marks a direction finished; forgets the socket when both are.
+#[inline(always)]
+fn finish(cookie: u64, st: &mut PayloadState, done_bit: u32) {
+    st.flags |= done_bit;
+    if st.flags & (PAYLOAD_OUT_DONE | PAYLOAD_IN_DONE) == (PAYLOAD_OUT_DONE | PAYLOAD_IN_DONE) {
+        let _ = PAYLOAD.remove(&cookie);
+    }
+}
+
+#[inline(always)]
+fn header(cookie: u64, dir: u8, offset: u32, len: u32) -> PayloadHeader {
+    PayloadHeader {
+        kind: RecordKind::Payload as u8,
+        dir,
+        _pad: [0; 2],
+        len,
+        offset,
+        _pad2: 0,
+        sock_cookie: cookie,
+    }
+}
+
+/// Copies `n` (1..=N) bytes at `from` into a ring record with room for `N`.
+#[inline(always)]
+fn emit_bytes<const N: usize>(
+    ctx: &SkBuffContext,
+    cookie: u64,
+    dir: u8,
+    offset: u32,
+    from: u32,
+    n: u32,
+) -> bool {
+    if n == 0 || n > N as u32 {
+        return false;
+    }
+    let Some(mut entry) = EVENTS.reserve::<PayloadRecord<N>>(0) else {
+        count_loss(LossPlace::RingFullPayload);
+        return false;
+    };
+    // The same n, written so that the verifier sees 1 <= n <= N (N is a
+    // power of two); a plain range check gets lost in the optimiser.
+    let n = ((n - 1) & (N as u32 - 1)) + 1;
+    let rec = entry.as_mut_ptr();
+    let ok = unsafe {
+        (*rec).hdr = header(cookie, dir, offset, n);
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            from,
+            addr_of!((*rec).data) as *mut _,
+            n,
+        ) == 0
+    };
+    if ok {
+        entry.submit(0);
+    } else {
+        entry.discard(0);
+    }
+    ok
 }
 
 #[cfg(not(test))]

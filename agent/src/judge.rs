@@ -10,10 +10,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowaudit_policy::{Flow, ObservedEncryption, Peer, PeerKind, PolicySet};
+use flowaudit_policy::{
+    EncryptionState, FindingKind, Flow, ObservedEncryption, Peer, PeerKind, PolicySet, Verdict,
+};
 use tokio::sync::watch;
 
-use crate::flow::{EndKind, Endpoint, EventKind, FlowEvent};
+use crate::flow::{
+    ClientCertificate, Encryption, EndKind, Endpoint, EventKind, Finding, FlowEvent,
+};
 
 /// Called after every reload attempt: (accepted, version in force, rules in
 /// force, why the attempt was rejected).
@@ -45,21 +49,63 @@ fn peer(ep: &Endpoint) -> Peer<'_> {
     }
 }
 
+/// What the policy engine needs to know of the observed encryption.
+fn observed(e: &Encryption) -> ObservedEncryption {
+    match e.state {
+        EncryptionState::Unknown => ObservedEncryption::Unknown,
+        EncryptionState::Plaintext => ObservedEncryption::Plaintext,
+        EncryptionState::Mtls => ObservedEncryption::Mtls,
+        EncryptionState::Tls => match e.client_certificate {
+            ClientCertificate::NotSent => ObservedEncryption::TlsNoClientCert,
+            _ => ObservedEncryption::TlsUnverified,
+        },
+    }
+}
+
+/// Certificates seen in clear that name another SPIFFE ID than the end
+/// they belong to: a server (or client) presenting someone else's SVID.
+fn identity_mismatches(flow: &FlowEvent) -> Vec<Finding> {
+    let e = &flow.encryption;
+    [
+        ("server", &e.server_spiffe_id, &flow.destination),
+        ("client", &e.client_spiffe_id, &flow.source),
+    ]
+    .into_iter()
+    .filter(|(_, seen, end)| {
+        !seen.is_empty() && !end.spiffe_id.is_empty() && **seen != end.spiffe_id
+    })
+    .map(|(role, seen, end)| Finding {
+        kind: FindingKind::IdentityMismatch,
+        message: format!(
+            "the {role} presented a certificate for {seen}, but this end is {} ({})",
+            end.spiffe_id, end.identity_source
+        ),
+    })
+    .collect()
+}
+
 impl Judge {
     pub fn judge(&self, flow: &mut FlowEvent) {
-        let Some(rx) = &self.policy else { return };
-        let set = rx.borrow().clone();
-        let decision = set.evaluate(&Flow {
-            source: peer(&flow.source),
-            destination: peer(&flow.destination),
-            port: flow.l4.destination_port,
-            // Payload classification (TLS, mTLS) lands with the mTLS work.
-            encryption: ObservedEncryption::Unknown,
-            failed: flow.event == EventKind::Failed,
-        });
-        flow.verdict = decision.verdict;
-        flow.findings = decision.findings;
-        flow.policy_rule = decision.policy_rule;
+        let mismatches = identity_mismatches(flow);
+        if let Some(rx) = &self.policy {
+            let set = rx.borrow().clone();
+            let decision = set.evaluate(&Flow {
+                source: peer(&flow.source),
+                destination: peer(&flow.destination),
+                port: flow.l4.destination_port,
+                encryption: observed(&flow.encryption),
+                failed: flow.event == EventKind::Failed,
+            });
+            flow.verdict = decision.verdict;
+            flow.findings = decision.findings;
+            flow.policy_rule = decision.policy_rule;
+        }
+        // Whatever the policy says, an end that is not who it claims to be
+        // is a violation.
+        if !mismatches.is_empty() {
+            flow.verdict = Verdict::Violation;
+            flow.findings.extend(mismatches);
+        }
     }
 }
 
@@ -147,7 +193,7 @@ mod tests {
     use super::*;
     use crate::capture::Clock;
     use crate::capture::record::{KernelEvent, tests::sample};
-    use flowaudit_policy::{FindingKind, IdentitySource, Verdict};
+    use flowaudit_policy::IdentitySource;
 
     const POLICY: &str = "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nmetadata: {name: t}\nspec:\n  trustDomain: demo.local\n  mtls: optional\n  rules:\n    - name: frontend-to-backend\n      from: [spiffe://demo.local/ns/99-apps/sa/frontend]\n      to: [spiffe://demo.local/ns/99-apps/sa/backend]\n      ports: [8000]\n";
 
@@ -209,6 +255,67 @@ mod tests {
             "{:?}",
             failed.findings
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn encryption_decides_mtls_findings_and_certificates_are_checked() {
+        let required = POLICY.replace("mtls: optional", "mtls: required");
+        let (dir, file) = dir_with(&required);
+        let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
+        let judge = Judge {
+            policy: Some(watch::channel(Arc::new(loaded.policy)).1),
+        };
+        let kinds = |f: &FlowEvent| f.findings.iter().map(|x| x.kind).collect::<Vec<_>>();
+        let judged = |state, cert| {
+            let mut f = flow("backend", 8000);
+            f.encryption.state = state;
+            f.encryption.client_certificate = cert;
+            judge.judge(&mut f);
+            f
+        };
+        let f = judged(EncryptionState::Plaintext, ClientCertificate::Unknown);
+        assert_eq!(
+            (f.verdict, kinds(&f)),
+            (Verdict::Violation, vec![FindingKind::MtlsMissing])
+        );
+        let f = judged(EncryptionState::Tls, ClientCertificate::NotSent);
+        assert_eq!(
+            (f.verdict, kinds(&f)),
+            (Verdict::Violation, vec![FindingKind::MtlsMissing])
+        );
+        let f = judged(EncryptionState::Tls, ClientCertificate::Unobservable);
+        assert_eq!(
+            (f.verdict, kinds(&f)),
+            (Verdict::Compliant, vec![FindingKind::MtlsUnverified])
+        );
+        let f = judged(EncryptionState::Mtls, ClientCertificate::Sent);
+        assert_eq!((f.verdict, kinds(&f)), (Verdict::Compliant, vec![]));
+        // No payload seen: nothing to say about encryption.
+        let f = judged(EncryptionState::Unknown, ClientCertificate::Unknown);
+        assert_eq!((f.verdict, kinds(&f)), (Verdict::Compliant, vec![]));
+
+        // The backend's port answered with the postgresql SVID.
+        let mut f = flow("backend", 8000);
+        f.encryption.state = EncryptionState::Mtls;
+        f.encryption.client_certificate = ClientCertificate::Sent;
+        f.encryption.server_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/postgresql".into();
+        f.encryption.client_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
+        judge.judge(&mut f);
+        assert_eq!(f.verdict, Verdict::Violation);
+        assert_eq!(kinds(&f), vec![FindingKind::IdentityMismatch]);
+        assert!(
+            f.findings[0].message.contains("sa/postgresql")
+                && f.findings[0].message.contains("sa/backend"),
+            "{}",
+            f.findings[0].message
+        );
+        // Without a policy, a mismatch is still flagged.
+        let mut g = f.clone();
+        g.findings.clear();
+        g.verdict = Verdict::Unknown;
+        Judge { policy: None }.judge(&mut g);
+        assert_eq!(g.verdict, Verdict::Violation);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

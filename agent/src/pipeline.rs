@@ -6,8 +6,10 @@
 //!
 //! A flow whose local end's attested identity is still being fetched is
 //! parked for at most `identity_wait`, then goes out with what is known
-//! (UNKNOWN, counted). Later flows of a parked socket queue behind it, so a
-//! socket's CONNECT always precedes its CLOSE; other flows do not wait.
+//! (UNKNOWN, counted). A CONNECT whose handshake bytes are not yet
+//! classified is parked likewise for at most `encryption_wait`. Later flows
+//! of a parked socket queue behind it, so a socket's CONNECT always precedes
+//! its CLOSE; other flows do not wait.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -17,9 +19,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::capture::Clock;
-use crate::capture::record::KernelEvent;
+use crate::capture::record::{KernelEvent, KernelRecord};
 use crate::export::Sink;
-use crate::flow::FlowEvent;
+use crate::flow::encryption::EncryptionTracker;
+use crate::flow::{EventKind, FlowEvent};
 use crate::identity::spire::{Lookup, WorkloadQuery};
 use crate::identity::{Enriched, Enricher};
 use crate::judge::Judge;
@@ -34,14 +37,21 @@ pub struct PipelineStats {
     pub identity_waits: AtomicU64,
     pub identity_wait_us_total: AtomicU64,
     pub identity_wait_us_max: AtomicU64,
+    /// CONNECTs that waited for their handshake to be classified, and those
+    /// that went out before it was (encryption not final).
+    pub encryption_waits: AtomicU64,
+    pub encryption_timeouts: AtomicU64,
 }
 
 struct Parked {
     flow: FlowEvent,
-    /// None: queued behind an earlier parked flow of the same socket.
+    /// The identity lookup still awaited; None when answered, not needed,
+    /// or when only queued behind an earlier parked flow of the same socket.
     query: Option<WorkloadQuery>,
     parked_at: Instant,
     deadline: Instant,
+    /// Until when a CONNECT waits for its handshake to be classified.
+    encryption_deadline: Option<Instant>,
 }
 
 pub struct Pipeline {
@@ -51,6 +61,8 @@ pub struct Pipeline {
     pub sinks: Vec<Box<dyn Sink>>,
     pub stats: Arc<PipelineStats>,
     pub identity_wait: Duration,
+    pub encryption_wait: Duration,
+    pub encryption: EncryptionTracker,
     parked: VecDeque<Parked>,
     parked_sockets: HashSet<u64>,
 }
@@ -63,6 +75,7 @@ impl Pipeline {
         sinks: Vec<Box<dyn Sink>>,
         stats: Arc<PipelineStats>,
         identity_wait: Duration,
+        encryption_wait: Duration,
     ) -> Self {
         Self {
             node_name,
@@ -71,6 +84,8 @@ impl Pipeline {
             sinks,
             stats,
             identity_wait,
+            encryption_wait,
+            encryption: EncryptionTracker::default(),
             parked: VecDeque::new(),
             parked_sockets: HashSet::new(),
         }
@@ -78,7 +93,7 @@ impl Pipeline {
 
     /// Runs until the capture side closes the channel, then releases what is
     /// parked and flushes.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<KernelEvent>) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<KernelRecord>) {
         let mut clock = Clock::now();
         let mut clock_at = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(5));
@@ -92,10 +107,10 @@ impl Pipeline {
                         clock = Clock::now();
                         clock_at = Instant::now();
                     }
-                    self.handle(&ev, &clock);
+                    self.record(ev, &clock);
                     // Drain what is queued, then flush once: one write per burst.
                     while let Ok(ev) = rx.try_recv() {
-                        self.handle(&ev, &clock);
+                        self.record(ev, &clock);
                     }
                     self.release(false);
                     self.flush();
@@ -107,13 +122,20 @@ impl Pipeline {
             }
         }
         // Shutting down: parked flows still get their bounded wait.
-        let until = Instant::now() + self.identity_wait;
+        let until = Instant::now() + self.identity_wait.max(self.encryption_wait);
         while !self.parked.is_empty() && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(5)).await;
             self.release(false);
         }
         self.release(true);
         self.flush();
+    }
+
+    fn record(&mut self, rec: KernelRecord, clock: &Clock) {
+        match rec {
+            KernelRecord::Flow(ev) => self.handle(&ev, clock),
+            KernelRecord::Payload(p) => self.encryption.on_chunk(&p),
+        }
     }
 
     fn handle(&mut self, ev: &KernelEvent, clock: &Clock) {
@@ -126,14 +148,20 @@ impl Pipeline {
             },
             None => None,
         };
-        if query.is_some() || self.parked_sockets.contains(&cookie) {
+        let now = Instant::now();
+        let encryption_deadline = (flow.event == EventKind::Connect
+            && !self.encryption_wait.is_zero()
+            && !self.encryption.is_settled(cookie))
+        .then(|| now + self.encryption_wait);
+        if query.is_some() || encryption_deadline.is_some() || self.parked_sockets.contains(&cookie)
+        {
             self.parked_sockets.insert(cookie);
-            let now = Instant::now();
             self.parked.push_back(Parked {
                 flow,
                 query,
                 parked_at: now,
                 deadline: now + self.identity_wait,
+                encryption_deadline,
             });
             return;
         }
@@ -155,11 +183,13 @@ impl Pipeline {
                 still.push_back(p);
                 continue;
             }
-            let ready = match (&p.query, &mut self.enricher) {
+            let identified = match (p.query.take(), &mut self.enricher) {
                 (Some(q), Some(e)) => {
-                    let answer = e.poll(q);
+                    let answer = e.poll(&q);
                     let done = !matches!(answer, Lookup::Pending) || all || now >= p.deadline;
-                    if done {
+                    if !done {
+                        p.query = Some(q);
+                    } else {
                         if matches!(answer, Lookup::Pending) {
                             self.stats.identity_timeouts.fetch_add(1, Ordering::Relaxed);
                         }
@@ -175,10 +205,28 @@ impl Pipeline {
                     }
                     done
                 }
-                // Queued behind an earlier flow of its socket, which has gone.
+                // Answered, not needed, or queued behind an earlier flow of
+                // its socket, which has gone.
                 _ => true,
             };
-            if ready {
+            let classified = match p.encryption_deadline {
+                None => true,
+                Some(deadline) => {
+                    let settled = self.encryption.is_settled(cookie);
+                    let done = settled || all || now >= deadline;
+                    if done {
+                        self.stats.encryption_waits.fetch_add(1, Ordering::Relaxed);
+                        if !settled {
+                            self.stats
+                                .encryption_timeouts
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        p.encryption_deadline = None;
+                    }
+                    done
+                }
+            };
+            if identified && classified {
                 self.emit(p.flow);
             } else {
                 blocked.insert(cookie);
@@ -190,6 +238,11 @@ impl Pipeline {
     }
 
     fn emit(&mut self, mut flow: FlowEvent) {
+        let cookie = flow.socket.cookie;
+        flow.encryption = self.encryption.current(cookie);
+        if flow.event != EventKind::Connect {
+            self.encryption.forget(cookie);
+        }
         self.judge.judge(&mut flow);
         flow.summary = flow.make_summary();
         let flow = Arc::new(flow);

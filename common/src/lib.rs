@@ -20,6 +20,8 @@ pub enum RecordKind {
     Close = 2,
     /// An active attempt ended without ever establishing.
     Failed = 3,
+    /// First payload bytes of a connection (a `PayloadHeader` and its data).
+    Payload = 4,
 }
 
 impl RecordKind {
@@ -28,6 +30,7 @@ impl RecordKind {
             1 => Some(Self::Connect),
             2 => Some(Self::Close),
             3 => Some(Self::Failed),
+            4 => Some(Self::Payload),
             _ => None,
         }
     }
@@ -156,6 +159,74 @@ pub const SEQ_FIN_ACKED: u8 = 2;
 /// `bytes_received` counts the peer's FIN (`SOCK_DONE` was set).
 pub const SEQ_FIN_RECEIVED: u8 = 4;
 
+/// Payload capture: the kernel copies the first bytes a tracked connection
+/// carries in each direction, so userspace can tell plaintext from TLS and
+/// mutual TLS. Bounded: at most `PAYLOAD_BUDGET` bytes per direction, in
+/// records of up to `PAYLOAD_CHUNK` bytes; when the first payload of the
+/// connection is not a TLS handshake record, only its first `PAYLOAD_PEEK`
+/// bytes are copied and the connection is not looked at again.
+pub const PAYLOAD_CHUNK: usize = 1024;
+pub const PAYLOAD_PEEK: usize = 64;
+pub const PAYLOAD_BUDGET: u32 = 4096;
+/// First byte of a TLS handshake record.
+pub const TLS_HANDSHAKE: u8 = 0x16;
+
+/// `PayloadHeader::dir`: bytes the recording socket sent.
+pub const DIR_OUT: u8 = 1;
+/// `PayloadHeader::dir`: bytes the recording socket received.
+pub const DIR_IN: u8 = 2;
+
+/// Head of a payload record; `len` bytes of data follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PayloadHeader {
+    /// `RecordKind::Payload` as u8 (same place as `FlowRecord::kind`).
+    pub kind: u8,
+    /// `DIR_OUT` or `DIR_IN`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+    /// Bytes of data that follow (at most the record's capacity).
+    pub len: u32,
+    /// Where the data starts in its direction's byte stream (0 = first payload byte).
+    pub offset: u32,
+    pub _pad2: u32,
+    pub sock_cookie: u64,
+}
+
+/// A payload record with room for `N` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PayloadRecord<const N: usize> {
+    pub hdr: PayloadHeader,
+    pub data: [u8; N],
+}
+
+/// Per-socket payload capture state (`PAYLOAD` map), from the handshake
+/// until the budget is spent, the connection proves plaintext, or it closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PayloadState {
+    /// TCP sequence number of the first payload byte in each direction
+    /// (`snd_nxt` and `rcv_nxt` when the handshake completed).
+    pub out_base: u32,
+    pub in_base: u32,
+    /// Next sequence number expected in each direction.
+    pub out_next: u32,
+    pub in_next: u32,
+    /// Bytes copied so far in each direction.
+    pub out_taken: u32,
+    pub in_taken: u32,
+    /// `PAYLOAD_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `PayloadState::flags`: the connection opened with a TLS handshake record.
+pub const PAYLOAD_TLS: u32 = 1;
+/// Nothing more is copied in that direction (budget spent or a gap).
+pub const PAYLOAD_OUT_DONE: u32 = 2;
+pub const PAYLOAD_IN_DONE: u32 = 4;
+
 /// Places where the kernel side can lose information; index into the
 /// per-CPU `LOST` counter array. Each is counted where it happens.
 #[repr(u32)]
@@ -171,9 +242,14 @@ pub enum LossPlace {
     SocketMapFull = 3,
     /// The `LISTENERS` map update failed: accepted sockets lose their owner.
     ListenerMapFull = 4,
+    /// The `PAYLOAD` map was full: the connection's encryption stays UNKNOWN.
+    PayloadMapFull = 5,
+    /// The ring buffer was full: payload bytes were dropped (encryption may
+    /// stay UNKNOWN; no flow event is lost).
+    RingFullPayload = 6,
 }
 
-pub const LOSS_PLACES: u32 = 5;
+pub const LOSS_PLACES: u32 = 7;
 
 impl LossPlace {
     pub const ALL: [LossPlace; LOSS_PLACES as usize] = [
@@ -182,6 +258,8 @@ impl LossPlace {
         Self::RingFullFailed,
         Self::SocketMapFull,
         Self::ListenerMapFull,
+        Self::PayloadMapFull,
+        Self::RingFullPayload,
     ];
 
     /// Label used in logs and metrics.
@@ -192,6 +270,8 @@ impl LossPlace {
             Self::RingFullFailed => "ring_full_failed",
             Self::SocketMapFull => "socket_map_full",
             Self::ListenerMapFull => "listener_map_full",
+            Self::PayloadMapFull => "payload_map_full",
+            Self::RingFullPayload => "ring_full_payload",
         }
     }
 
@@ -211,6 +291,9 @@ pub mod names {
     pub const MAP_LOST: &str = "LOST";
     pub const MAP_SOCKETS: &str = "SOCKETS";
     pub const MAP_LISTENERS: &str = "LISTENERS";
+    pub const MAP_PAYLOAD: &str = "PAYLOAD";
+    pub const PROG_SKB_EGRESS: &str = "flowaudit_skb_egress";
+    pub const PROG_SKB_INGRESS: &str = "flowaudit_skb_ingress";
     /// Byte offsets resolved from the running kernel's BTF at load time
     /// (0 = unknown: the program then skips that read).
     pub const OFF_TASK_GROUP_LEADER: &str = "OFF_TASK_GROUP_LEADER";
@@ -235,6 +318,8 @@ mod user {
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for Listener {}
     unsafe impl aya::Pod for FlowRecord {}
+    unsafe impl aya::Pod for PayloadHeader {}
+    unsafe impl aya::Pod for PayloadState {}
 }
 
 #[cfg(test)]
@@ -248,6 +333,12 @@ mod tests {
         assert_eq!(core::mem::size_of::<Owner>(), 4 + 4 + 8 + 8 + 16);
         assert_eq!(core::mem::size_of::<SocketState>(), 40 + 8 + 8 + 8);
         assert_eq!(core::mem::size_of::<ListenerKey>(), 16);
+        assert_eq!(core::mem::size_of::<PayloadHeader>(), 24);
+        assert_eq!(core::mem::size_of::<PayloadState>(), 32);
+        assert_eq!(
+            core::mem::size_of::<PayloadRecord<PAYLOAD_CHUNK>>(),
+            24 + PAYLOAD_CHUNK
+        );
         assert_eq!(core::mem::size_of::<Listener>(), 48);
         assert_eq!(
             core::mem::size_of::<FlowRecord>(),
@@ -257,7 +348,12 @@ mod tests {
 
     #[test]
     fn record_kind_round_trips() {
-        for k in [RecordKind::Connect, RecordKind::Close, RecordKind::Failed] {
+        for k in [
+            RecordKind::Connect,
+            RecordKind::Close,
+            RecordKind::Failed,
+            RecordKind::Payload,
+        ] {
             assert_eq!(RecordKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(RecordKind::from_u8(0), None);

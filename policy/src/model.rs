@@ -30,6 +30,34 @@ pub enum FindingKind {
     MtlsUnverified,
     UnknownIdentity,
     IntendedFlowFailed,
+    /// A certificate seen in the handshake names another SPIFFE ID than the
+    /// end it belongs to (e.g. the server presented someone else's SVID).
+    IdentityMismatch,
+}
+
+impl FindingKind {
+    pub const ALL: [FindingKind; 7] = [
+        FindingKind::NoMatchingRule,
+        FindingKind::DeniedByRule,
+        FindingKind::MtlsMissing,
+        FindingKind::MtlsUnverified,
+        FindingKind::UnknownIdentity,
+        FindingKind::IntendedFlowFailed,
+        FindingKind::IdentityMismatch,
+    ];
+
+    /// The name used in events, metrics and filters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::NoMatchingRule => "NO_MATCHING_RULE",
+            FindingKind::DeniedByRule => "DENIED_BY_RULE",
+            FindingKind::MtlsMissing => "MTLS_MISSING",
+            FindingKind::MtlsUnverified => "MTLS_UNVERIFIED",
+            FindingKind::UnknownIdentity => "UNKNOWN_IDENTITY",
+            FindingKind::IntendedFlowFailed => "INTENDED_FLOW_FAILED",
+            FindingKind::IdentityMismatch => "IDENTITY_MISMATCH",
+        }
+    }
 }
 
 /// Encryption as it appears in flow events (`encryption.state`).
@@ -66,14 +94,7 @@ impl fmt::Display for Verdict {
 
 impl fmt::Display for FindingKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            FindingKind::NoMatchingRule => "NO_MATCHING_RULE",
-            FindingKind::DeniedByRule => "DENIED_BY_RULE",
-            FindingKind::MtlsMissing => "MTLS_MISSING",
-            FindingKind::MtlsUnverified => "MTLS_UNVERIFIED",
-            FindingKind::UnknownIdentity => "UNKNOWN_IDENTITY",
-            FindingKind::IntendedFlowFailed => "INTENDED_FLOW_FAILED",
-        })
+        f.write_str(self.as_str())
     }
 }
 

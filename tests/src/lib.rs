@@ -10,5 +10,6 @@ pub mod simnode;
 pub mod simpod;
 pub mod spire_double;
 pub mod support;
+pub mod tls;
 
 pub use simnode::{Pod, PodSpec, SimError, SimNode, cleanup_stale};

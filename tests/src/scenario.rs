@@ -51,9 +51,9 @@ pub const SCENARIO: [ScenarioFlow; 7] = [
         from: Some(FRONTEND),
         to: BACKEND,
         event: "CONNECT",
-        verdict: "COMPLIANT",
-        finding: "",
-        why: "intended (mTLS required: judged once payload is classified)",
+        verdict: "VIOLATION",
+        finding: "MTLS_MISSING",
+        why: "the log's test: intended, but plaintext where mTLS is required",
     },
     ScenarioFlow {
         label: "backend -> postgresql:5432",
@@ -110,7 +110,7 @@ pub struct Workload {
 pub struct Precinct99 {
     pub workloads: Vec<Workload>,
     pub world: Pod,
-    _servers: Vec<Server>,
+    servers: Vec<Option<Server>>,
     /// Dropped last: pods and their processes go with it.
     pub node: SimNode,
 }
@@ -145,22 +145,32 @@ impl Precinct99 {
         let servers = workloads
             .iter()
             .map(|w| {
-                w.pod.serve(&ServeOpts {
-                    listen: vec![SocketAddr::new("0.0.0.0".parse().expect("literal"), w.port)],
-                    reply_bytes: 64,
-                })
+                w.pod
+                    .serve(&ServeOpts {
+                        listen: vec![SocketAddr::new("0.0.0.0".parse().expect("literal"), w.port)],
+                        reply_bytes: 64,
+                    })
+                    .map(Some)
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
             workloads,
             world,
-            _servers: servers,
+            servers,
             node,
         })
     }
 
     /// The endpoint directory (`--endpoints`) in the PRODUCT.md format: the
     /// workloads and the node; the outside client is in neither list.
+    /// Stops workload `i`'s plaintext server, freeing its port (e.g. for a
+    /// TLS server in its place).
+    pub fn stop_server(&mut self, i: usize) {
+        if let Some(s) = self.servers.get_mut(i) {
+            drop(s.take());
+        }
+    }
+
     pub fn endpoint_directory(&self) -> String {
         let mut y = format!(
             "nodes:\n  - name: {NODE_NAME}\n    ips: [{}, \"{}\"]\nendpoints:\n",

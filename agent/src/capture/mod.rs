@@ -1,6 +1,6 @@
 //! Kernel capture: loads the embedded eBPF object, hands it the struct
 //! offsets of the running kernel, attaches the `sock_ops` program to the
-//! cgroup v2 root, and turns ring-buffer records into `KernelEvent`s on a
+//! cgroup v2 root, and turns ring-buffer records into `KernelRecord`s on a
 //! channel. Records the kernel could not deliver are counted per place
 //! (`LOST` per-CPU array) and read back here, never silently dropped.
 
@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use flowaudit_common::{LOSS_PLACES, Listener, ListenerKey, LossPlace, names};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use self::btf::{Btf, KernelOffsets};
-use self::record::KernelEvent;
+use self::record::KernelRecord;
 
 /// The eBPF object built by build.rs from `agent-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowaudit"));
@@ -51,7 +51,7 @@ pub enum CaptureError {
     },
     #[error("the kernel rejected flowaudit's eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
-    #[error("the kernel rejected the sock_ops program: {0}")]
+    #[error("the kernel rejected one of flowaudit's programs (sock_ops, cgroup_skb): {0}")]
     Program(#[source] aya::programs::ProgramError),
     #[error("the eBPF object lacks {0}: the agent binary was built without its kernel programs")]
     Missing(&'static str),
@@ -67,8 +67,10 @@ pub enum CaptureError {
 /// Counters the capture stage keeps; read by status and metrics.
 #[derive(Debug, Default)]
 pub struct CaptureStats {
-    /// Records read from the ring buffer.
+    /// Flow records (connect, close, failed) read from the ring buffer.
     pub records: AtomicU64,
+    /// Payload records read from the ring buffer (first bytes of connections).
+    pub payload_records: AtomicU64,
     /// Records that could not be decoded.
     pub malformed: AtomicU64,
     /// Per loss place, the kernel's count as last read.
@@ -171,6 +173,21 @@ impl Capture {
         prog.attach(&cgroup, CgroupAttachMode::Single)
             .map_err(CaptureError::Program)?;
 
+        // First payload bytes of each connection, both directions (mTLS).
+        for (name, hook) in [
+            (names::PROG_SKB_EGRESS, CgroupSkbAttachType::Egress),
+            (names::PROG_SKB_INGRESS, CgroupSkbAttachType::Ingress),
+        ] {
+            let prog: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Missing(name))?
+                .try_into()
+                .map_err(CaptureError::Program)?;
+            prog.load().map_err(CaptureError::Program)?;
+            prog.attach(&cgroup, hook, CgroupAttachMode::Single)
+                .map_err(CaptureError::Program)?;
+        }
+
         // Servers that were listening before we attached: find them now that
         // listen() calls from here on are seen by the program. NOEXIST: an
         // entry the kernel just wrote is fresher than the /proc scan.
@@ -244,7 +261,7 @@ impl Capture {
     /// `shutdown` fires, then drains what is left and returns.
     pub fn spawn_reader(
         &mut self,
-        tx: mpsc::Sender<KernelEvent>,
+        tx: mpsc::Sender<KernelRecord>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<tokio::task::JoinHandle<()>, CaptureError> {
         let ring = self.ring.take().ok_or(CaptureError::Missing(
@@ -277,7 +294,7 @@ impl Capture {
 /// Moves every record now in the ring buffer to the channel.
 async fn drain(
     ring: &mut RingBuf<MapData>,
-    tx: &mpsc::Sender<KernelEvent>,
+    tx: &mpsc::Sender<KernelRecord>,
     stats: &CaptureStats,
 ) -> Result<(), ()> {
     loop {
@@ -285,9 +302,13 @@ async fn drain(
             let Some(item) = ring.next() else {
                 return Ok(());
             };
-            KernelEvent::from_bytes(&item)
+            KernelRecord::from_bytes(&item)
         };
-        stats.records.fetch_add(1, Ordering::Relaxed);
+        match &decoded {
+            Ok(KernelRecord::Payload(_)) => &stats.payload_records,
+            _ => &stats.records,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         match decoded {
             Ok(ev) => tx.send(ev).await.map_err(|_| ())?,
             Err(e) => {

@@ -1,13 +1,16 @@
-//! Decoding of the kernel's `FlowRecord`s: raw ring-buffer bytes in, a typed
-//! `KernelEvent` out (addresses as `SocketAddr`, IPv4-mapped IPv6 folded to
-//! IPv4, the owner as process facts). Bytes from the kernel are still
+//! Decoding of the kernel's records: raw ring-buffer bytes in, a typed
+//! `KernelRecord` out: a `KernelEvent` for a `FlowRecord` (addresses as
+//! `SocketAddr`, IPv4-mapped IPv6 folded to IPv4, the owner as process
+//! facts), or a `PayloadChunk` (first payload bytes of a connection). Bytes from the kernel are still
 //! untrusted input here: a short or malformed record is an error, not a panic.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::flow::EventKind;
+
 use flowaudit_common::{
-    AF_INET, AF_INET6, FlowRecord, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED,
-    SocketSide,
+    AF_INET, AF_INET6, DIR_IN, DIR_OUT, FlowRecord, PAYLOAD_CHUNK, PayloadHeader, RecordKind,
+    SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SocketSide,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -20,6 +23,68 @@ pub enum RecordError {
     Side(u8),
     #[error("kernel record has unknown address family {0}")]
     Family(u8),
+    #[error("kernel payload record has unknown direction {0}")]
+    Direction(u8),
+    #[error("kernel payload record says {len} bytes but carries {room}")]
+    PayloadLength { len: u32, room: usize },
+}
+
+/// One decoded ring-buffer item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelRecord {
+    Flow(KernelEvent),
+    Payload(PayloadChunk),
+}
+
+/// Payload bytes of one connection, as the socket `sock_cookie` sent
+/// (`outbound`) or received them, starting at `offset` in that direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadChunk {
+    pub sock_cookie: u64,
+    pub outbound: bool,
+    pub offset: u32,
+    pub data: Vec<u8>,
+}
+
+impl KernelRecord {
+    /// Decodes one ring-buffer item of either kind.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RecordError> {
+        if bytes.first() == Some(&(RecordKind::Payload as u8)) {
+            PayloadChunk::from_bytes(bytes).map(Self::Payload)
+        } else {
+            KernelEvent::from_bytes(bytes).map(Self::Flow)
+        }
+    }
+}
+
+impl PayloadChunk {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RecordError> {
+        let head = std::mem::size_of::<PayloadHeader>();
+        if bytes.len() < head {
+            return Err(RecordError::Size {
+                got: bytes.len(),
+                expected: head,
+            });
+        }
+        // SAFETY: length checked; plain data valid for any bit pattern.
+        let hdr = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<PayloadHeader>()) };
+        let outbound = match hdr.dir {
+            DIR_OUT => true,
+            DIR_IN => false,
+            d => return Err(RecordError::Direction(d)),
+        };
+        let room = bytes.len() - head;
+        let len = hdr.len as usize;
+        if len > room || len > PAYLOAD_CHUNK {
+            return Err(RecordError::PayloadLength { len: hdr.len, room });
+        }
+        Ok(Self {
+            sock_cookie: hdr.sock_cookie,
+            outbound,
+            offset: hdr.offset,
+            data: bytes[head..head + len].to_vec(),
+        })
+    }
 }
 
 /// The process that owned the socket.
@@ -34,7 +99,7 @@ pub struct ProcessInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelEvent {
-    pub kind: RecordKind,
+    pub kind: EventKind,
     pub side: SocketSide,
     pub local: SocketAddr,
     pub remote: SocketAddr,
@@ -88,7 +153,12 @@ impl KernelEvent {
     }
 
     pub fn from_record(rec: &FlowRecord) -> Result<Self, RecordError> {
-        let kind = RecordKind::from_u8(rec.kind).ok_or(RecordError::Kind(rec.kind))?;
+        let kind = match RecordKind::from_u8(rec.kind) {
+            Some(RecordKind::Connect) => EventKind::Connect,
+            Some(RecordKind::Close) => EventKind::Close,
+            Some(RecordKind::Failed) => EventKind::Failed,
+            Some(RecordKind::Payload) | None => return Err(RecordError::Kind(rec.kind)),
+        };
         let side = match rec.side {
             1 => SocketSide::Active,
             2 => SocketSide::Passive,
@@ -225,6 +295,59 @@ pub(crate) mod tests {
         r.seq_flags = 0xff;
         let ev = KernelEvent::from_record(&r).unwrap();
         assert_eq!((ev.bytes_sent, ev.bytes_received), (0, 0));
+    }
+
+    #[test]
+    fn decodes_payload_records_and_rejects_bad_ones() {
+        let hdr = PayloadHeader {
+            kind: RecordKind::Payload as u8,
+            dir: DIR_OUT,
+            len: 3,
+            offset: 1024,
+            sock_cookie: 77,
+            ..Default::default()
+        };
+        let mut bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&hdr as *const PayloadHeader).cast::<u8>(),
+                std::mem::size_of::<PayloadHeader>(),
+            )
+        }
+        .to_vec();
+        bytes.extend_from_slice(&[0x16, 3, 1, 0, 0]);
+        let KernelRecord::Payload(p) = KernelRecord::from_bytes(&bytes).unwrap() else {
+            panic!("a payload record decoded as a flow record");
+        };
+        assert_eq!(
+            p,
+            PayloadChunk {
+                sock_cookie: 77,
+                outbound: true,
+                offset: 1024,
+                data: vec![0x16, 3, 1],
+            }
+        );
+        // Claims more bytes than it carries.
+        bytes[4] = 9;
+        assert_eq!(
+            KernelRecord::from_bytes(&bytes),
+            Err(RecordError::PayloadLength { len: 9, room: 5 })
+        );
+        bytes[4] = 3;
+        bytes[1] = 5;
+        assert_eq!(
+            KernelRecord::from_bytes(&bytes),
+            Err(RecordError::Direction(5))
+        );
+        assert!(matches!(
+            KernelRecord::from_bytes(&bytes[..10]),
+            Err(RecordError::Size { .. })
+        ));
+        // A flow record still decodes as one.
+        assert!(matches!(
+            KernelRecord::from_bytes(&as_bytes(&sample())),
+            Ok(KernelRecord::Flow(_))
+        ));
     }
 
     #[test]

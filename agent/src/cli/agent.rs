@@ -72,6 +72,16 @@ pub struct AgentArgs {
         value_name = "MS"
     )]
     pub identity_wait_ms: u64,
+    /// How long a CONNECT may wait for its first payload bytes to show
+    /// plaintext, TLS or mTLS before it goes out with encryption UNKNOWN (the
+    /// CLOSE then carries what was seen); 0 sends CONNECTs at once.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_ENCRYPTION_WAIT_MS",
+        default_value_t = 250,
+        value_name = "MS"
+    )]
+    pub encryption_wait_ms: u64,
     #[command(flatten)]
     pub export: crate::export::ExportArgs,
     /// Log format on standard error.
@@ -153,6 +163,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             sinks,
             pipeline_stats.clone(),
             Duration::from_millis(args.identity_wait_ms),
+            Duration::from_millis(args.encryption_wait_ms),
         )
         .run(rx),
     );

@@ -49,7 +49,7 @@ pub struct ObserveArgs {
     /// Only flows with this verdict: COMPLIANT, VIOLATION, UNKNOWN (repeatable: any of them).
     #[arg(long, value_name = "V", value_parser = |s: &str| enum_value(s, "VERDICT", proto::Verdict::from_str_name))]
     pub verdict: Vec<i32>,
-    /// Only flows with this finding: NO_MATCHING_RULE, DENIED_BY_RULE, MTLS_MISSING, MTLS_UNVERIFIED, UNKNOWN_IDENTITY, INTENDED_FLOW_FAILED.
+    /// Only flows with this finding: NO_MATCHING_RULE, DENIED_BY_RULE, MTLS_MISSING, MTLS_UNVERIFIED, UNKNOWN_IDENTITY, INTENDED_FLOW_FAILED, IDENTITY_MISMATCH.
     #[arg(long, value_name = "KIND", value_parser = |s: &str| enum_value(s, "FINDING_KIND", proto::FindingKind::from_str_name))]
     pub finding: Vec<i32>,
     /// Source SPIFFE ID glob (`*` one segment, `**` the rest), e.g. 'spiffe://demo.local/ns/99-apps/**'.
@@ -494,6 +494,17 @@ pub fn compact(f: &FlowEvent, color: bool) -> String {
         f.direction.as_str(),
         f.encryption.state,
     );
+    let enc = &f.encryption;
+    if !enc.tls_version.is_empty() {
+        let inferred = if enc.client_certificate_inferred {
+            ",client-cert-inferred"
+        } else {
+            ""
+        };
+        line.push_str(&format!("({}{inferred})", enc.tls_version));
+    } else if !enc.protocol.is_empty() {
+        line.push_str(&format!("({})", enc.protocol));
+    }
     for finding in &f.findings {
         line.push(' ');
         line.push_str(&finding.kind.to_string());
@@ -559,5 +570,27 @@ mod tests {
             "12:00:01.123 VIOLATION CONNECT spiffe://demo.local/ns/99-apps/sa/frontend:43122 (node[1234]) -> spiffe://demo.local/ns/99-apps/sa/postgresql:5432 EGRESS UNKNOWN NO_MATCHING_RULE"
         );
         assert_eq!(compact(&f, true), format!("\x1b[1;31m{plain}\x1b[0m"));
+    }
+
+    #[test]
+    fn compact_line_names_the_tls_version_or_plaintext_protocol() {
+        let mut f = flow();
+        f.event = crate::flow::EventKind::Connect;
+        f.encryption.state = flowaudit_policy::EncryptionState::Mtls;
+        f.encryption.tls_version = "TLS1.3".into();
+        f.encryption.client_certificate_inferred = true;
+        assert!(
+            compact(&f, false).contains(" EGRESS MTLS(TLS1.3,client-cert-inferred)"),
+            "{}",
+            compact(&f, false)
+        );
+        f.encryption = crate::flow::Encryption::default();
+        f.encryption.state = flowaudit_policy::EncryptionState::Plaintext;
+        f.encryption.protocol = "postgresql".into();
+        assert!(
+            compact(&f, false).ends_with(" EGRESS PLAINTEXT(postgresql)"),
+            "{}",
+            compact(&f, false)
+        );
     }
 }

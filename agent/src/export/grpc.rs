@@ -370,8 +370,8 @@ pub mod convert {
 
     use super::proto;
     use crate::flow::{
-        Direction, Encryption, EndKind, Endpoint, EventKind, FailureReason, Finding, FlowEvent, L4,
-        Socket,
+        ClientCertificate, Direction, Encryption, EndKind, Endpoint, EventKind, FailureReason,
+        Finding, FlowEvent, L4, Socket,
     };
 
     #[derive(Debug, thiserror::Error)]
@@ -407,6 +407,7 @@ pub mod convert {
             FindingKind::MtlsUnverified => proto::FindingKind::MtlsUnverified,
             FindingKind::UnknownIdentity => proto::FindingKind::UnknownIdentity,
             FindingKind::IntendedFlowFailed => proto::FindingKind::IntendedFlowFailed,
+            FindingKind::IdentityMismatch => proto::FindingKind::IdentityMismatch,
         }
     }
 
@@ -418,6 +419,7 @@ pub mod convert {
             proto::FindingKind::MtlsUnverified => FindingKind::MtlsUnverified,
             proto::FindingKind::UnknownIdentity => FindingKind::UnknownIdentity,
             proto::FindingKind::IntendedFlowFailed => FindingKind::IntendedFlowFailed,
+            proto::FindingKind::IdentityMismatch => FindingKind::IdentityMismatch,
             proto::FindingKind::Unspecified => return None,
         })
     }
@@ -445,6 +447,25 @@ pub mod convert {
             EncryptionState::Tls => proto::EncryptionState::Tls,
             EncryptionState::Mtls => proto::EncryptionState::Mtls,
             EncryptionState::Unknown => proto::EncryptionState::Unknown,
+        }
+    }
+
+    pub fn client_cert_to(c: ClientCertificate) -> proto::ClientCertificate {
+        match c {
+            ClientCertificate::Unknown => proto::ClientCertificate::Unknown,
+            ClientCertificate::Sent => proto::ClientCertificate::Sent,
+            ClientCertificate::NotSent => proto::ClientCertificate::NotSent,
+            ClientCertificate::Unobservable => proto::ClientCertificate::Unobservable,
+        }
+    }
+
+    /// Unset or unknown values read as UNKNOWN (older agents do not send it).
+    pub fn client_cert_from(c: i32) -> ClientCertificate {
+        match proto::ClientCertificate::try_from(c) {
+            Ok(proto::ClientCertificate::Sent) => ClientCertificate::Sent,
+            Ok(proto::ClientCertificate::NotSent) => ClientCertificate::NotSent,
+            Ok(proto::ClientCertificate::Unobservable) => ClientCertificate::Unobservable,
+            _ => ClientCertificate::Unknown,
         }
     }
 
@@ -662,6 +683,11 @@ pub mod convert {
                 tls_version: f.encryption.tls_version.clone(),
                 sni: f.encryption.sni.clone(),
                 alpn: f.encryption.alpn.clone(),
+                protocol: f.encryption.protocol.clone(),
+                client_certificate: client_cert_to(f.encryption.client_certificate) as i32,
+                client_certificate_inferred: f.encryption.client_certificate_inferred,
+                server_spiffe_id: f.encryption.server_spiffe_id.clone(),
+                client_spiffe_id: f.encryption.client_spiffe_id.clone(),
             }),
             bytes_sent: f.bytes_sent,
             bytes_received: f.bytes_received,
@@ -726,6 +752,11 @@ pub mod convert {
                 tls_version: enc.tls_version,
                 sni: enc.sni,
                 alpn: enc.alpn,
+                protocol: enc.protocol,
+                client_certificate: client_cert_from(enc.client_certificate),
+                client_certificate_inferred: enc.client_certificate_inferred,
+                server_spiffe_id: enc.server_spiffe_id,
+                client_spiffe_id: enc.client_spiffe_id,
             },
             bytes_sent: f.bytes_sent,
             bytes_received: f.bytes_received,
@@ -761,6 +792,12 @@ mod tests {
         });
         f.socket.failure_reason = Some(crate::flow::FailureReason::TimedOut);
         f.encryption.alpn = vec!["h2".into()];
+        f.encryption.state = flowaudit_policy::EncryptionState::Mtls;
+        f.encryption.protocol = "tls".into();
+        f.encryption.client_certificate = crate::flow::ClientCertificate::Sent;
+        f.encryption.client_certificate_inferred = true;
+        f.encryption.server_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/backend".into();
+        f.encryption.client_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
         let back = flow_from_proto(flow_to_proto(&f)).unwrap();
         assert_eq!(back, f);
     }

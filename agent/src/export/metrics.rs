@@ -211,16 +211,9 @@ impl Metrics {
         // Every series of a closed label set starts at 0, so it is exposed
         // (with its TYPE) from the first scrape and rate() sees its first
         // increase.
-        for kind in [
-            FindingKind::NoMatchingRule,
-            FindingKind::DeniedByRule,
-            FindingKind::MtlsMissing,
-            FindingKind::MtlsUnverified,
-            FindingKind::UnknownIdentity,
-            FindingKind::IntendedFlowFailed,
-        ] {
+        for kind in FindingKind::ALL {
             let _ = findings.get_or_create(&KindLabels {
-                kind: finding_str(kind),
+                kind: kind.as_str(),
             });
         }
         for state in [
@@ -388,26 +381,8 @@ fn verdict_str(v: Verdict) -> &'static str {
     }
 }
 
-fn finding_str(k: FindingKind) -> &'static str {
-    match k {
-        FindingKind::NoMatchingRule => "NO_MATCHING_RULE",
-        FindingKind::DeniedByRule => "DENIED_BY_RULE",
-        FindingKind::MtlsMissing => "MTLS_MISSING",
-        FindingKind::MtlsUnverified => "MTLS_UNVERIFIED",
-        FindingKind::UnknownIdentity => "UNKNOWN_IDENTITY",
-        FindingKind::IntendedFlowFailed => "INTENDED_FLOW_FAILED",
-    }
-}
-
 fn finding_bit(k: FindingKind) -> u8 {
-    1 << match k {
-        FindingKind::NoMatchingRule => 0,
-        FindingKind::DeniedByRule => 1,
-        FindingKind::MtlsMissing => 2,
-        FindingKind::MtlsUnverified => 3,
-        FindingKind::UnknownIdentity => 4,
-        FindingKind::IntendedFlowFailed => 5,
-    }
+    1 << FindingKind::ALL.iter().position(|x| *x == k).unwrap_or(0)
 }
 
 const VIOLATION_BIT: u8 = 1 << 7;
@@ -469,7 +444,7 @@ impl super::Sink for MetricsSink {
                 now |= bit;
                 m.findings
                     .get_or_create(&KindLabels {
-                        kind: finding_str(f.kind),
+                        kind: FindingKind::as_str(f.kind),
                     })
                     .inc();
             }

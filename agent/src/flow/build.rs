@@ -3,7 +3,7 @@
 //! the end whose socket the kernel saw, and computes bytes and duration.
 //! Identity and verdict start UNKNOWN; later stages fill them.
 
-use flowaudit_common::{RecordKind, SocketSide};
+use flowaudit_common::SocketSide;
 use flowaudit_policy::Verdict;
 
 use super::{
@@ -14,11 +14,7 @@ use crate::capture::record::KernelEvent;
 
 impl FlowEvent {
     pub fn from_kernel(ev: &KernelEvent, node_name: &str, clock: &Clock) -> Self {
-        let event = match ev.kind {
-            RecordKind::Connect => EventKind::Connect,
-            RecordKind::Close => EventKind::Close,
-            RecordKind::Failed => EventKind::Failed,
-        };
+        let event = ev.kind;
         let mut local = Endpoint::unknown();
         if let Some(owner) = &ev.owner {
             local.pid = Some(owner.tgid);
@@ -49,9 +45,9 @@ impl FlowEvent {
             ),
         };
         let duration_ns = match ev.kind {
-            RecordKind::Connect => 0,
-            RecordKind::Close => ev.ts_ns.saturating_sub(ev.established_ns),
-            RecordKind::Failed => ev.ts_ns.saturating_sub(ev.start_ns),
+            EventKind::Connect => 0,
+            EventKind::Close => ev.ts_ns.saturating_sub(ev.established_ns),
+            EventKind::Failed => ev.ts_ns.saturating_sub(ev.start_ns),
         };
         let mut flow = FlowEvent {
             time: rfc3339_nanos(clock.wall(ev.ts_ns)),
@@ -79,7 +75,7 @@ impl FlowEvent {
                 cookie: ev.sock_cookie,
                 netns_cookie: ev.netns_cookie,
                 process_start_ns: ev.owner.as_ref().map_or(0, |o| o.start_boottime_ns),
-                failure_reason: (ev.kind == RecordKind::Failed)
+                failure_reason: (ev.kind == EventKind::Failed)
                     .then(|| FailureReason::classify(ev.error)),
                 error: ev.error,
                 retransmits: ev.retransmits,

@@ -4,6 +4,7 @@
 //! bytes, timing); identity, policy and the TLS classifier fill the rest.
 
 mod build;
+pub mod encryption;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -155,12 +156,28 @@ impl Endpoint {
     }
 }
 
+/// What the first payload bytes showed (`encryption` in events). The first
+/// four fields are PRODUCT's; the rest appear when known.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Encryption {
     pub state: EncryptionState,
     pub tls_version: String,
     pub sni: String,
     pub alpn: Vec<String>,
+    /// "http", "postgresql", ... for recognised plaintext; "tls".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "ClientCertificate::is_unknown")]
+    pub client_certificate: ClientCertificate,
+    /// `client_certificate` was inferred from the size of the client's
+    /// encrypted second flight (TLS 1.3 hides certificates).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_certificate_inferred: bool,
+    /// SPIFFE IDs of the certificates seen in clear (TLS 1.2 and older).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub server_spiffe_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_spiffe_id: String,
 }
 
 impl Default for Encryption {
@@ -170,7 +187,32 @@ impl Default for Encryption {
             tls_version: String::new(),
             sni: String::new(),
             alpn: Vec::new(),
+            protocol: String::new(),
+            client_certificate: ClientCertificate::Unknown,
+            client_certificate_inferred: false,
+            server_spiffe_id: String::new(),
+            client_spiffe_id: String::new(),
         }
+    }
+}
+
+/// Whether the TLS client presented a certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ClientCertificate {
+    /// Not TLS, or the handshake was not seen far enough.
+    #[default]
+    Unknown,
+    Sent,
+    /// The server did not ask for one, or the client sent an empty one.
+    NotSent,
+    /// TLS 1.3 resumption or similar: it cannot be told from the wire.
+    Unobservable,
+}
+
+impl ClientCertificate {
+    fn is_unknown(&self) -> bool {
+        *self == Self::Unknown
     }
 }
 

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use flowaudit_tests::scenario::{NODE_NAME, Precinct99, SCENARIO};
+use flowaudit_tests::scenario::{BACKEND, FRONTEND, NODE_NAME, Precinct99, SCENARIO};
+use flowaudit_tests::tls::{self, ClientAuth, TlsMaterial, Version};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,9 @@ struct Args {
     /// Seconds between rounds of scenario traffic.
     #[arg(long, default_value_t = 3)]
     interval: u64,
+    /// Rounds of plaintext frontend -> backend before the two switch to mTLS.
+    #[arg(long, default_value_t = 3)]
+    mtls_after_rounds: u64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -81,7 +85,18 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.workdir)
         .with_context(|| format!("creating {}", args.workdir.display()))?;
 
-    let sim = Precinct99::start(99).context("building the simulated node")?;
+    let mut sim = Precinct99::start(99).context("building the simulated node")?;
+    // Certificates for the switch to mTLS: a throwaway CA, and SVID-like
+    // leaves for frontend and backend (URI SAN = their SPIFFE IDs).
+    let pki = TlsMaterial::generate(
+        &args.workdir.join("pki"),
+        &[
+            ("backend", "spiffe://demo.local/ns/99-apps/sa/backend"),
+            ("frontend", "spiffe://demo.local/ns/99-apps/sa/frontend"),
+        ],
+    )
+    .context("making the demo's certificates with openssl")?;
+    let mut tls_backend = None;
     let endpoints = args.workdir.join("endpoints.yaml");
     sim.write_endpoint_directory(&endpoints)?;
     let policy = args.policy.clone();
@@ -145,14 +160,58 @@ fn main() -> Result<()> {
     for f in &SCENARIO {
         println!("  {:<32} {:<9} {}", f.label, f.verdict, f.why);
     }
+    println!(
+        "  after {} rounds frontend and backend switch to mTLS (TLS 1.3, client certificates): frontend -> backend:8000 then shows MTLS and COMPLIANT",
+        args.mtls_after_rounds
+    );
     println!("flows (also in {}):", flows_file.display());
 
     let started = Instant::now();
     let mut round = 0u64;
     while !STOP.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < d) {
         round += 1;
+        if round == args.mtls_after_rounds + 1 {
+            println!("== frontend and backend switch to mTLS ==");
+            sim.stop_server(BACKEND);
+            let backend = &sim.workloads[BACKEND].pod;
+            tls_backend = Some(
+                tls::server(
+                    backend,
+                    &pki,
+                    "backend",
+                    std::net::IpAddr::V4(backend.ip4()),
+                    8000,
+                    Version::Tls13,
+                    ClientAuth::Required,
+                    None,
+                )
+                .context("starting the backend's TLS server")?,
+            );
+        }
         for f in &SCENARIO {
-            if let Err(e) = sim.run(f) {
+            let result = if tls_backend.is_some() && f.from == Some(FRONTEND) && f.to == BACKEND {
+                let backend = &sim.workloads[BACKEND].pod;
+                tls::client(
+                    &sim.workloads[FRONTEND].pod,
+                    &pki,
+                    std::net::IpAddr::V4(backend.ip4()),
+                    8000,
+                    Version::Tls13,
+                    Some("frontend"),
+                )
+                .and_then(|(ok, out)| {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(flowaudit_tests::SimError::Other(format!(
+                            "TLS handshake failed: {out}"
+                        )))
+                    }
+                })
+            } else {
+                sim.run(f).map(|_| ())
+            };
+            if let Err(e) = result {
                 eprintln!("demo: {} failed to run: {e}", f.label);
             }
         }
@@ -173,6 +232,7 @@ fn main() -> Result<()> {
     let _ = observe.kill();
     let _ = observe.wait();
     runtime.block_on(spire.stop());
+    drop(tls_backend);
     drop(sim);
     let text = std::fs::read_to_string(&flows_file).unwrap_or_default();
     let flows: Vec<serde_json::Value> = text
@@ -218,6 +278,22 @@ fn main() -> Result<()> {
         count("event", "FAILED"),
         count("verdict", "VIOLATION"),
         with_finding("INTENDED_FLOW_FAILED"),
+    );
+    let to_backend = |state: &str| {
+        flows
+            .iter()
+            .filter(|f| {
+                f["event"] == "CONNECT"
+                    && f["direction"] == "EGRESS"
+                    && f["l4"]["destination_port"] == 8000
+                    && f["encryption"]["state"] == state
+            })
+            .count()
+    };
+    println!(
+        "demo: frontend -> backend:8000 connections: {} PLAINTEXT (MTLS_MISSING), {} MTLS",
+        to_backend("PLAINTEXT"),
+        to_backend("MTLS")
     );
     if !status.success() {
         bail!("the agent exited with {status}");

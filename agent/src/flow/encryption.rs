@@ -1,0 +1,155 @@
+//! Encryption of each connection, from its first payload bytes. In: the
+//! kernel's payload chunks, per socket; out: the `encryption` object of that
+//! socket's flow events. A socket's handshake is classified by
+//! `flowaudit-wire` until the answer is final; then only the small answer is
+//! kept (never the bytes), until the socket's CLOSE or FAILED event.
+
+use std::collections::HashMap;
+
+use flowaudit_policy::EncryptionState;
+use flowaudit_wire::{Classifier, ClientCert, Dir, Observation, WireState};
+
+use super::{ClientCertificate, Encryption};
+use crate::capture::record::PayloadChunk;
+
+/// Sockets followed at once at most; beyond that new ones stay UNKNOWN
+/// (counted). The kernel's socket map has the same size.
+const MAX_SOCKETS: usize = flowaudit_common::SOCKETS_MAX as usize;
+
+enum Entry {
+    /// Still classifying: the handshake so far (bounded by the wire crate).
+    Open(Box<Classifier>),
+    /// The answer, final.
+    Settled(Encryption),
+}
+
+#[derive(Default)]
+pub struct EncryptionTracker {
+    sockets: HashMap<u64, Entry>,
+    /// Sockets not followed because `MAX_SOCKETS` were.
+    pub overflow: u64,
+}
+
+impl EncryptionTracker {
+    /// Feeds one chunk of a socket's payload.
+    pub fn on_chunk(&mut self, chunk: &PayloadChunk) {
+        if !self.sockets.contains_key(&chunk.sock_cookie) && self.sockets.len() >= MAX_SOCKETS {
+            self.overflow += 1;
+            return;
+        }
+        let entry = self
+            .sockets
+            .entry(chunk.sock_cookie)
+            .or_insert_with(|| Entry::Open(Box::default()));
+        let Entry::Open(c) = entry else {
+            // Already final: later bytes change nothing.
+            return;
+        };
+        let dir = if chunk.outbound { Dir::Out } else { Dir::In };
+        c.feed(dir, chunk.offset, &chunk.data);
+        // The kernel sends nothing more once a connection opened with
+        // anything but a TLS handshake record: plaintext is final here.
+        let o = c.observation();
+        if c.is_final() || o.state == WireState::Plaintext {
+            *entry = Entry::Settled(encryption_of(&o));
+        }
+    }
+
+    /// Whether the socket's answer is final (nothing more will change it).
+    pub fn is_settled(&self, cookie: u64) -> bool {
+        matches!(self.sockets.get(&cookie), Some(Entry::Settled(_)))
+    }
+
+    /// What is known about the socket now (UNKNOWN if nothing).
+    pub fn current(&self, cookie: u64) -> Encryption {
+        match self.sockets.get(&cookie) {
+            Some(Entry::Settled(e)) => e.clone(),
+            Some(Entry::Open(c)) => encryption_of(&c.observation()),
+            None => Encryption::default(),
+        }
+    }
+
+    /// The socket is gone: forget it.
+    pub fn forget(&mut self, cookie: u64) {
+        self.sockets.remove(&cookie);
+    }
+
+    /// Sockets followed now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.sockets.len()
+    }
+}
+
+/// The event form of an observation.
+pub fn encryption_of(o: &Observation) -> Encryption {
+    Encryption {
+        state: match o.state {
+            WireState::Unknown => EncryptionState::Unknown,
+            WireState::Plaintext => EncryptionState::Plaintext,
+            WireState::Tls => EncryptionState::Tls,
+            WireState::Mtls => EncryptionState::Mtls,
+        },
+        tls_version: o.tls_version.unwrap_or_default().to_owned(),
+        sni: o.sni.clone().unwrap_or_default(),
+        alpn: o.alpn.clone(),
+        protocol: o.protocol.unwrap_or_default().to_owned(),
+        client_certificate: match o.client_cert {
+            ClientCert::Unknown => ClientCertificate::Unknown,
+            ClientCert::Sent => ClientCertificate::Sent,
+            ClientCert::NotSent => ClientCertificate::NotSent,
+            ClientCert::Unobservable => ClientCertificate::Unobservable,
+        },
+        client_certificate_inferred: o.client_cert_inferred,
+        server_spiffe_id: o.server_spiffe_id.clone().unwrap_or_default(),
+        client_spiffe_id: o.client_spiffe_id.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(cookie: u64, outbound: bool, offset: u32, data: &[u8]) -> PayloadChunk {
+        PayloadChunk {
+            sock_cookie: cookie,
+            outbound,
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn plaintext_settles_at_once_and_is_forgotten_at_close() {
+        let mut t = EncryptionTracker::default();
+        assert_eq!(t.current(1).state, EncryptionState::Unknown);
+        assert!(!t.is_settled(1));
+        t.on_chunk(&chunk(
+            1,
+            true,
+            0,
+            b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n",
+        ));
+        assert!(t.is_settled(1));
+        let e = t.current(1);
+        assert_eq!(e.state, EncryptionState::Plaintext);
+        assert_eq!(e.protocol, "http");
+        t.forget(1);
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.current(1).state, EncryptionState::Unknown);
+    }
+
+    #[test]
+    fn a_client_hello_alone_is_not_final() {
+        let mut t = EncryptionTracker::default();
+        // A TLS 1.2 handshake record header and the start of a ClientHello.
+        t.on_chunk(&chunk(
+            2,
+            true,
+            0,
+            &[0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00],
+        ));
+        assert!(!t.is_settled(2));
+        assert_eq!(t.len(), 1);
+    }
+}

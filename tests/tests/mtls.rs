@@ -1,0 +1,398 @@
+//! Encryption on the wire, end to end: real TLS stacks (`openssl s_server`
+//! and `s_client`, TLS 1.2 and 1.3, with and without client certificates,
+//! SPIFFE URI SAN certificates, an impostor server), plaintext HTTP and a
+//! PostgreSQL startup message, between pods of the simulated node over IPv4
+//! and IPv6. Every event of each connection (CONNECT and CLOSE, both
+//! sockets) must carry the right encryption state and findings. Needs root;
+//! never skips.
+
+use std::net::IpAddr;
+
+use flowaudit_tests::agent::RunningAgent;
+use flowaudit_tests::scenario::{BACKEND, FRONTEND, POSTGRESQL, Precinct99};
+use flowaudit_tests::support::*;
+use flowaudit_tests::tls::{self, ClientAuth, TlsMaterial, Version};
+use serde_json::Value;
+
+const POLICY: &str = "apiVersion: flowaudit.io/v1alpha1
+kind: FlowPolicy
+metadata: {name: mtls-test}
+spec:
+  trustDomain: demo.local
+  mtls: required
+  rules:
+    - name: frontend-to-backend
+      from: [spiffe://demo.local/ns/99-apps/sa/frontend]
+      to:   [spiffe://demo.local/ns/99-apps/sa/backend]
+      ports: [8000, \"8400-8499\"]
+    - name: backend-to-postgresql
+      from: [spiffe://demo.local/ns/99-apps/sa/backend]
+      to:   [spiffe://demo.local/ns/99-apps/sa/postgresql]
+      ports: [5432]
+      mtls: optional
+";
+
+const TD: &str = "spiffe://demo.local/ns/99-apps/sa";
+
+/// What one connection must look like in every one of its events.
+struct Expect {
+    state: &'static str,
+    client_certificate: &'static str,
+    inferred: bool,
+    tls_version: &'static str,
+    server_spiffe_id: &'static str,
+    client_spiffe_id: &'static str,
+    protocol: &'static str,
+    verdict: &'static str,
+    findings: &'static [&'static str],
+}
+
+struct TlsCase {
+    name: &'static str,
+    port: u16,
+    version: Version,
+    auth: ClientAuth,
+    server_cert: &'static str,
+    client_cert: Option<&'static str>,
+    ipv6: bool,
+    expect: Expect,
+}
+
+fn tls_cases() -> Vec<TlsCase> {
+    let mtls = |version: &'static str, inferred: bool| Expect {
+        state: "MTLS",
+        client_certificate: "SENT",
+        inferred,
+        tls_version: version,
+        server_spiffe_id: if version == "TLS1.2" { "backend" } else { "" },
+        client_spiffe_id: if version == "TLS1.2" { "frontend" } else { "" },
+        protocol: "tls",
+        verdict: "COMPLIANT",
+        findings: &[],
+    };
+    let no_cert = |version: &'static str, inferred: bool| Expect {
+        state: "TLS",
+        client_certificate: "NOT_SENT",
+        inferred,
+        tls_version: version,
+        server_spiffe_id: if version == "TLS1.2" { "backend" } else { "" },
+        client_spiffe_id: "",
+        protocol: "tls",
+        verdict: "VIOLATION",
+        findings: &["MTLS_MISSING"],
+    };
+    let case = |name, port, version, auth, client_cert, ipv6, expect| TlsCase {
+        name,
+        port,
+        version,
+        auth,
+        server_cert: "backend",
+        client_cert,
+        ipv6,
+        expect,
+    };
+    vec![
+        case(
+            "TLS1.2 mutual",
+            8401,
+            Version::Tls12,
+            ClientAuth::Required,
+            Some("frontend"),
+            false,
+            mtls("TLS1.2", false),
+        ),
+        case(
+            "TLS1.2 no CertificateRequest",
+            8402,
+            Version::Tls12,
+            ClientAuth::None,
+            None,
+            false,
+            no_cert("TLS1.2", false),
+        ),
+        case(
+            "TLS1.2 requested, client has none",
+            8403,
+            Version::Tls12,
+            ClientAuth::Optional,
+            None,
+            false,
+            no_cert("TLS1.2", false),
+        ),
+        case(
+            "TLS1.3 mutual",
+            8404,
+            Version::Tls13,
+            ClientAuth::Required,
+            Some("frontend"),
+            false,
+            mtls("TLS1.3", true),
+        ),
+        case(
+            "TLS1.3 no CertificateRequest",
+            8405,
+            Version::Tls13,
+            ClientAuth::None,
+            None,
+            false,
+            no_cert("TLS1.3", true),
+        ),
+        case(
+            "TLS1.3 requested, client has none",
+            8406,
+            Version::Tls13,
+            ClientAuth::Optional,
+            None,
+            false,
+            no_cert("TLS1.3", true),
+        ),
+        case(
+            "TLS1.2 mutual over IPv6",
+            8408,
+            Version::Tls12,
+            ClientAuth::Required,
+            Some("frontend"),
+            true,
+            mtls("TLS1.2", false),
+        ),
+        case(
+            "TLS1.3 mutual over IPv6",
+            8409,
+            Version::Tls13,
+            ClientAuth::Required,
+            Some("frontend"),
+            true,
+            mtls("TLS1.3", true),
+        ),
+        TlsCase {
+            name: "TLS1.2 impostor server (postgresql's SVID on backend)",
+            port: 8407,
+            version: Version::Tls12,
+            auth: ClientAuth::Required,
+            server_cert: "postgresql",
+            client_cert: Some("frontend"),
+            ipv6: false,
+            expect: Expect {
+                server_spiffe_id: "postgresql",
+                verdict: "VIOLATION",
+                findings: &["IDENTITY_MISMATCH"],
+                ..mtls("TLS1.2", false)
+            },
+        },
+    ]
+}
+
+fn str_of<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_str().unwrap_or("")
+}
+
+/// Checks every event to `server:port`; returns the problems found.
+fn check(flows: &[Value], server: &[IpAddr], port: u16, label: &str, e: &Expect) -> Vec<String> {
+    let events: Vec<&Value> = flows
+        .iter()
+        .filter(|f| {
+            f["l4"]["destination_port"] == port
+                && server
+                    .iter()
+                    .any(|ip| f["l4"]["destination_ip"] == ip.to_string().as_str())
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for (event, direction) in [
+        ("CONNECT", "EGRESS"),
+        ("CONNECT", "INGRESS"),
+        ("CLOSE", "EGRESS"),
+        ("CLOSE", "INGRESS"),
+    ] {
+        let n = events
+            .iter()
+            .filter(|f| f["event"] == event && f["direction"] == direction)
+            .count();
+        if n != 1 {
+            problems.push(format!(
+                "{label}: {n} {event} {direction} events, expected 1"
+            ));
+        }
+    }
+    let id = |sa: &str| {
+        if sa.is_empty() {
+            String::new()
+        } else {
+            format!("{TD}/{sa}")
+        }
+    };
+    for f in &events {
+        let enc = &f["encryption"];
+        let findings: Vec<&str> = f["findings"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
+            .unwrap_or_default();
+        let got = (
+            str_of(enc, &["state"]),
+            str_of(enc, &["client_certificate"]),
+            enc["client_certificate_inferred"]
+                .as_bool()
+                .unwrap_or(false),
+            str_of(enc, &["tls_version"]),
+            str_of(enc, &["server_spiffe_id"]).to_owned(),
+            str_of(enc, &["client_spiffe_id"]).to_owned(),
+            str_of(enc, &["protocol"]),
+            str_of(f, &["verdict"]),
+            findings,
+        );
+        let want = (
+            e.state,
+            if e.client_certificate.is_empty() {
+                ""
+            } else {
+                e.client_certificate
+            },
+            e.inferred,
+            e.tls_version,
+            id(e.server_spiffe_id),
+            id(e.client_spiffe_id),
+            e.protocol,
+            e.verdict,
+            e.findings.to_vec(),
+        );
+        if got != want {
+            problems.push(format!(
+                "{label}: {} {}: got {got:?}, expected {want:?}",
+                f["event"], f["direction"]
+            ));
+        }
+    }
+    if e.state.starts_with("TLS") || e.state == "MTLS" {
+        for f in &events {
+            if str_of(&f["encryption"], &["sni"]) != "backend.demo.local"
+                || f["encryption"]["alpn"] != serde_json::json!(["h2", "http/1.1"])
+            {
+                problems.push(format!("{label}: SNI/ALPN not as the client offered: {f}"));
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn each_connection_gets_the_encryption_it_carries() {
+    require_root();
+    let sim = Precinct99::start(60).expect("precinct-99 on a simulated node");
+    let dir = temp_dir("mtls");
+    let material = TlsMaterial::generate(
+        &dir.join("pki"),
+        &[
+            ("backend", &format!("{TD}/backend")),
+            ("frontend", &format!("{TD}/frontend")),
+            ("postgresql", &format!("{TD}/postgresql")),
+        ],
+    )
+    .expect("test certificates");
+    let endpoints = dir.join("endpoints.yaml");
+    sim.write_endpoint_directory(&endpoints).expect("endpoints");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let agent = RunningAgent::start(&[
+        "--endpoints",
+        endpoints.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--spire-admin-socket",
+        "none",
+    ]);
+    let frontend = &sim.workloads[FRONTEND].pod;
+    let backend = &sim.workloads[BACKEND].pod;
+    let cases = tls_cases();
+    for c in &cases {
+        let ip = if c.ipv6 {
+            IpAddr::V6(backend.ip6())
+        } else {
+            IpAddr::V4(backend.ip4())
+        };
+        let _server = tls::server(
+            backend,
+            &material,
+            c.server_cert,
+            ip,
+            c.port,
+            c.version,
+            c.auth,
+            Some(1),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let (ok, out) = tls::client(frontend, &material, ip, c.port, c.version, c.client_cert)
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert!(ok, "{}: the TLS handshake failed: {out}", c.name);
+    }
+    // Plaintext: an HTTP request to backend:8000 (simpod answers), and a
+    // PostgreSQL startup message (protocol 3.0, user and database).
+    let http = b"GET /api/orders HTTP/1.1\r\nHost: backend\r\n\r\n";
+    assert!(
+        tls::raw_client(frontend, IpAddr::V4(backend.ip4()), 8000, http).expect("http client"),
+        "plaintext HTTP client failed"
+    );
+    let mut startup = Vec::new();
+    let body = b"\x00\x03\x00\x00user\x00app\x00database\x00orders\x00\x00";
+    startup.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    startup.extend_from_slice(body);
+    let postgresql = &sim.workloads[POSTGRESQL].pod;
+    assert!(
+        tls::raw_client(backend, IpAddr::V4(postgresql.ip4()), 5432, &startup)
+            .expect("postgresql client"),
+        "PostgreSQL startup client failed"
+    );
+    let report = agent.stop();
+
+    let backend_ips = [IpAddr::V4(backend.ip4()), IpAddr::V6(backend.ip6())];
+    let mut problems = Vec::new();
+    let mut right = 0;
+    let total = cases.len() + 2;
+    for c in &cases {
+        let p = check(&report.flows, &backend_ips, c.port, c.name, &c.expect);
+        right += usize::from(p.is_empty());
+        problems.extend(p);
+    }
+    let plaintext = |protocol, verdict, findings| Expect {
+        state: "PLAINTEXT",
+        client_certificate: "",
+        inferred: false,
+        tls_version: "",
+        server_spiffe_id: "",
+        client_spiffe_id: "",
+        protocol,
+        verdict,
+        findings,
+    };
+    let postgresql_ips = [IpAddr::V4(postgresql.ip4())];
+    let plaintext_cases = [
+        (
+            &backend_ips[..],
+            8000,
+            "plaintext HTTP",
+            plaintext("http", "VIOLATION", &["MTLS_MISSING"][..]),
+        ),
+        (
+            &postgresql_ips[..],
+            5432,
+            "PostgreSQL startup",
+            plaintext("postgresql", "COMPLIANT", &[][..]),
+        ),
+    ];
+    for (ips, port, label, e) in &plaintext_cases {
+        let p = check(&report.flows, ips, *port, label, e);
+        right += usize::from(p.is_empty());
+        problems.extend(p);
+    }
+    eprintln!("handshake matrix: {right} of {total} connections classified right");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_eq!(
+        report.counter("kernel_events_lost"),
+        0,
+        "kernel events lost"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
