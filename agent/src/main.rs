@@ -12,6 +12,9 @@ mod judge;
 mod pipeline;
 mod state;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

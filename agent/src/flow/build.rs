@@ -90,6 +90,7 @@ impl FlowEvent {
 mod tests {
     use super::*;
     use crate::capture::record::tests::sample;
+    use flowaudit_common::RecordKind;
 
     #[test]
     fn egress_close_puts_the_process_on_the_source() {

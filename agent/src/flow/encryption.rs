@@ -5,6 +5,7 @@
 //! kept (never the bytes), until the socket's CLOSE or FAILED event.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use flowaudit_policy::EncryptionState;
 use flowaudit_wire::{Classifier, ClientCert, Dir, Observation, WireState};
@@ -16,16 +17,22 @@ use crate::capture::record::PayloadChunk;
 /// (counted). The kernel's socket map has the same size.
 const MAX_SOCKETS: usize = flowaudit_common::SOCKETS_MAX as usize;
 
+/// Distinct answers kept for sharing at most (they are few: plaintext per
+/// protocol, TLS per version, SNI and peer identities).
+const MAX_SHARED: usize = 4096;
+
 enum Entry {
     /// Still classifying: the handshake so far (bounded by the wire crate).
     Open(Box<Classifier>),
-    /// The answer, final.
-    Settled(Encryption),
+    /// The answer, final; shared between the many sockets that have the
+    /// same one, so an open connection costs a map slot and a pointer.
+    Settled(Arc<Encryption>),
 }
 
 #[derive(Default)]
 pub struct EncryptionTracker {
     sockets: HashMap<u64, Entry>,
+    shared: HashMap<Encryption, Arc<Encryption>>,
     /// Sockets not followed because `MAX_SOCKETS` were.
     pub overflow: u64,
 }
@@ -51,7 +58,18 @@ impl EncryptionTracker {
         // anything but a TLS handshake record: plaintext is final here.
         let o = c.observation();
         if c.is_final() || o.state == WireState::Plaintext {
-            *entry = Entry::Settled(encryption_of(&o));
+            let e = encryption_of(&o);
+            let answer = match self.shared.get(&e) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = Arc::new(e);
+                    if self.shared.len() < MAX_SHARED {
+                        self.shared.insert((*a).clone(), a.clone());
+                    }
+                    a
+                }
+            };
+            *entry = Entry::Settled(answer);
         }
     }
 
@@ -63,7 +81,7 @@ impl EncryptionTracker {
     /// What is known about the socket now (UNKNOWN if nothing).
     pub fn current(&self, cookie: u64) -> Encryption {
         match self.sockets.get(&cookie) {
-            Some(Entry::Settled(e)) => e.clone(),
+            Some(Entry::Settled(e)) => (**e).clone(),
             Some(Entry::Open(c)) => encryption_of(&c.observation()),
             None => Encryption::default(),
         }
@@ -76,7 +94,7 @@ impl EncryptionTracker {
 
     /// Sockets followed now.
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn followed(&self) -> usize {
         self.sockets.len()
     }
 }
@@ -135,7 +153,7 @@ mod tests {
         assert_eq!(e.state, EncryptionState::Plaintext);
         assert_eq!(e.protocol, "http");
         t.forget(1);
-        assert_eq!(t.len(), 0);
+        assert_eq!(t.followed(), 0);
         assert_eq!(t.current(1).state, EncryptionState::Unknown);
     }
 
@@ -150,6 +168,6 @@ mod tests {
             &[0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00],
         ));
         assert!(!t.is_settled(2));
-        assert_eq!(t.len(), 1);
+        assert_eq!(t.followed(), 1);
     }
 }

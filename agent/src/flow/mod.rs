@@ -158,7 +158,7 @@ impl Endpoint {
 
 /// What the first payload bytes showed (`encryption` in events). The first
 /// four fields are PRODUCT's; the rest appear when known.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Encryption {
     pub state: EncryptionState,
     pub tls_version: String,
@@ -197,7 +197,7 @@ impl Default for Encryption {
 }
 
 /// Whether the TLS client presented a certificate.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ClientCertificate {
     /// Not TLS, or the handshake was not seen far enough.
