@@ -967,10 +967,11 @@ fn prometheus_counts_the_scenario_violations() {
             sim.run(f).expect("scenario traffic");
         }
     }
-    // frontend -> postgresql is the scenario's one violation between pods:
-    // counted once per connection and observing side (client EGRESS, server
-    // INGRESS). (Prometheus's own scrapes of the agent are host-to-host
-    // flows no rule allows: violations too, labelled `unknown`.)
+    // The scenario's violations between pods: frontend -> postgresql (denied)
+    // and plaintext frontend -> backend (mTLS required), each counted once
+    // per connection and observing side (client EGRESS, server INGRESS).
+    // (Prometheus's own scrapes of the agent are host-to-host flows no rule
+    // allows: violations too, labelled `unknown`.)
     let by_pair = "sum(flowaudit_policy_violations_total{source=\"spiffe://demo.local/ns/99-apps/sa/frontend\",destination=\"spiffe://demo.local/ns/99-apps/sa/postgresql\",port=\"5432\"})";
     let expected = (2 * ROUNDS) as f64;
     wait_until(
@@ -978,11 +979,16 @@ fn prometheus_counts_the_scenario_violations() {
         Duration::from_secs(30),
         || http.query(by_pair) == Some(expected),
     );
+    wait_until(
+        "Prometheus sees plaintext frontend -> backend as MTLS_MISSING",
+        Duration::from_secs(30),
+        || http.query("sum(flowaudit_findings_total{kind=\"MTLS_MISSING\"})") == Some(expected),
+    );
     let pod_violations = "sum(flowaudit_policy_violations_total{source=~\"spiffe://.*\"})";
     assert_eq!(
         http.query(pod_violations),
-        Some(expected),
-        "a scenario flow other than frontend -> postgresql was a violation"
+        Some(2.0 * expected),
+        "a scenario flow other than frontend -> postgresql and frontend -> backend was a violation"
     );
     // The dropped intended flow: one FAILED attempt per round, seen by the client.
     wait_until(
