@@ -167,7 +167,8 @@ fn endpoint_directory_changes_apply_while_running() {
             e["source"]["spiffe_id"], "spiffe://demo.local/ns/99-apps/sa/frontend",
             "{e}"
         );
-        assert_eq!(e["verdict"], "COMPLIANT", "{e}");
+        assert_eq!(e["verdict"], frontend_to_backend.verdict, "{e}");
+        assert_eq!(findings(&e), vec![frontend_to_backend.finding], "{e}");
     }
     assert!(
         report.logs.iter().any(|l| l["message"]

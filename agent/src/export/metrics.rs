@@ -211,6 +211,17 @@ impl Metrics {
         // Every series of a closed label set starts at 0, so it is exposed
         // (with its TYPE) from the first scrape and rate() sees its first
         // increase.
+        for event in ["CONNECT", "CLOSE", "FAILED"] {
+            for verdict in ["COMPLIANT", "VIOLATION", "UNKNOWN"] {
+                for direction in ["EGRESS", "INGRESS"] {
+                    let _ = flows.get_or_create(&FlowLabels {
+                        event,
+                        verdict,
+                        direction,
+                    });
+                }
+            }
+        }
         for kind in FindingKind::ALL {
             let _ = findings.get_or_create(&KindLabels {
                 kind: kind.as_str(),
