@@ -42,8 +42,18 @@ enum Task {
         #[arg(long)]
         duration: Option<String>,
     },
-    /// Benchmarks: policy evaluation cost (criterion) and gRPC stream capacity.
-    Bench,
+    /// Every benchmark in one go: one table, target/bench/results.json (see docs/benchmarks.md).
+    Bench {
+        /// Rewrite the results table in docs/benchmarks.md from this run.
+        #[arg(long)]
+        write_docs: bool,
+        /// Only these parts (comma-separated): policy, pipeline, stream, node.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Arguments for `flowaudit-bench run` (after `--`), e.g. `-- --storm-rate 30000`.
+        #[arg(last = true)]
+        node_args: Vec<String>,
+    },
     /// Exactly what CI runs: `test`.
     Ci,
 }
@@ -72,9 +82,13 @@ fn main() -> Result<()> {
             build()?;
             demo(duration)
         }
-        Task::Bench => {
+        Task::Bench {
+            write_docs,
+            only,
+            node_args,
+        } => {
             setup::setup()?;
-            bench()
+            bench::bench(write_docs, &only, &node_args)
         }
     }
 }
@@ -239,19 +253,168 @@ fn demo(duration: Option<String>) -> Result<()> {
     run(&mut cmd)
 }
 
-fn bench() -> Result<()> {
-    // Policy evaluation cost at 10, 1,000 and 10,000 rules (criterion).
-    run(cargo().args(["bench", "-p", "flowaudit-policy"]))?;
-    // gRPC stream capacity to 1 and 100 subscribers (ignored in `test`: it
-    // measures, it does not assert on time).
-    run(cargo().args([
-        "test",
-        "--release",
-        "-p",
-        "flowaudit",
-        "stream_throughput",
-        "--",
-        "--ignored",
-        "--nocapture",
-    ]))
+/// `cargo xtask bench`: every measurement of docs/benchmarks.md in one go.
+/// Runs each part, keeps its stdout in `target/bench/<part>.out`, then
+/// `flowaudit-bench report` gathers the `bench-result: {json}` lines (and
+/// criterion's estimates), prints one table, writes
+/// `target/bench/results.json` and, with `--write-docs`, the table in
+/// docs/benchmarks.md. A part that cannot run is a "not run" row with the
+/// reason; the node measurements failing fails the bench (after the table).
+mod bench {
+    use std::io::{BufRead, BufReader, Write};
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+    use std::time::{Instant, SystemTime};
+
+    use anyhow::{Context, Result, bail};
+
+    use super::{build, cargo, is_root, project_root, run};
+
+    const PARTS: &[&str] = &["policy", "pipeline", "stream", "node"];
+
+    fn target_dir() -> PathBuf {
+        match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+            Some(p) if p.is_absolute() => p,
+            Some(p) => project_root().join(p),
+            None => project_root().join("target"),
+        }
+    }
+
+    /// Runs `cmd`, echoing its stdout as it comes and keeping it in `out`.
+    fn run_tee(cmd: &mut Command, out: &std::path::Path) -> Result<bool> {
+        eprintln!("bench: running {cmd:?}");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("could not start {cmd:?}"))?;
+        let mut file =
+            std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
+        let stdout = child.stdout.take().context("stdout is piped")?;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            writeln!(file, "{line}")?;
+        }
+        Ok(child.wait()?.success())
+    }
+
+    pub fn bench(write_docs: bool, only: &[String], node_args: &[String]) -> Result<()> {
+        let started = Instant::now();
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)?
+            .as_secs();
+        for p in only {
+            if !PARTS.contains(&p.as_str()) {
+                bail!(
+                    "unknown bench part `{p}`: expected some of {}",
+                    PARTS.join(", ")
+                );
+            }
+        }
+        let wants = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
+        if wants("node") && !is_root() {
+            bail!(
+                "the node benchmarks load eBPF programs and build network namespaces: run \
+                 `cargo xtask bench` as root (or `--only policy,pipeline,stream` without root)"
+            );
+        }
+        let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        build()?;
+        let target = target_dir();
+        let dir = target.join("bench");
+        std::fs::create_dir_all(&dir)?;
+        let mut parts: Vec<String> = Vec::new();
+        let mut node_failed = false;
+        if wants("policy") {
+            // Item 5 (criterion); short times keep the whole bench near 10 minutes.
+            let ok = run_tee(
+                cargo().args([
+                    "bench",
+                    "-p",
+                    "flowaudit-policy",
+                    "--bench",
+                    "eval",
+                    "--",
+                    "--warm-up-time",
+                    "1",
+                    "--measurement-time",
+                    "3",
+                ]),
+                &dir.join("policy.out"),
+            )?;
+            parts.push(format!("policy={}", if ok { "ok" } else { "failed" }));
+        }
+        // Item 4 and the stream's capacity: #[ignore]d measurement tests of
+        // the agent crate (tests never assert on time).
+        for (part, test) in [
+            ("pipeline", "pipeline_capacity"),
+            ("stream", "stream_throughput"),
+        ] {
+            if wants(part) {
+                let ok = run_tee(
+                    cargo().args([
+                        "test",
+                        "--release",
+                        "-p",
+                        "flowaudit",
+                        test,
+                        "--",
+                        "--ignored",
+                        "--nocapture",
+                    ]),
+                    &dir.join(format!("{part}.out")),
+                )?;
+                parts.push(format!("{part}={}", if ok { "ok" } else { "failed" }));
+            }
+        }
+        if wants("node") {
+            // Items 1, 2, 3 and 6: the simulated node with the real agent.
+            let ok = run_tee(
+                Command::new(target.join("release/flowaudit-bench"))
+                    .arg("run")
+                    .arg("--agent")
+                    .arg(target.join("release/flowaudit"))
+                    .args(node_args)
+                    .current_dir(project_root()),
+                &dir.join("node.out"),
+            )?;
+            node_failed = !ok;
+            parts.push(format!("node={}", if ok { "ok" } else { "failed" }));
+        }
+        let mut report = Command::new(target.join("release/flowaudit-bench"));
+        report
+            .arg("report")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--criterion")
+            .arg(target.join("criterion"))
+            .arg("--since")
+            .arg(since.to_string())
+            .arg("--seconds")
+            .arg(format!("{:.0}", started.elapsed().as_secs_f64()))
+            .arg("--load-before")
+            .arg(
+                load_before
+                    .split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+            .current_dir(project_root());
+        for p in &parts {
+            report.arg("--part").arg(p);
+        }
+        if write_docs && !node_failed {
+            report
+                .arg("--write-docs")
+                .arg(project_root().join("docs/benchmarks.md"));
+        }
+        run(&mut report)?;
+        if node_failed {
+            bail!("flowaudit-bench (items 1, 2, 3, 6) failed: see its error above");
+        }
+        eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
+        Ok(())
+    }
 }

@@ -1,0 +1,377 @@
+//! flowaudit-bench: the measurements of `cargo xtask bench` that need a
+//! simulated node and the real agent (docs/benchmarks.md, items 1, 2, 3 and
+//! 6): connection-rate and bulk-throughput overhead (bare and agent runs
+//! alternating), capture completeness under a connection storm beside
+//! `tcplife` and `conntrack -E`, and the delay from a connection to its
+//! event on the gRPC stream. Each result is one `bench-result: {json}` line
+//! on stdout; progress goes to stderr. Needs root; cleans up (pods,
+//! namespaces, processes, a tracefs mount it made) on failure and on
+//! Ctrl-C too. The hidden subcommands are the traffic generators it runs
+//! inside the pods.
+
+mod collect;
+mod delay;
+mod env;
+mod grpc;
+mod overhead;
+mod report;
+mod storm;
+mod traffic;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::env::{AgentConfig, BenchNode, CLIENT_PORTS};
+use crate::report::BenchResult;
+
+#[derive(Parser)]
+#[command(
+    name = "flowaudit-bench",
+    about = "flowaudit's node benchmarks (run by `cargo xtask bench`): overhead, storm completeness, event delay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Item {
+    /// 1: connection rate, bare vs agent.
+    ConnRate,
+    /// 2: iperf3 throughput, bare vs agent.
+    Throughput,
+    /// 3: connection storm: flowaudit, tcplife, conntrack -E.
+    Storm,
+    /// 6: connection -> event on the gRPC stream.
+    Delay,
+}
+
+/// A tool that watches the storm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Watcher {
+    Flowaudit,
+    Tcplife,
+    Conntrack,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the measurements (all by default) and print `bench-result:` lines.
+    Run(RunArgs),
+    /// Gather the results of a `cargo xtask bench` run into one table (and JSON, and the docs).
+    Report(collect::ReportArgs),
+    #[command(hide = true)]
+    StormServer {
+        #[arg(long)]
+        ip: Ipv4Addr,
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    #[command(hide = true)]
+    StormClient {
+        #[arg(long)]
+        server_ip: Ipv4Addr,
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+        #[arg(long)]
+        client_ip: Ipv4Addr,
+        #[arg(long)]
+        client_port_lo: u16,
+        #[arg(long)]
+        client_port_hi: u16,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 0)]
+        first_index: u64,
+        #[arg(long)]
+        completed_file: Option<PathBuf>,
+    },
+    #[command(hide = true)]
+    DelayClient {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        rate: f64,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Measurements to run (comma-separated); default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Item>,
+    /// The agent binary (default: $FLOWAUDIT_BIN, else target/release/flowaudit).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Policy the agent judges with.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Extra argument for every agent run (repeatable).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Agent flag that turns payload capture on for the throughput runs
+    /// (default: found in `flowaudit agent --help`, if it has one).
+    #[arg(long, allow_hyphen_values = true)]
+    payload_flag: Option<String>,
+    /// Bare/agent rounds of the overhead measurements.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds per overhead run.
+    #[arg(long, default_value_t = 5.0)]
+    run_secs: f64,
+    /// Client threads of the connection-rate runs.
+    #[arg(long, default_value_t = 4)]
+    rate_threads: usize,
+    /// Connections per second the storm aims at.
+    #[arg(long, default_value_t = 20_000)]
+    storm_rate: u64,
+    /// Seconds the storm lasts.
+    #[arg(long, default_value_t = 10.0)]
+    storm_secs: f64,
+    /// Client threads of the storm.
+    #[arg(long, default_value_t = 8)]
+    storm_threads: usize,
+    /// Which watchers see the storm (comma-separated; default all three).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    storm_watchers: Vec<Watcher>,
+    /// Accepting threads of the storm server.
+    #[arg(long, default_value_t = 2)]
+    server_threads: usize,
+    /// Connections of the event-delay measurement.
+    #[arg(long, default_value_t = 1000)]
+    delay_count: u64,
+    /// Their rate per second.
+    #[arg(long, default_value_t = 200.0)]
+    delay_rate: f64,
+    /// Simulated node index (10.213.<index>.0/24).
+    #[arg(long, default_value_t = 210)]
+    node_index: u8,
+    /// Scratch directory (default: a fresh one under the temp dir).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+}
+
+/// What every measurement needs.
+pub struct Ctx {
+    pub agent: AgentConfig,
+    pub dir: PathBuf,
+    pub payload_flag: Option<String>,
+    pub rounds: usize,
+    pub run_secs: f64,
+    pub rate_threads: usize,
+    pub storm_rate: u64,
+    pub storm_secs: f64,
+    pub storm_threads: usize,
+    pub storm_watchers: Vec<Watcher>,
+    pub delay_count: u64,
+    pub delay_rate: f64,
+    /// The median bare connection rate of item 1, once measured.
+    pub bare_rate: std::cell::Cell<Option<f64>>,
+}
+
+impl Ctx {
+    /// Notes (and warns about) other processes busy right now: a build
+    /// beside the bench takes CPU from whichever run it overlaps.
+    pub fn note_other_load(&self) -> String {
+        let busy = env::busy_others(Duration::from_secs(1));
+        if busy.is_empty() {
+            return "no other process busy before this measurement".into();
+        }
+        let text = format!(
+            "busy beside the bench before this measurement: {}",
+            busy.join(", ")
+        );
+        eprintln!("bench: WARNING: {text}: results will be noisy");
+        text
+    }
+}
+
+/// `storm-client` arguments for a run from the client pod to the server pod.
+pub fn storm_client_args(
+    node: &BenchNode,
+    ports: &[u16],
+    threads: usize,
+    duration: Duration,
+    rate: u64,
+    first_index: u64,
+    completed_file: Option<&Path>,
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "storm-client".into(),
+        "--server-ip".into(),
+        node.server.ip4().to_string(),
+        "--ports".into(),
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        "--client-ip".into(),
+        node.client.ip4().to_string(),
+        "--client-port-lo".into(),
+        CLIENT_PORTS.0.to_string(),
+        "--client-port-hi".into(),
+        CLIENT_PORTS.1.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+        "--secs".into(),
+        duration.as_secs_f64().to_string(),
+        "--rate".into(),
+        rate.to_string(),
+        "--first-index".into(),
+        first_index.to_string(),
+    ];
+    if let Some(f) = completed_file {
+        a.push("--completed-file".into());
+        a.push(f.display().to_string());
+    }
+    a
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(args) => run(args),
+        Cmd::Report(args) => collect::report(args),
+        Cmd::StormServer { ip, ports, threads } => traffic::storm_server(ip, &ports, threads),
+        Cmd::StormClient {
+            server_ip,
+            ports,
+            client_ip,
+            client_port_lo,
+            client_port_hi,
+            threads,
+            secs,
+            rate,
+            first_index,
+            completed_file,
+        } => {
+            if client_port_hi < client_port_lo {
+                bail!("--client-port-hi must not be below --client-port-lo");
+            }
+            traffic::storm_client(traffic::StormOpts {
+                server_ip,
+                server_ports: ports,
+                client_ip,
+                client_ports: (client_port_lo, client_port_hi),
+                threads,
+                duration: Duration::from_secs_f64(secs),
+                rate,
+                first_index,
+                completed_file,
+            })
+        }
+        Cmd::DelayClient { to, count, rate } => traffic::delay_client(to, count, rate),
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    env::install_signal_handlers();
+    let items: Vec<Item> = if args.only.is_empty() {
+        vec![Item::ConnRate, Item::Throughput, Item::Storm, Item::Delay]
+    } else {
+        args.only.clone()
+    };
+    let agent_bin = args
+        .agent
+        .clone()
+        .or_else(|| std::env::var_os("FLOWAUDIT_BIN").map(PathBuf::from))
+        .unwrap_or_else(|| repo_root().join("target/release/flowaudit"));
+    let mut tools = Vec::new();
+    if items.contains(&Item::Throughput) {
+        tools.push(("iperf3", "iperf3"));
+    }
+    if items.contains(&Item::Storm) {
+        // tcplife and conntrack are peers: when they cannot run on this
+        // kernel the table says why, but a missing package is a setup gap.
+        tools.extend([
+            ("tcplife", "libbpf-tools"),
+            ("conntrack", "conntrack"),
+            ("nft", "nftables"),
+        ]);
+    }
+    env::check_prerequisites(&agent_bin, &tools)?;
+    let policy = args
+        .policy
+        .clone()
+        .unwrap_or_else(|| repo_root().join("deploy/examples/precinct-99-flowpolicy.yaml"));
+    if !policy.is_file() {
+        bail!("the policy {} does not exist (--policy)", policy.display());
+    }
+    let dir = args.workdir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("flowaudit-bench-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let result = (|| -> Result<()> {
+        let node = BenchNode::start(args.node_index, &dir, args.server_threads)?;
+        let ctx = Ctx {
+            agent: AgentConfig {
+                binary: agent_bin.clone(),
+                policy,
+                endpoints: node.endpoints.clone(),
+                extra: args.agent_args.clone(),
+            },
+            dir: dir.clone(),
+            payload_flag: args.payload_flag.clone(),
+            rounds: args.rounds.max(1),
+            run_secs: args.run_secs,
+            rate_threads: args.rate_threads.max(1),
+            storm_rate: args.storm_rate,
+            storm_secs: args.storm_secs,
+            storm_threads: args.storm_threads.max(1),
+            storm_watchers: if args.storm_watchers.is_empty() {
+                vec![Watcher::Flowaudit, Watcher::Tcplife, Watcher::Conntrack]
+            } else {
+                args.storm_watchers.clone()
+            },
+            delay_count: args.delay_count.max(1),
+            delay_rate: args.delay_rate,
+            bare_rate: std::cell::Cell::new(None),
+        };
+        eprintln!(
+            "bench: node {} with pods {} ({}) and {} ({}); agent {}",
+            node.node.index(),
+            node.client.name(),
+            node.client.ip4(),
+            node.server.name(),
+            node.server.ip4(),
+            agent_bin.display()
+        );
+        let mut conn_index = 0u64;
+        for item in &items {
+            env::check_interrupted()?;
+            let results: Vec<BenchResult> = match item {
+                Item::ConnRate => vec![overhead::connection_rate(&ctx, &node, &mut conn_index)?],
+                Item::Throughput => vec![overhead::bulk_throughput(&ctx, &node)?],
+                Item::Storm => storm::storm(&ctx, &node)?,
+                Item::Delay => delay::event_delay(&ctx, &node)?,
+            };
+            for r in results {
+                r.emit();
+            }
+        }
+        node.shutdown()
+    })();
+    if args.workdir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}

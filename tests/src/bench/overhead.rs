@@ -1,0 +1,258 @@
+//! Items 1 and 2: what the attached agent costs the workloads. Bare and
+//! agent runs alternate (bare, agent, bare, agent, ...) on the same pods in
+//! one process, and the ratio of the medians is reported.
+//!
+//! - Connection rate: `storm-client` flat out (connect, read EOF, close; no
+//!   payload) from the client pod to the storm server in the server pod.
+//! - Bulk throughput: one `iperf3` TCP stream between the pods.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::env::{self, BenchAgent, BenchNode, CONN_RATE_PORTS, IPERF_PORT};
+use crate::report::{BenchResult, median};
+use crate::traffic::StormSummary;
+use crate::{Ctx, storm_client_args};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Bare,
+    Agent,
+}
+
+/// The alternating schedule: bare first in every round.
+fn schedule(rounds: usize) -> Vec<Mode> {
+    (0..rounds)
+        .flat_map(|_| [Mode::Bare, Mode::Agent])
+        .collect()
+}
+
+fn fmt_runs(xs: &[f64], scale: f64) -> String {
+    xs.iter()
+        .map(|x| format!("{:.0}", x / scale))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn connection_rate(ctx: &Ctx, node: &BenchNode, first_index: &mut u64) -> Result<BenchResult> {
+    let ports: Vec<u16> = CONN_RATE_PORTS.collect();
+    let run = |secs: f64, idx: &mut u64| -> Result<StormSummary> {
+        let args = storm_client_args(
+            node,
+            &ports,
+            ctx.rate_threads,
+            Duration::from_secs_f64(secs),
+            0,
+            *idx,
+            None,
+        );
+        let out = node.run_in_client(&args)?;
+        let s: StormSummary = serde_json::from_str(out.trim())
+            .with_context(|| format!("storm-client summary: {out:?}"))?;
+        *idx = s.next_index;
+        if s.completed == 0 {
+            bail!(
+                "the connection-rate client completed no connection: {:?}",
+                s.first_error
+            );
+        }
+        Ok(s)
+    };
+    let load = ctx.note_other_load();
+    // Warm-up (not measured): fills the server's TIME_WAIT table as every
+    // later run will find it.
+    eprintln!("bench: connection rate: warm-up run");
+    run(ctx.run_secs, first_index)?;
+    let (mut bare, mut agent) = (Vec::new(), Vec::new());
+    let mut errors = 0;
+    let mut lost = 0.0;
+    let mut agent_cpu = Vec::new();
+    for (i, mode) in schedule(ctx.rounds).into_iter().enumerate() {
+        env::check_interrupted()?;
+        let a = match mode {
+            Mode::Agent => Some(BenchAgent::start(
+                &ctx.agent,
+                &ctx.dir.join(format!("agent-rate-{i}")),
+                &[],
+            )?),
+            Mode::Bare => None,
+        };
+        if a.is_some() {
+            env::sleep(Duration::from_secs(1))?; // let start-up work settle
+        }
+        let cpu0 = a.as_ref().map(|a| a.cpu_and_peak_rss().0);
+        let s = run(ctx.run_secs, first_index)?;
+        errors += s.errors;
+        eprintln!(
+            "bench: connection rate, {mode:?} run: {:.0} connections/s ({} in {:.1} s, {} errors)",
+            s.per_sec, s.completed, s.elapsed_s, s.errors
+        );
+        match a {
+            Some(a) => {
+                lost += a.metric("flowaudit_kernel_events_lost_total")?;
+                if let Some(c0) = cpu0 {
+                    agent_cpu.push((a.cpu_and_peak_rss().0 - c0) / s.elapsed_s);
+                }
+                a.stop()?;
+                agent.push(s.per_sec);
+            }
+            None => bare.push(s.per_sec),
+        }
+    }
+    let (mb, ma) = (median(&bare), median(&agent));
+    ctx.bare_rate.set(Some(mb));
+    let ratio = 100.0 * ma / mb;
+    Ok(
+        BenchResult::new("connection_rate", "Connection rate with the agent (vs bare)", ratio, "%")
+            .target("at least 98% of bare", ratio >= 98.0)
+            .detail(format!(
+                "median {ma:.0} conn/s with the agent vs {mb:.0} bare; runs bare [{}], agent [{}] conn/s; \
+                 {} rounds of {:.0} s, alternating; {} client threads, connect/accept/close without payload \
+                 between two pods over the bridge; {errors} failed attempts; the agent used {:.0}% of a core \
+                 while it ran (median), kernel events lost: {lost:.0}; {load}",
+                fmt_runs(&bare, 1.0),
+                fmt_runs(&agent, 1.0),
+                ctx.rounds,
+                ctx.run_secs,
+                ctx.rate_threads,
+                100.0 * median(&agent_cpu)
+            )),
+    )
+}
+
+/// How the agent's payload capture (the first bytes of each connection,
+/// behind the TLS/mTLS classification) is turned on for the throughput
+/// runs: a flag given with `--payload-flag`, a flag of `flowaudit agent
+/// --help` named for it, or always on when the help speaks of payload
+/// without such a flag; the note says which.
+fn payload_capture(ctx: &Ctx) -> (Vec<String>, String) {
+    if let Some(f) = &ctx.payload_flag {
+        return (vec![f.clone()], format!("payload capture on ({f})"));
+    }
+    let help = Command::new(&ctx.agent.binary)
+        .args(["agent", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let flag = help
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| w.starts_with("--"))
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .find(|w| w.contains("payload") || w.contains("capture") || w.contains("tls"));
+    match flag {
+        Some(f) => (vec![f.to_owned()], format!("payload capture on ({f})")),
+        None if help.to_ascii_lowercase().contains("payload") => (
+            Vec::new(),
+            "payload capture on (this agent always copies each connection's first payload bytes \
+             for the TLS/mTLS classification; no flag)"
+                .to_owned(),
+        ),
+        None => (
+            Vec::new(),
+            "payload capture: this agent has none (`flowaudit agent --help` names no payload \
+             capture), so it ran as it is"
+                .to_owned(),
+        ),
+    }
+}
+
+pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<BenchResult> {
+    let load = ctx.note_other_load();
+    let (agent_args, capture_note) = payload_capture(ctx);
+    let mut server_cmd = Command::new("iperf3");
+    server_cmd
+        .args(["-s", "-p", &IPERF_PORT.to_string(), "-B"])
+        .arg(node.server.ip4().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _server = node
+        .server
+        .spawn_guarded(server_cmd)
+        .context("start iperf3 -s in the server pod")?;
+    let run = || -> Result<f64> {
+        for attempt in 0.. {
+            env::check_interrupted()?;
+            let mut c = Command::new("iperf3");
+            c.args(["-c"])
+                .arg(node.server.ip4().to_string())
+                .args(["-p", &IPERF_PORT.to_string(), "-J", "-O", "1", "-t"])
+                .arg(format!("{}", ctx.run_secs.ceil() as u64 + 1));
+            let out = node.client.output(c)?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                return Ok(bps);
+            }
+            let err = v["error"].as_str().unwrap_or("no JSON result").to_owned();
+            // The server may still be starting.
+            if attempt < 20 && err.contains("unable to connect") {
+                env::sleep(Duration::from_millis(250))?;
+                continue;
+            }
+            bail!(
+                "iperf3 -c in the client pod: {err}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        unreachable!()
+    };
+    let (mut bare, mut agent) = (Vec::new(), Vec::new());
+    for (i, mode) in schedule(ctx.rounds).into_iter().enumerate() {
+        env::check_interrupted()?;
+        let a = match mode {
+            Mode::Agent => Some(BenchAgent::start(
+                &ctx.agent,
+                &ctx.dir.join(format!("agent-iperf-{i}")),
+                &agent_args,
+            )?),
+            Mode::Bare => None,
+        };
+        if a.is_some() {
+            env::sleep(Duration::from_secs(1))?;
+        }
+        let bps = run()?;
+        eprintln!(
+            "bench: bulk throughput, {mode:?} run: {:.2} Gbit/s",
+            bps / 1e9
+        );
+        match a {
+            Some(a) => {
+                a.stop()?;
+                agent.push(bps);
+            }
+            None => bare.push(bps),
+        }
+    }
+    let (mb, ma) = (median(&bare), median(&agent));
+    let ratio = 100.0 * ma / mb;
+    Ok(
+        BenchResult::new("bulk_throughput", "Bulk throughput with the agent (vs bare)", ratio, "%")
+            .target("at least 99% of bare", ratio >= 99.0)
+            .detail(format!(
+                "median {:.2} Gbit/s with the agent vs {:.2} bare; runs bare [{}], agent [{}] Mbit/s; \
+                 one iperf3 TCP stream between two pods, {} rounds of {:.0} s (first second omitted), \
+                 alternating; {capture_note}; {load}",
+                ma / 1e9,
+                mb / 1e9,
+                fmt_runs(&bare, 1e6),
+                fmt_runs(&agent, 1e6),
+                ctx.rounds,
+                ctx.run_secs
+            )),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_alternate_bare_first() {
+        use Mode::*;
+        assert_eq!(schedule(2), vec![Bare, Agent, Bare, Agent]);
+    }
+}

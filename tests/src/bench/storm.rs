@@ -1,0 +1,610 @@
+//! Item 3: capture completeness under a connection storm. The agent
+//! (writing an export file), libbpf-tools `tcplife` (on the host) and
+//! `conntrack -E` (in the server pod, where an nftables `ct state` rule
+//! turns connection tracking on) watch the same storm; afterwards each
+//! tool's records are matched against the 4-tuples the generator completed.
+//! A tool that cannot run here is reported as such, never as 0%.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::env::{self, BenchAgent, BenchNode, HostProcess, STORM_PORTS, Tracefs};
+use crate::report::BenchResult;
+use crate::traffic::StormSummary;
+use crate::{Ctx, Watcher, storm_client_args};
+
+/// The connections the generator completed, by (client port, server port).
+struct Expected {
+    index: HashMap<(u16, u16), usize>,
+    client_ip: Ipv4Addr,
+    server_ip: Ipv4Addr,
+}
+
+impl Expected {
+    fn load(path: &Path, client_ip: Ipv4Addr, server_ip: Ipv4Addr) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read the completed connections {}", path.display()))?;
+        let mut index = HashMap::new();
+        for line in text.lines() {
+            let mut it = line.split_whitespace().map(str::parse::<u16>);
+            if let (Some(Ok(c)), Some(Ok(s))) = (it.next(), it.next()) {
+                let n = index.len();
+                index.entry((c, s)).or_insert(n);
+            }
+        }
+        Ok(Self {
+            index,
+            client_ip,
+            server_ip,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The connection a (source, destination) pair names, either way round.
+    fn find(&self, a: (Ipv4Addr, u16), b: (Ipv4Addr, u16)) -> Option<(usize, bool)> {
+        if a.0 == self.client_ip && b.0 == self.server_ip {
+            self.index.get(&(a.1, b.1)).map(|i| (*i, true))
+        } else if a.0 == self.server_ip && b.0 == self.client_ip {
+            self.index.get(&(b.1, a.1)).map(|i| (*i, false))
+        } else {
+            None
+        }
+    }
+}
+
+const CONNECT_EGRESS: u8 = 1;
+const CONNECT_INGRESS: u8 = 2;
+const CLOSE_EGRESS: u8 = 4;
+const CLOSE_INGRESS: u8 = 8;
+const ALL_FOUR: u8 = 15;
+
+#[derive(Deserialize)]
+struct ExportLine<'a> {
+    #[serde(borrow)]
+    event: &'a str,
+    #[serde(borrow)]
+    direction: &'a str,
+    #[serde(borrow)]
+    l4: ExportL4<'a>,
+}
+
+#[derive(Deserialize)]
+struct ExportL4<'a> {
+    #[serde(borrow)]
+    source_ip: &'a str,
+    source_port: u16,
+    #[serde(borrow)]
+    destination_ip: &'a str,
+    destination_port: u16,
+}
+
+/// Per connection, which of its four flowaudit events the export file holds.
+fn count_flowaudit(path: &Path, exp: &Expected) -> Result<Vec<u8>> {
+    let mut seen = vec![0u8; exp.len()];
+    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            break;
+        }
+        let Ok(e) = serde_json::from_str::<ExportLine>(&line) else {
+            continue;
+        };
+        let (Ok(src), Ok(dst)) = (
+            e.l4.source_ip.parse::<Ipv4Addr>(),
+            e.l4.destination_ip.parse::<Ipv4Addr>(),
+        ) else {
+            continue;
+        };
+        // Flow events name the client as source whichever side saw them.
+        let Some((i, true)) = exp.find((src, e.l4.source_port), (dst, e.l4.destination_port))
+        else {
+            continue;
+        };
+        let bit = match (e.event, e.direction) {
+            ("CONNECT", "EGRESS") => CONNECT_EGRESS,
+            ("CONNECT", "INGRESS") => CONNECT_INGRESS,
+            ("CLOSE", "EGRESS") => CLOSE_EGRESS,
+            ("CLOSE", "INGRESS") => CLOSE_INGRESS,
+            _ => 0,
+        };
+        seen[i] |= bit;
+    }
+    Ok(seen)
+}
+
+/// Per connection: bit 1 client socket reported, bit 2 server socket.
+fn count_tcplife(path: &Path, exp: &Expected) -> Result<Vec<u8>> {
+    let mut seen = vec![0u8; exp.len()];
+    let text = std::fs::read_to_string(path)?;
+    for line in text.lines() {
+        // PID COMM LADDR LPORT RADDR RPORT TX_KB RX_KB MS; COMM may hold spaces.
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 9 {
+            continue;
+        }
+        let n = f.len();
+        let (Ok(la), Ok(lp), Ok(ra), Ok(rp)) = (
+            f[n - 7].parse::<Ipv4Addr>(),
+            f[n - 6].parse::<u16>(),
+            f[n - 5].parse::<Ipv4Addr>(),
+            f[n - 4].parse::<u16>(),
+        ) else {
+            continue;
+        };
+        if let Some((i, client_side)) = exp.find((la, lp), (ra, rp)) {
+            seen[i] |= if client_side { 1 } else { 2 };
+        }
+    }
+    Ok(seen)
+}
+
+/// Per connection: 1 when conntrack printed its NEW event.
+fn count_conntrack(path: &Path, exp: &Expected) -> Result<Vec<u8>> {
+    let mut seen = vec![0u8; exp.len()];
+    let text = std::fs::read_to_string(path)?;
+    for line in text.lines() {
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(str::to_owned)
+        };
+        let (Some(src), Some(dst), Some(sport), Some(dport)) = (
+            field("src="),
+            field("dst="),
+            field("sport="),
+            field("dport="),
+        ) else {
+            continue;
+        };
+        let (Ok(src), Ok(dst), Ok(sport), Ok(dport)) = (
+            src.parse::<Ipv4Addr>(),
+            dst.parse::<Ipv4Addr>(),
+            sport.parse::<u16>(),
+            dport.parse::<u16>(),
+        ) else {
+            continue;
+        };
+        if let Some((i, true)) = exp.find((src, sport), (dst, dport)) {
+            seen[i] = 1;
+        }
+    }
+    Ok(seen)
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+/// Waits until every file stopped growing for `quiet` (at most `limit`).
+fn wait_quiet(files: &[&Path], quiet: Duration, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut last: Vec<u64> = files.iter().map(|f| file_len(f)).collect();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        env::sleep(Duration::from_millis(250))?;
+        let now: Vec<u64> = files.iter().map(|f| file_len(f)).collect();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `tcplife` on the host, output to a file; Err(reason) when it cannot
+/// attach on this kernel.
+fn start_tcplife(dir: &Path) -> std::result::Result<(HostProcess, PathBuf, PathBuf), String> {
+    let Some(bin) = env::on_path("tcplife") else {
+        return Err("tcplife is not installed (Debian package libbpf-tools)".into());
+    };
+    let out = dir.join("tcplife.out");
+    let err = dir.join("tcplife.err");
+    let mut cmd = Command::new(bin);
+    cmd.arg("-4")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).map_err(|e| e.to_string())?)
+        .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?);
+    let mut p = HostProcess::spawn(cmd, "tcplife").map_err(|e| format!("{e:#}"))?;
+    // Attached once its tracepoint link and perf-buffer epoll exist (its
+    // header line sits in a full stdout buffer, so it cannot be waited for).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(Ok(Some(status))) = p.child.as_mut().map(Child::try_wait) {
+            p.child = None;
+            let why = std::fs::read_to_string(&err).unwrap_or_default();
+            return Err(format!(
+                "tcplife exited at start ({status}): {}",
+                why.trim().replace('\n', "; ")
+            ));
+        }
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .map(|l| l.display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if fds.iter().any(|l| l.contains("bpf_link")) && fds.iter().any(|l| l.contains("eventpoll"))
+        {
+            return Ok((p, out, err));
+        }
+        if Instant::now() > deadline {
+            return Err("tcplife did not attach within 20 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// nftables `ct state` rule in the server pod (so conntrack tracks there),
+/// then `conntrack -E -e NEW` in that pod. Err(reason) when it cannot run.
+fn start_conntrack(
+    node: &BenchNode,
+    dir: &Path,
+) -> std::result::Result<(flowaudit_tests::simnode::PodProcess, PathBuf, PathBuf), String> {
+    let pod_cmd = |prog: &str, args: &[&str]| -> std::result::Result<(), String> {
+        let mut c = Command::new(prog);
+        c.args(args);
+        let out = node.server.output(c).map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "{prog} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    };
+    pod_cmd("nft", &["add", "table", "inet", "fabench"])?;
+    pod_cmd(
+        "nft",
+        &[
+            "add",
+            "chain",
+            "inet",
+            "fabench",
+            "input",
+            "{ type filter hook input priority 0; policy accept; }",
+        ],
+    )?;
+    pod_cmd(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "inet",
+            "fabench",
+            "input",
+            "ct",
+            "state",
+            "established,related",
+            "accept",
+        ],
+    )?;
+    // Entries leave the table 1 s after the close instead of 120 s, so a
+    // storm of a few hundred thousand connections never fills it.
+    pod_cmd(
+        "sysctl",
+        &["-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"],
+    )?;
+    let out = dir.join("conntrack.out");
+    let err = dir.join("conntrack.err");
+    let mut c = Command::new("conntrack");
+    // A 64 MiB netlink buffer: conntrack's answer to event bursts (-b).
+    c.args(["-E", "-e", "NEW", "-p", "tcp", "-b", "67108864"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).map_err(|e| e.to_string())?)
+        .stderr(std::fs::File::create(&err).map_err(|e| e.to_string())?);
+    let mut p = node.server.spawn_guarded(c).map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(300));
+    if let Ok(Some(status)) = p.child_mut().try_wait() {
+        return Err(format!(
+            "conntrack -E exited at start ({status}): {}",
+            std::fs::read_to_string(&err).unwrap_or_default().trim()
+        ));
+    }
+    Ok((p, out, err))
+}
+
+/// A probe connection before the storm: conntrack must print its NEW
+/// event within 5 s, or it is reported as unable to run here.
+fn probe_conntrack(node: &BenchNode, out: &Path) -> std::result::Result<(), String> {
+    // A connection-rate port: the storm's own 4-tuples stay untouched.
+    let to = node.server_addr(env::CONN_RATE_PORTS.start);
+    let mut c = Command::new("bash");
+    c.args([
+        "-c",
+        &format!(
+            "exec 3<>/dev/tcp/{}/{}; cat <&3 >/dev/null",
+            to.ip(),
+            to.port()
+        ),
+    ]);
+    let _ = node.client.output(c);
+    let needle = format!("dport={}", to.port());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(out)
+            .unwrap_or_default()
+            .contains(&needle)
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err("conntrack -E printed no event for a probe connection within 5 s".into())
+}
+
+fn pct(n: usize, of: usize) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        100.0 * n as f64 / of as f64
+    }
+}
+
+fn lost_in(stderr: &Path) -> u64 {
+    // tcplife: "lost N events on CPU #c"; conntrack: ENOBUFS warnings.
+    std::fs::read_to_string(stderr)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let at = w.iter().position(|x| x.eq_ignore_ascii_case("lost"))?;
+            w.get(at + 1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
+    let dir = ctx.dir.join("storm");
+    std::fs::create_dir_all(&dir)?;
+    let want = |w: Watcher| ctx.storm_watchers.contains(&w);
+    let mut results = Vec::new();
+    let load = ctx.note_other_load();
+    let bare = ctx.bare_rate.get().map_or(String::new(), |r| {
+        format!("; the bare connection-rate runs (item 1, 4 threads, no watcher) reached {r:.0}/s")
+    });
+
+    // The watchers first, so they see the whole storm.
+    let tracefs = want(Watcher::Tcplife).then(Tracefs::ensure);
+    let mut tcplife = tracefs.as_ref().map(|t| match t {
+        Ok(_) => start_tcplife(&dir),
+        Err(e) => Err(format!("tracefs is not mounted and could not be: {e:#}")),
+    });
+    let mut conntrack = want(Watcher::Conntrack).then(|| -> std::result::Result<_, String> {
+        let c = start_conntrack(node, &dir)?;
+        probe_conntrack(node, &c.1)?;
+        Ok(c)
+    });
+    let export = dir.join("flows.jsonl");
+    let agent = match want(Watcher::Flowaudit) {
+        true => Some(BenchAgent::start(
+            &ctx.agent,
+            &dir.join("agent"),
+            &[
+                "--export-file".into(),
+                export.display().to_string(),
+                "--export-file-max-size-mb".into(),
+                "65536".into(),
+            ],
+        )?),
+        false => None,
+    };
+    env::sleep(Duration::from_secs(1))?;
+    let before = match &agent {
+        Some(a) => Some((
+            a.metric("flowaudit_kernel_events_lost_total")?,
+            a.cpu_and_peak_rss().0,
+        )),
+        None => None,
+    };
+
+    let completed_file = dir.join("completed.txt");
+    let ports: Vec<u16> = STORM_PORTS.collect();
+    let running: Vec<&str> = [
+        (agent.is_some(), "flowaudit"),
+        (matches!(tcplife, Some(Ok(_))), "tcplife"),
+        (matches!(conntrack, Some(Ok(_))), "conntrack -E"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| *n)
+    .collect();
+    let watching = if running.is_empty() {
+        "nothing".to_owned()
+    } else {
+        running.join(", ")
+    };
+    eprintln!(
+        "bench: storm: {} connections/s for {:.0} s, watched by {watching}",
+        ctx.storm_rate, ctx.storm_secs
+    );
+    let args = storm_client_args(
+        node,
+        &ports,
+        ctx.storm_threads,
+        Duration::from_secs_f64(ctx.storm_secs),
+        ctx.storm_rate,
+        0,
+        Some(&completed_file),
+    );
+    let out = node.run_in_client(&args)?;
+    let sum: StormSummary =
+        serde_json::from_str(out.trim()).with_context(|| format!("storm summary: {out:?}"))?;
+    eprintln!(
+        "bench: storm: {} connections completed in {:.2} s ({:.0}/s), {} failed; waiting for the watchers to finish",
+        sum.completed, sum.elapsed_s, sum.per_sec, sum.errors
+    );
+
+    // Every watcher drains: the export file, tcplife's and conntrack's output.
+    let mut watch: Vec<PathBuf> = Vec::new();
+    if agent.is_some() {
+        watch.push(export.clone());
+    }
+    if let Some(Ok((_, o, _))) = &tcplife {
+        watch.push(o.clone());
+    }
+    if let Some(Ok((_, o, _))) = &conntrack {
+        watch.push(o.clone());
+    }
+    let watch_refs: Vec<&Path> = watch.iter().map(PathBuf::as_path).collect();
+    wait_quiet(&watch_refs, Duration::from_secs(2), Duration::from_secs(60))?;
+    let agent_figures = match (agent, before) {
+        (Some(a), Some((lost_before, cpu_before))) => {
+            let lost = a.metric("flowaudit_kernel_events_lost_total")? - lost_before;
+            let (cpu_after, peak_rss) = a.cpu_and_peak_rss();
+            let stopped = a.stop()?;
+            let lost_at_stop = stopped["kernel_events_lost"].as_f64().unwrap_or(0.0);
+            Some((lost.max(lost_at_stop), cpu_after - cpu_before, peak_rss))
+        }
+        _ => None,
+    };
+    // tcplife flushes its buffered output on SIGINT.
+    if let Some(Ok((p, _, _))) = &mut tcplife {
+        p.interrupt(Duration::from_secs(10));
+    }
+    if let Some(Ok((p, _, _))) = &mut conntrack {
+        // SAFETY: a signal to our own child (conntrack prints its count on SIGINT).
+        unsafe { libc::kill(p.pid() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = p.child_mut().try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    drop(tracefs);
+
+    let exp = Expected::load(&completed_file, node.client.ip4(), node.server.ip4())?;
+    let n = exp.len();
+    if n == 0 {
+        bail!("the storm completed no connection: {:?}", sum.first_error);
+    }
+    let rate_target = ctx.storm_rate as f64;
+    results.push(
+        BenchResult::new(
+            "storm_rate",
+            "Storm: connections per second achieved",
+            sum.per_sec,
+            "conn/s",
+        )
+        .target(
+            &format!("at least {rate_target:.0}/s for {:.0} s", ctx.storm_secs),
+            sum.per_sec >= rate_target * 0.99 && sum.elapsed_s >= ctx.storm_secs * 0.99,
+        )
+        .detail(format!(
+            "{} connections completed in {:.2} s ({} failed) by {} client threads paced at {}/s \
+                 (flat out when behind), {} server ports, unique 4-tuples; watched by {watching}, \
+                 all on these {} cores{bare}; {load}",
+            sum.completed,
+            sum.elapsed_s,
+            sum.errors,
+            ctx.storm_threads,
+            ctx.storm_rate,
+            ports.len(),
+            num_cpus()
+        )),
+    );
+
+    if let Some((fa_lost, cpu, peak_rss)) = agent_figures {
+        let fa = count_flowaudit(&export, &exp)?;
+        let all4 = fa.iter().filter(|s| **s == ALL_FOUR).count();
+        let any = fa.iter().filter(|s| **s != 0).count();
+        let count_bit = |b: u8| fa.iter().filter(|s| **s & b != 0).count();
+        let export_mib = file_len(&export) as f64 / (1 << 20) as f64;
+        results.push(
+            BenchResult::new("storm_flowaudit", "Storm: share flowaudit reported", pct(all4, n), "%")
+                .target(
+                    "100% (all four events of every connection), 0 lost",
+                    all4 == n && fa_lost == 0.0,
+                )
+                .detail(format!(
+                    "{all4} of {n} connections with CONNECT and CLOSE from both sockets ({any} with at least one); \
+                     CONNECT egress {} ingress {}, CLOSE egress {} ingress {}; \
+                     flowaudit_kernel_events_lost_total +{fa_lost:.0}; agent CPU {cpu:.1} s, peak RSS {peak_rss:.0} MiB; \
+                     counted from its export file ({export_mib:.0} MiB)",
+                    count_bit(CONNECT_EGRESS),
+                    count_bit(CONNECT_INGRESS),
+                    count_bit(CLOSE_EGRESS),
+                    count_bit(CLOSE_INGRESS),
+                )),
+        );
+        // The export file can be large; nothing else needs it.
+        let _ = std::fs::remove_file(&export);
+    }
+
+    match &tcplife {
+        None => {}
+        Some(Ok((_, out, err))) => {
+            let t = count_tcplife(out, &exp)?;
+            let any = t.iter().filter(|s| **s != 0).count();
+            let both = t.iter().filter(|s| **s == 3).count();
+            results.push(
+                BenchResult::new("storm_tcplife", "Storm: share tcplife reported", pct(any, n), "%").detail(
+                    format!(
+                        "{any} of {n} connections reported (both sockets: {both}); it said it lost {} events; \
+                         libbpf-tools tcplife -4 on the host (tracepoint sock/inet_sock_set_state, perf buffer), \
+                         output to a file",
+                        lost_in(err)
+                    ),
+                ),
+            );
+        }
+        Some(Err(why)) => results.push(BenchResult::not_run(
+            "storm_tcplife",
+            "Storm: share tcplife reported",
+            "%",
+            format!("could not run: {why}"),
+        )),
+    }
+    match &conntrack {
+        None => {}
+        Some(Ok((_, out, err))) => {
+            let c = count_conntrack(out, &exp)?;
+            let got = c.iter().filter(|s| **s != 0).count();
+            let errtext = std::fs::read_to_string(err).unwrap_or_default();
+            let enobufs = errtext.matches("ENOBUFS").count();
+            results.push(
+                BenchResult::new("storm_conntrack", "Storm: share conntrack -E reported", pct(got, n), "%")
+                    .detail(format!(
+                        "{got} of {n} connections had a NEW event; conntrack -E -e NEW -b 64MiB in the server pod \
+                         (nftables ct state rule there); ENOBUFS warnings: {enobufs}; its own count: {}",
+                        errtext
+                            .lines()
+                            .filter(|l| l.contains("flow events"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                            .trim()
+                    )),
+            );
+        }
+        Some(Err(why)) => results.push(BenchResult::not_run(
+            "storm_conntrack",
+            "Storm: share conntrack -E reported",
+            "%",
+            format!("could not run: {why}"),
+        )),
+    }
+    Ok(results)
+}
+
+pub fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
