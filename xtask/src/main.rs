@@ -280,22 +280,35 @@ mod bench {
         }
     }
 
-    /// Runs `cmd`, echoing its stdout as it comes and keeping it in `out`.
-    fn run_tee(cmd: &mut Command, out: &std::path::Path) -> Result<bool> {
+    /// Runs `cmd`, echoing its output as it comes and keeping stdout in
+    /// `<part>.out` and stderr in `<part>.err` (the report quotes a
+    /// compiler error from there when a part could not run).
+    fn run_tee(cmd: &mut Command, dir: &std::path::Path, part: &str) -> Result<bool> {
         eprintln!("bench: running {cmd:?}");
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("could not start {cmd:?}"))?;
-        let mut file =
-            std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
+        let create = |ext: &str| {
+            let p = dir.join(format!("{part}.{ext}"));
+            std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))
+        };
+        let (mut out, mut err) = (create("out")?, create("err")?);
+        let stderr = child.stderr.take().context("stderr is piped")?;
+        let errors = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let _ = writeln!(err, "{line}");
+            }
+        });
         let stdout = child.stdout.take().context("stdout is piped")?;
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             println!("{line}");
-            writeln!(file, "{line}")?;
+            writeln!(out, "{line}")?;
         }
+        let _ = errors.join();
         Ok(child.wait()?.success())
     }
 
@@ -341,7 +354,8 @@ mod bench {
                     "--measurement-time",
                     "3",
                 ]),
-                &dir.join("policy.out"),
+                &dir,
+                "policy",
             )?;
             parts.push(format!("policy={}", if ok { "ok" } else { "failed" }));
         }
@@ -363,7 +377,8 @@ mod bench {
                         "--ignored",
                         "--nocapture",
                     ]),
-                    &dir.join(format!("{part}.out")),
+                    &dir,
+                    part,
                 )?;
                 parts.push(format!("{part}={}", if ok { "ok" } else { "failed" }));
             }
@@ -377,7 +392,8 @@ mod bench {
                     .arg(target.join("release/flowaudit"))
                     .args(node_args)
                     .current_dir(project_root()),
-                &dir.join("node.out"),
+                &dir,
+                "node",
             )?;
             node_failed = !ok;
             parts.push(format!("node={}", if ok { "ok" } else { "failed" }));

@@ -161,9 +161,25 @@ fn policy(criterion: &Path, since: u64) -> Vec<Value> {
     out
 }
 
+/// The first compiler error in a cargo run's stderr, with its place.
+pub fn first_compile_error(stderr: &str) -> Option<String> {
+    let mut lines = stderr.lines();
+    let err = lines.find(|l| l.starts_with("error[") || l.starts_with("error:"))?;
+    if err.starts_with("error: could not compile") {
+        return Some(err.trim_start_matches("error: ").to_owned());
+    }
+    let at = lines
+        .next()
+        .and_then(|l| l.trim().strip_prefix("--> "))
+        .map(|p| format!(" at {p}"))
+        .unwrap_or_default();
+    Some(format!("{}{at}", err.trim_start_matches("error: ")))
+}
+
 /// An `#[ignore]`d agent measurement test: its results, or why there are none.
 fn agent_test(
     text: Option<&str>,
+    stderr: Option<&str>,
     state: Option<&str>,
     test: &str,
     id: &str,
@@ -175,11 +191,11 @@ fn agent_test(
     };
     let found = parse_results(text);
     if state != Some("ok") {
-        let mut v = vec![not_run(
-            id,
-            name,
-            format!("not run: `{cmd}` failed (see its output)"),
-        )];
+        let why = match stderr.and_then(first_compile_error) {
+            Some(e) => format!("not run: the agent's tests do not compile in this tree: {e}"),
+            None => format!("not run: `{cmd}` failed (see its output)"),
+        };
+        let mut v = vec![not_run(id, name, why)];
         v.extend(found);
         return v;
     }
@@ -425,6 +441,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
         .filter_map(|p| p.split_once('='))
         .collect();
     let read = |part: &str| std::fs::read_to_string(args.dir.join(format!("{part}.out"))).ok();
+    let read_err = |part: &str| std::fs::read_to_string(args.dir.join(format!("{part}.err"))).ok();
     let mut results: Vec<Value> = Vec::new();
     if let Some(state) = states.get("policy") {
         if *state == "ok" {
@@ -444,6 +461,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
     if states.contains_key("pipeline") {
         results.extend(agent_test(
             read("pipeline").as_deref(),
+            read_err("pipeline").as_deref(),
             states.get("pipeline").copied(),
             "pipeline_capacity",
             "pipeline_capacity",
@@ -453,6 +471,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
     if states.contains_key("stream") {
         results.extend(agent_test(
             read("stream").as_deref(),
+            read_err("stream").as_deref(),
             states.get("stream").copied(),
             "stream_throughput",
             "stream_throughput",
@@ -520,6 +539,7 @@ mod tests {
             Some(
                 "running 0 tests\ntest result: ok. 0 passed; 0 failed; 0 ignored; 12 filtered out\n",
             ),
+            None,
             Some("ok"),
             "pipeline_capacity",
             "pipeline_capacity",
@@ -533,6 +553,16 @@ mod tests {
                 .unwrap()
                 .contains("no `pipeline_capacity` test")
         );
+    }
+
+    #[test]
+    fn quotes_the_first_compiler_error() {
+        let err = "   Compiling flowaudit\nerror[E0433]: cannot find type `RecordKind` in this scope\n   --> agent/src/flow/build.rs:127:18\n";
+        assert_eq!(
+            first_compile_error(err).unwrap(),
+            "error[E0433]: cannot find type `RecordKind` in this scope at agent/src/flow/build.rs:127:18"
+        );
+        assert_eq!(first_compile_error("test failed"), None);
     }
 
     #[test]

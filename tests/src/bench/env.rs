@@ -663,6 +663,23 @@ pub fn busy_others(window: Duration) -> Vec<String> {
         .collect()
 }
 
+/// Other `flowaudit agent` processes on the machine: their programs see the
+/// bench's connections too, so a "bare" run would not be bare.
+pub fn other_agents() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let mut args = cmd.split(|b| *b == 0);
+            let exe = args.next().unwrap_or_default();
+            exe.ends_with(b"flowaudit") && args.next() == Some(b"agent".as_slice())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,7 +126,7 @@ struct RunArgs {
     #[arg(long, allow_hyphen_values = true)]
     payload_flag: Option<String>,
     /// Bare/agent rounds of the overhead measurements.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Seconds per overhead run.
     #[arg(long, default_value_t = 5.0)]
@@ -185,16 +185,28 @@ impl Ctx {
     /// Notes (and warns about) other processes busy right now: a build
     /// beside the bench takes CPU from whichever run it overlaps.
     pub fn note_other_load(&self) -> String {
+        let mut notes = Vec::new();
+        let agents = env::other_agents();
+        if !agents.is_empty() {
+            let text = format!(
+                "another flowaudit agent was running (pid {agents:?}): its programs saw the \
+                 bench's connections too, so bare runs were not bare"
+            );
+            eprintln!("bench: WARNING: {text}");
+            notes.push(text);
+        }
         let busy = env::busy_others(Duration::from_secs(1));
         if busy.is_empty() {
-            return "no other process busy before this measurement".into();
+            notes.push("no other process busy before this measurement".into());
+        } else {
+            let text = format!(
+                "busy beside the bench before this measurement: {}",
+                busy.join(", ")
+            );
+            eprintln!("bench: WARNING: {text}: results will be noisy");
+            notes.push(text);
         }
-        let text = format!(
-            "busy beside the bench before this measurement: {}",
-            busy.join(", ")
-        );
-        eprintln!("bench: WARNING: {text}: results will be noisy");
-        text
+        notes.join("; ")
     }
 }
 
