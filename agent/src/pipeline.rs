@@ -69,6 +69,13 @@ pub struct Pipeline {
     /// Buffers `release` reuses, so a burst does not allocate per pass.
     spare: VecDeque<Parked>,
     blocked: HashSet<u64>,
+    /// Whether a pass over the parked flows can release anything: a parked
+    /// socket's encryption settled, an identity lookup is outstanding (its
+    /// answer is polled), or the earliest deadline has come. Without this,
+    /// every burst would rescan every parked flow.
+    wake: bool,
+    pending_lookups: usize,
+    next_deadline: Option<Instant>,
 }
 
 impl Pipeline {
@@ -94,6 +101,9 @@ impl Pipeline {
             parked_sockets: HashMap::new(),
             spare: VecDeque::new(),
             blocked: HashSet::new(),
+            wake: false,
+            pending_lookups: 0,
+            next_deadline: None,
         }
     }
 
@@ -140,7 +150,12 @@ impl Pipeline {
     fn record(&mut self, rec: KernelRecord, clock: &Clock) {
         match rec {
             KernelRecord::Flow(ev) => self.handle(&ev, clock),
-            KernelRecord::Payload(p) => self.encryption.on_chunk(&p),
+            KernelRecord::Payload(p) => {
+                if self.encryption.on_chunk(&p) && self.parked_sockets.contains_key(&p.sock_cookie)
+                {
+                    self.wake = true;
+                }
+            }
         }
     }
 
@@ -164,16 +179,28 @@ impl Pipeline {
             || self.parked_sockets.contains_key(&cookie)
         {
             *self.parked_sockets.entry(cookie).or_default() += 1;
+            let deadline = now + self.identity_wait;
+            if query.is_some() {
+                self.pending_lookups += 1;
+                self.earliest(deadline);
+            }
+            if let Some(d) = encryption_deadline {
+                self.earliest(d);
+            }
             self.parked.push_back(Parked {
                 flow,
                 query,
                 parked_at: now,
-                deadline: now + self.identity_wait,
+                deadline,
                 encryption_deadline,
             });
             return;
         }
         self.emit(flow);
+    }
+
+    fn earliest(&mut self, deadline: Instant) {
+        self.next_deadline = Some(self.next_deadline.map_or(deadline, |d| d.min(deadline)));
     }
 
     /// Sends out parked flows whose identity arrived or whose wait is over.
@@ -183,6 +210,16 @@ impl Pipeline {
             return;
         }
         let now = Instant::now();
+        if !all
+            && !self.wake
+            && self.pending_lookups == 0
+            && self.next_deadline.is_some_and(|d| now < d)
+        {
+            return;
+        }
+        self.wake = false;
+        self.pending_lookups = 0;
+        self.next_deadline = None;
         let mut still = std::mem::take(&mut self.spare);
         let mut blocked = std::mem::take(&mut self.blocked);
         blocked.clear();
@@ -246,6 +283,15 @@ impl Pipeline {
             } else {
                 blocked.insert(cookie);
                 still.push_back(p);
+            }
+        }
+        for p in &still {
+            if p.query.is_some() {
+                self.pending_lookups += 1;
+                self.earliest(p.deadline);
+            }
+            if let Some(d) = p.encryption_deadline {
+                self.earliest(d);
             }
         }
         // `parked` is empty now; keep its buffer for the next pass.

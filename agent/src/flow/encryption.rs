@@ -38,11 +38,12 @@ pub struct EncryptionTracker {
 }
 
 impl EncryptionTracker {
-    /// Feeds one chunk of a socket's payload.
-    pub fn on_chunk(&mut self, chunk: &PayloadChunk) {
+    /// Feeds one chunk of a socket's payload; true when this chunk made
+    /// the socket's answer final.
+    pub fn on_chunk(&mut self, chunk: &PayloadChunk) -> bool {
         if !self.sockets.contains_key(&chunk.sock_cookie) && self.sockets.len() >= MAX_SOCKETS {
             self.overflow += 1;
-            return;
+            return false;
         }
         let entry = self
             .sockets
@@ -50,7 +51,7 @@ impl EncryptionTracker {
             .or_insert_with(|| Entry::Open(Box::default()));
         let Entry::Open(c) = entry else {
             // Already final: later bytes change nothing.
-            return;
+            return false;
         };
         let dir = if chunk.outbound { Dir::Out } else { Dir::In };
         c.feed(dir, chunk.offset, &chunk.data);
@@ -70,7 +71,9 @@ impl EncryptionTracker {
                 }
             };
             *entry = Entry::Settled(answer);
+            return true;
         }
+        false
     }
 
     /// Whether the socket's answer is final (nothing more will change it).
