@@ -489,6 +489,13 @@ pub fn report(args: ReportArgs) -> Result<()> {
         }
         results.extend(found);
     }
+    // A target of "" is no target: "met" means nothing without one.
+    for r in &mut results {
+        if r["target"].as_str().is_none_or(str::is_empty) {
+            r["target"] = Value::Null;
+            r["met"] = Value::Null;
+        }
+    }
     let commit = git(&["rev-parse", "--short", "HEAD"]);
     let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
     let finished = std::process::Command::new("date")
