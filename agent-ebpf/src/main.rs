@@ -256,9 +256,27 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
         count_loss(LossPlace::SocketMapFull);
     } else {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        // Watched only when its close will be seen (and the entry removed).
+        watch_payload(ctx, sock_cookie);
     }
-    // The next sequence numbers now are those of the first payload byte in
-    // each direction: the payload programs count stream offsets from them.
+    emit(
+        ctx,
+        RecordKind::Connect,
+        &state,
+        sock_cookie,
+        netns_cookie,
+        now,
+        0,
+    );
+    Ok(())
+}
+
+/// Puts the socket in `PAYLOAD`: the next sequence numbers now are those of
+/// the first payload byte in each direction, from which the payload
+/// programs count stream offsets.
+#[inline(always)]
+fn watch_payload(ctx: &SockOpsContext, sock_cookie: u64) {
+    let ops = ctx.ops;
     let snd = field!(ops, snd_nxt);
     let rcv = field!(ops, rcv_nxt);
     let watch = PayloadState {
@@ -274,16 +292,6 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
     if PAYLOAD.insert(&sock_cookie, &watch, 0).is_err() {
         count_loss(LossPlace::PayloadMapFull);
     }
-    emit(
-        ctx,
-        RecordKind::Connect,
-        &state,
-        sock_cookie,
-        netns_cookie,
-        now,
-        0,
-    );
-    Ok(())
 }
 
 /// Remembers which states the socket went through: whether our FIN was
