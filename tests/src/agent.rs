@@ -236,16 +236,7 @@ impl RunningAgent {
 impl Drop for RunningAgent {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_child(&mut child, Duration::from_secs(10));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -265,6 +256,22 @@ fn rand_u64() -> u64 {
 }
 
 /// Flow events whose 4-tuple is `src -> dst` (ports included).
+/// SIGINT, then up to `grace` to exit (the agent drains and detaches),
+/// then SIGKILL; always reaped.
+pub fn stop_child(child: &mut std::process::Child, grace: Duration) {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 pub fn flows_between<'a>(
     flows: &'a [Value],
     src: std::net::SocketAddr,

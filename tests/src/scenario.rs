@@ -178,17 +178,7 @@ impl Precinct99 {
             self.node.ip6()
         );
         for w in &self.workloads {
-            let p = &w.pod;
-            y.push_str(&format!(
-                "  - ips: [{}, \"{}\"]\n    namespace: {}\n    pod: {}\n    uid: {}\n    serviceAccount: {}\n    labels: {{app: {}}}\n    node: {NODE_NAME}\n",
-                p.ip4(),
-                p.ip6(),
-                p.namespace(),
-                p.name(),
-                p.uid(),
-                p.service_account(),
-                p.service_account()
-            ));
+            y.push_str(&endpoint_entry(&w.pod, NODE_NAME));
         }
         y
     }
@@ -243,6 +233,21 @@ impl Precinct99 {
             .next()
             .ok_or_else(|| SimError::Other(format!("{}: simpod printed no record", flow.label)))
     }
+}
+
+/// One pod's entry in an endpoint directory (`--endpoints` YAML), labelled
+/// `app: <service account>`.
+pub fn endpoint_entry(p: &Pod, node: &str) -> String {
+    format!(
+        "  - ips: [{}, \"{}\"]\n    namespace: {}\n    pod: {}\n    uid: {}\n    serviceAccount: {}\n    labels: {{app: {}}}\n    node: {node}\n",
+        p.ip4(),
+        p.ip6(),
+        p.namespace(),
+        p.name(),
+        p.uid(),
+        p.service_account(),
+        p.service_account()
+    )
 }
 
 /// Drops TCP traffic from `from` to `port` inside the pod: an nftables rule

@@ -249,16 +249,7 @@ impl BenchNode {
             node.ip6()
         );
         for p in [&client, &server] {
-            y.push_str(&format!(
-                "  - ips: [{}, \"{}\"]\n    namespace: {}\n    pod: {}\n    uid: {}\n    serviceAccount: {}\n    labels: {{app: {}}}\n    node: sim-node\n",
-                p.ip4(),
-                p.ip6(),
-                p.namespace(),
-                p.name(),
-                p.uid(),
-                p.service_account(),
-                p.service_account()
-            ));
+            y.push_str(&flowaudit_tests::scenario::endpoint_entry(p, "sim-node"));
         }
         std::fs::write(&endpoints, y).context("write the endpoint directory")?;
         let ports: Vec<String> = CONN_RATE_PORTS
@@ -528,17 +519,7 @@ impl BenchAgent {
 impl Drop for BenchAgent {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            flowaudit_tests::agent::stop_child(&mut child, Duration::from_secs(10));
         }
     }
 }

@@ -250,17 +250,7 @@ fn main() -> Result<()> {
             })
             .count()
     };
-    let local_ends: Vec<&serde_json::Value> = flows
-        .iter()
-        .map(|f| {
-            if f["direction"] == "EGRESS" {
-                &f["source"]
-            } else {
-                &f["destination"]
-            }
-        })
-        .filter(|e| e["kind"] == "POD")
-        .collect();
+    let local_ends = flowaudit_tests::support::local_pod_ends(&flows);
     let attested = local_ends
         .iter()
         .filter(|e| e["identity_source"] == "ATTESTED")
