@@ -115,8 +115,10 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// Checks prerequisites, loads and attaches. Fails with the fix in the message.
-    pub fn start() -> Result<Self, CaptureError> {
+    /// Checks prerequisites, loads and attaches, with a ring buffer of
+    /// `ring_bytes` (a power of two, a multiple of the page size). Fails
+    /// with the fix in the message.
+    pub fn start(ring_bytes: u32) -> Result<Self, CaptureError> {
         let euid = unsafe { libc::geteuid() };
         if euid != 0 {
             return Err(CaptureError::NotRoot(euid));
@@ -145,6 +147,7 @@ impl Capture {
 
         let mut loader = EbpfLoader::new();
         loader
+            .map_max_entries(names::MAP_EVENTS, ring_bytes)
             .override_global(
                 names::OFF_TASK_GROUP_LEADER,
                 &offsets.task_group_leader,

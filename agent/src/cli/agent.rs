@@ -82,6 +82,17 @@ pub struct AgentArgs {
         value_name = "MS"
     )]
     pub encryption_wait_ms: u64,
+    /// Size of the kernel ring buffer that carries records to the agent, in
+    /// MiB (a power of two). It absorbs bursts while the agent catches up;
+    /// what does not fit is counted as lost, never silently dropped.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_RING_BUFFER_MIB",
+        default_value_t = 32,
+        value_parser = ring_buffer_mib,
+        value_name = "MIB"
+    )]
+    pub ring_buffer_mib: u32,
     #[command(flatten)]
     pub export: crate::export::ExportArgs,
     /// Log format on standard error.
@@ -115,6 +126,18 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn ring_buffer_mib(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of MiB"))?;
+    if !(1..=1024).contains(&n) || !n.is_power_of_two() {
+        return Err(format!(
+            "{n} MiB: the ring buffer size must be a power of two from 1 to 1024 MiB"
+        ));
+    }
+    Ok(n)
+}
+
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -140,7 +163,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         }
         false => Some(crate::judge::load_initial(&args.policy)?),
     };
-    let mut capture = Capture::start()?;
+    let mut capture = Capture::start(args.ring_buffer_mib << 20)?;
     let (tx, rx) = mpsc::channel(16 * 1024);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let reader = capture.spawn_reader(tx, shutdown_rx)?;
@@ -378,5 +401,20 @@ fn report_losses(capture: &Capture) {
             total = capture.stats.lost[place as usize].load(Ordering::Relaxed),
             "kernel could not deliver records"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ring_buffer_mib;
+
+    #[test]
+    fn ring_buffer_size_is_a_power_of_two_in_range() {
+        assert_eq!(ring_buffer_mib("32"), Ok(32));
+        assert_eq!(ring_buffer_mib("1"), Ok(1));
+        for bad in ["0", "3", "2048", "x", "-8"] {
+            let e = ring_buffer_mib(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
     }
 }
