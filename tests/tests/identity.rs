@@ -108,18 +108,7 @@ fn local_ends_are_attested_by_pid_and_by_selectors() {
             "{version}: the agent should say it attests by {mode}; logs: {:#?}",
             report.logs
         );
-        let local_ends: Vec<&Value> = report
-            .flows
-            .iter()
-            .map(|f| {
-                if f["direction"] == "EGRESS" {
-                    &f["source"]
-                } else {
-                    &f["destination"]
-                }
-            })
-            .filter(|e| e["kind"] == "POD")
-            .collect();
+        let local_ends = local_pod_ends(&report.flows);
         let attested = local_ends
             .iter()
             .filter(|e| e["identity_source"] == "ATTESTED")
