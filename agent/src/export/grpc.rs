@@ -514,6 +514,7 @@ pub mod convert {
             Some(FailureReason::Unreachable) => proto::FailureReason::Unreachable,
             Some(FailureReason::Aborted) => proto::FailureReason::Aborted,
             Some(FailureReason::Error) => proto::FailureReason::Error,
+            Some(FailureReason::Unknown) => proto::FailureReason::Unknown,
         }
     }
 
@@ -526,6 +527,7 @@ pub mod convert {
             proto::FailureReason::Unreachable => FailureReason::Unreachable,
             proto::FailureReason::Aborted => FailureReason::Aborted,
             proto::FailureReason::Error => FailureReason::Error,
+            proto::FailureReason::Unknown => FailureReason::Unknown,
         })
     }
 
