@@ -1525,7 +1525,10 @@ mod tests {
             let id = attested(&c, &by_pod(BACKEND_UID, "99-apps", "backend")).await;
             assert_eq!(id.spiffe_id, BACKEND, "{v}");
             assert!(matches!(
-                c.wait(&by_pod(BACKEND_UID, "nowhere", "x"), Duration::from_secs(3))
+                c.wait(
+                    &by_pod("00000000-0000-0000-0000-0000000000aa", "nowhere", "x"),
+                    Duration::from_secs(3)
+                )
                     .await,
                 Lookup::NoIdentity
             ));
