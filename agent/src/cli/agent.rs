@@ -329,6 +329,12 @@ fn start_identity_and_policy(
             ))
         }
     };
+    if trust_domain.is_none() {
+        tracing::warn!(
+            spire = spire.is_some(),
+            "no trust domain from --trust-domain or the policy: DERIVED IDs use the SPIRE agent's once it answers; until then (or without SPIRE) pod ends cannot be named: pass --trust-domain"
+        );
+    }
     let cgroups = CgroupResolver::new(capture.cgroup_root.clone());
     let mut enricher = Enricher::new(endpoints, cgroups, spire, trust_domain);
     enricher.node_name = node_name(args.node_name.as_deref());

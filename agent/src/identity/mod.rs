@@ -359,6 +359,19 @@ impl Enricher {
             }
         }
         if p.local.is_none() && matches!(p.peer, PeerWait::Done) {
+            // A trust domain learned while the flow waited (SPIRE's bundle
+            // arrives on connection) names the pods that had none.
+            if let Some(td) = self.trust_domain() {
+                for ep in [&mut flow.source, &mut flow.destination] {
+                    if ep.kind == EndKind::Pod && ep.identity_source == IdentitySource::Unknown {
+                        derive(
+                            ep,
+                            Some(&td),
+                            "derived from its pod's metadata (the trust domain became known while the flow waited)",
+                        );
+                    }
+                }
+            }
             Progress::Done { timed_out }
         } else {
             Progress::Waiting
@@ -541,6 +554,142 @@ mod tests {
         e.enrich(&mut f);
         assert_eq!(f.destination.kind, EndKind::World);
         assert_eq!(f.destination.spiffe_id, "");
+    }
+
+    /// Both sockets of a same-node connection: each event's peer end is
+    /// attested from the other socket's owner (its cgroup -> pod UID ->
+    /// SPIRE, here 1.9.6 by selectors), and the trust domain comes from
+    /// SPIRE's bundle when nothing else gives it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_node_peer_is_attested_from_its_own_socket() {
+        use flowaudit_common::SocketSide;
+        use flowaudit_tests::spire_double::{SpireDouble, SpireDoubleConfig};
+        use std::os::unix::fs::MetadataExt;
+        use std::time::Duration;
+        const FRONTEND_UID: &str = "11111111-2222-3333-4444-555555555555";
+        const BACKEND_UID: &str = "66666666-7777-8888-9999-000000000000";
+        let base = std::env::temp_dir().join(format!("fa-enrich-{}", std::process::id()));
+        let mut inode = |uid: &str| {
+            let d = base.join(format!("kubepods/besteffort/pod{uid}/c0ffee"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::metadata(&d).unwrap().ino()
+        };
+        let (front_cg, back_cg) = (inode(FRONTEND_UID), inode(BACKEND_UID));
+        let yaml = format!(
+            "nodes:\n  - {{name: n1, ips: [10.244.0.1]}}\nendpoints:\n  - {{ips: [10.244.1.5], namespace: 99-apps, pod: frontend-7d9f, uid: {FRONTEND_UID}, serviceAccount: frontend, node: n1}}\n  - {{ips: [10.244.1.9], namespace: 99-apps, pod: backend-0, uid: {BACKEND_UID}, serviceAccount: backend, node: n1}}\n"
+        );
+        let dir = EndpointDirectory::parse(Path::new("e.yaml"), &yaml).unwrap();
+        let socket = base.join("spire/admin.sock");
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let double = SpireDouble::start(
+            SpireDoubleConfig::new(&socket, "demo.local")
+                .version("1.9.6")
+                .pod(FRONTEND_UID, "99-apps", "frontend", "frontend-7d9f")
+                .pod(BACKEND_UID, "99-apps", "backend", "backend-0")
+                .entry(
+                    "spiffe://demo.local/ns/99-apps/sa/frontend",
+                    &[&format!("k8s:pod-uid:{FRONTEND_UID}")],
+                )
+                .entry(
+                    "spiffe://demo.local/ns/99-apps/sa/backend",
+                    &[&format!("k8s:pod-uid:{BACKEND_UID}")],
+                )
+                .authorize_uid(me, "spiffe://demo.local/ns/flowaudit/sa/flowaudit"),
+        )
+        .await
+        .unwrap();
+        let spire = SpireClient::start(&socket, spire::SpireOptions::default());
+        for _ in 0..200 {
+            if spire.is_connected() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(spire.is_connected(), "{:?}", spire.status());
+        let mut e = Enricher::new(
+            Some(watch::channel(Arc::new(dir)).1),
+            CgroupResolver::new(base.clone()),
+            Some(spire),
+            None,
+        );
+        e.node_name = "n1".into();
+        e.wait_ms = 2000;
+        let mut r = sample();
+        r.kind = flowaudit_common::RecordKind::Connect as u8;
+        r.owner.cgroup_id = front_cg;
+        let mut egress =
+            FlowEvent::from_kernel(&KernelEvent::from_record(&r).unwrap(), "n1", &Clock::now());
+        // The server's accepted socket: the same 4-tuple seen from the other side.
+        let mut r2 = r;
+        r2.side = SocketSide::Passive as u8;
+        std::mem::swap(&mut r2.local_addr, &mut r2.remote_addr);
+        std::mem::swap(&mut r2.local_port, &mut r2.remote_port);
+        r2.owner.cgroup_id = back_cg;
+        r2.owner.tgid = 4321;
+        r2.sock_cookie = 100;
+        let mut ingress =
+            FlowEvent::from_kernel(&KernelEvent::from_record(&r2).unwrap(), "n1", &Clock::now());
+        let mut pending = Vec::new();
+        for f in [&mut egress, &mut ingress] {
+            pending.push(match e.enrich(f) {
+                Enriched::Pending(p) => Some(p),
+                Enriched::Done => None,
+            });
+        }
+        for _ in 0..300 {
+            let mut all = true;
+            for (f, p) in [&mut egress, &mut ingress]
+                .into_iter()
+                .zip(pending.iter_mut())
+            {
+                if let Some(q) = p {
+                    if e.resume(f, q, false) == Progress::Waiting {
+                        all = false;
+                    } else {
+                        *p = None;
+                    }
+                }
+            }
+            if all {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for f in [&egress, &ingress] {
+            for (end, id) in [(&f.source, "frontend"), (&f.destination, "backend")] {
+                assert_eq!(end.identity_source, IdentitySource::Attested, "{f:#?}");
+                assert_eq!(
+                    end.spiffe_id,
+                    format!("spiffe://demo.local/ns/99-apps/sa/{id}")
+                );
+                assert_eq!(end.identity_detail, "");
+            }
+        }
+        drop(e);
+        double.stop().await;
+        std::fs::remove_dir_all(&base).ok();
+    }
+
+    #[test]
+    fn a_peer_on_another_node_is_derived_and_says_so() {
+        let yaml = "endpoints:\n  - {ips: [10.244.1.5], namespace: 99-apps, pod: frontend-7d9f, serviceAccount: frontend, node: n1}\n  - {ips: [10.244.1.9], namespace: 99-apps, pod: postgresql-0, serviceAccount: postgresql, node: n2}\n";
+        let dir = EndpointDirectory::parse(Path::new("e.yaml"), yaml).unwrap();
+        let mut e = Enricher::new(
+            Some(watch::channel(Arc::new(dir)).1),
+            CgroupResolver::new("/nonexistent".into()),
+            None,
+            Some("demo.local".into()),
+        );
+        e.node_name = "n1".into();
+        let mut f = flow();
+        e.enrich(&mut f);
+        assert_eq!(f.destination.identity_source, IdentitySource::Derived);
+        assert!(
+            f.destination.identity_detail.contains("endpoint directory"),
+            "{f:?}"
+        );
+        assert!(f.source.identity_detail.contains("no SPIRE"), "{f:?}");
     }
 
     #[test]

@@ -1529,7 +1529,7 @@ mod tests {
                     &by_pod("00000000-0000-0000-0000-0000000000aa", "nowhere", "x"),
                     Duration::from_secs(3)
                 )
-                    .await,
+                .await,
                 Lookup::NoIdentity
             ));
         }
