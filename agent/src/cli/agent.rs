@@ -121,10 +121,10 @@ pub fn node_name(explicit: Option<&str>) -> String {
     if let Some(n) = explicit.filter(|n| !n.is_empty()) {
         return n.to_owned();
     }
-    if let Ok(n) = std::env::var("NODE_NAME") {
-        if !n.is_empty() {
-            return n;
-        }
+    if let Ok(n) = std::env::var("NODE_NAME")
+        && !n.is_empty()
+    {
+        return n;
     }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())

@@ -569,7 +569,7 @@ mod tests {
         const FRONTEND_UID: &str = "11111111-2222-3333-4444-555555555555";
         const BACKEND_UID: &str = "66666666-7777-8888-9999-000000000000";
         let base = std::env::temp_dir().join(format!("fa-enrich-{}", std::process::id()));
-        let mut inode = |uid: &str| {
+        let inode = |uid: &str| {
             let d = base.join(format!("kubepods/besteffort/pod{uid}/c0ffee"));
             std::fs::create_dir_all(&d).unwrap();
             std::fs::metadata(&d).unwrap().ino()
