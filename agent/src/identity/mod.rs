@@ -202,7 +202,8 @@ impl Enricher {
             self.sockets.insert((local_addr, remote_addr), facts);
         }
         let td = self.trust_domain();
-        let connected = self.spire.as_ref().is_some_and(SpireClient::is_connected);
+        // Connected, or still connecting at start-up: answers can come.
+        let answering = self.spire.as_ref().is_some_and(|s| !s.is_down());
 
         // Local end: the pod its cgroup belongs to is authoritative (a
         // hostNetwork pod shares the node's address); else by address.
@@ -256,7 +257,7 @@ impl Enricher {
                 derive(remote, td.as_deref(), &detail);
                 if let Some(f) = self.sockets.get(&reverse) {
                     self.peer_query(flow, f)
-                } else if on_this_node && connected && !failed {
+                } else if on_this_node && answering && !failed {
                     PeerWait::Socket(reverse)
                 } else {
                     PeerWait::Done
@@ -601,12 +602,12 @@ mod tests {
         .unwrap();
         let spire = SpireClient::start(&socket, spire::SpireOptions::default());
         for _ in 0..200 {
-            if spire.is_connected() {
+            if spire.status().connected {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(spire.is_connected(), "{:?}", spire.status());
+        assert!(spire.status().connected, "{:?}", spire.status());
         let mut e = Enricher::new(
             Some(watch::channel(Arc::new(dir)).1),
             CgroupResolver::new(base.clone()),

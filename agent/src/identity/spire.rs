@@ -278,9 +278,10 @@ impl SpireClient {
         }
     }
 
-    /// Whether the agent is connected now (cheap; for every flow).
-    pub fn is_connected(&self) -> bool {
-        matches!(self.shared.lock().phase, Phase::Connected)
+    /// Whether the last connection attempt failed (not merely still
+    /// connecting): answers will not come soon.
+    pub fn is_down(&self) -> bool {
+        matches!(self.shared.lock().phase, Phase::Down(_))
     }
 
     /// The SPIRE agent's trust domain, once its bundle stream named exactly one.
