@@ -1,11 +1,23 @@
 //! flowaudit's kernel side: one `sock_ops` program on the cgroup v2 root sees
 //! every TCP socket of every process on the node, whatever its network
-//! namespace. It records who owns each socket (connect() caller, or the
-//! listen() caller for accepted sockets), and writes a `FlowRecord` into the
-//! `EVENTS` ring buffer when a connection establishes, closes, or fails to
-//! establish. Only `bpf_sock_ops` context fields and helpers are used, plus
-//! five struct offsets that the loader resolves from the running kernel's
-//! BTF, so the same object runs on 5.15 to 6.x kernels.
+//! namespace, and writes a `FlowRecord` into the `EVENTS` ring buffer when a
+//! connection establishes, closes, or fails to establish.
+//!
+//! Who owns a socket is taken where the kernel runs in the owner's process
+//! context and every kernel since 5.7 lets a program ask: the
+//! `cgroup/connect4|6` programs (the connect() caller) and the
+//! `cgroup/post_bind4|6` programs (the binder, i.e. the listener's owner)
+//! put the caller's pid, cgroup and name in `OWNERS` by socket cookie, and
+//! `sock_ops` takes them from there. (`sock_ops` itself may call
+//! `bpf_get_current_pid_tgid` only from Linux 6.10 on.) Accepted sockets
+//! get their listener's owner.
+//!
+//! Everything else is `bpf_sock_ops` context fields and helpers, plus struct
+//! offsets the loader resolves from the running kernel's BTF and hands in as
+//! read-only globals, together with feature switches it probes at load time
+//! (`KERNEL_READS`, `SOCK_OPS_NETNS_COOKIE`). A switch that is off makes the
+//! code behind it dead, and the verifier never looks at a helper a kernel
+//! lacks: the same object loads on 5.10 to 6.x.
 //!
 //! Two `cgroup_skb` programs (egress and ingress, also on the root) copy the
 //! first payload bytes of each tracked connection into the same ring buffer,
@@ -26,19 +38,19 @@ use aya_ebpf::{
         BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{
             bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_load_bytes,
         },
     },
-    macros::{cgroup_skb, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SkBuffContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use flowaudit_common::{
     AF_INET6, DIR_IN, DIR_OUT, EVENTS_RING_BYTES, FlowRecord, LISTENERS_MAX, LOSS_PLACES, Listener,
-    ListenerKey, LossPlace, Owner, PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_IN_DONE,
+    ListenerKey, LossPlace, OWNERS_MAX, Owner, PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_IN_DONE,
     PAYLOAD_OUT_DONE, PAYLOAD_PEEK, PAYLOAD_TLS, PayloadHeader, PayloadRecord, PayloadState,
     RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SOCKETS_MAX, SocketSide,
     SocketState, TLS_HANDSHAKE,
@@ -64,6 +76,24 @@ static PAYLOAD: HashMap<u64, PayloadState> = HashMap::with_max_entries(SOCKETS_M
 static LISTENERS: LruHashMap<ListenerKey, Listener> =
     LruHashMap::with_max_entries(LISTENERS_MAX, 0);
 
+// Owner of a TCP socket by socket cookie, written in the owner's process
+// context (connect(), bind()) and taken by `sock_ops` (connect, listen).
+// LRU: a socket that binds but never listens leaves an entry behind.
+#[map]
+static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(OWNERS_MAX, 0);
+
+// Feature switches, probed and set by the loader (1 = on). Off, the code
+// behind them is dead and the verifier never checks its helper calls.
+/// `bpf_get_current_task` and `bpf_probe_read_kernel` may be called (not on
+/// a kernel in lockdown confidentiality mode, nor without CAP_PERFMON).
+#[unsafe(no_mangle)]
+static KERNEL_READS: u32 = 0;
+/// `sock_ops` may call `bpf_get_netns_cookie` (not before Linux 5.15);
+/// otherwise the cookie is read from the socket through `OFF_SOCK_NET` and
+/// `OFF_NET_COOKIE` (with `KERNEL_READS`).
+#[unsafe(no_mangle)]
+static SOCK_OPS_NETNS_COOKIE: u32 = 0;
+
 // Struct member offsets from the running kernel's BTF, set by the loader.
 // 0 means "not available": the read is skipped and the field stays 0.
 #[unsafe(no_mangle)]
@@ -78,6 +108,13 @@ static OFF_SOCK_ERR: u32 = 0;
 static OFF_SOCK_ERR_SOFT: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_SOCK_FLAGS: u32 = 0;
+/// `sock.__sk_common.skc_net.net` and `net.net_cookie`.
+#[unsafe(no_mangle)]
+static OFF_SOCK_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_NET_COOKIE: u32 = 0;
+
+const SOCK_STREAM: u32 = 1;
 
 /// `enum sock_flags`: SOCK_DONE (bit 1) is set by tcp_fin() when the peer's FIN arrives.
 const SOCK_DONE: u64 = 1;
@@ -133,8 +170,8 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     }
 }
 
-/// The process running now: valid in connect() and listen(), which run in
-/// process context; never used for callbacks that run in softirq.
+/// The process running now. Called only from the connect and bind hooks,
+/// which run in the calling process's context on every kernel.
 #[inline(always)]
 fn current_owner() -> Owner {
     let mut owner = Owner {
@@ -142,10 +179,12 @@ fn current_owner() -> Owner {
         _pad: 0,
         start_boottime_ns: 0,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        comm: [0; 16],
+        // The calling thread's name; the leader's replaces it below when
+        // the task can be read.
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     let off_leader = global(&OFF_TASK_GROUP_LEADER);
-    if off_leader == 0 {
+    if global(&KERNEL_READS) == 0 || off_leader == 0 {
         return owner;
     }
     unsafe {
@@ -170,29 +209,135 @@ fn current_owner() -> Owner {
     owner
 }
 
+/// Remembers the caller as the owner of a TCP socket it connects or binds.
+#[inline(always)]
+fn remember_owner(sock_cookie: u64) {
+    if OWNERS.insert(&sock_cookie, &current_owner(), 0).is_err() {
+        count_loss(LossPlace::OwnerMapFull);
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn flowaudit_connect4(ctx: SockAddrContext) -> i32 {
+    on_connect_call(&ctx);
+    // Never refuse: the agent only observes.
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn flowaudit_connect6(ctx: SockAddrContext) -> i32 {
+    on_connect_call(&ctx);
+    1
+}
+
+#[inline(always)]
+fn on_connect_call(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let (ty, proto) = (field!(sa, type_), field!(sa, protocol));
+    if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
+        remember_owner(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+    }
+}
+
+#[cgroup_sock(post_bind4)]
+pub fn flowaudit_post_bind4(ctx: SockContext) -> i32 {
+    on_bind(&ctx);
+    1
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn flowaudit_post_bind6(ctx: SockContext) -> i32 {
+    on_bind(&ctx);
+    1
+}
+
+#[inline(always)]
+fn on_bind(ctx: &SockContext) {
+    let sk = ctx.sock;
+    let (ty, proto) = (field!(sk, type_), field!(sk, protocol));
+    if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
+        remember_owner(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+    }
+}
+
+/// The owner remembered for this socket by the connect or bind hook, taken
+/// out of `OWNERS` (the socket's own state carries it from here on).
+#[inline(always)]
+fn take_owner(sock_cookie: u64) -> Option<Owner> {
+    let owner = unsafe { OWNERS.get(&sock_cookie) }.copied();
+    if owner.is_some() {
+        let _ = OWNERS.remove(&sock_cookie);
+    }
+    owner
+}
+
+/// The socket's network namespace cookie: from the helper where `sock_ops`
+/// has it, else read from the socket (`sk->__sk_common.skc_net`, then
+/// `net->net_cookie`), else 0.
+#[inline(always)]
+fn netns_cookie(ctx: &SockOpsContext) -> u64 {
+    if global(&SOCK_OPS_NETNS_COOKIE) != 0 {
+        return unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    }
+    let (off_net, off_cookie) = (global(&OFF_SOCK_NET), global(&OFF_NET_COOKIE));
+    if global(&KERNEL_READS) == 0 || off_net == 0 || off_cookie == 0 {
+        return 0;
+    }
+    let Some(sk) = kernel_sock(ctx.ops) else {
+        return 0;
+    };
+    unsafe {
+        let Ok(net) = bpf_probe_read_kernel(sk.add(off_net as usize) as *const u64) else {
+            return 0;
+        };
+        if net == 0 {
+            return 0;
+        }
+        bpf_probe_read_kernel((net as *const u8).add(off_cookie as usize) as *const u64)
+            .unwrap_or(0)
+    }
+}
+
+/// The kernel's `struct sock` behind a `sock_ops` context.
+#[inline(always)]
+fn kernel_sock(ops: *mut bpf_sock_ops) -> Option<*const u8> {
+    // The verifier forbids arithmetic on the context's `sk` pointer, so read
+    // the kernel's own `bpf_sock_ops_kern.sk` (its first member: the loader
+    // checks that in BTF and leaves the offsets 0 otherwise) as a plain value.
+    match unsafe { bpf_probe_read_kernel(ops as *const u64) } {
+        Ok(sk) if sk != 0 => Some(sk as *const u8),
+        _ => None,
+    }
+}
+
 #[inline(always)]
 fn cookies(ctx: &SockOpsContext) -> (u64, u64) {
-    unsafe {
-        (
-            bpf_get_socket_cookie(ctx.as_ptr()),
-            bpf_get_netns_cookie(ctx.as_ptr()),
-        )
-    }
+    (
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        netns_cookie(ctx),
+    )
 }
 
 fn on_listen(ctx: &SockOpsContext) -> Result<(), i64> {
     let ops = ctx.ops;
     let (sock_cookie, netns_cookie) = cookies(ctx);
+    // Without the namespace, one pod's listener would be taken for
+    // another's on the same port: no entry rather than a wrong owner.
+    if netns_cookie == 0 {
+        return Ok(());
+    }
     let key = ListenerKey {
         netns_cookie,
         port: field!(ops, local_port) as u16,
         family: field!(ops, family) as u16,
         _pad: 0,
     };
-    let value = Listener {
-        owner: current_owner(),
-        sock_cookie,
+    // A socket bound before the agent started has no owner entry; the
+    // agent's /proc scan at start-up covers such listeners.
+    let Some(owner) = take_owner(sock_cookie) else {
+        return Ok(());
     };
+    let value = Listener { owner, sock_cookie };
     if LISTENERS.insert(&key, &value, 0).is_err() {
         count_loss(LossPlace::ListenerMapFull);
     }
@@ -203,12 +348,13 @@ fn on_listen(ctx: &SockOpsContext) -> Result<(), i64> {
 
 fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
     let (sock_cookie, _) = cookies(ctx);
+    let owner = take_owner(sock_cookie);
     let state = SocketState {
-        owner: current_owner(),
+        owner: owner.unwrap_or_default(),
         start_ns: unsafe { bpf_ktime_get_ns() },
         established_ns: 0,
         side: SocketSide::Active as u8,
-        owner_known: 1,
+        owner_known: owner.is_some() as u8,
         states_seen: 0,
         _pad: [0; 4],
     };
@@ -238,7 +384,7 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
         },
     };
     state.established_ns = now;
-    if side == SocketSide::Passive {
+    if side == SocketSide::Passive && netns_cookie != 0 {
         // softirq context: "current" is whoever sent the final ACK (on a
         // veth or loopback, the client). The owner is the listener's.
         let key = ListenerKey {
@@ -353,16 +499,12 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
 /// Also returns whether the peer's FIN arrived (`SOCK_DONE` in `sk_flags`).
 #[inline(always)]
 fn socket_facts(ops: *mut bpf_sock_ops) -> (u32, bool) {
-    // The verifier forbids arithmetic on the context's `sk` pointer, so read
-    // the kernel's own `bpf_sock_ops_kern.sk` (its first member: the loader
-    // checks that in BTF and leaves the offsets 0 otherwise) as a plain value.
-    let Ok(sk) = (unsafe { bpf_probe_read_kernel(ops as *const u64) }) else {
-        return (0, false);
-    };
-    if sk == 0 {
+    if global(&KERNEL_READS) == 0 {
         return (0, false);
     }
-    let sk = sk as *const u8;
+    let Some(sk) = kernel_sock(ops) else {
+        return (0, false);
+    };
     let mut fin_received = false;
     let off_flags = global(&OFF_SOCK_FLAGS);
     if off_flags != 0 {

@@ -247,9 +247,11 @@ pub enum LossPlace {
     /// The ring buffer was full: payload bytes were dropped (encryption may
     /// stay UNKNOWN; no flow event is lost).
     RingFullPayload = 6,
+    /// The `OWNERS` map update failed: the socket's owner stays unknown.
+    OwnerMapFull = 7,
 }
 
-pub const LOSS_PLACES: u32 = 7;
+pub const LOSS_PLACES: u32 = 8;
 
 impl LossPlace {
     pub const ALL: [LossPlace; LOSS_PLACES as usize] = [
@@ -260,6 +262,7 @@ impl LossPlace {
         Self::ListenerMapFull,
         Self::PayloadMapFull,
         Self::RingFullPayload,
+        Self::OwnerMapFull,
     ];
 
     /// Label used in logs and metrics.
@@ -272,6 +275,7 @@ impl LossPlace {
             Self::ListenerMapFull => "listener_map_full",
             Self::PayloadMapFull => "payload_map_full",
             Self::RingFullPayload => "ring_full_payload",
+            Self::OwnerMapFull => "owner_map_full",
         }
     }
 
@@ -294,6 +298,15 @@ pub mod names {
     pub const MAP_PAYLOAD: &str = "PAYLOAD";
     pub const PROG_SKB_EGRESS: &str = "flowaudit_skb_egress";
     pub const PROG_SKB_INGRESS: &str = "flowaudit_skb_ingress";
+    /// Where a socket's owner is seen: connect() and bind() callers.
+    pub const PROG_CONNECT4: &str = "flowaudit_connect4";
+    pub const PROG_CONNECT6: &str = "flowaudit_connect6";
+    pub const PROG_POST_BIND4: &str = "flowaudit_post_bind4";
+    pub const PROG_POST_BIND6: &str = "flowaudit_post_bind6";
+    pub const MAP_OWNERS: &str = "OWNERS";
+    /// Feature switches the loader probes (u32, 1 = on).
+    pub const KERNEL_READS: &str = "KERNEL_READS";
+    pub const SOCK_OPS_NETNS_COOKIE: &str = "SOCK_OPS_NETNS_COOKIE";
     /// Byte offsets resolved from the running kernel's BTF at load time
     /// (0 = unknown: the program then skips that read).
     pub const OFF_TASK_GROUP_LEADER: &str = "OFF_TASK_GROUP_LEADER";
@@ -302,12 +315,15 @@ pub mod names {
     pub const OFF_SOCK_ERR: &str = "OFF_SOCK_ERR";
     pub const OFF_SOCK_ERR_SOFT: &str = "OFF_SOCK_ERR_SOFT";
     pub const OFF_SOCK_FLAGS: &str = "OFF_SOCK_FLAGS";
+    pub const OFF_SOCK_NET: &str = "OFF_SOCK_NET";
+    pub const OFF_NET_COOKIE: &str = "OFF_NET_COOKIE";
 }
 
 /// Sizes of the kernel-side maps.
 pub const EVENTS_RING_BYTES: u32 = 8 * 1024 * 1024;
 pub const SOCKETS_MAX: u32 = 262_144;
 pub const LISTENERS_MAX: u32 = 16_384;
+pub const OWNERS_MAX: u32 = 65_536;
 
 #[cfg(feature = "user")]
 mod user {

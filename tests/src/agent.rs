@@ -153,7 +153,18 @@ impl RunningAgent {
                         .child
                         .as_mut()
                         .and_then(|c| c.try_wait().ok().flatten());
-                    panic!("the agent did not report ready within 60 s (exit status: {status:?})");
+                    let tail: Vec<String> = agent
+                        .early_logs
+                        .iter()
+                        .rev()
+                        .take(8)
+                        .rev()
+                        .map(|v| v.to_string())
+                        .collect();
+                    panic!(
+                        "the agent did not report ready within 60 s (exit status: {status:?}); its last log lines:\n{}",
+                        tail.join("\n")
+                    );
                 }
             }
         }

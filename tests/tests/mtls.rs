@@ -303,6 +303,11 @@ fn each_connection_gets_the_encryption_it_carries() {
         policy.to_str().unwrap(),
         "--spire-admin-socket",
         "none",
+        // A handshake takes far longer under software emulation (the kernel
+        // matrix runs this test in QEMU); the default 250 ms would send the
+        // CONNECT before the client's certificate is seen.
+        "--encryption-wait-ms",
+        "5000",
     ]);
     let frontend = &sim.workloads[FRONTEND].pod;
     let backend = &sim.workloads[BACKEND].pod;

@@ -233,6 +233,10 @@ pub struct KernelOffsets {
     pub sock_err: u32,
     pub sock_err_soft: u32,
     pub sock_flags: u32,
+    /// `sock.__sk_common.skc_net.net` and `net.net_cookie`: the socket's
+    /// network namespace cookie on kernels whose `sock_ops` lacks the helper.
+    pub sock_net: u32,
+    pub net_cookie: u32,
 }
 
 impl KernelOffsets {
@@ -254,6 +258,9 @@ impl KernelOffsets {
             sock_err_soft: get("sock", "sk_err_soft"),
             // `sk_flags` is a macro for `__sk_common.skc_flags`.
             sock_flags: get("sock", "__sk_common") + get("sock_common", "skc_flags"),
+            // `possible_net_t skc_net` holds the `struct net *` as its only member.
+            sock_net: get("sock", "__sk_common") + get("sock_common", "skc_net"),
+            net_cookie: get("net", "net_cookie"),
         };
         let mut offsets = offsets;
         // The program reads the socket through `bpf_sock_ops_kern.sk`, which
@@ -268,6 +275,7 @@ impl KernelOffsets {
                 offsets.sock_err = 0;
                 offsets.sock_err_soft = 0;
                 offsets.sock_flags = 0;
+                offsets.sock_net = 0;
             }
         }
         (offsets, errors)
@@ -385,6 +393,9 @@ mod tests {
         }
         assert!(off.sock_err > 0 && off.sock_err + 4 < sock);
         assert!(off.sock_flags > 0 && off.sock_flags + 8 <= sock);
+        assert!(off.sock_net > 0 && off.sock_net + 8 <= sock);
+        let net = btf.struct_size("net").unwrap();
+        assert!(off.net_cookie > 0 && off.net_cookie + 8 <= net);
         assert!(
             off.sock_err_soft > 0
                 && off.sock_err_soft + 4 < sock

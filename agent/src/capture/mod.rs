@@ -5,6 +5,7 @@
 //! (`LOST` per-CPU array) and read back here, never silently dropped.
 
 pub mod btf;
+pub mod features;
 pub mod listeners;
 pub mod record;
 
@@ -13,13 +14,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
+};
 use aya::{Ebpf, EbpfLoader};
 use flowaudit_common::{LOSS_PLACES, Listener, ListenerKey, LossPlace, names};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use self::btf::{Btf, KernelOffsets};
+use self::features::{Degradation, Features};
 use self::record::KernelRecord;
 
 /// The eBPF object built by build.rs from `agent-ebpf`.
@@ -51,8 +55,19 @@ pub enum CaptureError {
     },
     #[error("the kernel rejected flowaudit's eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
-    #[error("the kernel rejected one of flowaudit's programs (sock_ops, cgroup_skb): {0}")]
-    Program(#[source] aya::programs::ProgramError),
+    #[error(
+        "the kernel rejected flowaudit's program {name} (even with every optional feature off: {features:?}): {source}"
+    )]
+    Program {
+        name: &'static str,
+        features: Features,
+        source: aya::programs::ProgramError,
+    },
+    #[error("could not attach flowaudit's program {name} to the cgroup v2 root: {source}")]
+    Attach {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("the eBPF object lacks {0}: the agent binary was built without its kernel programs")]
     Missing(&'static str),
     #[error("eBPF map {name}: {source}")]
@@ -75,6 +90,8 @@ pub struct CaptureStats {
     pub malformed: AtomicU64,
     /// Per loss place, the kernel's count as last read.
     pub lost: [AtomicU64; LOSS_PLACES as usize],
+    /// What this kernel does not give (fixed once the programs are loaded).
+    pub degradations: Vec<Degradation>,
 }
 
 impl CaptureStats {
@@ -111,6 +128,8 @@ pub struct Capture {
     pub stats: Arc<CaptureStats>,
     pub cgroup_root: PathBuf,
     pub offsets: KernelOffsets,
+    /// The switches the programs run with.
+    pub features: Features,
     ring: Option<RingBuf<MapData>>,
 }
 
@@ -145,51 +164,34 @@ impl Capture {
                 source,
             })?;
 
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::MAP_EVENTS, ring_bytes)
-            .override_global(
-                names::OFF_TASK_GROUP_LEADER,
-                &offsets.task_group_leader,
-                true,
-            )
-            .override_global(
-                names::OFF_TASK_START_BOOTTIME,
-                &offsets.task_start_boottime,
-                true,
-            )
-            .override_global(names::OFF_TASK_COMM, &offsets.task_comm, true)
-            .override_global(names::OFF_SOCK_ERR, &offsets.sock_err, true)
-            .override_global(names::OFF_SOCK_ERR_SOFT, &offsets.sock_err_soft, true)
-            .override_global(names::OFF_SOCK_FLAGS, &offsets.sock_flags, true);
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(CaptureError::Load)?;
-
-        let prog: &mut SockOps = ebpf
-            .program_mut(names::PROG_SOCK_OPS)
-            .ok_or(CaptureError::Missing(names::PROG_SOCK_OPS))?
-            .try_into()
-            .map_err(CaptureError::Program)?;
-        prog.load().map_err(CaptureError::Program)?;
-        // On 5.7+ aya attaches through a bpf_link, which always runs beside
-        // other programs on the cgroup (Cilium's, another flowaudit's) and
-        // rejects explicit attach flags: hence the default mode here.
-        prog.attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(CaptureError::Program)?;
-
-        // First payload bytes of each connection, both directions (mTLS).
-        for (name, hook) in [
-            (names::PROG_SKB_EGRESS, CgroupSkbAttachType::Egress),
-            (names::PROG_SKB_INGRESS, CgroupSkbAttachType::Ingress),
-        ] {
-            let prog: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Missing(name))?
-                .try_into()
-                .map_err(CaptureError::Program)?;
-            prog.load().map_err(CaptureError::Program)?;
-            prog.attach(&cgroup, hook, CgroupAttachMode::Single)
-                .map_err(CaptureError::Program)?;
-        }
+        let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").ok();
+        let (mut features, mut reads_off) =
+            features::initial(lockdown.as_deref().and_then(features::lockdown_mode));
+        // Each failure the verifier explains with a helper this kernel lacks
+        // turns that feature off; at most one retry per switch.
+        let mut ebpf = loop {
+            match load(&offsets, features, ring_bytes) {
+                Ok(ebpf) => break ebpf,
+                Err(LoadFailure::Program { name, source }) => {
+                    let text = source.to_string();
+                    let Some((next, why)) = features::fall_back(features, &text) else {
+                        return Err(CaptureError::Program {
+                            name,
+                            features,
+                            source,
+                        });
+                    };
+                    tracing::info!(program = name, %why, "retrying the load without that feature");
+                    if next.kernel_reads != features.kernel_reads {
+                        reads_off = Some(why);
+                    }
+                    features = next;
+                }
+                Err(LoadFailure::Other(e)) => return Err(e),
+            }
+        };
+        let degradations = features::degradations(features, reads_off.as_deref());
+        attach(&mut ebpf, &cgroup)?;
 
         // Servers that were listening before we attached: find them now that
         // listen() calls from here on are seen by the program. NOEXIST: an
@@ -234,9 +236,13 @@ impl Capture {
         Ok(Self {
             _ebpf: ebpf,
             lost,
-            stats: Arc::default(),
+            stats: Arc::new(CaptureStats {
+                degradations,
+                ..CaptureStats::default()
+            }),
             cgroup_root,
             offsets,
+            features,
             ring: Some(ring),
         })
     }
@@ -292,6 +298,122 @@ impl Capture {
             let _ = drain(fd.get_mut(), &tx, &stats).await;
         }))
     }
+}
+
+enum LoadFailure {
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    Other(CaptureError),
+}
+
+/// Programs that see who owns a socket: (name, attach type).
+const OWNER_PROGRAMS: [(&str, &str); 4] = [
+    (names::PROG_CONNECT4, "connect4"),
+    (names::PROG_CONNECT6, "connect6"),
+    (names::PROG_POST_BIND4, "post_bind4"),
+    (names::PROG_POST_BIND6, "post_bind6"),
+];
+
+/// Loads the object and every program into the kernel with these switches
+/// (nothing attached yet, so a retry leaves no trace).
+fn load(offsets: &KernelOffsets, f: Features, ring_bytes: u32) -> Result<Ebpf, LoadFailure> {
+    let kernel_reads = u32::from(f.kernel_reads);
+    let netns_helper = u32::from(f.sock_ops_netns_cookie);
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(names::MAP_EVENTS, ring_bytes)
+        .override_global(names::KERNEL_READS, &kernel_reads, true)
+        .override_global(names::SOCK_OPS_NETNS_COOKIE, &netns_helper, true)
+        .override_global(
+            names::OFF_TASK_GROUP_LEADER,
+            &offsets.task_group_leader,
+            true,
+        )
+        .override_global(
+            names::OFF_TASK_START_BOOTTIME,
+            &offsets.task_start_boottime,
+            true,
+        )
+        .override_global(names::OFF_TASK_COMM, &offsets.task_comm, true)
+        .override_global(names::OFF_SOCK_ERR, &offsets.sock_err, true)
+        .override_global(names::OFF_SOCK_ERR_SOFT, &offsets.sock_err_soft, true)
+        .override_global(names::OFF_SOCK_FLAGS, &offsets.sock_flags, true)
+        .override_global(names::OFF_SOCK_NET, &offsets.sock_net, true)
+        .override_global(names::OFF_NET_COOKIE, &offsets.net_cookie, true);
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| LoadFailure::Other(CaptureError::Load(e)))?;
+    let fail = |name| move |source| LoadFailure::Program { name, source };
+    let missing = |name| LoadFailure::Other(CaptureError::Missing(name));
+    let prog: &mut SockOps = ebpf
+        .program_mut(names::PROG_SOCK_OPS)
+        .ok_or(missing(names::PROG_SOCK_OPS))?
+        .try_into()
+        .map_err(fail(names::PROG_SOCK_OPS))?;
+    prog.load().map_err(fail(names::PROG_SOCK_OPS))?;
+    for name in [names::PROG_SKB_EGRESS, names::PROG_SKB_INGRESS] {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or(missing(name))?
+            .try_into()
+            .map_err(fail(name))?;
+        prog.load().map_err(fail(name))?;
+    }
+    for (name, _) in OWNER_PROGRAMS {
+        let prog = ebpf.program_mut(name).ok_or(missing(name))?;
+        match prog {
+            aya::programs::Program::CgroupSockAddr(p) => p.load(),
+            aya::programs::Program::CgroupSock(p) => p.load(),
+            _ => return Err(missing(name)),
+        }
+        .map_err(fail(name))?;
+    }
+    Ok(ebpf)
+}
+
+/// Attaches every program to the cgroup v2 root. On 5.7+ aya attaches
+/// through a bpf_link, which always runs beside other programs on the
+/// cgroup (Cilium's, another flowaudit's) and rejects explicit attach
+/// flags: hence the default mode.
+fn attach(ebpf: &mut Ebpf, cgroup: &std::fs::File) -> Result<(), CaptureError> {
+    let err = |name| move |source| CaptureError::Attach { name, source };
+    let prog: &mut SockOps = ebpf
+        .program_mut(names::PROG_SOCK_OPS)
+        .ok_or(CaptureError::Missing(names::PROG_SOCK_OPS))?
+        .try_into()
+        .map_err(err(names::PROG_SOCK_OPS))?;
+    prog.attach(cgroup, CgroupAttachMode::Single)
+        .map_err(err(names::PROG_SOCK_OPS))?;
+    // First payload bytes of each connection, both directions (mTLS).
+    for (name, hook) in [
+        (names::PROG_SKB_EGRESS, CgroupSkbAttachType::Egress),
+        (names::PROG_SKB_INGRESS, CgroupSkbAttachType::Ingress),
+    ] {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::Missing(name))?
+            .try_into()
+            .map_err(err(name))?;
+        prog.attach(cgroup, hook, CgroupAttachMode::Single)
+            .map_err(err(name))?;
+    }
+    for (name, _) in OWNER_PROGRAMS {
+        match ebpf.program_mut(name).ok_or(CaptureError::Missing(name))? {
+            aya::programs::Program::CgroupSockAddr(p) => {
+                let p: &mut CgroupSockAddr = p;
+                p.attach(cgroup, CgroupAttachMode::Single).map(drop)
+            }
+            aya::programs::Program::CgroupSock(p) => {
+                let p: &mut CgroupSock = p;
+                p.attach(cgroup, CgroupAttachMode::Single).map(drop)
+            }
+            _ => return Err(CaptureError::Missing(name)),
+        }
+        .map_err(err(name))?;
+    }
+    Ok(())
 }
 
 /// Moves every record now in the ring buffer to the channel.

@@ -213,9 +213,18 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         node = %node,
         cgroup_root = %capture.cgroup_root.display(),
         offsets = ?capture.offsets,
+        features = ?capture.features,
         export_file = ?args.export.export_file,
         "agent ready: sock_ops attached to the cgroup v2 root"
     );
+    for d in &capture.stats.degradations {
+        tracing::warn!(
+            name = d.name,
+            reason = %d.reason,
+            lost = d.lost,
+            "this kernel does not give a fact: the agent runs without it"
+        );
+    }
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {

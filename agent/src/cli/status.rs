@@ -138,9 +138,25 @@ pub fn render(s: &proto::ServerStatusResponse) -> String {
         ("Policy version", policy),
     ];
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
-    rows.iter()
+    let mut out: String = rows
+        .iter()
         .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
-        .collect()
+        .collect();
+    let kernel = if s.kernel_degradations.is_empty() {
+        "every feature available".to_owned()
+    } else {
+        let names: Vec<&str> = s
+            .kernel_degradations
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        format!("degraded: {}", names.join(", "))
+    };
+    out.push_str(&format!("{:<width$} {kernel}\n", "Kernel:"));
+    for d in &s.kernel_degradations {
+        out.push_str(&format!("  {}: {} ({})\n", d.name, d.lost, d.reason));
+    }
+    out
 }
 
 fn as_json(s: &proto::ServerStatusResponse) -> serde_json::Value {
@@ -160,6 +176,7 @@ fn as_json(s: &proto::ServerStatusResponse) -> serde_json::Value {
         "identity_cache": s.identity_cache.as_ref().map(|c| serde_json::json!({"entries": c.entries})),
         "spire": s.spire.as_ref().map(|p| serde_json::json!({"connected": p.connected, "socket": p.socket, "mode": p.mode, "detail": p.detail})),
         "policy": s.policy.as_ref().map(|p| serde_json::json!({"version": p.version, "rules": p.rules, "last_error": p.last_error})),
+        "kernel_degradations": s.kernel_degradations.iter().map(|d| serde_json::json!({"name": d.name, "reason": d.reason, "lost": d.lost})).collect::<Vec<_>>(),
     })
 }
 
@@ -201,6 +218,7 @@ Stream subscribers: 0 (0 flows dropped for slow subscribers)
 Identity cache:     not available
 SPIRE connection:   connected (/run/spire/admin-sockets/admin.sock), asking by selectors
 Policy version:     not available
+Kernel:             every feature available
 "
         );
     }
@@ -230,6 +248,29 @@ Policy version:     not available
         assert!(
             text.contains("SPIRE connection:   disabled: local ends get DERIVED identities"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn text_status_names_each_kernel_degradation_and_what_it_costs() {
+        let s = proto::ServerStatusResponse {
+            kernel_degradations: vec![proto::KernelDegradation {
+                name: "kernel_reads".into(),
+                reason: "kernel lockdown is in confidentiality mode".into(),
+                lost: "no process start times".into(),
+            }],
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(
+            text.ends_with(
+                "Kernel:             degraded: kernel_reads\n  kernel_reads: no process start times (kernel lockdown is in confidentiality mode)\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            as_json(&s)["kernel_degradations"][0]["name"],
+            "kernel_reads"
         );
     }
 }

@@ -218,6 +218,16 @@ pub fn status_of(state: &AgentState, hub: &Hub) -> proto::ServerStatusResponse {
             loaded: p.loaded.map(system_time_to_proto),
             last_error: p.last_error.clone().unwrap_or_default(),
         }),
+        kernel_degradations: state
+            .capture
+            .degradations
+            .iter()
+            .map(|d| proto::KernelDegradation {
+                name: d.name.to_owned(),
+                reason: d.reason.clone(),
+                lost: d.lost.to_owned(),
+            })
+            .collect(),
     }
 }
 

@@ -30,7 +30,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use crate::capture::CaptureStats;
@@ -139,6 +139,15 @@ impl Collector for KernelCollector {
             None,
             lost.metric_type(),
         )?)?;
+        let mut degraded = encoder.encode_descriptor(
+            "flowaudit_kernel_degraded",
+            "Facts this node's kernel does not give the agent (1 per named degradation; see `flowaudit status`).",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for d in &self.0.degradations {
+            ConstGauge::new(1i64).encode(degraded.encode_family(&[("name", d.name)])?)?;
+        }
         Ok(())
     }
 }
