@@ -278,13 +278,18 @@ impl Enricher {
             );
             None
         } else {
-            let l = flow.local_end_mut();
+            // Selectors come only from the pod found from the socket's
+            // cgroup: metadata reached from an address must not attest.
+            let (namespace, service_account) = match &local_pod {
+                Some(p) => (non_empty(&p.namespace), non_empty(&p.service_account)),
+                None => (None, None),
+            };
             Some(WorkloadQuery {
                 pid: facts.pid,
                 pid_start_ns: facts.start_ns,
                 pod_uid,
-                namespace: non_empty(&l.namespace),
-                service_account: non_empty(&l.service_account),
+                namespace,
+                service_account,
             })
         };
         let mut pending = PendingIdentity { local, peer };
@@ -310,12 +315,16 @@ impl Enricher {
         if f.pid.is_none() && pod_uid.is_none() {
             return PeerWait::Done;
         }
+        let (namespace, service_account) = match &pod {
+            Some(p) => (non_empty(&p.namespace), non_empty(&p.service_account)),
+            None => (None, None),
+        };
         PeerWait::Query(WorkloadQuery {
             pid: f.pid,
             pid_start_ns: f.start_ns,
             pod_uid,
-            namespace: non_empty(&remote.namespace),
-            service_account: non_empty(&remote.service_account),
+            namespace,
+            service_account,
         })
     }
 
@@ -393,7 +402,7 @@ impl Enricher {
             Lookup::NoIdentity => derive(
                 ep,
                 td.as_deref(),
-                "SPIRE attested the workload and has no registration entry for it: derived from its pod's metadata",
+                "SPIRE gave no identity (no registration entry matches, or the kernel facts name no pod SPIRE could be asked about): derived from its pod's metadata",
             ),
             Lookup::Pending => derive(
                 ep,
@@ -667,6 +676,59 @@ mod tests {
                 assert_eq!(end.identity_detail, "");
             }
         }
+        drop(e);
+        double.stop().await;
+        std::fs::remove_dir_all(&base).ok();
+    }
+
+    /// A socket whose cgroup is in no pod, from an address the directory
+    /// gives to a pod with an entry: SPIRE is not asked by that pod's
+    /// selectors (an address attests nothing), so the end is DERIVED.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metadata_reached_from_an_address_is_never_attested() {
+        use flowaudit_tests::spire_double::{SpireDouble, SpireDoubleConfig};
+        use std::time::Duration;
+        let base = std::env::temp_dir().join(format!("fa-enrich-ip-{}", std::process::id()));
+        let socket = base.join("admin.sock");
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let double = SpireDouble::start(
+            SpireDoubleConfig::new(&socket, "demo.local")
+                .version("1.9.6")
+                .entry(
+                    "spiffe://demo.local/ns/99-apps/sa/frontend",
+                    &["k8s:ns:99-apps", "k8s:sa:frontend"],
+                )
+                .authorize_uid(me, "spiffe://demo.local/ns/flowaudit/sa/flowaudit"),
+        )
+        .await
+        .unwrap();
+        let spire = SpireClient::start(&socket, spire::SpireOptions::default());
+        let mut e = Enricher::new(
+            Some(directory()),
+            CgroupResolver::new(base.clone()),
+            Some(spire),
+            Some("demo.local".into()),
+        );
+        e.wait_ms = 2000;
+        let mut f = flow();
+        let mut pending = match e.enrich(&mut f) {
+            Enriched::Pending(p) => Some(p),
+            Enriched::Done => None,
+        };
+        for _ in 0..300 {
+            let Some(p) = pending.as_mut() else { break };
+            if e.resume(&mut f, p, false) != Progress::Waiting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(f.source.identity_source, IdentitySource::Derived, "{f:#?}");
+        assert_eq!(
+            f.source.spiffe_id,
+            "spiffe://demo.local/ns/99-apps/sa/frontend"
+        );
+        assert!(!f.source.identity_detail.is_empty());
         drop(e);
         double.stop().await;
         std::fs::remove_dir_all(&base).ok();
