@@ -49,11 +49,11 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use flowaudit_common::{
-    AF_INET6, DIR_IN, DIR_OUT, EVENTS_RING_BYTES, FlowRecord, LISTENERS_MAX, LOSS_PLACES, Listener,
-    ListenerKey, LossPlace, OWNERS_MAX, Owner, PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_IN_DONE,
-    PAYLOAD_OUT_DONE, PAYLOAD_PEEK, PAYLOAD_TLS, PayloadHeader, PayloadRecord, PayloadState,
-    RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SOCKETS_MAX, SocketSide,
-    SocketState, TLS_HANDSHAKE,
+    AF_INET6, DIR_IN, DIR_OUT, ERROR_UNREAD, EVENTS_RING_BYTES, FlowRecord, LISTENERS_MAX,
+    LOSS_PLACES, Listener, ListenerKey, LossPlace, OWNERS_MAX, Owner, PAYLOAD_BUDGET,
+    PAYLOAD_CHUNK, PAYLOAD_IN_DONE, PAYLOAD_OUT_DONE, PAYLOAD_PEEK, PAYLOAD_TLS, PayloadHeader,
+    PayloadRecord, PayloadState, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED,
+    SOCKETS_MAX, SocketSide, SocketState, TLS_HANDSHAKE,
 };
 
 #[map]
@@ -236,6 +236,17 @@ fn on_connect_call(ctx: &SockAddrContext) {
     let (ty, proto) = (field!(sa, type_), field!(sa, protocol));
     if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
         remember_owner(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+        touch_netns_cookie(ctx.as_ptr());
+    }
+}
+
+/// Before 5.12 a namespace's cookie is made the first time someone asks
+/// for it. Where `sock_ops` reads it from the socket (no helper there),
+/// ask here so that a namespace with a listener or a client has one.
+#[inline(always)]
+fn touch_netns_cookie(ctx: *mut core::ffi::c_void) {
+    if global(&SOCK_OPS_NETNS_COOKIE) == 0 {
+        let _ = unsafe { bpf_get_netns_cookie(ctx) };
     }
 }
 
@@ -257,6 +268,7 @@ fn on_bind(ctx: &SockContext) {
     let (ty, proto) = (field!(sk, type_), field!(sk, protocol));
     if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
         remember_owner(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+        touch_netns_cookie(ctx.as_ptr());
     }
 }
 
@@ -500,7 +512,7 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
 #[inline(always)]
 fn socket_facts(ops: *mut bpf_sock_ops) -> (u32, bool) {
     if global(&KERNEL_READS) == 0 {
-        return (0, false);
+        return (ERROR_UNREAD, false);
     }
     let Some(sk) = kernel_sock(ops) else {
         return (0, false);

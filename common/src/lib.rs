@@ -152,6 +152,10 @@ pub struct FlowRecord {
     pub _pad2: u32,
 }
 
+/// `FlowRecord::error` when the socket's error could not be read (kernel
+/// reads are off on this kernel): the failure reason is unknown.
+pub const ERROR_UNREAD: u32 = u32::MAX;
+
 /// `FlowRecord::seq_flags`: `bytes_acked` counts our SYN (active side).
 pub const SEQ_SYN_ACKED: u8 = 1;
 /// `bytes_acked` counts our FIN: it was sent and acknowledged.

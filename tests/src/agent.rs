@@ -189,6 +189,36 @@ impl RunningAgent {
         self.child.as_ref().expect("agent is running").id()
     }
 
+    /// The kernel degradations the agent reports
+    /// (`flowaudit_kernel_degraded{name}` series), sorted.
+    pub fn kernel_degradations(&self) -> Vec<String> {
+        let (code, body) = self.http_get("/metrics");
+        assert_eq!(code, 200, "GET /metrics: {body}");
+        let mut names: Vec<String> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("flowaudit_kernel_degraded{name=\""))
+            .filter_map(|l| l.split('"').next())
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Asserts the agent reports exactly the degradations this kernel must
+    /// cause (`support::expected_kernel_degradations`); returns them.
+    pub fn assert_kernel_degradations(&self) -> Vec<String> {
+        let got = self.kernel_degradations();
+        assert_eq!(
+            got,
+            crate::support::expected_kernel_degradations(),
+            "kernel degradations reported by the agent on {}",
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+        );
+        got
+    }
+
     /// GET `path` from the metrics server: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.metrics_addr(), path)

@@ -50,6 +50,39 @@ fn assert_owner(end: &Value, pid: u32, pod: &Pod, what: &str) {
     );
 }
 
+/// The server end: owned by the server, or (when the kernel could not tell)
+/// by no process at all.
+fn assert_server_owner(end: &Value, owned: bool, pid: u32, pod: &Pod, what: &str) {
+    if owned {
+        assert_owner(end, pid, pod, what);
+    } else {
+        assert_eq!(
+            end["pid"],
+            Value::Null,
+            "{what}: no owner expected in {end}"
+        );
+    }
+}
+
+/// Exact payload bytes of a CLOSE. Without kernel reads (the documented
+/// `kernel_reads` degradation) whether the peer's FIN arrived cannot be
+/// read, so `bytes_received` may count it: one byte more, never fewer.
+fn assert_bytes(close: &Value, (sent, received): (u64, u64), what: &str) {
+    let got = (
+        close["bytes_sent"].as_u64().unwrap_or(u64::MAX),
+        close["bytes_received"].as_u64().unwrap_or(u64::MAX),
+    );
+    let ok = if kernel_reads() {
+        got == (sent, received)
+    } else {
+        got.0 == sent && (got.1 == received || got.1 == received + 1)
+    };
+    assert!(
+        ok,
+        "{what}: bytes (sent, received) {got:?}, expected ({sent}, {received}): {close}"
+    );
+}
+
 /// `server_first`: the server listens before the agent starts (its owner
 /// comes from the start-up scan of /proc), else after (from listen() itself).
 fn check_connections(
@@ -75,6 +108,14 @@ fn check_connections(
         let agent = RunningAgent::start(&[]);
         (serve(), agent)
     };
+    // A server that predates the agent is found by the start-up scan, which
+    // a kernel before 5.14 cannot do (the `listener_scan` degradation): its
+    // accepted sockets then have no owner, and must not get a wrong one.
+    let scan_lost = agent
+        .assert_kernel_degradations()
+        .iter()
+        .any(|d| d == "listener_scan");
+    let server_owned = !(server_first && scan_lost);
     let mut opts = ConnectOpts::new(SocketAddr::new(server_ip, 8000));
     opts.count = 3;
     opts.send_bytes = 1000;
@@ -99,22 +140,14 @@ fn check_connections(
         assert_owner(&c["source"], rec.pid, client, &what);
         let c = one(between.iter().copied(), "CLOSE", "EGRESS", &what);
         assert_owner(&c["source"], rec.pid, client, &what);
-        assert_eq!(
-            (c["bytes_sent"].as_u64(), c["bytes_received"].as_u64()),
-            (Some(1000), Some(300)),
-            "{what}: {c}"
-        );
+        assert_bytes(c, (1000, 300), &what);
 
         let s = one(between.iter().copied(), "CONNECT", "INGRESS", &what);
-        assert_owner(&s["destination"], server_pid, server, &what);
+        assert_server_owner(&s["destination"], server_owned, server_pid, server, &what);
         let s = one(between.iter().copied(), "CLOSE", "INGRESS", &what);
-        assert_owner(&s["destination"], server_pid, server, &what);
+        assert_server_owner(&s["destination"], server_owned, server_pid, server, &what);
         // Both sides agree on the bytes, counted from the client's point of view.
-        assert_eq!(
-            (s["bytes_sent"].as_u64(), s["bytes_received"].as_u64()),
-            (Some(1000), Some(300)),
-            "{what}: {s}"
-        );
+        assert_bytes(s, (1000, 300), &what);
         assert!(
             between
                 .iter()
@@ -173,6 +206,9 @@ fn failed_attempts_say_why() {
     require_root();
     let (node, client, server) = two_pods(22);
     let agent = RunningAgent::start(&[]);
+    // Without kernel reads the socket error cannot be read: each reason is
+    // then the documented UNKNOWN, never a wrong one.
+    let reads = agent.assert_kernel_degradations().is_empty();
     let mut attempts = Vec::new();
     // Nothing listens on 9999: the peer answers the SYN with a reset.
     for ip in [IpAddr::V4(server.ip4()), IpAddr::V6(server.ip6())] {
@@ -203,7 +239,8 @@ fn failed_attempts_say_why() {
         let what = format!("{local} -> {} ({:?})", rec.remote, rec.result);
         let between: Vec<&Value> = flows_between(&report_agent.flows, local, rec.remote).collect();
         let f = one(between.iter().copied(), "FAILED", "EGRESS", &what);
-        assert_eq!(f["socket"]["failure_reason"], *reason, "{what}: {f}");
+        let reason = if reads { *reason } else { "UNKNOWN" };
+        assert_eq!(f["socket"]["failure_reason"], reason, "{what}: {f}");
         assert_owner(&f["source"], rec.pid, &client, &what);
         assert!(
             !between
@@ -347,10 +384,11 @@ fn burst_of_5000_connections_across_pods_loses_nothing() {
     assert_eq!(report_agent.counter("malformed_records"), 0);
 }
 
-/// Names of the eBPF programs loaded in the kernel (bpftool truncates to 15 chars).
-fn loaded_programs() -> String {
+/// flowaudit's eBPF programs loaded in the kernel now: id -> name (from
+/// `bpftool -j prog list`; names are truncated to 15 chars on old kernels).
+fn loaded_programs() -> std::collections::BTreeMap<u64, String> {
     let out = std::process::Command::new("bpftool")
-        .args(["prog", "list"])
+        .args(["-j", "prog", "list"])
         .output()
         .expect("bpftool (Debian package bpftool; `cargo xtask setup` installs it)");
     assert!(
@@ -358,7 +396,12 @@ fn loaded_programs() -> String {
         "bpftool prog list failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let progs: Vec<Value> = serde_json::from_slice(&out.stdout).expect("bpftool -j prints JSON");
+    progs
+        .iter()
+        .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_owned())))
+        .filter(|(_, name)| name.starts_with("flowaudit_"))
+        .collect()
 }
 
 #[test]
@@ -371,10 +414,17 @@ fn sigterm_drains_and_detaches() {
             reply_bytes: 10,
         })
         .expect("server");
+    // Another agent (another test run) may hold programs of the same
+    // names: this agent's are those that appear when it starts.
+    let before = loaded_programs();
     let agent = RunningAgent::start(&[]);
+    let ours: Vec<(u64, String)> = loaded_programs()
+        .into_iter()
+        .filter(|(id, _)| !before.contains_key(id))
+        .collect();
     assert!(
-        loaded_programs().contains("flowaudit_sock_"),
-        "the program is not loaded while the agent runs"
+        ours.iter().any(|(_, n)| n.starts_with("flowaudit_sock_")),
+        "the sock_ops program is not loaded while the agent runs: {ours:?}"
     );
     let mut opts = ConnectOpts::new(SocketAddr::new(IpAddr::V4(server.ip4()), 8000));
     opts.count = 200;
@@ -399,10 +449,14 @@ fn sigterm_drains_and_detaches() {
             .any(|l| l["message"].as_str().unwrap_or("").contains("SIGTERM")),
         "the agent did not log the SIGTERM"
     );
-    let progs = loaded_programs();
+    let after = loaded_programs();
+    let left: Vec<_> = ours
+        .iter()
+        .filter(|(id, _)| after.contains_key(id))
+        .collect();
     assert!(
-        !progs.contains("flowaudit_sock_"),
-        "the program is still attached after the agent exited:\n{progs}"
+        left.is_empty(),
+        "programs still loaded after the agent exited: {left:?}"
     );
 }
 

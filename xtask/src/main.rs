@@ -2,6 +2,7 @@
 //! bench and ci. Each task runs `setup` first, so a fresh machine needs no
 //! manual step; `cargo xtask ci` does exactly what `.ci/run` does.
 
+mod kernels;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,13 @@ enum Task {
         #[arg(last = true)]
         node_args: Vec<String>,
     },
+    /// The kernel-dependent integration tests on Debian's 5.10, 6.1 and 6.12
+    /// kernels (and 6.1 under lockdown), each booted under QEMU (root).
+    Kernels {
+        /// Only these kernels (repeatable): 5.10, 6.1, 6.12, 6.1-lockdown.
+        #[arg(long = "kernel")]
+        kernel: Vec<String>,
+    },
     /// Exactly what CI runs: `test`.
     Ci,
 }
@@ -72,6 +80,15 @@ fn main() -> Result<()> {
         } => {
             setup::setup()?;
             test(unprivileged_only, fuzz_seconds)
+        }
+        Task::Kernels { kernel } => {
+            setup::setup()?;
+            if !is_root() {
+                bail!(
+                    "the kernel matrix boots kernels that load eBPF programs: run `cargo xtask kernels` as root"
+                );
+            }
+            kernels::kernels(&kernel)
         }
         Task::Ci => {
             setup::setup()?;
@@ -190,6 +207,8 @@ fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
             ])
             .env("FLOWAUDIT_BIN", root.join("target/release/flowaudit"))
             .env("SIMPOD_BIN", root.join("target/release/simpod")))?;
+        // The same kernel-dependent tests on the kernels users run.
+        kernels::kernels(&[])?;
     }
     fuzz(fuzz_seconds)?;
     let validate = root.join("deploy/validate.sh");

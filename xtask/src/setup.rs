@@ -24,6 +24,12 @@ const APT_PACKAGES: &[&str] = &[
     "python3-pip",
     "nftables",   // the demo's stand-in for a network policy that drops a flow
     "shellcheck", // deploy/validate.sh lints the deploy scripts
+    // The kernel matrix (`cargo xtask kernels`): QEMU boots Debian's kernels,
+    // kmod's depmod indexes their modules, virtme-ng (PyPI) shares this
+    // machine's filesystem with the guest.
+    "qemu-system-x86",
+    "kmod",
+    "busybox-static",
 ];
 
 /// Where cargo installs binaries (bpf-linker, cargo-fuzz).

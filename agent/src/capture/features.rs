@@ -43,6 +43,16 @@ impl fmt::Display for Degradation {
 
 pub const KERNEL_READS: &str = "kernel_reads";
 pub const NETNS_COOKIE: &str = "netns_cookie";
+pub const LISTENER_SCAN: &str = "listener_scan";
+
+/// The start-up scan cannot key listeners that predate the agent.
+pub fn listener_scan_degradation(reason: String) -> Degradation {
+    Degradation {
+        name: LISTENER_SCAN,
+        reason,
+        lost: "servers already listening when the agent started: connections they accept have no owning process (servers started later are seen)",
+    }
+}
 
 const KERNEL_READS_LOST: &str = "no process start times (a reused pid cannot be told apart, so SPIRE is asked by the pod's selectors instead of by pid), the connecting thread's name instead of its process's, no failure reasons (FAILED events say ERROR), and bytes_received may count the peer's FIN";
 const NETNS_COOKIE_LOST: &str = "sockets carry no network namespace cookie, so accepted sockets cannot be matched to their listener: the server end of a connection has no owning process";

@@ -86,29 +86,48 @@ fn netns_cookie(ns_path: &Path) -> Option<u64> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return None;
             }
-            let fd =
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-            if fd < 0 {
-                return None;
-            }
-            let mut cookie: u64 = 0;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            const SO_NETNS_COOKIE: libc::c_int = 71;
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    SO_NETNS_COOKIE,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            unsafe { libc::close(fd) };
-            (rc == 0).then_some(cookie)
+            own_netns_cookie().ok()
         })
         .join()
         .ok()
         .flatten()
+    })
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`,
+/// Linux 5.14+).
+fn own_netns_cookie() -> std::io::Result<u64> {
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: `cookie` and `len` outlive the call and describe an 8-byte buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    let result = if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// Why the start-up scan cannot name the namespaces of listeners on this
+/// kernel, if it cannot (no `SO_NETNS_COOKIE` before Linux 5.14).
+pub fn scan_unavailable() -> Option<String> {
+    own_netns_cookie().err().map(|e| {
+        format!("getsockopt(SO_NETNS_COOKIE) fails on this kernel ({e}); it came in Linux 5.14")
     })
 }
 

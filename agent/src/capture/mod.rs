@@ -190,7 +190,10 @@ impl Capture {
                 Err(LoadFailure::Other(e)) => return Err(e),
             }
         };
-        let degradations = features::degradations(features, reads_off.as_deref());
+        let mut degradations = features::degradations(features, reads_off.as_deref());
+        if let Some(why) = listeners::scan_unavailable() {
+            degradations.push(features::listener_scan_degradation(why));
+        }
         attach(&mut ebpf, &cgroup)?;
 
         // Servers that were listening before we attached: find them now that

@@ -516,6 +516,7 @@ pub mod convert {
             Some(FailureReason::Unreachable) => proto::FailureReason::Unreachable,
             Some(FailureReason::Aborted) => proto::FailureReason::Aborted,
             Some(FailureReason::Error) => proto::FailureReason::Error,
+            Some(FailureReason::Unknown) => proto::FailureReason::Unknown,
         }
     }
 
@@ -528,6 +529,7 @@ pub mod convert {
             proto::FailureReason::Unreachable => FailureReason::Unreachable,
             proto::FailureReason::Aborted => FailureReason::Aborted,
             proto::FailureReason::Error => FailureReason::Error,
+            proto::FailureReason::Unknown => FailureReason::Unknown,
         })
     }
 

@@ -66,11 +66,17 @@ pub enum FailureReason {
     Aborted,
     /// Another socket error; the errno is in the message.
     Error,
+    /// The kernel did not let the agent read the socket's error (the
+    /// `kernel_reads` degradation, e.g. under lockdown).
+    Unknown,
 }
 
 impl FailureReason {
     /// Classifies the socket error (errno) of a socket that closed before it established.
     pub fn classify(errno: u32) -> Self {
+        if errno == flowaudit_common::ERROR_UNREAD {
+            return FailureReason::Unknown;
+        }
         match errno as i32 {
             // No error: the application gave up (its own connect timeout);
             // `retransmits` tells whether SYNs went unanswered meanwhile.
@@ -93,6 +99,7 @@ impl FailureReason {
             FailureReason::Unreachable => "UNREACHABLE",
             FailureReason::Aborted => "ABORTED",
             FailureReason::Error => "ERROR",
+            FailureReason::Unknown => "UNKNOWN",
         }
     }
 }
@@ -387,6 +394,10 @@ mod tests {
             FailureReason::Reset
         );
         assert_eq!(FailureReason::classify(0), FailureReason::Aborted);
+        assert_eq!(
+            FailureReason::classify(flowaudit_common::ERROR_UNREAD),
+            FailureReason::Unknown
+        );
         assert_eq!(
             FailureReason::classify(libc::EACCES as u32),
             FailureReason::Error

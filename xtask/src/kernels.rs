@@ -1,0 +1,473 @@
+//! `cargo xtask kernels`: the privileged integration tests that depend on
+//! the kernel (capture, mTLS payload, identity ownership, scenario), run on
+//! the kernels kind users' hosts run, each booted under QEMU with virtme-ng
+//! and the host's filesystem shared. The binaries are built once, on the
+//! host. Kernels are Debian's own packages (5.10 from bullseye, 6.1 from
+//! bookworm, 6.12 from bookworm-backports), fetched with apt through a
+//! private source list (the machine's apt setup is not touched), unpacked
+//! under `target/kernels/` and kept there: a second run downloads nothing.
+//!
+//! One more entry boots 6.1 with `lockdown=confidentiality`, where the
+//! kernel refuses `bpf_probe_read_kernel`: the agent must start degraded
+//! and the tests assert the named degradation.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, cmd_output, project_root, run};
+
+/// A kernel of the matrix.
+pub struct Kernel {
+    /// What `--kernel` names, e.g. "6.1" or "6.1-lockdown".
+    pub name: &'static str,
+    /// Debian package series: `linux-image-<series>.*-amd64`.
+    series: &'static str,
+    /// Debian suite that carries it.
+    suite: &'static str,
+    /// Extra kernel command line.
+    append: &'static str,
+}
+
+pub const MATRIX: &[Kernel] = &[
+    Kernel {
+        name: "5.10",
+        series: "5.10",
+        suite: "bullseye",
+        append: "",
+    },
+    Kernel {
+        name: "6.1",
+        series: "6.1",
+        suite: "bookworm",
+        append: "",
+    },
+    Kernel {
+        name: "6.12",
+        series: "6.12",
+        suite: "bookworm-backports",
+        append: "",
+    },
+    Kernel {
+        name: "6.1-lockdown",
+        series: "6.1",
+        suite: "bookworm",
+        append: "lockdown=confidentiality",
+    },
+];
+
+/// The test binaries (of `flowaudit-tests`) that depend on the kernel.
+const TESTS: &[&str] = &["capture", "mtls", "identity", "scenario"];
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("FLOWAUDIT_KERNEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target/kernels"))
+}
+
+/// Options for apt-get/apt-cache that use our own source list, package
+/// lists and cache, leaving the machine's apt configuration alone.
+fn apt_options(dir: &Path) -> Vec<String> {
+    vec![
+        format!(
+            "-oDir::Etc::sourcelist={}",
+            dir.join("sources.list").display()
+        ),
+        "-oDir::Etc::sourceparts=-".into(),
+        format!("-oDir::State::Lists={}", dir.join("lists").display()),
+        format!("-oDir::Cache={}", dir.join("cache").display()),
+        "-oAPT::Sandbox::User=root".into(),
+    ]
+}
+
+/// The unpacked package of this series, if one is in the cache.
+fn cached(series: &str) -> Option<PathBuf> {
+    let prefix = format!("linux-image-{series}.");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(cache_dir())
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+                && p.join(".complete").exists()
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Downloads (once) and unpacks the newest Debian kernel of `k.series`;
+/// returns the unpacked package directory.
+fn fetch(k: &Kernel) -> Result<PathBuf> {
+    if let Some(dir) = cached(k.series) {
+        return Ok(dir);
+    }
+    let cache = cache_dir();
+    let apt = cache.join("apt");
+    for d in ["lists/partial", "cache/archives/partial"] {
+        std::fs::create_dir_all(apt.join(d))?;
+    }
+    let mirror = "http://deb.debian.org/debian";
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    let sources: String = ["bullseye", "bookworm", "bookworm-backports"]
+        .iter()
+        .map(|s| format!("deb [signed-by={keyring}] {mirror} {s} main\n"))
+        .collect();
+    std::fs::write(apt.join("sources.list"), sources)?;
+    let opts = apt_options(&apt);
+    eprintln!("kernels: looking up Debian's {} kernels", k.series);
+    run(Command::new("apt-get").args(&opts).args(["update", "-qq"]))?;
+    let names = cmd_output(Command::new("apt-cache").args(&opts).args([
+        "search",
+        "--names-only",
+        &format!("^linux-image-{}\\.[0-9]", k.series.replace('.', "\\.")),
+    ]))?;
+    let package = newest_package(&names, k.series).with_context(|| {
+        format!(
+            "Debian's {} has no linux-image-{}.*-amd64 package",
+            k.suite, k.series
+        )
+    })?;
+    eprintln!("kernels: downloading {package}");
+    run(Command::new("apt-get")
+        .args(&opts)
+        .args(["download", "-qq", &package])
+        .current_dir(&apt))?;
+    let deb = std::fs::read_dir(&apt)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+        })
+        .with_context(|| format!("apt-get download left no {package}_*.deb"))?;
+    let dir = cache.join(&package);
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
+    let _ = std::fs::remove_file(&deb);
+    // Debian builds modules.dep in the package's postinst; without it the
+    // guest cannot load bridge, veth or nf_tables.
+    let release = package
+        .strip_prefix("linux-image-")
+        .context("package name")?;
+    run(Command::new("depmod").arg("-b").arg(&dir).arg(release))?;
+    std::fs::write(dir.join(".complete"), b"")?;
+    Ok(dir)
+}
+
+/// The newest `linux-image-<series>.N...-amd64` in `apt-cache search`
+/// output, leaving out debug, unsigned, cloud and realtime flavours.
+fn newest_package(search: &str, series: &str) -> Option<String> {
+    let mut names: Vec<&str> = search
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| {
+            n.starts_with(&format!("linux-image-{series}."))
+                && n.ends_with("-amd64")
+                && !["-rt-", "-cloud-", "-dbg", "-unsigned"]
+                    .iter()
+                    .any(|x| n.contains(x))
+        })
+        .collect();
+    names.sort_by_key(|n| version_key(n));
+    names.last().map(|n| n.to_string())
+}
+
+/// Numbers in a package name, for ordering 6.1.0-9 before 6.1.0-10.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Builds the agent, simpod and the kernel-dependent test binaries on the
+/// host; returns (test name, executable).
+fn build_tests() -> Result<Vec<(String, PathBuf)>> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "flowaudit",
+        "-p",
+        "flowaudit-tests",
+        "--bins",
+    ]))?;
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "flowaudit-tests",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    for t in TESTS {
+        cmd.args(["--test", t]);
+    }
+    let out = cmd_output(&mut cmd)?;
+    let mut found = Vec::new();
+    for line in out.lines() {
+        // {"reason":"compiler-artifact","target":{"name":"capture",...},"executable":"/..."}
+        if !line.contains("\"compiler-artifact\"") {
+            continue;
+        }
+        let Some(exe) = json_str(line, "executable") else {
+            continue;
+        };
+        let Some(target) = line
+            .split("\"target\":")
+            .nth(1)
+            .and_then(|t| json_str(t, "name"))
+        else {
+            continue;
+        };
+        if TESTS.contains(&target.as_str()) {
+            found.push((target, PathBuf::from(exe)));
+        }
+    }
+    found.sort_by_key(|(t, _)| TESTS.iter().position(|x| x == t));
+    if found.len() != TESTS.len() {
+        bail!("cargo built {found:?}, expected the test binaries {TESTS:?}");
+    }
+    Ok(found)
+}
+
+/// The string value of `"key":"..."` in a line of cargo's JSON (paths and
+/// names here carry no escapes).
+fn json_str(line: &str, key: &str) -> Option<String> {
+    let pat = format!("\"{key}\":\"");
+    let start = line.find(&pat)? + pat.len();
+    let end = line[start..].find('"')?;
+    Some(line[start..start + end].to_string())
+}
+
+/// Whether QEMU can use KVM here (else it emulates, several times slower).
+fn kvm_usable() -> bool {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+        && (cpu.contains(" vmx") || cpu.contains(" svm"))
+}
+
+/// The outcome of one kernel.
+pub struct Outcome {
+    pub kernel: String,
+    pub release: String,
+    pub seconds: f64,
+    /// (test, passed, seconds, summary line)
+    pub tests: Vec<(String, bool, u64, String)>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.tests.len() == TESTS.len() && self.tests.iter().all(|t| t.1)
+    }
+}
+
+/// Boots `k` and runs the tests in it.
+fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
+    let pkg = fetch(k)?;
+    let release = std::fs::read_dir(pkg.join("lib/modules"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .next()
+        .with_context(|| format!("{} has no lib/modules/<release>", pkg.display()))?;
+    let vmlinuz = pkg.join(format!("boot/vmlinuz-{release}"));
+    let root = project_root();
+    let out = cache_dir().join("runs").join(k.name);
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let mut script = String::from(
+        "#!/bin/bash\n\
+         # Written by `cargo xtask kernels`; runs inside the guest.\n\
+         # /tmp must be the guest's own: the agent's unix sockets cannot live on 9p.\n\
+         mount -t tmpfs none /tmp\n",
+    );
+    script.push_str(&format!(
+        "export FLOWAUDIT_BIN={bin}/flowaudit SIMPOD_BIN={bin}/simpod\ncd {root}\nout={out}\nuname -r > $out/release\n",
+        bin = root.join("target/release").display(),
+        root = root.display(),
+        out = out.display(),
+    ));
+    for (name, exe) in tests {
+        script.push_str(&format!(
+            "s=$(date +%s); {exe} --test-threads=1 > $out/{name}.log 2>&1; rc=$?\n\
+             echo \"{name} $rc $(( $(date +%s) - s ))\" >> $out/results\n",
+            exe = exe.display(),
+        ));
+    }
+    let guest = out.join("guest.sh");
+    std::fs::write(&guest, script)?;
+    run(Command::new("chmod").arg("+x").arg(&guest))?;
+
+    eprintln!("kernels: booting {} ({release}) for {:?}", k.name, TESTS);
+    let started = Instant::now();
+    let mut vng = Command::new("vng");
+    vng.arg("--run")
+        .arg(&vmlinuz)
+        .args(["--force-9p", "--cpus", "2", "--memory", "4G"])
+        .arg("--rwdir")
+        .arg(&out)
+        .arg("--exec")
+        .arg(&guest)
+        .current_dir(&out);
+    if !kvm_usable() {
+        vng.arg("--disable-kvm");
+    }
+    if !k.append.is_empty() {
+        vng.args(["--append", k.append]);
+    }
+    let log = std::fs::File::create(out.join("console.log"))?;
+    let status = vng
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .context("could not start vng (virtme-ng): run `cargo xtask setup`")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let results = std::fs::read_to_string(out.join("results")).unwrap_or_default();
+    let mut outcome = Outcome {
+        kernel: k.name.to_string(),
+        release: std::fs::read_to_string(out.join("release"))
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        seconds,
+        tests: Vec::new(),
+    };
+    for line in results.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(name), Some(rc), Some(secs)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let log = std::fs::read_to_string(out.join(format!("{name}.log"))).unwrap_or_default();
+        let summary = log
+            .lines()
+            .filter(|l| l.starts_with("test result:"))
+            .last()
+            .unwrap_or("no test result line")
+            .to_string();
+        outcome.tests.push((
+            name.to_string(),
+            rc == "0",
+            secs.parse().unwrap_or(0),
+            summary,
+        ));
+    }
+    if outcome.release.is_empty() {
+        bail!(
+            "kernel {} did not run the tests (vng {status}); see {}",
+            k.name,
+            out.join("console.log").display()
+        );
+    }
+    Ok(outcome)
+}
+
+/// Runs the matrix (or the kernels named); fails if any test failed.
+pub fn kernels(only: &[String]) -> Result<()> {
+    for o in only {
+        if !MATRIX.iter().any(|k| k.name == o) {
+            let names: Vec<_> = MATRIX.iter().map(|k| k.name).collect();
+            bail!("unknown kernel `{o}`: the matrix has {}", names.join(", "));
+        }
+    }
+    let started = Instant::now();
+    let tests = build_tests()?;
+    let mut outcomes = Vec::new();
+    for k in MATRIX
+        .iter()
+        .filter(|k| only.is_empty() || only.iter().any(|o| o == k.name))
+    {
+        let o = run_one(k, &tests)?;
+        for (name, ok, secs, summary) in &o.tests {
+            eprintln!(
+                "kernels: {} {name}: {} in {secs}s ({summary})",
+                k.name,
+                if *ok { "passed" } else { "FAILED" }
+            );
+        }
+        outcomes.push(o);
+    }
+    eprintln!(
+        "\nkernel matrix ({:.0} s in all):",
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "{:<14} {:<22} {:>8}  result",
+        "kernel", "release", "boot+run"
+    );
+    for o in &outcomes {
+        let per: Vec<String> = o
+            .tests
+            .iter()
+            .map(|(n, ok, s, _)| format!("{n} {} {s}s", if *ok { "ok" } else { "FAILED" }))
+            .collect();
+        eprintln!(
+            "{:<14} {:<22} {:>7.0}s  {}",
+            o.kernel,
+            o.release,
+            o.seconds,
+            per.join(", ")
+        );
+    }
+    let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed()).collect();
+    if !failed.is_empty() {
+        let logs = cache_dir().join("runs");
+        bail!(
+            "the kernel matrix failed on {}: the test logs are in {}/<kernel>/",
+            failed
+                .iter()
+                .map(|o| o.kernel.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            logs.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_newest_plain_amd64_image_of_a_series() {
+        let search = "\
+linux-image-6.1.0-9-amd64 - Linux 6.1 for 64-bit PCs (signed)
+linux-image-6.1.0-50-amd64 - Linux 6.1 for 64-bit PCs (signed)
+linux-image-6.1.0-50-rt-amd64 - Linux 6.1 for 64-bit PCs, PREEMPT_RT (signed)
+linux-image-6.1.0-50-cloud-amd64 - Linux 6.1 for x86-64 cloud (signed)
+linux-image-6.1.0-51-amd64-dbg - Debug symbols
+linux-image-6.12.95+deb12-amd64 - Linux 6.12 for 64-bit PCs (signed)
+";
+        assert_eq!(
+            newest_package(search, "6.1").as_deref(),
+            Some("linux-image-6.1.0-50-amd64")
+        );
+        assert_eq!(
+            newest_package(search, "6.12").as_deref(),
+            Some("linux-image-6.12.95+deb12-amd64")
+        );
+        assert_eq!(newest_package(search, "5.10"), None);
+    }
+
+    #[test]
+    fn reads_cargo_json_fields() {
+        let line = r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"capture"},"executable":"/w/target/release/deps/capture-3a95"}"#;
+        assert_eq!(
+            json_str(line, "executable").as_deref(),
+            Some("/w/target/release/deps/capture-3a95")
+        );
+        let target = line.split("\"target\":").nth(1).unwrap();
+        assert_eq!(json_str(target, "name").as_deref(), Some("capture"));
+        assert_eq!(json_str(line, "missing"), None);
+    }
+}
