@@ -122,8 +122,11 @@ pub fn load_initial(paths: &[PathBuf]) -> anyhow::Result<flowaudit_policy::Loade
     })
 }
 
+/// A file's stamp (see `endpoints::file_stamp`).
+type FileStamp = Option<(u64, u64, i64, i64)>;
+
 /// What identifies a version of the policy paths: every file with its stamp.
-fn stamp(paths: &[PathBuf]) -> Vec<(PathBuf, Option<(u64, u64, i64, i64)>)> {
+fn stamp(paths: &[PathBuf]) -> Vec<(PathBuf, FileStamp)> {
     match flowaudit_policy::expand_paths(paths) {
         Ok(files) => files
             .into_iter()

@@ -33,6 +33,7 @@ enum Command {
     /// Run the node agent (needs root): capture every TCP connection on this node.
     Agent(cli::agent::AgentArgs),
     /// Print flow events.
+    #[command(after_long_help = cli::observe::IDENTITY_SOURCES_HELP, after_help = cli::observe::IDENTITY_SOURCES_HELP)]
     Observe(cli::observe::ObserveArgs),
     /// Print a running agent's status (node, uptime, flows, losses, identity, SPIRE, policy).
     Status(cli::status::StatusArgs),

@@ -4,9 +4,10 @@
 //! Joined by a bounded channel, so a burst waits in the kernel ring buffer
 //! rather than in unbounded memory, and every loss is counted there.
 //!
-//! A flow whose local end's attested identity is still being fetched is
-//! parked for at most `identity_wait`, then goes out with what is known
-//! (UNKNOWN, counted). A CONNECT whose handshake bytes are not yet
+//! A flow whose ends' attested identities are still being fetched (SPIRE's
+//! answer, or for a same-node peer its own socket's record) is parked for at
+//! most `identity_wait`, then goes out with what is known (DERIVED, saying
+//! why; counted). A CONNECT whose handshake bytes are not yet
 //! classified is parked likewise for at most `encryption_wait`. Later flows
 //! of a parked socket queue behind it, so a socket's CONNECT always precedes
 //! its CLOSE; other flows do not wait.
@@ -23,8 +24,7 @@ use crate::capture::record::{KernelEvent, KernelRecord};
 use crate::export::Sink;
 use crate::flow::encryption::EncryptionTracker;
 use crate::flow::{EventKind, FlowEvent};
-use crate::identity::spire::{Lookup, WorkloadQuery};
-use crate::identity::{Enriched, Enricher};
+use crate::identity::{Enriched, Enricher, PendingIdentity, Progress};
 use crate::judge::Judge;
 
 #[derive(Debug, Default)]
@@ -45,9 +45,9 @@ pub struct PipelineStats {
 
 struct Parked {
     flow: FlowEvent,
-    /// The identity lookup still awaited; None when answered, not needed,
+    /// The identity answers still awaited; None when answered, not needed,
     /// or when only queued behind an earlier parked flow of the same socket.
-    query: Option<WorkloadQuery>,
+    query: Option<PendingIdentity>,
     parked_at: Instant,
     deadline: Instant,
     /// Until when a CONNECT waits for its handshake to be classified.
@@ -230,13 +230,14 @@ impl Pipeline {
                 continue;
             }
             let identified = match (p.query.take(), &mut self.enricher) {
-                (Some(q), Some(e)) => {
-                    let answer = e.poll(&q);
-                    let done = !matches!(answer, Lookup::Pending) || all || now >= p.deadline;
+                (Some(mut q), Some(e)) => {
+                    let force = all || now >= p.deadline;
+                    let progress = e.resume(&mut p.flow, &mut q, force);
+                    let done = progress != Progress::Waiting;
                     if !done {
                         p.query = Some(q);
                     } else {
-                        if matches!(answer, Lookup::Pending) {
+                        if progress == (Progress::Done { timed_out: true }) {
                             self.stats.identity_timeouts.fetch_add(1, Ordering::Relaxed);
                         }
                         let waited = p.parked_at.elapsed().as_micros() as u64;
@@ -247,7 +248,6 @@ impl Pipeline {
                         self.stats
                             .identity_wait_us_max
                             .fetch_max(waited, Ordering::Relaxed);
-                        e.apply_lookup(p.flow.local_end_mut(), answer);
                     }
                     done
                 }

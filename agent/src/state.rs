@@ -27,6 +27,10 @@ pub struct IdentityCacheStatus {
 pub struct SpireStatus {
     pub connected: bool,
     pub socket: String,
+    /// "pid" or "selectors" once known; "disabled" without SPIRE.
+    pub mode: String,
+    /// Why not connected and what identities are meanwhile (empty when connected).
+    pub detail: String,
 }
 
 /// The policy in force.
@@ -120,14 +124,9 @@ impl AgentState {
     }
 
     /// Identity stage: SPIRE connection state (also sets `flowaudit_spire_connected`).
-    pub fn report_spire(&self, connected: bool, socket: &str) {
-        self.metrics.set_spire_connected(connected);
-        self.update(|s| {
-            s.spire = Some(SpireStatus {
-                connected,
-                socket: socket.to_owned(),
-            })
-        });
+    pub fn report_spire(&self, status: SpireStatus) {
+        self.metrics.set_spire_connected(status.connected);
+        self.update(|s| s.spire = Some(status));
     }
 
     /// Policy stage: the policy in force (also sets `flowaudit_policy_rules`).

@@ -172,19 +172,30 @@ impl Precinct99 {
     }
 
     pub fn endpoint_directory(&self) -> String {
+        self.endpoint_directory_on(NODE_NAME)
+    }
+
+    /// The directory with this node named `node` (the agent's `--node-name`:
+    /// pods the directory places on the agent's node are same-node peers).
+    pub fn endpoint_directory_on(&self, node: &str) -> String {
         let mut y = format!(
-            "nodes:\n  - name: {NODE_NAME}\n    ips: [{}, \"{}\"]\nendpoints:\n",
+            "nodes:\n  - name: {node}\n    ips: [{}, \"{}\"]\nendpoints:\n",
             self.node.ip4(),
             self.node.ip6()
         );
         for w in &self.workloads {
-            y.push_str(&endpoint_entry(&w.pod, NODE_NAME));
+            y.push_str(&endpoint_entry(&w.pod, node));
         }
         y
     }
 
     pub fn write_endpoint_directory(&self, path: &Path) -> std::io::Result<()> {
         std::fs::write(path, self.endpoint_directory())
+    }
+
+    /// [`Precinct99::endpoint_directory_on`] the test agent's node (`sim-node`).
+    pub fn write_endpoint_directory_on(&self, path: &Path, node: &str) -> std::io::Result<()> {
+        std::fs::write(path, self.endpoint_directory_on(node))
     }
 
     /// A SPIRE stand-in configuration that knows these pods and has one
@@ -219,6 +230,95 @@ impl Precinct99 {
         cfg
     }
 
+    /// Checks the identities in every event of the scenario's connections
+    /// with SPIRE present: every pod end whose socket is on this node (the
+    /// local end, and the peer of an established same-node connection) is
+    /// ATTESTED with its SPIFFE ID; the peer of a connection that never
+    /// established is DERIVED, saying so; the outside client is `world`.
+    /// Returns the tally, or what was wrong.
+    pub fn check_attested(
+        &self,
+        flows: &[serde_json::Value],
+        runs: &[(&ScenarioFlow, ConnRecord)],
+    ) -> Result<IdentityTally, String> {
+        let mut t = IdentityTally::default();
+        let mut wrong = Vec::new();
+        for (flow, rec) in runs {
+            let Some(local) = rec.local else {
+                wrong.push(format!("{}: no client address", flow.label));
+                continue;
+            };
+            let events: Vec<&serde_json::Value> =
+                crate::agent::flows_between(flows, local, rec.remote).collect();
+            if events.is_empty() {
+                wrong.push(format!("{}: no events", flow.label));
+            }
+            for e in events {
+                let egress = e["direction"] == "EGRESS";
+                let (client, server) = (flow.from, Some(flow.to));
+                let (me, peer, my_end, peer_end) = if egress {
+                    (client, server, &e["source"], &e["destination"])
+                } else {
+                    (server, client, &e["destination"], &e["source"])
+                };
+                let failed = e["event"] == "FAILED";
+                for (who, end, is_local) in [(me, my_end, true), (peer, peer_end, false)] {
+                    let Some(i) = who else {
+                        if end["kind"] != "WORLD" {
+                            wrong.push(format!("{}: outside client not WORLD: {e}", flow.label));
+                        }
+                        continue;
+                    };
+                    let pod = &self.workloads[i].pod;
+                    let id = format!(
+                        "spiffe://demo.local/ns/{}/sa/{}",
+                        pod.namespace(),
+                        pod.service_account()
+                    );
+                    if end["spiffe_id"] != id.as_str() {
+                        wrong.push(format!(
+                            "{}: {} should be {id}: {e}",
+                            flow.label, end["spiffe_id"]
+                        ));
+                    }
+                    let source = end["identity_source"].as_str().unwrap_or("");
+                    let (total, attested) = if is_local {
+                        (&mut t.local_total, &mut t.local_attested)
+                    } else if failed {
+                        (&mut t.unconnected_peers, &mut t.unconnected_peers_derived)
+                    } else {
+                        (&mut t.peer_total, &mut t.peer_attested)
+                    };
+                    *total += 1;
+                    let expected = if !is_local && failed {
+                        "DERIVED"
+                    } else {
+                        "ATTESTED"
+                    };
+                    if source == expected {
+                        *attested += 1;
+                    } else {
+                        wrong.push(format!(
+                            "{}: {} end {source}, expected {expected}: {e}",
+                            flow.label,
+                            if is_local { "local" } else { "peer" }
+                        ));
+                    }
+                    if source == "DERIVED"
+                        && end["identity_detail"].as_str().unwrap_or("").is_empty()
+                    {
+                        wrong.push(format!("{}: a DERIVED end must say why: {e}", flow.label));
+                    }
+                }
+            }
+        }
+        if wrong.is_empty() {
+            Ok(t)
+        } else {
+            Err(format!("{t}\n{}", wrong.join("\n")))
+        }
+    }
+
     /// Runs one connection of a scenario flow; returns what the client saw.
     pub fn run(&self, flow: &ScenarioFlow) -> Result<ConnRecord, SimError> {
         let client = flow.from.map_or(&self.world, |i| &self.workloads[i].pod);
@@ -232,6 +332,34 @@ impl Precinct99 {
             .into_iter()
             .next()
             .ok_or_else(|| SimError::Other(format!("{}: simpod printed no record", flow.label)))
+    }
+}
+
+/// Pod ends counted by [`Precinct99::check_attested`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityTally {
+    pub local_total: usize,
+    pub local_attested: usize,
+    /// Peers of established same-node connections.
+    pub peer_total: usize,
+    pub peer_attested: usize,
+    /// Peers of connections that never established (no peer socket).
+    pub unconnected_peers: usize,
+    pub unconnected_peers_derived: usize,
+}
+
+impl std::fmt::Display for IdentityTally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "local pod ends ATTESTED {}/{}, same-node peers ATTESTED {}/{}, peers of unestablished connections DERIVED {}/{}",
+            self.local_attested,
+            self.local_total,
+            self.peer_attested,
+            self.peer_total,
+            self.unconnected_peers_derived,
+            self.unconnected_peers
+        )
     }
 }
 

@@ -13,11 +13,14 @@
 //! the entry's selectors are a subset of the workload's. The caller is
 //! attested the same way from its SO_PEERCRED pid and must hold an entry
 //! whose SPIFFE ID is in `authorized_delegates`, or it gets
-//! `PermissionDenied`. Version `1.10.2` (and later) accepts `pid` in the
-//! request; `1.9.6` ignores it and answers `InvalidArgument` when no selectors
-//! are given. Tests can stop it, restart it on the same socket, slow its
-//! answers, rotate every SVID now, and change pods, entries and authorization
-//! while it runs.
+//! `PermissionDenied`.
+//!
+//! The SPIRE release is a parameter (`version`): what each release does with
+//! a request, and when it sends the first answer, is read from spiffe/spire's
+//! source at that tag (see [`Release`]). Tests can stop it (connections are
+//! cut, as SPIRE's `server.Stop()` does), restart it on the same socket, slow
+//! its answers, rotate every SVID now, and change pods, entries and
+//! authorization while it runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::CommandExt as _;
@@ -53,6 +56,85 @@ use proto::delegated_identity_server::{DelegatedIdentity, DelegatedIdentityServe
 /// SPIRE versions whose Delegated Identity API differ for us.
 pub const VERSION_WITH_PID: &str = "1.10.2";
 pub const VERSION_WITHOUT_PID: &str = "1.9.6";
+/// The releases the identity tests run against: the reference log's 1.9.6,
+/// the first release with `pid` (1.10.0 and 1.10.1 have none), the latest
+/// 1.11.x and the newest release (as of spiffe/spire's tags read).
+pub const RELEASES: [&str; 4] = ["1.9.6", "1.10.2", "1.11.3", "1.15.3"];
+
+/// What a SPIRE release's `SubscribeToX509SVIDs` does, read from spiffe/spire
+/// at these tags (files relative to the repository root):
+///
+/// - Every release: `pkg/agent/api/delegatedidentity/v1/service.go`
+///   `isCallerAuthorized` runs first: the caller (SO_PEERCRED pid) is
+///   attested; no matching entry -> `PermissionDenied "no identity issued"`;
+///   entries but none in `authorized_delegates` -> `PermissionDenied "caller
+///   not configured as an authorized delegate"`. Then
+///   `manager.SubscribeToCacheChanges` -> `pkg/agent/manager/cache/lru_cache.go`
+///   `subscribeToWorkloadUpdates`: with **no selectors** the subscriber is
+///   notified at once with an empty identity list and, being in no selector
+///   index, never again; otherwise it blocks until the SVID of every matching
+///   entry is cached, then notifies (a set that matches **no entry** is
+///   notified at once, empty). Later notifications: entry changes and SVID
+///   rotation of matching entries. Agent restart: `pkg/agent/api/endpoints.go`
+///   `server.Stop()` cuts every connection; `endpoints_posix.go` removes and
+///   re-creates the socket.
+/// - v1.9.6: the request has no `pid` (its spire-api-sdk,
+///   v1.2.5-0.20240301205221, lacks field 2, so protobuf drops it);
+///   `api.SelectorsFromProto` (`pkg/server/api/selector.go`) accepts an empty
+///   list. So pid only, or neither, is answered at once with an **empty SVID
+///   list**, not an error; pid and selectors is answered by the selectors.
+/// - v1.10.2 (first with pid) and v1.11.3: `constructValidSelectorsFromReq`:
+///   both or neither -> `InvalidArgument "must provide either selectors or
+///   non-zero PID, but not both"`; a pid goes through
+///   `pkg/agent/attestor/workload/workload.go` `Attest`, which logs and drops
+///   each failing plugin: a pid that is gone gives no selectors, so an empty
+///   answer at once. The k8s plugin (`pkg/agent/plugin/workloadattestor/k8s/k8s.go`)
+///   polls the kubelet for a pod it cannot find yet, up to 60 x 500 ms.
+/// - v1.15.2 and later (v1.15.3): `workload.go` fails when every plugin
+///   fails, and service.go answers `Unavailable "workload attestation
+///   failed"` (spiffe/spire#7045); a caller whose attestation fails gets the
+///   same (before: `Internal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub major: u64,
+    pub minor: u64,
+    pub patch: u64,
+}
+
+impl Release {
+    pub fn parse(version: &str) -> Option<Release> {
+        let mut it = version
+            .trim_start_matches('v')
+            .split('.')
+            .map(|p| p.parse::<u64>().ok());
+        let r = Release {
+            major: it.next()??,
+            minor: it.next()??,
+            patch: it.next()??,
+        };
+        it.next().is_none().then_some(r)
+    }
+
+    fn at_least(&self, major: u64, minor: u64, patch: u64) -> bool {
+        (self.major, self.minor, self.patch) >= (major, minor, patch)
+    }
+
+    /// `SubscribeToX509SVIDsRequest.pid` exists (1.10.2+).
+    pub fn has_pid(&self) -> bool {
+        self.at_least(1, 10, 2)
+    }
+
+    /// A pid no plugin could attest is an error, `Unavailable` (1.15.2+).
+    pub fn attestation_failure_is_unavailable(&self) -> bool {
+        self.at_least(1, 15, 2)
+    }
+}
+
+impl std::fmt::Display for Release {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DoubleError {
@@ -111,9 +193,16 @@ pub struct SpireDoubleConfig {
     /// Lifetime of each X.509 SVID; it is re-issued at half of it, as SPIRE does.
     #[serde(default = "default_ttl")]
     pub svid_ttl_seconds: u64,
-    /// `1.10.2` (or later): `pid` accepted. `1.9.6`: `pid` ignored.
+    /// The SPIRE release whose behaviour to reproduce (see [`Release`]):
+    /// `1.9.6` (default, the reference log's), `1.10.2`, `1.11.3`, `1.15.3`.
     #[serde(default = "default_version")]
     pub version: String,
+    /// The k8s workload attestor's kubelet polls for a pod it cannot find
+    /// yet (SPIRE: 60 attempts, 500 ms apart).
+    #[serde(default = "default_poll_attempts")]
+    pub k8s_poll_attempts: u32,
+    #[serde(default = "default_poll_interval")]
+    pub k8s_poll_interval_ms: u64,
     /// Delay before the first answer on each SubscribeToX509SVIDs stream.
     #[serde(default)]
     pub delay_ms: u64,
@@ -137,7 +226,13 @@ fn default_ttl() -> u64 {
     3600
 }
 fn default_version() -> String {
-    VERSION_WITH_PID.into()
+    VERSION_WITHOUT_PID.into()
+}
+fn default_poll_attempts() -> u32 {
+    60
+}
+fn default_poll_interval() -> u64 {
+    500
 }
 
 impl SpireDoubleConfig {
@@ -147,6 +242,8 @@ impl SpireDoubleConfig {
             trust_domain: trust_domain.into(),
             svid_ttl_seconds: default_ttl(),
             version: default_version(),
+            k8s_poll_attempts: default_poll_attempts(),
+            k8s_poll_interval_ms: default_poll_interval(),
             delay_ms: 0,
             pods: Vec::new(),
             entries: Vec::new(),
@@ -197,7 +294,7 @@ impl SpireDoubleConfig {
                 })?;
             }
         }
-        version_supports_pid(&self.version)
+        Release::parse(&self.version)
             .ok_or_else(|| format!("version {:?} is not x.y.z", self.version))?;
         Ok(())
     }
@@ -239,12 +336,7 @@ impl SpireDoubleConfig {
 
 /// Whether `version` accepts `pid` (1.10.2 and later); None if it does not parse.
 pub fn version_supports_pid(version: &str) -> Option<bool> {
-    let mut it = version
-        .trim_start_matches('v')
-        .split('.')
-        .map(|p| p.parse::<u64>().ok());
-    let v = (it.next()??, it.next()??, it.next()??);
-    Some(v >= (1, 10, 2))
+    Release::parse(version).map(|r| r.has_pid())
 }
 
 fn parse_selector(s: &str) -> Option<(String, String)> {
@@ -311,7 +403,9 @@ struct State {
     authorized: Option<bool>,
     ttl: Duration,
     delay: Duration,
-    pid_supported: bool,
+    release: Release,
+    poll_attempts: u32,
+    poll_interval: Duration,
     /// The last private keys issued (DER PKCS#8), newest last: tests look for
     /// them where they must never appear.
     recent_keys: Vec<Vec<u8>>,
@@ -424,6 +518,7 @@ impl SpireDouble {
         let listener = tokio::net::UnixListener::bind(path)
             .map_err(io_err(format!("bind {}", path.display())))?;
         let (stop, mut stop_rx) = watch::channel(false);
+        let stop_rx_conns = stop.subscribe();
         let svc = Svc {
             shared: self.shared.clone(),
             stop: stop.subscribe(),
@@ -432,9 +527,14 @@ impl SpireDouble {
             let shutdown = async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             };
+            let kill = stop_rx_conns;
+            let incoming =
+                tokio_stream::StreamExt::map(UnixListenerStream::new(listener), move |r| {
+                    r.map(|s| KillableStream::new(s, kill.clone()))
+                });
             let r = tonic::transport::Server::builder()
                 .add_service(DelegatedIdentityServer::new(svc))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await;
             if let Err(e) = r {
                 tracing::warn!(error = %e, "spire-double server ended with an error");
@@ -510,10 +610,16 @@ impl SpireDouble {
         let _ = self.shared.events.send(Event::Rotate);
     }
 
+    /// Behave like another SPIRE release from the next request on (as an
+    /// agent upgraded in place would after a restart).
     pub fn set_version(&self, version: &str) {
-        if let Some(p) = version_supports_pid(version) {
-            self.shared.state.lock().unwrap().pid_supported = p;
+        if let Some(r) = Release::parse(version) {
+            self.shared.state.lock().unwrap().release = r;
         }
+    }
+
+    pub fn release(&self) -> Release {
+        self.shared.state.lock().unwrap().release
     }
 
     /// Replaces pods, entries, delegates, TTL, delay, version and the
@@ -616,7 +722,13 @@ fn state_from(c: &SpireDoubleConfig) -> State {
         authorized: c.authorized,
         ttl: Duration::from_secs(c.svid_ttl_seconds.max(1)),
         delay: Duration::from_millis(c.delay_ms),
-        pid_supported: version_supports_pid(&c.version).unwrap_or(true),
+        release: Release::parse(&c.version).unwrap_or(Release {
+            major: 1,
+            minor: 9,
+            patch: 6,
+        }),
+        poll_attempts: c.k8s_poll_attempts.max(1),
+        poll_interval: Duration::from_millis(c.k8s_poll_interval_ms),
         recent_keys: Vec::new(),
     }
 }
@@ -652,6 +764,108 @@ fn attest(st: &State, pid: i32) -> Option<SelectorSet> {
         }
     }
     Some(out)
+}
+
+/// `api.SelectorsFromProto` (pkg/server/api/selector.go): an empty list is
+/// fine; an empty type, a type with ':' or an empty value is not.
+fn selectors_from_proto(sel: &[Selector]) -> Result<SelectorSet, String> {
+    sel.iter()
+        .map(|Selector { r#type, value }| {
+            if r#type.is_empty() {
+                Err("missing selector type".to_owned())
+            } else if r#type.contains(':') {
+                Err("selector type contains ':'".to_owned())
+            } else if value.is_empty() {
+                Err("missing selector value".to_owned())
+            } else {
+                Ok((r#type.clone(), value.clone()))
+            }
+        })
+        .collect()
+}
+
+/// The unix plugin: fails for a pid that is gone.
+fn unix_plugin(pid: i32) -> Result<SelectorSet, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("failed to get process: {e}"))?;
+    let mut out = SelectorSet::new();
+    for line in status.lines() {
+        for (key, ty) in [("Uid:", "uid"), ("Gid:", "gid")] {
+            if let Some(rest) = line.strip_prefix(key)
+                && let Some(eff) = rest.split_whitespace().nth(1)
+            {
+                out.insert(("unix".into(), format!("{ty}:{eff}")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+enum K8s {
+    Selectors(SelectorSet),
+    /// In a pod the kubelet does not list (yet).
+    PodUnknown,
+    Failed(String),
+}
+
+/// One try of the k8s plugin: cgroups -> pod UID -> the kubelet's pod.
+fn k8s_plugin(st: &State, pid: i32) -> K8s {
+    let cgroup = match std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+        Ok(c) => c,
+        Err(e) => return K8s::Failed(format!("unable to obtain cgroups: {e}")),
+    };
+    let Some(uid) = pod_uid_from_cgroup(&cgroup) else {
+        // Not a Kubernetes pod: no selectors, no error.
+        return K8s::Selectors(SelectorSet::new());
+    };
+    let Some(pod) = st.pods.get(&uid) else {
+        return K8s::PodUnknown;
+    };
+    let mut out = SelectorSet::new();
+    out.insert(("k8s".into(), format!("pod-uid:{}", pod.uid)));
+    out.insert(("k8s".into(), format!("ns:{}", pod.namespace)));
+    out.insert(("k8s".into(), format!("sa:{}", pod.service_account)));
+    if !pod.name.is_empty() {
+        out.insert(("k8s".into(), format!("pod-name:{}", pod.name)));
+    }
+    K8s::Selectors(out)
+}
+
+/// workload.go `Attest(pid)` with the unix and k8s plugins: the union of
+/// what succeeded; when both fail, no selectors (before 1.15.2) or
+/// `Unavailable` (1.15.2+). The k8s plugin polls for an unknown pod.
+async fn attest_workload(shared: &Shared, pid: i32) -> Result<SelectorSet, Status> {
+    let (release, attempts, interval) = {
+        let st = shared.state.lock().unwrap();
+        (st.release, st.poll_attempts, st.poll_interval)
+    };
+    let unix = unix_plugin(pid);
+    let mut k8s = Err("no selectors found after max poll attempts".to_owned());
+    for attempt in 1..=attempts {
+        let r = k8s_plugin(&shared.state.lock().unwrap(), pid);
+        match r {
+            K8s::Selectors(s) => {
+                k8s = Ok(s);
+                break;
+            }
+            K8s::Failed(e) => {
+                k8s = Err(e);
+                break;
+            }
+            K8s::PodUnknown if attempt < attempts => tokio::time::sleep(interval).await,
+            K8s::PodUnknown => {}
+        }
+    }
+    match (unix, k8s) {
+        (Err(_), Err(_)) if release.attestation_failure_is_unavailable() => {
+            Err(Status::unavailable("workload attestation failed"))
+        }
+        (u, k) => Ok(u
+            .unwrap_or_default()
+            .into_iter()
+            .chain(k.unwrap_or_default())
+            .collect()),
+    }
 }
 
 /// SPIFFE IDs of the entries whose selectors are all in `sel`, in entry order.
@@ -701,7 +915,11 @@ impl Svc {
             None => {}
         }
         let Some(sel) = pid.and_then(|p| attest(&st, p)) else {
-            return Err(Status::internal("workload attestation failed"));
+            return Err(if st.release.attestation_failure_is_unavailable() {
+                Status::unavailable("workload attestation failed")
+            } else {
+                Status::internal("workload attestation failed")
+            });
         };
         let ids = matching(&st, &sel);
         if ids.is_empty() {
@@ -795,6 +1013,86 @@ fn issue_svid(
     Ok((svid, key.serialize_der()))
 }
 
+/// A served connection that breaks (reads and writes fail) once the double
+/// stops: SPIRE's admin endpoint calls grpc-go's `server.Stop()`, which
+/// closes every connection without a status on its streams.
+struct KillableStream {
+    inner: tokio::net::UnixStream,
+    kill: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    killed: bool,
+}
+
+impl KillableStream {
+    fn new(inner: tokio::net::UnixStream, mut stop: watch::Receiver<bool>) -> Self {
+        Self {
+            inner,
+            kill: Box::pin(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
+            killed: false,
+        }
+    }
+
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if !self.killed && self.kill.as_mut().poll(cx).is_ready() {
+            self.killed = true;
+        }
+        if self.killed {
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for KillableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for KillableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for KillableStream {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        <tokio::net::UnixStream as tonic::transport::server::Connected>::connect_info(&self.inner)
+    }
+}
+
 /// Resolves once the double is told to stop (the guard is not held across awaits).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
@@ -819,44 +1117,33 @@ impl DelegatedIdentity for Svc {
     ) -> Result<Response<SvidStream>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        let (pid_supported, delay) = {
+        let (release, delay) = {
             let st = self.shared.state.lock().unwrap();
-            (st.pid_supported, st.delay)
+            (st.release, st.delay)
         };
-        // What the workload's selectors are, the way each SPIRE version reads the request.
-        let pid = if pid_supported { r.pid } else { 0 };
-        if pid != 0 && !r.selectors.is_empty() {
+        // The workload's selectors, the way this release reads the request
+        // (see `Release`).
+        let pid = if release.has_pid() { r.pid } else { 0 };
+        if release.has_pid() && (r.selectors.is_empty() == (pid == 0)) {
             return Err(Status::invalid_argument(
-                "cannot specify both selectors and pid",
+                "must provide either selectors or non-zero PID, but not both",
             ));
         }
         let selectors: SelectorSet = if pid != 0 {
             self.shared.pid_requests.fetch_add(1, Ordering::Relaxed);
-            let st = self.shared.state.lock().unwrap();
-            attest(&st, pid)
-                .ok_or_else(|| Status::internal("workload attestation with PID failed"))?
+            attest_workload(&self.shared, pid).await?
         } else {
-            if r.selectors.is_empty() {
-                return Err(Status::invalid_argument(
-                    "could not parse provided selectors: must specify selectors",
-                ));
-            }
-            if r.selectors
-                .iter()
-                .any(|s| s.r#type.is_empty() || s.value.is_empty())
-            {
-                return Err(Status::invalid_argument(
-                    "could not parse provided selectors",
-                ));
-            }
             self.shared
                 .selector_requests
                 .fetch_add(1, Ordering::Relaxed);
-            r.selectors
-                .iter()
-                .map(|Selector { r#type, value }| (r#type.clone(), value.clone()))
-                .collect()
+            selectors_from_proto(&r.selectors)
+                .map_err(|_| Status::invalid_argument("could not parse provided selectors"))?
         };
+        // grpc-go sends the headers with the first message: the call itself
+        // is answered only when the first update is.
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let (tx, rx) = mpsc::channel(4);
         let svc = self.clone();
         let mut events = self.shared.events.subscribe();
@@ -865,15 +1152,17 @@ impl DelegatedIdentity for Svc {
         let guard = ActiveGuard(self.shared.clone());
         tokio::spawn(async move {
             let _guard = guard;
-            if !delay.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = tx.closed() => return,
-                    _ = stopped(&mut stop) => {
-                        let _ = tx.send(Err(Status::unavailable("spire agent is shutting down"))).await;
-                        return;
-                    }
+            if selectors.is_empty() {
+                // lru_cache.go: notified once, at once, with no identities;
+                // a subscriber in no selector index hears nothing more.
+                if tx.send(svc.issue(&[])).await.is_err() {
+                    return;
                 }
+                tokio::select! {
+                    _ = tx.closed() => {}
+                    _ = stopped(&mut stop) => {}
+                }
+                return;
             }
             let mut last_ids: Option<Vec<String>> = None;
             let mut force = true;
@@ -901,10 +1190,8 @@ impl DelegatedIdentity for Svc {
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                     _ = tx.closed() => return,
-                    _ = stopped(&mut stop) => {
-                        let _ = tx.send(Err(Status::unavailable("spire agent is shutting down"))).await;
-                        return;
-                    }
+                    // The connection is cut under the stream (see `KillableStream`).
+                    _ = stopped(&mut stop) => return,
                 }
             }
         });
@@ -932,9 +1219,7 @@ impl DelegatedIdentity for Svc {
             }
             tokio::select! {
                 _ = tx.closed() => {}
-                _ = stopped(&mut stop) => {
-                    let _ = tx.send(Err(Status::unavailable("spire agent is shutting down"))).await;
-                }
+                _ = stopped(&mut stop) => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -1094,6 +1379,26 @@ mod tests {
         assert_eq!(version_supports_pid("1.9.6"), Some(false));
         assert_eq!(version_supports_pid("1.10.1"), Some(false));
         assert_eq!(version_supports_pid("latest"), None);
+        let r = |v| Release::parse(v).unwrap();
+        assert!(!r("1.15.1").attestation_failure_is_unavailable());
+        assert!(r("1.15.2").attestation_failure_is_unavailable());
+        assert!(r("1.15.3").attestation_failure_is_unavailable());
+        assert!(!r("1.11.3").attestation_failure_is_unavailable());
+        assert_eq!(Release::parse("1.2.3.4"), None);
+        assert_eq!(r("v1.11.3").to_string(), "1.11.3");
+    }
+
+    #[test]
+    fn selectors_are_parsed_as_spire_does() {
+        let sel = |t: &str, v: &str| Selector {
+            r#type: t.into(),
+            value: v.into(),
+        };
+        assert_eq!(selectors_from_proto(&[]), Ok(SelectorSet::new()));
+        assert!(selectors_from_proto(&[sel("k8s", "ns:a")]).is_ok());
+        assert!(selectors_from_proto(&[sel("", "x")]).is_err());
+        assert!(selectors_from_proto(&[sel("k8s:ns", "x")]).is_err());
+        assert!(selectors_from_proto(&[sel("k8s", "")]).is_err());
     }
 
     #[test]

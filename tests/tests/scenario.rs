@@ -1,14 +1,18 @@
 //! The precinct-99 scenario end to end on the simulated node: the real agent
-//! with the endpoint directory and the scenario's intended policy judges
-//! every flow as PRODUCT.md says (frontend -> postgresql flagged, the
-//! dropped intended flow flagged INTENDED_FLOW_FAILED), with identities
-//! derived from pod metadata; and a change to the endpoint directory is
-//! picked up while the agent runs. Needs root; never skips.
+//! with the endpoint directory, the scenario's intended policy and SPIRE
+//! (the Delegated Identity double behaving like the reference log's 1.9.6,
+//! and like 1.10.2, the first release that attests by pid) judges every flow
+//! as PRODUCT.md says (frontend -> postgresql flagged, the dropped intended
+//! flow flagged INTENDED_FLOW_FAILED), with every pod end on the node
+//! ATTESTED; and a change to the endpoint directory is picked up while the
+//! agent runs (without SPIRE: identities derived from pod metadata). Needs
+//! root; never skips.
 
 use std::time::Duration;
 
 use flowaudit_tests::agent::{RunningAgent, flows_between};
 use flowaudit_tests::scenario::{FRONTEND, Precinct99, SCENARIO};
+use flowaudit_tests::spire_double::{SpireDouble, VERSION_WITH_PID, VERSION_WITHOUT_PID};
 use flowaudit_tests::support::*;
 use serde_json::Value;
 
@@ -22,11 +26,28 @@ fn findings(f: &Value) -> Vec<&str> {
 #[test]
 fn scenario_flows_get_the_intended_verdicts() {
     require_root();
-    let sim = Precinct99::start(30).expect("precinct-99 on a simulated node");
-    let dir = temp_dir("scenario");
+    // The reference log's SPIRE first (the default), then the first release
+    // that attests by pid.
+    for (index, version) in [(30u8, VERSION_WITHOUT_PID), (32u8, VERSION_WITH_PID)] {
+        scenario_against(index, version);
+    }
+}
+
+fn scenario_against(index: u8, version: &str) {
+    let sim = Precinct99::start(index).expect("precinct-99 on a simulated node");
+    let dir = temp_dir(&format!("scenario-{version}"));
     let endpoints = dir.join("endpoints.yaml");
-    sim.write_endpoint_directory(&endpoints)
+    // The test agent runs as node `sim-node`: the pods are on it.
+    sim.write_endpoint_directory_on(&endpoints, "sim-node")
         .expect("write endpoints");
+    let socket = dir.join("admin.sock");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let double = rt
+        .block_on(SpireDouble::start(
+            sim.spire_double_config(socket.clone(), version),
+        ))
+        .expect("SPIRE double");
+    double.set_authorized(true);
     let agent = RunningAgent::start(&[
         "--endpoints",
         endpoints.to_str().unwrap(),
@@ -35,7 +56,9 @@ fn scenario_flows_get_the_intended_verdicts() {
             .to_str()
             .unwrap(),
         "--spire-admin-socket",
-        "none",
+        socket.to_str().unwrap(),
+        "--identity-wait-ms",
+        "2000",
     ]);
     let records: Vec<_> = SCENARIO
         .iter()
@@ -52,16 +75,16 @@ fn scenario_flows_get_the_intended_verdicts() {
         assert_eq!(
             egress.len(),
             1,
-            "{}: expected one {} EGRESS event, got {events:#?}",
+            "{version} {}: expected one {} EGRESS event, got {events:#?}",
             flow.label,
             flow.event
         );
         let e = egress[0];
-        assert_eq!(e["verdict"], flow.verdict, "{}: {e}", flow.label);
+        assert_eq!(e["verdict"], flow.verdict, "{version} {}: {e}", flow.label);
         if !flow.finding.is_empty() {
             assert!(
                 findings(e).contains(&flow.finding),
-                "{}: expected {} in {e}",
+                "{version} {}: expected {} in {e}",
                 flow.label,
                 flow.finding
             );
@@ -69,34 +92,16 @@ fn scenario_flows_get_the_intended_verdicts() {
         if flow.verdict == "COMPLIANT" && flow.finding.is_empty() {
             assert!(
                 !e["policy_rule"].as_str().unwrap_or("").is_empty(),
-                "{}: no rule named in {e}",
+                "{version} {}: no rule named in {e}",
                 flow.label
             );
         }
-        // Identities: pods are DERIVED from metadata (no SPIRE here), the
-        // outside client is `world`.
         let dst = &sim.workloads[flow.to].pod;
-        assert_eq!(
-            e["destination"]["spiffe_id"],
-            format!(
-                "spiffe://demo.local/ns/{}/sa/{}",
-                dst.namespace(),
-                dst.service_account()
-            ),
-            "{}: {e}",
-            flow.label
-        );
-        assert_eq!(
-            e["destination"]["identity_source"], "DERIVED",
-            "{}",
-            flow.label
-        );
         assert_eq!(e["destination"]["pod_name"], dst.name(), "{}", flow.label);
         match flow.from {
             Some(i) => {
                 let src = &sim.workloads[i].pod;
                 assert_eq!(e["source"]["pod_name"], src.name(), "{}: {e}", flow.label);
-                assert_eq!(e["source"]["identity_source"], "DERIVED", "{}", flow.label);
                 assert_eq!(
                     e["source"]["labels"]["app"],
                     src.service_account(),
@@ -119,6 +124,14 @@ fn scenario_flows_get_the_intended_verdicts() {
             assert_eq!(ingress[0]["verdict"], flow.verdict, "{}", flow.label);
         }
     }
+    // Identities: every pod end on this node ATTESTED (local ends and the
+    // peers of established connections), with its SPIFFE ID.
+    let runs: Vec<_> = records.iter().map(|(f, r)| (*f, r.clone())).collect();
+    let tally = sim
+        .check_attested(&report.flows, &runs)
+        .unwrap_or_else(|e| panic!("SPIRE {version}: {e}"));
+    eprintln!("scenario, SPIRE {version}: {tally}");
+    rt.block_on(double.stop());
     std::fs::remove_dir_all(dir).ok();
 }
 

@@ -21,6 +21,12 @@ use crate::pipeline::{Pipeline, PipelineStats};
 use crate::state::{AgentState, PolicyStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttestBy {
+    Auto,
+    Selectors,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -50,6 +56,17 @@ pub struct AgentArgs {
         default_value = crate::identity::spire::DEFAULT_ADMIN_SOCKET
     )]
     pub spire_admin_socket: String,
+    /// How workloads are asked about: `auto` (by pid where the SPIRE agent
+    /// accepts it, 1.10.2+, else by the selectors of the pod found from the
+    /// socket's cgroup) or `selectors` (always by the pod's selectors).
+    #[arg(
+        long,
+        env = "FLOWAUDIT_SPIRE_ATTEST_BY",
+        value_enum,
+        default_value_t = AttestBy::Auto,
+        value_name = "MODE"
+    )]
+    pub spire_attest_by: AttestBy,
     /// Static endpoint directory (YAML: pods and nodes by address), for nodes
     /// without the Kubernetes API and for tests. Reloaded on change.
     #[arg(long, env = "FLOWAUDIT_ENDPOINTS", value_name = "PATH")]
@@ -104,10 +121,10 @@ pub fn node_name(explicit: Option<&str>) -> String {
     if let Some(n) = explicit.filter(|n| !n.is_empty()) {
         return n.to_owned();
     }
-    if let Ok(n) = std::env::var("NODE_NAME") {
-        if !n.is_empty() {
-            return n;
-        }
+    if let Ok(n) = std::env::var("NODE_NAME")
+        && !n.is_empty()
+    {
+        return n;
     }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -177,7 +194,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let endpoints = start_endpoints(&args).await?;
     let (enricher, judge) = start_identity_and_policy(&args, endpoints, &capture, policy, &state)?;
     let spire = enricher.spire.clone();
-    let mut spire_seen: Option<(bool, String, Option<String>)> = None;
+    let mut spire_seen: SpireSeen = None;
     let pipeline = tokio::spawn(
         Pipeline::new(
             node.clone(),
@@ -215,7 +232,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 report_losses(&capture);
                 if let Some(spire) = &spire {
-                    report_spire(spire, &mut spire_seen);
+                    report_spire(spire, &state, &mut spire_seen);
                     state.report_identity_cache(spire.status().cached_workloads as u64);
                 }
             }
@@ -296,26 +313,41 @@ fn start_identity_and_policy(
     };
     let spire = match args.spire_admin_socket.as_str() {
         "" | "none" => {
-            tracing::info!("SPIRE attestation disabled: local ends get DERIVED identities");
+            let detail = "SPIRE attestation disabled (--spire-admin-socket none): local ends get DERIVED identities from their pod (socket cgroup -> pod UID -> endpoint directory)";
+            tracing::warn!("{detail}");
+            state.report_spire(crate::state::SpireStatus {
+                connected: false,
+                socket: String::new(),
+                mode: "disabled".into(),
+                detail: detail.into(),
+            });
             None
         }
         path => {
             let observer = Arc::new(SpireGauge {
                 state: state.clone(),
-                socket: path.to_owned(),
             });
             Some(SpireClient::start(
                 PathBuf::from(path),
                 SpireOptions {
                     observer: Some(observer),
+                    force_mode: (args.spire_attest_by == AttestBy::Selectors)
+                        .then_some(crate::identity::spire::SpireMode::Selectors),
                     ..Default::default()
                 },
             ))
         }
     };
+    if trust_domain.is_none() {
+        tracing::warn!(
+            spire = spire.is_some(),
+            "no trust domain from --trust-domain or the policy: DERIVED IDs use the SPIRE agent's once it answers; until then (or without SPIRE) pod ends cannot be named: pass --trust-domain"
+        );
+    }
     let cgroups = CgroupResolver::new(capture.cgroup_root.clone());
     let mut enricher = Enricher::new(endpoints, cgroups, spire, trust_domain);
     enricher.node_name = node_name(args.node_name.as_deref());
+    enricher.wait_ms = args.identity_wait_ms;
     // Counted once per flow end, when its identity is settled (not per poll).
     let st = state.clone();
     enricher.on_lookup = Some(Box::new(move |result| st.metrics.identity_lookup(result)));
@@ -368,36 +400,54 @@ async fn start_endpoints(
     }
 }
 
-/// Feeds the SPIRE connection state to `flowaudit_spire_connected` and status.
+/// Feeds the SPIRE connection state to `flowaudit_spire_connected` as it changes.
 struct SpireGauge {
     state: Arc<AgentState>,
-    socket: String,
 }
 
 impl SpireObserver for SpireGauge {
     fn on_connected(&self, connected: bool) {
-        self.state.report_spire(connected, &self.socket);
+        self.state.metrics.set_spire_connected(connected);
     }
 }
 
-/// Logs the SPIRE connection whenever it changes: connected or not, which
-/// attestation mode the SPIRE agent supports, and the last error with its fix.
-fn report_spire(spire: &SpireClient, seen: &mut Option<(bool, String, Option<String>)>) {
+type SpireSeen = Option<(bool, String, Option<String>)>;
+
+/// Reports the SPIRE connection to `status` and `flowaudit_spire_connected`,
+/// and logs it once per change: connected (with the attestation mode), or
+/// not, with the reason, its fix, and what identities are meanwhile.
+fn report_spire(spire: &SpireClient, state: &AgentState, seen: &mut SpireSeen) {
     let st = spire.status();
     let now = (st.connected, st.mode.to_string(), st.last_error.clone());
+    let detail = if st.connected {
+        String::new()
+    } else {
+        format!(
+            "{}; meanwhile local ends get DERIVED identities from their pod (socket cgroup -> pod UID -> endpoint directory)",
+            st.last_error.as_deref().unwrap_or("connecting")
+        )
+    };
+    state.report_spire(crate::state::SpireStatus {
+        connected: st.connected,
+        socket: st.socket_path.display().to_string(),
+        mode: st.mode.to_string(),
+        detail,
+    });
     if seen.as_ref() == Some(&now) {
         return;
     }
     if st.connected {
         tracing::info!(socket = %st.socket_path.display(), mode = %st.mode, "SPIRE Delegated Identity API connected");
-    } else if seen.is_none() && st.last_error.is_none() {
-        tracing::info!(socket = %st.socket_path.display(), "connecting to the SPIRE Delegated Identity API");
-    } else {
+    } else if let Some(err) = &st.last_error {
         tracing::warn!(
             socket = %st.socket_path.display(),
-            error = st.last_error.as_deref().unwrap_or("not connected yet"),
-            "SPIRE Delegated Identity API unavailable: local ends get UNKNOWN identities until it answers"
+            error = %err,
+            "SPIRE Delegated Identity API unavailable: local ends get DERIVED identities from their pod (cgroup -> pod UID -> endpoint directory) until it answers"
         );
+    } else {
+        tracing::info!(socket = %st.socket_path.display(), "connecting to the SPIRE Delegated Identity API");
+        // Not settled yet: report again once it is.
+        return;
     }
     *seen = Some(now);
 }

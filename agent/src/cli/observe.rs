@@ -29,6 +29,20 @@ pub enum Output {
 /// `--follow` is given (as `hubble observe` does).
 pub const DEFAULT_LAST: u64 = 20;
 
+/// What `identity_source` on each end means (shown by `observe --help`).
+pub const IDENTITY_SOURCES_HELP: &str = "\
+Identity of each end (identity_source, with identity_detail saying why when not ATTESTED):
+  ATTESTED  SPIRE's Delegated Identity API attested the socket's own process (by pid,
+            SPIRE 1.10.2+), or its pod found from kernel facts (the socket owner's
+            cgroup -> pod UID, asked by that pod's selectors). Both ends of a same-node
+            connection qualify: the peer's socket is on this node too.
+  DERIVED   Reached from an address through the endpoint directory (pods on other
+            nodes; the peer of a connection that never established), or an end SPIRE
+            did not attest (SPIRE absent or down, no registration entry, no answer in
+            time): spiffe://<trust-domain>/ns/<ns>/sa/<sa> from the pod's metadata. An ID
+            reached from an address is DERIVED even when SPIRE has an entry for the pod.
+  UNKNOWN   Neither SPIRE nor the endpoint directory knows the end.";
+
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
     /// The agent's gRPC address: unix:///PATH or HOST:PORT.

@@ -83,14 +83,25 @@ pub fn render(s: &proto::ServerStatusResponse) -> String {
     let spire = s.spire.as_ref().map_or(NA.to_owned(), |sp| {
         let state = if sp.connected {
             "connected"
+        } else if sp.mode == "disabled" {
+            "disabled"
         } else {
             "disconnected"
         };
-        if sp.socket.is_empty() {
+        let mut v = if sp.socket.is_empty() {
             state.to_owned()
         } else {
             format!("{state} ({})", sp.socket)
+        };
+        if sp.connected && !sp.mode.is_empty() {
+            v.push_str(&format!(", asking by {}", sp.mode));
         }
+        if !sp.detail.is_empty() && sp.mode != "disabled" {
+            v.push_str(&format!(": {}", sp.detail));
+        } else if sp.mode == "disabled" {
+            v.push_str(": local ends get DERIVED identities from their pod");
+        }
+        v
     });
     let policy = s.policy.as_ref().map_or(NA.to_owned(), |p| {
         let mut v = if p.version.is_empty() {
@@ -163,7 +174,7 @@ fn as_json(s: &proto::ServerStatusResponse) -> serde_json::Value {
         "subscribers": s.subscribers,
         "stream_dropped": s.stream_dropped,
         "identity_cache": s.identity_cache.as_ref().map(|c| serde_json::json!({"entries": c.entries})),
-        "spire": s.spire.as_ref().map(|p| serde_json::json!({"connected": p.connected, "socket": p.socket})),
+        "spire": s.spire.as_ref().map(|p| serde_json::json!({"connected": p.connected, "socket": p.socket, "mode": p.mode, "detail": p.detail})),
         "policy": s.policy.as_ref().map(|p| serde_json::json!({"version": p.version, "rules": p.rules, "last_error": p.last_error})),
         "kernel_degradations": s.kernel_degradations.iter().map(|d| serde_json::json!({"name": d.name, "reason": d.reason, "lost": d.lost})).collect::<Vec<_>>(),
     })
@@ -187,6 +198,8 @@ mod tests {
             spire: Some(proto::SpireStatus {
                 connected: true,
                 socket: "/run/spire/admin-sockets/admin.sock".into(),
+                mode: "selectors".into(),
+                detail: String::new(),
             }),
             ..Default::default()
         };
@@ -203,10 +216,38 @@ Kernel events lost: 0
 Flow buffer:        42/8192
 Stream subscribers: 0 (0 flows dropped for slow subscribers)
 Identity cache:     not available
-SPIRE connection:   connected (/run/spire/admin-sockets/admin.sock)
+SPIRE connection:   connected (/run/spire/admin-sockets/admin.sock), asking by selectors
 Policy version:     not available
 Kernel:             every feature available
 "
+        );
+    }
+
+    #[test]
+    fn text_status_says_why_spire_is_not_connected() {
+        let mut s = proto::ServerStatusResponse {
+            spire: Some(proto::SpireStatus {
+                connected: false,
+                socket: "/run/spire/admin-sockets/admin.sock".into(),
+                mode: "unknown".into(),
+                detail: "nothing listens on SPIRE admin socket /run/spire/admin-sockets/admin.sock; meanwhile local ends get DERIVED identities".into(),
+            }),
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(
+            text.contains("SPIRE connection:   disconnected (/run/spire/admin-sockets/admin.sock): nothing listens")
+                && text.contains("DERIVED"),
+            "{text}"
+        );
+        s.spire = Some(proto::SpireStatus {
+            mode: "disabled".into(),
+            ..Default::default()
+        });
+        let text = render(&s);
+        assert!(
+            text.contains("SPIRE connection:   disabled: local ends get DERIVED identities"),
+            "{text}"
         );
     }
 

@@ -209,6 +209,8 @@ pub fn status_of(state: &AgentState, hub: &Hub) -> proto::ServerStatusResponse {
         spire: stages.spire.as_ref().map(|s| proto::SpireStatus {
             connected: s.connected,
             socket: s.socket.clone(),
+            mode: s.mode.clone(),
+            detail: s.detail.clone(),
         }),
         policy: stages.policy.as_ref().map(|p| proto::PolicyStatus {
             version: p.version.clone().unwrap_or_default(),
@@ -554,6 +556,7 @@ pub mod convert {
             kind: end_kind_to(e.kind) as i32,
             spiffe_id: e.spiffe_id.clone(),
             identity_source: identity_source_to(e.identity_source) as i32,
+            identity_detail: e.identity_detail.clone(),
             namespace: e.namespace.clone(),
             pod_name: e.pod_name.clone(),
             service_account: e.service_account.clone(),
@@ -572,6 +575,7 @@ pub mod convert {
         Endpoint {
             kind: end_kind_from(e.kind),
             identity_source: identity_source_from(e.identity_source),
+            identity_detail: e.identity_detail,
             spiffe_id: e.spiffe_id,
             namespace: e.namespace,
             pod_name: e.pod_name,

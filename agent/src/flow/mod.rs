@@ -133,6 +133,10 @@ pub struct Endpoint {
     pub kind: EndKind,
     pub spiffe_id: String,
     pub identity_source: IdentitySource,
+    /// Why the end is not ATTESTED (how the ID was reached instead, or why
+    /// it could not be); empty for ATTESTED ends.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity_detail: String,
     pub namespace: String,
     pub pod_name: String,
     pub service_account: String,
@@ -152,6 +156,7 @@ impl Endpoint {
             kind: EndKind::Unknown,
             spiffe_id: String::new(),
             identity_source: IdentitySource::Unknown,
+            identity_detail: String::new(),
             namespace: String::new(),
             pod_name: String::new(),
             service_account: String::new(),

@@ -14,19 +14,17 @@ use std::time::{Duration, Instant};
 pub fn pod_uid_from_path(path: &str) -> Option<String> {
     for comp in path.split('/').rev() {
         // systemd driver: kubepods-burstable-pod1234_5678.slice
-        if let Some(rest) = comp.strip_suffix(".slice") {
-            if let Some(idx) = rest.rfind("-pod") {
-                let uid = &rest[idx + 4..];
-                if looks_like_uid(uid) {
-                    return Some(uid.replace('_', "-"));
-                }
-            }
+        if let Some(rest) = comp.strip_suffix(".slice")
+            && let Some(idx) = rest.rfind("-pod")
+            && looks_like_uid(&rest[idx + 4..])
+        {
+            return Some(rest[idx + 4..].replace('_', "-"));
         }
         // cgroupfs driver: pod1234-5678
-        if let Some(uid) = comp.strip_prefix("pod") {
-            if looks_like_uid(uid) {
-                return Some(uid.to_owned());
-            }
+        if let Some(uid) = comp.strip_prefix("pod")
+            && looks_like_uid(uid)
+        {
+            return Some(uid.to_owned());
         }
     }
     None

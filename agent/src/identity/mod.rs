@@ -1,16 +1,30 @@
 //! Identity: joins both ends of a flow with who they are. In: a `FlowEvent`
 //! with addresses and, for the end whose socket this node saw, the owning
 //! process and cgroup. Out: each end's kind (pod, host, world), pod metadata
-//! from the endpoint directory, and its SPIFFE ID with its source:
-//! `ATTESTED` from SPIRE's Delegated Identity API (local ends, and remote
-//! pods whose attested identity is already known), `DERIVED` from pod
-//! metadata and the trust domain's `ns/<ns>/sa/<sa>` convention, or
-//! `UNKNOWN`. Never blocks: an identity still being fetched is reported as
-//! pending and the pipeline decides how long the flow may wait.
+//! from the endpoint directory, and its SPIFFE ID with its source and, when
+//! not ATTESTED, why (`identity_detail`).
+//!
+//! - `ATTESTED`: SPIRE's Delegated Identity API attested the socket's own
+//!   process (by pid), or its pod found from kernel facts (cgroup -> pod UID,
+//!   asked by that pod's selectors). For a same-node flow the peer's socket
+//!   is on this node too: the kernel saw its owner, so the peer end is
+//!   attested the same way (the two sockets are paired by their 4-tuples).
+//! - `DERIVED`: reached from an address through the endpoint directory (pods
+//!   on other nodes), or a local end SPIRE did not attest (absent, down, no
+//!   entry, no answer in time), with the trust domain's `ns/<ns>/sa/<sa>`
+//!   convention. An ID reached from an address is DERIVED even when SPIRE has
+//!   an entry for that pod.
+//! - `UNKNOWN`: neither SPIRE nor the directory knows the end.
+//!
+//! Never blocks: an answer still being fetched (SPIRE's, or the peer socket's
+//! record) is reported as pending and the pipeline decides how long the flow
+//! may wait ([`Enricher::resume`]).
 
 pub mod cgroup;
 pub mod spire;
 
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use flowaudit_policy::IdentitySource;
@@ -19,25 +33,104 @@ use tokio::sync::watch;
 use self::cgroup::CgroupResolver;
 use self::spire::{Lookup, SpireClient, WorkloadQuery};
 use crate::endpoints::{EndpointDirectory, Peer, PodInfo};
-use crate::flow::{Direction, EndKind, Endpoint, FlowEvent};
+use crate::flow::{Direction, EndKind, Endpoint, EventKind, FlowEvent};
 
 /// What to do with a flow after enrichment.
 pub enum Enriched {
     Done,
-    /// The local end's attested identity is being fetched.
-    Pending(WorkloadQuery),
+    /// An end's attested identity is being fetched.
+    Pending(PendingIdentity),
 }
+
+/// What a parked flow still waits for.
+#[derive(Debug)]
+pub struct PendingIdentity {
+    /// SPIRE's answer for the local end.
+    local: Option<WorkloadQuery>,
+    peer: PeerWait,
+}
+
+#[derive(Debug)]
+enum PeerWait {
+    Done,
+    /// The peer socket's own record (same node), by its key.
+    Socket(SocketKey),
+    /// SPIRE's answer for the peer socket's owner.
+    Query(WorkloadQuery),
+}
+
+/// The outcome of [`Enricher::resume`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    Waiting,
+    /// Settled; `timed_out` when an answer was still missing at the deadline.
+    Done {
+        timed_out: bool,
+    },
+}
+
+/// (local address, remote address) of a socket seen on this node.
+type SocketKey = (SocketAddr, SocketAddr);
+
+/// The kernel's facts about a socket's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketFacts {
+    pid: Option<u32>,
+    start_ns: u64,
+    cgroup_id: Option<u64>,
+}
+
+/// Recent sockets of this node by 4-tuple, so the two sockets of a
+/// same-node connection find each other. Bounded: oldest first out.
+struct SocketTable {
+    map: HashMap<SocketKey, SocketFacts>,
+    order: VecDeque<SocketKey>,
+    cap: usize,
+}
+
+impl SocketTable {
+    fn new(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn insert(&mut self, key: SocketKey, facts: SocketFacts) {
+        if self.map.insert(key, facts).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn get(&self, key: &SocketKey) -> Option<SocketFacts> {
+        self.map.get(key).copied()
+    }
+}
+
+/// How a peer's socket is remembered at most (sockets of this node).
+const SOCKET_TABLE_CAP: usize = 65_536;
 
 pub struct Enricher {
     pub endpoints: Option<watch::Receiver<Arc<EndpointDirectory>>>,
     pub cgroups: CgroupResolver,
     pub spire: Option<SpireClient>,
-    /// For DERIVED IDs; when None, the trust domain of the first attested ID seen.
+    /// For DERIVED IDs; when None, the SPIRE agent's (its bundle's) or the
+    /// first attested ID's trust domain.
     pub trust_domain: Option<String>,
     learned_trust_domain: Option<String>,
-    /// This node: remote pods elsewhere are never asked of the local SPIRE agent.
+    /// This node: peers the directory places here are waited for (their
+    /// socket's record) and attested; pods elsewhere are DERIVED.
     pub node_name: String,
+    /// How long flows may wait (said in the detail of a timed-out end).
+    pub wait_ms: u64,
     pub on_lookup: Option<Box<dyn Fn(&'static str) + Send>>,
+    sockets: SocketTable,
 }
 
 impl Enricher {
@@ -54,7 +147,9 @@ impl Enricher {
             trust_domain,
             learned_trust_domain: None,
             node_name: String::new(),
+            wait_ms: 0,
             on_lookup: None,
+            sockets: SocketTable::new(SOCKET_TABLE_CAP),
         }
     }
 
@@ -64,131 +159,290 @@ impl Enricher {
         }
     }
 
-    fn trust_domain(&self) -> Option<&str> {
-        self.trust_domain
-            .as_deref()
-            .or(self.learned_trust_domain.as_deref())
+    fn trust_domain(&mut self) -> Option<String> {
+        if let Some(td) = self
+            .trust_domain
+            .as_ref()
+            .or(self.learned_trust_domain.as_ref())
+        {
+            return Some(td.clone());
+        }
+        // The SPIRE agent's own bundle names it as soon as it is connected.
+        let td = self.spire.as_ref().and_then(SpireClient::trust_domain)?;
+        self.learned_trust_domain = Some(td.clone());
+        Some(td)
     }
 
     /// Fills kinds, pod metadata and SPIFFE IDs of both ends.
     pub fn enrich(&mut self, flow: &mut FlowEvent) -> Enriched {
         let dir = self.endpoints.as_ref().map(|rx| rx.borrow().clone());
         let local_is_source = flow.direction == Direction::Egress;
-        let (local, remote, local_ip, remote_ip) = if local_is_source {
-            (
-                &mut flow.source,
-                &mut flow.destination,
-                flow.l4.source_ip,
-                flow.l4.destination_ip,
-            )
+        let (src, dst) = (
+            SocketAddr::new(flow.l4.source_ip, flow.l4.source_port),
+            SocketAddr::new(flow.l4.destination_ip, flow.l4.destination_port),
+        );
+        let (local_addr, remote_addr) = if local_is_source {
+            (src, dst)
         } else {
-            (
-                &mut flow.destination,
-                &mut flow.source,
-                flow.l4.destination_ip,
-                flow.l4.source_ip,
-            )
+            (dst, src)
         };
+        let facts = {
+            let l = flow.local_end_mut();
+            SocketFacts {
+                pid: l.pid,
+                start_ns: 0,
+                cgroup_id: l.cgroup_id,
+            }
+        };
+        let facts = SocketFacts {
+            start_ns: flow.socket.process_start_ns,
+            ..facts
+        };
+        if facts.pid.is_some() || facts.cgroup_id.is_some() {
+            self.sockets.insert((local_addr, remote_addr), facts);
+        }
+        let td = self.trust_domain();
+        // Connected, or still connecting at start-up: answers can come.
+        let answering = self.spire.as_ref().is_some_and(|s| !s.is_down());
+
         // Local end: the pod its cgroup belongs to is authoritative (a
         // hostNetwork pod shares the node's address); else by address.
-        let pod_uid = local.cgroup_id.and_then(|id| self.cgroups.pod_uid(id));
+        let pod_uid = facts.cgroup_id.and_then(|id| self.cgroups.pod_uid(id));
         let local_pod = match (&dir, &pod_uid) {
             (Some(d), Some(uid)) => d.pod_by_uid(uid),
             _ => None,
         };
-        match (&local_pod, &dir) {
-            (Some(p), _) => apply_pod(local, p),
-            (None, Some(d)) => apply_peer(local, &d.peer(local_ip)),
-            (None, None) => {}
+        {
+            let local = flow.local_end_mut();
+            match (&local_pod, &dir) {
+                (Some(p), _) => apply_pod(local, p),
+                (None, Some(d)) => apply_peer(local, &d.peer(local_addr.ip())),
+                (None, None) => {}
+            }
         }
-        // Looked up once: it names the remote end and decides whether to ask SPIRE.
-        let remote_peer = dir.as_ref().map(|d| d.peer(remote_ip));
+
+        // Remote end: named from its address; attested only from its own
+        // socket's record, when that socket is on this node.
+        let remote_peer = dir.as_ref().map(|d| d.peer(remote_addr.ip()));
+        let failed = flow.event == EventKind::Failed;
+        let remote = remote_end_mut(flow);
         if let Some(peer) = &remote_peer {
             apply_peer(remote, peer);
         }
-        // Remote end: attested if SPIRE already knows that pod, else derived.
-        // SPIRE matches an entry when its selectors are a subset of those
-        // asked with: ask with everything known about the pod. Only this
-        // node's SPIRE agent can attest this node's pods.
-        let remote_query = match &remote_peer {
-            Some(Peer::Pod(p))
-                if !p.uid.is_empty() && (p.node.is_empty() || p.node == self.node_name) =>
-            {
-                Some(WorkloadQuery {
-                    pod_uid: Some(p.uid.clone()),
-                    namespace: non_empty(&p.namespace),
-                    service_account: non_empty(&p.service_account),
-                    ..Default::default()
-                })
+        let reverse = (remote_addr, local_addr);
+        let peer = match (&self.spire, remote.kind) {
+            (None, _) => {
+                derive(remote, td.as_deref(), DETAIL_NO_SPIRE_PEER);
+                PeerWait::Done
             }
-            _ => None,
+            (Some(_), EndKind::Host | EndKind::World) => {
+                set_id(remote, String::new(), IdentitySource::Unknown, "");
+                PeerWait::Done
+            }
+            (Some(_), _) => {
+                let on_this_node = match &remote_peer {
+                    Some(Peer::Pod(p)) => !self.node_name.is_empty() && p.node == self.node_name,
+                    _ => false,
+                };
+                let detail = match &remote_peer {
+                    Some(Peer::Pod(p)) if !p.node.is_empty() && !on_this_node => {
+                        format!("pod on node {}: derived from its address through the endpoint directory", p.node)
+                    }
+                    _ if failed => {
+                        "the connection never established, so no peer socket to attest: derived from its address through the endpoint directory".to_owned()
+                    }
+                    _ => "derived from its address through the endpoint directory".to_owned(),
+                };
+                // Provisional; replaced when the peer is attested.
+                derive(remote, td.as_deref(), &detail);
+                if let Some(f) = self.sockets.get(&reverse) {
+                    self.peer_query(flow, f)
+                } else if on_this_node && answering && !failed {
+                    PeerWait::Socket(reverse)
+                } else {
+                    PeerWait::Done
+                }
+            }
         };
-        let mut remote_attested = None;
-        if let (Some(spire), Some(q)) = (&self.spire, remote_query) {
-            if let Lookup::Attested(id) = spire.lookup(&q) {
-                remote_attested = Some(id.spiffe_id.clone());
-            }
-        }
-        let td = self.trust_domain().map(str::to_owned);
-        match remote_attested {
-            Some(id) => set_id(remote, id, IdentitySource::Attested),
-            None => derive(remote, td.as_deref()),
-        }
 
         // Local end: ask SPIRE (by pid, checked against the process start
         // time; or by the pod's selectors).
-        let Some(spire) = &self.spire else {
-            derive(local, td.as_deref());
-            return Enriched::Done;
+        let local = if self.spire.is_none() {
+            derive(flow.local_end_mut(), td.as_deref(), DETAIL_NO_SPIRE_LOCAL);
+            None
+        } else if facts.pid.is_none() && pod_uid.is_none() {
+            derive(
+                flow.local_end_mut(),
+                td.as_deref(),
+                "the kernel did not see the socket's owner: derived from its address",
+            );
+            None
+        } else {
+            // Selectors come only from the pod found from the socket's
+            // cgroup: metadata reached from an address must not attest.
+            let (namespace, service_account) = match &local_pod {
+                Some(p) => (non_empty(&p.namespace), non_empty(&p.service_account)),
+                None => (None, None),
+            };
+            Some(WorkloadQuery {
+                pid: facts.pid,
+                pid_start_ns: facts.start_ns,
+                pod_uid,
+                namespace,
+                service_account,
+            })
         };
-        if local.pid.is_none() && pod_uid.is_none() {
-            return Enriched::Done;
+        let mut pending = PendingIdentity { local, peer };
+        match self.resume(flow, &mut pending, false) {
+            Progress::Waiting => Enriched::Pending(pending),
+            Progress::Done { .. } => Enriched::Done,
         }
-        let q = WorkloadQuery {
-            pid: local.pid,
-            pid_start_ns: flow.socket.process_start_ns,
-            pod_uid,
-            namespace: non_empty(&local.namespace),
-            service_account: non_empty(&local.service_account),
-        };
-        match spire.lookup(&q) {
-            Lookup::Pending => return Enriched::Pending(q),
-            result => self.apply_lookup(flow.local_end_mut(), result),
-        }
-        Enriched::Done
     }
 
-    /// Applies the answer for a local end (after a wait, or at once).
-    pub fn apply_lookup(&mut self, local: &mut Endpoint, result: Lookup) {
+    /// The query for a peer whose socket's record was found, applying its
+    /// pod (from the owner's cgroup) to the remote end.
+    fn peer_query(&mut self, flow: &mut FlowEvent, f: SocketFacts) -> PeerWait {
+        let dir = self.endpoints.as_ref().map(|rx| rx.borrow().clone());
+        let pod_uid = f.cgroup_id.and_then(|id| self.cgroups.pod_uid(id));
+        let pod = match (&dir, &pod_uid) {
+            (Some(d), Some(uid)) => d.pod_by_uid(uid),
+            _ => None,
+        };
+        let remote = remote_end_mut(flow);
+        if let Some(p) = &pod {
+            apply_pod(remote, p);
+        }
+        if f.pid.is_none() && pod_uid.is_none() {
+            return PeerWait::Done;
+        }
+        let (namespace, service_account) = match &pod {
+            Some(p) => (non_empty(&p.namespace), non_empty(&p.service_account)),
+            None => (None, None),
+        };
+        PeerWait::Query(WorkloadQuery {
+            pid: f.pid,
+            pid_start_ns: f.start_ns,
+            pod_uid,
+            namespace,
+            service_account,
+        })
+    }
+
+    /// Moves a flow's identity on: applies the answers that have come, and
+    /// with `force` (its wait is over) settles what is still missing as
+    /// DERIVED, saying why.
+    pub fn resume(
+        &mut self,
+        flow: &mut FlowEvent,
+        p: &mut PendingIdentity,
+        force: bool,
+    ) -> Progress {
+        let mut timed_out = false;
+        if let PeerWait::Socket(key) = &p.peer {
+            if let Some(f) = self.sockets.get(key) {
+                p.peer = self.peer_query(flow, f);
+            } else if force {
+                let detail = format!(
+                    "the peer's socket was not seen on this node within {} ms: derived from its address through the endpoint directory",
+                    self.wait_ms
+                );
+                let td = self.trust_domain();
+                derive(remote_end_mut(flow), td.as_deref(), &detail);
+                p.peer = PeerWait::Done;
+                timed_out = true;
+            }
+        }
+        if let PeerWait::Query(q) = &p.peer {
+            let answer = self.poll(q);
+            if !matches!(answer, Lookup::Pending) || force {
+                timed_out |= matches!(answer, Lookup::Pending);
+                self.apply_answer(remote_end_mut(flow), answer, false);
+                p.peer = PeerWait::Done;
+            }
+        }
+        if let Some(q) = &p.local {
+            let answer = self.poll(q);
+            if !matches!(answer, Lookup::Pending) || force {
+                timed_out |= matches!(answer, Lookup::Pending);
+                self.apply_answer(flow.local_end_mut(), answer, true);
+                p.local = None;
+            }
+        }
+        if p.local.is_none() && matches!(p.peer, PeerWait::Done) {
+            // A trust domain learned while the flow waited (SPIRE's bundle
+            // arrives on connection) names the pods that had none.
+            if let Some(td) = self.trust_domain() {
+                for ep in [&mut flow.source, &mut flow.destination] {
+                    if ep.kind == EndKind::Pod && ep.identity_source == IdentitySource::Unknown {
+                        derive(
+                            ep,
+                            Some(&td),
+                            "derived from its pod's metadata (the trust domain became known while the flow waited)",
+                        );
+                    }
+                }
+            }
+            Progress::Done { timed_out }
+        } else {
+            Progress::Waiting
+        }
+    }
+
+    /// Applies SPIRE's answer for an end whose socket this node saw.
+    fn apply_answer(&mut self, ep: &mut Endpoint, result: Lookup, counted: bool) {
+        let label = result.label();
+        let td = self.trust_domain();
         match result {
             Lookup::Attested(id) => {
                 if self.trust_domain.is_none() && self.learned_trust_domain.is_none() {
                     self.learned_trust_domain = trust_domain_of(&id.spiffe_id);
                 }
-                set_id(local, id.spiffe_id.clone(), IdentitySource::Attested);
-                self.count("attested");
+                set_id(ep, id.spiffe_id.clone(), IdentitySource::Attested, "");
             }
-            Lookup::NoIdentity => {
-                set_id(local, String::new(), IdentitySource::Unknown);
-                self.count("no_identity");
-            }
-            Lookup::Pending => {
-                set_id(local, String::new(), IdentitySource::Unknown);
-                self.count("timeout");
-            }
+            Lookup::NoIdentity => derive(
+                ep,
+                td.as_deref(),
+                "SPIRE gave no identity (no registration entry matches, or the kernel facts name no pod SPIRE could be asked about): derived from its pod's metadata",
+            ),
+            Lookup::Pending => derive(
+                ep,
+                td.as_deref(),
+                &format!(
+                    "SPIRE did not answer within {} ms: derived from its pod's metadata",
+                    self.wait_ms
+                ),
+            ),
             Lookup::Unavailable(why) => {
-                tracing::debug!(%why, "SPIRE unavailable: local end UNKNOWN");
-                set_id(local, String::new(), IdentitySource::Unknown);
-                self.count("unavailable");
+                tracing::debug!(%why, "SPIRE unavailable: end DERIVED");
+                derive(
+                    ep,
+                    td.as_deref(),
+                    "SPIRE's Delegated Identity API is unavailable (see `flowaudit status`): derived from its pod's metadata",
+                )
             }
+        }
+        if counted {
+            self.count(if label == "pending" { "timeout" } else { label });
         }
     }
 
-    /// Re-asks SPIRE for a parked flow: the local end's answer, if there is one yet.
-    pub fn poll(&self, q: &WorkloadQuery) -> Lookup {
+    /// SPIRE's answer for `q` now, if any.
+    fn poll(&self, q: &WorkloadQuery) -> Lookup {
         self.spire
             .as_ref()
             .map_or(Lookup::NoIdentity, |s| s.lookup(q))
+    }
+}
+
+const DETAIL_NO_SPIRE_LOCAL: &str =
+    "no SPIRE (--spire-admin-socket none): derived from the pod of the socket's cgroup";
+const DETAIL_NO_SPIRE_PEER: &str =
+    "no SPIRE (--spire-admin-socket none): derived from its address through the endpoint directory";
+
+fn remote_end_mut(flow: &mut FlowEvent) -> &mut Endpoint {
+    match flow.direction {
+        Direction::Egress => &mut flow.destination,
+        Direction::Ingress => &mut flow.source,
     }
 }
 
@@ -204,9 +458,10 @@ fn trust_domain_of(id: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn set_id(ep: &mut Endpoint, id: String, source: IdentitySource) {
+fn set_id(ep: &mut Endpoint, id: String, source: IdentitySource, detail: &str) {
     ep.spiffe_id = id;
     ep.identity_source = source;
+    detail.clone_into(&mut ep.identity_detail);
 }
 
 fn apply_pod(ep: &mut Endpoint, p: &PodInfo) {
@@ -225,14 +480,21 @@ fn apply_peer(ep: &mut Endpoint, peer: &Peer) {
     }
 }
 
-/// `spiffe://<td>/ns/<ns>/sa/<sa>` from pod metadata, said as DERIVED.
-fn derive(ep: &mut Endpoint, td: Option<&str>) {
+/// `spiffe://<td>/ns/<ns>/sa/<sa>` from pod metadata, said as DERIVED with
+/// `detail`; UNKNOWN for what is not a pod the directory knows.
+fn derive(ep: &mut Endpoint, td: Option<&str>, detail: &str) {
     match (ep.kind, td) {
         (EndKind::Pod, Some(td)) if !ep.namespace.is_empty() && !ep.service_account.is_empty() => {
             let id = flowaudit_policy::spiffe::derive_id(td, &ep.namespace, &ep.service_account);
-            set_id(ep, id, IdentitySource::Derived);
+            set_id(ep, id, IdentitySource::Derived, detail);
         }
-        _ => set_id(ep, String::new(), IdentitySource::Unknown),
+        (EndKind::Pod, None) => set_id(
+            ep,
+            String::new(),
+            IdentitySource::Unknown,
+            "no trust domain known to derive an ID: give --trust-domain or a policy with spec.trustDomain",
+        ),
+        _ => set_id(ep, String::new(), IdentitySource::Unknown, ""),
     }
 }
 
@@ -302,6 +564,195 @@ mod tests {
         e.enrich(&mut f);
         assert_eq!(f.destination.kind, EndKind::World);
         assert_eq!(f.destination.spiffe_id, "");
+    }
+
+    /// Both sockets of a same-node connection: each event's peer end is
+    /// attested from the other socket's owner (its cgroup -> pod UID ->
+    /// SPIRE, here 1.9.6 by selectors), and the trust domain comes from
+    /// SPIRE's bundle when nothing else gives it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_node_peer_is_attested_from_its_own_socket() {
+        use flowaudit_common::SocketSide;
+        use flowaudit_tests::spire_double::{SpireDouble, SpireDoubleConfig};
+        use std::os::unix::fs::MetadataExt;
+        use std::time::Duration;
+        const FRONTEND_UID: &str = "11111111-2222-3333-4444-555555555555";
+        const BACKEND_UID: &str = "66666666-7777-8888-9999-000000000000";
+        let base = std::env::temp_dir().join(format!("fa-enrich-{}", std::process::id()));
+        let inode = |uid: &str| {
+            let d = base.join(format!("kubepods/besteffort/pod{uid}/c0ffee"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::metadata(&d).unwrap().ino()
+        };
+        let (front_cg, back_cg) = (inode(FRONTEND_UID), inode(BACKEND_UID));
+        let yaml = format!(
+            "nodes:\n  - {{name: n1, ips: [10.244.0.1]}}\nendpoints:\n  - {{ips: [10.244.1.5], namespace: 99-apps, pod: frontend-7d9f, uid: {FRONTEND_UID}, serviceAccount: frontend, node: n1}}\n  - {{ips: [10.244.1.9], namespace: 99-apps, pod: backend-0, uid: {BACKEND_UID}, serviceAccount: backend, node: n1}}\n"
+        );
+        let dir = EndpointDirectory::parse(Path::new("e.yaml"), &yaml).unwrap();
+        let socket = base.join("spire/admin.sock");
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let double = SpireDouble::start(
+            SpireDoubleConfig::new(&socket, "demo.local")
+                .version("1.9.6")
+                .pod(FRONTEND_UID, "99-apps", "frontend", "frontend-7d9f")
+                .pod(BACKEND_UID, "99-apps", "backend", "backend-0")
+                .entry(
+                    "spiffe://demo.local/ns/99-apps/sa/frontend",
+                    &[&format!("k8s:pod-uid:{FRONTEND_UID}")],
+                )
+                .entry(
+                    "spiffe://demo.local/ns/99-apps/sa/backend",
+                    &[&format!("k8s:pod-uid:{BACKEND_UID}")],
+                )
+                .authorize_uid(me, "spiffe://demo.local/ns/flowaudit/sa/flowaudit"),
+        )
+        .await
+        .unwrap();
+        let spire = SpireClient::start(&socket, spire::SpireOptions::default());
+        for _ in 0..200 {
+            if spire.status().connected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(spire.status().connected, "{:?}", spire.status());
+        let mut e = Enricher::new(
+            Some(watch::channel(Arc::new(dir)).1),
+            CgroupResolver::new(base.clone()),
+            Some(spire),
+            None,
+        );
+        e.node_name = "n1".into();
+        e.wait_ms = 2000;
+        let mut r = sample();
+        r.kind = flowaudit_common::RecordKind::Connect as u8;
+        r.owner.cgroup_id = front_cg;
+        let mut egress =
+            FlowEvent::from_kernel(&KernelEvent::from_record(&r).unwrap(), "n1", &Clock::now());
+        // The server's accepted socket: the same 4-tuple seen from the other side.
+        let mut r2 = r;
+        r2.side = SocketSide::Passive as u8;
+        std::mem::swap(&mut r2.local_addr, &mut r2.remote_addr);
+        std::mem::swap(&mut r2.local_port, &mut r2.remote_port);
+        r2.owner.cgroup_id = back_cg;
+        r2.owner.tgid = 4321;
+        r2.sock_cookie = 100;
+        let mut ingress =
+            FlowEvent::from_kernel(&KernelEvent::from_record(&r2).unwrap(), "n1", &Clock::now());
+        let mut pending = Vec::new();
+        for f in [&mut egress, &mut ingress] {
+            pending.push(match e.enrich(f) {
+                Enriched::Pending(p) => Some(p),
+                Enriched::Done => None,
+            });
+        }
+        for _ in 0..300 {
+            let mut all = true;
+            for (f, p) in [&mut egress, &mut ingress]
+                .into_iter()
+                .zip(pending.iter_mut())
+            {
+                if let Some(q) = p {
+                    if e.resume(f, q, false) == Progress::Waiting {
+                        all = false;
+                    } else {
+                        *p = None;
+                    }
+                }
+            }
+            if all {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for f in [&egress, &ingress] {
+            for (end, id) in [(&f.source, "frontend"), (&f.destination, "backend")] {
+                assert_eq!(end.identity_source, IdentitySource::Attested, "{f:#?}");
+                assert_eq!(
+                    end.spiffe_id,
+                    format!("spiffe://demo.local/ns/99-apps/sa/{id}")
+                );
+                assert_eq!(end.identity_detail, "");
+            }
+        }
+        drop(e);
+        double.stop().await;
+        std::fs::remove_dir_all(&base).ok();
+    }
+
+    /// A socket whose cgroup is in no pod, from an address the directory
+    /// gives to a pod with an entry: SPIRE is not asked by that pod's
+    /// selectors (an address attests nothing), so the end is DERIVED.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metadata_reached_from_an_address_is_never_attested() {
+        use flowaudit_tests::spire_double::{SpireDouble, SpireDoubleConfig};
+        use std::time::Duration;
+        let base = std::env::temp_dir().join(format!("fa-enrich-ip-{}", std::process::id()));
+        let socket = base.join("admin.sock");
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let double = SpireDouble::start(
+            SpireDoubleConfig::new(&socket, "demo.local")
+                .version("1.9.6")
+                .entry(
+                    "spiffe://demo.local/ns/99-apps/sa/frontend",
+                    &["k8s:ns:99-apps", "k8s:sa:frontend"],
+                )
+                .authorize_uid(me, "spiffe://demo.local/ns/flowaudit/sa/flowaudit"),
+        )
+        .await
+        .unwrap();
+        let spire = SpireClient::start(&socket, spire::SpireOptions::default());
+        let mut e = Enricher::new(
+            Some(directory()),
+            CgroupResolver::new(base.clone()),
+            Some(spire),
+            Some("demo.local".into()),
+        );
+        e.wait_ms = 2000;
+        let mut f = flow();
+        let mut pending = match e.enrich(&mut f) {
+            Enriched::Pending(p) => Some(p),
+            Enriched::Done => None,
+        };
+        for _ in 0..300 {
+            let Some(p) = pending.as_mut() else { break };
+            if e.resume(&mut f, p, false) != Progress::Waiting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(f.source.identity_source, IdentitySource::Derived, "{f:#?}");
+        assert_eq!(
+            f.source.spiffe_id,
+            "spiffe://demo.local/ns/99-apps/sa/frontend"
+        );
+        assert!(!f.source.identity_detail.is_empty());
+        drop(e);
+        double.stop().await;
+        std::fs::remove_dir_all(&base).ok();
+    }
+
+    #[test]
+    fn a_peer_on_another_node_is_derived_and_says_so() {
+        let yaml = "endpoints:\n  - {ips: [10.244.1.5], namespace: 99-apps, pod: frontend-7d9f, serviceAccount: frontend, node: n1}\n  - {ips: [10.244.1.9], namespace: 99-apps, pod: postgresql-0, serviceAccount: postgresql, node: n2}\n";
+        let dir = EndpointDirectory::parse(Path::new("e.yaml"), yaml).unwrap();
+        let mut e = Enricher::new(
+            Some(watch::channel(Arc::new(dir)).1),
+            CgroupResolver::new("/nonexistent".into()),
+            None,
+            Some("demo.local".into()),
+        );
+        e.node_name = "n1".into();
+        let mut f = flow();
+        e.enrich(&mut f);
+        assert_eq!(f.destination.identity_source, IdentitySource::Derived);
+        assert!(
+            f.destination.identity_detail.contains("endpoint directory"),
+            "{f:?}"
+        );
+        assert!(f.source.identity_detail.contains("no SPIRE"), "{f:?}");
     }
 
     #[test]

@@ -46,6 +46,10 @@ struct Args {
     /// Rounds of plaintext frontend -> backend before the two switch to mTLS.
     #[arg(long, default_value_t = 3)]
     mtls_after_rounds: u64,
+    /// The SPIRE release the embedded Delegated Identity double behaves
+    /// like: 1.9.6 (the reference log's), 1.10.2, 1.11.3 or 1.15.3.
+    #[arg(long, default_value = flowaudit_tests::spire_double::VERSION_WITHOUT_PID)]
+    spire_version: String,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -107,7 +111,7 @@ fn main() -> Result<()> {
     let spire_socket = std::fs::canonicalize(&args.workdir)?.join("spire-admin.sock");
     let spire = runtime
         .block_on(flowaudit_tests::spire_double::SpireDouble::start(
-            sim.spire_double_config(spire_socket.clone(), "1.10.2"),
+            sim.spire_double_config(spire_socket.clone(), &args.spire_version),
         ))
         .context("starting the embedded SPIRE stand-in")?;
     spire.set_authorized(true);
@@ -153,7 +157,8 @@ fn main() -> Result<()> {
     );
     println!("intended policy: {}", policy.display());
     println!(
-        "identities: attested through the Delegated Identity API of an embedded SPIRE stand-in (flowaudit's test double, not a real SPIRE agent) on {}",
+        "identities: attested through the Delegated Identity API of an embedded SPIRE stand-in behaving like SPIRE {} (flowaudit's test double, not a real SPIRE agent) on {}",
+        args.spire_version,
         spire_socket.display()
     );
     println!("scenario traffic, every {}s:", args.interval);
@@ -259,6 +264,29 @@ fn main() -> Result<()> {
         "demo: local pod ends ATTESTED by SPIRE: {attested} of {} ({:.0}%)",
         local_ends.len(),
         100.0 * attested as f64 / local_ends.len().max(1) as f64
+    );
+    // The other end of each event, when it is a pod: on this node every
+    // such peer of an established connection has its own socket here.
+    let peers: Vec<&serde_json::Value> = flows
+        .iter()
+        .filter(|f| f["event"] != "FAILED")
+        .map(|f| {
+            if f["direction"] == "EGRESS" {
+                &f["destination"]
+            } else {
+                &f["source"]
+            }
+        })
+        .filter(|e| e["kind"] == "POD")
+        .collect();
+    let peers_attested = peers
+        .iter()
+        .filter(|e| e["identity_source"] == "ATTESTED")
+        .count();
+    println!(
+        "demo: same-node peer pod ends ATTESTED: {peers_attested} of {} ({:.0}%)",
+        peers.len(),
+        100.0 * peers_attested as f64 / peers.len().max(1) as f64
     );
     println!(
         "demo: {round} rounds, {} flow events ({} CONNECT, {} CLOSE, {} FAILED); {} VIOLATION, {} INTENDED_FLOW_FAILED; agent exited {status}; simulated node removed",
