@@ -29,6 +29,8 @@ pub struct Kernel {
     suite: &'static str,
     /// Extra kernel command line.
     append: &'static str,
+    /// The tests run on it (a subset of `TESTS`).
+    tests: &'static [&'static str],
 }
 
 pub const MATRIX: &[Kernel] = &[
@@ -37,24 +39,30 @@ pub const MATRIX: &[Kernel] = &[
         series: "5.10",
         suite: "bullseye",
         append: "",
+        tests: TESTS,
     },
     Kernel {
         name: "6.1",
         series: "6.1",
         suite: "bookworm",
         append: "",
+        tests: TESTS,
     },
     Kernel {
         name: "6.12",
         series: "6.12",
         suite: "bookworm-backports",
         append: "",
+        tests: TESTS,
     },
     Kernel {
         name: "6.1-lockdown",
         series: "6.1",
         suite: "bookworm",
         append: "lockdown=confidentiality",
+        // What lockdown takes away shows in owners, failures, bytes and pid
+        // attestation; the payload and the verdicts do not depend on it.
+        tests: &["capture", "identity"],
     },
 ];
 
@@ -267,8 +275,8 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn passed(&self) -> bool {
-        self.tests.len() == TESTS.len() && self.tests.iter().all(|t| t.1)
+    pub fn passed(&self, expected: usize) -> bool {
+        self.tests.len() == expected && self.tests.iter().all(|t| t.1)
     }
 }
 
@@ -297,7 +305,7 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
         root = root.display(),
         out = out.display(),
     ));
-    for (name, exe) in tests {
+    for (name, exe) in tests.iter().filter(|(n, _)| k.tests.contains(&n.as_str())) {
         script.push_str(&format!(
             "s=$(date +%s); {exe} --test-threads=1 > $out/{name}.log 2>&1; rc=$?\n\
              echo \"{name} $rc $(( $(date +%s) - s ))\" >> $out/results\n",
@@ -308,7 +316,7 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
     std::fs::write(&guest, script)?;
     run(Command::new("chmod").arg("+x").arg(&guest))?;
 
-    eprintln!("kernels: booting {} ({release}) for {:?}", k.name, TESTS);
+    eprintln!("kernels: booting {} ({release}) for {:?}", k.name, k.tests);
     let started = Instant::now();
     let mut vng = Command::new("vng");
     vng.arg("--run")
@@ -381,7 +389,7 @@ pub fn kernels(only: &[String]) -> Result<()> {
     }
     let started = Instant::now();
     let tests = build_tests()?;
-    let mut outcomes = Vec::new();
+    let mut outcomes: Vec<(&Kernel, Outcome)> = Vec::new();
     for k in MATRIX
         .iter()
         .filter(|k| only.is_empty() || only.iter().any(|o| o == k.name))
@@ -394,7 +402,7 @@ pub fn kernels(only: &[String]) -> Result<()> {
                 if *ok { "passed" } else { "FAILED" }
             );
         }
-        outcomes.push(o);
+        outcomes.push((k, o));
     }
     eprintln!(
         "\nkernel matrix ({:.0} s in all):",
@@ -404,7 +412,7 @@ pub fn kernels(only: &[String]) -> Result<()> {
         "{:<14} {:<22} {:>8}  result",
         "kernel", "release", "boot+run"
     );
-    for o in &outcomes {
+    for (_, o) in &outcomes {
         let per: Vec<String> = o
             .tests
             .iter()
@@ -418,7 +426,11 @@ pub fn kernels(only: &[String]) -> Result<()> {
             per.join(", ")
         );
     }
-    let failed: Vec<_> = outcomes.iter().filter(|o| !o.passed()).collect();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|(k, o)| !o.passed(k.tests.len()))
+        .map(|(_, o)| o)
+        .collect();
     if !failed.is_empty() {
         let logs = cache_dir().join("runs");
         bail!(
