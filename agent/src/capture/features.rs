@@ -54,7 +54,7 @@ pub fn listener_scan_degradation(reason: String) -> Degradation {
     }
 }
 
-const KERNEL_READS_LOST: &str = "no process start times (a reused pid cannot be told apart, so SPIRE is asked by the pod's selectors instead of by pid), the connecting thread's name instead of its process's, no failure reasons (FAILED events say ERROR), and bytes_received may count the peer's FIN";
+const KERNEL_READS_LOST: &str = "no process start times (a reused pid cannot be told apart, so SPIRE is asked by the pod's selectors instead of by pid), the connecting thread's name instead of its process's, no failure reasons (FAILED events say ERROR), and the byte count of the direction the socket received may include the peer's FIN (one byte high)";
 const NETNS_COOKIE_LOST: &str = "sockets carry no network namespace cookie, so accepted sockets cannot be matched to their listener: the server end of a connection has no owning process";
 
 /// The lockdown mode from `/sys/kernel/security/lockdown` (`none [integrity]
