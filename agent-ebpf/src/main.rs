@@ -233,20 +233,16 @@ pub fn flowaudit_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn on_connect_call(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    let (ty, proto) = (field!(sa, type_), field!(sa, protocol));
-    if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
-        remember_owner(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
-        touch_netns_cookie(ctx.as_ptr());
-    }
+    remember_tcp_owner(field!(sa, type_), field!(sa, protocol), ctx.as_ptr());
 }
 
-/// Before 5.12 a namespace's cookie is made the first time someone asks
-/// for it. Where `sock_ops` reads it from the socket (no helper there),
-/// ask here so that a namespace with a listener or a client has one.
+/// For a TCP socket (`SOCK_STREAM`, `IPPROTO_TCP`) of the connect or bind
+/// hook whose context is `ctx`: remembers the caller as its owner.
 #[inline(always)]
-fn touch_netns_cookie(ctx: *mut core::ffi::c_void) {
-    if global(&SOCK_OPS_NETNS_COOKIE) == 0 {
-        let _ = unsafe { bpf_get_netns_cookie(ctx) };
+fn remember_tcp_owner(ty: u32, proto: u32, ctx: *mut core::ffi::c_void) {
+    if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
+        remember_owner(unsafe { bpf_get_socket_cookie(ctx) });
+        touch_netns_cookie(ctx);
     }
 }
 
@@ -265,11 +261,7 @@ pub fn flowaudit_post_bind6(ctx: SockContext) -> i32 {
 #[inline(always)]
 fn on_bind(ctx: &SockContext) {
     let sk = ctx.sock;
-    let (ty, proto) = (field!(sk, type_), field!(sk, protocol));
-    if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
-        remember_owner(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
-        touch_netns_cookie(ctx.as_ptr());
-    }
+    remember_tcp_owner(field!(sk, type_), field!(sk, protocol), ctx.as_ptr());
 }
 
 /// The owner remembered for this socket by the connect or bind hook, taken

@@ -196,15 +196,7 @@ fn version_key(name: &str) -> Vec<u64> {
 /// Builds the agent, simpod and the kernel-dependent test binaries on the
 /// host; returns (test name, executable).
 fn build_tests() -> Result<Vec<(String, PathBuf)>> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "flowaudit",
-        "-p",
-        "flowaudit-tests",
-        "--bins",
-    ]))?;
+    crate::build()?;
     let mut cmd = cargo();
     cmd.args([
         "test",

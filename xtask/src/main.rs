@@ -170,15 +170,7 @@ fn is_root() -> bool {
 
 fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
     let root = project_root();
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "flowaudit",
-        "-p",
-        "flowaudit-tests",
-        "--bins",
-    ]))?;
+    build()?;
     // Unit and host tests of every crate (no privileges needed).
     run(cargo().args([
         "test",
