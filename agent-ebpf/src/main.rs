@@ -246,6 +246,16 @@ fn remember_tcp_owner(ty: u32, proto: u32, ctx: *mut core::ffi::c_void) {
     }
 }
 
+/// Before 5.12 a namespace's cookie is made the first time someone asks
+/// for it. Where `sock_ops` reads it from the socket (no helper there),
+/// ask here so that a namespace with a listener or a client has one.
+#[inline(always)]
+fn touch_netns_cookie(ctx: *mut core::ffi::c_void) {
+    if global(&SOCK_OPS_NETNS_COOKIE) == 0 {
+        let _ = unsafe { bpf_get_netns_cookie(ctx) };
+    }
+}
+
 #[cgroup_sock(post_bind4)]
 pub fn flowaudit_post_bind4(ctx: SockContext) -> i32 {
     on_bind(&ctx);
