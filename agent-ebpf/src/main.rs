@@ -89,8 +89,10 @@ static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(OWNERS_MAX,
 #[unsafe(no_mangle)]
 static KERNEL_READS: u32 = 0;
 /// `sock_ops` may call `bpf_get_netns_cookie` (not before Linux 5.15);
-/// otherwise the cookie is read from the socket through `OFF_SOCK_NET` and
-/// `OFF_NET_COOKIE` (with `KERNEL_READS`).
+/// otherwise the namespace is named by its inode number, read from the
+/// socket through `OFF_SOCK_NET` and `OFF_NET_NS_INUM` (with
+/// `KERNEL_READS`). Unlike the cookie before 5.12, the inode always exists,
+/// and userspace can find it for a namespace in /proc.
 #[unsafe(no_mangle)]
 static SOCK_OPS_NETNS_COOKIE: u32 = 0;
 
@@ -108,11 +110,11 @@ static OFF_SOCK_ERR: u32 = 0;
 static OFF_SOCK_ERR_SOFT: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_SOCK_FLAGS: u32 = 0;
-/// `sock.__sk_common.skc_net.net` and `net.net_cookie`.
+/// `sock.__sk_common.skc_net.net` and `net.ns.inum`.
 #[unsafe(no_mangle)]
 static OFF_SOCK_NET: u32 = 0;
 #[unsafe(no_mangle)]
-static OFF_NET_COOKIE: u32 = 0;
+static OFF_NET_NS_INUM: u32 = 0;
 
 const SOCK_STREAM: u32 = 1;
 
@@ -242,17 +244,6 @@ fn on_connect_call(ctx: &SockAddrContext) {
 fn remember_tcp_owner(ty: u32, proto: u32, ctx: *mut core::ffi::c_void) {
     if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
         remember_owner(unsafe { bpf_get_socket_cookie(ctx) });
-        touch_netns_cookie(ctx);
-    }
-}
-
-/// Before 5.12 a namespace's cookie is made the first time someone asks
-/// for it. Where `sock_ops` reads it from the socket (no helper there),
-/// ask here so that a namespace with a listener or a client has one.
-#[inline(always)]
-fn touch_netns_cookie(ctx: *mut core::ffi::c_void) {
-    if global(&SOCK_OPS_NETNS_COOKIE) == 0 {
-        let _ = unsafe { bpf_get_netns_cookie(ctx) };
     }
 }
 
@@ -285,16 +276,16 @@ fn take_owner(sock_cookie: u64) -> Option<Owner> {
     owner
 }
 
-/// The socket's network namespace cookie: from the helper where `sock_ops`
-/// has it, else read from the socket (`sk->__sk_common.skc_net`, then
-/// `net->net_cookie`), else 0.
+/// Names the socket's network namespace: its cookie, from the helper where
+/// `sock_ops` has it, else its inode number read from the socket
+/// (`sk->__sk_common.skc_net`, then `net->ns.inum`), else 0 (unknown).
 #[inline(always)]
 fn netns_cookie(ctx: &SockOpsContext) -> u64 {
     if global(&SOCK_OPS_NETNS_COOKIE) != 0 {
         return unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     }
-    let (off_net, off_cookie) = (global(&OFF_SOCK_NET), global(&OFF_NET_COOKIE));
-    if global(&KERNEL_READS) == 0 || off_net == 0 || off_cookie == 0 {
+    let (off_net, off_inum) = (global(&OFF_SOCK_NET), global(&OFF_NET_NS_INUM));
+    if global(&KERNEL_READS) == 0 || off_net == 0 || off_inum == 0 {
         return 0;
     }
     let Some(sk) = kernel_sock(ctx.ops) else {
@@ -307,8 +298,8 @@ fn netns_cookie(ctx: &SockOpsContext) -> u64 {
         if net == 0 {
             return 0;
         }
-        bpf_probe_read_kernel((net as *const u8).add(off_cookie as usize) as *const u64)
-            .unwrap_or(0)
+        bpf_probe_read_kernel((net as *const u8).add(off_inum as usize) as *const u32)
+            .map_or(0, u64::from)
     }
 }
 

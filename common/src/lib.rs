@@ -320,7 +320,7 @@ pub mod names {
     pub const OFF_SOCK_ERR_SOFT: &str = "OFF_SOCK_ERR_SOFT";
     pub const OFF_SOCK_FLAGS: &str = "OFF_SOCK_FLAGS";
     pub const OFF_SOCK_NET: &str = "OFF_SOCK_NET";
-    pub const OFF_NET_COOKIE: &str = "OFF_NET_COOKIE";
+    pub const OFF_NET_NS_INUM: &str = "OFF_NET_NS_INUM";
 }
 
 /// Sizes of the kernel-side maps.

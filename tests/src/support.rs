@@ -21,29 +21,14 @@ pub fn require_root() {
 /// The named degradations (docs/architecture.md, "Kernels") the agent must
 /// report on the running kernel: `kernel_reads` under a confidentiality
 /// lockdown (no `bpf_probe_read_kernel`), none on the kernels of the
-/// matrix otherwise (5.10 reads the netns cookie from the socket instead).
+/// matrix otherwise (5.10 names namespaces by inode instead of cookie).
 pub fn expected_kernel_degradations() -> Vec<String> {
     let mut out = Vec::new();
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
     if lockdown.contains("[confidentiality]") {
         out.push("kernel_reads".to_owned());
     }
-    // SO_NETNS_COOKIE, which the start-up listener scan needs, is 5.14+.
-    if kernel_version() < (5, 14) {
-        out.push("listener_scan".to_owned());
-    }
-    out.sort();
     out
-}
-
-/// The running kernel's (major, minor).
-pub fn kernel_version() -> (u32, u32) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// Whether this kernel lets the agent read kernel memory (socket errors,

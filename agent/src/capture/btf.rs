@@ -233,10 +233,11 @@ pub struct KernelOffsets {
     pub sock_err: u32,
     pub sock_err_soft: u32,
     pub sock_flags: u32,
-    /// `sock.__sk_common.skc_net.net` and `net.net_cookie`: the socket's
-    /// network namespace cookie on kernels whose `sock_ops` lacks the helper.
+    /// `sock.__sk_common.skc_net.net` and `net.ns.inum`: the socket's
+    /// network namespace inode, which names the namespace on kernels whose
+    /// `sock_ops` lacks `bpf_get_netns_cookie`.
     pub sock_net: u32,
-    pub net_cookie: u32,
+    pub net_ns_inum: u32,
 }
 
 impl KernelOffsets {
@@ -260,7 +261,7 @@ impl KernelOffsets {
             sock_flags: get("sock", "__sk_common") + get("sock_common", "skc_flags"),
             // `possible_net_t skc_net` holds the `struct net *` as its only member.
             sock_net: get("sock", "__sk_common") + get("sock_common", "skc_net"),
-            net_cookie: get("net", "net_cookie"),
+            net_ns_inum: get("net", "ns") + get("ns_common", "inum"),
         };
         let mut offsets = offsets;
         // The program reads the socket through `bpf_sock_ops_kern.sk`, which
@@ -395,7 +396,7 @@ mod tests {
         assert!(off.sock_flags > 0 && off.sock_flags + 8 <= sock);
         assert!(off.sock_net > 0 && off.sock_net + 8 <= sock);
         let net = btf.struct_size("net").unwrap();
-        assert!(off.net_cookie > 0 && off.net_cookie + 8 <= net);
+        assert!(off.net_ns_inum > 0 && off.net_ns_inum + 4 <= net);
         assert!(
             off.sock_err_soft > 0
                 && off.sock_err_soft + 4 < sock

@@ -55,7 +55,7 @@ pub fn listener_scan_degradation(reason: String) -> Degradation {
 }
 
 const KERNEL_READS_LOST: &str = "no process start times (a reused pid cannot be told apart, so SPIRE is asked by the pod's selectors instead of by pid), the connecting thread's name instead of its process's, no failure reasons (FAILED events say ERROR), and the byte count of the direction the socket received may include the peer's FIN (one byte high)";
-const NETNS_COOKIE_LOST: &str = "sockets carry no network namespace cookie, so accepted sockets cannot be matched to their listener: the server end of a connection has no owning process";
+const NETNS_COOKIE_LOST: &str = "sockets carry no network namespace cookie or inode, so accepted sockets cannot be matched to their listener: the server end of a connection has no owning process";
 
 /// The lockdown mode from `/sys/kernel/security/lockdown` (`none [integrity]
 /// confidentiality`: the bracketed one is in force), if the file exists.
@@ -111,6 +111,12 @@ pub fn fall_back(features: Features, error: &str) -> Option<(Features, String)> 
     ))
 }
 
+/// Whether sockets carry no namespace name at all: no helper, and no
+/// kernel reads to take the inode from the socket.
+pub fn netns_lost(features: Features) -> bool {
+    !features.sock_ops_netns_cookie && !features.kernel_reads
+}
+
 /// What the final switches cost. `reads_off` says why kernel reads are off.
 pub fn degradations(features: Features, reads_off: Option<&str>) -> Vec<Degradation> {
     let mut out = Vec::new();
@@ -121,8 +127,9 @@ pub fn degradations(features: Features, reads_off: Option<&str>) -> Vec<Degradat
             lost: KERNEL_READS_LOST,
         });
     }
-    // Without the helper the cookie is read from the socket, which needs reads.
-    if !features.sock_ops_netns_cookie && !features.kernel_reads {
+    // Without the helper the namespace inode is read from the socket, which
+    // needs reads.
+    if netns_lost(features) {
         out.push(Degradation {
             name: NETNS_COOKIE,
             reason:
@@ -176,8 +183,8 @@ mod tests {
 
     #[test]
     fn falls_back_one_switch_at_a_time_and_then_gives_up() {
-        // Linux 5.10: sock_ops has no netns cookie helper; reads stand in,
-        // so nothing is lost yet.
+        // Linux 5.10: sock_ops has no netns cookie helper; the namespace
+        // inode, read from the socket, stands in, so nothing is lost yet.
         let (f, why) = fall_back(
             Features::ALL,
             "... unknown func bpf_get_netns_cookie#122 ...",

@@ -140,8 +140,17 @@ fn pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// How the kernel programs name a network namespace in `ListenerKey`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetnsKey {
+    /// Its cookie (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`).
+    Cookie,
+    /// Its inode number (kernels whose `sock_ops` lacks the cookie helper).
+    Inode,
+}
+
 /// Finds every listening TCP socket on the node with its owning process.
-pub fn scan(cgroup_root: &Path) -> Vec<(ListenerKey, Listener)> {
+pub fn scan(cgroup_root: &Path, netns_key: NetnsKey) -> Vec<(ListenerKey, Listener)> {
     // One /proc/<pid>/net view per network namespace.
     let mut namespaces: HashMap<u64, u32> = HashMap::new();
     let all = pids();
@@ -201,12 +210,15 @@ pub fn scan(cgroup_root: &Path) -> Vec<(ListenerKey, Listener)> {
         let Some(&pid) = holder.get(ino) else {
             continue;
         };
-        let cookie = *cookies.entry(found.netns_inode).or_insert_with(|| {
-            netns_cookie(Path::new(&format!(
-                "/proc/{}/ns/net",
-                namespaces[&found.netns_inode]
-            )))
-        });
+        let cookie = match netns_key {
+            NetnsKey::Inode => Some(found.netns_inode),
+            NetnsKey::Cookie => *cookies.entry(found.netns_inode).or_insert_with(|| {
+                netns_cookie(Path::new(&format!(
+                    "/proc/{}/ns/net",
+                    namespaces[&found.netns_inode]
+                )))
+            }),
+        };
         let Some(netns_cookie) = cookie else { continue };
         out.push((
             ListenerKey {
@@ -269,13 +281,20 @@ mod tests {
         }
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let found = scan(Path::new("/sys/fs/cgroup"));
-        let mine: Vec<_> = found
-            .iter()
-            .filter(|(k, _)| k.port == port && k.family == AF_INET)
-            .collect();
-        assert_eq!(mine.len(), 1, "{found:?}");
-        assert_eq!(mine[0].1.owner.tgid, std::process::id());
-        assert_ne!(mine[0].0.netns_cookie, 0);
+        let my_netns = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        for key in [NetnsKey::Cookie, NetnsKey::Inode] {
+            let found = scan(Path::new("/sys/fs/cgroup"), key);
+            let mine: Vec<_> = found
+                .iter()
+                .filter(|(k, _)| k.port == port && k.family == AF_INET)
+                .collect();
+            assert_eq!(mine.len(), 1, "{key:?}: {found:?}");
+            assert_eq!(mine[0].1.owner.tgid, std::process::id());
+            match key {
+                NetnsKey::Cookie => assert_ne!(mine[0].0.netns_cookie, 0),
+                // The inode, as the programs read it from `net->ns.inum`.
+                NetnsKey::Inode => assert_eq!(mine[0].0.netns_cookie, my_netns),
+            }
+        }
     }
 }

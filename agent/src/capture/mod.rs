@@ -191,7 +191,15 @@ impl Capture {
             }
         };
         let mut degradations = features::degradations(features, reads_off.as_deref());
-        if let Some(why) = listeners::scan_unavailable() {
+        // The scan must name namespaces as the programs do.
+        let netns_key = if features.sock_ops_netns_cookie {
+            listeners::NetnsKey::Cookie
+        } else {
+            listeners::NetnsKey::Inode
+        };
+        if netns_key == listeners::NetnsKey::Cookie
+            && let Some(why) = listeners::scan_unavailable()
+        {
             degradations.push(features::listener_scan_degradation(why));
         }
         attach(&mut ebpf, &cgroup)?;
@@ -199,7 +207,13 @@ impl Capture {
         // Servers that were listening before we attached: find them now that
         // listen() calls from here on are seen by the program. NOEXIST: an
         // entry the kernel just wrote is fresher than the /proc scan.
-        let found = listeners::scan(&cgroup_root);
+        // Without any namespace name (the netns_cookie degradation) the
+        // programs never look listeners up: nothing to register.
+        let found = if features::netns_lost(features) {
+            Vec::new()
+        } else {
+            listeners::scan(&cgroup_root, netns_key)
+        };
         let mut map: aya::maps::HashMap<_, ListenerKey, Listener> = aya::maps::HashMap::try_from(
             ebpf.map_mut(names::MAP_LISTENERS)
                 .ok_or(CaptureError::Missing(names::MAP_LISTENERS))?,
@@ -344,7 +358,7 @@ fn load(offsets: &KernelOffsets, f: Features, ring_bytes: u32) -> Result<Ebpf, L
         .override_global(names::OFF_SOCK_ERR_SOFT, &offsets.sock_err_soft, true)
         .override_global(names::OFF_SOCK_FLAGS, &offsets.sock_flags, true)
         .override_global(names::OFF_SOCK_NET, &offsets.sock_net, true)
-        .override_global(names::OFF_NET_COOKIE, &offsets.net_cookie, true);
+        .override_global(names::OFF_NET_NS_INUM, &offsets.net_ns_inum, true);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| LoadFailure::Other(CaptureError::Load(e)))?;
