@@ -219,6 +219,33 @@ impl RunningAgent {
         got
     }
 
+    /// Waits (at most `timeout`) until `n` flows in the export file match
+    /// `pred`; returns whether they did. For a socket that closes a moment
+    /// after its peer (slow under emulation) before the agent is stopped.
+    pub fn wait_for_flows(
+        &self,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.export_file).unwrap_or_default();
+            let seen = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| pred(v))
+                .count();
+            if seen >= n {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// GET `path` from the metrics server: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.metrics_addr(), path)

@@ -350,12 +350,17 @@ fn each_connection_gets_the_encryption_it_carries() {
             .expect("postgresql client"),
         "PostgreSQL startup client failed"
     );
+    // Every connection closes on both of its sockets; the server's may close
+    // a moment after the client's (seconds under emulation).
+    let total = cases.len() + 2;
+    agent.wait_for_flows(2 * total, std::time::Duration::from_secs(30), |f| {
+        f["event"] == "CLOSE"
+    });
     let report = agent.stop();
 
     let backend_ips = [IpAddr::V4(backend.ip4()), IpAddr::V6(backend.ip6())];
     let mut problems = Vec::new();
     let mut right = 0;
-    let total = cases.len() + 2;
     for c in &cases {
         let p = check(&report.flows, &backend_ips, c.port, c.name, &c.expect);
         right += usize::from(p.is_empty());

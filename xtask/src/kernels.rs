@@ -326,7 +326,9 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
         vng.args(["--append", k.append]);
     }
     let log = std::fs::File::create(out.join("console.log"))?;
+    // CI runs with no standard input; the guest must not wait for one.
     let status = vng
+        .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .status()
