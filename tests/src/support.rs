@@ -74,10 +74,19 @@ pub fn two_pods(index: u8) -> (SimNode, Pod, Pod) {
 
 /// The end whose socket the node saw, for events whose ends are pods.
 pub fn local_pod_ends(flows: &[Value]) -> Vec<&Value> {
+    pod_ends(flows.iter(), true)
+}
+
+/// The other end of each event that established (CONNECT, CLOSE), when it
+/// is a pod: on a single simulated node it has its own socket there too.
+pub fn peer_pod_ends(flows: &[Value]) -> Vec<&Value> {
+    pod_ends(flows.iter().filter(|f| f["event"] != "FAILED"), false)
+}
+
+fn pod_ends<'a>(flows: impl Iterator<Item = &'a Value>, local: bool) -> Vec<&'a Value> {
     flows
-        .iter()
         .map(|f| {
-            if f["direction"] == "EGRESS" {
+            if (f["direction"] == "EGRESS") == local {
                 &f["source"]
             } else {
                 &f["destination"]

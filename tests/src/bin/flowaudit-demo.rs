@@ -267,18 +267,7 @@ fn main() -> Result<()> {
     );
     // The other end of each event, when it is a pod: on this node every
     // such peer of an established connection has its own socket here.
-    let peers: Vec<&serde_json::Value> = flows
-        .iter()
-        .filter(|f| f["event"] != "FAILED")
-        .map(|f| {
-            if f["direction"] == "EGRESS" {
-                &f["destination"]
-            } else {
-                &f["source"]
-            }
-        })
-        .filter(|e| e["kind"] == "POD")
-        .collect();
+    let peers = flowaudit_tests::support::peer_pod_ends(&flows);
     let peers_attested = peers
         .iter()
         .filter(|e| e["identity_source"] == "ATTESTED")
