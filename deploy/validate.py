@@ -10,18 +10,19 @@ failure:
                       hand-written subset schemas in deploy/schemas/. A kind
                       with neither fails: nothing is skipped silently.
   posture FILE...     The DaemonSet's security posture, as the design asks:
-                      no privileged, capabilities drop ALL + only the allowed
-                      ones, read-only root fs, seccomp RuntimeDefault, probes,
-                      downward-API node name, control-plane tolerations, the
-                      expected hostPaths and nothing more, no `latest` tag.
+                      no privileged, no hostNetwork, hostPID, capabilities
+                      drop ALL + exactly BPF, PERFMON, NET_ADMIN, uid 0,
+                      read-only root fs, seccomp RuntimeDefault, probes,
+                      downward-API node name, control-plane tolerations,
+                      exactly the expected hostPaths (read-only) and mounts,
+                      no tracefs, no `latest` tag.
   spire HCL           The SPIRE agent snippet: admin socket in its own
                       directory, flowaudit in authorized_delegates.
   checkov-report JSON [STRIPPED_JSON]
                       Reads checkov's JSON report: fails on any failed check;
                       with the report of a scan without skip annotations,
                       also fails on a skip that no longer suppresses anything.
-  same A B            A and B hold the same objects (order-insensitive):
-                      render.py against real kustomize.
+  strip-skips SRC DST Copies a manifest or Dockerfile without its checkov skips.
 """
 
 from __future__ import annotations
@@ -42,14 +43,23 @@ CRD_SCHEMAS = {
     ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID"): "schemas/clusterspiffeid-v1alpha1.json",
 }
 
-# What the hooks need (deploy/README.md, "Privileges"); anything else fails.
-ALLOWED_CAPS = {"BPF", "PERFMON", "NET_ADMIN"}
+# What the agent's code needs (deploy/README.md, "Privileges"); anything
+# more, or less, fails. tests/src/daemonset.rs checks the same set.
+EXPECTED_CAPS = ["BPF", "PERFMON", "NET_ADMIN"]
 EXPECTED_HOSTPATHS = {
+    "/run/spire/admin-sockets",  # SPIRE Delegated Identity API
+    "/sys/fs/cgroup",  # the node's cgroup v2 root, where the programs attach
+}
+# Every mount of the agent container: the two hostPaths, the policy
+# ConfigMap and the gRPC socket's emptyDir. Nothing writes /tmp.
+EXPECTED_MOUNTS = {
     "/run/spire/admin-sockets",
     "/sys/fs/cgroup",
-    "/sys/kernel/tracing",
-    "/sys/kernel/btf",
+    "/etc/flowaudit/policy",
+    "/var/run/flowaudit",
 }
+# The agent has no tracepoint, kprobe or TC hook: tracefs and debugfs stay out.
+FORBIDDEN_PATHS = ("/sys/kernel/tracing", "/sys/kernel/debug")
 FLOWAUDIT_ID = "spiffe://demo.local/ns/flowaudit/sa/flowaudit"
 
 
@@ -143,8 +153,9 @@ def cmd_posture(paths: list[str]) -> int:
         psc = spec.get("securityContext") or {}
         c.check((psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
                 f"{where}: pod seccompProfile RuntimeDefault")
-        c.check(spec.get("hostNetwork") is True, f"{where}: hostNetwork (TC on pod veths)")
-        c.check(spec.get("hostPID") is True, f"{where}: hostPID (pids shared with the SPIRE agent)")
+        c.check(not spec.get("hostNetwork"), f"{where}: no hostNetwork (every hook is a cgroup program)")
+        c.check(spec.get("dnsPolicy") != "ClusterFirstWithHostNet", f"{where}: no host-network DNS policy")
+        c.check(spec.get("hostPID") is True, f"{where}: hostPID (pids shared with the kernel and the SPIRE agent)")
         c.check(not spec.get("hostIPC"), f"{where}: no hostIPC")
         tolerated = {t.get("key") for t in spec.get("tolerations") or []}
         c.check("node-role.kubernetes.io/control-plane" in tolerated,
@@ -152,6 +163,8 @@ def cmd_posture(paths: list[str]) -> int:
         hostpaths = {v["hostPath"]["path"] for v in spec.get("volumes") or [] if "hostPath" in v}
         c.check(hostpaths == EXPECTED_HOSTPATHS,
                 f"{where}: hostPaths are exactly {sorted(EXPECTED_HOSTPATHS)} (got {sorted(hostpaths)})")
+        c.check(not any(h.startswith(FORBIDDEN_PATHS) for h in hostpaths),
+                f"{where}: no tracefs or debugfs hostPath")
         for ctr in spec.get("containers") or []:
             cw = f"{where} {ctr['name']}"
             sc = ctr.get("securityContext") or {}
@@ -159,10 +172,11 @@ def cmd_posture(paths: list[str]) -> int:
             c.check(sc.get("privileged") is False, f"{cw}: privileged: false")
             c.check(sc.get("allowPrivilegeEscalation") is False, f"{cw}: allowPrivilegeEscalation: false")
             c.check(sc.get("readOnlyRootFilesystem") is True, f"{cw}: readOnlyRootFilesystem")
+            c.check(sc.get("runAsUser") == 0, f"{cw}: runAsUser 0 (added capabilities are effective only for uid 0)")
             c.check(caps.get("drop") == ["ALL"], f"{cw}: capabilities drop ALL")
-            added = set(caps.get("add") or [])
-            c.check(added <= ALLOWED_CAPS,
-                    f"{cw}: added capabilities {sorted(added)} within {sorted(ALLOWED_CAPS)}")
+            added = caps.get("add") or []
+            c.check(sorted(added) == sorted(EXPECTED_CAPS) and len(set(added)) == len(added),
+                    f"{cw}: added capabilities are exactly {EXPECTED_CAPS} (got {added})")
             res = ctr.get("resources") or {}
             c.check(all(k in (res.get(kind) or {}) for kind in ("requests", "limits") for k in ("cpu", "memory")),
                     f"{cw}: cpu and memory requests and limits")
@@ -176,6 +190,11 @@ def cmd_posture(paths: list[str]) -> int:
             ref = ((env.get("NODE_NAME") or {}).get("valueFrom") or {}).get("fieldRef") or {}
             c.check(ref.get("fieldPath") == "spec.nodeName", f"{cw}: NODE_NAME from the downward API")
             mounts = {m["name"]: m for m in ctr.get("volumeMounts") or []}
+            paths = {m.get("mountPath") for m in mounts.values()}
+            c.check(paths == EXPECTED_MOUNTS,
+                    f"{cw}: mounts are exactly {sorted(EXPECTED_MOUNTS)} (got {sorted(paths)})")
+            c.check(not any(m.get("mountPropagation") for m in mounts.values()),
+                    f"{cw}: no mount propagation")
             for v in spec.get("volumes") or []:
                 if "hostPath" in v:
                     m = mounts.get(v["name"])
@@ -278,19 +297,6 @@ def cmd_checkov_report(path: str, stripped: str | None) -> int:
     return c.done("checkov")
 
 
-def cmd_same(a: str, b: str) -> int:
-    def norm(p: str) -> list[str]:
-        return sorted(json.dumps(d, sort_keys=True) for _, d in load([p]))
-    na, nb = norm(a), norm(b)
-    c = Checks()
-    c.check(na == nb, f"{os.path.basename(a)} and {os.path.basename(b)} hold the same {len(na)} objects")
-    if na != nb:
-        for x in sorted(set(na) ^ set(nb)):
-            side = os.path.basename(a) if x in na else os.path.basename(b)
-            print(f"        only in {side}: {x[:400]}")
-    return c.done("render vs kustomize")
-
-
 def cmd_strip_skips(src: str, dst: str) -> int:
     """Copy a manifest or Dockerfile without its checkov skip annotations/comments."""
     with open(src, encoding="utf-8") as f:
@@ -314,8 +320,6 @@ def main(argv: list[str]) -> int:
         return cmd_spire(args[0])
     if cmd == "checkov-report" and len(args) in (1, 2):
         return cmd_checkov_report(args[0], args[1] if len(args) == 2 else None)
-    if cmd == "same" and len(args) == 2:
-        return cmd_same(*args)
     if cmd == "strip-skips" and len(args) == 2:
         return cmd_strip_skips(*args)
     print(f"validate.py: bad arguments: {argv}", file=sys.stderr)

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Offline validation of flowaudit's deployment (no cluster, no network):
 #   1. render the kustomize base, the kind overlay, and the kind overlay with a
-#      per-build tag the way kind/up.sh does (deploy/render.py; and with real
-#      kustomize too when one is installed, failing if the two differ)
+#      per-build tag the way kind/up.sh does, with `kubectl kustomize`
 #   2. Kubernetes schema validation, strict (kubernetes-validate, Kubernetes
 #      $FLOWAUDIT_KUBE_VERSION, default 1.31.0 as on kind nodes); the CRDs
 #      (ServiceMonitor, ClusterSPIFFEID) against deploy/schemas/
@@ -12,8 +11,9 @@
 #      finding fails unless skipped with a justification in the manifest, and
 #      a skip that no longer suppresses a real finding fails too
 #   6. shellcheck of the scripts
-# Exits non-zero on any failure. Tools: `cargo xtask setup` installs them
-# (pip install -r deploy/requirements.txt; apt-get install shellcheck).
+# Exits non-zero on any failure. Tools: kubectl (>= 1.21: kustomize v4+) and
+# what `cargo xtask setup` installs (pip install -r
+# deploy/requirements.txt; apt-get install shellcheck).
 #
 # Usage: deploy/validate.sh [--keep]   (--keep leaves the rendered files)
 set -euo pipefail
@@ -37,10 +37,17 @@ if command -v python3 >/dev/null 2>&1; then
   done
 fi
 command -v checkov >/dev/null 2>&1 || missing+=("checkov")
+# kubectl's built-in kustomize renders, as kind/up.sh does: v4+ (kubectl
+# 1.21+) for `patches` with a target.
+if ! command -v kubectl >/dev/null 2>&1; then
+  missing+=("kubectl (for kubectl kustomize)")
+elif ! kubectl version --client 2>/dev/null | grep -Eq '^Kustomize Version: v([4-9]|[1-9][0-9])\.'; then
+  missing+=("kubectl >= 1.21 (kustomize v4+; found: $(kubectl version --client 2>/dev/null | tr '\n' ' '))")
+fi
 command -v shellcheck >/dev/null 2>&1 || missing+=("shellcheck")
 if [ ${#missing[@]} -gt 0 ]; then
   printf 'validate.sh: missing tools: %s\n' "${missing[*]}" >&2
-  echo "validate.sh: 'cargo xtask setup' installs them (pip install -r deploy/requirements.txt; apt-get install -y shellcheck)" >&2
+  echo "validate.sh: 'cargo xtask setup' installs them (pip install -r deploy/requirements.txt; apt-get install -y shellcheck); kubectl: https://kubernetes.io/docs/tasks/tools/" >&2
   exit 2
 fi
 
@@ -52,11 +59,18 @@ else
 fi
 
 # --- 1. render ----------------------------------------------------------------
-step "render (deploy/render.py)"
+step "render (kubectl kustomize)"
 mkdir -p "$out/rendered"
 render_ok=1
-python3 "$deploy/render.py" "$deploy/kustomize/base" -o "$out/rendered/base.yaml" || render_ok=0
-python3 "$deploy/render.py" "$deploy/kustomize/overlays/kind" -o "$out/rendered/kind.yaml" || render_ok=0
+render() { # DIR OUT
+  if ! kubectl kustomize "$1" >"$2" 2>"$2.stderr"; then
+    printf '  FAIL  kubectl kustomize %s:\n' "$1"
+    sed 's/^/        /' "$2.stderr"
+    render_ok=0
+  fi
+}
+render "$deploy/kustomize/base" "$out/rendered/base.yaml"
+render "$deploy/kustomize/overlays/kind" "$out/rendered/kind.yaml"
 # What kind/up.sh renders: a throwaway overlay on overlays/kind setting the tag.
 uptag="0123456789ab-20260101T000000Z"
 upo="$(mktemp -d "$deploy/kustomize/overlays/.up.XXXXXX")"
@@ -70,7 +84,8 @@ images:
     newName: flowaudit
     newTag: "${uptag}"
 EOF
-python3 "$deploy/render.py" "$upo" -o "$out/up-overlay.yaml" || render_ok=0
+render "$upo" "$out/up-overlay.yaml"
+rm -rf "$upo"
 if [ "$render_ok" -eq 1 ]; then
   if grep -q "image: flowaudit:${uptag}\$" "$out/up-overlay.yaml"; then
     echo "  ok    base, kind overlay and the up.sh overlay render; the up.sh tag reaches the DaemonSet"
@@ -80,32 +95,6 @@ if [ "$render_ok" -eq 1 ]; then
 else
   failed "rendering"
 fi
-
-# Real kustomize, when there is one recent enough (v4+: `patches` with targets).
-kustomize_cmd=()
-if command -v kustomize >/dev/null 2>&1; then
-  kustomize_cmd=(kustomize build)
-elif command -v kubectl >/dev/null 2>&1 \
-  && kubectl version --client -o json 2>/dev/null \
-     | python3 -c 'import json,sys; v=json.load(sys.stdin).get("kustomizeVersion",""); sys.exit(0 if v[:2] in ("v4","v5","v6") else 1)'; then
-  kustomize_cmd=(kubectl kustomize)
-fi
-if [ ${#kustomize_cmd[@]} -gt 0 ] && [ "$render_ok" -eq 1 ]; then
-  step "render.py against real kustomize (${kustomize_cmd[*]})"
-  for pair in "base:$deploy/kustomize/base" "kind:$deploy/kustomize/overlays/kind" "up-overlay:$upo"; do
-    name="${pair%%:*}"; dir="${pair#*:}"
-    if "${kustomize_cmd[@]}" "$dir" >"$out/$name.kustomize.yaml"; then
-      ref="$out/rendered/$name.yaml"; [ "$name" = up-overlay ] && ref="$out/up-overlay.yaml"
-      python3 "$deploy/validate.py" same "$ref" "$out/$name.kustomize.yaml" || failed "render.py and kustomize disagree on $name"
-    else
-      failed "${kustomize_cmd[*]} $dir"
-    fi
-  done
-else
-  step "render.py against real kustomize"
-  echo "  skip  no kustomize v4+ (kustomize, or kubectl >= 1.21) on PATH: render.py output not cross-checked here"
-fi
-rm -rf "$upo"
 
 if [ "$render_ok" -eq 1 ]; then
   # --- 2. schemas ---------------------------------------------------------------
