@@ -7,6 +7,12 @@
 //! 127.0.0.1:0` and a gRPC socket in its temp dir, so agents of different
 //! tests never compete for the defaults; the addresses it bound are read
 //! from its log (`metrics_addr()`, `grpc_addr()`).
+//!
+//! [`RunningAgent::start`] runs it on the host as full root (node
+//! `sim-node`); [`RunningAgent::start_in_node`] runs it the way the
+//! DaemonSet does on a kind node: in a [`SimNode`], in a pod of its own,
+//! with exactly the manifest's capabilities, no_new_privs and read-only root
+//! (its temp dir plays the emptyDirs), named after the node.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +21,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::daemonset::AgentPodSpec;
+use crate::simnode::{ExecOpts, Pod, PodSpec, SimNode};
 
 /// The agent binary: `$FLOWAUDIT_BIN`, else `target/release/flowaudit`.
 pub fn agent_binary() -> PathBuf {
@@ -40,7 +49,28 @@ pub struct RunningAgent {
     early_logs: Vec<Value>,
     metrics_addr: Option<std::net::SocketAddr>,
     grpc_addrs: Vec<String>,
+    /// The agent's pod when it runs in a node (its handle is node-exec's).
+    pod: Option<Pod>,
 }
+
+/// What containerd grants a container that does not drop ALL (its default
+/// OCI spec), before `capabilities.add`.
+const RUNTIME_DEFAULT_CAPS: [&str; 14] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
 
 /// What the agent reported when it stopped.
 #[derive(Debug)]
@@ -76,41 +106,71 @@ impl RunningAgent {
     /// Like [`RunningAgent::start`], with extra environment variables for
     /// the agent (e.g. `KUBECONFIG`).
     pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "flowaudit-test-{}-{}",
-            std::process::id(),
-            rand_u64()
-        ));
-        std::fs::create_dir_all(&dir).expect("create the agent's temp dir");
-        let export_file = dir.join("flows.jsonl");
-        let has = |flag: &str| {
-            extra_args
-                .iter()
-                .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
-        };
-        let mut defaults: Vec<String> = Vec::new();
-        if !has("--metrics-addr") {
-            defaults.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
-        }
-        if !has("--grpc-addr") {
-            defaults.extend([
-                "--grpc-addr".into(),
-                format!("unix://{}", dir.join("flowaudit.sock").display()),
-            ]);
-        }
-        let mut child = Command::new(agent_binary())
-            .arg("agent")
-            .arg("--export-file")
-            .arg(&export_file)
-            .args(["--log-format", "json", "--node-name", "sim-node"])
-            .args(&defaults)
-            .args(extra_args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+        let dir = temp_dir();
+        let mut cmd = agent_command(&dir, "sim-node", extra_args, env);
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("could not start {}: {e}", agent_binary().display()));
+        Self::wait_ready(child, dir, None)
+    }
+
+    /// Starts the agent inside `node` as the DaemonSet's pod `pod_spec`
+    /// (e.g. `daemonset::kind_agent_pod_spec()`) runs it: its own pod
+    /// (netns and cgroup; the node's netns with `host_network`), the node's
+    /// pid, mount, UTS and cgroup namespaces, exactly the spec's capabilities
+    /// (drop ALL + add), no_new_privs unless privilege escalation is allowed,
+    /// a read-only root with its temp dir (export file, gRPC socket) writable,
+    /// RLIMIT_MEMLOCK infinity, `--node-name` the node's name. The spec's
+    /// hostPaths are the node's own paths and must exist inside the node.
+    /// The agent's own arguments are the harness's (JSON logs, export file,
+    /// metrics on 127.0.0.1:0 in its netns, gRPC on a socket in its temp
+    /// dir), then `extra_args`; `pod_spec.args` are not used.
+    pub fn start_in_node(
+        node: &SimNode,
+        pod_spec: &AgentPodSpec,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        check_node_pod_spec(node, pod_spec);
+        let dir = temp_dir();
+        let spec = PodSpec::new("flowaudit", format!("flowaudit-{:x}", rand_u64() as u16))
+            .service_account("flowaudit")
+            .label("app.kubernetes.io/name", "flowaudit");
+        let pod = if pod_spec.host_network {
+            node.add_host_network_pod(spec)
+        } else {
+            node.add_pod(spec)
+        }
+        .unwrap_or_else(|e| panic!("adding the agent's pod to node {}: {e}", node.name()));
+        let caps = if pod_spec.privileged {
+            None
+        } else if pod_spec.capabilities_drop_all {
+            Some(pod_spec.capabilities_add.clone())
+        } else {
+            let mut c: Vec<String> = RUNTIME_DEFAULT_CAPS.map(String::from).to_vec();
+            c.extend(pod_spec.capabilities_add.iter().cloned());
+            Some(c)
+        };
+        let opts = ExecOpts {
+            caps,
+            no_new_privs: !pod_spec.allow_privilege_escalation && !pod_spec.privileged,
+            ro_root: pod_spec.read_only_root,
+            rw: vec![dir.clone()],
+            memlock_unlimited: true,
+        };
+        let cmd = agent_command(&dir, node.name(), extra_args, env);
+        let child = pod.spawn_with(cmd, &opts).unwrap_or_else(|e| {
+            panic!(
+                "could not start {} in node {}: {e}",
+                agent_binary().display(),
+                node.name()
+            )
+        });
+        Self::wait_ready(child, dir, Some(pod))
+    }
+
+    fn wait_ready(mut child: Child, dir: PathBuf, pod: Option<Pod>) -> Self {
+        let export_file = dir.join("flows.jsonl");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -129,6 +189,7 @@ impl RunningAgent {
             early_logs: Vec::new(),
             metrics_addr: None,
             grpc_addrs: Vec::new(),
+            pod,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -184,9 +245,26 @@ impl RunningAgent {
             .expect("the agent did not log 'gRPC flow stream listening' before 'agent ready'")
     }
 
-    /// The agent's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("agent is running").id()
+    /// The agent's host pid (behind node-exec when it runs in a node).
+    pub fn host_pid(&self) -> u32 {
+        let id = self.child.as_ref().expect("agent is running").id();
+        match &self.pod {
+            None => id,
+            Some(_) => crate::simnode::real_process(id)
+                .unwrap_or_else(|e| panic!("finding the agent behind node-exec: {e}")),
+        }
+    }
+
+    /// The agent's pid in its pid namespace (the node's when in a node).
+    pub fn node_pid(&self) -> u32 {
+        let host = self.host_pid();
+        crate::simnode::node_pid_of(host)
+            .unwrap_or_else(|e| panic!("node pid of the agent (host pid {host}): {e}"))
+    }
+
+    /// The agent's pod, when it runs in a node.
+    pub fn pod(&self) -> Option<&Pod> {
+        self.pod.as_ref()
     }
 
     /// The kernel degradations the agent reports
@@ -247,8 +325,24 @@ impl RunningAgent {
     }
 
     /// GET `path` from the metrics server: (status code, body).
+    /// In a node, the request is made from inside the agent's network namespace.
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        http_get(self.metrics_addr(), path)
+        let addr = self.metrics_addr();
+        match &self.pod {
+            None => http_get(addr, path),
+            Some(pod) => {
+                let p = path.to_owned();
+                pod.run_in_netns(move || {
+                    std::panic::catch_unwind(|| http_get(addr, &p)).map_err(|e| {
+                        e.downcast_ref::<String>()
+                            .cloned()
+                            .unwrap_or_else(|| "GET panicked".into())
+                    })
+                })
+                .unwrap_or_else(|e| panic!("GET {path} inside pod {}: {e}", pod.name()))
+                .unwrap_or_else(|e| panic!("{e}"))
+            }
+        }
     }
 
     /// Stops the agent with SIGINT (it drains the kernel's ring buffer
@@ -307,6 +401,85 @@ impl Drop for RunningAgent {
             stop_child(&mut child, Duration::from_secs(10));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "flowaudit-test-{}-{}",
+        std::process::id(),
+        rand_u64()
+    ));
+    std::fs::create_dir_all(&dir).expect("create the agent's temp dir");
+    dir
+}
+
+/// `flowaudit agent` with the harness's defaults (see the module docs).
+fn agent_command(
+    dir: &Path,
+    node_name: &str,
+    extra_args: &[&str],
+    env: &[(&str, &str)],
+) -> Command {
+    let export_file = dir.join("flows.jsonl");
+    let has = |flag: &str| {
+        extra_args
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    let mut defaults: Vec<String> = Vec::new();
+    if !has("--metrics-addr") {
+        defaults.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+    }
+    if !has("--grpc-addr") {
+        defaults.extend([
+            "--grpc-addr".into(),
+            format!("unix://{}", dir.join("flowaudit.sock").display()),
+        ]);
+    }
+    let mut cmd = Command::new(agent_binary());
+    cmd.arg("agent")
+        .arg("--export-file")
+        .arg(&export_file)
+        .args(["--log-format", "json", "--node-name", node_name])
+        .args(&defaults)
+        .args(extra_args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The pod spec can be run here, and its hostPaths exist inside the node.
+fn check_node_pod_spec(node: &SimNode, spec: &AgentPodSpec) {
+    if let Some(uid) = spec.run_as_user.filter(|u| *u != 0) {
+        panic!(
+            "the agent's pod runs as uid {uid}: the simulated node runs containers as root only"
+        );
+    }
+    if !spec.host_pid {
+        panic!(
+            "the agent's pod has hostPID: false: the simulated node runs containers in the node's pid namespace only"
+        );
+    }
+    for m in &spec.host_paths {
+        if m.mount_path != m.host_path {
+            panic!(
+                "hostPath {} is mounted at {}: the simulated node only offers hostPaths at their node path",
+                m.host_path, m.mount_path
+            );
+        }
+        let inside = PathBuf::from(format!("/proc/{}/root", node.init_pid()))
+            .join(m.mount_path.trim_start_matches('/'));
+        if !inside.exists() {
+            panic!(
+                "the agent's hostPath {} (mounted at {}) does not exist inside node {}: create it on the node first (on kind, the SPIRE agent or the kernel provides it)",
+                m.host_path,
+                m.mount_path,
+                node.name()
+            );
+        }
     }
 }
 

@@ -156,27 +156,7 @@ impl Server {
 /// where test binaries live. Integration tests of this package can use
 /// `env!("CARGO_BIN_EXE_simpod")` instead.
 pub fn binary_path() -> Result<PathBuf, SimError> {
-    if let Some(p) = std::env::var_os("SIMPOD") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().map_err(|e| SimError::Io {
-        what: "find current executable".into(),
-        source: e,
-    })?;
-    let mut dir = exe.parent();
-    for _ in 0..2 {
-        let Some(d) = dir else { break };
-        let cand = d.join("simpod");
-        if cand.is_file() {
-            return Ok(cand);
-        }
-        dir = d.parent();
-    }
-    Err(SimError::Other(format!(
-        "simpod binary not found next to {} nor in its parent: build it \
-         (cargo build -p flowaudit-tests --bin simpod) or set SIMPOD=/path/to/simpod",
-        exe.display()
-    )))
+    crate::simnode::sibling_binary("simpod", "SIMPOD")
 }
 
 impl Pod {

@@ -122,7 +122,7 @@ fn check_connections(
     opts.count = 3;
     opts.send_bytes = 1000;
     let report = client.connect(&opts).expect("client");
-    let server_pid = srv.pid();
+    let server_pid = srv.process.host_pid();
     drop(srv);
     let report_agent = agent.stop();
     assert_eq!(report_agent.counter("kernel_events_lost"), 0);

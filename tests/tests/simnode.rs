@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use flowaudit_tests::simnode::{ExecOpts, PodProcess};
 use flowaudit_tests::simpod::{ConnResult, ConnectOpts, ServeOpts};
 use flowaudit_tests::{Pod, PodSpec, SimNode, cleanup_stale};
 
@@ -49,6 +50,12 @@ fn pod_to_pod_ipv4_and_ipv6_across_the_bridge() {
     let node = node(10);
     let client = pod(&node, "frontend");
     let server = pod(&node, "backend");
+    assert_pod_to_pod(&client, &server);
+}
+
+/// `client` reaches `server` over IPv4 and IPv6: 3 connections each, bytes
+/// both ways, from the client pod's own addresses (no NAT).
+fn assert_pod_to_pod(client: &Pod, server: &Pod) {
     let srv = server
         .serve(&ServeOpts {
             listen: vec![
@@ -175,7 +182,7 @@ fn spawned_process_is_in_the_pods_cgroup_and_netns() {
     let proc_ = p
         .spawn_guarded(cmd)
         .unwrap_or_else(|e| panic!("spawn sleep in pod: {e}"));
-    let pid = proc_.pid();
+    let pid = proc_.host_pid();
 
     let cg =
         std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read /proc/<pid>/cgroup");
@@ -187,13 +194,23 @@ fn spawned_process_is_in_the_pods_cgroup_and_netns() {
     assert_eq!(
         PathBuf::from(v2),
         want,
-        "process {pid} should be in the pod's container cgroup"
+        "process {pid} should be in the pod's container cgroup (seen from the host)"
     );
     let s = want.to_string_lossy();
-    let tail = format!("/kubepods/besteffort/pod{}/{}", p.uid(), p.container_id());
+    let tail = format!(
+        "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope",
+        p.uid().replace('-', "_"),
+        p.container_id()
+    );
     assert!(
         s.ends_with(&tail),
-        "cgroup {s} should end with the kubelet layout {tail}"
+        "cgroup {s} should end with kind's systemd-driver layout {tail}"
+    );
+    assert_eq!(p.node_cgroup_relative(), PathBuf::from(&tail));
+    assert_eq!(
+        flowaudit_tests::spire_double::pod_uid_from_cgroup(&cg).as_deref(),
+        Some(p.uid()),
+        "the SPIRE double finds the pod uid in {cg:?}"
     );
     assert_eq!(p.container_id().len(), 64);
     assert!(p.container_id().chars().all(|c| c.is_ascii_hexdigit()));
@@ -216,17 +233,353 @@ fn spawned_process_is_in_the_pods_cgroup_and_netns() {
     assert_ne!(ns, own, "the pod netns must not be the test's own");
 }
 
-/// Builds a node with a pod running `sleep`, returns what must vanish.
-fn populated(index: u8) -> (SimNode, Vec<String>, Vec<PathBuf>, std::process::Child) {
-    let node = node(index);
-    let p = pod(&node, "victim");
+/// Waits until host pid `pid` has exec'd `comm` (node-exec forks first).
+fn wait_for_comm(pid: u32, comm: &str) {
+    let t0 = Instant::now();
+    loop {
+        let got = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if got.trim() == comm {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "process {pid} should have become {comm}, is {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn sleeper(p: &Pod) -> PodProcess {
     let mut cmd = Command::new("sleep");
     cmd.arg("60");
-    let child = p.spawn(cmd).unwrap_or_else(|e| panic!("spawn sleep: {e}"));
-    let netns = vec![node.netns().to_string(), p.netns().to_string()];
+    let proc_ = p
+        .spawn_guarded(cmd)
+        .unwrap_or_else(|e| panic!("spawn sleep in pod {}: {e}", p.name()));
+    wait_for_comm(proc_.host_pid(), "sleep");
+    proc_
+}
+
+fn stdout_of(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sh(script: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.args(["-c", script]);
+    c
+}
+
+#[test]
+fn pod_process_node_pid_is_what_ps_in_the_node_shows() {
+    let node = node(20);
+    let p = pod(&node, "frontend");
+    let proc_ = sleeper(&p);
+    let (host, inside) = (proc_.host_pid(), proc_.node_pid());
+    assert_ne!(host, inside, "node pid and host pid should differ");
+    assert_ne!(proc_.node_exec_pid(), host, "the handle is node-exec's");
+    let ps = node
+        .ps_output()
+        .unwrap_or_else(|e| panic!("ps in node: {e}"));
+    let rows: Vec<(u32, String)> = ps
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (pid, comm) = l.trim().split_once(char::is_whitespace)?;
+            Some((pid.parse().ok()?, comm.trim().to_string()))
+        })
+        .collect();
+    assert!(
+        rows.contains(&(inside, "sleep".to_string())),
+        "ps inside the node should show sleep as pid {inside} (host pid {host}):\n{ps}"
+    );
+    assert!(
+        !rows.iter().any(|(pid, c)| *pid == host && c == "sleep"),
+        "ps inside the node shows the host pid {host}:\n{ps}"
+    );
+    let from_proc = node.ps().unwrap_or_else(|e| panic!("node ps: {e}"));
+    assert!(
+        from_proc.contains(&(inside, "sleep".to_string())),
+        "the node's /proc should show sleep as {inside}: {from_proc:?}"
+    );
+}
+
+#[test]
+fn the_nodes_proc_shows_only_the_nodes_processes() {
+    let node = node(21);
+    let p = pod(&node, "frontend");
+    let _a = sleeper(&p);
+    let procs = node.ps().unwrap_or_else(|e| panic!("node ps: {e}"));
+    assert_eq!(
+        procs.first().map(|(pid, _)| *pid),
+        Some(1),
+        "the node's init is pid 1: {procs:?}"
+    );
+    let comms: Vec<&str> = procs.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(
+        comms,
+        ["node-exec", "sleep"],
+        "only the init and the pod's sleep live in the node: {procs:?}"
+    );
+    let ps = node.ps_output().unwrap_or_else(|e| panic!("ps: {e}"));
+    let n = ps.lines().skip(1).count();
+    assert_eq!(n, 3, "ps in the node sees init, sleep and itself:\n{ps}");
+}
+
+#[test]
+fn the_nodes_cgroup_root_hostname_and_proc_are_its_own() {
+    let node = node(22);
+    let p = pod(&node, "frontend");
+    let out = p
+        .output(sh(
+            "cat /proc/self/cgroup; hostname; stat -fc %T /sys/fs/cgroup; ls /sys/fs/cgroup",
+        ))
+        .unwrap_or_else(|e| panic!("sh in pod: {e}"));
+    let text = stdout_of(out, "sh in pod");
+    // On a hybrid host the v1 hierarchies come first; the v2 line is "0::".
+    let mut lines = text.lines().skip_while(|l| !l.starts_with("0::"));
+    let want = format!("0::{}", p.node_cgroup_relative().display());
+    assert_eq!(
+        lines.next(),
+        Some(want.as_str()),
+        "/proc/self/cgroup inside the node:\n{text}"
+    );
+    assert!(
+        want.starts_with("0::/kubelet.slice/") && want.ends_with(".scope"),
+        "{want}"
+    );
+    assert_eq!(lines.next(), Some(node.name()), "hostname in the node");
+    assert_eq!(lines.next(), Some("cgroup2fs"), "/sys/fs/cgroup is cgroup2");
+    let entries: Vec<&str> = lines.collect();
+    for e in [
+        "kubelet.slice",
+        "init.scope",
+        "system.slice",
+        "cgroup.procs",
+    ] {
+        assert!(
+            entries.contains(&e),
+            "the node's /sys/fs/cgroup should be its own cgroup, with {e}: {entries:?}"
+        );
+    }
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    assert_ne!(
+        host_name.trim(),
+        node.name(),
+        "the host's hostname is untouched"
+    );
+    // A node process outside pods: system.slice.
+    let out = node
+        .exec_output(sh("cat /proc/self/cgroup"))
+        .unwrap_or_else(|e| panic!("exec in node: {e}"));
+    let text = stdout_of(out, "cat in node");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("0::/system.slice/sh-") && l.ends_with(".scope")),
+        "SimNode::exec runs in the node's system.slice: {text}"
+    );
+}
+
+fn status_field(pid: u32, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn node_exec_keeps_exactly_the_listed_capabilities_with_no_new_privs() {
+    let node = node(23);
+    let p = pod(&node, "agent");
+    let mut cmd = Command::new("sleep");
+    cmd.arg("60");
+    let opts = ExecOpts {
+        caps: Some(vec!["BPF".into(), "PERFMON".into(), "NET_ADMIN".into()]),
+        no_new_privs: true,
+        ..ExecOpts::default()
+    };
+    let proc_ = PodProcess::new(
+        p.spawn_with(cmd, &opts)
+            .unwrap_or_else(|e| panic!("spawn sleep with caps: {e}")),
+    );
+    let pid = proc_.host_pid();
+    wait_for_comm(pid, "sleep");
+    let want = format!("{:016x}", (1u64 << 39) | (1 << 38) | (1 << 12));
+    for f in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(
+            status_field(pid, f),
+            want,
+            "{f} of a BPF,PERFMON,NET_ADMIN process"
+        );
+    }
+    for f in ["CapInh", "CapAmb"] {
+        assert_eq!(status_field(pid, f), "0000000000000000", "{f}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // The default keeps every capability and allows privilege escalation.
+    let all = sleeper(&p);
+    let full = status_field(std::process::id(), "CapBnd");
+    assert_eq!(status_field(all.host_pid(), "CapEff"), full);
+    assert_eq!(status_field(all.host_pid(), "NoNewPrivs"), "0");
+}
+
+#[test]
+fn read_only_root_keeps_the_rw_dirs_writable() {
+    let node = node(24);
+    let p = pod(&node, "agent");
+    let rw = std::env::temp_dir().join(format!("fasim-rw-{}", std::process::id()));
+    std::fs::create_dir_all(&rw).expect("create rw dir");
+    let outside = PathBuf::from(format!("/var/tmp/fasim-ro-{}", std::process::id()));
+    let script = format!(
+        "touch {o} 2>&1 && echo wrote-root; touch {r}/ok && echo wrote-rw",
+        o = outside.display(),
+        r = rw.display()
+    );
+    let opts = ExecOpts {
+        ro_root: true,
+        rw: vec![rw.clone()],
+        ..ExecOpts::default()
+    };
+    let child = p
+        .spawn_with(
+            {
+                let mut c = sh(&script);
+                c.stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+                c
+            },
+            &opts,
+        )
+        .unwrap_or_else(|e| panic!("spawn sh with --ro-root: {e}"));
+    let out = child.wait_with_output().expect("wait for sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::remove_file(&outside);
+    let rw_ok = rw.join("ok").exists();
+    let _ = std::fs::remove_dir_all(&rw);
+    assert!(
+        text.contains("Read-only file system") && !text.contains("wrote-root"),
+        "writing below / should fail read-only: {text}"
+    );
+    assert!(
+        text.contains("wrote-rw") && rw_ok,
+        "the rw dir stays writable: {text}"
+    );
+    // The node's own root stays writable.
+    let out = p
+        .output(sh(&format!("touch {o} && rm {o}", o = outside.display())))
+        .unwrap_or_else(|e| panic!("sh in pod: {e}"));
+    stdout_of(out, "a write below / without --ro-root");
+}
+
+#[test]
+fn cross_node_pod_to_pod_ipv4_and_ipv6() {
+    let fwd = || {
+        (
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default(),
+            std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").unwrap_or_default(),
+        )
+    };
+    let host_fwd = fwd();
+    let a = node(25);
+    let b = node(26);
+    a.link(&b)
+        .unwrap_or_else(|e| panic!("linking nodes 25 and 26: {e}"));
+    assert_eq!(fwd(), host_fwd, "forwarding on the host must not change");
+    let client = pod(&a, "frontend");
+    let server = pod(&b, "backend");
+    assert_pod_to_pod(&client, &server);
+    // Nothing routes to the host: the host has no route into the pod subnets.
+    let routes = Command::new("ip")
+        .args(["route", "get", &server.ip4().to_string()])
+        .output()
+        .expect("ip route get");
+    let r = String::from_utf8_lossy(&routes.stdout);
+    assert!(
+        !r.contains("fx") && !r.contains("fa"),
+        "the host must not route into the simulated nodes: {r}"
+    );
+}
+
+#[test]
+fn signals_to_node_exec_reach_the_command() {
+    use std::os::unix::process::ExitStatusExt;
+    let node = node(27);
+    let p = pod(&node, "frontend");
+    // Killed by the forwarded SIGTERM: node-exec dies of SIGTERM too.
+    let proc_ = sleeper(&p);
+    let host = proc_.host_pid();
+    let mut child = proc_.into_child();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().expect("wait for node-exec");
+    assert_eq!(st.signal(), Some(libc::SIGTERM), "node-exec's status: {st}");
+    assert!(!running(host), "sleep {host} should be gone");
+    // A command that handles the signal: its exit code comes through.
+    let mut cmd = sh("trap 'exit 7' USR1; echo ready; while :; do sleep 0.05; done");
+    cmd.stdout(std::process::Stdio::piped());
+    let mut child = p.spawn(cmd).unwrap_or_else(|e| panic!("spawn sh: {e}"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read ready");
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let st = child.wait().expect("wait for node-exec");
+    assert_eq!(
+        st.code(),
+        Some(7),
+        "node-exec exits with the command's code: {st}"
+    );
+}
+
+/// What a node leaves behind if teardown fails.
+struct Leftovers {
+    netns: Vec<String>,
+    cgroups: Vec<PathBuf>,
+    /// Host pids: the node's init, the pod's command, a node process.
+    pids: Vec<u32>,
+    /// node-exec of the pod's command.
+    child: std::process::Child,
+}
+
+/// Builds a node linked to a second one, with a pod running `sleep` and a
+/// node process; returns the nodes and what must vanish with them.
+fn populated(index: u8) -> (SimNode, SimNode, Leftovers) {
+    let node = node(index);
+    let peer = self::node(index + 100);
+    node.link(&peer)
+        .unwrap_or_else(|e| panic!("link nodes {index} and {}: {e}", index + 100));
+    let p = pod(&node, "victim");
+    let proc_ = sleeper(&p);
+    let pod_pid = proc_.host_pid();
+    let child = proc_.into_child();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("60");
+    let node_proc = PodProcess::new(
+        node.exec(cmd)
+            .unwrap_or_else(|e| panic!("exec sleep in node: {e}")),
+    );
+    let node_pid = node_proc.host_pid();
+    // Left running on purpose: teardown must kill it.
+    std::mem::forget(node_proc);
+    let netns = vec![
+        node.netns().to_string(),
+        p.netns().to_string(),
+        peer.netns().to_string(),
+    ];
     let cgroups = vec![
         node.cgroup_root().to_path_buf(),
         p.cgroup_path().to_path_buf(),
+        peer.cgroup_root().to_path_buf(),
     ];
     for n in &netns {
         assert!(
@@ -241,49 +594,89 @@ fn populated(index: u8) -> (SimNode, Vec<String>, Vec<PathBuf>, std::process::Ch
             c.display()
         );
     }
-    (node, netns, cgroups, child)
+    let pids = vec![node.init_pid(), pod_pid, node_pid, peer.init_pid()];
+    for pid in &pids {
+        assert!(
+            running(*pid),
+            "process {pid} should run while the node lives"
+        );
+    }
+    (
+        node,
+        peer,
+        Leftovers {
+            netns,
+            cgroups,
+            pids,
+            child,
+        },
+    )
 }
 
-fn assert_gone(netns: &[String], cgroups: &[PathBuf], child: &mut std::process::Child) {
-    for n in netns {
+fn assert_gone(l: &mut Leftovers) {
+    for n in &l.netns {
         assert!(!netns_exists(n), "netns {n} should be gone after cleanup");
     }
-    for c in cgroups {
+    for c in &l.cgroups {
         assert!(
             !c.exists(),
             "cgroup {} should be gone after cleanup",
             c.display()
         );
     }
-    let st = child.try_wait().expect("try_wait on the pod's process");
+    let st = l.child.try_wait().expect("try_wait on the pod's node-exec");
     assert!(
-        st.is_some() && !running(child.id()),
-        "pod process {} should have been killed",
-        child.id()
+        st.is_some() && !running(l.child.id()),
+        "pod's node-exec {} should have been killed",
+        l.child.id()
+    );
+    for pid in &l.pids {
+        assert!(
+            !running(*pid),
+            "process {pid} of {:?} should have been killed: {:?}",
+            l.pids,
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .take(8)
+                .collect::<Vec<_>>()
+        );
+    }
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(
+        !links
+            .lines()
+            .any(|l| l.contains(" fx") || l.contains(" fa")),
+        "no simulated node's link may be left on the host: {links}"
     );
 }
 
 #[test]
 fn drop_removes_netns_cgroups_and_processes() {
-    let (node, netns, cgroups, mut child) = populated(14);
+    let (node, peer, mut left) = populated(14);
     drop(node);
-    assert_gone(&netns, &cgroups, &mut child);
+    drop(peer);
+    assert_gone(&mut left);
 }
 
 #[test]
 fn panic_inside_a_test_still_cleans_up() {
     let leftovers = std::sync::Mutex::new(None);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let (_node, netns, cgroups, child) = populated(15);
-        *leftovers.lock().unwrap() = Some((netns, cgroups, child));
+        let (_node, _peer, left) = populated(15);
+        *leftovers.lock().unwrap() = Some(left);
         panic!("deliberate panic while the node is alive");
     }));
     assert!(r.is_err(), "the closure should have panicked");
-    let (netns, cgroups, mut child) = leftovers
+    let mut left = leftovers
         .into_inner()
         .unwrap()
         .expect("closure recorded its resources");
-    assert_gone(&netns, &cgroups, &mut child);
+    assert_gone(&mut left);
 }
 
 #[test]

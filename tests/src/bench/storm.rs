@@ -481,7 +481,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
     }
     if let Some(Ok((p, _, _))) = &mut conntrack {
         // SAFETY: a signal to our own child (conntrack prints its count on SIGINT).
-        unsafe { libc::kill(p.pid() as i32, libc::SIGINT) };
+        unsafe { libc::kill(p.node_exec_pid() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = p.child_mut().try_wait() {

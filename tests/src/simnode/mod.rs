@@ -1,17 +1,28 @@
-//! A simulated Kubernetes node for root-only tests. A [`SimNode`] is a
-//! private "node" network namespace holding a Linux bridge (`br0`) with the
-//! node's IPv4/IPv6 addresses; each [`Pod`] is its own network namespace whose
-//! `eth0` is a veth into that bridge, plus its own cgroup v2 directory laid out
-//! the way the kubelet's cgroupfs driver does it
-//! (`<cgroup2>/<node prefix>/kubepods/besteffort/pod<uid>/<container id>`).
-//! Processes started with [`Pod::spawn`] run inside both, so the agent sees
-//! them exactly as it would see a container's. Nothing is routed: IP
-//! forwarding stays off and the node namespace has no uplink, so test traffic
-//! can never leave the machine. Dropping the node (also during a panic's
-//! unwind) kills the pods' processes and removes cgroups, links and namespaces;
-//! [`cleanup_stale`] removes what a killed earlier run left behind.
+//! A simulated Kubernetes node for root-only tests, built like a kind node
+//! (a container). A [`SimNode`] is a set of namespaces held by a node init
+//! process (pid 1 of the node's pid namespace, started by the `node-exec`
+//! binary): pid, mount, UTS (hostname = node name) and cgroup namespaces, plus
+//! a "node" network namespace holding a Linux bridge (`br0`) with the node's
+//! IPv4/IPv6 addresses. Inside the node, /proc shows only the node's
+//! processes and /sys/fs/cgroup is the node's own cgroup subtree
+//! (`<cgroup2>/fasim-<pid>-n<i>` on the host). Each [`Pod`] is its own
+//! network namespace whose `eth0` is a veth into that bridge (default route
+//! via the node), plus a cgroup laid out the way the kubelet's systemd
+//! driver does it on kind:
+//! `kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/
+//! kubelet-kubepods-besteffort-pod<uid_>.slice/cri-containerd-<id>.scope`.
+//! Processes started with [`Pod::spawn`] run in the node's namespaces and in
+//! the pod's netns and cgroup, exactly as a container's. Nodes are not
+//! connected unless [`SimNode::link`] joins two of them with a veth on a
+//! transit subnet; IP forwarding is then on in those node namespaces only
+//! (never on the host) and nothing routes to or from the host, so test
+//! traffic can never leave the namespaces the test created. Dropping the
+//! node (also during a panic's unwind) kills its init (and with it every
+//! process of the node) and the pods' processes, and removes cgroups, links
+//! and namespaces; [`cleanup_stale`] removes what a killed earlier run left.
 //!
-//! Addressing for node index `i` (0..=255), pod host numbers 2..=253:
+//! Addressing for node index `i` (0..=255, 250 is the transit subnet),
+//! pod host numbers 2..=253:
 //!
 //! | what       | IPv4            | IPv6                   |
 //! |------------|-----------------|------------------------|
@@ -19,23 +30,22 @@
 //! | node (br0) | 10.213.i.1      | fdfa:ca11:0:i::1       |
 //! | pod *h*    | 10.213.i.h      | fdfa:ca11:0:i::h (h in hex) |
 //! | silent     | 10.213.i.254    | fdfa:ca11:0:i::fe      |
+//! | transit    | 10.213.250.i/32 | fdfa:ca11:0:fa::i/128  |
 
 mod cgroup;
 mod cmd;
-mod netns;
+mod exec;
+pub(crate) mod netns;
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use cgroup::cgroup2_mount;
+pub use exec::{ExecOpts, node_exec_path, node_pid_of, real_process, sibling_binary};
 
 /// Every namespace and cgroup this module creates starts with this, followed
 /// by the owning process id: `fasim-<pid>-n<index>[-p<host>]`. [`cleanup_stale`]
@@ -130,6 +140,10 @@ impl PodSpec {
 #[derive(Debug)]
 pub struct SimNode {
     index: u8,
+    name: String,
+    /// node-exec holding the init (its parent); killed with the init.
+    init: Mutex<Option<Child>>,
+    init_pid: u32,
     netns: String,
     netns_inode: u64,
     ip4: Ipv4Addr,
@@ -154,6 +168,10 @@ pub struct Pod(Arc<PodInner>);
 #[derive(Debug)]
 struct PodInner {
     spec: PodSpec,
+    /// In the node's network namespace (no netns or veth of its own).
+    host_network: bool,
+    node_init_pid: u32,
+    node_cgroup_root: PathBuf,
     uid: String,
     container_id: String,
     ip4: Ipv4Addr,
@@ -175,12 +193,24 @@ fn ip6_of(index: u8, host: u8) -> Ipv6Addr {
     Ipv6Addr::new(0xfdfa, 0xca11, 0, index as u16, 0, 0, 0, host as u16)
 }
 
+/// The subnet (as a node index) that carries links between nodes.
+const TRANSIT: u8 = 250;
+
+/// kind's kubelet (systemd cgroup driver) below the node's cgroup.
+const KUBEPODS_BESTEFFORT: &str =
+    "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice";
+
 impl SimNode {
     /// Builds node `index`: its namespace, bridge and addresses, and its
     /// cgroup prefix. Runs [`cleanup_stale`] first. Fails with
     /// [`SimError::NotRoot`] when not root, [`SimError::IndexInUse`] when a
     /// live node (this or another process) already has this index.
     pub fn new(index: u8) -> Result<SimNode, SimError> {
+        SimNode::named(index, &format!("sim-node-{index}"))
+    }
+
+    /// Like [`SimNode::new`], with the node name (its hostname) given.
+    pub fn named(index: u8, name: &str) -> Result<SimNode, SimError> {
         cmd::preflight()?;
         cleanup_stale()?;
         let cgroup2 = cgroup2_mount()?;
@@ -199,6 +229,9 @@ impl SimNode {
         // From here on, a failure must undo what exists: let Drop do it.
         let mut node = SimNode {
             index,
+            name: name.to_string(),
+            init: Mutex::new(None),
+            init_pid: 0,
             netns: netns.clone(),
             netns_inode: 0,
             ip4: ip4_of(index, 1),
@@ -214,6 +247,13 @@ impl SimNode {
         node.netns_inode = netns::inode(&netns)?;
         let n = netns.as_str();
         cmd::ip(&["-n", n, "link", "set", "lo", "up"])?;
+        // No DAD on the node's links (bridge, transit veths): a router whose
+        // link-local address is still tentative sends no neighbour
+        // solicitation, so a forwarded packet would wait ~2 s.
+        netns::run_in(n, || {
+            netns::write_sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+            netns::write_sysctl("net.ipv6.conf.all.accept_dad", "0")
+        })?;
         // forward_delay 0 and no multicast snooping: ports forward at once and
         // IPv6 neighbour discovery is flooded, so a fresh pod is reachable
         // without waiting for MLD reports.
@@ -260,12 +300,29 @@ impl SimNode {
             netns::write_sysctl("net.ipv6.conf.all.forwarding", "0")
         })?;
         cgroup::create_all(&node.kubepods_besteffort())?;
+        cgroup::create_all(&node.cgroup_root.join("system.slice"))?;
+        let init_cg = node.cgroup_root.join("init.scope");
+        cgroup::create_all(&init_cg)?;
+        let (init, init_pid) =
+            exec::start_init(name, &node.cgroup_root, &init_cg, &netns::path(&node.netns))?;
+        *node.init.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(init);
+        node.init_pid = init_pid;
         Ok(node)
     }
 
     /// Adds a pod: namespace, veth (`eth0` inside, enslaved to the bridge on
     /// the node side), addresses, and the kubelet-style cgroup.
     pub fn add_pod(&self, spec: PodSpec) -> Result<Pod, SimError> {
+        self.add_pod_with(spec, false)
+    }
+
+    /// Adds a `hostNetwork: true` pod: its own cgroup, the node's network
+    /// namespace and addresses (no veth).
+    pub fn add_host_network_pod(&self, spec: PodSpec) -> Result<Pod, SimError> {
+        self.add_pod_with(spec, true)
+    }
+
+    fn add_pod_with(&self, spec: PodSpec, host_network: bool) -> Result<Pod, SimError> {
         let host = {
             let mut st = self.lock();
             if st.torn_down {
@@ -274,30 +331,43 @@ impl SimNode {
                     self.index
                 )));
             }
-            if st.next_host > LAST_POD_HOST {
+            if host_network {
+                1
+            } else if st.next_host > LAST_POD_HOST {
                 return Err(SimError::NodeFull { index: self.index });
+            } else {
+                st.next_host += 1;
+                st.next_host - 1
             }
-            st.next_host += 1;
-            st.next_host - 1
         };
         let uid = match &spec.uid {
             Some(u) => u.clone(),
             None => random_uuid()?,
         };
         let container_id = random_hex(32)?;
-        let pod_cgroup = self.kubepods_besteffort().join(format!("pod{uid}"));
+        let pod_cgroup = self.kubepods_besteffort().join(format!(
+            "kubelet-kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
         let mut parts = PodInner {
+            host_network,
+            node_init_pid: self.init_pid,
+            node_cgroup_root: self.cgroup_root.clone(),
             uid: uid.clone(),
             spec: PodSpec {
                 uid: Some(uid),
                 ..spec
             },
-            cgroup: pod_cgroup.join(&container_id),
+            cgroup: pod_cgroup.join(format!("cri-containerd-{container_id}.scope")),
             pod_cgroup,
             container_id,
             ip4: ip4_of(self.index, host),
             ip6: ip6_of(self.index, host),
-            netns: format!("{}-p{host}", self.netns),
+            netns: if host_network {
+                self.netns.clone()
+            } else {
+                format!("{}-p{host}", self.netns)
+            },
             netns_inode: 0,
             node_netns: self.netns.clone(),
             host_veth: format!("fa{}v{host}", self.index),
@@ -314,6 +384,12 @@ impl SimNode {
     }
 
     fn build_pod(&self, p: &mut PodInner) -> Result<(), SimError> {
+        cgroup::create_all(&p.cgroup)?;
+        p.cgroup_id = cgroup::id(&p.cgroup)?;
+        if p.host_network {
+            p.netns_inode = self.netns_inode;
+            return Ok(());
+        }
         netns::add(&p.netns)?;
         p.netns_inode = netns::inode(&p.netns)?;
         let (n, pn) = (self.netns.as_str(), p.netns.as_str());
@@ -355,8 +431,27 @@ impl SimNode {
             "nodad",
         ])?;
         cmd::ip(&["-n", pn, "link", "set", "eth0", "up"])?;
-        cgroup::create_all(&p.cgroup)?;
-        p.cgroup_id = cgroup::id(&p.cgroup)?;
+        // Off-subnet traffic goes to the node, which routes it to a linked
+        // node (SimNode::link) or drops it.
+        cmd::ip(&[
+            "-n",
+            pn,
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.ip4.to_string(),
+        ])?;
+        cmd::ip(&[
+            "-n",
+            pn,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.ip6.to_string(),
+        ])?;
         Ok(())
     }
 
@@ -381,6 +476,21 @@ impl SimNode {
             st.torn_down = true;
             std::mem::take(&mut st.pods)
         };
+        // Killing the init kills every process in the node's pid namespace;
+        // their parents (node-exec, alive until then) reap them, and the
+        // init's parent reaps the init once all are gone.
+        if self.init_pid != 0 {
+            // SAFETY: SIGKILL to the node's init, which this node started.
+            unsafe { libc::kill(self.init_pid as i32, libc::SIGKILL) };
+        }
+        if let Some(mut init) = self.init.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let deadline = std::time::Instant::now() + TEARDOWN_TIMEOUT;
+            while matches!(init.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = init.kill();
+            let _ = init.wait();
+        }
         let mut first_err = None;
         for p in &pods {
             if let Err(e) = teardown_pod(&p.0) {
@@ -408,7 +518,7 @@ impl SimNode {
     }
 
     fn kubepods_besteffort(&self) -> PathBuf {
-        self.cgroup_root.join("kubepods").join("besteffort")
+        self.cgroup_root.join(KUBEPODS_BESTEFFORT)
     }
 
     /// The index this node was built with.
@@ -452,14 +562,187 @@ impl SimNode {
     pub fn cgroup2_mount(&self) -> &Path {
         &self.cgroup2
     }
-    /// The node's own cgroup prefix: `<cgroup2>/fasim-<pid>-n<index>`; the
-    /// kubelet tree (`kubepods/besteffort/...`) lies below it.
+    /// The node's own cgroup: `<cgroup2>/fasim-<pid>-n<index>` on the host,
+    /// the root of /sys/fs/cgroup inside the node; the kubelet tree
+    /// (`kubelet.slice/...`), `init.scope` and `system.slice` lie below it.
     pub fn cgroup_root(&self) -> &Path {
         &self.cgroup_root
     }
     /// Handles on every live pod, in creation order.
     pub fn pods(&self) -> Vec<Pod> {
         self.lock().pods.clone()
+    }
+    /// The node's name: its hostname, what `--node-name` should say.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Host pid of the node's init (pid 1 inside the node).
+    pub fn init_pid(&self) -> u32 {
+        self.init_pid
+    }
+
+    /// Runs `cmd` in the node but in no pod: the node's namespaces (network
+    /// included) and its own cgroup `<node>/system.slice/<program>-<n>.scope`,
+    /// like a systemd service on the node. The handle is node-exec's.
+    pub fn exec(&self, cmd: Command) -> Result<Child, SimError> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let prog = Path::new(cmd.get_program())
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let scope = self
+            .cgroup_root
+            .join("system.slice")
+            .join(format!("{prog}-{n}.scope"));
+        cgroup::create_all(&scope)?;
+        let what = format!("{prog:?} on node {}", self.name);
+        exec::spawn(
+            cmd,
+            self.init_pid,
+            None,
+            Some(&scope),
+            &ExecOpts::default(),
+            &what,
+        )
+    }
+
+    /// [`SimNode::exec`] to completion, output captured.
+    pub fn exec_output(&self, cmd: Command) -> Result<Output, SimError> {
+        let what = format!("{:?} on node {}", cmd.get_program(), self.name);
+        exec::output(self.exec(exec::piped(cmd))?, &what)
+    }
+
+    /// What the real `ps -eo pid,comm` prints inside the node.
+    pub fn ps_output(&self) -> Result<String, SimError> {
+        let mut cmd = Command::new("ps");
+        cmd.args(["-eo", "pid,comm"]);
+        let out = self.exec_output(cmd)?;
+        if !out.status.success() {
+            return Err(SimError::Other(format!(
+                "ps in node {} failed ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// (node pid, comm) of every process in the node, from the node's own
+    /// procfs (`/proc/<init>/root/proc`), sorted by pid.
+    pub fn ps(&self) -> Result<Vec<(u32, String)>, SimError> {
+        let proc_dir = PathBuf::from(format!("/proc/{}/root/proc", self.init_pid));
+        let rd = std::fs::read_dir(&proc_dir).map_err(|e| SimError::Io {
+            what: format!("list {}", proc_dir.display()),
+            source: e,
+        })?;
+        let mut out: Vec<(u32, String)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+                Some((pid, comm.trim_end().to_string()))
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Runs `f` on a thread inside the node's network namespace.
+    pub fn run_in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, SimError> {
+        netns::run_in(&self.netns, move || Ok(f()))
+    }
+
+    /// This node's address on the transit subnet (see [`SimNode::link`]).
+    pub fn transit_ip4(&self) -> Ipv4Addr {
+        ip4_of(TRANSIT, self.index)
+    }
+    /// IPv6 counterpart of [`SimNode::transit_ip4`].
+    pub fn transit_ip6(&self) -> Ipv6Addr {
+        ip6_of(TRANSIT, self.index)
+    }
+
+    /// Connects two nodes as a cluster network would: a veth `fx<other
+    /// index>` between the node namespaces, each end with its node's transit
+    /// address, a route to the other node's pod subnets via the other's
+    /// transit address, and IP forwarding on in both node namespaces (never
+    /// on the host). Nothing routes to or from the host. The link goes with
+    /// either node.
+    pub fn link(&self, other: &SimNode) -> Result<(), SimError> {
+        if self.index == other.index || self.index == TRANSIT || other.index == TRANSIT {
+            return Err(SimError::Other(format!(
+                "cannot link node {} with node {}: two distinct nodes, neither index {TRANSIT} \
+                 (its subnet carries the links)",
+                self.index, other.index
+            )));
+        }
+        let (a, b) = (self, other);
+        let (va, vb) = (format!("fx{}", b.index), format!("fx{}", a.index));
+        cmd::ip(&[
+            "-n", &a.netns, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
+            &b.netns,
+        ])?;
+        for (me, peer, dev) in [(a, b, &va), (b, a, &vb)] {
+            let n = me.netns.as_str();
+            let (my4, my6) = (me.transit_ip4(), me.transit_ip6());
+            let (peer4, peer6) = (peer.transit_ip4(), peer.transit_ip6());
+            cmd::ip(&["-n", n, "addr", "add", &format!("{my4}/32"), "dev", dev])?;
+            cmd::ip(&[
+                "-n",
+                n,
+                "-6",
+                "addr",
+                "add",
+                &format!("{my6}/128"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+            cmd::ip(&["-n", n, "link", "set", dev, "up"])?;
+            cmd::ip(&["-n", n, "route", "add", &format!("{peer4}/32"), "dev", dev])?;
+            cmd::ip(&[
+                "-n",
+                n,
+                "-6",
+                "route",
+                "add",
+                &format!("{peer6}/128"),
+                "dev",
+                dev,
+            ])?;
+            cmd::ip(&[
+                "-n",
+                n,
+                "route",
+                "add",
+                &peer.subnet4(),
+                "via",
+                &peer4.to_string(),
+                "dev",
+                dev,
+            ])?;
+            cmd::ip(&[
+                "-n",
+                n,
+                "-6",
+                "route",
+                "add",
+                &peer.subnet6(),
+                "via",
+                &peer6.to_string(),
+                "dev",
+                dev,
+            ])?;
+            netns::run_in(n, || {
+                netns::write_sysctl("net.ipv4.ip_forward", "1")?;
+                netns::write_sysctl("net.ipv6.conf.all.forwarding", "1")
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -485,6 +768,9 @@ fn teardown_pod(p: &PodInner) -> Result<(), SimError> {
     };
     note(cgroup::kill_all(&p.pod_cgroup, TEARDOWN_TIMEOUT));
     note(cgroup::remove_tree(&p.pod_cgroup, TEARDOWN_TIMEOUT));
+    if p.host_network {
+        return first_err.map_or(Ok(()), Err);
+    }
     // Deleting one end of a veth deletes both; the namespace going away would
     // too, but only once nothing holds it.
     if netns::path(&p.node_netns).exists() {
@@ -566,83 +852,100 @@ impl Pod {
         )
     }
 
-    /// Starts `cmd` inside the pod's network namespace and cgroup. The child
-    /// joins the cgroup before it execs, so nothing it does (not even its
-    /// first connect) is attributed elsewhere.
-    pub fn spawn(&self, mut cmd: Command) -> Result<Child, SimError> {
-        let ns = netns::open(&self.0.netns)?;
-        let ns_fd = ns.as_raw_fd();
-        let procs = self.0.cgroup.join("cgroup.procs");
-        let procs_c = CString::new(procs.as_os_str().as_bytes()).map_err(|_| {
-            SimError::Other(format!("cgroup path {} has a NUL byte", procs.display()))
-        })?;
-        // SAFETY: the closure runs between fork and exec and only makes raw
-        // syscalls (open/write/close/setns) on data prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs_c.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0" means the writing process itself.
-                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|e| SimError::Io {
-            what: format!(
-                "spawn {:?} in pod {}/{} (join cgroup {} and netns {})",
-                cmd.get_program(),
-                self.namespace(),
-                self.name(),
-                self.0.cgroup.display(),
-                self.0.netns
-            ),
-            source: e,
-        })?;
-        drop(ns);
-        Ok(child)
+    /// The path as `/proc/<pid>/cgroup` shows it inside the node (`0::<this>`):
+    /// relative to the node's cgroup, e.g.
+    /// `/kubelet.slice/.../cri-containerd-<id>.scope`.
+    pub fn node_cgroup_relative(&self) -> PathBuf {
+        self.cgroup_relative(&self.0.node_cgroup_root)
+    }
+    /// Whether the pod uses the node's network namespace.
+    pub fn host_network(&self) -> bool {
+        self.0.host_network
+    }
+    /// Runs `f` on a thread inside the pod's network namespace.
+    pub fn run_in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, SimError> {
+        netns::run_in(&self.0.netns, move || Ok(f()))
+    }
+
+    /// Starts `cmd` as the pod's container: in the node's pid, mount, UTS and
+    /// cgroup namespaces, the pod's network namespace and cgroup, with every
+    /// capability. node-exec joins the cgroup and namespaces before it forks
+    /// the command, so nothing the command does (not even its first connect)
+    /// is attributed elsewhere. The returned handle is node-exec's (host
+    /// pid); it forwards signals and exits as the command does. `cmd` keeps
+    /// its stdio, environment and working directory.
+    pub fn spawn(&self, cmd: Command) -> Result<Child, SimError> {
+        self.spawn_with(cmd, &ExecOpts::default())
+    }
+
+    /// [`Pod::spawn`] with a container's security settings.
+    pub fn spawn_with(&self, cmd: Command, opts: &ExecOpts) -> Result<Child, SimError> {
+        let what = format!(
+            "{:?} in pod {}/{}",
+            cmd.get_program(),
+            self.namespace(),
+            self.name()
+        );
+        exec::spawn(
+            cmd,
+            self.0.node_init_pid,
+            Some(&netns::path(&self.0.netns)),
+            Some(&self.0.cgroup),
+            opts,
+            &what,
+        )
     }
 
     /// Like [`Pod::spawn`], but the process is killed and reaped when the
     /// returned guard drops.
     pub fn spawn_guarded(&self, cmd: Command) -> Result<PodProcess, SimError> {
-        self.spawn(cmd).map(|c| PodProcess { child: Some(c) })
+        self.spawn(cmd).map(PodProcess::new)
     }
 
     /// Runs `cmd` in the pod to completion and returns its output.
-    pub fn output(&self, mut cmd: Command) -> Result<Output, SimError> {
-        use std::process::Stdio;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let desc = format!("{:?}", cmd.get_program());
-        self.spawn(cmd)?
-            .wait_with_output()
-            .map_err(|e| SimError::Io {
-                what: format!("wait for {desc} in pod {}", self.name()),
-                source: e,
-            })
+    pub fn output(&self, cmd: Command) -> Result<Output, SimError> {
+        let what = format!("{:?} in pod {}", cmd.get_program(), self.name());
+        exec::output(self.spawn(exec::piped(cmd))?, &what)
     }
 }
 
-/// A process in a pod that is SIGKILLed and reaped when dropped.
+/// A process in a pod (or node) started through node-exec, SIGKILLed and
+/// reaped when dropped. The handle is node-exec's; [`PodProcess::host_pid`]
+/// and [`PodProcess::node_pid`] name the command's own process.
 #[derive(Debug)]
 pub struct PodProcess {
     child: Option<Child>,
+    real: std::sync::OnceLock<u32>,
 }
 
 impl PodProcess {
-    pub fn pid(&self) -> u32 {
+    /// Guards a node-exec child (from [`Pod::spawn`] or [`SimNode::exec`]).
+    pub fn new(child: Child) -> Self {
+        PodProcess {
+            child: Some(child),
+            real: std::sync::OnceLock::new(),
+        }
+    }
+    /// Host pid of node-exec, the parent the handle is on.
+    pub fn node_exec_pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
+    }
+    /// Host pid of the command (node-exec's child), as a host agent or host
+    /// tools see it. Waits for node-exec to fork; panics if it never does.
+    pub fn host_pid(&self) -> u32 {
+        *self.real.get_or_init(|| {
+            real_process(self.node_exec_pid())
+                .unwrap_or_else(|e| panic!("finding the pod process behind node-exec: {e}"))
+        })
+    }
+    /// The command's pid in the node's pid namespace: what `ps` on the node
+    /// shows (and what an agent on the node reports).
+    pub fn node_pid(&self) -> u32 {
+        let host = self.host_pid();
+        node_pid_of(host).unwrap_or_else(|e| panic!("node pid of host pid {host}: {e}"))
     }
     pub fn child_mut(&mut self) -> &mut Child {
         self.child
@@ -660,6 +963,7 @@ impl PodProcess {
 impl Drop for PodProcess {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // The command has node-exec's death signal (SIGKILL).
             let _ = c.kill();
             let _ = c.wait();
         }
