@@ -41,7 +41,8 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_load_bytes,
+            bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_seq_write,
+            bpf_skb_load_bytes,
         },
     },
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
@@ -49,8 +50,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use flowaudit_common::{
-    AF_INET6, DIR_IN, DIR_OUT, ERROR_UNREAD, EVENTS_RING_BYTES, FlowRecord, LISTENERS_MAX,
-    LOSS_PLACES, Listener, ListenerKey, LossPlace, OWNERS_MAX, Owner, PAYLOAD_BUDGET,
+    AF_INET, AF_INET6, DIR_IN, DIR_OUT, ERROR_UNREAD, EVENTS_RING_BYTES, FlowRecord, LISTENERS_MAX,
+    KernelOffsets, LOSS_PLACES, Listener, ListenerKey, ListenerSeen, LossPlace, OWNERS_MAX, Owner, PAYLOAD_BUDGET,
     PAYLOAD_CHUNK, PAYLOAD_IN_DONE, PAYLOAD_OUT_DONE, PAYLOAD_PEEK, PAYLOAD_TLS, PayloadHeader,
     PayloadRecord, PayloadState, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED,
     SOCKETS_MAX, SocketSide, SocketState, TLS_HANDSHAKE,
@@ -90,31 +91,64 @@ static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(OWNERS_MAX,
 static KERNEL_READS: u32 = 0;
 /// `sock_ops` may call `bpf_get_netns_cookie` (not before Linux 5.15);
 /// otherwise the namespace is named by its inode number, read from the
-/// socket through `OFF_SOCK_NET` and `OFF_NET_NS_INUM` (with
+/// socket through the `net_ok` offsets of `OFFSETS` (with
 /// `KERNEL_READS`). Unlike the cookie before 5.12, the inode always exists,
 /// and userspace can find it for a namespace in /proc.
 #[unsafe(no_mangle)]
 static SOCK_OPS_NETNS_COOKIE: u32 = 0;
 
-// Struct member offsets from the running kernel's BTF, set by the loader.
-// 0 means "not available": the read is skipped and the field stays 0.
+// Struct member offsets from the running kernel's BTF, set by the loader;
+// each group is used only when its `*_ok` flag is 1.
 #[unsafe(no_mangle)]
-static OFF_TASK_GROUP_LEADER: u32 = 0;
+static OFFSETS: KernelOffsets = KernelOffsets {
+    task_ok: 0,
+    task_group_leader: 0,
+    task_start_boottime: 0,
+    task_comm: 0,
+    task_tgid: 0,
+    pidns_ok: 0,
+    task_thread_pid: 0,
+    pid_level: 0,
+    pid_numbers: 0,
+    upid_size: 0,
+    upid_nr: 0,
+    upid_ns: 0,
+    pid_ns_inum: 0,
+    cgroup_ok: 0,
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    sock_ok: 0,
+    sock_err: 0,
+    sock_err_soft: 0,
+    sock_flags: 0,
+    net_ok: 0,
+    sock_net: 0,
+    net_ns_inum: 0,
+    file_sock_ok: 0,
+    file_inode: 0,
+    inode_mode: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    sock_family: 0,
+    sock_state: 0,
+    sock_num: 0,
+    sock_protocol: 0,
+    net_cookie: 0,
+};
+
+/// Inode number of the agent's pid namespace, 0 when it is the initial one.
+/// Pids are reported as that namespace numbers them: on a kind node the
+/// agent runs with the node's pid namespace (hostPID), and the node's `ps`,
+/// `/proc` and SPIRE agent all use the node's numbers, not the kernel's
+/// initial ones. A process outside that namespace gets pid 0 (unknown).
 #[unsafe(no_mangle)]
-static OFF_TASK_START_BOOTTIME: u32 = 0;
-#[unsafe(no_mangle)]
-static OFF_TASK_COMM: u32 = 0;
-#[unsafe(no_mangle)]
-static OFF_SOCK_ERR: u32 = 0;
-#[unsafe(no_mangle)]
-static OFF_SOCK_ERR_SOFT: u32 = 0;
-#[unsafe(no_mangle)]
-static OFF_SOCK_FLAGS: u32 = 0;
-/// `sock.__sk_common.skc_net.net` and `net.ns.inum`.
-#[unsafe(no_mangle)]
-static OFF_SOCK_NET: u32 = 0;
-#[unsafe(no_mangle)]
-static OFF_NET_NS_INUM: u32 = 0;
+static PIDNS_INUM: u32 = 0;
+
+/// Deepest pid namespace nesting looked through (the kernel allows 32; a
+/// kind node in a container on a host is level 1 or 2).
+const MAX_PIDNS_LEVEL: u32 = 8;
 
 const SOCK_STREAM: u32 = 1;
 
@@ -185,30 +219,79 @@ fn current_owner() -> Owner {
         // the task can be read.
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    let off_leader = global(&OFF_TASK_GROUP_LEADER);
-    if global(&KERNEL_READS) == 0 || off_leader == 0 {
+    if global(&KERNEL_READS) == 0 || global(&OFFSETS.task_ok) == 0 {
+        // The kernel's pid means nothing in another pid namespace.
+        if global(&PIDNS_INUM) != 0 {
+            owner.tgid = 0;
+        }
         return owner;
     }
-    unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let Ok(leader) = bpf_probe_read_kernel(task.add(off_leader as usize) as *const u64) else {
-            return owner;
-        };
-        let leader = leader as *const u8;
-        let off_start = global(&OFF_TASK_START_BOOTTIME);
-        if off_start != 0 {
-            if let Ok(t) = bpf_probe_read_kernel(leader.add(off_start as usize) as *const u64) {
-                owner.start_boottime_ns = t;
-            }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Ok(leader) = read::<u64>(task, global(&OFFSETS.task_group_leader)) else {
+        return owner;
+    };
+    leader_facts(leader as *const u8, &mut owner);
+    owner
+}
+
+/// Fills `owner` from the thread group leader `leader` (with
+/// `KERNEL_READS`): its start time and name, and its pid as the agent's pid
+/// namespace sees it.
+#[inline(always)]
+fn leader_facts(leader: *const u8, owner: &mut Owner) {
+    if let Ok(t) = read::<u64>(leader, global(&OFFSETS.task_start_boottime)) {
+        owner.start_boottime_ns = t;
+    }
+    if let Ok(c) = read::<[u8; 16]>(leader, global(&OFFSETS.task_comm)) {
+        owner.comm = c;
+    }
+    if global(&PIDNS_INUM) != 0 {
+        owner.tgid = pid_in_agent_ns(leader);
+    }
+}
+
+/// `*(T *)(base + off)` in kernel memory (with `KERNEL_READS`).
+#[inline(always)]
+fn read<T: Copy>(base: *const u8, off: u64) -> Result<T, i64> {
+    unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T) }.map_err(|e| e as i64)
+}
+
+/// The pid of `task` in the agent's pid namespace (`PIDNS_INUM`), found in
+/// the task's `struct pid` (`numbers[level]`, one per namespace it is
+/// visible in); 0 when it is not visible there or cannot be read.
+#[inline(always)]
+fn pid_in_agent_ns(task: *const u8) -> u32 {
+    let target = global(&PIDNS_INUM);
+    if global(&OFFSETS.pidns_ok) == 0 {
+        return 0;
+    }
+    let Ok(pid) = read::<u64>(task, global(&OFFSETS.task_thread_pid)) else {
+        return 0;
+    };
+    if pid == 0 {
+        return 0;
+    }
+    let pid = pid as *const u8;
+    let Ok(level) = read::<u32>(pid, global(&OFFSETS.pid_level)) else {
+        return 0;
+    };
+    let (numbers, size) = (global(&OFFSETS.pid_numbers), global(&OFFSETS.upid_size));
+    for i in 0..=MAX_PIDNS_LEVEL {
+        if i > level {
+            break;
         }
-        let off_comm = global(&OFF_TASK_COMM);
-        if off_comm != 0 {
-            if let Ok(c) = bpf_probe_read_kernel(leader.add(off_comm as usize) as *const [u8; 16]) {
-                owner.comm = c;
-            }
+        let upid = numbers + u64::from(i) * size;
+        let Ok(ns) = read::<u64>(pid, upid + global(&OFFSETS.upid_ns)) else {
+            return 0;
+        };
+        if ns == 0 {
+            continue;
+        }
+        if read::<u32>(ns as *const u8, global(&OFFSETS.pid_ns_inum)) == Ok(target as u32) {
+            return read::<i32>(pid, upid + global(&OFFSETS.upid_nr)).map_or(0, |nr| nr as u32);
         }
     }
-    owner
+    0
 }
 
 /// Remembers the caller as the owner of a TCP socket it connects or binds.
@@ -284,22 +367,17 @@ fn netns_cookie(ctx: &SockOpsContext) -> u64 {
     if global(&SOCK_OPS_NETNS_COOKIE) != 0 {
         return unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     }
-    let (off_net, off_inum) = (global(&OFF_SOCK_NET), global(&OFF_NET_NS_INUM));
-    if global(&KERNEL_READS) == 0 || off_net == 0 || off_inum == 0 {
+    if global(&KERNEL_READS) == 0 || global(&OFFSETS.net_ok) == 0 {
         return 0;
     }
     let Some(sk) = kernel_sock(ctx.ops) else {
         return 0;
     };
-    unsafe {
-        let Ok(net) = bpf_probe_read_kernel(sk.add(off_net as usize) as *const u64) else {
-            return 0;
-        };
-        if net == 0 {
-            return 0;
+    match read::<u64>(sk, global(&OFFSETS.sock_net)) {
+        Ok(net) if net != 0 => {
+            read::<u32>(net as *const u8, global(&OFFSETS.net_ns_inum)).map_or(0, u64::from)
         }
-        bpf_probe_read_kernel((net as *const u8).add(off_inum as usize) as *const u32)
-            .map_or(0, u64::from)
+        _ => 0,
     }
 }
 
@@ -510,20 +588,13 @@ fn socket_facts(ops: *mut bpf_sock_ops) -> (u32, bool) {
     let Some(sk) = kernel_sock(ops) else {
         return (0, false);
     };
-    let mut fin_received = false;
-    let off_flags = global(&OFF_SOCK_FLAGS);
-    if off_flags != 0 {
-        if let Ok(flags) =
-            unsafe { bpf_probe_read_kernel(sk.add(off_flags as usize) as *const u64) }
-        {
-            fin_received = flags & (1 << SOCK_DONE) != 0;
-        }
+    if global(&OFFSETS.sock_ok) == 0 {
+        return (ERROR_UNREAD, false);
     }
-    for off in [global(&OFF_SOCK_ERR), global(&OFF_SOCK_ERR_SOFT)] {
-        if off == 0 {
-            continue;
-        }
-        if let Ok(e) = unsafe { bpf_probe_read_kernel(sk.add(off as usize) as *const i32) } {
+    let fin_received = read::<u64>(sk, global(&OFFSETS.sock_flags))
+        .is_ok_and(|flags| flags & (1 << SOCK_DONE) != 0);
+    for off in [global(&OFFSETS.sock_err), global(&OFFSETS.sock_err_soft)] {
+        if let Ok(e) = read::<i32>(sk, off) {
             if e > 0 {
                 return (e as u32, fin_received);
             }
@@ -813,6 +884,150 @@ fn emit_bytes<const N: usize>(
         entry.discard(0);
     }
     ok
+}
+
+// ---- Listeners that predate the agent -------------------------------------
+//
+// A BPF iterator over every open file of every task in the agent's pid
+// namespace (`iter/task_file`, Linux 5.8+). For each TCP socket in LISTEN it
+// writes a `ListenerSeen` (namespace, port, owner) to the iterator's
+// seq_file; the loader reads them once at start-up and fills `LISTENERS`.
+// Unlike a /proc scan it needs no setns (CAP_SYS_ADMIN) and no ptrace access
+// to other processes' fd tables: CAP_BPF and CAP_PERFMON suffice.
+
+/// `struct bpf_iter_meta` (include/linux/bpf.h); only `seq` is used.
+#[repr(C)]
+struct IterMeta {
+    seq: *mut core::ffi::c_void,
+    session_id: u64,
+    seq_num: u64,
+}
+
+/// `struct bpf_iter__task_file`: the program's context.
+#[repr(C)]
+struct IterTaskFile {
+    meta: *const IterMeta,
+    task: *const u8,
+    fd: u32,
+    _pad: u32,
+    file: *const u8,
+}
+
+const S_IFMT: u16 = 0o170_000;
+const S_IFSOCK: u16 = 0o140_000;
+const TCP_LISTEN: u8 = 10;
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn flowaudit_listeners(ctx: *mut core::ffi::c_void) -> i32 {
+    let ctx = ctx as *const IterTaskFile;
+    // Context loads stay plain loads: the verifier types them (a seq_file
+    // pointer for bpf_seq_write), which it would not do for probe reads.
+    let (meta, task, file) = unsafe {
+        (
+            read_volatile(addr_of!((*ctx).meta)),
+            read_volatile(addr_of!((*ctx).task)),
+            read_volatile(addr_of!((*ctx).file)),
+        )
+    };
+    if meta.is_null() || task.is_null() || file.is_null() {
+        return 0;
+    }
+    if global(&KERNEL_READS) == 0
+        || global(&OFFSETS.file_sock_ok) == 0
+        || global(&OFFSETS.net_ok) == 0
+        || global(&OFFSETS.task_ok) == 0
+    {
+        return 0;
+    }
+    let Some(seen) = listening_socket(file) else {
+        return 0;
+    };
+    let mut seen = seen;
+    let Ok(leader) = read::<u64>(task, global(&OFFSETS.task_group_leader)) else {
+        return 0;
+    };
+    let leader = leader as *const u8;
+    // The kernel's own tgid stands when the agent is in the initial pid
+    // namespace; `leader_facts` replaces it otherwise.
+    seen.owner.tgid = read::<i32>(leader, global(&OFFSETS.task_tgid)).map_or(0, |t| t as u32);
+    leader_facts(leader, &mut seen.owner);
+    seen.owner.cgroup_id = task_cgroup_id(leader);
+    let seq = unsafe { read_volatile(addr_of!((*meta).seq)) };
+    unsafe {
+        bpf_seq_write(
+            seq as *mut _,
+            addr_of!(seen) as *const _,
+            core::mem::size_of::<ListenerSeen>() as u32,
+        );
+    }
+    0
+}
+
+/// A TCP socket in LISTEN behind `file`, with its namespace and port.
+#[inline(always)]
+fn listening_socket(file: *const u8) -> Option<ListenerSeen> {
+    let inode = read::<u64>(file, global(&OFFSETS.file_inode)).ok()?;
+    if inode == 0 {
+        return None;
+    }
+    let mode = read::<u16>(inode as *const u8, global(&OFFSETS.inode_mode)).ok()?;
+    if mode & S_IFMT != S_IFSOCK {
+        return None;
+    }
+    let socket = read::<u64>(file, global(&OFFSETS.file_private_data)).ok()?;
+    if socket == 0 {
+        return None;
+    }
+    let sk = read::<u64>(socket as *const u8, global(&OFFSETS.socket_sk)).ok()?;
+    if sk == 0 {
+        return None;
+    }
+    let sk = sk as *const u8;
+    let family = read::<u16>(sk, global(&OFFSETS.sock_family)).ok()?;
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    if read::<u8>(sk, global(&OFFSETS.sock_state)).ok()? != TCP_LISTEN
+        || read::<u16>(sk, global(&OFFSETS.sock_protocol)).ok()? != IPPROTO_TCP as u16
+    {
+        return None;
+    }
+    let port = read::<u16>(sk, global(&OFFSETS.sock_num)).ok()?;
+    let net = read::<u64>(sk, global(&OFFSETS.sock_net)).ok()?;
+    if net == 0 {
+        return None;
+    }
+    let net = net as *const u8;
+    Some(ListenerSeen {
+        owner: Owner::default(),
+        netns_cookie: read::<u64>(net, global(&OFFSETS.net_cookie)).unwrap_or(0),
+        netns_inum: read::<u32>(net, global(&OFFSETS.net_ns_inum)).ok()?,
+        port,
+        family,
+    })
+}
+
+/// The cgroup v2 id of `task` (`task->cgroups->dfl_cgrp->kn->id`), 0 when
+/// it cannot be read.
+#[inline(always)]
+fn task_cgroup_id(task: *const u8) -> u64 {
+    if global(&OFFSETS.cgroup_ok) == 0 {
+        return 0;
+    }
+    let chain = [
+        global(&OFFSETS.task_cgroups),
+        global(&OFFSETS.css_set_dfl_cgrp),
+        global(&OFFSETS.cgroup_kn),
+    ];
+    let mut p = task;
+    for off in chain {
+        match read::<u64>(p, off) {
+            Ok(next) if next != 0 => p = next as *const u8,
+            _ => return 0,
+        }
+    }
+    read::<u64>(p, global(&OFFSETS.kernfs_node_id)).unwrap_or(0)
 }
 
 #[cfg(not(test))]

@@ -86,9 +86,79 @@ pub struct SocketState {
     pub _pad: [u8; 4],
 }
 
-/// Key of the `LISTENERS` map: a listening port in one network namespace.
+/// Struct member offsets from the running kernel's BTF, handed to the
+/// programs as one read-only global. An offset may legitimately be 0 (the
+/// first member), so each group has a flag: 1 when every offset in it was
+/// found, else the programs skip what needs it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct`: `group_leader`, `start_boottime`, `comm`, `tgid`.
+    pub task_ok: u32,
+    pub task_group_leader: u32,
+    pub task_start_boottime: u32,
+    pub task_comm: u32,
+    pub task_tgid: u32,
+    /// A task's pid as another pid namespace sees it:
+    /// `task_struct.thread_pid`, `pid.level`, `pid.numbers[]` (elements of
+    /// `upid_size` bytes: `upid.nr`, `upid.ns`), `pid_namespace.ns.inum`.
+    pub pidns_ok: u32,
+    pub task_thread_pid: u32,
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+    pub upid_nr: u32,
+    pub upid_ns: u32,
+    pub pid_ns_inum: u32,
+    /// A task's cgroup v2 id: `task_struct.cgroups`, `css_set.dfl_cgrp`,
+    /// `cgroup.kn`, `kernfs_node.id`.
+    pub cgroup_ok: u32,
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    /// `sock` error and flag fields (read through `bpf_sock_ops_kern.sk`).
+    pub sock_ok: u32,
+    pub sock_err: u32,
+    pub sock_err_soft: u32,
+    pub sock_flags: u32,
+    /// `sock.__sk_common.skc_net.net`, `net.ns.inum`.
+    pub net_ok: u32,
+    pub sock_net: u32,
+    pub net_ns_inum: u32,
+    /// A listening socket from an open file: `file.f_inode`,
+    /// `inode.i_mode`, `file.private_data` (the `struct socket`),
+    /// `socket.sk`, and in `sock`: family, state, local port, protocol;
+    /// `net.net_cookie`.
+    pub file_sock_ok: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub sock_family: u32,
+    pub sock_state: u32,
+    pub sock_num: u32,
+    pub sock_protocol: u32,
+    pub net_cookie: u32,
+}
+
+/// One listening TCP socket with its owner, as the listener iterator
+/// writes it (`bpf_seq_write`) for userspace to read from the iterator file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerSeen {
+    pub owner: Owner,
+    /// The namespace's cookie (`net.net_cookie`; 0 before it is assigned).
+    pub netns_cookie: u64,
+    /// The namespace's inode number (`net.ns.inum`).
+    pub netns_inum: u32,
+    pub port: u16,
+    pub family: u16,
+}
+
+/// Key of the `LISTENERS` map: a listening port in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
     pub netns_cookie: u64,
     pub port: u16,
@@ -311,16 +381,15 @@ pub mod names {
     /// Feature switches the loader probes (u32, 1 = on).
     pub const KERNEL_READS: &str = "KERNEL_READS";
     pub const SOCK_OPS_NETNS_COOKIE: &str = "SOCK_OPS_NETNS_COOKIE";
-    /// Byte offsets resolved from the running kernel's BTF at load time
-    /// (0 = unknown: the program then skips that read).
-    pub const OFF_TASK_GROUP_LEADER: &str = "OFF_TASK_GROUP_LEADER";
-    pub const OFF_TASK_START_BOOTTIME: &str = "OFF_TASK_START_BOOTTIME";
-    pub const OFF_TASK_COMM: &str = "OFF_TASK_COMM";
-    pub const OFF_SOCK_ERR: &str = "OFF_SOCK_ERR";
-    pub const OFF_SOCK_ERR_SOFT: &str = "OFF_SOCK_ERR_SOFT";
-    pub const OFF_SOCK_FLAGS: &str = "OFF_SOCK_FLAGS";
-    pub const OFF_SOCK_NET: &str = "OFF_SOCK_NET";
-    pub const OFF_NET_NS_INUM: &str = "OFF_NET_NS_INUM";
+    /// Struct member offsets resolved from the running kernel's BTF at load
+    /// time, one read-only global of type [`KernelOffsets`].
+    pub const OFFSETS: &str = "OFFSETS";
+    /// Inode number of the agent's pid namespace when it is not the initial
+    /// one (0 otherwise): owners' pids are reported as that namespace sees
+    /// them (the node's, on a kind node).
+    pub const PIDNS_INUM: &str = "PIDNS_INUM";
+    /// The BPF iterator that lists listening sockets with their owners.
+    pub const PROG_LISTENERS_ITER: &str = "flowaudit_listeners";
 }
 
 /// Sizes of the kernel-side maps.
@@ -337,6 +406,8 @@ mod user {
     unsafe impl aya::Pod for SocketState {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for Listener {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for ListenerSeen {}
     unsafe impl aya::Pod for FlowRecord {}
     unsafe impl aya::Pod for PayloadHeader {}
     unsafe impl aya::Pod for PayloadState {}
@@ -360,6 +431,7 @@ mod tests {
             24 + PAYLOAD_CHUNK
         );
         assert_eq!(core::mem::size_of::<Listener>(), 48);
+        assert_eq!(core::mem::size_of::<ListenerSeen>(), 56);
         assert_eq!(
             core::mem::size_of::<FlowRecord>(),
             8 + 2 + 2 + 4 + 16 + 16 + 8 + 8 + 40 + 8 * 5 + 4 + 4

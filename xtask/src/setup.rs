@@ -60,6 +60,11 @@ fn check_linux_prereqs() -> Result<()> {
             "this kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing); flowaudit needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
         );
     }
+    // The manifests are rendered with the real kustomize inside kubectl
+    // (deploy/validate.sh, tests/src/daemonset.rs); Debian packages no kubectl.
+    cmd_output(Command::new("kubectl").args(["version", "--client"])).context(
+        "kubectl (with its built-in kustomize) is needed: deploy/validate.sh and the node tests render the manifests with `kubectl kustomize`; install it from https://kubernetes.io/docs/tasks/tools/",
+    )?;
     Ok(())
 }
 

@@ -210,7 +210,6 @@ impl Btf {
     }
 
     /// Size in bytes of `struct name`.
-    #[cfg(test)]
     pub fn struct_size(&self, name: &str) -> Option<u32> {
         self.structs_by_name
             .get(name)
@@ -224,63 +223,118 @@ fn str_at(strings: &[u8], off: u32) -> Option<&str> {
     std::str::from_utf8(&rest[..end]).ok()
 }
 
-/// The offsets the kernel programs need, 0 where not found.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct KernelOffsets {
-    pub task_group_leader: u32,
-    pub task_start_boottime: u32,
-    pub task_comm: u32,
-    pub sock_err: u32,
-    pub sock_err_soft: u32,
-    pub sock_flags: u32,
-    /// `sock.__sk_common.skc_net.net` and `net.ns.inum`: the socket's
-    /// network namespace inode, which names the namespace on kernels whose
-    /// `sock_ops` lacks `bpf_get_netns_cookie`.
-    pub sock_net: u32,
-    pub net_ns_inum: u32,
+pub use flowaudit_common::KernelOffsets;
+
+/// Resolves the offsets of one group; a missing member is reported and the
+/// whole group left off (its flag 0), so the programs never read a wrong
+/// place.
+struct Group<'a> {
+    btf: &'a Btf,
+    errors: &'a mut Vec<BtfError>,
+    ok: bool,
 }
 
-impl KernelOffsets {
-    /// Resolves every offset; a missing one is reported and left 0 (the
-    /// program then leaves that field empty rather than read a wrong place).
-    pub fn resolve(btf: &Btf) -> (Self, Vec<BtfError>) {
-        let mut errors = Vec::new();
-        let mut get = |s: &str, m: &str| {
-            btf.member_offset(s, m).unwrap_or_else(|e| {
-                errors.push(e);
-                0
-            })
-        };
-        let offsets = Self {
-            task_group_leader: get("task_struct", "group_leader"),
-            task_start_boottime: get("task_struct", "start_boottime"),
-            task_comm: get("task_struct", "comm"),
-            sock_err: get("sock", "sk_err"),
-            sock_err_soft: get("sock", "sk_err_soft"),
-            // `sk_flags` is a macro for `__sk_common.skc_flags`.
-            sock_flags: get("sock", "__sk_common") + get("sock_common", "skc_flags"),
-            // `possible_net_t skc_net` holds the `struct net *` as its only member.
-            sock_net: get("sock", "__sk_common") + get("sock_common", "skc_net"),
-            net_ns_inum: get("net", "ns") + get("ns_common", "inum"),
-        };
-        let mut offsets = offsets;
-        // The program reads the socket through `bpf_sock_ops_kern.sk`, which
-        // it assumes is the first member (it has been since 4.13).
-        match btf.member_offset("bpf_sock_ops_kern", "sk") {
-            Ok(0) => {}
-            Ok(_) | Err(_) => {
-                errors.push(BtfError::NoMember(
-                    "bpf_sock_ops_kern".into(),
-                    "sk at offset 0".into(),
-                ));
-                offsets.sock_err = 0;
-                offsets.sock_err_soft = 0;
-                offsets.sock_flags = 0;
-                offsets.sock_net = 0;
+impl<'a> Group<'a> {
+    fn new(btf: &'a Btf, errors: &'a mut Vec<BtfError>) -> Self {
+        Self {
+            btf,
+            errors,
+            ok: true,
+        }
+    }
+
+    /// Offset of a member path: `["sock", "__sk_common"], ["sock_common", "skc_net"]`
+    /// adds both.
+    fn get(&mut self, path: &[(&str, &str)]) -> u32 {
+        let mut total = 0;
+        for (s, m) in path {
+            match self.btf.member_offset(s, m) {
+                Ok(o) => total += o,
+                Err(e) => {
+                    self.errors.push(e);
+                    self.ok = false;
+                }
             }
         }
-        (offsets, errors)
+        total
     }
+
+    fn size(&mut self, name: &str) -> u32 {
+        self.btf.struct_size(name).unwrap_or_else(|| {
+            self.errors.push(BtfError::NoStruct(name.to_owned()));
+            self.ok = false;
+            0
+        })
+    }
+
+    fn done(self) -> u32 {
+        u32::from(self.ok)
+    }
+}
+
+/// Resolves every offset group of [`KernelOffsets`]. The errors name what
+/// the running kernel's BTF lacks.
+pub fn resolve_offsets(btf: &Btf) -> (KernelOffsets, Vec<BtfError>) {
+    let mut errors = Vec::new();
+    let mut o = KernelOffsets::default();
+    let mut g = Group::new(btf, &mut errors);
+    o.task_group_leader = g.get(&[("task_struct", "group_leader")]);
+    o.task_start_boottime = g.get(&[("task_struct", "start_boottime")]);
+    o.task_comm = g.get(&[("task_struct", "comm")]);
+    o.task_tgid = g.get(&[("task_struct", "tgid")]);
+    o.task_ok = g.done();
+
+    let mut g = Group::new(btf, &mut errors);
+    o.task_thread_pid = g.get(&[("task_struct", "thread_pid")]);
+    o.pid_level = g.get(&[("pid", "level")]);
+    o.pid_numbers = g.get(&[("pid", "numbers")]);
+    o.upid_size = g.size("upid");
+    o.upid_nr = g.get(&[("upid", "nr")]);
+    o.upid_ns = g.get(&[("upid", "ns")]);
+    o.pid_ns_inum = g.get(&[("pid_namespace", "ns"), ("ns_common", "inum")]);
+    o.pidns_ok = g.done();
+
+    let mut g = Group::new(btf, &mut errors);
+    o.task_cgroups = g.get(&[("task_struct", "cgroups")]);
+    o.css_set_dfl_cgrp = g.get(&[("css_set", "dfl_cgrp")]);
+    o.cgroup_kn = g.get(&[("cgroup", "kn")]);
+    o.kernfs_node_id = g.get(&[("kernfs_node", "id")]);
+    o.cgroup_ok = g.done();
+
+    // The programs read the socket through `bpf_sock_ops_kern.sk`, which
+    // they assume is the first member (it has been since 4.13).
+    let sk_first = matches!(btf.member_offset("bpf_sock_ops_kern", "sk"), Ok(0));
+    if !sk_first {
+        errors.push(BtfError::NoMember(
+            "bpf_sock_ops_kern".into(),
+            "sk at offset 0".into(),
+        ));
+    }
+    let mut g = Group::new(btf, &mut errors);
+    o.sock_err = g.get(&[("sock", "sk_err")]);
+    o.sock_err_soft = g.get(&[("sock", "sk_err_soft")]);
+    // `sk_flags` is a macro for `__sk_common.skc_flags`.
+    o.sock_flags = g.get(&[("sock", "__sk_common"), ("sock_common", "skc_flags")]);
+    o.sock_ok = g.done() & u32::from(sk_first);
+
+    let mut g = Group::new(btf, &mut errors);
+    // `possible_net_t skc_net` holds the `struct net *` as its only member.
+    o.sock_net = g.get(&[("sock", "__sk_common"), ("sock_common", "skc_net")]);
+    o.net_ns_inum = g.get(&[("net", "ns"), ("ns_common", "inum")]);
+    o.net_ok = g.done() & u32::from(sk_first);
+
+    let mut g = Group::new(btf, &mut errors);
+    o.file_inode = g.get(&[("file", "f_inode")]);
+    o.inode_mode = g.get(&[("inode", "i_mode")]);
+    o.file_private_data = g.get(&[("file", "private_data")]);
+    o.socket_sk = g.get(&[("socket", "sk")]);
+    o.sock_family = g.get(&[("sock", "__sk_common"), ("sock_common", "skc_family")]);
+    o.sock_state = g.get(&[("sock", "__sk_common"), ("sock_common", "skc_state")]);
+    o.sock_num = g.get(&[("sock", "__sk_common"), ("sock_common", "skc_num")]);
+    o.sock_protocol = g.get(&[("sock", "sk_protocol")]);
+    o.net_cookie = g.get(&[("net", "net_cookie")]);
+    o.file_sock_ok = g.done();
+    (o, errors)
 }
 
 #[cfg(test)]
@@ -378,7 +432,7 @@ mod tests {
         let data =
             std::fs::read(Btf::SYS_FS_PATH).expect("this machine has /sys/kernel/btf/vmlinux");
         let btf = Btf::parse(&data).expect("the running kernel's BTF parses");
-        let (off, errors) = KernelOffsets::resolve(&btf);
+        let (off, errors) = resolve_offsets(&btf);
         assert!(errors.is_empty(), "{errors:?}");
         let task = btf.struct_size("task_struct").unwrap();
         let sock = btf.struct_size("sock").unwrap();
@@ -402,5 +456,19 @@ mod tests {
                 && off.sock_err_soft + 4 < sock
                 && off.sock_err_soft != off.sock_err
         );
+        let flags = [
+            off.task_ok,
+            off.pidns_ok,
+            off.cgroup_ok,
+            off.sock_ok,
+            off.net_ok,
+            off.file_sock_ok,
+        ];
+        assert_eq!(flags, [1; 6], "every offset group resolves here: {off:?}");
+        // struct upid { int nr; struct pid_namespace *ns; }
+        assert_eq!((off.upid_size, off.upid_nr, off.upid_ns), (16, 0, 8));
+        // umode_t i_mode is the first member of struct inode.
+        assert_eq!(off.inode_mode, 0);
+        assert!(off.sock_state != off.sock_family && off.sock_num != off.sock_family);
     }
 }

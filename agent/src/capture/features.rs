@@ -44,6 +44,21 @@ impl fmt::Display for Degradation {
 pub const KERNEL_READS: &str = "kernel_reads";
 pub const NETNS_COOKIE: &str = "netns_cookie";
 pub const LISTENER_SCAN: &str = "listener_scan";
+pub const PID_NAMESPACE: &str = "pid_namespace";
+
+/// The agent runs in a pid namespace of its own (a kind node's) and cannot
+/// translate the kernel's pids into it.
+pub fn pid_namespace_degradation(kernel_reads: bool, missing: &str) -> Degradation {
+    Degradation {
+        name: PID_NAMESPACE,
+        reason: if kernel_reads {
+            format!("the kernel's BTF lacks what pid translation reads: {missing}")
+        } else {
+            "the agent runs in a pid namespace of its own (a node's) and pids are translated by reading kernel memory, which is off (see kernel_reads)".into()
+        },
+        lost: "events carry no pid, and SPIRE is asked by the pod's selectors instead of by pid",
+    }
+}
 
 /// The start-up scan cannot key listeners that predate the agent.
 pub fn listener_scan_degradation(reason: String) -> Degradation {

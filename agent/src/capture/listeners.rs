@@ -1,17 +1,24 @@
 //! Listening sockets that existed before the agent attached. The kernel
 //! learns a listener's owner when listen() runs; servers that were already
 //! listening (every pod on a node where the agent restarts) would otherwise
-//! accept connections with no owner. At start-up this module finds them in
-//! /proc (per network namespace: `net/tcp{,6}`, then the process holding the
-//! socket inode), gets each namespace's cookie from SO_NETNS_COOKIE, and
-//! writes the owners into the kernel's `LISTENERS` map.
+//! accept connections with no owner. At start-up this module finds them and
+//! the caller writes the owners into the kernel's `LISTENERS` map.
+//!
+//! The way that works with the DaemonSet's capabilities is the BPF iterator
+//! `flowaudit_listeners` (`iter/task_file`): it walks every open file of
+//! every process in the agent's pid namespace and reports the listening
+//! TCP sockets with their namespace and owner ([`from_iterator`]). Without
+//! kernel reads (a confidentiality lockdown) the fallback is /proc ([`scan`]:
+//! per network namespace `net/tcp{,6}`, then the process holding the socket
+//! inode, and each namespace's cookie from SO_NETNS_COOKIE), which needs
+//! CAP_SYS_ADMIN (setns) and ptrace access to other processes' fd tables.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use flowaudit_common::{AF_INET, AF_INET6, Listener, ListenerKey, Owner};
+use flowaudit_common::{AF_INET, AF_INET6, Listener, ListenerKey, ListenerSeen, Owner, names};
 
 /// A listening socket found in /proc.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,12 +130,41 @@ fn own_netns_cookie() -> std::io::Result<u64> {
     result
 }
 
-/// Why the start-up scan cannot name the namespaces of listeners on this
-/// kernel, if it cannot (no `SO_NETNS_COOKIE` before Linux 5.14).
-pub fn scan_unavailable() -> Option<String> {
-    own_netns_cookie().err().map(|e| {
-        format!("getsockopt(SO_NETNS_COOKIE) fails on this kernel ({e}); it came in Linux 5.14")
-    })
+/// Why the /proc scan cannot see every listener here, if it cannot: it
+/// joins each namespace (CAP_SYS_ADMIN) to read its cookie
+/// (`SO_NETNS_COOKIE`, Linux 5.14+), and reads other processes' fd tables
+/// (CAP_SYS_PTRACE).
+pub fn proc_scan_unavailable(key: NetnsKey) -> Option<String> {
+    let caps = effective_capabilities();
+    let mut lacks = Vec::new();
+    if caps & (1 << CAP_SYS_PTRACE) == 0 {
+        lacks.push("needs CAP_SYS_PTRACE to read other processes' /proc/<pid>/fd".to_string());
+    }
+    if key == NetnsKey::Cookie {
+        if caps & (1 << CAP_SYS_ADMIN) == 0 {
+            lacks.push("needs CAP_SYS_ADMIN to join each network namespace".to_string());
+        } else if let Err(e) = own_netns_cookie() {
+            lacks.push(format!(
+                "needs getsockopt(SO_NETNS_COOKIE), which fails on this kernel ({e}; it came in Linux 5.14)"
+            ));
+        }
+    }
+    (!lacks.is_empty()).then(|| lacks.join(", and "))
+}
+
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// This process's effective capability set (`CapEff` in /proc/self/status).
+fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
 }
 
 fn pids() -> Vec<u32> {
@@ -147,6 +183,100 @@ pub enum NetnsKey {
     Cookie,
     /// Its inode number (kernels whose `sock_ops` lacks the cookie helper).
     Inode,
+}
+
+/// Runs the listener iterator once and returns what it found, keyed the way
+/// the programs key `LISTENERS` (`key`). The program must be in `ebpf`,
+/// not yet loaded; it is loaded, run and unloaded here.
+pub fn from_iterator(
+    ebpf: &mut aya::Ebpf,
+    key: NetnsKey,
+    cgroup_root: &Path,
+) -> Result<Vec<(ListenerKey, Listener)>, String> {
+    use std::io::Read as _;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    let prog: &mut aya::programs::Iter = ebpf
+        .program_mut(names::PROG_LISTENERS_ITER)
+        .ok_or_else(|| format!("program {} missing", names::PROG_LISTENERS_ITER))?
+        .try_into()
+        .map_err(|e| format!("program {}: {e}", names::PROG_LISTENERS_ITER))?;
+    prog.load("task_file", &btf)
+        .map_err(|e| format!("loading the task_file iterator: {}", verifier_text(&e)))?;
+    let link = prog
+        .attach()
+        .map_err(|e| format!("attaching the task_file iterator: {e}"))?;
+    let link = prog
+        .take_link(link)
+        .map_err(|e| format!("task_file iterator link: {e}"))?;
+    let mut file = link
+        .into_file()
+        .map_err(|e| format!("opening the task_file iterator: {e}"))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the task_file iterator: {e}"))?;
+    let _ = prog.unload();
+    Ok(decode_seen(&bytes, key, cgroup_root))
+}
+
+fn verifier_text(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(4).collect();
+            format!(
+                "{io_error}; verifier: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Turns the iterator's records into `LISTENERS` entries. One socket may be
+/// held by several processes (a forked server): the first one seen wins,
+/// as in the /proc scan. A namespace the key cannot name (a cookie not yet
+/// assigned) gives no entry rather than a wrong one.
+pub fn decode_seen(
+    bytes: &[u8],
+    key: NetnsKey,
+    cgroup_root: &Path,
+) -> Vec<(ListenerKey, Listener)> {
+    let size = std::mem::size_of::<ListenerSeen>();
+    let mut seen_keys = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks_exact(size) {
+        // SAFETY: ListenerSeen is plain old data (#[repr(C)], every bit
+        // pattern valid) and the chunk holds exactly its size.
+        let s: ListenerSeen = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
+        let netns_cookie = match key {
+            NetnsKey::Cookie => s.netns_cookie,
+            NetnsKey::Inode => u64::from(s.netns_inum),
+        };
+        if netns_cookie == 0 {
+            continue;
+        }
+        let k = ListenerKey {
+            netns_cookie,
+            port: s.port,
+            family: s.family,
+            _pad: 0,
+        };
+        if !seen_keys.insert(k) {
+            continue;
+        }
+        let mut owner = s.owner;
+        if owner.cgroup_id == 0 && owner.tgid != 0 {
+            owner.cgroup_id = process_cgroup_id(owner.tgid, cgroup_root).unwrap_or(0);
+        }
+        out.push((
+            k,
+            Listener {
+                owner,
+                sock_cookie: 0,
+            },
+        ));
+    }
+    out
 }
 
 /// Finds every listening TCP socket on the node with its owning process.
@@ -249,6 +379,68 @@ mod tests {
         assert_eq!(parse_proc_net_tcp(text), vec![(8000, 12345)]);
         let v6 = "header\n   0: 00000000000000000000000000000000:1538 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0 100 0 0 10 0\n";
         assert_eq!(parse_proc_net_tcp(v6), vec![(5432, 777)]);
+    }
+
+    fn seen(netns_cookie: u64, netns_inum: u32, port: u16, tgid: u32) -> ListenerSeen {
+        ListenerSeen {
+            owner: Owner {
+                tgid,
+                cgroup_id: 77,
+                ..Owner::default()
+            },
+            netns_cookie,
+            netns_inum,
+            port,
+            family: AF_INET,
+        }
+    }
+
+    fn bytes(records: &[ListenerSeen]) -> Vec<u8> {
+        records
+            .iter()
+            .flat_map(|r| {
+                // SAFETY: ListenerSeen is #[repr(C)] plain old data.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        (r as *const ListenerSeen).cast::<u8>(),
+                        std::mem::size_of::<ListenerSeen>(),
+                    )
+                }
+                .to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn iterator_records_are_keyed_as_the_programs_key_listeners() {
+        let records = [
+            seen(4096, 4026531840, 8000, 12),
+            // The same socket held by a forked child: the first holder wins.
+            seen(4096, 4026531840, 8000, 13),
+            // A namespace whose cookie is not assigned yet (before 5.12).
+            seen(0, 4026532001, 5432, 14),
+        ];
+        let mut raw = bytes(&records);
+        // A torn trailing record is ignored, not misread.
+        raw.extend_from_slice(&[1, 2, 3]);
+        let root = Path::new("/nonexistent");
+        let by_cookie = decode_seen(&raw, NetnsKey::Cookie, root);
+        assert_eq!(by_cookie.len(), 1, "{by_cookie:?}");
+        assert_eq!(
+            (by_cookie[0].0.netns_cookie, by_cookie[0].0.port),
+            (4096, 8000)
+        );
+        assert_eq!(by_cookie[0].1.owner.tgid, 12);
+        assert_eq!(by_cookie[0].1.owner.cgroup_id, 77);
+        let by_inode = decode_seen(&raw, NetnsKey::Inode, root);
+        let keys: Vec<(u64, u16, u32)> = by_inode
+            .iter()
+            .map(|(k, v)| (k.netns_cookie, k.port, v.owner.tgid))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![(4026531840, 8000, 12), (4026532001, 5432, 14)]
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use self::btf::{Btf, KernelOffsets};
+
 use self::features::{Degradation, Features};
 use self::record::KernelRecord;
 
@@ -149,7 +150,7 @@ impl Capture {
             path: btf_path.to_path_buf(),
             source,
         })?;
-        let (offsets, missing) = KernelOffsets::resolve(&btf);
+        let (offsets, missing) = btf::resolve_offsets(&btf);
         for m in &missing {
             tracing::warn!(error = %m, "kernel struct offset not found; the field it feeds stays empty");
         }
@@ -165,12 +166,13 @@ impl Capture {
             })?;
 
         let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").ok();
+        let pidns_inum = agent_pid_namespace();
         let (mut features, mut reads_off) =
             features::initial(lockdown.as_deref().and_then(features::lockdown_mode));
         // Each failure the verifier explains with a helper this kernel lacks
         // turns that feature off; at most one retry per switch.
         let mut ebpf = loop {
-            match load(&offsets, features, ring_bytes) {
+            match load(&offsets, pidns_inum, features, ring_bytes) {
                 Ok(ebpf) => break ebpf,
                 Err(LoadFailure::Program { name, source }) => {
                     let text = source.to_string();
@@ -191,28 +193,40 @@ impl Capture {
             }
         };
         let mut degradations = features::degradations(features, reads_off.as_deref());
-        // The scan must name namespaces as the programs do.
+        if pidns_inum != 0 && !(features.kernel_reads && offsets.pidns_ok == 1) {
+            degradations.push(features::pid_namespace_degradation(
+                features.kernel_reads,
+                &missing_text(&missing),
+            ));
+        }
+        // The listener entries must name namespaces as the programs do.
         let netns_key = if features.sock_ops_netns_cookie {
             listeners::NetnsKey::Cookie
         } else {
             listeners::NetnsKey::Inode
         };
-        if netns_key == listeners::NetnsKey::Cookie
-            && let Some(why) = listeners::scan_unavailable()
-        {
-            degradations.push(features::listener_scan_degradation(why));
-        }
         attach(&mut ebpf, &cgroup)?;
 
         // Servers that were listening before we attached: find them now that
         // listen() calls from here on are seen by the program. NOEXIST: an
-        // entry the kernel just wrote is fresher than the /proc scan.
+        // entry the kernel just wrote is fresher than the scan.
         // Without any namespace name (the netns_cookie degradation) the
         // programs never look listeners up: nothing to register.
         let found = if features::netns_lost(features) {
             Vec::new()
         } else {
-            listeners::scan(&cgroup_root, netns_key)
+            match recover_listeners(&mut ebpf, features, &offsets, netns_key, &cgroup_root) {
+                Ok(found) => found,
+                Err(why) => {
+                    tracing::warn!(reason = %why, "the listener iterator could not run; scanning /proc instead");
+                    if let Some(lack) = listeners::proc_scan_unavailable(netns_key) {
+                        degradations.push(features::listener_scan_degradation(format!(
+                            "{why}; the /proc fallback {lack}"
+                        )));
+                    }
+                    listeners::scan(&cgroup_root, netns_key)
+                }
+            }
         };
         let mut map: aya::maps::HashMap<_, ListenerKey, Listener> = aya::maps::HashMap::try_from(
             ebpf.map_mut(names::MAP_LISTENERS)
@@ -317,6 +331,44 @@ impl Capture {
     }
 }
 
+/// Inode number of this process's pid namespace, 0 for the initial one
+/// (whose pids the kernel reports as they are).
+fn agent_pid_namespace() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    /// `PROC_PID_INIT_INO` (include/linux/proc_ns.h).
+    const INITIAL: u64 = 0xEFFF_FFFC;
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(m) if m.ino() != INITIAL => m.ino() as u32,
+        _ => 0,
+    }
+}
+
+fn missing_text(missing: &[btf::BtfError]) -> String {
+    missing
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Listeners that predate the agent, from the task_file iterator; the
+/// error says why it could not run (the caller falls back to /proc).
+fn recover_listeners(
+    ebpf: &mut Ebpf,
+    features: Features,
+    offsets: &KernelOffsets,
+    key: listeners::NetnsKey,
+    cgroup_root: &Path,
+) -> Result<Vec<(ListenerKey, Listener)>, String> {
+    if !features.kernel_reads {
+        return Err("the listener iterator reads kernel memory, which this kernel forbids (see kernel_reads)".into());
+    }
+    if offsets.file_sock_ok != 1 || offsets.task_ok != 1 || offsets.net_ok != 1 {
+        return Err("the kernel's BTF lacks struct members the listener iterator reads".into());
+    }
+    listeners::from_iterator(ebpf, key, cgroup_root)
+}
+
 enum LoadFailure {
     Program {
         name: &'static str,
@@ -335,7 +387,12 @@ const OWNER_PROGRAMS: [(&str, &str); 4] = [
 
 /// Loads the object and every program into the kernel with these switches
 /// (nothing attached yet, so a retry leaves no trace).
-fn load(offsets: &KernelOffsets, f: Features, ring_bytes: u32) -> Result<Ebpf, LoadFailure> {
+fn load(
+    offsets: &KernelOffsets,
+    pidns_inum: u32,
+    f: Features,
+    ring_bytes: u32,
+) -> Result<Ebpf, LoadFailure> {
     let kernel_reads = u32::from(f.kernel_reads);
     let netns_helper = u32::from(f.sock_ops_netns_cookie);
     let mut loader = EbpfLoader::new();
@@ -343,22 +400,8 @@ fn load(offsets: &KernelOffsets, f: Features, ring_bytes: u32) -> Result<Ebpf, L
         .map_max_entries(names::MAP_EVENTS, ring_bytes)
         .override_global(names::KERNEL_READS, &kernel_reads, true)
         .override_global(names::SOCK_OPS_NETNS_COOKIE, &netns_helper, true)
-        .override_global(
-            names::OFF_TASK_GROUP_LEADER,
-            &offsets.task_group_leader,
-            true,
-        )
-        .override_global(
-            names::OFF_TASK_START_BOOTTIME,
-            &offsets.task_start_boottime,
-            true,
-        )
-        .override_global(names::OFF_TASK_COMM, &offsets.task_comm, true)
-        .override_global(names::OFF_SOCK_ERR, &offsets.sock_err, true)
-        .override_global(names::OFF_SOCK_ERR_SOFT, &offsets.sock_err_soft, true)
-        .override_global(names::OFF_SOCK_FLAGS, &offsets.sock_flags, true)
-        .override_global(names::OFF_SOCK_NET, &offsets.sock_net, true)
-        .override_global(names::OFF_NET_NS_INUM, &offsets.net_ns_inum, true);
+        .override_global(names::OFFSETS, offsets, true)
+        .override_global(names::PIDNS_INUM, &pidns_inum, true);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| LoadFailure::Other(CaptureError::Load(e)))?;
@@ -463,13 +506,32 @@ async fn drain(
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so the
 /// ring buffer and socket map fit. Newer kernels ignore it.
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Ask for no limit
+/// (CAP_SYS_RESOURCE may raise the hard limit); without that capability,
+/// raise the soft limit to the hard one, which needs no privilege.
 fn raise_memlock() {
-    let rlim = libc::rlimit {
+    let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    // SAFETY: setrlimit/getrlimit read or fill a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        return;
+    }
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) } == 0 {
+        now.rlim_cur = now.rlim_max;
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &now) } != 0 {
+            tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+        } else {
+            tracing::debug!(
+                limit = now.rlim_max,
+                "RLIMIT_MEMLOCK raised to its hard limit; kernels >= 5.11 do not use it for BPF"
+            );
+        }
     }
 }
 
