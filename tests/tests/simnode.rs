@@ -795,3 +795,53 @@ fn burst_of_5000_connections_across_pods() {
     eprintln!("burst: 5100 connections from 3 pods in {took:?}");
     assert!(took < Duration::from_secs(60), "burst took {took:?}");
 }
+
+#[test]
+fn agent_runs_in_a_node_as_the_daemonset_does() {
+    let node = node(28);
+    let spec = flowaudit_tests::daemonset::kind_agent_pod_spec();
+    // On kind the SPIRE agent's DaemonSet creates this hostPath on the node.
+    let spire = std::path::Path::new("/run/spire/admin-sockets");
+    let created = !spire.exists();
+    if created {
+        std::fs::create_dir_all(spire).expect("create /run/spire/admin-sockets");
+    }
+    let agent = std::panic::catch_unwind(|| {
+        flowaudit_tests::agent::RunningAgent::start_in_node(&node, &spec, &[], &[])
+    });
+    if created {
+        let _ = std::fs::remove_dir(spire);
+        let _ = std::fs::remove_dir("/run/spire");
+    }
+    let agent = agent.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let (code, body) = agent.http_get("/healthz");
+    assert_eq!(
+        code, 200,
+        "GET /healthz from inside the agent's pod: {body}"
+    );
+    let host = agent.host_pid();
+    assert_ne!(
+        agent.node_pid(),
+        host,
+        "the agent runs in the node's pid namespace"
+    );
+    let want = format!(
+        "{:016x}",
+        spec.capability_numbers()
+            .iter()
+            .fold(0u64, |m, n| m | 1 << n)
+    );
+    for f in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(status_field(host, f), want, "the agent's {f}");
+    }
+    assert_eq!(status_field(host, "NoNewPrivs"), "1");
+    let report = agent.stop_with(libc::SIGTERM);
+    assert!(
+        report
+            .logs
+            .iter()
+            .any(|l| l.to_string().contains(node.name())),
+        "the agent names its node {}",
+        node.name()
+    );
+}

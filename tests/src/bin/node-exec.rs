@@ -294,8 +294,13 @@ fn setup_node(name: &str) -> Res<()> {
     mount(None, "/", None, libc::MS_REC | libc::MS_SLAVE)?;
     let hard = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), hard)?;
-    // Inside the cgroup namespace this shows the node's subtree as the root,
-    // at the path kind nodes have it.
+    // The host's cgroup mounts (here a hybrid tmpfs with v1 hierarchies and
+    // v2 at /sys/fs/cgroup/unified) go: a kind node has exactly one cgroup2
+    // mount, at /sys/fs/cgroup. Detached in this mount namespace only.
+    let target = CString::new("/sys/fs/cgroup").expect("no NUL");
+    // SAFETY: a valid path; EINVAL (not a mount point) is fine.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    // Inside the cgroup namespace this shows the node's subtree as the root.
     mount(Some("cgroup2"), "/sys/fs/cgroup", Some("cgroup2"), hard)?;
     // SAFETY: a valid buffer and length.
     check(
@@ -453,7 +458,17 @@ fn child_exec(
                 rlim_max: libc::RLIM_INFINITY,
             };
             if libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) != 0 {
-                return os_err("setrlimit RLIMIT_MEMLOCK infinity");
+                // Raising the hard limit needs CAP_SYS_RESOURCE, which some
+                // sandboxes withhold even from root: keep the hard limit.
+                let mut cur = std::mem::zeroed::<libc::rlimit>();
+                libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur);
+                eprintln!(
+                    "node-exec: {}; RLIMIT_MEMLOCK stays at {} bytes (kernels before 5.11 charge BPF maps to it)",
+                    os_err("setrlimit RLIMIT_MEMLOCK infinity"),
+                    cur.rlim_max
+                );
+                cur.rlim_cur = cur.rlim_max;
+                libc::setrlimit(libc::RLIMIT_MEMLOCK, &cur);
             }
         }
     }
