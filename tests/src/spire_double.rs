@@ -217,6 +217,16 @@ pub struct SpireDoubleConfig {
     /// false nobody; absent means by `authorized_delegates`.
     #[serde(default)]
     pub authorized: Option<bool>,
+    /// The procfs the attestors read, as a SPIRE agent in a node's pid
+    /// namespace (hostPID) reads its own `/proc`: `None` is this process's
+    /// `/proc` (the double runs inside the node, e.g. through node-exec);
+    /// `Some("/proc/<node init>/root/proc")` is the node's procfs seen from
+    /// outside, for a double serving from the test process. Then caller
+    /// pids (SO_PEERCRED gives them as this process's namespace numbers
+    /// them) are translated to the node's numbering first (the last
+    /// `NSpid` entry), as a reader inside the node would get them.
+    #[serde(default)]
+    pub proc_root: Option<PathBuf>,
 }
 
 fn default_td() -> String {
@@ -249,6 +259,7 @@ impl SpireDoubleConfig {
             entries: Vec::new(),
             authorized_delegates: Vec::new(),
             authorized: None,
+            proc_root: None,
         }
     }
 
@@ -306,6 +317,11 @@ impl SpireDoubleConfig {
     }
     pub fn version(mut self, v: &str) -> Self {
         self.version = v.into();
+        self
+    }
+    /// See [`SpireDoubleConfig::proc_root`].
+    pub fn proc_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.proc_root = Some(root.into());
         self
     }
     pub fn pod(mut self, uid: &str, namespace: &str, service_account: &str, name: &str) -> Self {
@@ -388,6 +404,8 @@ pub struct DoubleStats {
     pub active_svid_streams: usize,
     /// X.509 SVIDs issued so far.
     pub svids_issued: u64,
+    /// The pids SubscribeToX509SVIDs requests named, in order.
+    pub asked_pids: Vec<i32>,
 }
 
 #[derive(Clone, Debug)]
@@ -406,6 +424,10 @@ struct State {
     release: Release,
     poll_attempts: u32,
     poll_interval: Duration,
+    /// See [`SpireDoubleConfig::proc_root`].
+    proc_root: Option<PathBuf>,
+    /// Every pid a SubscribeToX509SVIDs request named, in order.
+    asked_pids: Vec<i32>,
     /// The last private keys issued (DER PKCS#8), newest last: tests look for
     /// them where they must never appear.
     recent_keys: Vec<Vec<u8>>,
@@ -673,6 +695,7 @@ impl SpireDouble {
             denied: self.shared.denied.load(Ordering::Relaxed),
             active_svid_streams: self.shared.active.load(Ordering::Relaxed),
             svids_issued: self.shared.issued.load(Ordering::Relaxed),
+            asked_pids: self.shared.state.lock().unwrap().asked_pids.clone(),
         }
     }
 
@@ -729,18 +752,46 @@ fn state_from(c: &SpireDoubleConfig) -> State {
         }),
         poll_attempts: c.k8s_poll_attempts.max(1),
         poll_interval: Duration::from_millis(c.k8s_poll_interval_ms),
+        proc_root: c.proc_root.clone(),
+        asked_pids: Vec::new(),
         recent_keys: Vec::new(),
     }
 }
 
 type SelectorSet = BTreeSet<(String, String)>;
 
+/// `<procfs>/<pid>/<file>` in the procfs the attestors read.
+fn proc_file(st: &State, pid: i32, file: &str) -> PathBuf {
+    st.proc_root
+        .as_deref()
+        .unwrap_or(Path::new("/proc"))
+        .join(pid.to_string())
+        .join(file)
+}
+
+/// A caller's pid as the attestors' pid namespace numbers it: unchanged
+/// for this process's own `/proc`, else the last `NSpid` entry (its pid in
+/// its innermost namespace: the node's, for a process in the node).
+fn caller_pid(st: &State, pid: i32) -> Option<i32> {
+    if st.proc_root.is_none() {
+        return Some(pid);
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
 /// SPIRE's unix + k8s workload attestors, on this host's /proc.
 fn attest(st: &State, pid: i32) -> Option<SelectorSet> {
     if pid <= 0 {
         return None;
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = std::fs::read_to_string(proc_file(st, pid, "status")).ok()?;
     let mut out = SelectorSet::new();
     for line in status.lines() {
         // "Uid:\treal\teffective\tsaved\tfs": the unix attestor uses the effective one.
@@ -752,7 +803,7 @@ fn attest(st: &State, pid: i32) -> Option<SelectorSet> {
             }
         }
     }
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let cgroup = std::fs::read_to_string(proc_file(st, pid, "cgroup")).unwrap_or_default();
     if let Some(uid) = pod_uid_from_cgroup(&cgroup)
         && let Some(pod) = st.pods.get(&uid)
     {
@@ -785,8 +836,8 @@ fn selectors_from_proto(sel: &[Selector]) -> Result<SelectorSet, String> {
 }
 
 /// The unix plugin: fails for a pid that is gone.
-fn unix_plugin(pid: i32) -> Result<SelectorSet, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+fn unix_plugin(st: &State, pid: i32) -> Result<SelectorSet, String> {
+    let status = std::fs::read_to_string(proc_file(st, pid, "status"))
         .map_err(|e| format!("failed to get process: {e}"))?;
     let mut out = SelectorSet::new();
     for line in status.lines() {
@@ -810,7 +861,7 @@ enum K8s {
 
 /// One try of the k8s plugin: cgroups -> pod UID -> the kubelet's pod.
 fn k8s_plugin(st: &State, pid: i32) -> K8s {
-    let cgroup = match std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+    let cgroup = match std::fs::read_to_string(proc_file(st, pid, "cgroup")) {
         Ok(c) => c,
         Err(e) => return K8s::Failed(format!("unable to obtain cgroups: {e}")),
     };
@@ -839,7 +890,7 @@ async fn attest_workload(shared: &Shared, pid: i32) -> Result<SelectorSet, Statu
         let st = shared.state.lock().unwrap();
         (st.release, st.poll_attempts, st.poll_interval)
     };
-    let unix = unix_plugin(pid);
+    let unix = unix_plugin(&shared.state.lock().unwrap(), pid);
     let mut k8s = Err("no selectors found after max poll attempts".to_owned());
     for attempt in 1..=attempts {
         let r = k8s_plugin(&shared.state.lock().unwrap(), pid);
@@ -914,7 +965,10 @@ impl Svc {
             Some(false) => return denied("caller not configured as an authorized delegate"),
             None => {}
         }
-        let Some(sel) = pid.and_then(|p| attest(&st, p)) else {
+        let Some(sel) = pid
+            .and_then(|p| caller_pid(&st, p))
+            .and_then(|p| attest(&st, p))
+        else {
             return Err(if st.release.attestation_failure_is_unavailable() {
                 Status::unavailable("workload attestation failed")
             } else {
@@ -1131,6 +1185,7 @@ impl DelegatedIdentity for Svc {
         }
         let selectors: SelectorSet = if pid != 0 {
             self.shared.pid_requests.fetch_add(1, Ordering::Relaxed);
+            self.shared.state.lock().unwrap().asked_pids.push(pid);
             attest_workload(&self.shared, pid).await?
         } else {
             self.shared

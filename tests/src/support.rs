@@ -31,6 +31,31 @@ pub fn expected_kernel_degradations() -> Vec<String> {
     out
 }
 
+/// The degradations of an agent run as the DaemonSet runs it, in a node's
+/// pid namespace with only the DaemonSet's capabilities: under a
+/// confidentiality lockdown it also cannot translate pids into the node's
+/// numbering (`pid_namespace`) nor run the listener iterator, and the /proc
+/// fallback needs privileges it does not hold (`listener_scan`).
+pub fn expected_kernel_degradations_in_node() -> Vec<String> {
+    let mut out = expected_kernel_degradations();
+    if out.iter().any(|d| d == "kernel_reads") {
+        out.extend(["listener_scan".to_owned(), "pid_namespace".to_owned()]);
+    }
+    out.sort();
+    out
+}
+
+/// The agent as the DaemonSet runs it (`deploy/kustomize/overlays/kind`,
+/// rendered by `kubectl kustomize`), inside `node`.
+pub fn node_agent(node: &SimNode, args: &[&str]) -> crate::agent::RunningAgent {
+    crate::agent::RunningAgent::start_in_node(
+        node,
+        &crate::daemonset::kind_agent_pod_spec(),
+        args,
+        &[],
+    )
+}
+
 /// Whether this kernel lets the agent read kernel memory (socket errors,
 /// process start times, FIN accounting).
 pub fn kernel_reads() -> bool {

@@ -800,20 +800,20 @@ fn burst_of_5000_connections_across_pods() {
 fn agent_runs_in_a_node_as_the_daemonset_does() {
     let node = node(28);
     let spec = flowaudit_tests::daemonset::kind_agent_pod_spec();
-    // On kind the SPIRE agent's DaemonSet creates this hostPath on the node.
-    let spire = std::path::Path::new("/run/spire/admin-sockets");
-    let created = !spire.exists();
-    if created {
-        std::fs::create_dir_all(spire).expect("create /run/spire/admin-sockets");
-    }
-    let agent = std::panic::catch_unwind(|| {
-        flowaudit_tests::agent::RunningAgent::start_in_node(&node, &spec, &[], &[])
-    });
-    if created {
-        let _ = std::fs::remove_dir(spire);
-        let _ = std::fs::remove_dir("/run/spire");
-    }
-    let agent = agent.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    // The node's /run is its own: the DirectoryOrCreate hostPath is made
+    // there, never on the machine.
+    let host_run_had = std::path::Path::new("/run/spire/admin-sockets").exists();
+    let agent = flowaudit_tests::agent::RunningAgent::start_in_node(&node, &spec, &[], &[]);
+    assert!(
+        std::path::Path::new(&format!("/proc/{}/root/run/spire/admin-sockets", node.init_pid()))
+            .is_dir(),
+        "the admin socket hostPath exists in the node"
+    );
+    assert_eq!(
+        std::path::Path::new("/run/spire/admin-sockets").exists(),
+        host_run_had,
+        "the node's /run is not the machine's"
+    );
     let (code, body) = agent.http_get("/healthz");
     assert_eq!(
         code, 200,

@@ -294,6 +294,17 @@ fn setup_node(name: &str) -> Res<()> {
     mount(None, "/", None, libc::MS_REC | libc::MS_SLAVE)?;
     let hard = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), hard)?;
+    // A kind node's /run is a tmpfs of its own: what the node's daemons put
+    // there (the SPIRE agent's admin socket directory, a DaemonSet's
+    // DirectoryOrCreate hostPath) is the node's, not the machine's. Paths are
+    // opened by node-exec before it enters the node, so /run/netns is not
+    // needed in here.
+    mount(
+        Some("tmpfs"),
+        "/run",
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+    )?;
     // The host's cgroup mounts (here a hybrid tmpfs with v1 hierarchies and
     // v2 at /sys/fs/cgroup/unified) go: a kind node has exactly one cgroup2
     // mount, at /sys/fs/cgroup. Detached in this mount namespace only.
