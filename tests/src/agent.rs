@@ -482,7 +482,11 @@ fn check_node_pod_spec(node: &SimNode, spec: &AgentPodSpec) {
         // creates them; the others (/sys/fs/cgroup) must exist.
         if !inside.exists() && m.host_path.starts_with("/run/") {
             std::fs::create_dir_all(&inside).unwrap_or_else(|e| {
-                panic!("creating hostPath {} in node {}: {e}", m.host_path, node.name())
+                panic!(
+                    "creating hostPath {} in node {}: {e}",
+                    m.host_path,
+                    node.name()
+                )
             });
         }
         if !inside.exists() {
@@ -513,8 +517,13 @@ fn rand_u64() -> u64 {
 /// SIGINT, then up to `grace` to exit (the agent drains and detaches),
 /// then SIGKILL; always reaped.
 pub fn stop_child(child: &mut std::process::Child, grace: Duration) {
+    stop_child_with(child, libc::SIGINT, grace);
+}
+
+/// Sends `signal`, waits up to `grace`, then kills and reaps.
+pub fn stop_child_with(child: &mut std::process::Child, signal: i32, grace: Duration) {
     // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

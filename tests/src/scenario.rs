@@ -119,7 +119,13 @@ impl Precinct99 {
     /// Builds the node, starts every workload's server, and installs the
     /// misconfigured policy that drops openbao -> postgresql.
     pub fn start(index: u8) -> Result<Self, SimError> {
-        let node = SimNode::new(index)?;
+        Self::start_named(index, NODE_NAME)
+    }
+
+    /// [`Precinct99::start`] on a node named `name` (kind names a cluster's
+    /// workers `<cluster>-worker`, `<cluster>-worker2`, ...).
+    pub fn start_named(index: u8, name: &str) -> Result<Self, SimError> {
+        let node = SimNode::named(index, name)?;
         let specs = [
             ("99-apps", "frontend-7d9f", "frontend", 3000),
             ("99-apps", "backend-5c8b", "backend", 8000),
@@ -172,7 +178,7 @@ impl Precinct99 {
     }
 
     pub fn endpoint_directory(&self) -> String {
-        self.endpoint_directory_on(NODE_NAME)
+        self.endpoint_directory_on(self.node.name())
     }
 
     /// The directory with this node named `node` (the agent's `--node-name`:
@@ -193,9 +199,20 @@ impl Precinct99 {
         std::fs::write(path, self.endpoint_directory())
     }
 
-    /// [`Precinct99::endpoint_directory_on`] the test agent's node (`sim-node`).
-    pub fn write_endpoint_directory_on(&self, path: &Path, node: &str) -> std::io::Result<()> {
-        std::fs::write(path, self.endpoint_directory_on(node))
+    /// The agent on this node as the DaemonSet runs it, with the endpoint
+    /// directory (written to `dir/endpoints.yaml`), `policy`, then `extra`.
+    pub fn agent(&self, dir: &Path, policy: &Path, extra: &[&str]) -> crate::agent::RunningAgent {
+        let endpoints = dir.join("endpoints.yaml");
+        self.write_endpoint_directory(&endpoints)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", endpoints.display()));
+        let mut args = vec![
+            "--endpoints",
+            endpoints.to_str().expect("UTF-8 temp path"),
+            "--policy",
+            policy.to_str().expect("UTF-8 policy path"),
+        ];
+        args.extend_from_slice(extra);
+        crate::support::node_agent(&self.node, &args)
     }
 
     /// A SPIRE stand-in configuration that knows these pods and has one
@@ -208,9 +225,12 @@ impl Precinct99 {
         socket: std::path::PathBuf,
         version: &str,
     ) -> crate::spire_double::SpireDoubleConfig {
+        // Served from the test process, it attests pids as a SPIRE agent in
+        // the node (hostPID) does: through the node's procfs.
         let mut cfg = crate::spire_double::SpireDoubleConfig::new(socket, "demo.local")
             .ttl(3600)
-            .version(version);
+            .version(version)
+            .proc_root(format!("/proc/{}/root/proc", self.node.init_pid()));
         for w in &self.workloads {
             let p = &w.pod;
             cfg = cfg

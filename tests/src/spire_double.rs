@@ -1472,3 +1472,109 @@ mod tests {
         );
     }
 }
+
+/// Where the DaemonSet's SPIRE agent serves the Delegated Identity API on a
+/// node (the reference log's `adminSocketPath`, and flowaudit's default).
+pub const NODE_ADMIN_SOCKET: &str = "/run/spire/admin-sockets/admin.sock";
+
+/// The `spire-double` binary running inside a simulated node, as the SPIRE
+/// agent runs on a kind node: in the node's pid namespace and mount
+/// namespace (its own `/proc`, its own `/run`), serving on
+/// [`NODE_ADMIN_SOCKET`] there. It attests the pids the agent sends as the
+/// node numbers them, with no help from the test. SIGTERM stops it (on drop too).
+pub struct NodeDouble {
+    child: Option<std::process::Child>,
+    config_path: PathBuf,
+    node_init: u32,
+}
+
+impl NodeDouble {
+    /// Starts it with `config` (its socket and `proc_root` are set here) and
+    /// waits up to 30 s for its ready line.
+    pub fn start(
+        node: &crate::SimNode,
+        mut config: SpireDoubleConfig,
+    ) -> Result<Self, DoubleError> {
+        use std::io::BufRead as _;
+        config.socket = PathBuf::from(NODE_ADMIN_SOCKET);
+        config.proc_root = None;
+        let config_path = std::env::temp_dir().join(format!(
+            "flowaudit-spire-{}-{}.json",
+            node.name(),
+            std::process::id()
+        ));
+        let text = serde_json::to_string_pretty(&config).map_err(|e| DoubleError::Config {
+            path: config_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&config_path, text)
+            .map_err(io_err(format!("write {}", config_path.display())))?;
+        let bin =
+            crate::simnode::sibling_binary("spire-double", "SPIRE_DOUBLE_BIN").map_err(|e| {
+                DoubleError::Io {
+                    what: "find the spire-double binary".into(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg(&config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        let mut child = node.exec(cmd).map_err(|e| DoubleError::Io {
+            what: format!("start spire-double in node {}", node.name()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut me = Self {
+            child: Some(child),
+            config_path,
+            node_init: node.init_pid(),
+        };
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("\"ready\":true") => Ok(me),
+            got => {
+                me.stop();
+                Err(DoubleError::Io {
+                    what: format!(
+                        "spire-double in node {} did not say it was ready",
+                        node.name()
+                    ),
+                    source: std::io::Error::other(format!("{got:?}")),
+                })
+            }
+        }
+    }
+
+    /// The admin socket as the machine (the test) reaches it: through the
+    /// node's root.
+    pub fn host_socket_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.node_init))
+            .join(NODE_ADMIN_SOCKET.trim_start_matches('/'))
+    }
+
+    /// SIGTERM, then waits for it (SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            crate::agent::stop_child_with(&mut child, libc::SIGTERM, Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+impl Drop for NodeDouble {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

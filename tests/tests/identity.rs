@@ -16,6 +16,10 @@
 //!   say why.
 //! - An agent that is not an authorized delegate says so and names the fix.
 //!
+//! The agent runs as the DaemonSet runs it, in the kind-like node of the
+//! pods: it asks SPIRE by the node's pids, and the double attests them
+//! through the node's procfs, as a SPIRE agent with hostPID does.
+//!
 //! Each test prints its figures per release. Needs root; never skips.
 
 use std::path::{Path, PathBuf};
@@ -30,26 +34,15 @@ use flowaudit_tests::spire_double::{RELEASES, Release, SpireDouble};
 use flowaudit_tests::support::*;
 use serde_json::Value;
 
-/// `RunningAgent`'s `--node-name`: the directory puts the pods on it.
-const AGENT_NODE: &str = "sim-node";
-
 fn start_agent(sim: &Precinct99, dir: &Path, socket: &Path, extra: &[&str]) -> RunningAgent {
-    let endpoints = dir.join("endpoints.yaml");
-    sim.write_endpoint_directory_on(&endpoints, AGENT_NODE)
-        .expect("write endpoints");
-    let policy = scenario_policy();
     let mut args = vec![
-        "--endpoints",
-        endpoints.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
         "--spire-admin-socket",
         socket.to_str().unwrap(),
         "--identity-wait-ms",
         "2000",
     ];
     args.extend_from_slice(extra);
-    RunningAgent::start(&args)
+    sim.agent(dir, &scenario_policy(), &args)
 }
 
 fn start_double(
@@ -135,6 +128,7 @@ fn local_ends_and_same_node_peers_are_attested_on_every_release() {
             let stats = double.stats();
             if asked_by == "pid" {
                 assert!(stats.pid_requests > 0, "{v}: never asked by pid: {stats:?}");
+                check_asked_pids_are_the_nodes(&sim, &runs, &stats.asked_pids, v);
             } else {
                 assert_eq!(stats.pid_requests, 0, "{v} {mode}: asked by pid: {stats:?}");
             }
@@ -163,6 +157,39 @@ fn local_ends_and_same_node_peers_are_attested_on_every_release() {
     for f in &figures {
         eprintln!("figures: {f}");
     }
+}
+
+/// Every pid the agent asked SPIRE about is the node's number for a
+/// workload process: a server `ps` inside the node shows, or a client that
+/// reported its own pid (clients are gone by now). Servers are among them.
+fn check_asked_pids_are_the_nodes(
+    sim: &Precinct99,
+    runs: &[(&ScenarioFlow, ConnRecord)],
+    asked: &[i32],
+    v: &str,
+) {
+    let ps = sim.node.ps_output().expect("ps inside the node");
+    let servers: Vec<i32> = ps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let pid = f.next()?.parse().ok()?;
+            (f.next() == Some("simpod")).then_some(pid)
+        })
+        .collect();
+    let clients: Vec<i32> = runs.iter().map(|(_, r)| r.pid as i32).collect();
+    let strangers: Vec<&i32> = asked
+        .iter()
+        .filter(|p| !servers.contains(p) && !clients.contains(p))
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "{v}: SPIRE was asked about pids that are no workload of the node {strangers:?} (servers per `ps` in the node {servers:?}, clients {clients:?})"
+    );
+    assert!(
+        asked.iter().any(|p| servers.contains(p)),
+        "{v}: no server pid among those asked {asked:?}; `ps` in the node:\n{ps}"
+    );
 }
 
 /// A flow between two workloads that no other step of the outage test

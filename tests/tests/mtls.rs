@@ -8,7 +8,6 @@
 
 use std::net::IpAddr;
 
-use flowaudit_tests::agent::RunningAgent;
 use flowaudit_tests::scenario::{BACKEND, FRONTEND, POSTGRESQL, Precinct99};
 use flowaudit_tests::support::*;
 use flowaudit_tests::tls::{self, ClientAuth, TlsMaterial, Version};
@@ -292,23 +291,21 @@ fn each_connection_gets_the_encryption_it_carries() {
         ],
     )
     .expect("test certificates");
-    let endpoints = dir.join("endpoints.yaml");
-    sim.write_endpoint_directory(&endpoints).expect("endpoints");
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, POLICY).expect("policy");
-    let agent = RunningAgent::start(&[
-        "--endpoints",
-        endpoints.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
-        "--spire-admin-socket",
-        "none",
-        // A handshake takes far longer under software emulation (the kernel
-        // matrix runs this test in QEMU); the default 250 ms would send the
-        // CONNECT before the client's certificate is seen.
-        "--encryption-wait-ms",
-        "5000",
-    ]);
+    let agent = sim.agent(
+        &dir,
+        &policy,
+        &[
+            "--spire-admin-socket",
+            "none",
+            // A handshake takes far longer under software emulation (the
+            // kernel matrix runs this test in QEMU); the default 250 ms would
+            // send the CONNECT before the client's certificate is seen.
+            "--encryption-wait-ms",
+            "5000",
+        ],
+    );
     let frontend = &sim.workloads[FRONTEND].pod;
     let backend = &sim.workloads[BACKEND].pod;
     let cases = tls_cases();

@@ -5,14 +5,16 @@
 //! as PRODUCT.md says (frontend -> postgresql flagged, the dropped intended
 //! flow flagged INTENDED_FLOW_FAILED), with every pod end on the node
 //! ATTESTED; and a change to the endpoint directory is picked up while the
-//! agent runs (without SPIRE: identities derived from pod metadata). Needs
-//! root; never skips.
+//! agent runs (without SPIRE: identities derived from pod metadata). The
+//! agent runs as the DaemonSet runs it and the SPIRE double as a SPIRE
+//! agent does, both inside the kind-like node. Needs root; never skips.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use flowaudit_tests::agent::{RunningAgent, flows_between};
+use flowaudit_tests::agent::flows_between;
 use flowaudit_tests::scenario::{FRONTEND, Precinct99, SCENARIO};
-use flowaudit_tests::spire_double::{SpireDouble, VERSION_WITH_PID, VERSION_WITHOUT_PID};
+use flowaudit_tests::spire_double::{NodeDouble, VERSION_WITH_PID, VERSION_WITHOUT_PID};
 use flowaudit_tests::support::*;
 use serde_json::Value;
 
@@ -36,30 +38,12 @@ fn scenario_flows_get_the_intended_verdicts() {
 fn scenario_against(index: u8, version: &str) {
     let sim = Precinct99::start(index).expect("precinct-99 on a simulated node");
     let dir = temp_dir(&format!("scenario-{version}"));
-    let endpoints = dir.join("endpoints.yaml");
-    // The test agent runs as node `sim-node`: the pods are on it.
-    sim.write_endpoint_directory_on(&endpoints, "sim-node")
-        .expect("write endpoints");
-    let socket = dir.join("admin.sock");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let double = rt
-        .block_on(SpireDouble::start(
-            sim.spire_double_config(socket.clone(), version),
-        ))
-        .expect("SPIRE double");
-    double.set_authorized(true);
-    let agent = RunningAgent::start(&[
-        "--endpoints",
-        endpoints.to_str().unwrap(),
-        "--policy",
-        flowaudit_tests::support::scenario_policy()
-            .to_str()
-            .unwrap(),
-        "--spire-admin-socket",
-        socket.to_str().unwrap(),
-        "--identity-wait-ms",
-        "2000",
-    ]);
+    // SPIRE inside the node, on the node's admin socket; the agent as the
+    // DaemonSet runs it, with the DaemonSet's default socket path.
+    let mut config = sim.spire_double_config(PathBuf::new(), version);
+    config.authorized = Some(true);
+    let mut double = NodeDouble::start(&sim.node, config).expect("SPIRE double in the node");
+    let agent = sim.agent(&dir, &scenario_policy(), &["--identity-wait-ms", "2000"]);
     let records: Vec<_> = SCENARIO
         .iter()
         .map(|f| (f, sim.run(f).expect("scenario traffic")))
@@ -130,8 +114,8 @@ fn scenario_against(index: u8, version: &str) {
     let tally = sim
         .check_attested(&report.flows, &runs)
         .unwrap_or_else(|e| panic!("SPIRE {version}: {e}"));
-    eprintln!("scenario, SPIRE {version}: {tally}");
-    rt.block_on(double.stop());
+    eprintln!("scenario, SPIRE {version} in the node: {tally}");
+    double.stop();
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -140,19 +124,9 @@ fn endpoint_directory_changes_apply_while_running() {
     require_root();
     let sim = Precinct99::start(31).expect("precinct-99 on a simulated node");
     let dir = temp_dir("endpoints-change");
+    let agent = sim.agent(&dir, &scenario_policy(), &["--spire-admin-socket", "none"]);
+    // The file the agent watches.
     let endpoints = dir.join("endpoints.yaml");
-    sim.write_endpoint_directory(&endpoints)
-        .expect("write endpoints");
-    let agent = RunningAgent::start(&[
-        "--endpoints",
-        endpoints.to_str().unwrap(),
-        "--policy",
-        flowaudit_tests::support::scenario_policy()
-            .to_str()
-            .unwrap(),
-        "--spire-admin-socket",
-        "none",
-    ]);
     let frontend_to_backend = &SCENARIO[1];
     assert_eq!(frontend_to_backend.from, Some(FRONTEND));
     let before = sim.run(frontend_to_backend).expect("traffic");

@@ -805,8 +805,11 @@ fn agent_runs_in_a_node_as_the_daemonset_does() {
     let host_run_had = std::path::Path::new("/run/spire/admin-sockets").exists();
     let agent = flowaudit_tests::agent::RunningAgent::start_in_node(&node, &spec, &[], &[]);
     assert!(
-        std::path::Path::new(&format!("/proc/{}/root/run/spire/admin-sockets", node.init_pid()))
-            .is_dir(),
+        std::path::Path::new(&format!(
+            "/proc/{}/root/run/spire/admin-sockets",
+            node.init_pid()
+        ))
+        .is_dir(),
         "the admin socket hostPath exists in the node"
     );
     assert_eq!(

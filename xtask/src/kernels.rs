@@ -1,5 +1,6 @@
 //! `cargo xtask kernels`: the privileged integration tests that depend on
-//! the kernel (capture, mTLS payload, identity ownership, scenario), run on
+//! the kernel (capture, mTLS payload, identity ownership, scenario, two
+//! nodes on one kernel), run on
 //! the kernels kind users' hosts run, each booted under QEMU with virtme-ng
 //! and the host's filesystem shared. The binaries are built once, on the
 //! host. Kernels are Debian's own packages (5.10 from bullseye, 6.1 from
@@ -62,12 +63,12 @@ pub const MATRIX: &[Kernel] = &[
         append: "lockdown=confidentiality",
         // What lockdown takes away shows in owners, failures, bytes and pid
         // attestation; the payload and the verdicts do not depend on it.
-        tests: &["capture", "identity"],
+        tests: &["capture", "identity", "nodes"],
     },
 ];
 
 /// The test binaries (of `flowaudit-tests`) that depend on the kernel.
-const TESTS: &[&str] = &["capture", "mtls", "identity", "scenario"];
+const TESTS: &[&str] = &["capture", "mtls", "identity", "scenario", "nodes"];
 
 fn cache_dir() -> PathBuf {
     std::env::var_os("FLOWAUDIT_KERNEL_CACHE")
