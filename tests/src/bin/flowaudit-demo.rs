@@ -1,10 +1,15 @@
-//! `cargo xtask demo`: the precinct-99 scenario from the sprint log on a
-//! simulated node. Starts the workloads as pods (network namespace + kubelet
-//! style cgroup), runs the real agent, generates the scenario's traffic —
-//! the intended flows, the log's bad ones (frontend -> postgresql, plaintext
-//! frontend -> backend) and an intended flow a misconfigured network policy
-//! drops — and prints the flows live with `flowaudit observe`. Cleans up on
-//! Ctrl-C or after `--duration`.
+//! `cargo xtask demo`: the precinct-99 scenario from the sprint log on two
+//! kind-like nodes (`precinct-99-worker` with the workloads, and
+//! `precinct-99-worker2` with a second backend replica), routed to each
+//! other. Starts the workloads as pods (network namespace + kubelet-style
+//! cgroup, processes in the node's pid namespace), runs the real agent on
+//! each node as the DaemonSet runs it (its capabilities, read-only root) and
+//! a SPIRE double inside each node, generates the scenario's traffic — the
+//! intended flows, the log's bad ones (frontend -> postgresql, plaintext
+//! frontend -> backend), an intended flow a misconfigured network policy
+//! drops, and a cross-node flow (backend-2 -> postgresql) that both nodes
+//! report — and prints both nodes' flows live with `flowaudit observe`.
+//! Cleans up on Ctrl-C or after `--duration`.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,13 +18,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use flowaudit_tests::scenario::{BACKEND, FRONTEND, NODE_NAME, Precinct99, SCENARIO};
+use flowaudit_tests::agent::RunningAgent;
+use flowaudit_tests::scenario::{
+    BACKEND, FRONTEND, NODE_NAME, POSTGRESQL, Precinct99, SCENARIO, endpoint_entry,
+};
+use flowaudit_tests::simpod::{ConnectOpts, ServeOpts};
+use flowaudit_tests::spire_double::{NodeDouble, SpireDoubleConfig};
+use flowaudit_tests::{PodSpec, SimNode};
+
+/// The second node's name, as kind names a cluster's second worker.
+const NODE2_NAME: &str = "precinct-99-worker2";
 use flowaudit_tests::tls::{self, ClientAuth, TlsMaterial, Version};
 
 #[derive(Parser)]
 #[command(
     name = "flowaudit-demo",
-    about = "The precinct-99 scenario on a simulated node, with the real agent"
+    about = "The precinct-99 scenario on two kind-like nodes, with the real agent on each"
 )]
 struct Args {
     /// The flowaudit binary.
@@ -46,7 +60,7 @@ struct Args {
     /// Rounds of plaintext frontend -> backend before the two switch to mTLS.
     #[arg(long, default_value_t = 3)]
     mtls_after_rounds: u64,
-    /// The SPIRE release the embedded Delegated Identity double behaves
+    /// The SPIRE release the Delegated Identity double in each node behaves
     /// like: 1.9.6 (the reference log's), 1.10.2, 1.11.3 or 1.15.3.
     #[arg(long, default_value = flowaudit_tests::spire_double::VERSION_WITHOUT_PID)]
     spire_version: String,
@@ -89,7 +103,26 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.workdir)
         .with_context(|| format!("creating {}", args.workdir.display()))?;
 
-    let mut sim = Precinct99::start(99).context("building the simulated node")?;
+    // SAFETY: set before any thread is started.
+    unsafe { std::env::set_var("FLOWAUDIT_BIN", &args.agent) };
+    let mut sim = Precinct99::start(99).context("building node precinct-99-worker")?;
+    let node2 = SimNode::named(98, NODE2_NAME).context("building node precinct-99-worker2")?;
+    sim.node
+        .link(&node2)
+        .context("routing between the two nodes")?;
+    let backend2 = node2
+        .add_pod(
+            PodSpec::new("99-apps", "backend-5c8b-2")
+                .service_account("backend")
+                .label("app", "backend"),
+        )
+        .context("backend-2 on precinct-99-worker2")?;
+    let _backend2_server = backend2
+        .serve(&ServeOpts {
+            listen: vec!["0.0.0.0:8000".parse().expect("literal")],
+            reply_bytes: 64,
+        })
+        .context("backend-2's server")?;
     // Certificates for the switch to mTLS: a throwaway CA, and SVID-like
     // leaves for frontend and backend (URI SAN = their SPIFFE IDs).
     let pki = TlsMaterial::generate(
@@ -101,51 +134,80 @@ fn main() -> Result<()> {
     )
     .context("making the demo's certificates with openssl")?;
     let mut tls_backend = None;
+    // The endpoint directory both agents read (as the Kubernetes API would
+    // give them): both nodes, every pod with its node.
     let endpoints = args.workdir.join("endpoints.yaml");
-    sim.write_endpoint_directory(&endpoints)?;
-    let policy = args.policy.clone();
-    // The demo's SPIRE: the Delegated Identity API test double, embedded,
-    // attesting the pods' processes through their cgroups like SPIRE's k8s
-    // workload attestor. Not a real SPIRE agent.
-    let runtime = tokio::runtime::Runtime::new().context("tokio runtime for the SPIRE stand-in")?;
-    let spire_socket = std::fs::canonicalize(&args.workdir)?.join("spire-admin.sock");
-    let spire = runtime
-        .block_on(flowaudit_tests::spire_double::SpireDouble::start(
-            sim.spire_double_config(spire_socket.clone(), &args.spire_version),
-        ))
-        .context("starting the embedded SPIRE stand-in")?;
-    spire.set_authorized(true);
+    let directory = sim.endpoint_directory().replacen(
+        "endpoints:\n",
+        &format!(
+            "  - name: {NODE2_NAME}\n    ips: [{}, \"{}\"]\nendpoints:\n{}",
+            node2.ip4(),
+            node2.ip6(),
+            endpoint_entry(&backend2, NODE2_NAME)
+        ),
+        1,
+    );
+    std::fs::write(&endpoints, directory)
+        .with_context(|| format!("writing {}", endpoints.display()))?;
+    let policy = std::fs::canonicalize(&args.policy)
+        .with_context(|| format!("policy {}", args.policy.display()))?;
+    // SPIRE on each node: the Delegated Identity API test double, run
+    // inside the node on the node's admin socket, attesting that node's pods
+    // by their pids and cgroups like SPIRE's k8s workload attestor. Not a
+    // real SPIRE agent.
+    let mut config1 = sim.spire_double_config(PathBuf::new(), &args.spire_version);
+    config1.authorized = Some(true);
+    let spire1 =
+        NodeDouble::start(&sim.node, config1).context("SPIRE double on precinct-99-worker")?;
+    let mut config2 = SpireDoubleConfig::new("", "demo.local")
+        .version(&args.spire_version)
+        .pod(backend2.uid(), "99-apps", "backend", backend2.name())
+        .entry(
+            "spiffe://demo.local/ns/99-apps/sa/backend",
+            &["k8s:ns:99-apps", "k8s:sa:backend"],
+        );
+    config2.authorized = Some(true);
+    let spire2 =
+        NodeDouble::start(&node2, config2).context("SPIRE double on precinct-99-worker2")?;
 
-    let flows_file = args.workdir.join("flows.jsonl");
-    let _ = std::fs::remove_file(&flows_file);
-    let mut agent = Command::new(&args.agent)
-        .args(["agent", "--node-name", NODE_NAME, "--spire-admin-socket"])
-        .arg(&spire_socket)
-        .arg("--export-file")
-        .arg(&flows_file)
-        .arg("--endpoints")
-        .arg(&endpoints)
-        .arg("--policy")
-        .arg(&policy)
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", args.agent.display()))?;
-    wait_ready(&mut agent)?;
-    let mut observe = Command::new(&args.agent)
-        .args(["observe", "--follow", "--color", "always", "--input-file"])
-        .arg(&flows_file)
-        .spawn()
-        .context("starting flowaudit observe")?;
+    // The agent on each node, as the DaemonSet runs it (capabilities and
+    // mounts from the rendered kind overlay).
+    let spec = flowaudit_tests::daemonset::kind_agent_pod_spec();
+    let agent_args = [
+        "--endpoints",
+        endpoints.to_str().context("UTF-8 workdir")?,
+        "--policy",
+        policy.to_str().context("UTF-8 policy path")?,
+    ];
+    let agents = [
+        RunningAgent::start_in_node(&sim.node, &spec, &agent_args, &[]),
+        RunningAgent::start_in_node(&node2, &spec, &agent_args, &[]),
+    ];
+    let observers = agents
+        .iter()
+        .zip([NODE_NAME, NODE2_NAME])
+        .map(|(a, node)| observe(&args.agent, &a.export_file, node))
+        .collect::<Result<Vec<_>>>()?;
 
-    println!("flowaudit demo: precinct-99 on a simulated node");
-    for w in &sim.workloads {
+    println!(
+        "flowaudit demo: precinct-99 on two kind-like nodes, {NODE_NAME} ({}) and {NODE2_NAME} ({})",
+        sim.node.ip4(),
+        node2.ip4()
+    );
+    for (w, node) in sim
+        .workloads
+        .iter()
+        .map(|w| (&w.pod, w.port, NODE_NAME))
+        .chain([(&backend2, 8000, NODE2_NAME)])
+        .map(|(p, port, n)| ((p, port), n))
+    {
         println!(
-            "  {:<13} {:<15} {:<16} {}:{}",
-            w.pod.namespace(),
-            w.pod.name(),
-            w.pod.service_account(),
-            w.pod.ip4(),
-            w.port
+            "  {:<13} {:<15} {:<16} {}:{} on {node}",
+            w.0.namespace(),
+            w.0.name(),
+            w.0.service_account(),
+            w.0.ip4(),
+            w.1
         );
     }
     println!(
@@ -157,19 +219,26 @@ fn main() -> Result<()> {
     );
     println!("intended policy: {}", policy.display());
     println!(
-        "identities: attested through the Delegated Identity API of an embedded SPIRE stand-in behaving like SPIRE {} (flowaudit's test double, not a real SPIRE agent) on {}",
+        "identities: attested through the Delegated Identity API of a SPIRE stand-in inside each node, behaving like SPIRE {} (flowaudit's test double, not a real SPIRE agent), on {}",
         args.spire_version,
-        spire_socket.display()
+        flowaudit_tests::spire_double::NODE_ADMIN_SOCKET
     );
     println!("scenario traffic, every {}s:", args.interval);
     for f in &SCENARIO {
         println!("  {:<32} {:<9} {}", f.label, f.verdict, f.why);
     }
     println!(
+        "  {:<32} {:<9} cross-node: EGRESS on {NODE2_NAME}, INGRESS on {NODE_NAME}",
+        "backend-2 -> postgresql:5432", "COMPLIANT"
+    );
+    println!(
         "  after {} rounds frontend and backend switch to mTLS (TLS 1.3, client certificates): frontend -> backend:8000 then shows MTLS and COMPLIANT",
         args.mtls_after_rounds
     );
-    println!("flows (also in {}):", flows_file.display());
+    println!(
+        "flows of both nodes (kept in {} when the demo ends):",
+        args.workdir.join("flows-<node>.jsonl").display()
+    );
 
     let started = Instant::now();
     let mut round = 0u64;
@@ -220,6 +289,15 @@ fn main() -> Result<()> {
                 eprintln!("demo: {} failed to run: {e}", f.label);
             }
         }
+        let postgresql = &sim.workloads[POSTGRESQL].pod;
+        let mut cross = ConnectOpts::new(std::net::SocketAddr::new(
+            std::net::IpAddr::V4(postgresql.ip4()),
+            5432,
+        ));
+        cross.send_bytes = 64;
+        if let Err(e) = backend2.connect(&cross) {
+            eprintln!("demo: backend-2 -> postgresql failed to run: {e}");
+        }
         let wait_until = Instant::now() + Duration::from_secs(args.interval);
         while Instant::now() < wait_until && !STOP.load(Ordering::SeqCst) {
             if duration.is_some_and(|d| started.elapsed() >= d) {
@@ -229,21 +307,26 @@ fn main() -> Result<()> {
         }
     }
 
-    // Stop the agent first so it drains the kernel's buffer into the file,
-    // then let observe print the tail before stopping it.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGINT) };
-    let status = agent.wait()?;
+    // Stop the agents first so they drain the kernel's buffers into their
+    // files, then let observe print the tail before stopping it.
+    let reports: Vec<_> = agents.into_iter().map(RunningAgent::stop).collect();
     std::thread::sleep(Duration::from_millis(400));
-    let _ = observe.kill();
-    let _ = observe.wait();
-    runtime.block_on(spire.stop());
+    for mut o in observers {
+        let _ = o.kill();
+        let _ = o.wait();
+    }
+    drop((spire1, spire2));
     drop(tls_backend);
+    let cross_node = cross_node_pairs(&reports[1].flows, &reports[0].flows);
+    let backend2_ip = backend2.ip4().to_string();
+    drop(node2);
     drop(sim);
-    let text = std::fs::read_to_string(&flows_file).unwrap_or_default();
-    let flows: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    for (report, node) in reports.iter().zip([NODE_NAME, NODE2_NAME]) {
+        let path = args.workdir.join(format!("flows-{node}.jsonl"));
+        let text: String = report.flows.iter().map(|f| format!("{f}\n")).collect();
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let flows: Vec<serde_json::Value> = reports.iter().flat_map(|r| r.flows.clone()).collect();
     let count = |key: &str, value: &str| flows.iter().filter(|f| f[key] == value).count();
     let with_finding = |kind: &str| {
         flows
@@ -267,7 +350,14 @@ fn main() -> Result<()> {
     );
     // The other end of each event, when it is a pod: on this node every
     // such peer of an established connection has its own socket here.
-    let peers = flowaudit_tests::support::peer_pod_ends(&flows);
+    // Same-node connections only: the peer of a cross-node one is on the
+    // other node, DERIVED here by design.
+    let same_node: Vec<serde_json::Value> = flows
+        .iter()
+        .filter(|f| f["l4"]["source_ip"] != backend2_ip.as_str())
+        .cloned()
+        .collect();
+    let peers = flowaudit_tests::support::peer_pod_ends(&same_node);
     let peers_attested = peers
         .iter()
         .filter(|e| e["identity_source"] == "ATTESTED")
@@ -278,8 +368,13 @@ fn main() -> Result<()> {
         100.0 * peers_attested as f64 / peers.len().max(1) as f64
     );
     println!(
-        "demo: {round} rounds, {} flow events ({} CONNECT, {} CLOSE, {} FAILED); {} VIOLATION, {} INTENDED_FLOW_FAILED; agent exited {status}; simulated node removed",
-        flows.len(),
+        "demo: cross-node connections backend-2 ({NODE2_NAME}) -> postgresql ({NODE_NAME}) seen on both nodes, each end ATTESTED by its own node: {} of {}",
+        cross_node.0, cross_node.1
+    );
+    println!(
+        "demo: {round} rounds, {} flow events on {NODE_NAME}, {} on {NODE2_NAME} ({} CONNECT, {} CLOSE, {} FAILED); {} VIOLATION, {} INTENDED_FLOW_FAILED; simulated nodes removed",
+        reports[0].flows.len(),
+        reports[1].flows.len(),
         count("event", "CONNECT"),
         count("event", "CLOSE"),
         count("event", "FAILED"),
@@ -302,34 +397,57 @@ fn main() -> Result<()> {
         to_backend("PLAINTEXT"),
         to_backend("MTLS")
     );
-    if !status.success() {
-        bail!("the agent exited with {status}");
-    }
     Ok(())
 }
 
-/// Waits for the agent's "agent ready" log line, echoing its log meanwhile
-/// and forwarding the rest of it to our stderr in the background.
-fn wait_ready(agent: &mut Child) -> Result<()> {
+/// Cross-node connections from `client_node`'s flows to `server_node`'s:
+/// (those whose CONNECT is EGRESS on the client's node and INGRESS on the
+/// server's with the same 4-tuple, the local end ATTESTED on each, all).
+fn cross_node_pairs(
+    client_node: &[serde_json::Value],
+    server_node: &[serde_json::Value],
+) -> (usize, usize) {
+    let tuple = |f: &serde_json::Value| f["l4"].to_string();
+    let connects = |flows: &[serde_json::Value], dir: &str| -> Vec<serde_json::Value> {
+        flows
+            .iter()
+            .filter(|f| {
+                f["event"] == "CONNECT"
+                    && f["direction"] == dir
+                    && f["l4"]["destination_port"] == 5432
+            })
+            .cloned()
+            .collect()
+    };
+    let egress = connects(client_node, "EGRESS");
+    let ingress = connects(server_node, "INGRESS");
+    let both = egress
+        .iter()
+        .filter(|e| {
+            e["source"]["identity_source"] == "ATTESTED"
+                && ingress.iter().any(|i| {
+                    tuple(i) == tuple(e) && i["destination"]["identity_source"] == "ATTESTED"
+                })
+        })
+        .count();
+    (both, egress.len())
+}
+
+/// `flowaudit observe --follow` on one node's flow file, its lines prefixed
+/// with the node's name.
+fn observe(agent: &std::path::Path, flows: &std::path::Path, node: &'static str) -> Result<Child> {
     use std::io::{BufRead, BufReader};
-    let stderr = agent.stderr.take().context("agent stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        match lines.next() {
-            Some(Ok(line)) => {
-                eprintln!("{line}");
-                if line.contains("agent ready") {
-                    std::thread::spawn(move || {
-                        for line in lines.map_while(Result::ok) {
-                            eprintln!("{line}");
-                        }
-                    });
-                    return Ok(());
-                }
-            }
-            _ => bail!("the agent exited before it was ready: {:?}", agent.wait()?),
+    let mut child = Command::new(agent)
+        .args(["observe", "--follow", "--color", "always", "--input-file"])
+        .arg(flows)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting flowaudit observe")?;
+    let out = child.stdout.take().context("observe stdout")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("[{node}] {line}");
         }
-    }
-    bail!("the agent was not ready within 60 s")
+    });
+    Ok(child)
 }
