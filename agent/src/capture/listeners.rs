@@ -192,7 +192,7 @@ pub fn from_iterator(
     ebpf: &mut aya::Ebpf,
     key: NetnsKey,
     cgroup_root: &Path,
-) -> Result<Vec<(ListenerKey, Listener)>, String> {
+) -> Result<Recovered, String> {
     use std::io::Read as _;
     let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
     let prog: &mut aya::programs::Iter = ebpf
@@ -220,7 +220,10 @@ pub fn from_iterator(
 
 fn verifier_text(e: &aya::programs::ProgramError) -> String {
     match e {
-        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let tail: Vec<&str> = log.lines().rev().take(4).collect();
             format!(
@@ -232,18 +235,26 @@ fn verifier_text(e: &aya::programs::ProgramError) -> String {
     }
 }
 
+/// What the start-up recovery found.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// `LISTENERS` entries to add.
+    pub entries: Vec<(ListenerKey, Listener)>,
+    /// Listening sockets left out because their namespace has no name the
+    /// programs use (a cookie not assigned yet, before Linux 5.12): their
+    /// accepted connections will have no owner.
+    pub unnamed: usize,
+}
+
 /// Turns the iterator's records into `LISTENERS` entries. One socket may be
 /// held by several processes (a forked server): the first one seen wins,
 /// as in the /proc scan. A namespace the key cannot name (a cookie not yet
-/// assigned) gives no entry rather than a wrong one.
-pub fn decode_seen(
-    bytes: &[u8],
-    key: NetnsKey,
-    cgroup_root: &Path,
-) -> Vec<(ListenerKey, Listener)> {
+/// assigned) gives no entry rather than a wrong one, and is counted.
+pub fn decode_seen(bytes: &[u8], key: NetnsKey, cgroup_root: &Path) -> Recovered {
     let size = std::mem::size_of::<ListenerSeen>();
     let mut seen_keys = std::collections::HashSet::new();
     let mut out = Vec::new();
+    let mut unnamed = 0;
     for chunk in bytes.chunks_exact(size) {
         // SAFETY: ListenerSeen is plain old data (#[repr(C)], every bit
         // pattern valid) and the chunk holds exactly its size.
@@ -253,6 +264,7 @@ pub fn decode_seen(
             NetnsKey::Inode => u64::from(s.netns_inum),
         };
         if netns_cookie == 0 {
+            unnamed += 1;
             continue;
         }
         let k = ListenerKey {
@@ -276,7 +288,10 @@ pub fn decode_seen(
             },
         ));
     }
-    out
+    Recovered {
+        entries: out,
+        unnamed,
+    }
 }
 
 /// Finds every listening TCP socket on the node with its owning process.
@@ -424,7 +439,12 @@ mod tests {
         // A torn trailing record is ignored, not misread.
         raw.extend_from_slice(&[1, 2, 3]);
         let root = Path::new("/nonexistent");
-        let by_cookie = decode_seen(&raw, NetnsKey::Cookie, root);
+        let recovered = decode_seen(&raw, NetnsKey::Cookie, root);
+        assert_eq!(
+            recovered.unnamed, 1,
+            "the namespace without a cookie is counted"
+        );
+        let by_cookie = recovered.entries;
         assert_eq!(by_cookie.len(), 1, "{by_cookie:?}");
         assert_eq!(
             (by_cookie[0].0.netns_cookie, by_cookie[0].0.port),
@@ -432,15 +452,14 @@ mod tests {
         );
         assert_eq!(by_cookie[0].1.owner.tgid, 12);
         assert_eq!(by_cookie[0].1.owner.cgroup_id, 77);
-        let by_inode = decode_seen(&raw, NetnsKey::Inode, root);
+        let recovered = decode_seen(&raw, NetnsKey::Inode, root);
+        assert_eq!(recovered.unnamed, 0);
+        let by_inode = recovered.entries;
         let keys: Vec<(u64, u16, u32)> = by_inode
             .iter()
             .map(|(k, v)| (k.netns_cookie, k.port, v.owner.tgid))
             .collect();
-        assert_eq!(
-            keys,
-            vec![(4026531840, 8000, 12), (4026532001, 5432, 14)]
-        );
+        assert_eq!(keys, vec![(4026531840, 8000, 12), (4026532001, 5432, 14)]);
     }
 
     #[test]

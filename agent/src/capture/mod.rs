@@ -212,8 +212,10 @@ impl Capture {
         // entry the kernel just wrote is fresher than the scan.
         // Without any namespace name (the netns_cookie degradation) the
         // programs never look listeners up: nothing to register.
-        let found = if features::netns_lost(features) {
-            Vec::new()
+        let mut how = "iterator";
+        let recovered = if features::netns_lost(features) {
+            how = "none (no namespace names)";
+            listeners::Recovered::default()
         } else {
             match recover_listeners(&mut ebpf, features, &offsets, netns_key, &cgroup_root) {
                 Ok(found) => found,
@@ -224,10 +226,21 @@ impl Capture {
                             "{why}; the /proc fallback {lack}"
                         )));
                     }
-                    listeners::scan(&cgroup_root, netns_key)
+                    how = "/proc scan";
+                    listeners::Recovered {
+                        entries: listeners::scan(&cgroup_root, netns_key),
+                        unnamed: 0,
+                    }
                 }
             }
         };
+        if recovered.unnamed > 0 {
+            tracing::warn!(
+                unnamed = recovered.unnamed,
+                "listening sockets in network namespaces with no cookie yet (before Linux 5.12) were left out: connections they accept have no owner"
+            );
+        }
+        let found = recovered.entries;
         let mut map: aya::maps::HashMap<_, ListenerKey, Listener> = aya::maps::HashMap::try_from(
             ebpf.map_mut(names::MAP_LISTENERS)
                 .ok_or(CaptureError::Missing(names::MAP_LISTENERS))?,
@@ -245,6 +258,7 @@ impl Capture {
         tracing::info!(
             found = found.len(),
             added,
+            by = how,
             "listeners that predate the agent registered"
         );
 
@@ -359,7 +373,7 @@ fn recover_listeners(
     offsets: &KernelOffsets,
     key: listeners::NetnsKey,
     cgroup_root: &Path,
-) -> Result<Vec<(ListenerKey, Listener)>, String> {
+) -> Result<listeners::Recovered, String> {
     if !features.kernel_reads {
         return Err("the listener iterator reads kernel memory, which this kernel forbids (see kernel_reads)".into());
     }
