@@ -256,11 +256,18 @@ impl Precinct99 {
     /// ATTESTED with its SPIFFE ID; the peer of a connection that never
     /// established is DERIVED, saying so; the outside client is `world`.
     /// Returns the tally, or what was wrong.
+    ///
+    /// `degradations` are the agent's: with `listener_scan` the servers,
+    /// which listen before the agent starts, have no owner on this kernel,
+    /// so their ends (the local end of INGRESS events, the peer of EGRESS
+    /// ones) must be DERIVED, saying why, and are counted apart.
     pub fn check_attested(
         &self,
         flows: &[serde_json::Value],
         runs: &[(&ScenarioFlow, ConnRecord)],
+        degradations: &[String],
     ) -> Result<IdentityTally, String> {
+        let servers_unowned = degradations.iter().any(|d| d == "listener_scan");
         let mut t = IdentityTally::default();
         let mut wrong = Vec::new();
         for (flow, rec) in runs {
@@ -302,7 +309,11 @@ impl Precinct99 {
                         ));
                     }
                     let source = end["identity_source"].as_str().unwrap_or("");
-                    let (total, attested) = if is_local {
+                    // The server's end: local on INGRESS, the peer on EGRESS.
+                    let server_end = is_local != egress;
+                    let (total, attested) = if servers_unowned && server_end && !failed {
+                        (&mut t.unowned_servers, &mut t.unowned_servers_derived)
+                    } else if is_local {
                         (&mut t.local_total, &mut t.local_attested)
                     } else if failed {
                         (&mut t.unconnected_peers, &mut t.unconnected_peers_derived)
@@ -310,7 +321,7 @@ impl Precinct99 {
                         (&mut t.peer_total, &mut t.peer_attested)
                     };
                     *total += 1;
-                    let expected = if !is_local && failed {
+                    let expected = if (!is_local && failed) || (servers_unowned && server_end) {
                         "DERIVED"
                     } else {
                         "ATTESTED"
@@ -366,6 +377,10 @@ pub struct IdentityTally {
     /// Peers of connections that never established (no peer socket).
     pub unconnected_peers: usize,
     pub unconnected_peers_derived: usize,
+    /// Server ends whose listener predates an agent that could not recover
+    /// it (the `listener_scan` degradation): DERIVED.
+    pub unowned_servers: usize,
+    pub unowned_servers_derived: usize,
 }
 
 impl std::fmt::Display for IdentityTally {
@@ -379,7 +394,15 @@ impl std::fmt::Display for IdentityTally {
             self.peer_total,
             self.unconnected_peers_derived,
             self.unconnected_peers
-        )
+        )?;
+        if self.unowned_servers > 0 {
+            write!(
+                f,
+                ", server ends of listeners older than the agent DERIVED (listener_scan) {}/{}",
+                self.unowned_servers_derived, self.unowned_servers
+            )?;
+        }
+        Ok(())
     }
 }
 

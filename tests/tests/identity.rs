@@ -103,13 +103,17 @@ fn local_ends_and_same_node_peers_are_attested_on_every_release() {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             let double = start_double(&rt, &sim, &socket, v);
             let agent = start_agent(&sim, &dir, &socket, &["--spire-attest-by", mode]);
+            let degradations = agent.assert_kernel_degradations();
+            // Without kernel reads there are no pids with start times to
+            // ask by (`kernel_reads`, and in a node `pid_namespace` too).
+            let pids = !degradations.iter().any(|d| d == "kernel_reads");
             let runs: Vec<(&ScenarioFlow, ConnRecord)> = SCENARIO
                 .iter()
                 .map(|f| (f, sim.run(f).expect("traffic")))
                 .collect();
             let report = agent.stop();
             let tally = sim
-                .check_attested(&report.flows, &runs)
+                .check_attested(&report.flows, &runs, &degradations)
                 .unwrap_or_else(|e| panic!("SPIRE {v}, --spire-attest-by {mode}: {e}"));
             for (flow, rec) in &runs {
                 let e = egress(&report.flows, rec, flow.event);
@@ -126,7 +130,7 @@ fn local_ends_and_same_node_peers_are_attested_on_every_release() {
                 report.logs
             );
             let stats = double.stats();
-            if asked_by == "pid" {
+            if asked_by == "pid" && pids {
                 assert!(stats.pid_requests > 0, "{v}: never asked by pid: {stats:?}");
                 check_asked_pids_are_the_nodes(&sim, &runs, &stats.asked_pids, v);
             } else {
@@ -215,6 +219,17 @@ fn spire_outage_gives_derived_then_attested_again_on_every_release() {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let double = start_double(&rt, &sim, &socket, v);
         let agent = start_agent(&sim, &dir, &socket, &[]);
+        // The servers listen before the agent starts: where it cannot
+        // recover such listeners (`listener_scan`) their ends are DERIVED.
+        let server_end = if agent
+            .assert_kernel_degradations()
+            .iter()
+            .any(|d| d == "listener_scan")
+        {
+            "DERIVED"
+        } else {
+            "ATTESTED"
+        };
         let known = &SCENARIO[1]; // frontend -> backend
         assert_eq!((known.from, known.to), (Some(FRONTEND), BACKEND));
         let before = sim.run(known).expect("traffic");
@@ -252,7 +267,7 @@ fn spire_outage_gives_derived_then_attested_again_on_every_release() {
             "{v} before: {b}"
         );
         assert_eq!(
-            b["destination"]["identity_source"], "ATTESTED",
+            b["destination"]["identity_source"], server_end,
             "{v} before: {b}"
         );
         let d = ev(&during);
@@ -276,7 +291,7 @@ fn spire_outage_gives_derived_then_attested_again_on_every_release() {
             report.logs
         );
         assert_eq!(
-            a["destination"]["identity_source"], "ATTESTED",
+            a["destination"]["identity_source"], server_end,
             "{v} after: {a}"
         );
         assert!(

@@ -117,7 +117,6 @@ fn two_nodes_each_see_their_own_sockets_and_both_halves_of_cross_node_connection
         pod(&b, "openbao-0", "openbao"),
         pod(&b, "postgresql-0", "postgresql"),
     );
-    let _servers = [serve(&backend), serve(&postgresql)];
 
     let dir = temp_dir("two-nodes");
     let endpoints = dir.join("endpoints.yaml");
@@ -150,6 +149,10 @@ fn two_nodes_each_see_their_own_sockets_and_both_halves_of_cross_node_connection
     ];
     let agent_a = node_agent(&a, &args);
     let agent_b = node_agent(&b, &args);
+    // Servers start after the agents: their owners come from listen()
+    // itself on every kernel (recovering older listeners is the capture
+    // test's subject).
+    let _servers = [serve(&backend), serve(&postgresql)];
 
     let same_a = connect(&frontend, IpAddr::V4(backend.ip4()), 3);
     let same_b = connect(&openbao, IpAddr::V6(postgresql.ip6()), 3);

@@ -44,6 +44,7 @@ fn scenario_against(index: u8, version: &str) {
     config.authorized = Some(true);
     let mut double = NodeDouble::start(&sim.node, config).expect("SPIRE double in the node");
     let agent = sim.agent(&dir, &scenario_policy(), &["--identity-wait-ms", "2000"]);
+    let degradations = agent.assert_kernel_degradations();
     let records: Vec<_> = SCENARIO
         .iter()
         .map(|f| (f, sim.run(f).expect("scenario traffic")))
@@ -112,7 +113,7 @@ fn scenario_against(index: u8, version: &str) {
     // peers of established connections), with its SPIFFE ID.
     let runs: Vec<_> = records.iter().map(|(f, r)| (*f, r.clone())).collect();
     let tally = sim
-        .check_attested(&report.flows, &runs)
+        .check_attested(&report.flows, &runs, &degradations)
         .unwrap_or_else(|e| panic!("SPIRE {version}: {e}"));
     eprintln!("scenario, SPIRE {version} in the node: {tally}");
     double.stop();

@@ -17,7 +17,9 @@ impl FlowEvent {
         let event = ev.kind;
         let mut local = Endpoint::unknown();
         if let Some(owner) = &ev.owner {
-            local.pid = Some(owner.tgid);
+            // 0: the process is not numbered in the agent's pid namespace,
+            // or pids cannot be translated (the pid_namespace degradation).
+            local.pid = (owner.tgid != 0).then_some(owner.tgid);
             local.process = Some(owner.comm.clone());
             local.cgroup_id = Some(owner.cgroup_id);
         }
