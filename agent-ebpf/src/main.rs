@@ -50,11 +50,11 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use flowaudit_common::{
-    AF_INET, AF_INET6, DIR_IN, DIR_OUT, ERROR_UNREAD, EVENTS_RING_BYTES, FlowRecord, LISTENERS_MAX,
-    KernelOffsets, LOSS_PLACES, Listener, ListenerKey, ListenerSeen, LossPlace, OWNERS_MAX, Owner, PAYLOAD_BUDGET,
-    PAYLOAD_CHUNK, PAYLOAD_IN_DONE, PAYLOAD_OUT_DONE, PAYLOAD_PEEK, PAYLOAD_TLS, PayloadHeader,
-    PayloadRecord, PayloadState, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED,
-    SOCKETS_MAX, SocketSide, SocketState, TLS_HANDSHAKE,
+    AF_INET, AF_INET6, DIR_IN, DIR_OUT, ERROR_UNREAD, EVENTS_RING_BYTES, FlowRecord, KernelOffsets,
+    LISTENERS_MAX, LOSS_PLACES, Listener, ListenerKey, ListenerSeen, LossPlace, OWNERS_MAX, Owner,
+    PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_IN_DONE, PAYLOAD_OUT_DONE, PAYLOAD_PEEK, PAYLOAD_TLS,
+    PayloadHeader, PayloadRecord, PayloadState, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED,
+    SEQ_SYN_ACKED, SOCKETS_MAX, SocketSide, SocketState, TLS_HANDSHAKE,
 };
 
 #[map]

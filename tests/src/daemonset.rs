@@ -317,8 +317,14 @@ fn uid(v: &Value, at: impl Fn() -> String) -> Result<Option<u32>, DaemonSetError
 }
 
 /// The agent as the kind DaemonSet runs it, from this repository's overlay
-/// (repository root: `CARGO_MANIFEST_DIR/..`). Panics with what failed.
+/// (repository root: `CARGO_MANIFEST_DIR/..`), rendered once per process
+/// (kubectl is slow to start under emulation). Panics with what failed.
 pub fn kind_agent_pod_spec() -> AgentPodSpec {
+    static SPEC: std::sync::OnceLock<AgentPodSpec> = std::sync::OnceLock::new();
+    SPEC.get_or_init(render_kind_agent_pod_spec).clone()
+}
+
+fn render_kind_agent_pod_spec() -> AgentPodSpec {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let rendered = render_kind_overlay(&root).unwrap_or_else(|e| {
         panic!("rendering the kind overlay to run the agent as the DaemonSet does: {e}")

@@ -61,6 +61,33 @@ pub const VERSION_WITHOUT_PID: &str = "1.9.6";
 /// 1.11.x and the newest release (as of spiffe/spire's tags read).
 pub const RELEASES: [&str; 4] = ["1.9.6", "1.10.2", "1.11.3", "1.15.3"];
 
+/// The releases the identity tests run against: every one of [`RELEASES`],
+/// or those named in `FLOWAUDIT_SPIRE_RELEASES` (comma-separated). The
+/// kernel matrix names `1.9.6,1.10.2` (one release of each mode, selectors
+/// and pid): what a release answers does not depend on the kernel, what the
+/// agent asks it with (owners, pids) does, and the host run covers all.
+pub fn releases_under_test() -> Vec<&'static str> {
+    let Ok(wanted) = std::env::var("FLOWAUDIT_SPIRE_RELEASES") else {
+        return RELEASES.to_vec();
+    };
+    wanted
+        .split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            RELEASES
+                .iter()
+                .copied()
+                .find(|r| *r == v)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "FLOWAUDIT_SPIRE_RELEASES names {v:?}; the double reproduces {RELEASES:?}"
+                    )
+                })
+        })
+        .collect()
+}
+
 /// What a SPIRE release's `SubscribeToX509SVIDs` does, read from spiffe/spire
 /// at these tags (files relative to the repository root):
 ///

@@ -149,6 +149,12 @@ fn check_connections(
         srv.process.host_pid(),
         "a node's pid namespace numbers the server apart from the host's"
     );
+    eprintln!(
+        "figures: {family}: server pid {server_pid} in node {} (as `ps` there shows it; host pid {}), clients {:?}",
+        node.name(),
+        srv.process.host_pid(),
+        report.records.iter().map(|r| r.pid).collect::<Vec<_>>()
+    );
     drop(srv);
     let report_agent = agent.stop();
     assert_eq!(report_agent.counter("kernel_events_lost"), 0);

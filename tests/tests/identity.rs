@@ -1,5 +1,5 @@
 //! Identity end to end, against every SPIRE release the double reproduces
-//! (`spire_double::RELEASES`: the reference log's 1.9.6, the first release
+//! (`spire_double::RELEASES`, or `FLOWAUDIT_SPIRE_RELEASES`: the reference log's 1.9.6, the first release
 //! with `pid` 1.10.2, the latest 1.11.x and the newest): the real agent asks
 //! a Delegated Identity server (real gRPC on a unix socket, real X.509
 //! SVIDs, attestation of pids through their pod cgroup, each release's
@@ -30,7 +30,7 @@ use flowaudit_tests::scenario::{
     BACKEND, FRONTEND, OPENBAO, POSTGRESQL, Precinct99, SCENARIO, ScenarioFlow,
 };
 use flowaudit_tests::simpod::ConnRecord;
-use flowaudit_tests::spire_double::{RELEASES, Release, SpireDouble};
+use flowaudit_tests::spire_double::{Release, SpireDouble, releases_under_test};
 use flowaudit_tests::support::*;
 use serde_json::Value;
 
@@ -88,7 +88,7 @@ fn local_ends_and_same_node_peers_are_attested_on_every_release() {
     require_root();
     let mut figures = Vec::new();
     let mut index = 50u8;
-    for v in RELEASES {
+    for v in releases_under_test() {
         let release = Release::parse(v).expect("release");
         let modes: &[&str] = if release.has_pid() {
             &["auto", "selectors"]
@@ -212,7 +212,7 @@ const NEW_DURING_OUTAGE: ScenarioFlow = ScenarioFlow {
 fn spire_outage_gives_derived_then_attested_again_on_every_release() {
     require_root();
     let mut figures = Vec::new();
-    for (i, v) in RELEASES.iter().enumerate() {
+    for (i, v) in releases_under_test().into_iter().enumerate() {
         let sim = Precinct99::start(60 + i as u8).expect("precinct-99");
         let dir = temp_dir(&format!("identity-outage-{v}"));
         let socket = dir.join("admin.sock");
@@ -380,7 +380,7 @@ fn without_spire_every_pod_end_is_derived_and_status_says_why() {
 #[test]
 fn unauthorized_delegate_is_told_the_fix_on_every_release() {
     require_root();
-    for (i, v) in RELEASES.iter().enumerate() {
+    for (i, v) in releases_under_test().into_iter().enumerate() {
         let sim = Precinct99::start(75 + i as u8).expect("precinct-99");
         let dir = temp_dir(&format!("identity-denied-{v}"));
         let socket = dir.join("admin.sock");
