@@ -198,9 +198,9 @@ impl Enricher {
             start_ns: flow.socket.process_start_ns,
             ..facts
         };
-        if facts.pid.is_some() || facts.cgroup_id.is_some() {
-            self.sockets.insert((local_addr, remote_addr), facts);
-        }
+        // Unowned sockets too: a peer waiting for this one must learn at
+        // once that it has no owner, rather than wait out its time.
+        self.sockets.insert((local_addr, remote_addr), facts);
         let td = self.trust_domain();
         // Connected, or still connecting at start-up: answers can come.
         let answering = self.spire.as_ref().is_some_and(|s| !s.is_down());
@@ -313,6 +313,10 @@ impl Enricher {
             apply_pod(remote, p);
         }
         if f.pid.is_none() && pod_uid.is_none() {
+            if pod.is_none() {
+                let td = self.trust_domain();
+                derive(remote_end_mut(flow), td.as_deref(), DETAIL_PEER_UNOWNED);
+            }
             return PeerWait::Done;
         }
         let (namespace, service_account) = match &pod {
@@ -436,6 +440,8 @@ impl Enricher {
 
 const DETAIL_NO_SPIRE_LOCAL: &str =
     "no SPIRE (--spire-admin-socket none): derived from the pod of the socket's cgroup";
+/// The peer's socket is on this node but the kernel never learned its owner.
+const DETAIL_PEER_UNOWNED: &str = "the peer's socket on this node has no known owning process (a listener older than the agent that could not be recovered): derived from its address through the endpoint directory";
 const DETAIL_NO_SPIRE_PEER: &str =
     "no SPIRE (--spire-admin-socket none): derived from its address through the endpoint directory";
 
