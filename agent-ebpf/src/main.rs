@@ -940,10 +940,9 @@ pub fn flowaudit_listeners(ctx: *mut core::ffi::c_void) -> i32 {
     {
         return 0;
     }
-    let Some(seen) = listening_socket(file) else {
+    let Some(mut seen) = listening_socket(file) else {
         return 0;
     };
-    let mut seen = seen;
     let Ok(leader) = read::<u64>(task, global(&OFFSETS.task_group_leader)) else {
         return 0;
     };
