@@ -2,20 +2,11 @@
 //! runs the node daemon, `flowaudit observe` prints flows, `flowaudit
 //! policy` checks and explains intended policy.
 
-mod capture;
-mod cli;
-mod endpoints;
-mod export;
-mod flow;
-mod identity;
-mod judge;
-mod pipeline;
-mod state;
-
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
+use flowaudit::cli;
 
 #[derive(Parser)]
 #[command(

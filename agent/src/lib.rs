@@ -1,0 +1,16 @@
+//! flowaudit: an identity-aware flow auditor, as a library. The binary
+//! (`main.rs`) is a thin command-line front; tests, benches and fuzz
+//! targets use these modules' real types. Folders say what they hold:
+//! `capture/` (kernel programs and records), `identity/` and `endpoints/`
+//! (who each end is), `judge` (policy), `flow/` (the event vocabulary),
+//! `export/` (metrics, gRPC, file), `cli/` (the commands).
+
+pub mod capture;
+pub mod cli;
+pub mod endpoints;
+pub mod export;
+pub mod flow;
+pub mod identity;
+pub mod judge;
+pub mod pipeline;
+pub mod state;
