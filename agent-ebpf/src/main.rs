@@ -50,11 +50,13 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use flowaudit_common::{
-    AF_INET, AF_INET6, DIR_IN, DIR_OUT, ERROR_UNREAD, EVENTS_RING_BYTES, FlowRecord, KernelOffsets,
-    LISTENERS_MAX, LOSS_PLACES, Listener, ListenerKey, ListenerSeen, LossPlace, OWNERS_MAX, Owner,
-    PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_IN_DONE, PAYLOAD_OUT_DONE, PAYLOAD_PEEK, PAYLOAD_TLS,
-    PayloadHeader, PayloadRecord, PayloadState, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED,
-    SEQ_SYN_ACKED, SOCKETS_MAX, SocketSide, SocketState, TLS_HANDSHAKE,
+    AF_INET, AF_INET6, CAPTURE_LOST, CAPTURE_NOT_WATCHED, DIR_IN, DIR_OUT, ERROR_UNREAD,
+    EVENTS_RING_BYTES, FlowRecord, KernelOffsets, LISTENERS_MAX, LOSS_PLACES, Listener,
+    ListenerKey, ListenerSeen, LossPlace, MARK_GAP, MARK_LOST, MARK_UNOBSERVABLE, OWNERS_MAX,
+    Owner, PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_IN_DONE, PAYLOAD_IN_LOST, PAYLOAD_OUT_DONE,
+    PAYLOAD_OUT_LOST, PAYLOAD_PEEK, PAYLOAD_TLS, PayloadHeader, PayloadRecord, PayloadState,
+    RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SOCKETS_MAX, SocketSide,
+    SocketState, TLS_HANDSHAKE,
 };
 
 #[map]
@@ -481,12 +483,15 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
             state.owner_known = 1;
         }
     }
+    let mut capture = CAPTURE_NOT_WATCHED;
     if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
         count_loss(LossPlace::SocketMapFull);
     } else {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         // Watched only when its close will be seen (and the entry removed).
-        watch_payload(ctx, sock_cookie);
+        if watch_payload(ctx, sock_cookie) {
+            capture = 0;
+        }
     }
     emit(
         ctx,
@@ -496,6 +501,7 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
         netns_cookie,
         now,
         0,
+        capture,
     );
     Ok(())
 }
@@ -503,8 +509,9 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
 /// Puts the socket in `PAYLOAD`: the next sequence numbers now are those of
 /// the first payload byte in each direction, from which the payload
 /// programs count stream offsets.
+/// False when the map is full (counted): the payload is not watched.
 #[inline(always)]
-fn watch_payload(ctx: &SockOpsContext, sock_cookie: u64) {
+fn watch_payload(ctx: &SockOpsContext, sock_cookie: u64) -> bool {
     let ops = ctx.ops;
     let snd = field!(ops, snd_nxt);
     let rcv = field!(ops, rcv_nxt);
@@ -520,7 +527,9 @@ fn watch_payload(ctx: &SockOpsContext, sock_cookie: u64) {
     };
     if PAYLOAD.insert(&sock_cookie, &watch, 0).is_err() {
         count_loss(LossPlace::PayloadMapFull);
+        return false;
     }
+    true
 }
 
 /// Remembers which states the socket went through: whether our FIN was
@@ -552,8 +561,19 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
         }
         return Ok(());
     }
+    // Payload bytes lost that no MARK_LOST record could tell: the CLOSE
+    // record says so instead.
+    let mut capture = 0u8;
+    if let Some(p) = unsafe { PAYLOAD.get(&sock_cookie) } {
+        if p.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) != 0 {
+            capture = CAPTURE_LOST;
+        }
+    }
     let _ = PAYLOAD.remove(&sock_cookie);
     let Some(state) = (unsafe { SOCKETS.get(&sock_cookie) }) else {
+        // State callbacks are on only for sockets some agent tracked: this
+        // one opened before this agent (or SOCKETS was full at the time).
+        count_loss(LossPlace::CloseUntracked);
         return Ok(());
     };
     let state = *state;
@@ -572,6 +592,7 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
         netns_cookie,
         now,
         old_state as u8,
+        capture,
     );
     Ok(())
 }
@@ -612,6 +633,7 @@ fn emit(
     netns_cookie: u64,
     now: u64,
     old_state: u8,
+    capture: u8,
 ) {
     let ops = ctx.ops;
     let Some(mut entry) = EVENTS.reserve::<FlowRecord>(0) else {
@@ -677,7 +699,8 @@ fn emit(
         (*rec).owner_known = state.owner_known;
         (*rec).old_state = old_state;
         (*rec).seq_flags = seq_flags;
-        (*rec)._pad = [0; 2];
+        (*rec).capture = capture;
+        (*rec)._pad = 0;
         (*rec).local_port = field!(ops, local_port) as u16;
         // remote_port holds the port in network byte order in its upper half.
         (*rec).remote_port = u32::from_be(field!(ops, remote_port)) as u16;
@@ -731,16 +754,46 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
         return;
     };
     let st = unsafe { &mut *st };
+    let (lost_bit, done_bit) = if dir == DIR_OUT {
+        (PAYLOAD_OUT_LOST, PAYLOAD_OUT_DONE)
+    } else {
+        (PAYLOAD_IN_LOST, PAYLOAD_IN_DONE)
+    };
+    if st.flags & lost_bit != 0 {
+        // Bytes were lost and userspace was not told yet: try again now.
+        let at = if dir == DIR_OUT {
+            st.out_next.wrapping_sub(st.out_base)
+        } else {
+            st.in_next.wrapping_sub(st.in_base)
+        };
+        if emit_mark(cookie, dir, at, MARK_LOST) {
+            st.flags &= !lost_bit;
+            finish(cookie, st, done_bit);
+        }
+        return;
+    }
+    if st.flags & done_bit != 0 {
+        return;
+    }
     let Some(vihl) = load::<u8>(ctx, 0) else {
         return;
     };
     let (ip_len, proto) = match vihl >> 4 {
         4 => (((vihl & 0x0f) as u32) * 4, load::<u8>(ctx, 9)),
-        // Extension headers are not followed: such packets are skipped.
         6 => (40, load::<u8>(ctx, 6)),
         _ => return,
     };
     if proto != Some(IPPROTO_TCP) {
+        if vihl >> 4 == 6 {
+            // A TCP socket's IPv6 packet whose next header is not TCP has
+            // extension headers, which are not followed: say so.
+            let at = if dir == DIR_OUT {
+                st.out_next.wrapping_sub(st.out_base)
+            } else {
+                st.in_next.wrapping_sub(st.in_base)
+            };
+            give_up(cookie, st, dir, at, MARK_UNOBSERVABLE);
+        }
         return;
     }
     let (Some(seq), Some(doff)) = (load::<u32>(ctx, ip_len + 4), load::<u8>(ctx, ip_len + 12))
@@ -754,20 +807,18 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
         return;
     }
     let len = total - start;
-    let (next, base, taken, done_bit) = if dir == DIR_OUT {
-        (st.out_next, st.out_base, st.out_taken, PAYLOAD_OUT_DONE)
+    let (next, base, taken) = if dir == DIR_OUT {
+        (st.out_next, st.out_base, st.out_taken)
     } else {
-        (st.in_next, st.in_base, st.in_taken, PAYLOAD_IN_DONE)
+        (st.in_next, st.in_base, st.in_taken)
     };
-    if st.flags & done_bit != 0 {
-        return;
-    }
     // Bytes of this packet already seen (a retransmission overlaps them).
     let skip = next.wrapping_sub(seq);
     if (skip as i32) < 0 {
         // A gap (out of order, or an earlier packet not seen): the stream
-        // can no longer be followed in this direction.
-        finish(cookie, st, done_bit);
+        // can no longer be followed in this direction. Userspace is told,
+        // so an unfinished classification ends at once with the reason.
+        give_up(cookie, st, dir, next.wrapping_sub(base), MARK_GAP);
         return;
     }
     if skip >= len {
@@ -787,14 +838,19 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
             } else {
                 fresh
             };
-            emit_bytes::<PAYLOAD_PEEK>(ctx, cookie, dir, next.wrapping_sub(base), data_off, n);
-            let _ = PAYLOAD.remove(&cookie);
+            if emit_bytes::<PAYLOAD_PEEK>(ctx, cookie, dir, next.wrapping_sub(base), data_off, n) {
+                let _ = PAYLOAD.remove(&cookie);
+            } else {
+                // The one record that tells plaintext was lost.
+                st.flags |= lost_bit | done_bit;
+            }
             return;
         }
         st.flags |= PAYLOAD_TLS;
     }
     let mut copied = 0u32;
     let mut taken = taken;
+    let mut lost = false;
     for _ in 0..CHUNKS_PER_PACKET {
         if copied >= fresh || taken >= PAYLOAD_BUDGET {
             break;
@@ -808,6 +864,7 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
         }
         let offset = next.wrapping_sub(base).wrapping_add(copied);
         if !emit_bytes::<PAYLOAD_CHUNK>(ctx, cookie, dir, offset, data_off + copied, n) {
+            lost = true;
             break;
         }
         copied += n;
@@ -821,16 +878,50 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
         st.in_next = seen_to;
         st.in_taken = taken;
     }
-    if taken >= PAYLOAD_BUDGET || copied < fresh {
+    if lost {
+        let at = next.wrapping_sub(base).wrapping_add(copied);
+        give_up(cookie, st, dir, at, MARK_LOST);
+    } else if taken >= PAYLOAD_BUDGET || copied < fresh {
         finish(cookie, st, done_bit);
     }
 }
 
-/// Marks a direction finished; forgets the socket when both are.
+/// Stops following a direction for a reason userspace must know: sends a
+/// `mark` record at stream offset `at`; when the ring is full, remembers
+/// that bytes were lost (retried on the next packet, else told by CLOSE).
+#[inline(always)]
+fn give_up(cookie: u64, st: &mut PayloadState, dir: u8, at: u32, mark: u8) {
+    let (lost_bit, done_bit) = if dir == DIR_OUT {
+        (PAYLOAD_OUT_LOST, PAYLOAD_OUT_DONE)
+    } else {
+        (PAYLOAD_IN_LOST, PAYLOAD_IN_DONE)
+    };
+    if !emit_mark(cookie, dir, at, mark) {
+        st.flags |= lost_bit;
+    }
+    finish(cookie, st, done_bit);
+}
+
+/// A zero-length payload record carrying `mark`.
+#[inline(always)]
+fn emit_mark(cookie: u64, dir: u8, at: u32, mark: u8) -> bool {
+    let mut hdr = header(cookie, dir, at, 0);
+    hdr.mark = mark;
+    if EVENTS.output::<PayloadHeader>(&hdr, 0).is_err() {
+        count_loss(LossPlace::RingFullPayload);
+        return false;
+    }
+    true
+}
+
+/// Marks a direction finished; forgets the socket when both are and no
+/// loss is still untold.
 #[inline(always)]
 fn finish(cookie: u64, st: &mut PayloadState, done_bit: u32) {
     st.flags |= done_bit;
-    if st.flags & (PAYLOAD_OUT_DONE | PAYLOAD_IN_DONE) == (PAYLOAD_OUT_DONE | PAYLOAD_IN_DONE) {
+    if st.flags & (PAYLOAD_OUT_DONE | PAYLOAD_IN_DONE) == (PAYLOAD_OUT_DONE | PAYLOAD_IN_DONE)
+        && st.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) == 0
+    {
         let _ = PAYLOAD.remove(&cookie);
     }
 }
@@ -840,7 +931,8 @@ fn header(cookie: u64, dir: u8, offset: u32, len: u32) -> PayloadHeader {
     PayloadHeader {
         kind: RecordKind::Payload as u8,
         dir,
-        _pad: [0; 2],
+        mark: 0,
+        _pad: 0,
         len,
         offset,
         _pad2: 0,

@@ -94,6 +94,7 @@ impl Judge {
                 destination: peer(&flow.destination),
                 port: flow.l4.destination_port,
                 encryption: observed(&flow.encryption),
+                encryption_detail: flow.encryption.unknown_reason.map_or("", |r| r.describe()),
                 failed: flow.event == EventKind::Failed,
             });
             flow.verdict = decision.verdict;
@@ -294,9 +295,24 @@ mod tests {
         );
         let f = judged(EncryptionState::Mtls, ClientCertificate::Sent);
         assert_eq!((f.verdict, kinds(&f)), (Verdict::Compliant, vec![]));
-        // No payload seen: nothing to say about encryption.
-        let f = judged(EncryptionState::Unknown, ClientCertificate::Unknown);
-        assert_eq!((f.verdict, kinds(&f)), (Verdict::Compliant, vec![]));
+        // Not seen is never silently compliant: the finding says why, for
+        // every reason the capture can give.
+        for reason in crate::flow::UnknownReason::ALL {
+            let mut f = flow("backend", 8000);
+            f.encryption.state = EncryptionState::Unknown;
+            f.encryption.unknown_reason = Some(reason);
+            judge.judge(&mut f);
+            assert_eq!(
+                (f.verdict, kinds(&f)),
+                (Verdict::Compliant, vec![FindingKind::MtlsUnverified]),
+                "{reason:?}"
+            );
+            assert!(
+                f.findings[0].message.contains(reason.describe()),
+                "{reason:?}: {}",
+                f.findings[0].message
+            );
+        }
 
         // The backend's port answered with the postgresql SVID.
         let mut f = flow("backend", 8000);

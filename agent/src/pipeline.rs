@@ -160,6 +160,11 @@ impl Pipeline {
     }
 
     fn handle(&mut self, ev: &KernelEvent, clock: &Clock) {
+        if let Some(reason) = ev.capture {
+            // Not watched (CONNECT) or bytes lost (CLOSE): nothing more will
+            // come, so the answer settles now, with the reason.
+            self.encryption.mark(ev.sock_cookie, reason);
+        }
         let mut flow = FlowEvent::from_kernel(ev, &self.node_name, clock);
         let cookie = flow.socket.cookie;
         let query = match &mut self.enricher {

@@ -193,7 +193,9 @@ pub struct FlowRecord {
     /// `SEQ_*` bits: which of SYN and FIN the byte counters include, so
     /// userspace can report payload bytes exactly.
     pub seq_flags: u8,
-    pub _pad: [u8; 2],
+    /// `CAPTURE_*` bits: what payload capture missed for this socket.
+    pub capture: u8,
+    pub _pad: u8,
     /// Local and remote ports, host byte order.
     pub local_port: u16,
     pub remote_port: u16,
@@ -233,6 +235,13 @@ pub const SEQ_FIN_ACKED: u8 = 2;
 /// `bytes_received` counts the peer's FIN (`SOCK_DONE` was set).
 pub const SEQ_FIN_RECEIVED: u8 = 4;
 
+/// `FlowRecord::capture`: the socket's payload is not watched (the
+/// `PAYLOAD` or `SOCKETS` map was full), so its encryption cannot be seen.
+pub const CAPTURE_NOT_WATCHED: u8 = 1;
+/// `FlowRecord::capture` (on CLOSE/FAILED): payload bytes of the socket were
+/// lost (ring buffer full) and no `MARK_LOST` record could tell it earlier.
+pub const CAPTURE_LOST: u8 = 2;
+
 /// Payload capture: the kernel copies the first bytes a tracked connection
 /// carries in each direction, so userspace can tell plaintext from TLS and
 /// mutual TLS. Bounded: at most `PAYLOAD_BUDGET` bytes per direction, in
@@ -258,7 +267,10 @@ pub struct PayloadHeader {
     pub kind: u8,
     /// `DIR_OUT` or `DIR_IN`.
     pub dir: u8,
-    pub _pad: [u8; 2],
+    /// 0 for data; else one `MARK_*` value, and `len` is 0: from `offset`
+    /// on, the direction's stream is not followed, and why.
+    pub mark: u8,
+    pub _pad: u8,
     /// Bytes of data that follow (at most the record's capacity).
     pub len: u32,
     /// Where the data starts in its direction's byte stream (0 = first payload byte).
@@ -266,6 +278,16 @@ pub struct PayloadHeader {
     pub _pad2: u32,
     pub sock_cookie: u64,
 }
+
+/// `PayloadHeader::mark`: a gap in the stream (a segment the hook never
+/// saw, or out of order): the rest of this direction cannot be followed.
+pub const MARK_GAP: u8 = 1;
+/// `PayloadHeader::mark`: bytes were lost (ring buffer full, or the copy
+/// failed) before this record.
+pub const MARK_LOST: u8 = 2;
+/// `PayloadHeader::mark`: the packets cannot be parsed here (IPv6 extension
+/// headers are not followed).
+pub const MARK_UNOBSERVABLE: u8 = 3;
 
 /// A payload record with room for `N` bytes.
 #[repr(C)]
@@ -300,6 +322,11 @@ pub const PAYLOAD_TLS: u32 = 1;
 /// Nothing more is copied in that direction (budget spent or a gap).
 pub const PAYLOAD_OUT_DONE: u32 = 2;
 pub const PAYLOAD_IN_DONE: u32 = 4;
+/// Bytes of that direction were lost and no `MARK_LOST` record has gone
+/// out yet (the ring was full): retried on the next packet, else the
+/// CLOSE record says `CAPTURE_LOST`.
+pub const PAYLOAD_OUT_LOST: u32 = 8;
+pub const PAYLOAD_IN_LOST: u32 = 16;
 
 /// Places where the kernel side can lose information; index into the
 /// per-CPU `LOST` counter array. Each is counted where it happens.
@@ -323,9 +350,13 @@ pub enum LossPlace {
     RingFullPayload = 6,
     /// The `OWNERS` map update failed: the socket's owner stays unknown.
     OwnerMapFull = 7,
+    /// A connection closed that the agent never saw open (it predates this
+    /// agent, e.g. across a restart, or `SOCKETS` was full): its CLOSE or
+    /// FAILED is not reported.
+    CloseUntracked = 8,
 }
 
-pub const LOSS_PLACES: u32 = 8;
+pub const LOSS_PLACES: u32 = 9;
 
 impl LossPlace {
     pub const ALL: [LossPlace; LOSS_PLACES as usize] = [
@@ -337,6 +368,7 @@ impl LossPlace {
         Self::PayloadMapFull,
         Self::RingFullPayload,
         Self::OwnerMapFull,
+        Self::CloseUntracked,
     ];
 
     /// Label used in logs and metrics.
@@ -350,6 +382,34 @@ impl LossPlace {
             Self::PayloadMapFull => "payload_map_full",
             Self::RingFullPayload => "ring_full_payload",
             Self::OwnerMapFull => "owner_map_full",
+            Self::CloseUntracked => "close_untracked",
+        }
+    }
+
+    /// What a loss here costs, for `status`, metrics help and LostEvents.
+    pub fn consequence(self) -> &'static str {
+        match self {
+            Self::RingFullConnect => "CONNECT events not reported (ring buffer full)",
+            Self::RingFullClose => "CLOSE events not reported (ring buffer full)",
+            Self::RingFullFailed => "FAILED events not reported (ring buffer full)",
+            Self::SocketMapFull => {
+                "sockets not tracked (socket map full): their CLOSE or FAILED is lost and their encryption is not seen"
+            }
+            Self::ListenerMapFull => {
+                "listeners not tracked (listener map full): their accepted connections have no owner"
+            }
+            Self::PayloadMapFull => {
+                "connections whose payload was not watched (payload map full): encryption not seen"
+            }
+            Self::RingFullPayload => {
+                "payload records lost (ring buffer full): encryption may not be seen"
+            }
+            Self::OwnerMapFull => {
+                "socket owners not recorded (owner map full): those ends have no pid"
+            }
+            Self::CloseUntracked => {
+                "CLOSE or FAILED events of connections the agent never saw open (older than the agent)"
+            }
         }
     }
 
@@ -357,7 +417,10 @@ impl LossPlace {
     pub fn loses_event(self) -> bool {
         matches!(
             self,
-            Self::RingFullConnect | Self::RingFullClose | Self::RingFullFailed
+            Self::RingFullConnect
+                | Self::RingFullClose
+                | Self::RingFullFailed
+                | Self::CloseUntracked
         )
     }
 }

@@ -46,6 +46,7 @@ fn bench(c: &mut Criterion) {
             destination: Peer::spiffe(&dst, IdentitySource::Attested),
             port,
             encryption: ObservedEncryption::Mtls,
+            encryption_detail: "",
             failed: false,
         };
         assert_eq!(

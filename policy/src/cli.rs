@@ -360,6 +360,7 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         destination: to.peer(),
         port: a.port,
         encryption,
+        encryption_detail: "",
         failed: a.failed,
     };
     let d: Decision = loaded.policy.evaluate(&flow);

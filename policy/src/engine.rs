@@ -319,13 +319,37 @@ impl PolicySet {
                     if self.options.unverified_mtls_is_violation {
                         verdict = Verdict::Violation;
                     }
+                    let why = if flow.encryption_detail.is_empty() {
+                        "cannot be observed"
+                    } else {
+                        flow.encryption_detail
+                    };
                     findings.push(Finding {
                         kind: FindingKind::MtlsUnverified,
-                        message: format!("{what} is TLS, but whether the client presented a certificate cannot be observed; {rule_name} requires mTLS"),
+                        message: format!("{what} is TLS, but whether the client presented a certificate is unknown ({why}); {rule_name} requires mTLS"),
                     });
                 }
-                // No payload seen: nothing to say about encryption.
-                ObservedEncryption::Mtls | ObservedEncryption::Unknown => {}
+                // Not seen is not compliant: an auditor that could not look
+                // says so (a tenant filling the capture maps must not turn
+                // the mTLS audit off).
+                ObservedEncryption::Unknown => {
+                    let what = describe();
+                    if self.options.unverified_mtls_is_violation {
+                        verdict = Verdict::Violation;
+                    }
+                    let why = if flow.encryption_detail.is_empty() {
+                        "no payload was seen"
+                    } else {
+                        flow.encryption_detail
+                    };
+                    findings.push(Finding {
+                        kind: FindingKind::MtlsUnverified,
+                        message: format!(
+                            "whether {what} is mTLS is unknown ({why}); {rule_name} requires mTLS"
+                        ),
+                    });
+                }
+                ObservedEncryption::Mtls => {}
             }
         }
         self.finish(

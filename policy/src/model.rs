@@ -300,6 +300,10 @@ pub struct Flow<'a> {
     /// Destination TCP port.
     pub port: u16,
     pub encryption: ObservedEncryption,
+    /// Why the encryption could not be seen, in words, when it is
+    /// `Unknown` (or TLS with the client certificate undecided); empty for
+    /// the default reason, that no payload was seen.
+    pub encryption_detail: &'a str,
     /// The attempt never established (refused, reset, timed out).
     pub failed: bool,
 }

@@ -155,6 +155,7 @@ fn eval(
         destination: as_peer(dst),
         port,
         encryption: enc,
+        encryption_detail: "",
         failed,
     })
 }

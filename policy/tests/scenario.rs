@@ -94,6 +94,7 @@ fn eval(p: &PolicySet, src: Peer<'_>, dst: Peer<'_>, port: u16, enc: E, failed: 
         destination: dst,
         port,
         encryption: enc,
+        encryption_detail: "",
         failed,
     })
 }
@@ -189,6 +190,7 @@ fn flowpolicy_reference_scenario() {
             "frontend-to-backend",
         ),
         (
+            // Not seen is never silently compliant (issue 16).
             "frontend->backend no payload",
             fe,
             be,
@@ -196,7 +198,7 @@ fn flowpolicy_reference_scenario() {
             E::Unknown,
             false,
             V::Compliant,
-            &[],
+            &[F::MtlsUnverified],
             "frontend-to-backend",
         ),
         (

@@ -403,3 +403,203 @@ fn each_connection_gets_the_encryption_it_carries() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One sample of the Prometheus exposition: `name{labels}` exactly.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in /metrics:\n{text}"))
+}
+
+/// Issue 16: an auditor that could not see must say so. With the kernel's
+/// payload map made tiny (`--payload-sockets 2`), one idle connection fills
+/// it; the next connection's payload is not watched. Under a rule requiring
+/// mTLS, neither may come out silently COMPLIANT: each gets MTLS_UNVERIFIED
+/// with its reason (`no_payload_seen` for the idle one, `not_watched` for
+/// the unwatched one), the reasons are counted, and the loss is visible at
+/// every place a user looks: /metrics, `flowaudit status` and the stream.
+#[test]
+fn encryption_not_seen_is_never_silently_compliant() {
+    require_root();
+    let sim = Precinct99::start(66).expect("precinct-99 on a simulated node");
+    let dir = temp_dir("mtls-unseen");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let agent = sim.agent(
+        &dir,
+        &policy,
+        &[
+            "--spire-admin-socket",
+            "none",
+            "--payload-sockets",
+            "2",
+            "--encryption-wait-ms",
+            "1000",
+        ],
+    );
+    let bin = flowaudit_tests::agent::agent_binary();
+    // A subscriber following the stream, to see the loss notice.
+    let follower = std::process::Command::new(&bin)
+        .args([
+            "observe",
+            "--server",
+            &agent.grpc_addr(),
+            "-f",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("flowaudit observe -f");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let frontend = sim.workloads[FRONTEND].pod.clone();
+    let backend = &sim.workloads[BACKEND].pod;
+    let to = std::net::SocketAddr::new(IpAddr::V4(backend.ip4()), 8000);
+    // The idle connection: both of its sockets are watched and fill the map.
+    let holder = std::thread::spawn(move || {
+        let mut opts = flowaudit_tests::simpod::ConnectOpts::new(to);
+        opts.hold_ms = 4000;
+        frontend.connect(&opts)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let http = b"GET /api/orders HTTP/1.1\r\nHost: backend\r\n\r\n";
+    assert!(
+        tls::raw_client(
+            &sim.workloads[FRONTEND].pod,
+            IpAddr::V4(backend.ip4()),
+            8000,
+            http
+        )
+        .expect("http client"),
+        "plaintext HTTP client failed"
+    );
+    let held = holder
+        .join()
+        .expect("holder thread")
+        .expect("idle connection");
+    let held_port = held
+        .records
+        .first()
+        .and_then(|r| r.local)
+        .map(|a| a.port())
+        .expect("the idle connection's record");
+    agent.wait_for_flows(4, std::time::Duration::from_secs(30), |f| {
+        f["event"] == "CLOSE"
+    });
+    let (code, metrics) = agent.http_get("/metrics");
+    assert_eq!(code, 200);
+    let status = std::process::Command::new(&bin)
+        .args(["status", "--server", &agent.grpc_addr(), "-o", "json"])
+        .output()
+        .expect("flowaudit status");
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let report = agent.stop();
+    let _ = nix_kill(&follower);
+    let follower_err = {
+        let out = follower.wait_with_output().expect("observe output");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let mut problems = Vec::new();
+    let to_backend: Vec<&Value> = report
+        .flows
+        .iter()
+        .filter(|f| f["l4"]["destination_port"] == 8000 && f["event"] != "FAILED")
+        .collect();
+    assert!(
+        to_backend.len() >= 8,
+        "expected CONNECT and CLOSE of both sockets of both connections, got {}",
+        to_backend.len()
+    );
+    for f in &to_backend {
+        let client_port = f["l4"]["source_port"].as_u64().unwrap_or(0);
+        let expected = if client_port != u64::from(held_port) {
+            "not_watched"
+        } else if f["event"] == "CONNECT" {
+            "no_payload_seen"
+        } else {
+            // The server answers when the idle client closes: its CLOSE
+            // events carry what was seen then (plaintext, MTLS_MISSING).
+            continue;
+        };
+        let kinds: Vec<&str> = f["findings"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
+            .unwrap_or_default();
+        let unverified = f["findings"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["kind"] == "MTLS_UNVERIFIED"));
+        if f["encryption"]["state"] != "UNKNOWN"
+            || f["encryption"]["unknown_reason"] != expected
+            || !kinds.contains(&"MTLS_UNVERIFIED")
+        {
+            problems.push(format!(
+                "{} {} from port {client_port}: expected encryption UNKNOWN ({expected}) with MTLS_UNVERIFIED, got {} ({}) with {kinds:?}, verdict {}",
+                f["event"],
+                f["direction"],
+                f["encryption"]["state"],
+                f["encryption"]["unknown_reason"],
+                f["verdict"]
+            ));
+        } else if expected == "not_watched"
+            && !unverified.is_some_and(|u| {
+                u["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("payload map was full"))
+            })
+        {
+            problems.push(format!("the finding does not say why: {unverified:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    let lost = sample(
+        &metrics,
+        "flowaudit_kernel_events_lost_total{place=\"payload_map_full\"}",
+    );
+    assert!(
+        lost >= 2.0,
+        "payload_map_full counted {lost}, expected >= 2"
+    );
+    for (reason, at_least) in [("not_watched", 2.0), ("no_payload_seen", 2.0)] {
+        let n = sample(
+            &metrics,
+            &format!("flowaudit_mtls_unverified_total{{reason=\"{reason}\"}}"),
+        );
+        assert!(
+            n >= at_least,
+            "flowaudit_mtls_unverified_total{{reason=\"{reason}\"}} is {n}, expected >= {at_least}"
+        );
+    }
+    let place = status["kernel_losses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|l| l["place"] == "payload_map_full"))
+        .unwrap_or_else(|| panic!("status lists no payload_map_full: {status}"));
+    assert!(
+        place["count"].as_u64() >= Some(2),
+        "status: payload_map_full {place}"
+    );
+    assert!(
+        follower_err.contains("payload_map_full"),
+        "the stream told no payload_map_full loss; observe said:\n{follower_err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn nix_kill(child: &std::process::Child) -> std::io::Result<()> {
+    // SAFETY: kill(2) on a child we own and have not reaped.
+    let r = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -96,13 +96,19 @@ pub struct CaptureStats {
 }
 
 impl CaptureStats {
-    /// Flow events the kernel could not deliver (ring buffer full).
+    /// Flow events never reported (ring buffer full, or a close the agent
+    /// never saw open).
     pub fn events_lost(&self) -> u64 {
         LossPlace::ALL
             .iter()
             .filter(|p| p.loses_event())
             .map(|p| self.lost[*p as usize].load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Every place's count as last read.
+    pub fn lost_by_place(&self) -> [u64; LOSS_PLACES as usize] {
+        std::array::from_fn(|i| self.lost[i].load(Ordering::Relaxed))
     }
 }
 
@@ -122,9 +128,10 @@ fn cgroup2_root_from(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
-/// The attached programs. Dropping it detaches them.
+/// The attached programs. Dropping it (or [`Capture::detach`]) detaches them.
 pub struct Capture {
-    _ebpf: Ebpf,
+    /// None once detached: the ring buffer and loss counters live on.
+    ebpf: Option<Ebpf>,
     lost: PerCpuArray<MapData, u64>,
     pub stats: Arc<CaptureStats>,
     pub cgroup_root: PathBuf,
@@ -138,7 +145,7 @@ impl Capture {
     /// Checks prerequisites, loads and attaches, with a ring buffer of
     /// `ring_bytes` (a power of two, a multiple of the page size). Fails
     /// with the fix in the message.
-    pub fn start(ring_bytes: u32) -> Result<Self, CaptureError> {
+    pub fn start(ring_bytes: u32, payload_sockets: u32) -> Result<Self, CaptureError> {
         let euid = unsafe { libc::geteuid() };
         if euid != 0 {
             return Err(CaptureError::NotRoot(euid));
@@ -172,7 +179,7 @@ impl Capture {
         // Each failure the verifier explains with a helper this kernel lacks
         // turns that feature off; at most one retry per switch.
         let mut ebpf = loop {
-            match load(&offsets, pidns_inum, features, ring_bytes) {
+            match load(&offsets, pidns_inum, features, ring_bytes, payload_sockets) {
                 Ok(ebpf) => break ebpf,
                 Err(LoadFailure::Program { name, source }) => {
                     let text = source.to_string();
@@ -279,7 +286,7 @@ impl Capture {
             source,
         })?;
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf: Some(ebpf),
             lost,
             stats: Arc::new(CaptureStats {
                 degradations,
@@ -290,6 +297,13 @@ impl Capture {
             features,
             ring: Some(ring),
         })
+    }
+
+    /// Detaches every program; the ring buffer and loss counters stay
+    /// readable. At shutdown this comes before the reader's final drain,
+    /// so no record is written after it (and none is left unread).
+    pub fn detach(&mut self) {
+        self.ebpf = None;
     }
 
     /// Reads the kernel's per-CPU loss counters into `stats`; returns the
@@ -406,12 +420,14 @@ fn load(
     pidns_inum: u32,
     f: Features,
     ring_bytes: u32,
+    payload_sockets: u32,
 ) -> Result<Ebpf, LoadFailure> {
     let kernel_reads = u32::from(f.kernel_reads);
     let netns_helper = u32::from(f.sock_ops_netns_cookie);
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(names::MAP_EVENTS, ring_bytes)
+        .map_max_entries(names::MAP_PAYLOAD, payload_sockets)
         .override_global(names::KERNEL_READS, &kernel_reads, true)
         .override_global(names::SOCK_OPS_NETNS_COOKIE, &netns_helper, true)
         .override_global(names::OFFSETS, offsets, true)

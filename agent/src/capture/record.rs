@@ -6,11 +6,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::flow::EventKind;
+use crate::flow::{EventKind, UnknownReason};
 
 use flowaudit_common::{
-    AF_INET, AF_INET6, DIR_IN, DIR_OUT, FlowRecord, PAYLOAD_CHUNK, PayloadHeader, RecordKind,
-    SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SocketSide,
+    AF_INET, AF_INET6, CAPTURE_LOST, CAPTURE_NOT_WATCHED, DIR_IN, DIR_OUT, FlowRecord, MARK_GAP,
+    MARK_LOST, MARK_UNOBSERVABLE, PAYLOAD_CHUNK, PayloadHeader, RecordKind, SEQ_FIN_ACKED,
+    SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SocketSide,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +28,12 @@ pub enum RecordError {
     Direction(u8),
     #[error("kernel payload record says {len} bytes but carries {room}")]
     PayloadLength { len: u32, room: usize },
+    #[error("kernel payload record has unknown mark {0}")]
+    Mark(u8),
+    #[error("kernel payload mark record carries {0} bytes, expected none")]
+    MarkLength(u32),
+    #[error("kernel record has unknown capture bits {0:#x}")]
+    Capture(u8),
 }
 
 /// One decoded ring-buffer item.
@@ -38,12 +45,15 @@ pub enum KernelRecord {
 
 /// Payload bytes of one connection, as the socket `sock_cookie` sent
 /// (`outbound`) or received them, starting at `offset` in that direction.
+/// With `mark`, no bytes: the kernel stopped following that direction at
+/// `offset`, for that reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PayloadChunk {
     pub sock_cookie: u64,
     pub outbound: bool,
     pub offset: u32,
     pub data: Vec<u8>,
+    pub mark: Option<UnknownReason>,
 }
 
 impl KernelRecord {
@@ -73,6 +83,16 @@ impl PayloadChunk {
             DIR_IN => false,
             d => return Err(RecordError::Direction(d)),
         };
+        let mark = match hdr.mark {
+            0 => None,
+            MARK_GAP => Some(UnknownReason::StreamGap),
+            MARK_LOST => Some(UnknownReason::PayloadLost),
+            MARK_UNOBSERVABLE => Some(UnknownReason::NotObservable),
+            m => return Err(RecordError::Mark(m)),
+        };
+        if mark.is_some() && hdr.len != 0 {
+            return Err(RecordError::MarkLength(hdr.len));
+        }
         let room = bytes.len() - head;
         let len = hdr.len as usize;
         if len > room || len > PAYLOAD_CHUNK {
@@ -83,6 +103,7 @@ impl PayloadChunk {
             outbound,
             offset: hdr.offset,
             data: bytes[head..head + len].to_vec(),
+            mark,
         })
     }
 }
@@ -114,6 +135,9 @@ pub struct KernelEvent {
     pub bytes_received: u64,
     pub error: u32,
     pub retransmits: u32,
+    /// What payload capture missed for this socket, when the kernel knew
+    /// at this record (not watched at CONNECT, bytes lost at CLOSE).
+    pub capture: Option<UnknownReason>,
 }
 
 fn addr(family: u16, raw: [u8; 16], port: u16) -> SocketAddr {
@@ -168,6 +192,12 @@ impl KernelEvent {
         if family != AF_INET && family != AF_INET6 {
             return Err(RecordError::Family(rec.family));
         }
+        let capture = match rec.capture {
+            0 => None,
+            CAPTURE_NOT_WATCHED => Some(UnknownReason::NotWatched),
+            CAPTURE_LOST => Some(UnknownReason::PayloadLost),
+            c => return Err(RecordError::Capture(c)),
+        };
         let owner = (rec.owner_known == 1).then(|| ProcessInfo {
             tgid: rec.owner.tgid,
             start_boottime_ns: rec.owner.start_boottime_ns,
@@ -196,6 +226,7 @@ impl KernelEvent {
                 .saturating_sub(u64::from(rec.seq_flags & SEQ_FIN_RECEIVED != 0)),
             error: rec.error,
             retransmits: rec.retransmits,
+            capture,
         })
     }
 }
@@ -219,7 +250,8 @@ pub(crate) mod tests {
             owner_known: 1,
             old_state: 1,
             seq_flags: 0,
-            _pad: [0; 2],
+            capture: 0,
+            _pad: 0,
             local_port: 43122,
             remote_port: 5432,
             error: 0,
@@ -325,6 +357,7 @@ pub(crate) mod tests {
                 outbound: true,
                 offset: 1024,
                 data: vec![0x16, 3, 1],
+                mark: None,
             }
         );
         // Claims more bytes than it carries.
@@ -348,6 +381,72 @@ pub(crate) mod tests {
             KernelRecord::from_bytes(&as_bytes(&sample())),
             Ok(KernelRecord::Flow(_))
         ));
+    }
+
+    fn payload_bytes(hdr: &PayloadHeader) -> Vec<u8> {
+        // SAFETY: PayloadHeader is plain data without implicit padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (hdr as *const PayloadHeader).cast::<u8>(),
+                std::mem::size_of::<PayloadHeader>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_capture_marks_and_capture_bits() {
+        let mut hdr = PayloadHeader {
+            kind: RecordKind::Payload as u8,
+            dir: DIR_IN,
+            offset: 300,
+            sock_cookie: 9,
+            ..Default::default()
+        };
+        for (mark, reason) in [
+            (MARK_GAP, UnknownReason::StreamGap),
+            (MARK_LOST, UnknownReason::PayloadLost),
+            (MARK_UNOBSERVABLE, UnknownReason::NotObservable),
+        ] {
+            hdr.mark = mark;
+            let KernelRecord::Payload(p) = KernelRecord::from_bytes(&payload_bytes(&hdr)).unwrap()
+            else {
+                panic!("a mark record decoded as a flow record");
+            };
+            assert_eq!((p.mark, p.offset, p.data.len()), (Some(reason), 300, 0));
+        }
+        hdr.mark = 9;
+        assert_eq!(
+            KernelRecord::from_bytes(&payload_bytes(&hdr)),
+            Err(RecordError::Mark(9))
+        );
+        // A mark never carries bytes.
+        hdr.mark = MARK_GAP;
+        hdr.len = 1;
+        let mut bytes = payload_bytes(&hdr);
+        bytes.push(0x16);
+        assert_eq!(
+            KernelRecord::from_bytes(&bytes),
+            Err(RecordError::MarkLength(1))
+        );
+
+        let mut r = sample();
+        assert_eq!(KernelEvent::from_record(&r).unwrap().capture, None);
+        r.capture = CAPTURE_NOT_WATCHED;
+        assert_eq!(
+            KernelEvent::from_record(&r).unwrap().capture,
+            Some(UnknownReason::NotWatched)
+        );
+        r.capture = CAPTURE_LOST;
+        assert_eq!(
+            KernelEvent::from_record(&r).unwrap().capture,
+            Some(UnknownReason::PayloadLost)
+        );
+        r.capture = 0x80;
+        assert_eq!(
+            KernelEvent::from_record(&r),
+            Err(RecordError::Capture(0x80))
+        );
     }
 
     #[test]

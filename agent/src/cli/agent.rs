@@ -110,6 +110,19 @@ pub struct AgentArgs {
         value_name = "MIB"
     )]
     pub ring_buffer_mib: u32,
+    /// Connections whose first payload bytes (the TLS handshake) are
+    /// watched at once, node-wide. Beyond it a connection's encryption is
+    /// UNKNOWN with the reason `not_watched` (an mTLS rule then gives
+    /// MTLS_UNVERIFIED), counted at `payload_map_full`. Each costs about
+    /// 100 bytes of kernel memory.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_PAYLOAD_SOCKETS",
+        default_value_t = flowaudit_common::SOCKETS_MAX,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(flowaudit_common::SOCKETS_MAX)),
+        value_name = "N"
+    )]
+    pub payload_sockets: u32,
     #[command(flatten)]
     pub export: crate::export::ExportArgs,
     /// Log format on standard error.
@@ -180,7 +193,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         }
         false => Some(crate::judge::load_initial(&args.policy)?),
     };
-    let mut capture = Capture::start(args.ring_buffer_mib << 20)?;
+    let mut capture = Capture::start(args.ring_buffer_mib << 20, args.payload_sockets)?;
     let (tx, rx) = mpsc::channel(16 * 1024);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let reader = capture.spawn_reader(tx, shutdown_rx)?;
@@ -240,7 +253,9 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
         }
     }
-    // Stop reading only after draining what the kernel has already written.
+    // Detach first, then drain: once no program runs, the reader's final
+    // drain sees every record the kernel ever wrote.
+    capture.detach();
     let _ = shutdown_tx.send(true);
     let _ = reader.await;
     let _ = pipeline.await;

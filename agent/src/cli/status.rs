@@ -156,6 +156,15 @@ pub fn render(s: &proto::ServerStatusResponse) -> String {
     for d in &s.kernel_degradations {
         out.push_str(&format!("  {}: {} ({})\n", d.name, d.lost, d.reason));
     }
+    let losses: Vec<&proto::KernelLoss> = s.kernel_losses.iter().filter(|l| l.count > 0).collect();
+    if losses.is_empty() {
+        out.push_str(&format!("{:<width$} none\n", "Kernel losses:"));
+    } else {
+        out.push_str("Kernel losses:\n");
+        for l in losses {
+            out.push_str(&format!("  {}: {} ({})\n", l.place, l.count, l.consequence));
+        }
+    }
     out
 }
 
@@ -177,6 +186,7 @@ fn as_json(s: &proto::ServerStatusResponse) -> serde_json::Value {
         "spire": s.spire.as_ref().map(|p| serde_json::json!({"connected": p.connected, "socket": p.socket, "mode": p.mode, "detail": p.detail})),
         "policy": s.policy.as_ref().map(|p| serde_json::json!({"version": p.version, "rules": p.rules, "last_error": p.last_error})),
         "kernel_degradations": s.kernel_degradations.iter().map(|d| serde_json::json!({"name": d.name, "reason": d.reason, "lost": d.lost})).collect::<Vec<_>>(),
+        "kernel_losses": s.kernel_losses.iter().map(|l| serde_json::json!({"place": l.place, "count": l.count, "consequence": l.consequence, "loses_flow_events": l.loses_flow_events})).collect::<Vec<_>>(),
     })
 }
 
@@ -219,8 +229,41 @@ Identity cache:     not available
 SPIRE connection:   connected (/run/spire/admin-sockets/admin.sock), asking by selectors
 Policy version:     not available
 Kernel:             every feature available
+Kernel losses:      none
 "
         );
+    }
+
+    #[test]
+    fn text_status_lists_every_place_that_lost_something() {
+        let s = proto::ServerStatusResponse {
+            kernel_losses: vec![
+                proto::KernelLoss {
+                    place: "ring_full_connect".into(),
+                    count: 0,
+                    consequence: "CONNECT events not reported (ring buffer full)".into(),
+                    loses_flow_events: true,
+                },
+                proto::KernelLoss {
+                    place: "payload_map_full".into(),
+                    count: 7,
+                    consequence: "connections whose payload was not watched (payload map full): encryption not seen".into(),
+                    loses_flow_events: false,
+                },
+            ],
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(
+            text.ends_with(
+                "Kernel losses:\n  payload_map_full: 7 (connections whose payload was not watched (payload map full): encryption not seen)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("ring_full_connect"), "{text}");
+        let j = as_json(&s);
+        assert_eq!(j["kernel_losses"][1]["place"], "payload_map_full");
+        assert_eq!(j["kernel_losses"][1]["count"], 7);
     }
 
     #[test]
@@ -263,7 +306,7 @@ Kernel:             every feature available
         };
         let text = render(&s);
         assert!(
-            text.ends_with(
+            text.contains(
                 "Kernel:             degraded: kernel_reads\n  kernel_reads: no process start times (kernel lockdown is in confidentiality mode)\n"
             ),
             "{text}"

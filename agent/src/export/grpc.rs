@@ -21,6 +21,7 @@ use super::proto;
 use super::proto::flow_audit_client::FlowAuditClient;
 use super::proto::flow_audit_server::{FlowAudit, FlowAuditServer};
 use crate::state::AgentState;
+use flowaudit_common::LossPlace;
 
 /// The default `--grpc-addr` (and `--server` of `observe` and `status`).
 pub const DEFAULT_ADDR: &str = "unix:///var/run/flowaudit/flowaudit.sock";
@@ -156,25 +157,43 @@ impl FlowAudit for FlowAuditService {
 }
 
 fn lost_events(source: LostSource, count: u64) -> proto::LostEvents {
-    let (src, message) = match source {
+    let (src, message, place) = match source {
         LostSource::SubscriberQueue => (
             proto::LostEventsSource::SubscriberQueue,
             format!(
                 "{count} flows not delivered: this subscriber read more slowly than flows came and its queue was full"
             ),
+            String::new(),
         ),
-        LostSource::Kernel => (
+        LostSource::Kernel(place) => (
             proto::LostEventsSource::Kernel,
             format!(
-                "{count} connection records lost in the kernel: the agent's ring buffer was full"
+                "{count} lost in the kernel at {}: {}",
+                place.name(),
+                place.consequence()
             ),
+            place.name().to_owned(),
         ),
     };
     proto::LostEvents {
         source: src as i32,
         count,
         message,
+        place,
     }
+}
+
+/// Every loss place with its count, for `ServerStatus`.
+fn kernel_losses(stats: &crate::capture::CaptureStats) -> Vec<proto::KernelLoss> {
+    LossPlace::ALL
+        .iter()
+        .map(|&p| proto::KernelLoss {
+            place: p.name().to_owned(),
+            count: stats.lost[p as usize].load(Ordering::Relaxed),
+            consequence: p.consequence().to_owned(),
+            loses_flow_events: p.loses_event(),
+        })
+        .collect()
 }
 
 fn system_time_to_proto(t: SystemTime) -> prost_types::Timestamp {
@@ -196,6 +215,7 @@ pub fn status_of(state: &AgentState, hub: &Hub) -> proto::ServerStatusResponse {
         flows_seen: state.pipeline.flows.load(Ordering::Relaxed),
         kernel_events: state.capture.records.load(Ordering::Relaxed),
         kernel_events_lost: state.capture.events_lost(),
+        kernel_losses: kernel_losses(&state.capture),
         flows_buffered: hub.buffered() as u64,
         flow_buffer_capacity: hub.capacity() as u64,
         subscribers: u32::try_from(hub.subscribers()).unwrap_or(u32::MAX),
@@ -381,6 +401,7 @@ pub mod convert {
     use flowaudit_policy::{EncryptionState, FindingKind, IdentitySource, Verdict};
 
     use super::proto;
+    use crate::flow::UnknownReason;
     use crate::flow::{
         ClientCertificate, Direction, Encryption, EndKind, Endpoint, EventKind, FailureReason,
         Finding, FlowEvent, L4, Socket,
@@ -704,6 +725,11 @@ pub mod convert {
                 client_certificate_inferred: f.encryption.client_certificate_inferred,
                 server_spiffe_id: f.encryption.server_spiffe_id.clone(),
                 client_spiffe_id: f.encryption.client_spiffe_id.clone(),
+                unknown_reason: f
+                    .encryption
+                    .unknown_reason
+                    .map_or("", UnknownReason::as_str)
+                    .to_owned(),
             }),
             bytes_sent: f.bytes_sent,
             bytes_received: f.bytes_received,
@@ -773,6 +799,8 @@ pub mod convert {
                 client_certificate_inferred: enc.client_certificate_inferred,
                 server_spiffe_id: enc.server_spiffe_id,
                 client_spiffe_id: enc.client_spiffe_id,
+                // An unknown name (a newer agent) reads as no reason.
+                unknown_reason: UnknownReason::from_name(&enc.unknown_reason),
             },
             bytes_sent: f.bytes_sent,
             bytes_received: f.bytes_received,

@@ -25,6 +25,7 @@ use super::metrics::Metrics;
 use super::proto;
 use crate::flow::{Endpoint, EventKind, FlowEvent};
 use crate::state::AgentState;
+use flowaudit_common::{LOSS_PLACES, LossPlace};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
@@ -59,8 +60,22 @@ pub enum Item {
 pub enum LostSource {
     /// This subscriber's queue was full.
     SubscriberQueue,
-    /// The kernel could not deliver records to the agent.
-    Kernel,
+    /// The kernel side lost something at this place.
+    Kernel(LossPlace),
+}
+
+impl LostSource {
+    /// Kernel places first (they happened before the queue filled), then
+    /// the queue: the order notices are told in.
+    const ALL: [LostSource; LOSS_PLACES as usize + 1] = {
+        let mut all = [LostSource::SubscriberQueue; LOSS_PLACES as usize + 1];
+        let mut i = 0;
+        while i < LOSS_PLACES as usize {
+            all[i] = LostSource::Kernel(LossPlace::ALL[i]);
+            i += 1;
+        }
+        all
+    };
 }
 
 // ---------------------------------------------------------------- filters
@@ -344,14 +359,14 @@ impl FilterSet {
 #[derive(Debug, Default)]
 struct Pending {
     queue: AtomicU64,
-    kernel: AtomicU64,
+    kernel: [AtomicU64; LOSS_PLACES as usize],
 }
 
 impl Pending {
     fn counter(&self, source: LostSource) -> &AtomicU64 {
         match source {
             LostSource::SubscriberQueue => &self.queue,
-            LostSource::Kernel => &self.kernel,
+            LostSource::Kernel(place) => &self.kernel[place as usize],
         }
     }
 }
@@ -380,7 +395,7 @@ impl Subscriber {
 
     /// Tells earlier losses first (so they arrive in order), then sends.
     fn deliver(&self, flow: &Arc<FlowEvent>) -> Sent {
-        for source in [LostSource::Kernel, LostSource::SubscriberQueue] {
+        for source in LostSource::ALL {
             let counter = self.pending.counter(source);
             if counter.load(Ordering::Relaxed) > 0 {
                 let count = counter.swap(0, Ordering::Relaxed);
@@ -570,16 +585,15 @@ impl Hub {
         }
     }
 
-    /// Tells every subscriber that the kernel lost `count` records.
-    pub fn kernel_lost(&self, count: u64) {
+    /// Tells every subscriber that the kernel side lost `count` at `place`.
+    pub fn kernel_lost(&self, place: LossPlace, count: u64) {
         let inner = self.lock();
+        let source = LostSource::Kernel(place);
         for s in &inner.subscribers {
-            let item = Item::Lost {
-                source: LostSource::Kernel,
-                count,
-            };
-            if let Sent::Full = s.try_send(item) {
-                s.pending.kernel.fetch_add(count, Ordering::Relaxed);
+            if let Sent::Full = s.try_send(Item::Lost { source, count }) {
+                s.pending
+                    .counter(source)
+                    .fetch_add(count, Ordering::Relaxed);
             }
         }
     }
@@ -619,7 +633,7 @@ impl Stream for FlowStream {
             Poll::Ready(item) => Poll::Ready(item),
             Poll::Pending => {
                 // Queue drained: tell losses the hub could not queue.
-                for source in [LostSource::Kernel, LostSource::SubscriberQueue] {
+                for source in LostSource::ALL {
                     let count = live.pending.counter(source).swap(0, Ordering::Relaxed);
                     if count > 0 {
                         return Poll::Ready(Some(Item::Lost { source, count }));
@@ -631,17 +645,17 @@ impl Stream for FlowStream {
     }
 }
 
-/// The hub as a pipeline sink. Also watches the kernel loss counter, so
-/// subscribers learn about records that never became flows.
+/// The hub as a pipeline sink. Also watches the kernel's loss counters,
+/// so subscribers learn of every loss, place by place.
 pub struct HubSink {
     hub: Arc<Hub>,
     state: Arc<AgentState>,
-    kernel_lost: u64,
+    kernel_lost: [u64; LOSS_PLACES as usize],
 }
 
 impl HubSink {
     pub fn new(hub: Arc<Hub>, state: Arc<AgentState>) -> Self {
-        let kernel_lost = state.capture.events_lost();
+        let kernel_lost = state.capture.lost_by_place();
         Self {
             hub,
             state,
@@ -656,10 +670,13 @@ impl super::Sink for HubSink {
     }
 
     fn flush(&mut self) {
-        let lost = self.state.capture.events_lost();
-        if lost > self.kernel_lost {
-            self.hub.kernel_lost(lost - self.kernel_lost);
-            self.kernel_lost = lost;
+        let lost = self.state.capture.lost_by_place();
+        for place in LossPlace::ALL {
+            let (now, told) = (lost[place as usize], &mut self.kernel_lost[place as usize]);
+            if now > *told {
+                self.hub.kernel_lost(place, now - *told);
+                *told = now;
+            }
         }
     }
 }
@@ -966,14 +983,48 @@ pub(crate) mod tests {
         // After the notice, flows flow again.
         h.publish(&numbered(20));
         assert!(matches!(slow.next().await, Some(Item::Flow(f)) if f.socket.cookie == 20));
-        h.kernel_lost(3);
+        h.kernel_lost(LossPlace::RingFullClose, 3);
         assert!(matches!(
             slow.next().await,
             Some(Item::Lost {
-                source: LostSource::Kernel,
+                source: LostSource::Kernel(LossPlace::RingFullClose),
                 count: 3
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn kernel_losses_are_told_place_by_place_even_when_the_queue_is_full() {
+        let h = hub(10, 1);
+        let mut s = h
+            .subscribe(Subscribe {
+                number: 0,
+                follow: true,
+                since: None,
+                filter: FilterSet::default(),
+            })
+            .unwrap();
+        h.publish(&numbered(1)); // fills the queue
+        h.kernel_lost(LossPlace::PayloadMapFull, 2);
+        h.kernel_lost(LossPlace::CloseUntracked, 1);
+        h.kernel_lost(LossPlace::PayloadMapFull, 5);
+        assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 1));
+        // Queue drained: the pending losses come, summed per place.
+        let mut told = Vec::new();
+        for _ in 0..2 {
+            match s.next().await {
+                Some(Item::Lost { source, count }) => told.push((source, count)),
+                other => panic!("expected a loss notice, got {other:?}"),
+            }
+        }
+        told.sort_by_key(|(s, _)| format!("{s:?}"));
+        assert_eq!(
+            told,
+            vec![
+                (LostSource::Kernel(LossPlace::CloseUntracked), 1),
+                (LostSource::Kernel(LossPlace::PayloadMapFull), 7),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -34,8 +34,9 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use crate::capture::CaptureStats;
-use crate::flow::{Direction, EventKind, FlowEvent};
+use crate::flow::{Direction, EventKind, FlowEvent, UnknownReason};
 use crate::state::AgentState;
+use flowaudit_common::LossPlace;
 
 /// Most `{source,destination,port}` series of `flowaudit_policy_violations_total`.
 pub const VIOLATION_SERIES_CAP: usize = 1000;
@@ -84,6 +85,21 @@ struct ResultLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// `flowaudit_mtls_unverified_total{reason}`: why mTLS could not be
+/// verified. `tls_client_certificate_hidden` is TLS whose client
+/// certificate cannot be observed (TLS 1.3); the others are
+/// `UnknownReason`s (nothing seen, capture lost, not observable).
+const TLS_HIDDEN: &str = "tls_client_certificate_hidden";
+
+fn unverified_reason(e: &crate::flow::Encryption) -> &'static str {
+    e.unknown_reason.map_or(TLS_HIDDEN, UnknownReason::as_str)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VersionLabels {
     version: &'static str,
 }
@@ -101,6 +117,7 @@ pub struct Metrics {
     registry: Registry,
     flows: Family<FlowLabels, Counter>,
     findings: Family<KindLabels, Counter>,
+    mtls_unverified: Family<ReasonLabels, Counter>,
     violations: Family<ViolationLabels, Counter>,
     /// When each violation series was last seen, to cap and expire them.
     violation_seen: Mutex<HashMap<ViolationLabels, Instant>>,
@@ -132,13 +149,19 @@ impl Collector for KernelCollector {
             None,
             records.metric_type(),
         )?)?;
-        let lost = ConstCounter::new(self.0.events_lost());
-        lost.encode(encoder.encode_descriptor(
+        // Every place, from 0: ring_full_connect, ring_full_close,
+        // ring_full_failed and close_untracked lose flow events; the others
+        // lose what `LossPlace::consequence` says (owners, payload).
+        let mut lost = encoder.encode_descriptor(
             "flowaudit_kernel_events_lost",
-            "Connection records the kernel could not deliver (ring buffer full).",
+            "What the kernel side lost, by place (see `flowaudit status`): flow events at ring_full_connect, ring_full_close, ring_full_failed and close_untracked; owners, listeners or payload (encryption) at the others.",
             None,
-            lost.metric_type(),
-        )?)?;
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for place in LossPlace::ALL {
+            let n = ConstCounter::new(self.0.lost[place as usize].load(Ordering::Relaxed));
+            n.encode(lost.encode_family(&[("place", place.name())])?)?;
+        }
         let mut degraded = encoder.encode_descriptor(
             "flowaudit_kernel_degraded",
             "Facts this node's kernel does not give the agent (1 per named degradation; see `flowaudit status`).",
@@ -167,6 +190,12 @@ impl Metrics {
             "flowaudit_findings",
             "Policy findings, once per connection and observing side",
             findings.clone(),
+        );
+        let mtls_unverified = Family::default();
+        registry.register(
+            "flowaudit_mtls_unverified",
+            "MTLS_UNVERIFIED findings by reason: a rule requires mTLS and it could not be verified (tls_client_certificate_hidden, no_payload_seen, not_watched, payload_lost, stream_gap, not_observable); once per connection and observing side",
+            mtls_unverified.clone(),
         );
         let violations = Family::default();
         registry.register(
@@ -236,6 +265,11 @@ impl Metrics {
                 kind: kind.as_str(),
             });
         }
+        for reason in
+            std::iter::once(TLS_HIDDEN).chain(UnknownReason::ALL.map(UnknownReason::as_str))
+        {
+            let _ = mtls_unverified.get_or_create(&ReasonLabels { reason });
+        }
         for state in [
             EncryptionState::Plaintext,
             EncryptionState::Tls,
@@ -259,6 +293,7 @@ impl Metrics {
             registry,
             flows,
             findings,
+            mtls_unverified,
             violations,
             violation_seen: Mutex::new(HashMap::new()),
             encryption,
@@ -467,6 +502,13 @@ impl super::Sink for MetricsSink {
                         kind: FindingKind::as_str(f.kind),
                     })
                     .inc();
+                if f.kind == FindingKind::MtlsUnverified {
+                    m.mtls_unverified
+                        .get_or_create(&ReasonLabels {
+                            reason: unverified_reason(&flow.encryption),
+                        })
+                        .inc();
+                }
             }
         }
         if flow.verdict == Verdict::Violation && now & VIOLATION_BIT == 0 {

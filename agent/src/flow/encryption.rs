@@ -10,7 +10,7 @@ use std::sync::Arc;
 use flowaudit_policy::EncryptionState;
 use flowaudit_wire::{Classifier, ClientCert, Dir, Observation, WireState};
 
-use super::{ClientCertificate, Encryption};
+use super::{ClientCertificate, Encryption, UnknownReason};
 use crate::capture::record::PayloadChunk;
 
 /// Sockets followed at once at most; beyond that new ones stay UNKNOWN
@@ -53,27 +53,36 @@ impl EncryptionTracker {
             // Already final: later bytes change nothing.
             return false;
         };
+        if let Some(reason) = chunk.mark {
+            // The kernel stopped following the stream: what is known now
+            // is all there will be, with the reason for what is missing.
+            let e = with_reason(encryption_of(&c.observation()), reason);
+            *entry = Entry::Settled(share(&mut self.shared, e));
+            return true;
+        }
         let dir = if chunk.outbound { Dir::Out } else { Dir::In };
         c.feed(dir, chunk.offset, &chunk.data);
         // The kernel sends nothing more once a connection opened with
         // anything but a TLS handshake record: plaintext is final here.
         let o = c.observation();
         if c.is_final() || o.state == WireState::Plaintext {
-            let e = encryption_of(&o);
-            let answer = match self.shared.get(&e) {
-                Some(a) => a.clone(),
-                None => {
-                    let a = Arc::new(e);
-                    if self.shared.len() < MAX_SHARED {
-                        self.shared.insert((*a).clone(), a.clone());
-                    }
-                    a
-                }
-            };
-            *entry = Entry::Settled(answer);
+            *entry = Entry::Settled(share(&mut self.shared, encryption_of(&o)));
             return true;
         }
         false
+    }
+
+    /// The kernel says the socket's payload was not (fully) captured:
+    /// settles an unfinished answer with that reason. A final answer stays.
+    pub fn mark(&mut self, cookie: u64, reason: UnknownReason) {
+        let e = match self.sockets.get(&cookie) {
+            Some(Entry::Settled(_)) => return,
+            Some(Entry::Open(c)) => with_reason(encryption_of(&c.observation()), reason),
+            None if self.sockets.len() >= MAX_SOCKETS => return,
+            None => with_reason(Encryption::default(), reason),
+        };
+        let answer = share(&mut self.shared, e);
+        self.sockets.insert(cookie, Entry::Settled(answer));
     }
 
     /// Whether the socket's answer is final (nothing more will change it).
@@ -81,12 +90,16 @@ impl EncryptionTracker {
         matches!(self.sockets.get(&cookie), Some(Entry::Settled(_)))
     }
 
-    /// What is known about the socket now (UNKNOWN if nothing).
+    /// What is known about the socket now (UNKNOWN, with the reason
+    /// `no_payload_seen`, if nothing).
     pub fn current(&self, cookie: u64) -> Encryption {
         match self.sockets.get(&cookie) {
             Some(Entry::Settled(e)) => (**e).clone(),
-            Some(Entry::Open(c)) => encryption_of(&c.observation()),
-            None => Encryption::default(),
+            Some(Entry::Open(c)) => with_reason(
+                encryption_of(&c.observation()),
+                UnknownReason::NoPayloadSeen,
+            ),
+            None => with_reason(Encryption::default(), UnknownReason::NoPayloadSeen),
         }
     }
 
@@ -100,6 +113,32 @@ impl EncryptionTracker {
     pub(crate) fn followed(&self) -> usize {
         self.sockets.len()
     }
+}
+
+/// The one shared copy of an answer.
+fn share(shared: &mut HashMap<Encryption, Arc<Encryption>>, e: Encryption) -> Arc<Encryption> {
+    if let Some(a) = shared.get(&e) {
+        return a.clone();
+    }
+    let a = Arc::new(e);
+    if shared.len() < MAX_SHARED {
+        shared.insert((*a).clone(), a.clone());
+    }
+    a
+}
+
+/// Attaches `reason` where something could not be seen: the encryption
+/// itself (UNKNOWN), or a TLS client certificate left undecided.
+fn with_reason(mut e: Encryption, reason: UnknownReason) -> Encryption {
+    let undecided = match e.state {
+        EncryptionState::Unknown => true,
+        EncryptionState::Tls => e.client_certificate == ClientCertificate::Unknown,
+        EncryptionState::Plaintext | EncryptionState::Mtls => false,
+    };
+    if undecided {
+        e.unknown_reason = Some(reason);
+    }
+    e
 }
 
 /// The event form of an observation.
@@ -124,6 +163,7 @@ pub fn encryption_of(o: &Observation) -> Encryption {
         client_certificate_inferred: o.client_cert_inferred,
         server_spiffe_id: o.server_spiffe_id.clone().unwrap_or_default(),
         client_spiffe_id: o.client_spiffe_id.clone().unwrap_or_default(),
+        unknown_reason: None,
     }
 }
 
@@ -137,7 +177,49 @@ mod tests {
             outbound,
             offset,
             data: data.to_vec(),
+            mark: None,
         }
+    }
+
+    #[test]
+    fn unknown_always_carries_its_reason() {
+        let mut t = EncryptionTracker::default();
+        // Nothing seen at all.
+        let e = t.current(5);
+        assert_eq!(
+            (e.state, e.unknown_reason),
+            (EncryptionState::Unknown, Some(UnknownReason::NoPayloadSeen))
+        );
+        // A gap before anything could be classified settles at once.
+        let gap = PayloadChunk {
+            mark: Some(UnknownReason::StreamGap),
+            ..chunk(5, false, 0, &[])
+        };
+        assert!(t.on_chunk(&gap), "a gap must settle the answer at once");
+        assert_eq!(t.current(5).unknown_reason, Some(UnknownReason::StreamGap));
+        // The kernel never watched this one (map full).
+        t.mark(6, UnknownReason::NotWatched);
+        assert!(t.is_settled(6));
+        assert_eq!(t.current(6).unknown_reason, Some(UnknownReason::NotWatched));
+        // A half-seen TLS handshake keeps what it saw, with the reason for
+        // the undecided client certificate.
+        t.on_chunk(&chunk(
+            7,
+            true,
+            0,
+            &[0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00],
+        ));
+        t.mark(7, UnknownReason::PayloadLost);
+        let e = t.current(7);
+        assert_eq!(e.unknown_reason, Some(UnknownReason::PayloadLost));
+        // A final answer is not changed by a later loss.
+        t.on_chunk(&chunk(8, true, 0, b"GET / HTTP/1.1\r\n\r\n"));
+        t.mark(8, UnknownReason::PayloadLost);
+        let e = t.current(8);
+        assert_eq!(
+            (e.state, e.unknown_reason),
+            (EncryptionState::Plaintext, None)
+        );
     }
 
     #[test]

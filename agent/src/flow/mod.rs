@@ -190,6 +190,71 @@ pub struct Encryption {
     pub server_spiffe_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client_spiffe_id: String,
+    /// Why the encryption (or, for TLS, the client certificate) could not
+    /// be seen; set only when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_reason: Option<UnknownReason>,
+}
+
+/// Why a connection's encryption could not be seen. A flow under a rule
+/// requiring mTLS with one of these gets `MTLS_UNVERIFIED` with the reason,
+/// and `flowaudit_mtls_unverified_total{reason}` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownReason {
+    /// No payload arrived (in time for a CONNECT event, or at all).
+    NoPayloadSeen,
+    /// The kernel did not watch the socket's payload (its map was full).
+    NotWatched,
+    /// Payload bytes were lost (ring buffer full, or the agent's own
+    /// tracker was full).
+    PayloadLost,
+    /// A segment was missing or out of order: the stream could not be followed.
+    StreamGap,
+    /// The packets cannot be parsed (IPv6 extension headers).
+    NotObservable,
+}
+
+impl UnknownReason {
+    pub const ALL: [UnknownReason; 5] = [
+        Self::NoPayloadSeen,
+        Self::NotWatched,
+        Self::PayloadLost,
+        Self::StreamGap,
+        Self::NotObservable,
+    ];
+
+    /// The JSON and metric label form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoPayloadSeen => "no_payload_seen",
+            Self::NotWatched => "not_watched",
+            Self::PayloadLost => "payload_lost",
+            Self::StreamGap => "stream_gap",
+            Self::NotObservable => "not_observable",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Words for finding messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::NoPayloadSeen => "no payload was seen in time",
+            Self::NotWatched => {
+                "capture lost: the kernel's payload map was full, so the payload was not watched"
+            }
+            Self::PayloadLost => "capture lost: payload bytes were dropped (ring buffer full)",
+            Self::StreamGap => {
+                "capture lost: a gap in the byte stream (a segment missing or out of order)"
+            }
+            Self::NotObservable => {
+                "not observable: packets with IPv6 extension headers are not parsed"
+            }
+        }
+    }
 }
 
 impl Default for Encryption {
@@ -204,6 +269,7 @@ impl Default for Encryption {
             client_certificate_inferred: false,
             server_spiffe_id: String::new(),
             client_spiffe_id: String::new(),
+            unknown_reason: None,
         }
     }
 }
