@@ -56,12 +56,8 @@ def generate():
 
 
 def channel(server):
-    # grpc-python understands unix:///abs/path itself; HOST:PORT as is. For
-    # a Unix socket it would send the socket path as :authority, which is
-    # not a valid authority and which HTTP/2 servers (hyper, so tonic) reject
-    # with PROTOCOL_ERROR; grpcurl sends "localhost", and so do we.
-    options = [("grpc.default_authority", "localhost")] if server.startswith("unix:") else []
-    return grpc.insecure_channel(server, options=options)
+    # grpc-python understands unix:///abs/path itself; HOST:PORT as is.
+    return grpc.insecure_channel(server)
 
 
 def to_dict(msg):

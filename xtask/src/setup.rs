@@ -30,6 +30,10 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "kmod",
     "busybox-static",
+    // Stock grpc-go client on the agent's Unix socket (tests/tests/stock_clients.rs),
+    // built offline in GOPATH mode against Debian's Go sources.
+    "golang-go",
+    "golang-google-grpc-dev",
 ];
 
 /// Where cargo installs binaries (bpf-linker, cargo-fuzz).

@@ -1,5 +1,6 @@
 //! The gRPC side: `flowaudit.v1.FlowAudit` served on every `--grpc-addr`
-//! (a Unix socket by default, TCP on request) with server reflection, the
+//! (a Unix socket by default, its connections through [`super::h2_authority`]
+//! so stock clients work; TCP on request) with server reflection, the
 //! client connection used by `observe` and `status`, and the conversions
 //! between [`FlowEvent`] and the `Flow` message (which mirrors the JSON
 //! form field for field, so a flow survives the round trip unchanged).
@@ -13,9 +14,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{Connected, UdsConnectInfo};
 use tonic::transport::{Channel, Endpoint as TonicEndpoint, Server};
 use tonic::{Request, Response, Status};
 
+use super::h2_authority::AuthorityFix;
 use super::hub::{FilterSet, Hub, Item, LostSource, Subscribe};
 use super::proto;
 use super::proto::flow_audit_client::FlowAuditClient;
@@ -282,6 +285,14 @@ fn prepare_socket(path: &Path) -> Result<(), GrpcError> {
     }
 }
 
+impl Connected for AuthorityFix<tokio::net::UnixStream> {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.get_ref().connect_info()
+    }
+}
+
 /// Binds every address now (so a bad one fails the start) and serves them
 /// in the background. Returns the addresses bound (TCP port 0 resolved).
 pub async fn serve(
@@ -325,7 +336,9 @@ pub async fn serve(
                     },
                 )?;
                 let guard = SocketGuard(path.clone());
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                // Stock clients send the socket path as :authority: see h2_authority.
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+                    .map(|conn| conn.map(AuthorityFix::new));
                 tokio::spawn(async move {
                     let _guard = guard;
                     if let Err(e) = router.serve_with_incoming(incoming).await {

@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod grpc;
+pub mod h2_authority;
 pub mod hub;
 pub mod metrics;
 
