@@ -26,6 +26,9 @@
 //! not TLS; after that each of its packets costs one hash-map miss.
 #![no_std]
 #![no_main]
+// aya-ebpf's map methods take `impl Borrow<K>`: a reference passes a
+// pointer, a value would be copied onto the 512-byte BPF stack first.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 use core::ptr::{addr_of, read_volatile};
 
@@ -160,12 +163,14 @@ const SOCK_DONE: u64 = 1;
 #[inline(always)]
 fn global(v: &'static u32) -> u64 {
     // Volatile: the loader rewrites these after compilation.
+    // SAFETY: a read-only global of this object, always valid; volatile so the loader's value is read.
     unsafe { read_volatile(v) as u64 }
 }
 
 #[inline(always)]
 fn count_loss(place: LossPlace) {
     if let Some(c) = LOST.get_ptr_mut(place as u32) {
+        // SAFETY: the pointer comes from this map's lookup; a per-CPU slot is written only by this CPU.
         unsafe { *c += 1 };
     }
 }
@@ -182,6 +187,7 @@ pub fn flowaudit_sock_ops(ctx: SockOpsContext) -> u32 {
 macro_rules! field {
     ($ops:expr, $($f:tt)+) => {{
         #[allow(unused_unsafe)]
+        // SAFETY: `$ops` is the program's context pointer, valid for this run; the verifier checks each field access.
         let v = unsafe { read_volatile(addr_of!((*$ops).$($f)+)) };
         v
     }};
@@ -216,6 +222,7 @@ fn current_owner() -> Owner {
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
         start_boottime_ns: 0,
+        // SAFETY: a BPF helper without arguments; it cannot fault.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         // The calling thread's name; the leader's replaces it below when
         // the task can be read.
@@ -228,6 +235,7 @@ fn current_owner() -> Owner {
         }
         return owner;
     }
+    // SAFETY: a BPF helper without arguments; it cannot fault.
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let Ok(leader) = read::<u64>(task, global(&OFFSETS.task_group_leader)) else {
         return owner;
@@ -255,6 +263,7 @@ fn leader_facts(leader: *const u8, owner: &mut Owner) {
 /// `*(T *)(base + off)` in kernel memory (with `KERNEL_READS`).
 #[inline(always)]
 fn read<T: Copy>(base: *const u8, off: u64) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-safe path: a bad address gives an error, never a fault.
     unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T) }.map_err(|e| e as i64)
 }
 
@@ -328,6 +337,7 @@ fn on_connect_call(ctx: &SockAddrContext) {
 #[inline(always)]
 fn remember_tcp_owner(ty: u32, proto: u32, ctx: *mut core::ffi::c_void) {
     if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
+        // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
         remember_owner(unsafe { bpf_get_socket_cookie(ctx) });
     }
 }
@@ -354,6 +364,7 @@ fn on_bind(ctx: &SockContext) {
 /// out of `OWNERS` (the socket's own state carries it from here on).
 #[inline(always)]
 fn take_owner(sock_cookie: u64) -> Option<Owner> {
+    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
     let owner = unsafe { OWNERS.get(&sock_cookie) }.copied();
     if owner.is_some() {
         let _ = OWNERS.remove(&sock_cookie);
@@ -367,6 +378,7 @@ fn take_owner(sock_cookie: u64) -> Option<Owner> {
 #[inline(always)]
 fn netns_cookie(ctx: &SockOpsContext) -> u64 {
     if global(&SOCK_OPS_NETNS_COOKIE) != 0 {
+        // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
         return unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     }
     if global(&KERNEL_READS) == 0 || global(&OFFSETS.net_ok) == 0 {
@@ -389,6 +401,7 @@ fn kernel_sock(ops: *mut bpf_sock_ops) -> Option<*const u8> {
     // The verifier forbids arithmetic on the context's `sk` pointer, so read
     // the kernel's own `bpf_sock_ops_kern.sk` (its first member: the loader
     // checks that in BTF and leaves the offsets 0 otherwise) as a plain value.
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-safe path: a bad address gives an error, never a fault.
     match unsafe { bpf_probe_read_kernel(ops as *const u64) } {
         Ok(sk) if sk != 0 => Some(sk as *const u8),
         _ => None,
@@ -398,6 +411,7 @@ fn kernel_sock(ops: *mut bpf_sock_ops) -> Option<*const u8> {
 #[inline(always)]
 fn cookies(ctx: &SockOpsContext) -> (u64, u64) {
     (
+        // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
         unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         netns_cookie(ctx),
     )
@@ -436,6 +450,7 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
     let owner = take_owner(sock_cookie);
     let state = SocketState {
         owner: owner.unwrap_or_default(),
+        // SAFETY: a BPF helper without arguments; it cannot fault.
         start_ns: unsafe { bpf_ktime_get_ns() },
         established_ns: 0,
         side: SocketSide::Active as u8,
@@ -455,7 +470,9 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
 fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
     let ops = ctx.ops;
     let (sock_cookie, netns_cookie) = cookies(ctx);
+    // SAFETY: a BPF helper without arguments; it cannot fault.
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
     let mut state = match unsafe { SOCKETS.get(&sock_cookie) } {
         Some(s) => *s,
         None => SocketState {
@@ -478,6 +495,7 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
             family: field!(ops, family) as u16,
             _pad: 0,
         };
+        // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
         if let Some(l) = unsafe { LISTENERS.get(&key) } {
             state.owner = l.owner;
             state.owner_known = 1;
@@ -536,10 +554,12 @@ fn watch_payload(ctx: &SockOpsContext, sock_cookie: u64) -> bool {
 /// sent (FIN_WAIT1 or LAST_ACK) decides how the byte counters are read.
 fn on_state(ctx: &SockOpsContext, new: u32) -> Result<(), i64> {
     let (sock_cookie, _) = cookies(ctx);
-    if let Some(state) = SOCKETS.get_ptr_mut(&sock_cookie) {
-        if new < 16 {
-            unsafe { (*state).states_seen |= 1 << new };
-        }
+    if let Some(state) = SOCKETS.get_ptr_mut(&sock_cookie)
+        && new < 16
+    {
+        // SAFETY: the pointer comes from this socket's own entry; a socket's
+        // sock_ops callbacks run under its lock, so nothing else writes it now.
+        unsafe { (*state).states_seen |= 1 << new };
     }
     Ok(())
 }
@@ -554,22 +574,25 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
             family: field!(ops, family) as u16,
             _pad: 0,
         };
-        if let Some(l) = unsafe { LISTENERS.get(&key) } {
-            if l.sock_cookie == sock_cookie {
-                let _ = LISTENERS.remove(&key);
-            }
+        // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
+        if let Some(l) = unsafe { LISTENERS.get(&key) }
+            && l.sock_cookie == sock_cookie
+        {
+            let _ = LISTENERS.remove(&key);
         }
         return Ok(());
     }
     // Payload bytes lost that no MARK_LOST record could tell: the CLOSE
     // record says so instead.
     let mut capture = 0u8;
-    if let Some(p) = unsafe { PAYLOAD.get(&sock_cookie) } {
-        if p.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) != 0 {
-            capture = CAPTURE_LOST;
-        }
+    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
+    if let Some(p) = unsafe { PAYLOAD.get(&sock_cookie) }
+        && p.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) != 0
+    {
+        capture = CAPTURE_LOST;
     }
     let _ = PAYLOAD.remove(&sock_cookie);
+    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
     let Some(state) = (unsafe { SOCKETS.get(&sock_cookie) }) else {
         // State callbacks are on only for sockets some agent tracked: this
         // one opened before this agent (or SOCKETS was full at the time).
@@ -583,6 +606,7 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
     } else {
         RecordKind::Close
     };
+    // SAFETY: a BPF helper without arguments; it cannot fault.
     let now = unsafe { bpf_ktime_get_ns() };
     emit(
         ctx,
@@ -615,15 +639,18 @@ fn socket_facts(ops: *mut bpf_sock_ops) -> (u32, bool) {
     let fin_received = read::<u64>(sk, global(&OFFSETS.sock_flags))
         .is_ok_and(|flags| flags & (1 << SOCK_DONE) != 0);
     for off in [global(&OFFSETS.sock_err), global(&OFFSETS.sock_err_soft)] {
-        if let Ok(e) = read::<i32>(sk, off) {
-            if e > 0 {
-                return (e as u32, fin_received);
-            }
+        if let Ok(e) = read::<i32>(sk, off)
+            && e > 0
+        {
+            return (e as u32, fin_received);
         }
     }
     (0, fin_received)
 }
 
+// Each argument is a fact of this record; a struct would be one more copy
+// on the 512-byte stack.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn emit(
     ctx: &SockOpsContext,
@@ -692,6 +719,7 @@ fn emit(
             seq_flags,
         )
     };
+    // SAFETY: `rec` points at a reserved ring-buffer entry of this record's size, ours until submit; only plain fields are written.
     unsafe {
         (*rec).kind = kind as u8;
         (*rec).side = state.side;
@@ -749,10 +777,12 @@ fn load<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
 /// the IP header on both hooks.
 #[inline(always)]
 fn payload(ctx: &SkBuffContext, dir: u8) {
+    // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
     let Some(st) = PAYLOAD.get_ptr_mut(&cookie) else {
         return;
     };
+    // SAFETY: the pointer comes from this socket's PAYLOAD entry, which stays allocated while we run; egress and ingress of one socket may race on it, costing at worst a chunk copied twice or a mark sent twice (userspace tolerates both).
     let st = unsafe { &mut *st };
     let (lost_bit, done_bit) = if dir == DIR_OUT {
         (PAYLOAD_OUT_LOST, PAYLOAD_OUT_DONE)
@@ -961,6 +991,7 @@ fn emit_bytes<const N: usize>(
     // power of two); a plain range check gets lost in the optimiser.
     let n = ((n - 1) & (N as u32 - 1)) + 1;
     let rec = entry.as_mut_ptr();
+    // SAFETY: `rec` points at a reserved ring-buffer entry with room for N bytes, ours until submit or discard; n is proven to be 1..=N above.
     let ok = unsafe {
         (*rec).hdr = header(cookie, dir, offset, n);
         bpf_skb_load_bytes(
@@ -1015,6 +1046,7 @@ pub fn flowaudit_listeners(ctx: *mut core::ffi::c_void) -> i32 {
     let ctx = ctx as *const IterTaskFile;
     // Context loads stay plain loads: the verifier types them (a seq_file
     // pointer for bpf_seq_write), which it would not do for probe reads.
+    // SAFETY: the iterator's context holds pointers the kernel guarantees for this run (bpf_iter contract); the verifier types each load.
     let (meta, task, file) = unsafe {
         (
             read_volatile(addr_of!((*ctx).meta)),
@@ -1044,7 +1076,9 @@ pub fn flowaudit_listeners(ctx: *mut core::ffi::c_void) -> i32 {
     seen.owner.tgid = read::<i32>(leader, global(&OFFSETS.task_tgid)).map_or(0, |t| t as u32);
     leader_facts(leader, &mut seen.owner);
     seen.owner.cgroup_id = task_cgroup_id(leader);
+    // SAFETY: `meta` is the iterator's context pointer, valid for this run.
     let seq = unsafe { read_volatile(addr_of!((*meta).seq)) };
+    // SAFETY: `seq` is the iterator's seq_file, valid for this run; the written record lives on our stack.
     unsafe {
         bpf_seq_write(
             seq as *mut _,

@@ -603,3 +603,93 @@ fn nix_kill(child: &std::process::Child) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Issue 16: packets with IPv6 extension headers are not parsed by the
+/// payload hook; the kernel says so at once (a mark record), and the flow
+/// carries `unknown_reason: not_observable` and MTLS_UNVERIFIED, where it
+/// used to wait out the timeout and pass as COMPLIANT. The client sets a
+/// destination-options header (PadN) on its socket (IPV6_DSTOPTS, root in
+/// its pod), so every packet it sends carries one.
+#[test]
+fn ipv6_extension_headers_are_reported_not_observable() {
+    require_root();
+    let sim = Precinct99::start(67).expect("precinct-99 on a simulated node");
+    let dir = temp_dir("mtls-exthdr");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let agent = sim.agent(
+        &dir,
+        &policy,
+        &[
+            "--spire-admin-socket",
+            "none",
+            "--encryption-wait-ms",
+            "5000",
+        ],
+    );
+    let backend = sim.workloads[BACKEND].pod.ip6();
+    // struct ip6_dest: next header (kernel-filled), length 0 (8 bytes),
+    // then PadN (type 1) with 4 bytes of padding.
+    let script = format!(
+        "import socket\n\
+         s=socket.socket(socket.AF_INET6,socket.SOCK_STREAM)\n\
+         s.setsockopt(socket.IPPROTO_IPV6,59,bytes([0,0,1,4,0,0,0,0]))\n\
+         s.settimeout(3)\n\
+         s.connect(('{backend}',8000))\n\
+         s.sendall(b'GET /api/orders HTTP/1.1\\r\\nHost: backend\\r\\n\\r\\n')\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         try:\n  s.recv(4096)\n\
+         except Exception:\n  pass\n\
+         s.close()\n"
+    );
+    let out = sim.workloads[FRONTEND]
+        .pod
+        .output({
+            let mut c = std::process::Command::new("python3");
+            c.args(["-c", &script]);
+            c
+        })
+        .expect("python3 client");
+    assert!(
+        out.status.success(),
+        "the IPv6 client with a destination-options header failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.wait_for_flows(2, std::time::Duration::from_secs(30), |f| {
+        f["event"] == "CLOSE"
+    });
+    let report = agent.stop();
+    let events: Vec<&Value> = report
+        .flows
+        .iter()
+        .filter(|f| {
+            f["l4"]["destination_port"] == 8000
+                && f["l4"]["destination_ip"] == backend.to_string().as_str()
+        })
+        .collect();
+    assert_eq!(
+        events.len(),
+        4,
+        "expected CONNECT and CLOSE of both sockets: {events:#?}"
+    );
+    // The client's packets carry the header: the client's outbound and the
+    // server's inbound stream are not observable. (The server's answer has
+    // none, but the classification ends at the first mark.)
+    for f in &events {
+        let findings: Vec<&str> = f["findings"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            f["encryption"]["state"] == "UNKNOWN"
+                && f["encryption"]["unknown_reason"] == "not_observable"
+                && findings.contains(&"MTLS_UNVERIFIED"),
+            "{} {}: expected UNKNOWN (not_observable) with MTLS_UNVERIFIED, got {} ({}) {findings:?}",
+            f["event"],
+            f["direction"],
+            f["encryption"]["state"],
+            f["encryption"]["unknown_reason"]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
