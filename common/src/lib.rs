@@ -464,15 +464,32 @@ pub const OWNERS_MAX: u32 = 65_536;
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, explicit padding.
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for Owner {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for SocketState {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for Listener {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for ListenerSeen {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for FlowRecord {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for PayloadHeader {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for PayloadState {}
 }
 

@@ -264,14 +264,13 @@ impl PeerArg {
 
     /// Derives the SPIFFE ID from namespace and service account, as the agent does.
     fn derive(&mut self, trust_domain: Option<&String>) {
-        if self.spiffe_id.is_none() {
-            if let (Some(td), Some(ns), Some(sa)) =
+        if self.spiffe_id.is_none()
+            && let (Some(td), Some(ns), Some(sa)) =
                 (trust_domain, &self.namespace, &self.service_account)
             {
                 self.spiffe_id = Some(derive_id(td, ns, sa));
                 self.identity_source = Some(IdentitySource::Derived);
             }
-        }
     }
 
     fn peer(&self) -> Peer<'_> {

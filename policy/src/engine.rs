@@ -143,7 +143,7 @@ impl PolicySet {
         } else {
             let eg = self.direction(src, false, dst, flow.port);
             let ing = self.direction(dst, true, src, flow.port);
-            let passes = |d: &DirOutcome| d.selected.not().or(d.allowed);
+            let passes = |d: &DirOutcome| (!d.selected).or(d.allowed);
             let allow = passes(&eg)
                 .and(passes(&ing))
                 .and(eg.selected.or(ing.selected));
@@ -272,22 +272,20 @@ impl PolicySet {
                 mtls_required |= req;
             }
         }
-        if let Some((eg, ing)) = &imp {
-            if imp_allow == Tri::Yes {
+        if let Some((eg, ing)) = &imp
+            && imp_allow == Tri::Yes {
                 let by = if ing.selected == Tri::Yes {
                     ing.allow_by
                 } else {
                     eg.allow_by
                 };
                 let imp_mtls = ing.mtls_required || eg.mtls_required;
-                if let Some(p) = by.and_then(|i| self.imported.get(i as usize)) {
-                    if rule_name.is_empty() || (imp_mtls && !mtls_required) {
+                if let Some(p) = by.and_then(|i| self.imported.get(i as usize))
+                    && (rule_name.is_empty() || (imp_mtls && !mtls_required)) {
                         rule_name = p.rule_name();
                     }
-                }
                 mtls_required |= imp_mtls;
             }
-        }
 
         let mut verdict = Verdict::Compliant;
         if flow.failed {

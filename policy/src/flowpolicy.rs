@@ -26,14 +26,13 @@ pub fn parse(ctx: &mut Ctx, top: &Map<'_, '_>) -> Option<FlowPolicyDoc> {
         &["apiVersion", "kind", "metadata", "spec"],
     );
     let api = top.req_string(ctx, "apiVersion", "FlowPolicy");
-    if let (Some(api), Some(node)) = (api, top.get("apiVersion")) {
-        if api != API_VERSION {
+    if let (Some(api), Some(node)) = (api, top.get("apiVersion"))
+        && api != API_VERSION {
             ctx.error_at(
                 node,
                 format!("unsupported apiVersion `{api}` for FlowPolicy; expected `{API_VERSION}`"),
             );
         }
-    }
     let name = match top.get("metadata") {
         Some(m) => {
             let meta = Map::new(ctx, m, "metadata")?;
@@ -60,8 +59,8 @@ pub fn parse(ctx: &mut Ctx, top: &Map<'_, '_>) -> Option<FlowPolicyDoc> {
         &["trustDomain", "mtls", "rules", "deny"],
     );
     let td = spec.req_string(ctx, "trustDomain", "FlowPolicy spec");
-    if let (Some(td), Some(node)) = (&td, spec.get("trustDomain")) {
-        if !valid_trust_domain(td) {
+    if let (Some(td), Some(node)) = (&td, spec.get("trustDomain"))
+        && !valid_trust_domain(td) {
             ctx.error_at(
                 node,
                 format!(
@@ -69,7 +68,6 @@ pub fn parse(ctx: &mut Ctx, top: &Map<'_, '_>) -> Option<FlowPolicyDoc> {
                 ),
             );
         }
-    }
     // Zero trust: mTLS is required unless the policy says otherwise.
     let default_mtls = match spec.get("mtls") {
         Some(n) => parse_mtls(ctx, n).unwrap_or(MtlsMode::Required),

@@ -152,8 +152,8 @@ fn cilium_rule(
         !ingress.allow.is_empty() || !ingress.deny.is_empty() || has_items(&spec, "ingress");
     egress.enforced =
         !egress.allow.is_empty() || !egress.deny.is_empty() || has_items(&spec, "egress");
-    if let Some(edd) = spec.get("enableDefaultDeny") {
-        if let Some(m) = Map::new(ctx, edd, "enableDefaultDeny") {
+    if let Some(edd) = spec.get("enableDefaultDeny")
+        && let Some(m) = Map::new(ctx, edd, "enableDefaultDeny") {
             m.check_fields(ctx, "enableDefaultDeny", &["ingress", "egress"]);
             for (key, target) in [("ingress", &mut ingress), ("egress", &mut egress)] {
                 if let Some(v) = m.get(key) {
@@ -168,7 +168,6 @@ fn cilium_rule(
                 }
             }
         }
-    }
     let (line, col) = pos(node);
     Some(ImportedPolicy {
         kind,
@@ -243,12 +242,11 @@ fn cilium_peer_rule(
             if let Some(mut sel) = cilium_selector(ctx, s, kind) {
                 // In a namespaced policy a peer selector without a namespace means the
                 // policy's own namespace.
-                if let Some(ns) = ns {
-                    if !sel.has_namespace_req() {
+                if let Some(ns) = ns
+                    && !sel.has_namespace_req() {
                         sel.reqs
                             .push(Req::In(LabelKey::Namespace, vec![ns.to_string()]));
                     }
-                }
                 peers.push(ImportedPeer::Endpoints(sel));
             }
         }
@@ -319,8 +317,8 @@ fn cilium_peer_rule(
         peers.push(ImportedPeer::Any);
     }
     let mut mtls_required = false;
-    if let Some(a) = map.get("authentication") {
-        if let Some(am) = Map::new(ctx, a, "authentication") {
+    if let Some(a) = map.get("authentication")
+        && let Some(am) = Map::new(ctx, a, "authentication") {
             am.check_fields(ctx, "authentication", &["mode"]);
             match am.opt_string(ctx, "mode", "authentication").as_deref() {
                 Some("required") => mtls_required = true,
@@ -328,7 +326,6 @@ fn cilium_peer_rule(
                 Some(other) => ctx.warn_at(a, format!("authentication mode `{other}` is not audited; treated as not requiring mTLS")),
             }
         }
-    }
     Some(ImportedRule {
         peers,
         ports,
@@ -758,13 +755,10 @@ fn netpol_rule(
             continue;
         }
         let mut sel = Selector::default();
-        match pm.get("podSelector") {
-            Some(ps) => match label_selector(ctx, ps, "podSelector", &mut pod_key) {
-                Some(s) => sel.reqs.extend(s.reqs),
-                None => continue,
-            },
-            None => {}
-        }
+        if let Some(ps) = pm.get("podSelector") { match label_selector(ctx, ps, "podSelector", &mut pod_key) {
+            Some(s) => sel.reqs.extend(s.reqs),
+            None => continue,
+        } }
         if pm.has("namespaceSelector") {
             if let Some(nsn) = pm.get("namespaceSelector") {
                 match label_selector(ctx, nsn, "namespaceSelector", &mut ns_key) {

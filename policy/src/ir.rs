@@ -17,19 +17,23 @@ pub enum Tri {
     Yes,
 }
 
+impl std::ops::Not for Tri {
+    type Output = Tri;
+    fn not(self) -> Tri {
+        match self {
+            Tri::No => Tri::Yes,
+            Tri::Unknown => Tri::Unknown,
+            Tri::Yes => Tri::No,
+        }
+    }
+}
+
 impl Tri {
     pub fn and(self, o: Tri) -> Tri {
         self.min(o)
     }
     pub fn or(self, o: Tri) -> Tri {
         self.max(o)
-    }
-    pub fn not(self) -> Tri {
-        match self {
-            Tri::No => Tri::Yes,
-            Tri::Unknown => Tri::Unknown,
-            Tri::Yes => Tri::No,
-        }
     }
     pub fn from_bool(b: bool) -> Tri {
         if b { Tri::Yes } else { Tri::No }

@@ -122,7 +122,9 @@ fn flowpolicy_reference_scenario() {
         c.openbao.peer(),
         c.spire.peer(),
     );
-    let table: &[(&str, Peer, Peer, u16, E, bool, V, &[F], &str)] = &[
+    // (case, source, destination, port, encryption, failed, verdict, findings, rule)
+    type Case<'a> = (&'a str, Peer<'a>, Peer<'a>, u16, E, bool, V, &'a [F], &'a str);
+    let table: &[Case] = &[
         (
             "frontend->postgresql is denied",
             fe,
@@ -360,7 +362,9 @@ fn phase_4d_cilium_policies_give_the_intended_outcome() {
         c.agent.peer(),
         c.other.peer(),
     );
-    let table: &[(&str, Peer, Peer, u16, V, &[F], &str)] = &[
+    // (case, source, destination, port, verdict, findings, rule)
+    type Case<'a> = (&'a str, Peer<'a>, Peer<'a>, u16, V, &'a [F], &'a str);
+    let table: &[Case] = &[
         (
             "frontend->backend:8000",
             fe,
