@@ -63,8 +63,8 @@ struct Shared {
     ca_pem: String,
     /// The response every stream sends now; a change is sent on all of them.
     current: watch::Sender<Arc<proto::X509svidResponse>>,
-    /// PEM of the leaf served now.
-    leaf_pem: Mutex<String>,
+    /// PEM of the leaf and of its private key served now.
+    leaf_pem: Mutex<(String, String)>,
     issued: AtomicU64,
     missing_header: AtomicU64,
     streams: AtomicU64,
@@ -112,7 +112,7 @@ impl WorkloadApiDouble {
             ca_der: ca_cert.der().to_vec(),
             ca_pem: ca_cert.pem(),
             current,
-            leaf_pem: Mutex::new(String::new()),
+            leaf_pem: Mutex::new(Default::default()),
             issued: AtomicU64::new(0),
             missing_header: AtomicU64::new(0),
             streams: AtomicU64::new(0),
@@ -155,7 +155,12 @@ impl WorkloadApiDouble {
 
     /// PEM of the leaf certificate served now.
     pub fn current_leaf_pem(&self) -> String {
-        self.shared.leaf_pem.lock().unwrap().clone()
+        self.shared.leaf_pem.lock().unwrap().0.clone()
+    }
+
+    /// PEM of the private key served now (to check it never leaks).
+    pub fn current_key_pem(&self) -> String {
+        self.shared.leaf_pem.lock().unwrap().1.clone()
     }
 
     /// Writes the CA certificate as PEM to `path`.
@@ -240,7 +245,7 @@ impl Shared {
             crl: vec![],
             federated_bundles: Default::default(),
         };
-        *self.leaf_pem.lock().unwrap() = cert.pem();
+        *self.leaf_pem.lock().unwrap() = (cert.pem(), key.serialize_pem());
         self.current.send_replace(Arc::new(response));
         tracing::info!(spiffe_id = %self.spiffe_id, trust_domain = %self.trust_domain, "workload-api-double issued an X.509-SVID");
         Ok(())

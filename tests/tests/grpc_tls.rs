@@ -303,6 +303,7 @@ fn workload_api_svid_rotation_keeps_mtls_serving_with_the_new_svid() {
         first_cert_b64(&out).unwrap_or_else(|| panic!("s_client saw no certificate:\n{out}"))
     };
     let first = first_cert_b64(&double.current_leaf_pem()).unwrap();
+    let keys = [double.current_key_pem()];
     assert_eq!(
         presented(),
         first,
@@ -343,7 +344,19 @@ fn workload_api_svid_rotation_keeps_mtls_serving_with_the_new_svid() {
     );
     assert!(double.streams_opened() >= 1);
 
+    let keys = [keys[0].clone(), double.current_key_pem()];
     let report = agent.stop();
+    // The secret part of each key (the PKCS#8 prefix is the same for all
+    // P-256 keys), in base64 as PEM has it: never in the agent's log.
+    let log_text = format!("{:?}", report.logs);
+    for key in &keys {
+        let b64: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let secret = &b64[48..88];
+        assert!(
+            !log_text.contains(secret),
+            "the agent's log holds a private key"
+        );
+    }
     assert!(
         !log_lines(&report.logs, "X.509-SVID or bundle rotated").is_empty(),
         "the agent must log the rotation; its log:\n{:#?}",
