@@ -551,9 +551,31 @@ pub fn flows_between<'a>(
 
 /// A minimal HTTP/1.0 GET (no client library in this crate): (status, body).
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_get_from(None, addr, path)
+}
+
+/// [`http_get`] from a chosen source address (e.g. 127.0.0.2, to test
+/// source-address restrictions on loopback).
+pub fn http_get_from(
+    source: Option<std::net::IpAddr>,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let connect = || -> std::io::Result<std::net::TcpStream> {
+        let Some(ip) = source else {
+            return std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+        };
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        sock.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+        sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        Ok(sock.into())
+    };
+    let mut s = connect().unwrap_or_else(|e| panic!("connect to {addr} from {source:?}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
         .unwrap_or_else(|e| panic!("send GET {path} to {addr}: {e}"));

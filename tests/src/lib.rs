@@ -12,5 +12,6 @@ pub mod simpod;
 pub mod spire_double;
 pub mod support;
 pub mod tls;
+pub mod workload_api_double;
 
 pub use simnode::{Pod, PodSpec, SimError, SimNode, cleanup_stale};

@@ -48,6 +48,8 @@ pub struct ObserveArgs {
     /// The agent's gRPC address: unix:///PATH or HOST:PORT.
     #[arg(long, env = "FLOWAUDIT_SERVER", default_value = grpc::DEFAULT_ADDR, value_name = "ADDR")]
     pub server: String,
+    #[command(flatten)]
+    pub tls: crate::export::mtls::TlsArgs,
     /// Read flows from this JSON-lines file (as written by `flowaudit agent --export-file`) instead of an agent; `-` reads standard input.
     #[arg(long, value_name = "PATH")]
     pub input_file: Option<PathBuf>,
@@ -271,7 +273,8 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
         },
         deny: vec![],
     };
-    let mut client = grpc::connect(&args.server).await?;
+    let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
+    let mut client = grpc::connect_tls(&args.server, &tls).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut last_time: Option<prost_types::Timestamp> = None;
@@ -359,7 +362,7 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
                 _ = &mut ctrl_c => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
             }
-            match grpc::connect(&args.server).await {
+            match grpc::connect_tls(&args.server, &tls).await {
                 Ok(c) => break c,
                 Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
             }

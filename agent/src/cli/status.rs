@@ -21,6 +21,8 @@ pub struct StatusArgs {
     /// The agent's gRPC address: unix:///PATH or HOST:PORT.
     #[arg(long, env = "FLOWAUDIT_SERVER", default_value = grpc::DEFAULT_ADDR, value_name = "ADDR")]
     pub server: String,
+    #[command(flatten)]
+    pub tls: crate::export::mtls::TlsArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = StatusOutput::Text)]
     pub output: StatusOutput,
@@ -31,7 +33,8 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let status = runtime.block_on(async {
-        let mut client = grpc::connect(&args.server).await?;
+        let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
+        let mut client = grpc::connect_tls(&args.server, &tls).await?;
         let status = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             client.server_status(proto::ServerStatusRequest {}),

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use super::h2_authority::AuthorityFix;
 use super::hub::{FilterSet, Hub, Item, LostSource, Subscribe};
+use super::mtls::{ClientTls, ServerTls};
 use super::proto;
 use super::proto::flow_audit_client::FlowAuditClient;
 use super::proto::flow_audit_server::{FlowAudit, FlowAuditServer};
@@ -51,6 +52,10 @@ pub enum GrpcError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(
+        "--grpc-addr {addr} listens beyond loopback, and TCP gRPC without TLS has no authentication: add --workload-api unix:///PATH (or --tls-cert F --tls-key F --tls-ca F) with --allow-peer GLOB for mTLS, or listen on 127.0.0.1 or [::1]"
+    )]
+    PlaintextBeyondLoopback { addr: String },
     #[error("server reflection could not load the flowaudit.v1 descriptors: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(
@@ -295,10 +300,13 @@ impl Connected for AuthorityFix<tokio::net::UnixStream> {
 
 /// Binds every address now (so a bad one fails the start) and serves them
 /// in the background. Returns the addresses bound (TCP port 0 resolved).
+/// TCP listeners use mTLS when `tls` is given; without it, only loopback
+/// addresses are accepted.
 pub async fn serve(
     addrs: &[String],
     hub: Arc<Hub>,
     state: Arc<AgentState>,
+    tls: Option<&ServerTls>,
 ) -> Result<Vec<GrpcAddr>, GrpcError> {
     let mut bound = Vec::new();
     for text in addrs {
@@ -359,12 +367,27 @@ pub async fn serve(
                         addr: text.clone(),
                         source,
                     })?;
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                tokio::spawn(async move {
-                    if let Err(e) = router.serve_with_incoming(incoming).await {
-                        tracing::error!(error = %e, "gRPC server on TCP stopped");
+                match tls {
+                    Some(tls) => {
+                        let incoming = tls.incoming(listener);
+                        tokio::spawn(async move {
+                            if let Err(e) = router.serve_with_incoming(incoming).await {
+                                tracing::error!(error = %e, "gRPC server on TCP (mTLS) stopped");
+                            }
+                        });
                     }
-                });
+                    None if local.ip().is_loopback() => {
+                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                        tokio::spawn(async move {
+                            if let Err(e) = router.serve_with_incoming(incoming).await {
+                                tracing::error!(error = %e, "gRPC server on TCP stopped");
+                            }
+                        });
+                    }
+                    None => {
+                        return Err(GrpcError::PlaintextBeyondLoopback { addr: text.clone() });
+                    }
+                }
                 bound.push(GrpcAddr::Tcp(local.to_string()));
             }
         }
@@ -376,6 +399,15 @@ pub async fn serve(
 
 /// Connects to an agent (`unix:///path` or `HOST:PORT`).
 pub async fn connect(text: &str) -> Result<FlowAuditClient<Channel>, GrpcError> {
+    connect_tls(text, &ClientTls::default()).await
+}
+
+/// Connects to an agent; a `HOST:PORT` uses mTLS when `tls` is configured
+/// (a Unix socket never does).
+pub async fn connect_tls(
+    text: &str,
+    tls: &ClientTls,
+) -> Result<FlowAuditClient<Channel>, GrpcError> {
     let addr = GrpcAddr::parse(text)?;
     let err = |source| GrpcError::Connect {
         addr: text.to_owned(),
@@ -390,6 +422,21 @@ pub async fn connect(text: &str) -> Result<FlowAuditClient<Channel>, GrpcError> 
                     let path = path.clone();
                     async move {
                         let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }))
+                .await
+                .map_err(err)?
+        }
+        GrpcAddr::Tcp(hostport) if tls.is_enabled() => {
+            let tls = tls.clone();
+            // TLS is done by the connector; the scheme only names HTTP/2.
+            TonicEndpoint::from_shared(format!("http://{hostport}"))
+                .map_err(|_| GrpcError::Addr(text.to_owned()))?
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let (tls, hostport) = (tls.clone(), hostport.clone());
+                    async move {
+                        let s = tls.dial(&hostport).await?;
                         Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
                     }
                 }))
@@ -930,9 +977,14 @@ mod tests {
         // Queues hold every flow: this measures delivery, not loss.
         let hub = Arc::new(Hub::new(8192, flows + 1, 1024, metrics));
         let addr = format!("unix://{}", sock.display());
-        serve(std::slice::from_ref(&addr), hub.clone(), state.clone())
-            .await
-            .unwrap();
+        serve(
+            std::slice::from_ref(&addr),
+            hub.clone(),
+            state.clone(),
+            None,
+        )
+        .await
+        .unwrap();
         let mut tasks = Vec::new();
         for _ in 0..subs {
             let mut client = connect(&addr).await.unwrap();

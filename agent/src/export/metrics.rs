@@ -15,13 +15,13 @@
 //! unseen for [`VIOLATION_SERIES_IDLE`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -539,20 +539,85 @@ impl super::Sink for MetricsSink {
     }
 }
 
+/// An address block of `--metrics-allow` (`10.0.0.0/8`, `fd00::/8`, or one
+/// address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("`{text}` is not a CIDR block: expected e.g. 10.0.0.0/8, fd00::/8 or 127.0.0.1")
+        };
+        let (ip, prefix) = match text.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A v4 client of a [::] listener shows as ::ffff:a.b.c.d.
+        let bits = |ip: IpAddr| match ip.to_canonical() {
+            IpAddr::V4(a) => (u128::from(a.to_bits()), 32u32),
+            IpAddr::V6(a) => (a.to_bits(), 128u32),
+        };
+        let ((net, width), (host, host_width)) = (bits(self.addr), bits(ip));
+        if width != host_width {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift == width || net.checked_shr(shift) == host.checked_shr(shift)
+    }
+}
+
 /// Binds `--metrics-addr` now (so a taken port fails the start) and serves
-/// it in the background.
-pub async fn serve(addr: SocketAddr, state: Arc<AgentState>) -> Result<SocketAddr, MetricsError> {
+/// it in the background. With `allow` non-empty, `/metrics` answers only
+/// clients in those blocks (403 to others).
+pub async fn serve(
+    addr: SocketAddr,
+    state: Arc<AgentState>,
+    allow: Vec<Cidr>,
+) -> Result<SocketAddr, MetricsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Bind { addr, source })?;
     let local = listener
         .local_addr()
         .map_err(|source| MetricsError::Bind { addr, source })?;
+    let allow = Arc::new(allow);
     let app = Router::new()
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(
+                move |ConnectInfo(from): ConnectInfo<SocketAddr>,
+                      state: State<Arc<AgentState>>,
+                      headers: HeaderMap| async move {
+                    if allow.is_empty() || allow.iter().any(|c| c.contains(from.ip())) {
+                        metrics(state, headers).await
+                    } else {
+                        (
+                            StatusCode::FORBIDDEN,
+                            format!("{} is not in --metrics-allow\n", from.ip()),
+                        )
+                            .into_response()
+                    }
+                },
+            ),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(state);
+        .with_state(state)
+        .into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
@@ -602,6 +667,32 @@ async fn readyz(State(state): State<Arc<AgentState>>) -> Response {
 mod tests {
     use super::*;
     use crate::export::Sink;
+
+    #[test]
+    fn metrics_allow_blocks_contain_their_addresses_only() {
+        let c = |s: &str| Cidr::parse(s).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cases = [
+            ("127.0.0.1", "127.0.0.1", true),
+            ("127.0.0.1", "127.0.0.2", false),
+            ("10.0.0.0/8", "10.244.1.5", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("10.0.0.0/8", "::ffff:10.1.2.3", true),
+            ("0.0.0.0/0", "192.0.2.1", true),
+            ("0.0.0.0/0", "2001:db8::1", false),
+            ("fd00::/8", "fd00:10:244:1::5", true),
+            ("fd00::/8", "fe80::1", false),
+            ("::/0", "2001:db8::1", true),
+            ("172.18.0.3/32", "172.18.0.3", true),
+        ];
+        for (block, addr, want) in cases {
+            assert_eq!(c(block).contains(ip(addr)), want, "{block} contains {addr}");
+        }
+        for bad in ["10.0.0.0/33", "fd00::/129", "10.0.0/8", "x", "10.0.0.0/"] {
+            let e = Cidr::parse(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
     use crate::flow::Finding;
 
     fn flow(event: EventKind, cookie: u64) -> Arc<FlowEvent> {

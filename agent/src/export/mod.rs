@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod h2_authority;
 pub mod hub;
 pub mod metrics;
+pub mod mtls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +60,17 @@ pub struct ExportArgs {
         value_name = "ADDR"
     )]
     pub metrics_addr: SocketAddr,
+    /// Answer /metrics only to clients in this CIDR (repeatable, e.g. the
+    /// node or Prometheus subnet); others get 403. Default: any client.
+    /// /healthz and /readyz stay open to all (they expose no flow data).
+    #[arg(
+        long,
+        env = "FLOWAUDIT_METRICS_ALLOW",
+        value_delimiter = ',',
+        value_parser = metrics::Cidr::parse,
+        value_name = "CIDR"
+    )]
+    pub metrics_allow: Vec<metrics::Cidr>,
     /// Serve the gRPC flow stream here: unix:///PATH or HOST:PORT (repeatable).
     #[arg(
         long,
@@ -68,6 +80,8 @@ pub struct ExportArgs {
         value_name = "ADDR"
     )]
     pub grpc_addr: Vec<String>,
+    #[command(flatten)]
+    pub tls: mtls::TlsArgs,
     /// Flows kept in memory for `observe --last` and `--since`.
     #[arg(
         long,
@@ -115,9 +129,14 @@ pub async fn start(
     ));
     sinks.push(Box::new(hub::HubSink::new(hub.clone(), state.clone())));
 
-    let metrics_addr = metrics::serve(args.metrics_addr, state.clone()).await?;
+    let tls = mtls::ServerTls::load(&args.tls).await?;
+    if let Some(tls) = &tls {
+        tracing::info!(spiffe_id = %tls.spiffe_id(), allow_peer = ?args.tls.allow_peer, "TCP gRPC listeners use mTLS");
+    }
+    let metrics_addr =
+        metrics::serve(args.metrics_addr, state.clone(), args.metrics_allow.clone()).await?;
     tracing::info!(addr = %metrics_addr, "metrics listening: /metrics, /healthz, /readyz");
-    let grpc_addrs = grpc::serve(&args.grpc_addr, hub, state.clone()).await?;
+    let grpc_addrs = grpc::serve(&args.grpc_addr, hub, state.clone(), tls.as_ref()).await?;
     for addr in grpc_addrs {
         tracing::info!(addr = %addr, "gRPC flow stream listening");
     }
