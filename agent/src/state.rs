@@ -97,13 +97,13 @@ impl AgentState {
         if !self.attached.load(Ordering::Relaxed) {
             return Err("kernel programs are not attached yet".into());
         }
-        if let Some(p) = &self.stages().policy {
-            if p.version.is_none() {
-                return Err(match &p.last_error {
-                    Some(e) => format!("no valid policy loaded: {e}"),
-                    None => "no valid policy loaded yet".into(),
-                });
-            }
+        if let Some(p) = &self.stages().policy
+            && p.version.is_none()
+        {
+            return Err(match &p.last_error {
+                Some(e) => format!("no valid policy loaded: {e}"),
+                None => "no valid policy loaded yet".into(),
+            });
         }
         Ok(())
     }

@@ -267,10 +267,10 @@ impl PeerArg {
         if self.spiffe_id.is_none()
             && let (Some(td), Some(ns), Some(sa)) =
                 (trust_domain, &self.namespace, &self.service_account)
-            {
-                self.spiffe_id = Some(derive_id(td, ns, sa));
-                self.identity_source = Some(IdentitySource::Derived);
-            }
+        {
+            self.spiffe_id = Some(derive_id(td, ns, sa));
+            self.identity_source = Some(IdentitySource::Derived);
+        }
     }
 
     fn peer(&self) -> Peer<'_> {

@@ -273,19 +273,21 @@ impl PolicySet {
             }
         }
         if let Some((eg, ing)) = &imp
-            && imp_allow == Tri::Yes {
-                let by = if ing.selected == Tri::Yes {
-                    ing.allow_by
-                } else {
-                    eg.allow_by
-                };
-                let imp_mtls = ing.mtls_required || eg.mtls_required;
-                if let Some(p) = by.and_then(|i| self.imported.get(i as usize))
-                    && (rule_name.is_empty() || (imp_mtls && !mtls_required)) {
-                        rule_name = p.rule_name();
-                    }
-                mtls_required |= imp_mtls;
+            && imp_allow == Tri::Yes
+        {
+            let by = if ing.selected == Tri::Yes {
+                ing.allow_by
+            } else {
+                eg.allow_by
+            };
+            let imp_mtls = ing.mtls_required || eg.mtls_required;
+            if let Some(p) = by.and_then(|i| self.imported.get(i as usize))
+                && (rule_name.is_empty() || (imp_mtls && !mtls_required))
+            {
+                rule_name = p.rule_name();
             }
+            mtls_required |= imp_mtls;
+        }
 
         let mut verdict = Verdict::Compliant;
         if flow.failed {

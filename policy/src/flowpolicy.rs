@@ -27,12 +27,13 @@ pub fn parse(ctx: &mut Ctx, top: &Map<'_, '_>) -> Option<FlowPolicyDoc> {
     );
     let api = top.req_string(ctx, "apiVersion", "FlowPolicy");
     if let (Some(api), Some(node)) = (api, top.get("apiVersion"))
-        && api != API_VERSION {
-            ctx.error_at(
-                node,
-                format!("unsupported apiVersion `{api}` for FlowPolicy; expected `{API_VERSION}`"),
-            );
-        }
+        && api != API_VERSION
+    {
+        ctx.error_at(
+            node,
+            format!("unsupported apiVersion `{api}` for FlowPolicy; expected `{API_VERSION}`"),
+        );
+    }
     let name = match top.get("metadata") {
         Some(m) => {
             let meta = Map::new(ctx, m, "metadata")?;
@@ -60,14 +61,15 @@ pub fn parse(ctx: &mut Ctx, top: &Map<'_, '_>) -> Option<FlowPolicyDoc> {
     );
     let td = spec.req_string(ctx, "trustDomain", "FlowPolicy spec");
     if let (Some(td), Some(node)) = (&td, spec.get("trustDomain"))
-        && !valid_trust_domain(td) {
-            ctx.error_at(
-                node,
-                format!(
-                    "`{td}` is not a valid trust domain (lower-case letters, digits, `.`, `-`, `_`)"
-                ),
-            );
-        }
+        && !valid_trust_domain(td)
+    {
+        ctx.error_at(
+            node,
+            format!(
+                "`{td}` is not a valid trust domain (lower-case letters, digits, `.`, `-`, `_`)"
+            ),
+        );
+    }
     // Zero trust: mTLS is required unless the policy says otherwise.
     let default_mtls = match spec.get("mtls") {
         Some(n) => parse_mtls(ctx, n).unwrap_or(MtlsMode::Required),

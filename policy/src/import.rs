@@ -153,21 +153,22 @@ fn cilium_rule(
     egress.enforced =
         !egress.allow.is_empty() || !egress.deny.is_empty() || has_items(&spec, "egress");
     if let Some(edd) = spec.get("enableDefaultDeny")
-        && let Some(m) = Map::new(ctx, edd, "enableDefaultDeny") {
-            m.check_fields(ctx, "enableDefaultDeny", &["ingress", "egress"]);
-            for (key, target) in [("ingress", &mut ingress), ("egress", &mut egress)] {
-                if let Some(v) = m.get(key) {
-                    match scalar_text(v).as_deref() {
-                        Some("true") => target.enforced = true,
-                        Some("false") => target.enforced = false,
-                        _ => ctx.error_at(
-                            v,
-                            format!("`enableDefaultDeny.{key}` must be true or false"),
-                        ),
-                    }
+        && let Some(m) = Map::new(ctx, edd, "enableDefaultDeny")
+    {
+        m.check_fields(ctx, "enableDefaultDeny", &["ingress", "egress"]);
+        for (key, target) in [("ingress", &mut ingress), ("egress", &mut egress)] {
+            if let Some(v) = m.get(key) {
+                match scalar_text(v).as_deref() {
+                    Some("true") => target.enforced = true,
+                    Some("false") => target.enforced = false,
+                    _ => ctx.error_at(
+                        v,
+                        format!("`enableDefaultDeny.{key}` must be true or false"),
+                    ),
                 }
             }
         }
+    }
     let (line, col) = pos(node);
     Some(ImportedPolicy {
         kind,
@@ -243,10 +244,11 @@ fn cilium_peer_rule(
                 // In a namespaced policy a peer selector without a namespace means the
                 // policy's own namespace.
                 if let Some(ns) = ns
-                    && !sel.has_namespace_req() {
-                        sel.reqs
-                            .push(Req::In(LabelKey::Namespace, vec![ns.to_string()]));
-                    }
+                    && !sel.has_namespace_req()
+                {
+                    sel.reqs
+                        .push(Req::In(LabelKey::Namespace, vec![ns.to_string()]));
+                }
                 peers.push(ImportedPeer::Endpoints(sel));
             }
         }
@@ -318,14 +320,20 @@ fn cilium_peer_rule(
     }
     let mut mtls_required = false;
     if let Some(a) = map.get("authentication")
-        && let Some(am) = Map::new(ctx, a, "authentication") {
-            am.check_fields(ctx, "authentication", &["mode"]);
-            match am.opt_string(ctx, "mode", "authentication").as_deref() {
-                Some("required") => mtls_required = true,
-                Some("disabled") | None => {}
-                Some(other) => ctx.warn_at(a, format!("authentication mode `{other}` is not audited; treated as not requiring mTLS")),
-            }
+        && let Some(am) = Map::new(ctx, a, "authentication")
+    {
+        am.check_fields(ctx, "authentication", &["mode"]);
+        match am.opt_string(ctx, "mode", "authentication").as_deref() {
+            Some("required") => mtls_required = true,
+            Some("disabled") | None => {}
+            Some(other) => ctx.warn_at(
+                a,
+                format!(
+                    "authentication mode `{other}` is not audited; treated as not requiring mTLS"
+                ),
+            ),
         }
+    }
     Some(ImportedRule {
         peers,
         ports,
@@ -755,10 +763,12 @@ fn netpol_rule(
             continue;
         }
         let mut sel = Selector::default();
-        if let Some(ps) = pm.get("podSelector") { match label_selector(ctx, ps, "podSelector", &mut pod_key) {
-            Some(s) => sel.reqs.extend(s.reqs),
-            None => continue,
-        } }
+        if let Some(ps) = pm.get("podSelector") {
+            match label_selector(ctx, ps, "podSelector", &mut pod_key) {
+                Some(s) => sel.reqs.extend(s.reqs),
+                None => continue,
+            }
+        }
         if pm.has("namespaceSelector") {
             if let Some(nsn) = pm.get("namespaceSelector") {
                 match label_selector(ctx, nsn, "namespaceSelector", &mut ns_key) {

@@ -274,9 +274,11 @@ impl<'a> Peer<'a> {
         }
         if let Some(id) = self.spiffe_id
             && let Some((_, sa)) = id.rsplit_once("/sa/")
-                && !sa.is_empty() && !sa.contains('/') {
-                    return sa.to_string();
-                }
+            && !sa.is_empty()
+            && !sa.contains('/')
+        {
+            return sa.to_string();
+        }
         if let Some(app) = self.labels.and_then(|l| l.label("app")) {
             return app.to_string();
         }

@@ -123,7 +123,17 @@ fn flowpolicy_reference_scenario() {
         c.spire.peer(),
     );
     // (case, source, destination, port, encryption, failed, verdict, findings, rule)
-    type Case<'a> = (&'a str, Peer<'a>, Peer<'a>, u16, E, bool, V, &'a [F], &'a str);
+    type Case<'a> = (
+        &'a str,
+        Peer<'a>,
+        Peer<'a>,
+        u16,
+        E,
+        bool,
+        V,
+        &'a [F],
+        &'a str,
+    );
     let table: &[Case] = &[
         (
             "frontend->postgresql is denied",

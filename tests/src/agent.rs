@@ -359,6 +359,7 @@ impl RunningAgent {
     /// Like `stop`, with another signal (SIGTERM is what Kubernetes sends).
     pub fn stop_with(mut self, signal: i32) -> AgentReport {
         let mut child = self.child.take().expect("agent is running");
+        // SAFETY: kill(2) takes plain integers: it signals a process this test started.
         unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
@@ -535,11 +536,11 @@ pub fn stop_child_with(child: &mut std::process::Child, signal: i32, grace: Dura
     let _ = child.wait();
 }
 
-pub fn flows_between<'a>(
-    flows: &'a [Value],
+pub fn flows_between(
+    flows: &[Value],
     src: std::net::SocketAddr,
     dst: std::net::SocketAddr,
-) -> impl Iterator<Item = &'a Value> {
+) -> impl Iterator<Item = &Value> {
     flows.iter().filter(move |f| {
         let l4 = &f["l4"];
         l4["source_ip"].as_str() == Some(&src.ip().to_string())

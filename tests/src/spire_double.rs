@@ -1427,79 +1427,6 @@ pub fn proc_start_ns(pid: u32) -> Option<u64> {
     Some(ticks * (1_000_000_000 / hz))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pod_uid_from_both_cgroup_drivers() {
-        let uid = "3f1c2a9e-5b7d-4c1e-9a0b-2d6f8e4c1a77";
-        let cgroupfs = format!(
-            "12:cpu:/\n0::/fasim-1-n10/kubepods/besteffort/pod{uid}/{}\n",
-            "a".repeat(64)
-        );
-        assert_eq!(pod_uid_from_cgroup(&cgroupfs).as_deref(), Some(uid));
-        let guaranteed = format!("0::/kubepods/pod{uid}/abc\n");
-        assert_eq!(pod_uid_from_cgroup(&guaranteed).as_deref(), Some(uid));
-        let systemd = format!(
-            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope\n",
-            uid.replace('-', "_"),
-            "b".repeat(64)
-        );
-        assert_eq!(pod_uid_from_cgroup(&systemd).as_deref(), Some(uid));
-        assert_eq!(
-            pod_uid_from_cgroup("0::/user.slice/user-0.slice/session-1.scope\n"),
-            None
-        );
-        assert_eq!(pod_uid_from_cgroup("0::/kubepods/podnotauid/x\n"), None);
-    }
-
-    #[test]
-    fn versions() {
-        assert_eq!(version_supports_pid("1.10.2"), Some(true));
-        assert_eq!(version_supports_pid("v1.12.0"), Some(true));
-        assert_eq!(version_supports_pid("1.9.6"), Some(false));
-        assert_eq!(version_supports_pid("1.10.1"), Some(false));
-        assert_eq!(version_supports_pid("latest"), None);
-        let r = |v| Release::parse(v).unwrap();
-        assert!(!r("1.15.1").attestation_failure_is_unavailable());
-        assert!(r("1.15.2").attestation_failure_is_unavailable());
-        assert!(r("1.15.3").attestation_failure_is_unavailable());
-        assert!(!r("1.11.3").attestation_failure_is_unavailable());
-        assert_eq!(Release::parse("1.2.3.4"), None);
-        assert_eq!(r("v1.11.3").to_string(), "1.11.3");
-    }
-
-    #[test]
-    fn selectors_are_parsed_as_spire_does() {
-        let sel = |t: &str, v: &str| Selector {
-            r#type: t.into(),
-            value: v.into(),
-        };
-        assert_eq!(selectors_from_proto(&[]), Ok(SelectorSet::new()));
-        assert!(selectors_from_proto(&[sel("k8s", "ns:a")]).is_ok());
-        assert!(selectors_from_proto(&[sel("", "x")]).is_err());
-        assert!(selectors_from_proto(&[sel("k8s:ns", "x")]).is_err());
-        assert!(selectors_from_proto(&[sel("k8s", "")]).is_err());
-    }
-
-    #[test]
-    fn config_file_round_trip() {
-        let yaml = "socket: /tmp/x/admin.sock\ntrustDomain: demo.local\nsvidTtlSeconds: 5\nversion: \"1.9.6\"\npods:\n  - {uid: 3f1c2a9e-5b7d-4c1e-9a0b-2d6f8e4c1a77, namespace: 99-apps, serviceAccount: frontend, name: frontend-7d9f}\nentries:\n  - {spiffeId: \"spiffe://demo.local/ns/99-apps/sa/frontend\", selectors: [\"k8s:ns:99-apps\", \"k8s:sa:frontend\"]}\nauthorizedDelegates: [\"spiffe://demo.local/flowaudit\"]\n";
-        let c = SpireDoubleConfig::parse("t.yaml", yaml).unwrap();
-        assert_eq!(c.svid_ttl_seconds, 5);
-        assert_eq!(c.pods[0].service_account, "frontend");
-        let bad = SpireDoubleConfig::parse(
-            "b.yaml",
-            "socket: /x\nentries: [{spiffeId: x, selectors: [a]}]\n",
-        );
-        assert!(
-            bad.is_err(),
-            "an entry without spiffe:// must be refused, got {bad:?}"
-        );
-    }
-}
-
 /// Where the DaemonSet's SPIRE agent serves the Delegated Identity API on a
 /// node (the reference log's `adminSocketPath`, and flowaudit's default).
 pub const NODE_ADMIN_SOCKET: &str = "/run/spire/admin-sockets/admin.sock";
@@ -1603,5 +1530,78 @@ impl NodeDouble {
 impl Drop for NodeDouble {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_uid_from_both_cgroup_drivers() {
+        let uid = "3f1c2a9e-5b7d-4c1e-9a0b-2d6f8e4c1a77";
+        let cgroupfs = format!(
+            "12:cpu:/\n0::/fasim-1-n10/kubepods/besteffort/pod{uid}/{}\n",
+            "a".repeat(64)
+        );
+        assert_eq!(pod_uid_from_cgroup(&cgroupfs).as_deref(), Some(uid));
+        let guaranteed = format!("0::/kubepods/pod{uid}/abc\n");
+        assert_eq!(pod_uid_from_cgroup(&guaranteed).as_deref(), Some(uid));
+        let systemd = format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{}.scope\n",
+            uid.replace('-', "_"),
+            "b".repeat(64)
+        );
+        assert_eq!(pod_uid_from_cgroup(&systemd).as_deref(), Some(uid));
+        assert_eq!(
+            pod_uid_from_cgroup("0::/user.slice/user-0.slice/session-1.scope\n"),
+            None
+        );
+        assert_eq!(pod_uid_from_cgroup("0::/kubepods/podnotauid/x\n"), None);
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(version_supports_pid("1.10.2"), Some(true));
+        assert_eq!(version_supports_pid("v1.12.0"), Some(true));
+        assert_eq!(version_supports_pid("1.9.6"), Some(false));
+        assert_eq!(version_supports_pid("1.10.1"), Some(false));
+        assert_eq!(version_supports_pid("latest"), None);
+        let r = |v| Release::parse(v).unwrap();
+        assert!(!r("1.15.1").attestation_failure_is_unavailable());
+        assert!(r("1.15.2").attestation_failure_is_unavailable());
+        assert!(r("1.15.3").attestation_failure_is_unavailable());
+        assert!(!r("1.11.3").attestation_failure_is_unavailable());
+        assert_eq!(Release::parse("1.2.3.4"), None);
+        assert_eq!(r("v1.11.3").to_string(), "1.11.3");
+    }
+
+    #[test]
+    fn selectors_are_parsed_as_spire_does() {
+        let sel = |t: &str, v: &str| Selector {
+            r#type: t.into(),
+            value: v.into(),
+        };
+        assert_eq!(selectors_from_proto(&[]), Ok(SelectorSet::new()));
+        assert!(selectors_from_proto(&[sel("k8s", "ns:a")]).is_ok());
+        assert!(selectors_from_proto(&[sel("", "x")]).is_err());
+        assert!(selectors_from_proto(&[sel("k8s:ns", "x")]).is_err());
+        assert!(selectors_from_proto(&[sel("k8s", "")]).is_err());
+    }
+
+    #[test]
+    fn config_file_round_trip() {
+        let yaml = "socket: /tmp/x/admin.sock\ntrustDomain: demo.local\nsvidTtlSeconds: 5\nversion: \"1.9.6\"\npods:\n  - {uid: 3f1c2a9e-5b7d-4c1e-9a0b-2d6f8e4c1a77, namespace: 99-apps, serviceAccount: frontend, name: frontend-7d9f}\nentries:\n  - {spiffeId: \"spiffe://demo.local/ns/99-apps/sa/frontend\", selectors: [\"k8s:ns:99-apps\", \"k8s:sa:frontend\"]}\nauthorizedDelegates: [\"spiffe://demo.local/flowaudit\"]\n";
+        let c = SpireDoubleConfig::parse("t.yaml", yaml).unwrap();
+        assert_eq!(c.svid_ttl_seconds, 5);
+        assert_eq!(c.pods[0].service_account, "frontend");
+        let bad = SpireDoubleConfig::parse(
+            "b.yaml",
+            "socket: /x\nentries: [{spiffeId: x, selectors: [a]}]\n",
+        );
+        assert!(
+            bad.is_err(),
+            "an entry without spiffe:// must be refused, got {bad:?}"
+        );
     }
 }

@@ -11,6 +11,7 @@ use crate::{Pod, PodSpec, SimNode};
 /// Fails the test with the fix when not root: the tests load eBPF programs
 /// and build network namespaces. Never a silent skip.
 pub fn require_root() {
+    // SAFETY: a libc call with no pointer arguments.
     if unsafe { libc::geteuid() } != 0 {
         panic!(
             "these tests load eBPF programs and build network namespaces: run them as root (`sudo -E cargo xtask test`)"

@@ -164,6 +164,8 @@ pub enum ClientAuth {
 /// socket IPv6-only, hence one address)
 /// for `accepts` connections (None: until stopped); returns when it listens. It echoes lines
 /// reversed (`-rev`), so every client gets an answer.
+// Each argument is one axis of the handshake matrix the tests walk.
+#[allow(clippy::too_many_arguments)]
 pub fn server(
     pod: &Pod,
     material: &TlsMaterial,
@@ -217,10 +219,10 @@ pub fn server(
         let mut ready = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if line.starts_with("ACCEPT") {
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(());
-                }
+            if line.starts_with("ACCEPT")
+                && let Some(tx) = ready.take()
+            {
+                let _ = tx.send(());
             }
         }
     });

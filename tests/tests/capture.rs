@@ -296,13 +296,13 @@ fn burst_of_5000_connections_across_pods_loses_nothing() {
     let node = SimNode::new(23).expect("simulated node");
     let servers: Vec<Pod> = (0..2)
         .map(|i| {
-            node.add_pod(PodSpec::new("99-apps", &format!("backend-{i}")))
+            node.add_pod(PodSpec::new("99-apps", format!("backend-{i}")))
                 .expect("server pod")
         })
         .collect();
     let clients: Vec<Pod> = (0..3)
         .map(|i| {
-            node.add_pod(PodSpec::new("99-apps", &format!("frontend-{i}")))
+            node.add_pod(PodSpec::new("99-apps", format!("frontend-{i}")))
                 .expect("client pod")
         })
         .collect();

@@ -357,8 +357,7 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
         let log = std::fs::read_to_string(out.join(format!("{name}.log"))).unwrap_or_default();
         let summary = log
             .lines()
-            .filter(|l| l.starts_with("test result:"))
-            .last()
+            .rfind(|l| l.starts_with("test result:"))
             .unwrap_or("no test result line")
             .to_string();
         outcome.tests.push((

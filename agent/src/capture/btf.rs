@@ -138,10 +138,11 @@ impl Btf {
                 ));
             }
             let id = types.len() as u32;
-            if kind == KIND_STRUCT && size > 0 {
-                if let Some(name) = str_at(&strings, name_off) {
-                    structs_by_name.entry(name.to_owned()).or_insert(id);
-                }
+            if kind == KIND_STRUCT
+                && size > 0
+                && let Some(name) = str_at(&strings, name_off)
+            {
+                structs_by_name.entry(name.to_owned()).or_insert(id);
             }
             types.push(Type {
                 kind,

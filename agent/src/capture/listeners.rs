@@ -54,6 +54,7 @@ pub fn process_start_ns(pid: u32) -> Option<u64> {
     // comm may contain spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: a libc call with no pointer arguments.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(ticks * (1_000_000_000 / hz))
 }
@@ -90,6 +91,7 @@ fn netns_cookie(ns_path: &Path) -> Option<u64> {
     let ns = std::fs::File::open(ns_path).ok()?;
     std::thread::scope(|s| {
         s.spawn(|| {
+            // SAFETY: setns(2) on a descriptor we hold open; it changes only this thread's namespace.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return None;
             }
@@ -104,6 +106,7 @@ fn netns_cookie(ns_path: &Path) -> Option<u64> {
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`,
 /// Linux 5.14+).
 fn own_netns_cookie() -> std::io::Result<u64> {
+    // SAFETY: plain-integer arguments; the descriptor, if any, is ours.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
@@ -126,6 +129,7 @@ fn own_netns_cookie() -> std::io::Result<u64> {
     } else {
         Err(std::io::Error::last_os_error())
     };
+    // SAFETY: plain-integer arguments; the descriptor, if any, is ours.
     unsafe { libc::close(fd) };
     result
 }
@@ -485,6 +489,7 @@ mod tests {
 
     #[test]
     fn finds_a_listener_of_this_process_with_its_netns_cookie() {
+        // SAFETY: a libc call with no pointer arguments.
         if unsafe { libc::geteuid() } != 0 {
             panic!(
                 "this test reads other processes' /proc entries and joins network namespaces: run it as root"

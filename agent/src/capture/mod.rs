@@ -146,6 +146,7 @@ impl Capture {
     /// `ring_bytes` (a power of two, a multiple of the page size). Fails
     /// with the fix in the message.
     pub fn start(ring_bytes: u32, payload_sockets: u32) -> Result<Self, CaptureError> {
+        // SAFETY: a libc call with no pointer arguments.
         let euid = unsafe { libc::geteuid() };
         if euid != 0 {
             return Err(CaptureError::NotRoot(euid));
@@ -552,8 +553,10 @@ fn raise_memlock() {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    // SAFETY: every pointer is to a local of the right type, valid for the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) } == 0 {
         now.rlim_cur = now.rlim_max;
+        // SAFETY: every pointer is to a local of the right type, valid for the call.
         if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &now) } != 0 {
             tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
         } else {
@@ -595,6 +598,7 @@ pub fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: every pointer is to a local of the right type, valid for the call.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

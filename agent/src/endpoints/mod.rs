@@ -171,6 +171,10 @@ impl EndpointDirectory {
     pub fn len(&self) -> usize {
         self.by_uid.len().max(self.by_ip.len())
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -291,8 +295,7 @@ endpoints:                  # pods
         assert!(
             EndpointDirectory::parse(Path::new("e.yaml"), "")
                 .unwrap()
-                .len()
-                == 0
+                .is_empty()
         );
     }
 

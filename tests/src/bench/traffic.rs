@@ -101,6 +101,7 @@ fn accept_and_close(listeners: Vec<Socket>) {
                 if fd < 0 {
                     break; // EAGAIN: drained (or a transient error: poll again)
                 }
+                // SAFETY: plain-integer arguments; the descriptor, if any, is ours.
                 unsafe { libc::close(fd) };
             }
         }

@@ -89,6 +89,7 @@ fn parse_duration(s: &str) -> Result<Duration> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // SAFETY: a libc call with no pointer arguments.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }

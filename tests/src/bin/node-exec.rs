@@ -114,8 +114,8 @@ fn open_ns(path: &Path) -> Res<File> {
 }
 
 fn setns(f: &File, kind: libc::c_int, what: &str) -> Res<()> {
-    // SAFETY: setns on an open nsfs fd.
     check(
+        // SAFETY: setns on an open nsfs fd.
         unsafe { libc::setns(f.as_raw_fd(), kind) },
         format!("setns {what}"),
     )
@@ -142,8 +142,8 @@ fn mount(src: Option<&str>, target: &str, fstype: Option<&str>, flags: libc::c_u
 
 fn pipe() -> Res<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
-    // SAFETY: fds has room for two descriptors.
     check(
+        // SAFETY: fds has room for two descriptors.
         unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
         "pipe2",
     )?;
@@ -173,6 +173,7 @@ fn block_signals() -> Res<libc::sigset_t> {
     let mut old = unsafe { std::mem::zeroed() };
     // SAFETY: single-threaded; valid sets.
     check(
+        // SAFETY: every pointer is to a local of the right type, valid for the call.
         unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old) },
         "sigprocmask",
     )?;
@@ -248,8 +249,8 @@ fn new_node(cli: &Cli, name: &str) -> Res<()> {
         setns(&open_ns(p)?, libc::CLONE_NEWNET, "net")?;
     }
     // The cgroup namespace's root is our cgroup at this moment: the node's.
-    // SAFETY: plain unshare; single-threaded.
     check(
+        // SAFETY: plain unshare; single-threaded.
         unsafe {
             libc::unshare(
                 libc::CLONE_NEWCGROUP | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWPID,
@@ -313,8 +314,8 @@ fn setup_node(name: &str) -> Res<()> {
     unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     // Inside the cgroup namespace this shows the node's subtree as the root.
     mount(Some("cgroup2"), "/sys/fs/cgroup", Some("cgroup2"), hard)?;
-    // SAFETY: a valid buffer and length.
     check(
+        // SAFETY: a valid buffer and length.
         unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) },
         format!("sethostname {name}"),
     )
@@ -390,8 +391,8 @@ fn exec_in_node(cli: &Cli) -> Res<()> {
 /// A mount namespace of our own whose / is read-only, `rw` dirs excepted
 /// (readOnlyRootFilesystem with emptyDir volumes).
 fn read_only_root(rw: &[PathBuf]) -> Res<()> {
-    // SAFETY: plain unshare; single-threaded.
     check(
+        // SAFETY: plain unshare; single-threaded.
         unsafe { libc::unshare(libc::CLONE_NEWNS) },
         "unshare mount namespace",
     )?;
@@ -516,6 +517,7 @@ fn drop_caps(keep: u64) -> Res<()> {
         if keep & (1u64 << cap) == 0 {
             // SAFETY: prctl with a capability number.
             check(
+                // SAFETY: plain-integer arguments; the descriptor, if any, is ours.
                 unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) },
                 format!("drop capability {cap} from the bounding set"),
             )?;
@@ -539,13 +541,13 @@ fn drop_caps(keep: u64) -> Res<()> {
             inheritable: 0,
         },
     ];
-    // SAFETY: capset with a v3 header and two data words.
     check(
+        // SAFETY: capset with a v3 header and two data words.
         unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) as libc::c_int },
         "capset",
     )?;
-    // SAFETY: prctl without pointers.
     check(
+        // SAFETY: prctl without pointers.
         unsafe {
             libc::prctl(
                 libc::PR_CAP_AMBIENT,
