@@ -28,7 +28,7 @@ enum Task {
     Setup,
     /// Build the agent (with its eBPF programs) and the test tools, release profile.
     Build,
-    /// Unit tests, privileged integration tests (root), fuzz smoke runs, manifest validation.
+    /// fmt and clippy (-D warnings), unit tests, privileged integration tests (root), fuzz smoke runs, manifest validation.
     Test {
         /// Skip the privileged integration tests (for a quick local loop only; CI never skips).
         #[arg(long)]
@@ -170,6 +170,7 @@ fn is_root() -> bool {
 
 fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
     let root = project_root();
+    lint()?;
     build()?;
     // Unit and host tests of every crate (no privileges needed).
     run(cargo().args([
@@ -208,6 +209,43 @@ fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
         run(Command::new("bash").arg(&validate).current_dir(&root))?;
     }
     eprintln!("test: all passed");
+    Ok(())
+}
+
+/// The gate, first because it is quick: formatting, then clippy with
+/// warnings as errors on the host crates and on the eBPF crate (for its own
+/// target, with the nightly toolchain that builds it). The workspace lints
+/// include `undocumented_unsafe_blocks`: every `unsafe` says why it is sound.
+fn lint() -> Result<()> {
+    let started = std::time::Instant::now();
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("`cargo fmt --all` would change files: run it and commit")?;
+    run(cargo().args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "flowaudit-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo").current_dir(project_root()).args([
+        "+nightly",
+        "clippy",
+        "--release",
+        "-p",
+        "flowaudit-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    eprintln!("lint: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 

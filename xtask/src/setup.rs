@@ -50,6 +50,7 @@ pub fn setup() -> Result<()> {
     let started = std::time::Instant::now();
     check_linux_prereqs()?;
     nightly_rust_src()?;
+    lint_tools()?;
     bpf_linker()?;
     apt_packages()?;
     pip_packages()?;
@@ -86,6 +87,37 @@ fn nightly_rust_src() -> Result<()> {
     }
     eprintln!("setup: installing rust-src for nightly");
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// The gate's tools: rustfmt and clippy on the default toolchain, clippy on
+/// nightly (for the eBPF crate). `rustup component add` is idempotent, but
+/// it is skipped when the tool answers already (no network needed).
+fn lint_tools() -> Result<()> {
+    for (toolchain, component, probe) in [
+        (None, "rustfmt", ["fmt", "--version"]),
+        (None, "clippy", ["clippy", "--version"]),
+        (Some("nightly"), "clippy", ["clippy", "--version"]),
+    ] {
+        let mut cmd = Command::new("cargo");
+        if let Some(t) = toolchain {
+            cmd.arg(format!("+{t}"));
+        }
+        if cmd_output(cmd.args(probe)).is_ok() {
+            continue;
+        }
+        eprintln!(
+            "setup: installing {component} for {}",
+            toolchain.unwrap_or("the default toolchain")
+        );
+        let mut add = Command::new("rustup");
+        add.args(["component", "add", component]);
+        if let Some(t) = toolchain {
+            add.args(["--toolchain", t]);
+        }
+        run(&mut add)?;
+    }
+    eprintln!("setup: rustfmt and clippy present");
+    Ok(())
 }
 
 /// The LLVM major version of the nightly toolchain, e.g. 22.
