@@ -314,39 +314,32 @@ impl PolicySet {
                         message: format!("{what} is TLS without a client certificate, but {rule_name} requires mTLS"),
                     });
                 }
-                ObservedEncryption::TlsUnverified => {
+                // TLS whose client certificate is hidden, or nothing seen:
+                // never silently compliant (a tenant filling the capture
+                // maps must not turn the mTLS audit off).
+                ObservedEncryption::TlsUnverified | ObservedEncryption::Unknown => {
                     let what = describe();
                     if self.options.unverified_mtls_is_violation {
                         verdict = Verdict::Violation;
                     }
-                    let why = if flow.encryption_detail.is_empty() {
-                        "cannot be observed"
-                    } else {
-                        flow.encryption_detail
+                    let tls = flow.encryption == ObservedEncryption::TlsUnverified;
+                    let why = match flow.encryption_detail {
+                        "" if tls => "cannot be observed",
+                        "" => "no payload was seen",
+                        d => d,
                     };
-                    findings.push(Finding {
-                        kind: FindingKind::MtlsUnverified,
-                        message: format!("{what} is TLS, but whether the client presented a certificate is unknown ({why}); {rule_name} requires mTLS"),
-                    });
-                }
-                // Not seen is not compliant: an auditor that could not look
-                // says so (a tenant filling the capture maps must not turn
-                // the mTLS audit off).
-                ObservedEncryption::Unknown => {
-                    let what = describe();
-                    if self.options.unverified_mtls_is_violation {
-                        verdict = Verdict::Violation;
-                    }
-                    let why = if flow.encryption_detail.is_empty() {
-                        "no payload was seen"
+                    let message = if tls {
+                        format!(
+                            "{what} is TLS, but whether the client presented a certificate is unknown ({why}); {rule_name} requires mTLS"
+                        )
                     } else {
-                        flow.encryption_detail
-                    };
-                    findings.push(Finding {
-                        kind: FindingKind::MtlsUnverified,
-                        message: format!(
+                        format!(
                             "whether {what} is mTLS is unknown ({why}); {rule_name} requires mTLS"
-                        ),
+                        )
+                    };
+                    findings.push(Finding {
+                        kind: FindingKind::MtlsUnverified,
+                        message,
                     });
                 }
                 ObservedEncryption::Mtls => {}

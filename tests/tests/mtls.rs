@@ -404,6 +404,21 @@ fn each_connection_gets_the_encryption_it_carries() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An agent in `sim`'s node judging by `POLICY`, without SPIRE, with `extra` flags.
+fn agent_under_policy(
+    sim: &Precinct99,
+    name: &str,
+    extra: &[&str],
+) -> (std::path::PathBuf, flowaudit_tests::agent::RunningAgent) {
+    let dir = temp_dir(name);
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let mut args = vec!["--spire-admin-socket", "none"];
+    args.extend_from_slice(extra);
+    let agent = sim.agent(&dir, &policy, &args);
+    (dir, agent)
+}
+
 /// One sample of the Prometheus exposition: `name{labels}` exactly.
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
@@ -428,20 +443,10 @@ fn sample(text: &str, series: &str) -> f64 {
 fn encryption_not_seen_is_never_silently_compliant() {
     require_root();
     let sim = Precinct99::start(66).expect("precinct-99 on a simulated node");
-    let dir = temp_dir("mtls-unseen");
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, POLICY).expect("policy");
-    let agent = sim.agent(
-        &dir,
-        &policy,
-        &[
-            "--spire-admin-socket",
-            "none",
-            "--payload-sockets",
-            "2",
-            "--encryption-wait-ms",
-            "1000",
-        ],
+    let (dir, agent) = agent_under_policy(
+        &sim,
+        "mtls-unseen",
+        &["--payload-sockets", "2", "--encryption-wait-ms", "1000"],
     );
     let bin = flowaudit_tests::agent::agent_binary();
     // A subscriber following the stream, to see the loss notice.
@@ -614,19 +619,7 @@ fn nix_kill(child: &std::process::Child) -> std::io::Result<()> {
 fn ipv6_extension_headers_are_reported_not_observable() {
     require_root();
     let sim = Precinct99::start(67).expect("precinct-99 on a simulated node");
-    let dir = temp_dir("mtls-exthdr");
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, POLICY).expect("policy");
-    let agent = sim.agent(
-        &dir,
-        &policy,
-        &[
-            "--spire-admin-socket",
-            "none",
-            "--encryption-wait-ms",
-            "5000",
-        ],
-    );
+    let (dir, agent) = agent_under_policy(&sim, "mtls-exthdr", &["--encryption-wait-ms", "5000"]);
     let backend = sim.workloads[BACKEND].pod.ip6();
     // struct ip6_dest: next header (kernel-filled), length 0 (8 bytes),
     // then PadN (type 1) with 4 bytes of padding.
