@@ -471,10 +471,17 @@ fn encryption_not_seen_is_never_silently_compliant() {
     // The idle connection: both of its sockets are watched and fill the map.
     let holder = std::thread::spawn(move || {
         let mut opts = flowaudit_tests::simpod::ConnectOpts::new(to);
-        opts.hold_ms = 4000;
+        opts.hold_ms = 12_000;
         frontend.connect(&opts)
     });
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Its two CONNECTs (out after the 1 s encryption wait) say both of its
+    // sockets are in the map; under emulation that takes seconds.
+    assert!(
+        agent.wait_for_flows(2, std::time::Duration::from_secs(30), |f| {
+            f["event"] == "CONNECT" && f["l4"]["destination_port"] == 8000
+        }),
+        "the idle connection never showed up"
+    );
     let http = b"GET /api/orders HTTP/1.1\r\nHost: backend\r\n\r\n";
     assert!(
         tls::raw_client(
@@ -620,7 +627,16 @@ fn ipv6_extension_headers_are_reported_not_observable() {
     require_root();
     let sim = Precinct99::start(67).expect("precinct-99 on a simulated node");
     let (dir, agent) = agent_under_policy(&sim, "mtls-exthdr", &["--encryption-wait-ms", "5000"]);
+    // A server of our own on the backend's IPv6 address (the scenario's
+    // listen on IPv4), on a port the mTLS rule covers.
     let backend = sim.workloads[BACKEND].pod.ip6();
+    let _server = sim.workloads[BACKEND]
+        .pod
+        .serve(&flowaudit_tests::simpod::ServeOpts {
+            listen: vec![std::net::SocketAddr::new(IpAddr::V6(backend), 8499)],
+            reply_bytes: 64,
+        })
+        .expect("IPv6 server");
     // struct ip6_dest: next header (kernel-filled), length 0 (8 bytes),
     // then PadN (type 1) with 4 bytes of padding.
     let script = format!(
@@ -628,7 +644,7 @@ fn ipv6_extension_headers_are_reported_not_observable() {
          s=socket.socket(socket.AF_INET6,socket.SOCK_STREAM)\n\
          s.setsockopt(socket.IPPROTO_IPV6,59,bytes([0,0,1,4,0,0,0,0]))\n\
          s.settimeout(3)\n\
-         s.connect(('{backend}',8000))\n\
+         s.connect(('{backend}',8499))\n\
          s.sendall(b'GET /api/orders HTTP/1.1\\r\\nHost: backend\\r\\n\\r\\n')\n\
          s.shutdown(socket.SHUT_WR)\n\
          try:\n  s.recv(4096)\n\
@@ -656,7 +672,7 @@ fn ipv6_extension_headers_are_reported_not_observable() {
         .flows
         .iter()
         .filter(|f| {
-            f["l4"]["destination_port"] == 8000
+            f["l4"]["destination_port"] == 8499
                 && f["l4"]["destination_ip"] == backend.to_string().as_str()
         })
         .collect();
