@@ -595,6 +595,32 @@ mod tests {
     }
 
     #[test]
+    fn since_parses_durations_and_times_and_rejects_the_rest_without_panicking() {
+        let t = parse_since("2026-11-28T12:00:00+01:00").expect("an RFC 3339 time");
+        assert_eq!(
+            t.seconds,
+            parse_since("2026-11-28T11:00:00Z").unwrap().seconds
+        );
+        assert!(parse_since("5m").is_ok());
+        for bad in [
+            "2026-11-28T12:00:00+0é:0", // a multi-byte character across the offset's colon
+            "2026-11-28T12:00:00+é0:00",
+            "2026-11-28T12:00:00é",
+            "2026-11-28T12:00:00.é",
+            "2026-11-28T12:é0:00Z",
+            "é026-11-28T12:00:00Z",
+            "2026-11-28T12:00:00+01:0é",
+            "1é",
+            "é",
+            "9999999999999999999999d",
+            "18446744073709551615d",
+        ] {
+            let e = parse_since(bad).expect_err(bad);
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn compact_line_escapes_hostile_strings_from_the_wire() {
         let mut f = flow();
         f.event = crate::flow::EventKind::Connect;
