@@ -22,7 +22,10 @@ fuzz_target!(|input: (String, Vec<(String, String)>)| {
     }
     // Plain Kubernetes label keys and values, so that the texts built below
     // are one requirement each.
-    let plain = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    let plain = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    };
     for (k, v) in labels.iter().filter(|(k, v)| plain(k) && plain(v)) {
         let (Ok(exists), Ok(absent)) = (
             LabelSelector::parse(k),

@@ -9,8 +9,14 @@ use flowaudit_common::ListenerSeen;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, bytes)) = data.split_first() else { return };
-    let key = if mode & 1 == 0 { NetnsKey::Cookie } else { NetnsKey::Inode };
+    let Some((&mode, bytes)) = data.split_first() else {
+        return;
+    };
+    let key = if mode & 1 == 0 {
+        NetnsKey::Cookie
+    } else {
+        NetnsKey::Inode
+    };
     let r = decode_seen(bytes, key, Path::new("/nonexistent-cgroup-root"));
     let records = bytes.len() / size_of::<ListenerSeen>();
     assert!(r.entries.len() + r.unnamed as usize <= records);

@@ -7,7 +7,9 @@ use flowaudit::export::grpc::convert::{parse_rfc3339, timestamp_to_rfc3339};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Some(t) = parse_rfc3339(text) {
         assert!((0..1_000_000_000).contains(&t.nanos), "{text:?}: {t:?}");
         let _ = timestamp_to_rfc3339(&t);
