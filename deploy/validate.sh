@@ -12,13 +12,17 @@
 #      a skip that no longer suppresses a real finding fails too
 #   6. shellcheck of the scripts
 # Exits non-zero on any failure. Tools: kubectl (>= 1.21: kustomize v4+) and
-# what `cargo xtask setup` installs (pip install -r
-# deploy/requirements.txt; apt-get install shellcheck).
+# what `cargo xtask setup` installs (deploy/requirements.txt into the virtual
+# environment $FLOWAUDIT_VENV, default <repo>/target/venv, never the system
+# Python; apt-get install shellcheck).
 #
 # Usage: deploy/validate.sh [--keep]   (--keep leaves the rendered files)
 set -euo pipefail
 
 deploy="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# python3, checkov and kubernetes-validate come from the setup's venv.
+venv="${FLOWAUDIT_VENV:-$(dirname "$deploy")/target/venv}"
+[ -x "$venv/bin/python3" ] && export PATH="$venv/bin:$PATH"
 export FLOWAUDIT_KUBE_VERSION="${FLOWAUDIT_KUBE_VERSION:-1.31.0}"
 keep=0
 [ "${1:-}" = "--keep" ] && keep=1
@@ -47,7 +51,7 @@ fi
 command -v shellcheck >/dev/null 2>&1 || missing+=("shellcheck")
 if [ ${#missing[@]} -gt 0 ]; then
   printf 'validate.sh: missing tools: %s\n' "${missing[*]}" >&2
-  echo "validate.sh: 'cargo xtask setup' installs them (pip install -r deploy/requirements.txt; apt-get install -y shellcheck); kubectl: https://kubernetes.io/docs/tasks/tools/" >&2
+  echo "validate.sh: 'cargo xtask setup' installs them (deploy/requirements.txt into the virtual environment $venv; apt-get install -y shellcheck); kubectl: https://kubernetes.io/docs/tasks/tools/" >&2
   exit 2
 fi
 

@@ -138,7 +138,7 @@ impl Pipeline {
             }
         }
         // Shutting down: parked flows still get their bounded wait.
-        let until = Instant::now() + self.identity_wait.max(self.encryption_wait);
+        let until = later(Instant::now(), self.identity_wait.max(self.encryption_wait));
         while !self.parked.is_empty() && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(5)).await;
             self.release(false);
@@ -178,13 +178,13 @@ impl Pipeline {
         let encryption_deadline = (flow.event == EventKind::Connect
             && !self.encryption_wait.is_zero()
             && !self.encryption.is_settled(cookie))
-        .then(|| now + self.encryption_wait);
+        .then(|| later(now, self.encryption_wait));
         if query.is_some()
             || encryption_deadline.is_some()
             || self.parked_sockets.contains_key(&cookie)
         {
             *self.parked_sockets.entry(cookie).or_default() += 1;
-            let deadline = now + self.identity_wait;
+            let deadline = later(now, self.identity_wait);
             if query.is_some() {
                 self.pending_lookups += 1;
                 self.earliest(deadline);
@@ -324,6 +324,15 @@ impl Pipeline {
             sink.flush();
         }
     }
+}
+
+/// `now + wait`, saturating: a wait past what the clock can hold (the CLI
+/// bounds it, a library caller may not) is a century, never a panic.
+fn later(now: Instant, wait: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(FAR))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -574,5 +583,53 @@ mod bench {
         consumer.abort();
         assert_eq!(lost.load(Ordering::Relaxed), 0, "the subscriber lost flows");
         assert!(received.load(Ordering::Relaxed) > 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flowaudit_common::RecordKind;
+
+    use super::*;
+    use crate::capture::record::tests::sample;
+
+    fn pipeline(identity_wait: Duration, encryption_wait: Duration) -> Pipeline {
+        Pipeline::new(
+            "n1".into(),
+            None,
+            Judge { policy: None },
+            Vec::new(),
+            Arc::new(PipelineStats::default()),
+            identity_wait,
+            encryption_wait,
+        )
+    }
+
+    /// A wait no clock can add (a library caller, or a CLI bound that
+    /// slipped) parks the flow "for ever" instead of panicking.
+    #[tokio::test]
+    async fn huge_waits_do_not_overflow_the_clock() {
+        let mut p = pipeline(Duration::MAX, Duration::MAX);
+        let mut rec = sample();
+        rec.kind = RecordKind::Connect as u8;
+        let ev = KernelEvent::from_record(&rec).expect("sample record");
+        p.record(KernelRecord::Flow(ev), &Clock::now());
+        assert_eq!(p.parked.len(), 1, "a CONNECT waits for its handshake");
+        p.release(true);
+        assert_eq!(
+            p.stats.flows.load(Ordering::Relaxed),
+            1,
+            "released at shutdown"
+        );
+
+        // Shutting down with nothing parked returns at once.
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            pipeline(Duration::MAX, Duration::MAX).run(rx),
+        )
+        .await
+        .expect("an idle pipeline shuts down at once, whatever its waits");
     }
 }

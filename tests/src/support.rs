@@ -10,6 +10,23 @@ use crate::{Pod, PodSpec, SimNode};
 
 /// Fails the test with the fix when not root: the tests load eBPF programs
 /// and build network namespaces. Never a silent skip.
+/// The Python of the virtual environment `cargo xtask setup` fills with
+/// tests/requirements.txt (`$FLOWAUDIT_VENV`, else `<repo>/target/venv`):
+/// grpcio lives there, never in the system Python.
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("FLOWAUDIT_VENV")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/venv")));
+    let python = venv.join("bin/python3");
+    assert!(
+        python.exists(),
+        "{} is missing: run `cargo xtask setup` (it makes the virtual environment), or point FLOWAUDIT_VENV at one with tests/requirements.txt installed",
+        python.display()
+    );
+    python
+}
+
 pub fn require_root() {
     // SAFETY: a libc call with no pointer arguments.
     if unsafe { libc::geteuid() } != 0 {

@@ -522,3 +522,35 @@ fn not_root_is_a_clear_error() {
         "unclear error: {err}"
     );
 }
+
+#[test]
+fn absurd_waits_are_a_clear_error() {
+    require_root();
+    // As nobody, so that an agent that accepted the value could not start
+    // capturing: the command line must refuse it first, naming the range.
+    for flag in ["--identity-wait-ms", "--encryption-wait-ms"] {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(flowaudit_tests::agent::agent_binary())
+            .args([
+                "agent",
+                "--spire-admin-socket",
+                "none",
+                flag,
+                "18446744073709551615",
+            ])
+            .output()
+            .expect("setpriv (util-linux)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{flag} 18446744073709551615 must be a usage error (exit 2); got {:?}: {err}",
+            out.status
+        );
+        assert!(
+            err.contains(flag) && err.contains("from 0 to 60000") && !err.contains("panicked"),
+            "unclear error for {flag}: {err}"
+        );
+    }
+}

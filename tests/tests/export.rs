@@ -434,7 +434,7 @@ fn prometheus_scrapes_the_flow_counts_of_generated_traffic() {
 // ---------------------------------------------------------------- Python client
 
 fn python_client(server: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("python3");
+    let mut c = Command::new(venv_python());
     c.arg(tests_dir().join("python/flowaudit_client.py"))
         .args(["--server", server])
         .args(args);
@@ -444,7 +444,7 @@ fn python_client(server: &str, args: &[&str]) -> Command {
 fn python_json(server: &str, args: &[&str]) -> Value {
     let out = python_client(server, args)
         .output()
-        .expect("python3 (with tests/requirements.txt installed)");
+        .expect("the virtual environment's python3");
     assert!(
         out.status.success(),
         "python client {args:?} failed: {}",
@@ -511,7 +511,7 @@ fn python_grpc_client_tails_the_stream_with_filters() {
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()
-    .expect("python3");
+    .expect("the virtual environment's python3");
     wait_subscribers(&agent, 1);
     let good = connect(&client, &server, 8000, N, 2);
     connect(&client, &server, 9000, 10, 2); // filtered out by port

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, cmd_output, project_root, run};
+use crate::{cargo, cmd_output, project_root, run, venv_dir};
 
 /// A kernel of the matrix.
 pub struct Kernel {
@@ -315,7 +315,8 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
 
     eprintln!("kernels: booting {} ({release}) for {:?}", k.name, k.tests);
     let started = Instant::now();
-    let mut vng = Command::new("vng");
+    // virtme-ng lives in the setup's virtual environment, not the system Python.
+    let mut vng = Command::new(venv_dir().join("bin/vng"));
     vng.arg("--run")
         .arg(&vmlinuz)
         .args(["--force-9p", "--cpus", "2", "--memory", "4G"])

@@ -117,6 +117,21 @@ pub fn project_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The Python virtual environment holding every PyPI package `setup`
+/// installs (grpcio, virtme-ng, checkov, kubernetes-validate), so the
+/// system Python is never touched: `$FLOWAUDIT_VENV`, else
+/// `<repo>/target/venv`. Tests and deploy/validate.sh find it the same way.
+pub fn venv_dir() -> PathBuf {
+    venv_dir_from(&project_root(), std::env::var_os("FLOWAUDIT_VENV"))
+}
+
+fn venv_dir_from(root: &Path, env: Option<std::ffi::OsString>) -> PathBuf {
+    match env.filter(|v| !v.is_empty()) {
+        Some(v) => PathBuf::from(v),
+        None => root.join("target/venv"),
+    }
+}
+
 /// Runs a command, inheriting stdio; fails with the command line on a non-zero exit.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
@@ -199,14 +214,18 @@ fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
                 "--test-threads=1",
             ])
             .env("FLOWAUDIT_BIN", root.join("target/release/flowaudit"))
-            .env("SIMPOD_BIN", root.join("target/release/simpod")))?;
+            .env("SIMPOD_BIN", root.join("target/release/simpod"))
+            .env("FLOWAUDIT_VENV", venv_dir()))?;
         // The same kernel-dependent tests on the kernels users run.
         kernels::kernels(&[])?;
     }
     fuzz(fuzz_seconds)?;
     let validate = root.join("deploy/validate.sh");
     if validate.exists() {
-        run(Command::new("bash").arg(&validate).current_dir(&root))?;
+        run(Command::new("bash")
+            .arg(&validate)
+            .current_dir(&root)
+            .env("FLOWAUDIT_VENV", venv_dir()))?;
     }
     eprintln!("test: all passed");
     Ok(())
@@ -252,7 +271,7 @@ fn lint() -> Result<()> {
 /// Runs every cargo-fuzz target of the project briefly; a crash fails the run.
 fn fuzz(seconds: u64) -> Result<()> {
     let root = project_root();
-    for dir in ["policy/fuzz", "wire/fuzz"] {
+    for dir in ["policy/fuzz", "wire/fuzz", "agent/fuzz"] {
         let fuzz_dir = root.join(dir);
         if !fuzz_dir.join("Cargo.toml").exists() {
             continue;
@@ -481,5 +500,26 @@ mod bench {
         }
         eprintln!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod venv_tests {
+    use std::path::Path;
+
+    use super::venv_dir_from;
+
+    #[test]
+    fn the_venv_is_under_target_unless_flowaudit_venv_says_otherwise() {
+        let root = Path::new("/src/flowaudit");
+        assert_eq!(venv_dir_from(root, None), root.join("target/venv"));
+        assert_eq!(
+            venv_dir_from(root, Some("".into())),
+            root.join("target/venv")
+        );
+        assert_eq!(
+            venv_dir_from(root, Some("/opt/fa-venv".into())),
+            Path::new("/opt/fa-venv")
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cmd_output, project_root, run};
+use crate::{cmd_output, project_root, run, venv_dir};
 
 /// Debian packages the build, tests, demo and benchmarks use.
 const APT_PACKAGES: &[&str] = &[
@@ -21,9 +21,9 @@ const APT_PACKAGES: &[&str] = &[
     "libbpf-tools",      // tcplife: a peer watching the same connection storm
     "conntrack",         // conntrack -E: another peer for the storm
     "netcat-openbsd",
-    "python3-pip",
-    "nftables",   // the demo's stand-in for a network policy that drops a flow
-    "shellcheck", // deploy/validate.sh lints the deploy scripts
+    "python3-venv", // the virtual environment that holds every PyPI package
+    "nftables",     // the demo's stand-in for a network policy that drops a flow
+    "shellcheck",   // deploy/validate.sh lints the deploy scripts
     // The kernel matrix (`cargo xtask kernels`): QEMU boots Debian's kernels,
     // kmod's depmod indexes their modules, virtme-ng (PyPI) shares this
     // machine's filesystem with the guest.
@@ -215,16 +215,30 @@ fn apt_packages() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// PyPI packages: pinned requirement files; a stamp records the last install
-/// of each file's exact content so unchanged files cost nothing.
+/// PyPI packages: pinned requirement files, installed into a virtual
+/// environment ([`venv_dir`]) and never into the system Python, whose own
+/// packages (awscli's botocore...) pip would otherwise up- or downgrade. A
+/// stamp in the environment records the last install of each file's exact
+/// content, so unchanged files cost nothing and a new environment gets all.
 fn pip_packages() -> Result<()> {
     let root = project_root();
+    let venv = venv_dir();
+    let python = venv.join("bin/python3");
+    if python.exists() {
+        eprintln!("setup: Python virtual environment {}", venv.display());
+    } else {
+        eprintln!(
+            "setup: creating the Python virtual environment {}",
+            venv.display()
+        );
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
     for req in ["deploy/requirements.txt", "tests/requirements.txt"] {
         let path = root.join(req);
         let Ok(content) = std::fs::read(&path) else {
             continue;
         };
-        let stamp = root.join("target/setup-stamps").join(format!(
+        let stamp = venv.join("flowaudit-stamps").join(format!(
             "pip-{}-{:016x}",
             req.replace('/', "_"),
             fnv1a(&content)
@@ -233,8 +247,8 @@ fn pip_packages() -> Result<()> {
             eprintln!("setup: {req} installed");
             continue;
         }
-        eprintln!("setup: pip install -r {req}");
-        run(Command::new("python3")
+        eprintln!("setup: pip install -r {req} (into {})", venv.display());
+        run(Command::new(&python)
             .args([
                 "-m",
                 "pip",

@@ -423,6 +423,12 @@ fn load(
     ring_bytes: u32,
     payload_sockets: u32,
 ) -> Result<Ebpf, LoadFailure> {
+    if EBPF_OBJECT.is_empty() {
+        // agent/build.rs embeds nothing under `cargo fuzz`: never to be loaded.
+        return Err(LoadFailure::Other(CaptureError::Missing(
+            "every program (a `cargo fuzz` build)",
+        )));
+    }
     let kernel_reads = u32::from(f.kernel_reads);
     let netns_helper = u32::from(f.sock_ops_netns_cookie);
     let mut loader = EbpfLoader::new();

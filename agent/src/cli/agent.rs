@@ -85,6 +85,7 @@ pub struct AgentArgs {
     #[arg(
         long,
         env = "FLOWAUDIT_IDENTITY_WAIT_MS",
+        value_parser = wait_ms,
         default_value_t = 500,
         value_name = "MS"
     )]
@@ -95,6 +96,7 @@ pub struct AgentArgs {
     #[arg(
         long,
         env = "FLOWAUDIT_ENCRYPTION_WAIT_MS",
+        value_parser = wait_ms,
         default_value_t = 250,
         value_name = "MS"
     )]
@@ -153,6 +155,19 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// The longest `--identity-wait-ms` / `--encryption-wait-ms`: parked flows
+/// sit in memory meanwhile, and a flow held longer is stale news.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+fn wait_ms(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n <= MAX_WAIT_MS => Ok(n),
+        _ => Err(format!(
+            "`{s}`: the wait must be a number of milliseconds from 0 to {MAX_WAIT_MS}"
+        )),
     }
 }
 
@@ -480,7 +495,7 @@ fn report_losses(capture: &Capture) {
 
 #[cfg(test)]
 mod tests {
-    use super::ring_buffer_mib;
+    use super::{MAX_WAIT_MS, ring_buffer_mib, wait_ms};
 
     #[test]
     fn ring_buffer_size_is_a_power_of_two_in_range() {
@@ -489,6 +504,27 @@ mod tests {
         for bad in ["0", "3", "2048", "x", "-8"] {
             let e = ring_buffer_mib(bad).unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn waits_are_milliseconds_up_to_a_minute() {
+        assert_eq!(wait_ms("0"), Ok(0));
+        assert_eq!(wait_ms("500"), Ok(500));
+        assert_eq!(wait_ms(&MAX_WAIT_MS.to_string()), Ok(MAX_WAIT_MS));
+        for bad in [
+            "60001",
+            "18446744073709551615",
+            "99999999999999999999",
+            "-1",
+            "1s",
+            "",
+        ] {
+            let e = wait_ms(bad).unwrap_err();
+            assert!(
+                e.contains(&format!("`{bad}`")) && e.contains("from 0 to 60000"),
+                "{bad}: {e}"
+            );
         }
     }
 }

@@ -1,7 +1,73 @@
 //! Command-line front ends: `agent` (the daemon), `observe` (print flows),
 //! `status` (a running agent's state) and `policy` (check and explain
-//! intended policy).
+//! intended policy). Text for humans passes through [`printable`], since
+//! what an agent sends (process names, pod names, SPIFFE IDs, messages) is
+//! not ours to trust with a terminal.
+
+use std::borrow::Cow;
+use std::fmt::Write;
 
 pub mod agent;
 pub mod observe;
 pub mod status;
+
+/// `s` with everything that could drive or fool a terminal made visible:
+/// C0 controls, DEL and C1 controls as `\xNN` (ESC is `\x1b`), bidi
+/// overrides, invisible format characters and Unicode line separators as
+/// `\u{NNNN}`, and the backslash doubled so an escape cannot be forged.
+/// A process may name itself anything (`prctl(PR_SET_NAME)`), so a comm
+/// holding `ESC[8m` would otherwise hide the lines after it.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c == '\\'
+        || c.is_control() // C0, DEL, C1
+        || matches!(c,
+            '\u{061c}'                    // Arabic letter mark
+            | '\u{200b}'..='\u{200f}'     // zero-width characters, LRM, RLM
+            | '\u{2028}'..='\u{202e}'     // line/paragraph separators, bidi embeddings and overrides
+            | '\u{2060}'..='\u{2069}'     // word joiner, invisible operators, bidi isolates
+            | '\u{feff}') // zero-width no-break space
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_escapes_what_drives_or_fools_a_terminal() {
+        for (raw, shown) in [
+            ("frontend", "frontend"),
+            ("node\x1b[8m", "node\\x1b[8m"),
+            ("a\nb\rc\td\0", "a\\x0ab\\x0dc\\x09d\\x00"),
+            ("del\x7f", "del\\x7f"),
+            ("csi\u{9b}8m", "csi\\u{9b}8m"),
+            ("gnp.exe\u{202e}", "gnp.exe\\u{202e}"),
+            ("back\\x1b", "back\\\\x1b"),
+            ("zero\u{200b}width\u{feff}", "zero\\u{200b}width\\u{feff}"),
+            ("line\u{2028}sep", "line\\u{2028}sep"),
+            ("ünïcödé 名前", "ünïcödé 名前"),
+        ] {
+            assert_eq!(printable(raw), shown, "escaping {raw:?}");
+        }
+        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
+    }
+}

@@ -282,7 +282,7 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
     tokio::pin!(ctrl_c);
     loop {
         let reason = match client.get_flows(request.clone()).await {
-            Err(status) => status.message().to_owned(),
+            Err(status) => super::printable(status.message()).into_owned(),
             Ok(response) => {
                 let mut stream = response.into_inner();
                 loop {
@@ -315,17 +315,20 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
                                         }
                                     }
                                     Err(e) => eprintln!(
-                                        "flowaudit observe: skipping a flow the agent sent malformed: {e}"
+                                        "flowaudit observe: skipping a flow the agent sent malformed: {}",
+                                        super::printable(&e.to_string())
                                     ),
                                 }
                             }
                             Some(proto::get_flows_response::Response::LostEvents(l)) => {
                                 let _ = out.flush();
-                                eprintln!("flowaudit observe: {}", l.message);
+                                eprintln!("flowaudit observe: {}", super::printable(&l.message));
                             }
                             None => {}
                         },
-                        Some(Err(status)) => break status.message().to_owned(),
+                        Some(Err(status)) => {
+                            break super::printable(status.message()).into_owned();
+                        }
                         None => break "the agent ended the stream".to_owned(),
                     }
                 }
@@ -387,7 +390,10 @@ fn run_file(
                 && since.as_deref().is_none_or(|s| flow.time.as_str() >= s))
             .then_some(flow),
             Err(e) if !line.trim().is_empty() => {
-                eprintln!("flowaudit observe: skipping a line that is not a flow event: {e}");
+                eprintln!(
+                    "flowaudit observe: skipping a line that is not a flow event: {}",
+                    super::printable(&e.to_string())
+                );
                 None
             }
             Err(_) => None,
@@ -536,12 +542,14 @@ pub fn compact(f: &FlowEvent, color: bool) -> String {
         )),
         _ => {}
     }
+    // Everything above may come from the wire; only our colour may drive the terminal.
+    let line = super::printable(&line);
     if color && f.verdict == Verdict::Violation {
         format!("\x1b[1;31m{line}\x1b[0m")
     } else if color && f.verdict == Verdict::Unknown && !f.findings.is_empty() {
         format!("\x1b[33m{line}\x1b[0m")
     } else {
-        line
+        line.into_owned()
     }
 }
 
@@ -587,6 +595,60 @@ mod tests {
             "12:00:01.123 VIOLATION CONNECT spiffe://demo.local/ns/99-apps/sa/frontend:43122 (node[1234]) -> spiffe://demo.local/ns/99-apps/sa/postgresql:5432 EGRESS UNKNOWN NO_MATCHING_RULE"
         );
         assert_eq!(compact(&f, true), format!("\x1b[1;31m{plain}\x1b[0m"));
+    }
+
+    #[test]
+    fn since_parses_durations_and_times_and_rejects_the_rest_without_panicking() {
+        let t = parse_since("2026-11-28T12:00:00+01:00").expect("an RFC 3339 time");
+        assert_eq!(
+            t.seconds,
+            parse_since("2026-11-28T11:00:00Z").unwrap().seconds
+        );
+        assert!(parse_since("5m").is_ok());
+        for bad in [
+            "2026-11-28T12:00:00+0é:0", // a multi-byte character across the offset's colon
+            "2026-11-28T12:00:00+é0:00",
+            "2026-11-28T12:00:00é",
+            "2026-11-28T12:00:00.é",
+            "2026-11-28T12:é0:00Z",
+            "é026-11-28T12:00:00Z",
+            "2026-11-28T12:00:00+01:0é",
+            "1é",
+            "é",
+            "9999999999999999999999d",
+            "18446744073709551615d",
+        ] {
+            let e = parse_since(bad).expect_err(bad);
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn compact_line_escapes_hostile_strings_from_the_wire() {
+        let mut f = flow();
+        f.event = crate::flow::EventKind::Connect;
+        f.verdict = Verdict::Violation;
+        f.time = "2026-11-28T12:00:\x1b[2J.123Z".into();
+        // A comm that hides the lines after it, a pod name that rewrites the
+        // line, a SPIFFE ID that reverses itself, a protocol that rings.
+        f.source.process = Some("node\x1b[8m".into());
+        f.source.spiffe_id = "spiffe://demo.local/ns/a/sa/\u{202e}dnetnorf".into();
+        f.destination.namespace = "99-apps".into();
+        f.destination.pod_name = "db\r\x1b[1Aok\u{9b}".into();
+        f.encryption.state = flowaudit_policy::EncryptionState::Plaintext;
+        f.encryption.protocol = "pg\x07\n".into();
+        f.findings.push(crate::flow::Finding {
+            kind: FindingKind::NoMatchingRule,
+            message: "x\x1b]0;owned\x07".into(),
+        });
+        let plain = compact(&f, false);
+        assert_eq!(
+            plain,
+            "12:00:\\x1b[2J.1 VIOLATION CONNECT spiffe://demo.local/ns/a/sa/\\u{202e}dnetnorf:43122 (node\\x1b[8m[1234]) -> 99-apps/db\\x0d\\x1b[1Aok\\u{9b}:5432 EGRESS PLAINTEXT(pg\\x07\\x0a) NO_MATCHING_RULE"
+        );
+        // Only the colour we add is a control sequence.
+        let colored = compact(&f, true);
+        assert_eq!(colored, format!("\x1b[1;31m{plain}\x1b[0m"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::io::Write;
 
 use clap::{Args, ValueEnum};
 
+use super::printable;
 use crate::export::grpc;
 use crate::export::proto;
 
@@ -45,7 +46,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
             anyhow::anyhow!(
                 "the agent at {} answered with an error: {}",
                 args.server,
-                s.message()
+                printable(s.message())
             )
         })?;
         anyhow::Ok(status.into_inner())
@@ -143,7 +144,7 @@ pub fn render(s: &proto::ServerStatusResponse) -> String {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut out: String = rows
         .iter()
-        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+        .map(|(k, v)| format!("{:<width$} {}\n", format!("{k}:"), printable(v)))
         .collect();
     let kernel = if s.kernel_degradations.is_empty() {
         "every feature available".to_owned()
@@ -153,11 +154,16 @@ pub fn render(s: &proto::ServerStatusResponse) -> String {
             .iter()
             .map(|d| d.name.as_str())
             .collect();
-        format!("degraded: {}", names.join(", "))
+        format!("degraded: {}", printable(&names.join(", ")))
     };
     out.push_str(&format!("{:<width$} {kernel}\n", "Kernel:"));
     for d in &s.kernel_degradations {
-        out.push_str(&format!("  {}: {} ({})\n", d.name, d.lost, d.reason));
+        out.push_str(&format!(
+            "  {}: {} ({})\n",
+            printable(&d.name),
+            printable(&d.lost),
+            printable(&d.reason)
+        ));
     }
     let losses: Vec<&proto::KernelLoss> = s.kernel_losses.iter().filter(|l| l.count > 0).collect();
     if losses.is_empty() {
@@ -294,6 +300,41 @@ Kernel losses:      none
         assert!(
             text.contains("SPIRE connection:   disabled: local ends get DERIVED identities"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn text_status_escapes_hostile_strings_from_the_agent() {
+        let s = proto::ServerStatusResponse {
+            node_name: "n1\x1b[8m".into(),
+            version: "0.1\r".into(),
+            not_ready_reason: "wait\x07".into(),
+            policy: Some(proto::PolicyStatus {
+                version: "v\u{202e}2".into(),
+                rules: 1,
+                last_error: "bad\nline".into(),
+                ..Default::default()
+            }),
+            kernel_degradations: vec![proto::KernelDegradation {
+                name: "k\x1b".into(),
+                reason: "r\u{9b}".into(),
+                lost: "l\x7f".into(),
+            }],
+            ..Default::default()
+        };
+        let text = render(&s);
+        for line in [
+            "Node:               n1\\x1b[8m\n",
+            "Version:            0.1\\x0d\n",
+            "Ready:              no (wait\\x07)\n",
+            "Policy version:     v\\u{202e}2 (1 rules); last reload rejected: bad\\x0aline\n",
+            "Kernel:             degraded: k\\x1b\n  k\\x1b: l\\x7f (r\\u{9b})\n",
+        ] {
+            assert!(text.contains(line), "expected {line:?} in:\n{text}");
+        }
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
         );
     }
 

@@ -5,8 +5,10 @@
 //! half an event at a rotation.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::flow::FlowEvent;
 
@@ -29,13 +31,50 @@ pub enum ExportError {
     },
 }
 
+/// What the export file failed to do; `/metrics` reads it
+/// (`flowaudit_export_file_errors_total`, `flowaudit_export_file_flows_lost_total`).
+#[derive(Debug, Default)]
+pub struct ExportFileStats {
+    /// Writes and rotations that failed (a full disk, a missing directory).
+    pub errors: AtomicU64,
+    /// Flow events that never reached the file because of them.
+    pub flows_lost: AtomicU64,
+}
+
+/// Whole lines are buffered up to this much before they are written.
+const BUFFER: usize = 64 * 1024;
+
 pub struct ExportFile {
     path: PathBuf,
-    out: BufWriter<File>,
-    size: u64,
+    file: File,
+    /// Length of the file: whole lines only.
+    on_disk: u64,
+    /// Whole lines not written yet.
+    pending: Vec<u8>,
+    /// A failed write left part of a line after `on_disk` that could not be
+    /// cut off yet: nothing is appended until it is.
+    torn: bool,
     max_bytes: u64,
     max_backups: u32,
-    line: Vec<u8>,
+    pub stats: Arc<ExportFileStats>,
+    /// A rename onto this path fails (tests simulate a failing rotation).
+    #[cfg(test)]
+    fail_rename_to: Option<PathBuf>,
+}
+
+fn open_append(path: &Path) -> Result<File, ExportError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| ExportError::Open {
+            path: path.into(),
+            source,
+        })
+}
+
+fn lines_in(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
 impl ExportFile {
@@ -46,48 +85,101 @@ impl ExportFile {
                 source,
             })?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| ExportError::Open {
-                path: path.into(),
-                source,
-            })?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let file = open_append(path)?;
+        let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(Self {
             path: path.to_path_buf(),
-            out: BufWriter::with_capacity(64 * 1024, file),
-            size,
+            file,
+            on_disk,
+            pending: Vec::with_capacity(BUFFER + 4096),
+            torn: false,
             max_bytes: max_bytes.max(1),
             max_backups,
-            line: Vec::with_capacity(1024),
+            stats: Arc::default(),
+            #[cfg(test)]
+            fail_rename_to: None,
         })
+    }
+
+    /// Counts a failure and the flows it cost.
+    fn failed<T>(&self, r: Result<T, ExportError>, lost: u64) -> Result<T, ExportError> {
+        if r.is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.flows_lost.fetch_add(lost, Ordering::Relaxed);
+        }
+        r
     }
 
     pub fn write(&mut self, flow: &FlowEvent) -> Result<(), ExportError> {
-        self.line.clear();
-        serde_json::to_writer(&mut self.line, flow).expect("a FlowEvent always serialises");
-        self.line.push(b'\n');
-        if self.size > 0 && self.size + self.line.len() as u64 > self.max_bytes {
-            self.rotate()?;
+        let start = self.pending.len();
+        serde_json::to_writer(&mut self.pending, flow).expect("a FlowEvent always serialises");
+        self.pending.push(b'\n');
+        let before = self.on_disk + start as u64;
+        if before > 0 && before + (self.pending.len() - start) as u64 > self.max_bytes {
+            // This line starts the next file.
+            let line = self.pending.split_off(start);
+            self.write_out()?;
+            let rotated = self.rotate();
+            self.failed(rotated, 1)?;
+            self.pending = line;
         }
-        self.out
-            .write_all(&self.line)
-            .map_err(|source| ExportError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
-        self.size += self.line.len() as u64;
+        if self.pending.len() >= BUFFER {
+            self.write_out()?;
+        }
         Ok(())
     }
 
-    /// Pushes buffered lines to the file (called when the pipeline is idle).
-    pub fn flush(&mut self) -> Result<(), ExportError> {
-        self.out.flush().map_err(|source| ExportError::Write {
+    /// Writes buffered lines to the file (called when the pipeline is idle);
+    /// true when some reached it.
+    pub fn flush(&mut self) -> Result<bool, ExportError> {
+        self.write_out()
+    }
+
+    /// Appends the pending lines. A short or failed write (a full disk) is
+    /// cut back to its last whole line, so a reader never sees a torn one,
+    /// and the lines that did not fit are dropped and counted.
+    fn write_out(&mut self) -> Result<bool, ExportError> {
+        let err = |source| ExportError::Write {
             path: self.path.clone(),
             source,
-        })
+        };
+        if self.torn {
+            if let Err(e) = self.file.set_len(self.on_disk) {
+                let lost = lines_in(&self.pending);
+                self.pending.clear();
+                return self.failed(Err(err(e)), lost);
+            }
+            self.torn = false;
+        }
+        if self.pending.is_empty() {
+            return Ok(false);
+        }
+        let mut done = 0;
+        let result = loop {
+            match self.file.write(&self.pending[done..]) {
+                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) if done + n == self.pending.len() => break Ok(()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        let Err(source) = result else {
+            self.on_disk += self.pending.len() as u64;
+            self.pending.clear();
+            return Ok(true);
+        };
+        let whole = self.pending[..done]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        self.on_disk += whole as u64;
+        if done > whole {
+            self.torn = self.file.set_len(self.on_disk).is_err();
+        }
+        let lost = lines_in(&self.pending[whole..]);
+        self.pending.clear();
+        self.failed(Err(err(source)), lost)
     }
 
     fn backup(&self, n: u32) -> PathBuf {
@@ -96,51 +188,78 @@ impl ExportFile {
         PathBuf::from(p)
     }
 
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_rename_to.as_deref() == Some(to) {
+            return Err(std::io::Error::other("simulated rename failure"));
+        }
+        std::fs::rename(from, to)
+    }
+
+    /// The new file is made first, under a hidden name; then backups shift
+    /// up into the first free slot (replacing the oldest only when every
+    /// slot is taken), the current file becomes `.1` and the new one takes
+    /// its name. Nothing is deleted, so a rotation that fails half-way
+    /// loses at most the oldest backup, once; the next one fills the gap.
     fn rotate(&mut self) -> Result<(), ExportError> {
-        self.flush()?;
         let err = |source| ExportError::Rotate {
             path: self.path.clone(),
             source,
         };
-        if self.max_backups == 0 {
-            std::fs::remove_file(&self.path).map_err(err)?;
-        } else {
-            let _ = std::fs::remove_file(self.backup(self.max_backups));
-            for n in (1..self.max_backups).rev() {
-                let from = self.backup(n);
-                if from.exists() {
-                    std::fs::rename(&from, self.backup(n + 1)).map_err(err)?;
+        let mut fresh = self.path.clone();
+        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
+        fresh.set_file_name(format!(".{name}.rotating"));
+        let _ = std::fs::remove_file(&fresh);
+        let file = open_append(&fresh)?;
+        let shifted = (|| {
+            if self.max_backups > 0 {
+                let top = (1..=self.max_backups)
+                    .find(|&n| !self.backup(n).exists())
+                    .unwrap_or(self.max_backups);
+                for n in (1..top).rev() {
+                    self.rename(&self.backup(n), &self.backup(n + 1))?;
                 }
+                self.rename(&self.path, &self.backup(1))?;
             }
-            std::fs::rename(&self.path, self.backup(1)).map_err(err)?;
+            // Without backups this replaces the full file in one step.
+            self.rename(&fresh, &self.path)
+        })();
+        if let Err(e) = shifted {
+            let _ = std::fs::remove_file(&fresh);
+            return Err(err(e));
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|source| ExportError::Open {
-                path: self.path.clone(),
-                source,
-            })?;
-        self.out = BufWriter::with_capacity(64 * 1024, file);
-        self.size = 0;
+        self.file = file;
+        self.on_disk = 0;
         Ok(())
     }
 }
 
-/// As a pipeline sink: a failed write is logged (once per hundred) and
-/// counted; the other sinks go on.
+impl Drop for ExportFile {
+    fn drop(&mut self) {
+        let _ = self.write_out();
+    }
+}
+
+/// As a pipeline sink: failures are counted (in [`ExportFileStats`]) and
+/// logged once, and again only after a recovery; the other sinks go on.
 pub struct ExportFileSink {
-    pub file: ExportFile,
-    pub errors: u64,
+    file: ExportFile,
+    failing: bool,
 }
 
 impl ExportFileSink {
-    fn failed(&mut self, e: ExportError) {
-        if self.errors % 100 == 0 {
-            tracing::error!(error = %e, failures = self.errors + 1, "export file write failed; other sinks still get every flow");
+    pub fn new(file: ExportFile) -> Self {
+        Self {
+            file,
+            failing: false,
         }
-        self.errors += 1;
+    }
+
+    fn failed(&mut self, e: ExportError) {
+        if !self.failing {
+            self.failing = true;
+            tracing::error!(error = %e, "export file write failed: flows are missing from it until a write succeeds (counted in flowaudit_export_file_flows_lost_total); other sinks still get every flow");
+        }
     }
 }
 
@@ -152,8 +271,18 @@ impl super::Sink for ExportFileSink {
     }
 
     fn flush(&mut self) {
-        if let Err(e) = self.file.flush() {
-            self.failed(e);
+        match self.file.flush() {
+            Ok(true) if self.failing => {
+                self.failing = false;
+                let stats = &self.file.stats;
+                tracing::info!(
+                    errors = stats.errors.load(Ordering::Relaxed),
+                    flows_lost = stats.flows_lost.load(Ordering::Relaxed),
+                    "export file written again"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => self.failed(e),
         }
     }
 }
@@ -203,6 +332,149 @@ mod tests {
         ex.flush().unwrap();
         assert_eq!(count(&path), 2);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fa-export-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_failing_rotation_keeps_the_backups() {
+        let dir = scratch("rotation");
+        let path = dir.join("flows.jsonl");
+        let file = |suffix: &str| dir.join(format!("flows.jsonl{suffix}"));
+        for (suffix, text) in [
+            ("", "current"),
+            (".1", "one"),
+            (".2", "two"),
+            (".3", "three"),
+        ] {
+            std::fs::write(file(suffix), text).unwrap();
+        }
+        // One byte per file: every write rotates; the last step of each
+        // rotation (the current file becoming .1) fails.
+        let mut ex = ExportFile::open(&path, 1, 3).unwrap();
+        ex.fail_rename_to = Some(file(".1"));
+        for _ in 0..3 {
+            ex.write(&flow()).expect_err("the rotation fails");
+        }
+        let contents = || -> Vec<String> {
+            ["", ".1", ".2", ".3"]
+                .iter()
+                .map(|s| std::fs::read_to_string(file(s)).unwrap_or_else(|_| "-".into()))
+                .collect()
+        };
+        // Only the oldest, which the rotation drops anyway, may be gone.
+        assert_eq!(
+            contents(),
+            ["current", "-", "one", "two"],
+            "after 3 failed rotations"
+        );
+        ex.fail_rename_to = None;
+        ex.write(&flow()).expect("the rotation works again");
+        ex.flush().unwrap();
+        let after = contents();
+        assert_eq!(
+            after[1..],
+            ["current", "one", "two"],
+            "the next rotation fills the gap"
+        );
+        serde_json::from_str::<FlowEvent>(after[0].trim_end())
+            .expect("the new file holds the flow");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop
+    /// (also when the test fails). Needs root, which CI has: without it the
+    /// test fails saying so, it never skips.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(name: &str, size: &str) -> Self {
+            // SAFETY: geteuid has no preconditions.
+            let uid = unsafe { libc::geteuid() };
+            assert_eq!(
+                uid, 0,
+                "this test mounts a tmpfs to fill it: run it as root (CI does), not as uid {uid}"
+            );
+            let dir = scratch(name);
+            let st = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size}"),
+                    "flowaudit-test",
+                ])
+                .arg(&dir)
+                .status()
+                .expect("mount(8)");
+            assert!(st.success(), "mount -t tmpfs on {}: {st}", dir.display());
+            Self(dir)
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Every line of `p` is a whole flow event and the file ends with one.
+    fn assert_whole_lines(p: &Path, when: &str) -> usize {
+        let bytes = std::fs::read(p).unwrap();
+        assert!(
+            bytes.is_empty() || bytes.ends_with(b"\n"),
+            "{when}: {} ends inside a line: ...{:?}",
+            p.display(),
+            String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(80)..])
+        );
+        let text = String::from_utf8(bytes).expect("UTF-8");
+        for (i, l) in text.lines().enumerate() {
+            serde_json::from_str::<FlowEvent>(l)
+                .unwrap_or_else(|e| panic!("{when}: line {} is torn ({e}): {l:?}", i + 1));
+        }
+        text.lines().count()
+    }
+
+    #[test]
+    fn a_full_disk_never_leaves_a_torn_line() {
+        let fs = Tmpfs::mount("full", "64k");
+        let path = fs.0.join("flows.jsonl");
+        // Ballast, freed later to let writes succeed again.
+        std::fs::write(fs.0.join("ballast"), vec![0u8; 16 * 1024]).unwrap();
+        let mut ex = ExportFile::open(&path, 1 << 20, 2).unwrap();
+        let mut failures = 0;
+        for _ in 0..400 {
+            failures += u64::from(ex.write(&flow()).is_err()) + u64::from(ex.flush().is_err());
+        }
+        assert!(failures > 0, "64 KiB should have filled up");
+        assert_eq!(
+            ex.stats.errors.load(Ordering::Relaxed),
+            failures,
+            "each failure counted"
+        );
+        assert!(
+            ex.stats.flows_lost.load(Ordering::Relaxed) >= failures,
+            "and the flows it cost"
+        );
+        let before = assert_whole_lines(&path, "disk full");
+        // The agent stops while the disk is full: nothing torn stays behind.
+        drop(ex);
+        assert_eq!(assert_whole_lines(&path, "after the agent stopped"), before);
+        // Room again: writing resumes, after whole lines only.
+        std::fs::remove_file(fs.0.join("ballast")).unwrap();
+        let mut ex = ExportFile::open(&path, 1 << 20, 2).unwrap();
+        ex.write(&flow()).unwrap();
+        ex.flush().unwrap();
+        assert_eq!(assert_whole_lines(&path, "after recovery"), before + 1);
     }
 
     #[test]

@@ -726,7 +726,7 @@ pub mod convert {
             "Z" | "z" => 0,
             tz if tz.len() == 6
                 && (tz.starts_with('+') || tz.starts_with('-'))
-                && &tz[3..4] == ":" =>
+                && tz.as_bytes()[3] == b':' =>
             {
                 let sign = if tz.starts_with('-') { -1 } else { 1 };
                 sign * (num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60)

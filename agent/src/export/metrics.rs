@@ -34,6 +34,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use crate::capture::CaptureStats;
+use crate::export::file::ExportFileStats;
 use crate::flow::{Direction, EventKind, FlowEvent, UnknownReason};
 use crate::state::AgentState;
 use flowaudit_common::LossPlace;
@@ -128,6 +129,8 @@ pub struct Metrics {
     stream_dropped: Counter,
     policy_reloads: Family<ResultLabels, Counter>,
     policy_rules: Gauge,
+    /// Updated by the export file sink, read on each scrape.
+    pub export_file: Arc<ExportFileStats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -175,6 +178,31 @@ impl Collector for KernelCollector {
     }
 }
 
+/// The export file's failures, read from its stats on each scrape.
+#[derive(Debug)]
+struct ExportFileCollector(Arc<ExportFileStats>);
+
+impl Collector for ExportFileCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in [
+            (
+                "flowaudit_export_file_errors",
+                "Export file writes and rotations that failed (e.g. a full disk).",
+                &self.0.errors,
+            ),
+            (
+                "flowaudit_export_file_flows_lost",
+                "Flow events that did not reach the export file because of those failures.",
+                &self.0.flows_lost,
+            ),
+        ] {
+            let c = ConstCounter::new(value.load(Ordering::Relaxed));
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
     pub fn new(version: &'static str, capture: Arc<CaptureStats>) -> Self {
         let mut registry = Registry::default();
@@ -210,6 +238,8 @@ impl Metrics {
             encryption.clone(),
         );
         registry.register_collector(Box::new(KernelCollector(capture)));
+        let export_file = Arc::<ExportFileStats>::default();
+        registry.register_collector(Box::new(ExportFileCollector(export_file.clone())));
         let identity_lookups = Family::default();
         registry.register(
             "flowaudit_identity_lookups",
@@ -303,6 +333,7 @@ impl Metrics {
             stream_dropped,
             policy_reloads,
             policy_rules,
+            export_file,
         }
     }
 

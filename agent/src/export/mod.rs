@@ -113,12 +113,13 @@ pub async fn start(
 ) -> anyhow::Result<Vec<Box<dyn Sink>>> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(path) = &args.export_file {
-        let file = file::ExportFile::open(
+        let mut file = file::ExportFile::open(
             path,
             args.export_file_max_size_mb.saturating_mul(1024 * 1024),
             args.export_file_max_backups,
         )?;
-        sinks.push(Box::new(file::ExportFileSink { file, errors: 0 }));
+        file.stats = state.metrics.export_file.clone();
+        sinks.push(Box::new(file::ExportFileSink::new(file)));
     }
     sinks.push(Box::new(metrics::MetricsSink::new(state.metrics.clone())));
     let hub = Arc::new(hub::Hub::new(
