@@ -156,6 +156,7 @@ impl Lines {
 }
 
 fn sigint_and_wait(child: &mut Child, what: &str) {
+    // SAFETY: kill(2) takes plain integers: it signals a process this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -326,6 +327,7 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
+        // SAFETY: kill(2) takes plain integers: it signals a process this test started.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -631,6 +633,7 @@ fn a_stalled_subscriber_loses_only_its_own_flows_and_is_told() {
         .unwrap();
     wait_subscribers(&agent, 2);
     // Connected and subscribed, and now it never reads again.
+    // SAFETY: kill(2) takes plain integers: it signals a process this test started.
     unsafe { libc::kill(stalled.id() as i32, libc::SIGSTOP) };
 
     const N: u64 = 2500;
@@ -657,6 +660,7 @@ fn a_stalled_subscriber_loses_only_its_own_flows_and_is_told() {
     );
 
     // It wakes up: it gets what was queued, then hears how many it lost.
+    // SAFETY: kill(2) takes plain integers: it signals a process this test started.
     unsafe { libc::kill(stalled.id() as i32, libc::SIGCONT) };
     let count = |p: &Path| {
         std::fs::read_to_string(p)

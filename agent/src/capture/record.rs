@@ -278,6 +278,7 @@ pub(crate) mod tests {
 
     fn as_bytes(r: &FlowRecord) -> Vec<u8> {
         let p = (r as *const FlowRecord).cast::<u8>();
+        // SAFETY: pointer and length are those of a plain-old-data value that outlives the slice.
         unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<FlowRecord>()) }.to_vec()
     }
 
@@ -339,6 +340,7 @@ pub(crate) mod tests {
             sock_cookie: 77,
             ..Default::default()
         };
+        // SAFETY: pointer and length are those of a plain-old-data value that outlives the slice.
         let mut bytes = unsafe {
             std::slice::from_raw_parts(
                 (&hdr as *const PayloadHeader).cast::<u8>(),

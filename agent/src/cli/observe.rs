@@ -230,6 +230,7 @@ pub fn run(args: &ObserveArgs) -> anyhow::Result<()> {
     let color = match args.color.as_str() {
         "always" => true,
         "never" => false,
+        // SAFETY: a libc call with no pointer arguments.
         _ => unsafe { libc::isatty(1) == 1 },
     };
     let printer = Printer {
