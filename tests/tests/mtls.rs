@@ -450,7 +450,7 @@ fn encryption_not_seen_is_never_silently_compliant() {
     );
     let bin = flowaudit_tests::agent::agent_binary();
     // A subscriber following the stream, to see the loss notice.
-    let follower = std::process::Command::new(&bin)
+    let mut follower = std::process::Command::new(&bin)
         .args([
             "observe",
             "--server",
@@ -514,11 +514,13 @@ fn encryption_not_seen_is_never_silently_compliant() {
         .expect("flowaudit status");
     let status: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
     let report = agent.stop();
-    let _ = nix_kill(&follower);
-    let follower_err = {
-        let out = follower.wait_with_output().expect("observe output");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    flowaudit_tests::agent::stop_child(&mut follower, std::time::Duration::from_secs(5));
+    let mut follower_err = String::new();
+    std::io::Read::read_to_string(
+        &mut follower.stderr.take().expect("observe's stderr is piped"),
+        &mut follower_err,
+    )
+    .expect("observe's stderr");
 
     let mut problems = Vec::new();
     let to_backend: Vec<&Value> = report
@@ -604,16 +606,6 @@ fn encryption_not_seen_is_never_silently_compliant() {
         "the stream told no payload_map_full loss; observe said:\n{follower_err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn nix_kill(child: &std::process::Child) -> std::io::Result<()> {
-    // SAFETY: kill(2) on a child we own and have not reaped.
-    let r = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// Issue 16: packets with IPv6 extension headers are not parsed by the
