@@ -115,8 +115,8 @@ pub struct AgentArgs {
     /// Connections whose first payload bytes (the TLS handshake) are
     /// watched at once, node-wide. Beyond it a connection's encryption is
     /// UNKNOWN with the reason `not_watched` (an mTLS rule then gives
-    /// MTLS_UNVERIFIED), counted at `payload_map_full`. Each costs about
-    /// 100 bytes of kernel memory.
+    /// MTLS_UNVERIFIED), counted at `payload_map_full`. Each is one entry
+    /// of a kernel hash map (8-byte key, 32-byte value).
     #[arg(
         long,
         env = "FLOWAUDIT_PAYLOAD_SOCKETS",
