@@ -48,6 +48,7 @@ fn bench(c: &mut Criterion) {
             encryption: ObservedEncryption::Mtls,
             encryption_detail: "",
             failed: false,
+            mutual_auth: &flowaudit_policy::NoCilium,
         };
         assert_eq!(
             p.evaluate(&flow).policy_rule,

@@ -13,7 +13,8 @@ use serde::Serialize;
 use crate::diag::Severity;
 use crate::load::check_paths;
 use crate::model::{
-    Decision, EncryptionState, Flow, IdentitySource, ObservedEncryption, Peer, PeerKind,
+    AuthSide, Decision, EncryptionState, Flow, IdentitySource, MutualAuth, MutualAuthState,
+    NoCilium, ObservedEncryption, PathEncryption, Peer, PeerKind,
 };
 use crate::spiffe::{derive_id, ns_sa_of, split_id};
 
@@ -69,6 +70,15 @@ pub struct ExplainArgs {
     /// The connection attempt failed (refused, reset, timed out).
     #[arg(long)]
     pub failed: bool,
+    /// What Cilium's auth map held for the pair when the connection was made
+    /// (asked only under a Cilium rule with `authentication.mode: required`).
+    /// Left out: not observable, as on a node without Cilium.
+    #[arg(long, value_enum, value_name = "STATE")]
+    pub mutual_auth: Option<MutualAuthArg>,
+    /// Whether Cilium's transparent encryption covers the path (with
+    /// `--mutual-auth`).
+    #[arg(long, value_enum, default_value_t = PathArg::Unknown, requires = "mutual_auth")]
+    pub path_encryption: PathArg,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -92,6 +102,39 @@ pub enum EncryptionArg {
     Mtls,
     /// No payload seen.
     Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MutualAuthArg {
+    /// A valid auth entry for the pair.
+    Authenticated,
+    /// The pair's entry had expired.
+    Expired,
+    /// No entry for the pair.
+    Missing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PathArg {
+    /// Both ends on one node (never transparently encrypted).
+    SameNode,
+    /// Cross-node with WireGuard or IPsec.
+    Encrypted,
+    /// Cross-node without transparent encryption.
+    Unencrypted,
+    /// Not known.
+    Unknown,
+}
+
+impl From<PathArg> for PathEncryption {
+    fn from(p: PathArg) -> Self {
+        match p {
+            PathArg::SameNode => PathEncryption::SameNode,
+            PathArg::Encrypted => PathEncryption::Encrypted,
+            PathArg::Unencrypted => PathEncryption::Unencrypted,
+            PathArg::Unknown => PathEncryption::Unknown,
+        }
+    }
 }
 
 impl From<EncryptionArg> for ObservedEncryption {
@@ -317,6 +360,9 @@ struct ExplainJson<'a> {
     findings: &'a [crate::model::Finding],
     policy_rule: &'a str,
     mtls_required: bool,
+    mutual_auth_required: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mutual_auth: Option<&'a MutualAuth>,
     source: &'a PeerArg,
     destination: &'a PeerArg,
     destination_port: u16,
@@ -354,6 +400,20 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     from.derive(td);
     to.derive(td);
     let encryption: ObservedEncryption = a.encryption.into();
+    let given = a.mutual_auth.map(|m| MutualAuth {
+        state: match m {
+            MutualAuthArg::Authenticated => MutualAuthState::Authenticated,
+            MutualAuthArg::Expired => MutualAuthState::Expired,
+            MutualAuthArg::Missing => MutualAuthState::Missing,
+        },
+        enforced_on: AuthSide::Ingress,
+        local_identity: 0,
+        remote_identity: 0,
+        remote_node_id: 0,
+        expires: String::new(),
+        path_encryption: a.path_encryption.into(),
+        detail: "as given by --mutual-auth".into(),
+    });
     let flow = Flow {
         source: from.peer(),
         destination: to.peer(),
@@ -361,6 +421,10 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         encryption,
         encryption_detail: "",
         failed: a.failed,
+        mutual_auth: match &given {
+            Some(g) => g,
+            None => &NoCilium,
+        },
     };
     let d: Decision = loaded.policy.evaluate(&flow);
     if a.output == OutputFormat::Json {
@@ -369,6 +433,8 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             findings: &d.findings,
             policy_rule: &d.policy_rule,
             mtls_required: d.mtls_required,
+            mutual_auth_required: d.mutual_auth_required,
+            mutual_auth: d.mutual_auth.as_ref(),
             source: &from,
             destination: &to,
             destination_port: a.port,
@@ -401,15 +467,32 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         } else {
             &d.policy_rule
         };
-        let _ = writeln!(
-            out,
-            "rule:     {rule}{}",
-            if d.mtls_required {
-                " (requires mTLS)"
-            } else {
-                ""
-            }
-        );
+        let needs = match (d.mtls_required, d.mutual_auth_required) {
+            (true, true) => " (requires mTLS, and Cilium mutual authentication)",
+            (true, false) => " (requires mTLS)",
+            (false, true) => " (requires Cilium mutual authentication)",
+            (false, false) => "",
+        };
+        let _ = writeln!(out, "rule:     {rule}{needs}");
+        if d.mutual_auth_required {
+            let _ = writeln!(
+                out,
+                "          Cilium mutual authentication is not TLS on the application's socket: Cilium's agents authenticate the two identities out of band and record it in its auth map; it is met by a valid entry for the pair when the connection was made, or by mTLS seen on the wire"
+            );
+        }
+        if let Some(m) = &d.mutual_auth {
+            let _ = writeln!(
+                out,
+                "cilium:   {} (path {}){}",
+                m.state.as_str(),
+                m.path_encryption.as_str(),
+                if m.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", m.detail)
+                }
+            );
+        }
         if d.findings.is_empty() {
             let _ = writeln!(out, "findings: none");
         } else {

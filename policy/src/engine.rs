@@ -5,7 +5,8 @@
 use crate::index::{ImportIndex, RuleIndex};
 use crate::ir::{Action, ImportedPolicy, MtlsMode, Rule, Tri};
 use crate::model::{
-    Decision, EvalOptions, Finding, FindingKind, Flow, ObservedEncryption, Peer, PeerKind, Verdict,
+    AuthSide, Decision, EvalOptions, Finding, FindingKind, Flow, MutualAuth, MutualAuthState,
+    ObservedEncryption, PathEncryption, Peer, PeerKind, Verdict,
 };
 
 /// Everything loaded from the policy paths, compiled for evaluation. Immutable: a
@@ -27,7 +28,8 @@ struct DirOutcome {
     selected: Tri,
     allowed: Tri,
     allow_by: Option<u32>,
-    mtls_required: bool,
+    /// An allowing rule requires Cilium mutual authentication.
+    auth_required: bool,
     denied: Tri,
     deny_by: Option<u32>,
     /// Policies that put the end in default deny (for messages).
@@ -263,6 +265,7 @@ impl PolicySet {
         // strictest intent wins; see README).
         let mut rule_name = String::new();
         let mut mtls_required = false;
+        let mut auth_sides: Vec<AuthSide> = Vec::new();
         for id in &allow_yes {
             if let Some(r) = self.rules.get(*id as usize) {
                 let req = r.action == Action::Allow(MtlsMode::Required);
@@ -280,13 +283,20 @@ impl PolicySet {
             } else {
                 eg.allow_by
             };
-            let imp_mtls = ing.mtls_required || eg.mtls_required;
+            let imp_auth = ing.auth_required || eg.auth_required;
             if let Some(p) = by.and_then(|i| self.imported.get(i as usize))
-                && (rule_name.is_empty() || (imp_mtls && !mtls_required))
+                && (rule_name.is_empty() || (imp_auth && !mtls_required))
             {
                 rule_name = p.rule_name();
             }
-            mtls_required |= imp_mtls;
+            // Cilium enforces ingress rules on the destination's node and
+            // egress rules on the source's.
+            if ing.auth_required {
+                auth_sides.push(AuthSide::Ingress);
+            }
+            if eg.auth_required {
+                auth_sides.push(AuthSide::Egress);
+            }
         }
 
         let mut verdict = Verdict::Compliant;
@@ -345,14 +355,134 @@ impl PolicySet {
                 ObservedEncryption::Mtls => {}
             }
         }
-        self.finish(
+        // Cilium mutual authentication: mTLS on the wire satisfies it without
+        // asking Cilium; otherwise the enforcing node's auth map decides.
+        let mut mutual_auth = None;
+        if !auth_sides.is_empty() && flow.encryption != ObservedEncryption::Mtls {
+            let mut worst: Option<MutualAuth> = None;
+            for side in &auth_sides {
+                let seen = flow.mutual_auth.observe(*side);
+                if worst
+                    .as_ref()
+                    .is_none_or(|w| rank(seen.state) > rank(w.state))
+                {
+                    worst = Some(seen);
+                }
+            }
+            if let Some(seen) = worst {
+                let what = describe();
+                if let Some(f) = self.auth_finding(&seen, &what, &rule_name, flow.failed) {
+                    if f.kind == FindingKind::MutualAuthMissing && !flow.failed {
+                        verdict = Verdict::Violation;
+                    }
+                    if f.kind == FindingKind::MtlsUnverified
+                        && self.options.unverified_mtls_is_violation
+                    {
+                        verdict = Verdict::Violation;
+                    }
+                    if flow.failed {
+                        // The failure is already the finding; say why Cilium
+                        // may have dropped it.
+                        if let Some(ff) = findings
+                            .iter_mut()
+                            .find(|f| f.kind == FindingKind::IntendedFlowFailed)
+                        {
+                            ff.message.push_str(&format!("; {}", f.message));
+                        }
+                    } else {
+                        findings.push(f);
+                    }
+                }
+                mutual_auth = Some(seen);
+            }
+        }
+        let mut d = self.finish(
             verdict,
             findings,
             rule_name,
             mtls_required,
             &unknown_ids,
             false,
-        )
+        );
+        d.mutual_auth_required = !auth_sides.is_empty();
+        d.mutual_auth = mutual_auth;
+        d
+    }
+
+    /// The finding, if any, for what Cilium's auth map said of an allowed
+    /// flow under `authentication.mode: required`.
+    fn auth_finding(
+        &self,
+        seen: &MutualAuth,
+        what: &str,
+        rule_name: &str,
+        failed: bool,
+    ) -> Option<Finding> {
+        // The auth map key, when the caller read one (not `policy explain`).
+        let key = || {
+            if seen.local_identity == 0 && seen.remote_identity == 0 {
+                String::new()
+            } else {
+                format!(
+                    " (identities {} -> {}, remote node {})",
+                    seen.local_identity, seen.remote_identity, seen.remote_node_id
+                )
+            }
+        };
+        let (kind, message) = match seen.state {
+            MutualAuthState::Authenticated => {
+                let why = match seen.path_encryption {
+                    PathEncryption::SameNode => {
+                        "both ends are on one node, where transparent encryption never applies"
+                    }
+                    PathEncryption::Unencrypted => {
+                        "the path between the nodes has no WireGuard or IPsec"
+                    }
+                    PathEncryption::Encrypted | PathEncryption::Unknown => return None,
+                };
+                if failed {
+                    return None;
+                }
+                (
+                    FindingKind::MutualAuthUnencrypted,
+                    format!(
+                        "{what} is authenticated by Cilium ({rule_name}), but its bytes are not encrypted: {why}"
+                    ),
+                )
+            }
+            MutualAuthState::Expired => (
+                FindingKind::MutualAuthMissing,
+                format!(
+                    "{what}: Cilium's auth entry{} had expired{} when the connection was made; {rule_name} requires mutual authentication",
+                    key(),
+                    if seen.expires.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" at {}", seen.expires)
+                    }
+                ),
+            ),
+            MutualAuthState::Missing => (
+                FindingKind::MutualAuthMissing,
+                format!(
+                    "{what}: no Cilium auth entry for the pair{}{}; {rule_name} requires mutual authentication",
+                    key(),
+                    if seen.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", seen.detail)
+                    }
+                ),
+            ),
+            MutualAuthState::NotObservable => (
+                FindingKind::MtlsUnverified,
+                format!(
+                    "whether {what} is mutually authenticated is unknown ({}); {rule_name} requires Cilium mutual authentication",
+                    seen.detail
+                ),
+            ),
+        };
+        Some(Finding { kind, message })
     }
 
     /// Adds UNKNOWN_IDENTITY findings for ends without identity (informational unless
@@ -384,6 +514,8 @@ impl PolicySet {
             findings,
             policy_rule,
             mtls_required,
+            mutual_auth_required: false,
+            mutual_auth: None,
         }
     }
 
@@ -420,7 +552,7 @@ impl PolicySet {
                 out.allowed = out.allowed.or(m);
                 if m == Tri::Yes {
                     out.allow_by.get_or_insert(id);
-                    out.mtls_required |= r.mtls_required;
+                    out.auth_required |= r.auth_required;
                 }
             }
             for r in &rules.deny {
@@ -432,5 +564,16 @@ impl PolicySet {
             }
         }
         out
+    }
+}
+
+/// Which of two answers about one flow decides: the one that says least is
+/// satisfied.
+fn rank(s: MutualAuthState) -> u8 {
+    match s {
+        MutualAuthState::Authenticated => 0,
+        MutualAuthState::NotObservable => 1,
+        MutualAuthState::Expired => 2,
+        MutualAuthState::Missing => 3,
     }
 }

@@ -318,18 +318,18 @@ fn cilium_peer_rule(
     if !any_peer_field && map.has("toPorts") {
         peers.push(ImportedPeer::Any);
     }
-    let mut mtls_required = false;
+    let mut auth_required = false;
     if let Some(a) = map.get("authentication")
         && let Some(am) = Map::new(ctx, a, "authentication")
     {
         am.check_fields(ctx, "authentication", &["mode"]);
         match am.opt_string(ctx, "mode", "authentication").as_deref() {
-            Some("required") => mtls_required = true,
+            Some("required") => auth_required = true,
             Some("disabled") | None => {}
             Some(other) => ctx.warn_at(
                 a,
                 format!(
-                    "authentication mode `{other}` is not audited; treated as not requiring mTLS"
+                    "authentication mode `{other}` is not audited; treated as not requiring mutual authentication"
                 ),
             ),
         }
@@ -337,7 +337,7 @@ fn cilium_peer_rule(
     Some(ImportedRule {
         peers,
         ports,
-        mtls_required,
+        auth_required,
     })
 }
 
@@ -834,6 +834,6 @@ fn netpol_rule(
     Some(ImportedRule {
         peers,
         ports,
-        mtls_required: false,
+        auth_required: false,
     })
 }

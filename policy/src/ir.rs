@@ -271,8 +271,10 @@ impl ImportedPeer {
 pub struct ImportedRule {
     pub peers: Vec<ImportedPeer>,
     pub ports: PortSet,
-    /// Cilium `authentication.mode: required` (mutual authentication).
-    pub mtls_required: bool,
+    /// Cilium `authentication.mode: required`: Cilium mutual authentication
+    /// between the two identities (an entry in Cilium's auth map), which is
+    /// not TLS on the application's socket.
+    pub auth_required: bool,
 }
 
 impl ImportedRule {

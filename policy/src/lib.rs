@@ -26,7 +26,8 @@ pub use load::{
     load_sources,
 };
 pub use model::{
-    Decision, EncryptionState, EvalOptions, Finding, FindingKind, Flow, IdentitySource, Labels,
-    ObservedEncryption, Peer, PeerKind, Verdict,
+    AuthSide, Decision, EncryptionState, EvalOptions, Finding, FindingKind, Flow, IdentitySource,
+    Labels, MutualAuth, MutualAuthSource, MutualAuthState, NO_CILIUM, NoCilium, ObservedEncryption,
+    PathEncryption, Peer, PeerKind, Verdict,
 };
 pub use ports::{PortRange, PortSet};

@@ -33,10 +33,16 @@ pub enum FindingKind {
     /// A certificate seen in the handshake names another SPIFFE ID than the
     /// end it belongs to (e.g. the server presented someone else's SVID).
     IdentityMismatch,
+    /// A rule requires Cilium mutual authentication, and Cilium's auth map
+    /// held no valid entry for the pair when the connection was made.
+    MutualAuthMissing,
+    /// Cilium authenticated the pair, but the bytes crossed unencrypted (same
+    /// node, or no WireGuard/IPsec on the path): authentication only.
+    MutualAuthUnencrypted,
 }
 
 impl FindingKind {
-    pub const ALL: [FindingKind; 7] = [
+    pub const ALL: [FindingKind; 9] = [
         FindingKind::NoMatchingRule,
         FindingKind::DeniedByRule,
         FindingKind::MtlsMissing,
@@ -44,6 +50,8 @@ impl FindingKind {
         FindingKind::UnknownIdentity,
         FindingKind::IntendedFlowFailed,
         FindingKind::IdentityMismatch,
+        FindingKind::MutualAuthMissing,
+        FindingKind::MutualAuthUnencrypted,
     ];
 
     /// The name used in events, metrics and filters.
@@ -56,6 +64,8 @@ impl FindingKind {
             FindingKind::UnknownIdentity => "UNKNOWN_IDENTITY",
             FindingKind::IntendedFlowFailed => "INTENDED_FLOW_FAILED",
             FindingKind::IdentityMismatch => "IDENTITY_MISMATCH",
+            FindingKind::MutualAuthMissing => "MUTUAL_AUTH_MISSING",
+            FindingKind::MutualAuthUnencrypted => "MUTUAL_AUTH_UNENCRYPTED",
         }
     }
 }
@@ -306,6 +316,9 @@ pub struct Flow<'a> {
     pub encryption_detail: &'a str,
     /// The attempt never established (refused, reset, timed out).
     pub failed: bool,
+    /// Where Cilium's mutual authentication state for this flow can be read;
+    /// asked only when a rule requires it.
+    pub mutual_auth: &'a dyn MutualAuthSource,
 }
 
 /// One finding with a human message.
@@ -324,6 +337,14 @@ pub struct Decision {
     pub policy_rule: String,
     /// Whether the allowing rule(s) require mTLS.
     pub mtls_required: bool,
+    /// Whether an allowing rule requires Cilium mutual authentication
+    /// (`authentication.mode: required`).
+    #[serde(default)]
+    pub mutual_auth_required: bool,
+    /// What Cilium recorded for the pair, when a rule required it and mTLS on
+    /// the wire did not already satisfy it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_auth: Option<MutualAuth>,
 }
 
 impl Decision {
@@ -339,4 +360,143 @@ pub struct EvalOptions {
     /// violation where mTLS is required. Off by default: TLS 1.3 hides client
     /// authentication, and flagging every TLS 1.3 flow would drown real findings.
     pub unverified_mtls_is_violation: bool,
+}
+
+/// Cilium mutual authentication of one flow, as its node's auth map had it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MutualAuthState {
+    /// A valid entry for the pair existed when the connection was made.
+    Authenticated,
+    /// The pair's entry had expired when the connection was made.
+    Expired,
+    /// No entry for the pair (this node, this auth type).
+    Missing,
+    /// Cilium's state cannot be read here (no Cilium, maps not mounted, an
+    /// end without a Cilium identity, or enforced on another node).
+    NotObservable,
+}
+
+impl MutualAuthState {
+    pub const ALL: [MutualAuthState; 4] = [
+        MutualAuthState::Authenticated,
+        MutualAuthState::Expired,
+        MutualAuthState::Missing,
+        MutualAuthState::NotObservable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MutualAuthState::Authenticated => "AUTHENTICATED",
+            MutualAuthState::Expired => "EXPIRED",
+            MutualAuthState::Missing => "MISSING",
+            MutualAuthState::NotObservable => "NOT_OBSERVABLE",
+        }
+    }
+}
+
+/// Whether Cilium's transparent encryption covers a flow's path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathEncryption {
+    /// Both ends on one node: transparent encryption never applies.
+    SameNode,
+    /// Cross-node, and Cilium encrypts it (WireGuard or IPsec).
+    Encrypted,
+    /// Cross-node, and Cilium does not encrypt it.
+    Unencrypted,
+    /// Cannot be told here.
+    #[default]
+    Unknown,
+}
+
+impl PathEncryption {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathEncryption::SameNode => "SAME_NODE",
+            PathEncryption::Encrypted => "ENCRYPTED",
+            PathEncryption::Unencrypted => "UNENCRYPTED",
+            PathEncryption::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// The node whose Cilium enforces a mutual authentication requirement: the
+/// destination's for an ingress rule, the source's for an egress rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthSide {
+    Ingress,
+    Egress,
+}
+
+/// What was seen of Cilium mutual authentication for one flow (`mutual_auth`
+/// in flow events).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MutualAuth {
+    pub state: MutualAuthState,
+    /// Whose node enforces it (and whose auth map was read).
+    pub enforced_on: AuthSide,
+    /// Cilium security identities of the enforcing end and of its peer, and
+    /// the peer's node id, as in the auth map's key; 0 when not known.
+    #[serde(default)]
+    pub local_identity: u32,
+    #[serde(default)]
+    pub remote_identity: u32,
+    #[serde(default)]
+    pub remote_node_id: u16,
+    /// Expiry of the entry found (RFC 3339), empty when none was.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub expires: String,
+    #[serde(default)]
+    pub path_encryption: PathEncryption,
+    /// Why it is not observable, or what was looked for; empty when
+    /// authenticated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl MutualAuth {
+    /// An answer that says the state cannot be read, and why.
+    pub fn not_observable(side: AuthSide, detail: impl Into<String>) -> Self {
+        MutualAuth {
+            state: MutualAuthState::NotObservable,
+            enforced_on: side,
+            local_identity: 0,
+            remote_identity: 0,
+            remote_node_id: 0,
+            expires: String::new(),
+            path_encryption: PathEncryption::Unknown,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Where the policy engine reads Cilium's mutual authentication state for the
+/// flow it is judging. Asked only for flows under a rule that requires it.
+pub trait MutualAuthSource: fmt::Debug {
+    fn observe(&self, side: AuthSide) -> MutualAuth;
+}
+
+/// No Cilium state to read: every answer is `NOT_OBSERVABLE`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoCilium;
+
+/// What `NoCilium` says.
+pub const NO_CILIUM: &str = "Cilium mutual authentication not observable here";
+
+impl MutualAuthSource for NoCilium {
+    fn observe(&self, side: AuthSide) -> MutualAuth {
+        MutualAuth::not_observable(side, NO_CILIUM)
+    }
+}
+
+/// A fixed answer (for `policy explain` and tests).
+impl MutualAuthSource for MutualAuth {
+    fn observe(&self, side: AuthSide) -> MutualAuth {
+        MutualAuth {
+            enforced_on: side,
+            ..self.clone()
+        }
+    }
 }

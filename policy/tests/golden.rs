@@ -174,3 +174,38 @@ fn explain_bad_peer() {
         ],
     );
 }
+
+#[test]
+fn explain_cilium_mutual_authentication() {
+    let base = [
+        "explain",
+        "--policy",
+        "../deploy/examples/cilium-mutual-auth/backend-ingress.yaml",
+        "--from",
+        "ns=99-apps,app=frontend,sa=frontend",
+        "--to",
+        "ns=99-apps,app=backend,sa=backend",
+        "--port",
+        "8000",
+        "--encryption",
+        "plaintext",
+    ];
+    // The issue's own command: without Cilium state, unverified, never MTLS_MISSING.
+    golden("explain-cilium-auth-not-observable", &base);
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        base.iter().chain(extra.iter()).copied().collect()
+    };
+    golden(
+        "explain-cilium-auth-authenticated",
+        &with(&[
+            "--mutual-auth",
+            "authenticated",
+            "--path-encryption",
+            "unencrypted",
+        ]),
+    );
+    golden(
+        "explain-cilium-auth-expired-json",
+        &with(&["--mutual-auth", "expired", "-o", "json"]),
+    );
+}

@@ -157,6 +157,7 @@ fn eval(
         encryption: enc,
         encryption_detail: "",
         failed,
+        mutual_auth: &flowaudit_policy::NoCilium,
     })
 }
 

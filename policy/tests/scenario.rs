@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use flowaudit_policy::{
-    Decision, EvalOptions, FindingKind as F, Flow, IdentitySource, ObservedEncryption as E, Peer,
-    PeerKind, PolicySet, Severity, Verdict as V, check_paths, load_paths,
+    AuthSide, Decision, EvalOptions, FindingKind as F, Flow, IdentitySource, MutualAuth,
+    MutualAuthSource, MutualAuthState, ObservedEncryption as E, PathEncryption, Peer, PeerKind,
+    PolicySet, Severity, Verdict as V, check_paths, load_paths,
 };
 
 fn examples() -> PathBuf {
@@ -96,6 +97,7 @@ fn eval(p: &PolicySet, src: Peer<'_>, dst: Peer<'_>, port: u16, enc: E, failed: 
         encryption: enc,
         encryption_detail: "",
         failed,
+        mutual_auth: &flowaudit_policy::NoCilium,
     })
 }
 
@@ -713,4 +715,207 @@ fn kubernetes_networkpolicy_import() {
         let d = eval(&p, *src, *dst, *port, E::Plaintext, false);
         assert_eq!(d.verdict, *v, "{case}: {d:#?}");
     }
+}
+
+/// A Cilium answer for the tests: every side reads the same entry.
+fn cilium(state: MutualAuthState, path: PathEncryption) -> MutualAuth {
+    MutualAuth {
+        state,
+        enforced_on: AuthSide::Ingress,
+        local_identity: 24001,
+        remote_identity: 24002,
+        remote_node_id: 0,
+        expires: "2026-12-02T08:00:00Z".into(),
+        path_encryption: path,
+        detail: String::new(),
+    }
+}
+
+fn eval_auth(
+    p: &PolicySet,
+    src: Peer<'_>,
+    dst: Peer<'_>,
+    enc: E,
+    failed: bool,
+    seen: &dyn MutualAuthSource,
+) -> Decision {
+    p.evaluate(&Flow {
+        source: src,
+        destination: dst,
+        port: 8000,
+        encryption: enc,
+        encryption_detail: "",
+        failed,
+        mutual_auth: seen,
+    })
+}
+
+/// A `{who} asked` source that counts, to prove mTLS on the wire needs no
+/// lookup and that flows outside such rules never ask.
+#[derive(Debug, Default)]
+struct Counting(std::cell::Cell<u32>);
+
+impl MutualAuthSource for Counting {
+    fn observe(&self, side: AuthSide) -> MutualAuth {
+        self.0.set(self.0.get() + 1);
+        MutualAuth::not_observable(side, "counted")
+    }
+}
+
+#[test]
+fn cilium_mutual_authentication_is_audited_as_cilium_enforces_it() {
+    let p = load(&["cilium-mutual-auth/backend-ingress.yaml"]);
+    let c = cast();
+    let (fe, be) = (c.frontend.peer(), c.backend.peer());
+    let rule = "cnp:99-apps/backend-ingress-policy";
+    use MutualAuthState as S;
+    use PathEncryption as P;
+
+    // Authenticated by Cilium, plaintext on the socket: compliant. Before,
+    // this was VIOLATION [MTLS_MISSING], a false alarm on every flow.
+    let d = eval_auth(
+        &p,
+        fe,
+        be,
+        E::Plaintext,
+        false,
+        &cilium(S::Authenticated, P::Encrypted),
+    );
+    expect(&d, V::Compliant, &[], rule, "authenticated, WireGuard");
+    assert!(d.mutual_auth_required && !d.mtls_required, "{d:?}");
+    assert_eq!(
+        d.mutual_auth.as_ref().map(|m| m.state),
+        Some(S::Authenticated)
+    );
+
+    // Authenticated, but nothing encrypts the bytes: reported, still compliant.
+    for (path, words) in [
+        (P::SameNode, "one node"),
+        (P::Unencrypted, "no WireGuard or IPsec"),
+    ] {
+        let d = eval_auth(
+            &p,
+            fe,
+            be,
+            E::Plaintext,
+            false,
+            &cilium(S::Authenticated, path),
+        );
+        expect(
+            &d,
+            V::Compliant,
+            &[F::MutualAuthUnencrypted],
+            rule,
+            "authenticated, unencrypted",
+        );
+        assert!(
+            d.findings[0].message.contains(words),
+            "{}",
+            d.findings[0].message
+        );
+    }
+    // Path not known: nothing to report.
+    let d = eval_auth(
+        &p,
+        fe,
+        be,
+        E::Plaintext,
+        false,
+        &cilium(S::Authenticated, P::Unknown),
+    );
+    expect(&d, V::Compliant, &[], rule, "authenticated, path unknown");
+
+    // Expired or missing entry: a violation.
+    let d = eval_auth(
+        &p,
+        fe,
+        be,
+        E::Plaintext,
+        false,
+        &cilium(S::Expired, P::SameNode),
+    );
+    expect(&d, V::Violation, &[F::MutualAuthMissing], rule, "expired");
+    assert!(
+        d.findings[0]
+            .message
+            .contains("had expired at 2026-12-02T08:00:00Z")
+            && d.findings[0]
+                .message
+                .contains("(identities 24001 -> 24002, remote node 0)"),
+        "{}",
+        d.findings[0].message
+    );
+    let d = eval_auth(
+        &p,
+        fe,
+        be,
+        E::Plaintext,
+        false,
+        &cilium(S::Missing, P::SameNode),
+    );
+    expect(&d, V::Violation, &[F::MutualAuthMissing], rule, "missing");
+
+    // Without Cilium: unverified with the reason, never MTLS_MISSING.
+    let d = eval_auth(&p, fe, be, E::Plaintext, false, &flowaudit_policy::NoCilium);
+    expect(&d, V::Compliant, &[F::MtlsUnverified], rule, "no Cilium");
+    assert!(
+        d.findings[0].message.contains(flowaudit_policy::NO_CILIUM),
+        "{}",
+        d.findings[0].message
+    );
+
+    // mTLS on the wire satisfies the rule without asking Cilium.
+    let counting = Counting::default();
+    let d = eval_auth(&p, fe, be, E::Mtls, false, &counting);
+    expect(&d, V::Compliant, &[], rule, "mTLS on the wire");
+    assert_eq!(counting.0.get(), 0, "mTLS seen: Cilium must not be asked");
+    assert!(d.mutual_auth.is_none());
+
+    // TLS is not mutual authentication: the entry still decides.
+    let d = eval_auth(
+        &p,
+        fe,
+        be,
+        E::TlsNoClientCert,
+        false,
+        &cilium(S::Missing, P::SameNode),
+    );
+    expect(
+        &d,
+        V::Violation,
+        &[F::MutualAuthMissing],
+        rule,
+        "TLS, no entry",
+    );
+
+    // A flow the rule does not cover never asks.
+    let d = eval_auth(&p, c.openbao.peer(), be, E::Plaintext, false, &counting);
+    assert_eq!(d.verdict, V::Violation, "{d:?}");
+    assert_eq!(
+        counting.0.get(),
+        0,
+        "no auth rule: Cilium must not be asked"
+    );
+
+    // An intended flow that failed because no entry existed: the failure says why.
+    let d = eval_auth(
+        &p,
+        fe,
+        be,
+        E::Unknown,
+        true,
+        &cilium(S::Missing, P::SameNode),
+    );
+    expect(
+        &d,
+        V::Compliant,
+        &[F::IntendedFlowFailed],
+        rule,
+        "failed, missing",
+    );
+    assert!(
+        d.findings[0].message.contains("no Cilium auth entry"),
+        "{}",
+        d.findings[0].message
+    );
 }

@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         for (i, a) in ids.iter().enumerate() {
             let src = Peer::spiffe(a, IdentitySource::Attested);
             for dst in [Peer::WORLD, Peer::HOST, Peer::UNKNOWN, Peer::spiffe(ids[(i + 1) % ids.len()], IdentitySource::Derived)] {
-                let _ = p.evaluate(&Flow { source: src, destination: dst, port: 8000, encryption: ObservedEncryption::Plaintext, encryption_detail: "", failed: i == 1 });
+                let _ = p.evaluate(&Flow { source: src, destination: dst, port: 8000, encryption: ObservedEncryption::Plaintext, encryption_detail: "", failed: i == 1, mutual_auth: &flowaudit_policy::NoCilium });
             }
         }
     }
