@@ -49,12 +49,14 @@ EXPECTED_CAPS = ["BPF", "PERFMON", "NET_ADMIN"]
 EXPECTED_HOSTPATHS = {
     "/run/spire/admin-sockets",  # SPIRE Delegated Identity API
     "/sys/fs/cgroup",  # the node's cgroup v2 root, where the programs attach
+    "/sys/fs/bpf",  # Cilium's pinned maps, read-only (mutual authentication)
 }
-# Every mount of the agent container: the two hostPaths, the policy
+# Every mount of the agent container: the three hostPaths, the policy
 # ConfigMap and the gRPC socket's emptyDir. Nothing writes /tmp.
 EXPECTED_MOUNTS = {
     "/run/spire/admin-sockets",
     "/sys/fs/cgroup",
+    "/sys/fs/bpf",
     "/etc/flowaudit/policy",
     "/var/run/flowaudit",
 }

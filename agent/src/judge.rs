@@ -15,6 +15,7 @@ use flowaudit_policy::{
 };
 use tokio::sync::watch;
 
+use crate::cilium::Cilium;
 use crate::flow::{
     ClientCertificate, Encryption, EndKind, Endpoint, EventKind, Finding, FlowEvent,
 };
@@ -25,6 +26,9 @@ pub type ReloadHook = Box<dyn Fn(bool, &str, usize, Option<String>) + Send + Syn
 
 pub struct Judge {
     pub policy: Option<watch::Receiver<Arc<PolicySet>>>,
+    /// This node's Cilium, asked for flows under a rule that requires
+    /// mutual authentication.
+    pub cilium: Arc<Cilium>,
 }
 
 fn some(s: &str) -> Option<&str> {
@@ -85,6 +89,15 @@ fn identity_mismatches(flow: &FlowEvent) -> Vec<Finding> {
 }
 
 impl Judge {
+    /// A judge on a node without Cilium (tests, benches): every mutual
+    /// authentication answer is "not observable".
+    pub fn without_cilium(policy: Option<watch::Receiver<Arc<PolicySet>>>) -> Judge {
+        Judge {
+            policy,
+            cilium: Arc::new(Cilium::new(PathBuf::new(), Default::default())),
+        }
+    }
+
     pub fn judge(&self, flow: &mut FlowEvent) {
         let mismatches = identity_mismatches(flow);
         if let Some(rx) = &self.policy {
@@ -96,10 +109,12 @@ impl Judge {
                 encryption: observed(&flow.encryption),
                 encryption_detail: flow.encryption.unknown_reason.map_or("", |r| r.describe()),
                 failed: flow.event == EventKind::Failed,
+                mutual_auth: &self.cilium.for_flow(flow),
             });
             flow.verdict = decision.verdict;
             flow.findings = decision.findings;
             flow.policy_rule = decision.policy_rule;
+            flow.mutual_auth = decision.mutual_auth;
         }
         // Whatever the policy says, an end that is not who it claims to be
         // is a violation.
@@ -231,9 +246,7 @@ mod tests {
     fn judges_allowed_and_unintended_flows() {
         let (dir, file) = dir_with(POLICY);
         let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
-        let judge = Judge {
-            policy: Some(watch::channel(Arc::new(loaded.policy)).1),
-        };
+        let judge = Judge::without_cilium(Some(watch::channel(Arc::new(loaded.policy)).1));
         let mut ok = flow("backend", 8000);
         judge.judge(&mut ok);
         assert_eq!(ok.verdict, Verdict::Compliant, "{:?}", ok.findings);
@@ -267,9 +280,7 @@ mod tests {
         let required = POLICY.replace("mtls: optional", "mtls: required");
         let (dir, file) = dir_with(&required);
         let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
-        let judge = Judge {
-            policy: Some(watch::channel(Arc::new(loaded.policy)).1),
-        };
+        let judge = Judge::without_cilium(Some(watch::channel(Arc::new(loaded.policy)).1));
         let kinds = |f: &FlowEvent| f.findings.iter().map(|x| x.kind).collect::<Vec<_>>();
         let judged = |state, cert| {
             let mut f = flow("backend", 8000);
@@ -333,7 +344,7 @@ mod tests {
         let mut g = f.clone();
         g.findings.clear();
         g.verdict = Verdict::Unknown;
-        Judge { policy: None }.judge(&mut g);
+        Judge::without_cilium(None).judge(&mut g);
         assert_eq!(g.verdict, Verdict::Violation);
         std::fs::remove_dir_all(dir).unwrap();
     }

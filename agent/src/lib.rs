@@ -6,6 +6,7 @@
 //! `export/` (metrics, gRPC, file), `cli/` (the commands).
 
 pub mod capture;
+pub mod cilium;
 pub mod cli;
 pub mod endpoints;
 pub mod export;

@@ -472,9 +472,7 @@ mod bench {
         let policy = crate::judge::load_initial(&[Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/examples/precinct-99-flowpolicy.yaml")])
         .expect("example policy");
-        let judge = Judge {
-            policy: Some(watch::channel(Arc::new(policy.policy)).1),
-        };
+        let judge = Judge::without_cilium(Some(watch::channel(Arc::new(policy.policy)).1));
         let enricher = Enricher::new(
             Some(watch::channel(Arc::new(directory())).1),
             CgroupResolver::new("/nonexistent".into()),
@@ -597,7 +595,7 @@ mod tests {
         Pipeline::new(
             "n1".into(),
             None,
-            Judge { policy: None },
+            Judge::without_cilium(None),
             Vec::new(),
             Arc::new(PipelineStats::default()),
             identity_wait,

@@ -431,14 +431,17 @@ impl PolicySet {
         };
         let (kind, message) = match seen.state {
             MutualAuthState::Authenticated => {
+                // Same-node bytes never leave the node's kernel, and
+                // transparent encryption never applies to them: nothing to
+                // report. Cross-node bytes without WireGuard or IPsec cross
+                // the network in the clear.
                 let why = match seen.path_encryption {
-                    PathEncryption::SameNode => {
-                        "both ends are on one node, where transparent encryption never applies"
-                    }
                     PathEncryption::Unencrypted => {
                         "the path between the nodes has no WireGuard or IPsec"
                     }
-                    PathEncryption::Encrypted | PathEncryption::Unknown => return None,
+                    PathEncryption::SameNode
+                    | PathEncryption::Encrypted
+                    | PathEncryption::Unknown => return None,
                 };
                 if failed {
                     return None;

@@ -36,8 +36,8 @@ pub enum FindingKind {
     /// A rule requires Cilium mutual authentication, and Cilium's auth map
     /// held no valid entry for the pair when the connection was made.
     MutualAuthMissing,
-    /// Cilium authenticated the pair, but the bytes crossed unencrypted (same
-    /// node, or no WireGuard/IPsec on the path): authentication only.
+    /// Cilium authenticated the pair, but the bytes crossed between nodes
+    /// unencrypted (no WireGuard or IPsec): authentication only.
     MutualAuthUnencrypted,
 }
 

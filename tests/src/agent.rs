@@ -156,6 +156,12 @@ impl RunningAgent {
             no_new_privs: !pod_spec.allow_privilege_escalation && !pod_spec.privileged,
             ro_root: pod_spec.read_only_root,
             rw: vec![dir.clone()],
+            ro: pod_spec
+                .host_paths
+                .iter()
+                .filter(|m| m.read_only)
+                .map(|m| PathBuf::from(&m.mount_path))
+                .collect(),
             memlock_unlimited: true,
         };
         let cmd = agent_command(&dir, node.name(), extra_args, env);

@@ -434,6 +434,11 @@ mod tests {
                     host_path: "/sys/fs/cgroup".into(),
                     read_only: true,
                 },
+                HostPathMount {
+                    mount_path: "/sys/fs/bpf".into(),
+                    host_path: "/sys/fs/bpf".into(),
+                    read_only: true,
+                },
             ]
         );
         // The kind overlay's patch, not only the base, reached the args.

@@ -4,6 +4,7 @@
 //! runs inside those pods. Everything here needs root; nothing here skips.
 
 pub mod agent;
+pub mod cilium_double;
 pub mod daemonset;
 pub mod kube_standin;
 pub mod scenario;

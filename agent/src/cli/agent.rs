@@ -125,6 +125,18 @@ pub struct AgentArgs {
         value_name = "N"
     )]
     pub payload_sockets: u32,
+    /// Where Cilium pins its BPF maps. Flows under a CiliumNetworkPolicy
+    /// rule with `authentication.mode: required` are judged by Cilium's auth
+    /// map there (`cilium_auth_map`, with `cilium_ipcache[_v2]` and
+    /// `cilium_node_map[_v2]`), opened read-only. Without them such flows
+    /// get MTLS_UNVERIFIED ("not observable here"), never MTLS_MISSING.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_CILIUM_BPF_DIR",
+        default_value = crate::cilium::DEFAULT_DIR,
+        value_name = "DIR"
+    )]
+    pub cilium_bpf_dir: PathBuf,
     #[command(flatten)]
     pub export: crate::export::ExportArgs,
     /// Log format on standard error.
@@ -303,6 +315,10 @@ fn start_identity_and_policy(
     state: &Arc<AgentState>,
 ) -> anyhow::Result<(Enricher, Judge)> {
     let mut trust_domain = args.trust_domain.clone();
+    let cilium = Arc::new(crate::cilium::Cilium::new(
+        args.cilium_bpf_dir.clone(),
+        state.metrics.cilium.clone(),
+    ));
     let judge = match policy {
         Some(loaded) => {
             for w in &loaded.warnings {
@@ -337,9 +353,15 @@ fn start_identity_and_policy(
                 },
             );
             tokio::spawn(crate::judge::watch_policies(args.policy.clone(), tx, hook));
-            Judge { policy: Some(rx) }
+            Judge {
+                policy: Some(rx),
+                cilium: cilium.clone(),
+            }
         }
-        None => Judge { policy: None },
+        None => Judge {
+            policy: None,
+            cilium: cilium.clone(),
+        },
     };
     let spire = match args.spire_admin_socket.as_str() {
         "" | "none" => {

@@ -65,7 +65,7 @@ pub struct ObserveArgs {
     /// Only flows with this verdict: COMPLIANT, VIOLATION, UNKNOWN (repeatable: any of them).
     #[arg(long, value_name = "V", value_parser = |s: &str| enum_value(s, "VERDICT", proto::Verdict::from_str_name))]
     pub verdict: Vec<i32>,
-    /// Only flows with this finding: NO_MATCHING_RULE, DENIED_BY_RULE, MTLS_MISSING, MTLS_UNVERIFIED, UNKNOWN_IDENTITY, INTENDED_FLOW_FAILED, IDENTITY_MISMATCH.
+    /// Only flows with this finding: NO_MATCHING_RULE, DENIED_BY_RULE, MTLS_MISSING, MTLS_UNVERIFIED, UNKNOWN_IDENTITY, INTENDED_FLOW_FAILED, IDENTITY_MISMATCH, MUTUAL_AUTH_MISSING, MUTUAL_AUTH_UNENCRYPTED.
     #[arg(long, value_name = "KIND", value_parser = |s: &str| enum_value(s, "FINDING_KIND", proto::FindingKind::from_str_name))]
     pub finding: Vec<i32>,
     /// Source SPIFFE ID glob (`*` one segment, `**` the rest), e.g. 'spiffe://demo.local/ns/99-apps/**'.
@@ -528,6 +528,14 @@ pub fn compact(f: &FlowEvent, color: bool) -> String {
         line.push_str(&format!("({}{inferred})", enc.tls_version));
     } else if !enc.protocol.is_empty() {
         line.push_str(&format!("({})", enc.protocol));
+    }
+    if let Some(m) = &f.mutual_auth {
+        // What Cilium's auth map said, e.g. `cilium-auth=AUTHENTICATED(ENCRYPTED)`.
+        line.push_str(&format!(
+            " cilium-auth={}({})",
+            m.state.as_str(),
+            m.path_encryption.as_str()
+        ));
     }
     for finding in &f.findings {
         line.push(' ');

@@ -458,7 +458,10 @@ pub async fn connect_tls(
 pub mod convert {
     use std::net::IpAddr;
 
-    use flowaudit_policy::{EncryptionState, FindingKind, IdentitySource, Verdict};
+    use flowaudit_policy::{
+        AuthSide, EncryptionState, FindingKind, IdentitySource, MutualAuth, MutualAuthState,
+        PathEncryption, Verdict,
+    };
 
     use super::proto;
     use crate::flow::UnknownReason;
@@ -501,6 +504,8 @@ pub mod convert {
             FindingKind::UnknownIdentity => proto::FindingKind::UnknownIdentity,
             FindingKind::IntendedFlowFailed => proto::FindingKind::IntendedFlowFailed,
             FindingKind::IdentityMismatch => proto::FindingKind::IdentityMismatch,
+            FindingKind::MutualAuthMissing => proto::FindingKind::MutualAuthMissing,
+            FindingKind::MutualAuthUnencrypted => proto::FindingKind::MutualAuthUnencrypted,
         }
     }
 
@@ -513,6 +518,8 @@ pub mod convert {
             proto::FindingKind::UnknownIdentity => FindingKind::UnknownIdentity,
             proto::FindingKind::IntendedFlowFailed => FindingKind::IntendedFlowFailed,
             proto::FindingKind::IdentityMismatch => FindingKind::IdentityMismatch,
+            proto::FindingKind::MutualAuthMissing => FindingKind::MutualAuthMissing,
+            proto::FindingKind::MutualAuthUnencrypted => FindingKind::MutualAuthUnencrypted,
             proto::FindingKind::Unspecified => return None,
         })
     }
@@ -668,74 +675,12 @@ pub mod convert {
         }
     }
 
-    /// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-    fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y.rem_euclid(400);
-        let mp = (i64::from(m) + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
-    }
-
-    /// Parses RFC 3339 (`2026-11-28T12:00:01.123Z`, `...+02:00`; `t` and
-    /// a space accepted for `T`) into a protobuf timestamp.
+    /// Parses RFC 3339 (see [`crate::flow::parse_rfc3339`]) into a
+    /// protobuf timestamp.
     pub fn parse_rfc3339(text: &str) -> Option<prost_types::Timestamp> {
-        let b = text.as_bytes();
-        let num = |r: std::ops::Range<usize>| -> Option<i64> {
-            let s = text.get(r)?;
-            s.bytes()
-                .all(|c| c.is_ascii_digit())
-                .then(|| s.parse().ok())?
-        };
-        if b.len() < 20
-            || b[4] != b'-'
-            || b[7] != b'-'
-            || !matches!(b[10], b'T' | b't' | b' ')
-            || b[13] != b':'
-            || b[16] != b':'
-        {
-            return None;
-        }
-        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-        let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
-        if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
-            return None;
-        }
-        let mut i = 19;
-        let mut nanos: i64 = 0;
-        if b.get(i) == Some(&b'.') {
-            i += 1;
-            let start = i;
-            while i < b.len() && b[i].is_ascii_digit() {
-                if i - start < 9 {
-                    nanos = nanos * 10 + i64::from(b[i] - b'0');
-                }
-                i += 1;
-            }
-            let digits = i - start;
-            if digits == 0 {
-                return None;
-            }
-            for _ in digits..9 {
-                nanos *= 10;
-            }
-        }
-        let offset = match text.get(i..)? {
-            "Z" | "z" => 0,
-            tz if tz.len() == 6
-                && (tz.starts_with('+') || tz.starts_with('-'))
-                && tz.as_bytes()[3] == b':' =>
-            {
-                let sign = if tz.starts_with('-') { -1 } else { 1 };
-                sign * (num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60)
-            }
-            _ => return None,
-        };
-        let days = days_from_civil(y, mo as u32, d as u32);
+        let (seconds, nanos) = crate::flow::parse_rfc3339(text)?;
         Some(prost_types::Timestamp {
-            seconds: days * 86_400 + h * 3600 + mi * 60 + s - offset,
+            seconds,
             nanos: nanos as i32,
         })
     }
@@ -745,6 +690,72 @@ pub mod convert {
         let secs = u64::try_from(t.seconds).unwrap_or(0);
         let nanos = u32::try_from(t.nanos).unwrap_or(0).min(999_999_999);
         crate::flow::rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
+    }
+
+    fn mutual_auth_to(m: &MutualAuth) -> proto::MutualAuth {
+        proto::MutualAuth {
+            state: match m.state {
+                MutualAuthState::Authenticated => proto::MutualAuthState::Authenticated,
+                MutualAuthState::Expired => proto::MutualAuthState::Expired,
+                MutualAuthState::Missing => proto::MutualAuthState::Missing,
+                MutualAuthState::NotObservable => proto::MutualAuthState::NotObservable,
+            } as i32,
+            enforced_on: match m.enforced_on {
+                AuthSide::Ingress => proto::Direction::Ingress,
+                AuthSide::Egress => proto::Direction::Egress,
+            } as i32,
+            local_identity: m.local_identity,
+            remote_identity: m.remote_identity,
+            remote_node_id: u32::from(m.remote_node_id),
+            expires: parse_rfc3339(&m.expires),
+            path_encryption: match m.path_encryption {
+                PathEncryption::SameNode => proto::PathEncryption::SameNode,
+                PathEncryption::Encrypted => proto::PathEncryption::Encrypted,
+                PathEncryption::Unencrypted => proto::PathEncryption::Unencrypted,
+                PathEncryption::Unknown => proto::PathEncryption::Unknown,
+            } as i32,
+            detail: m.detail.clone(),
+        }
+    }
+
+    fn mutual_auth_from(m: proto::MutualAuth) -> Result<MutualAuth, ConvertError> {
+        let invalid = |what: &'static str, value: i32| ConvertError::Invalid {
+            what,
+            value: value.to_string(),
+        };
+        Ok(MutualAuth {
+            state: match proto::MutualAuthState::try_from(m.state) {
+                Ok(proto::MutualAuthState::Authenticated) => MutualAuthState::Authenticated,
+                Ok(proto::MutualAuthState::Expired) => MutualAuthState::Expired,
+                Ok(proto::MutualAuthState::Missing) => MutualAuthState::Missing,
+                Ok(proto::MutualAuthState::NotObservable) => MutualAuthState::NotObservable,
+                _ => return Err(invalid("mutual_auth.state", m.state)),
+            },
+            enforced_on: match proto::Direction::try_from(m.enforced_on) {
+                Ok(proto::Direction::Ingress) => AuthSide::Ingress,
+                Ok(proto::Direction::Egress) => AuthSide::Egress,
+                _ => return Err(invalid("mutual_auth.enforced_on", m.enforced_on)),
+            },
+            local_identity: m.local_identity,
+            remote_identity: m.remote_identity,
+            remote_node_id: u16::try_from(m.remote_node_id).map_err(|_| ConvertError::Invalid {
+                what: "mutual_auth.remote_node_id",
+                value: m.remote_node_id.to_string(),
+            })?,
+            expires: m
+                .expires
+                .as_ref()
+                .map(timestamp_to_rfc3339)
+                .unwrap_or_default(),
+            // A newer agent's value reads as unknown.
+            path_encryption: match proto::PathEncryption::try_from(m.path_encryption) {
+                Ok(proto::PathEncryption::SameNode) => PathEncryption::SameNode,
+                Ok(proto::PathEncryption::Encrypted) => PathEncryption::Encrypted,
+                Ok(proto::PathEncryption::Unencrypted) => PathEncryption::Unencrypted,
+                _ => PathEncryption::Unknown,
+            },
+            detail: m.detail,
+        })
     }
 
     pub fn flow_to_proto(f: &FlowEvent) -> proto::Flow {
@@ -803,6 +814,7 @@ pub mod convert {
                 error: f.socket.error,
                 retransmits: f.socket.retransmits,
             }),
+            mutual_auth: f.mutual_auth.as_ref().map(mutual_auth_to),
         }
     }
 
@@ -874,6 +886,7 @@ pub mod convert {
                 error: socket.error,
                 retransmits: socket.retransmits,
             },
+            mutual_auth: f.mutual_auth.map(mutual_auth_from).transpose()?,
         })
     }
 }

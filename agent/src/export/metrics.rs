@@ -25,7 +25,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use flowaudit_policy::{EncryptionState, FindingKind, Verdict};
+use flowaudit_policy::{EncryptionState, FindingKind, MutualAuthState, Verdict};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -34,6 +34,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 use crate::capture::CaptureStats;
+use crate::cilium::CiliumStats;
 use crate::export::file::ExportFileStats;
 use crate::flow::{Direction, EventKind, FlowEvent, UnknownReason};
 use crate::state::AgentState;
@@ -131,6 +132,8 @@ pub struct Metrics {
     policy_rules: Gauge,
     /// Updated by the export file sink, read on each scrape.
     pub export_file: Arc<ExportFileStats>,
+    /// Updated by the Cilium reader, read on each scrape.
+    pub cilium: Arc<CiliumStats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -203,6 +206,26 @@ impl Collector for ExportFileCollector {
     }
 }
 
+/// Cilium mutual authentication answers, read on each scrape.
+#[derive(Debug)]
+struct CiliumCollector(Arc<CiliumStats>);
+
+impl Collector for CiliumCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "flowaudit_mutual_auth",
+            "Flow events under a rule requiring Cilium mutual authentication, by what this node's Cilium auth map held for the pair (AUTHENTICATED, EXPIRED, MISSING, NOT_OBSERVABLE); once per event and enforcing side",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (i, state) in MutualAuthState::ALL.iter().enumerate() {
+            let n = ConstCounter::new(self.0.by_state[i].load(Ordering::Relaxed));
+            n.encode(family.encode_family(&[("state", state.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
     pub fn new(version: &'static str, capture: Arc<CaptureStats>) -> Self {
         let mut registry = Registry::default();
@@ -240,6 +263,8 @@ impl Metrics {
         registry.register_collector(Box::new(KernelCollector(capture)));
         let export_file = Arc::<ExportFileStats>::default();
         registry.register_collector(Box::new(ExportFileCollector(export_file.clone())));
+        let cilium = Arc::<CiliumStats>::default();
+        registry.register_collector(Box::new(CiliumCollector(cilium.clone())));
         let identity_lookups = Family::default();
         registry.register(
             "flowaudit_identity_lookups",
@@ -334,6 +359,7 @@ impl Metrics {
             policy_reloads,
             policy_rules,
             export_file,
+            cilium,
         }
     }
 

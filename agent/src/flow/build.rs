@@ -82,6 +82,7 @@ impl FlowEvent {
                 error: ev.error,
                 retransmits: ev.retransmits,
             },
+            mutual_auth: None,
         };
         flow.summary = flow.make_summary();
         flow

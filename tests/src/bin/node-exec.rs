@@ -60,6 +60,10 @@ struct Cli {
     /// With --ro-root: a directory that stays writable (repeatable).
     #[arg(long = "rw", value_name = "DIR", requires = "ro_root")]
     rw: Vec<PathBuf>,
+    /// With --ro-root: a mount point that is made read-only as well
+    /// (a hostPath volume with readOnly: true); repeatable.
+    #[arg(long = "ro", value_name = "DIR", requires = "ro_root")]
+    ro: Vec<PathBuf>,
     /// RLIMIT_MEMLOCK infinity, as containerd runs containers.
     #[arg(long)]
     memlock_unlimited: bool,
@@ -314,6 +318,11 @@ fn setup_node(name: &str) -> Res<()> {
     unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     // Inside the cgroup namespace this shows the node's subtree as the root.
     mount(Some("cgroup2"), "/sys/fs/cgroup", Some("cgroup2"), hard)?;
+    // A BPF filesystem of the node's own, as a kind node with Cilium has
+    // (Cilium's mount-bpf-fs init container): what a test pins there (the
+    // Cilium double's maps) is the node's, and the machine's /sys/fs/bpf is
+    // never written. A new bpf mount is a new, empty instance.
+    mount(Some("bpf"), "/sys/fs/bpf", Some("bpf"), hard)?;
     check(
         // SAFETY: a valid buffer and length.
         unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) },
@@ -365,7 +374,7 @@ fn exec_in_node(cli: &Cli) -> Res<()> {
         let _ = std::env::set_current_dir(d);
     }
     if cli.ro_root {
-        read_only_root(&cli.rw)?;
+        read_only_root(&cli.rw, &cli.ro)?;
     }
     let argv: Vec<CString> = cli
         .cmd
@@ -390,7 +399,7 @@ fn exec_in_node(cli: &Cli) -> Res<()> {
 
 /// A mount namespace of our own whose / is read-only, `rw` dirs excepted
 /// (readOnlyRootFilesystem with emptyDir volumes).
-fn read_only_root(rw: &[PathBuf]) -> Res<()> {
+fn read_only_root(rw: &[PathBuf], ro: &[PathBuf]) -> Res<()> {
     check(
         // SAFETY: plain unshare; single-threaded.
         unsafe { libc::unshare(libc::CLONE_NEWNS) },
@@ -402,6 +411,18 @@ fn read_only_root(rw: &[PathBuf]) -> Res<()> {
             .to_str()
             .ok_or_else(|| format!("--rw {} is not UTF-8", d.display()))?;
         mount(Some(s), s, None, libc::MS_BIND | libc::MS_REC)?;
+    }
+    for d in ro {
+        let s = d
+            .to_str()
+            .ok_or_else(|| format!("--ro {} is not UTF-8", d.display()))?;
+        mount(Some(s), s, None, libc::MS_BIND | libc::MS_REC)?;
+        mount(
+            None,
+            s,
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+        )?;
     }
     mount(
         None,

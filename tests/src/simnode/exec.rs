@@ -27,6 +27,9 @@ pub struct ExecOpts {
     /// `readOnlyRootFilesystem: true`, with `rw` staying writable (emptyDirs).
     pub ro_root: bool,
     pub rw: Vec<PathBuf>,
+    /// With `ro_root`: mounts under / that are made read-only too (hostPath
+    /// volumes with `readOnly: true`, which are mounts of their own).
+    pub ro: Vec<PathBuf>,
     /// RLIMIT_MEMLOCK infinity (containerd's default for containers).
     pub memlock_unlimited: bool,
 }
@@ -45,6 +48,10 @@ impl ExecOpts {
             a.push("--ro-root".into());
             for d in &self.rw {
                 a.push("--rw".into());
+                a.push(d.into());
+            }
+            for d in &self.ro {
+                a.push("--ro".into());
                 a.push(d.into());
             }
         }
