@@ -324,7 +324,9 @@ fn demo(duration: Option<String>) -> Result<()> {
         .arg("--workdir")
         .arg(root.join("target/demo"))
         .arg("--policy")
-        .arg(root.join("deploy/examples/scenario/precinct-99-scenario.yaml"));
+        .arg(root.join("deploy/examples/scenario/precinct-99-scenario.yaml"))
+        .arg("--cilium-policy")
+        .arg(root.join("deploy/examples/cilium-mutual-auth/postgresql-ingress.yaml"));
     if let Some(d) = duration {
         cmd.args(["--duration", &d]);
     }

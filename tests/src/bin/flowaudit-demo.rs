@@ -9,6 +9,11 @@
 //! frontend -> backend), an intended flow a misconfigured network policy
 //! drops, and a cross-node flow (backend-2 -> postgresql) that both nodes
 //! report — and prints both nodes' flows live with `flowaudit observe`.
+//! Cilium mutual authentication: a CiliumNetworkPolicy requires it for
+//! backend -> postgresql; the first node holds a Cilium double (Cilium
+//! 1.15.7's pinned maps) where the cross-node pair is authenticated and the
+//! same-node pair's entry has expired; the second node has no Cilium, so
+//! its agent says "not observable here".
 //! Cleans up on Ctrl-C or after `--duration`.
 
 use std::path::PathBuf;
@@ -19,6 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use flowaudit_tests::agent::RunningAgent;
+use flowaudit_tests::cilium_double::{
+    AUTH_TYPE_SPIRE, AuthKey, CiliumDouble, Release, WIREGUARD_KEY,
+};
 use flowaudit_tests::scenario::{
     BACKEND, FRONTEND, NODE_NAME, POSTGRESQL, Precinct99, SCENARIO, endpoint_entry,
 };
@@ -54,6 +62,13 @@ struct Args {
         default_value = "deploy/examples/scenario/precinct-99-scenario.yaml"
     )]
     policy: PathBuf,
+    /// A CiliumNetworkPolicy requiring Cilium mutual authentication, judged
+    /// with the intended policy.
+    #[arg(
+        long,
+        default_value = "deploy/examples/cilium-mutual-auth/postgresql-ingress.yaml"
+    )]
+    cilium_policy: PathBuf,
     /// Seconds between rounds of scenario traffic.
     #[arg(long, default_value_t = 3)]
     interval: u64,
@@ -152,6 +167,11 @@ fn main() -> Result<()> {
         .with_context(|| format!("writing {}", endpoints.display()))?;
     let policy = std::fs::canonicalize(&args.policy)
         .with_context(|| format!("policy {}", args.policy.display()))?;
+    let cilium_policy = std::fs::canonicalize(&args.cilium_policy)
+        .with_context(|| format!("policy {}", args.cilium_policy.display()))?;
+    // Cilium on the first node only: its pinned maps, as Cilium 1.15.7 (the
+    // reference log's) lays them out, in the node's own BPF filesystem.
+    let cilium = cilium_double(&sim, &node2, &backend2)?;
     // SPIRE on each node: the Delegated Identity API test double, run
     // inside the node on the node's admin socket, attesting that node's pods
     // by their pids and cgroups like SPIRE's k8s workload attestor. Not a
@@ -179,6 +199,8 @@ fn main() -> Result<()> {
         endpoints.to_str().context("UTF-8 workdir")?,
         "--policy",
         policy.to_str().context("UTF-8 policy path")?,
+        "--policy",
+        cilium_policy.to_str().context("UTF-8 policy path")?,
     ];
     let agents = [
         RunningAgent::start_in_node(&sim.node, &spec, &agent_args, &[]),
@@ -218,7 +240,14 @@ fn main() -> Result<()> {
         "",
         sim.world.ip4()
     );
-    println!("intended policy: {}", policy.display());
+    println!(
+        "intended policy: {} and {}",
+        policy.display(),
+        cilium_policy.display()
+    );
+    println!(
+        "Cilium: on {NODE_NAME} only (a double with Cilium 1.15.7's pinned maps, not a real Cilium); backend -> postgresql needs Cilium mutual authentication: backend-2 (from {NODE2_NAME}) is authenticated, the same-node backend's entry expired 5 minutes ago; {NODE2_NAME}'s agent has no Cilium to read"
+    );
     println!(
         "identities: attested through the Delegated Identity API of a SPIRE stand-in inside each node, behaving like SPIRE {} (flowaudit's test double, not a real SPIRE agent), on {}",
         args.spire_version,
@@ -226,10 +255,18 @@ fn main() -> Result<()> {
     );
     println!("scenario traffic, every {}s:", args.interval);
     for f in &SCENARIO {
+        if f.from == Some(BACKEND) && f.to == POSTGRESQL {
+            // The Cilium policy's doing: the pair's auth entry expired.
+            println!(
+                "  {:<32} {:<9} intended, but Cilium's auth entry for the pair expired: MUTUAL_AUTH_MISSING",
+                f.label, "VIOLATION"
+            );
+            continue;
+        }
         println!("  {:<32} {:<9} {}", f.label, f.verdict, f.why);
     }
     println!(
-        "  {:<32} {:<9} cross-node: EGRESS on {NODE2_NAME}, INGRESS on {NODE_NAME}",
+        "  {:<32} {:<9} cross-node: EGRESS on {NODE2_NAME} (no Cilium: not observable, MTLS_UNVERIFIED), INGRESS on {NODE_NAME} (authenticated by Cilium, WireGuard)",
         "backend-2 -> postgresql:5432", "COMPLIANT"
     );
     println!(
@@ -316,7 +353,7 @@ fn main() -> Result<()> {
         let _ = o.kill();
         let _ = o.wait();
     }
-    drop((spire1, spire2));
+    drop((spire1, spire2, cilium));
     drop(tls_backend);
     let cross_node = cross_node_pairs(&reports[1].flows, &reports[0].flows);
     let backend2_ip = backend2.ip4().to_string();
@@ -398,7 +435,59 @@ fn main() -> Result<()> {
         to_backend("PLAINTEXT"),
         to_backend("MTLS")
     );
+    for (report, node) in reports.iter().zip([NODE_NAME, NODE2_NAME]) {
+        let states: Vec<String> = ["AUTHENTICATED", "EXPIRED", "MISSING", "NOT_OBSERVABLE"]
+            .iter()
+            .map(|s| {
+                let n = report
+                    .flows
+                    .iter()
+                    .filter(|f| f["event"] == "CONNECT" && f["mutual_auth"]["state"] == *s)
+                    .count();
+                format!("{n} {s}")
+            })
+            .collect();
+        println!(
+            "demo: {node}: CONNECTs under Cilium mutual authentication (backend -> postgresql): {}",
+            states.join(", ")
+        );
+    }
     Ok(())
+}
+
+/// Cilium's maps on the first node: every workload's security identity,
+/// the second node (id 1, WireGuard on), and two auth entries for backend
+/// -> postgresql: from the second node valid for an hour, from this node
+/// expired five minutes ago.
+fn cilium_double(
+    sim: &Precinct99,
+    node2: &SimNode,
+    backend2: &flowaudit_tests::Pod,
+) -> Result<CiliumDouble> {
+    use std::net::IpAddr;
+    let double = CiliumDouble::install(&sim.node, Release::V1_15_7)
+        .context("Cilium double on precinct-99-worker")?;
+    let identity = |i: usize| 20_001 + i as u32;
+    for (i, w) in sim.workloads.iter().enumerate() {
+        double.set_identity(IpAddr::V4(w.pod.ip4()), identity(i), None, 0)?;
+    }
+    double.set_identity(
+        IpAddr::V4(backend2.ip4()),
+        identity(BACKEND),
+        Some(node2.ip4()),
+        WIREGUARD_KEY,
+    )?;
+    double.set_node(node2.ip4(), 1, 0)?;
+    let key = |node| AuthKey {
+        local_identity: identity(POSTGRESQL),
+        remote_identity: identity(BACKEND),
+        remote_node_id: node,
+        auth_type: AUTH_TYPE_SPIRE,
+    };
+    let now = std::time::SystemTime::now();
+    double.authenticate(key(1), now + Duration::from_secs(3600))?;
+    double.authenticate(key(0), now - Duration::from_secs(300))?;
+    Ok(double)
 }
 
 /// Cross-node connections from `client_node`'s flows to `server_node`'s:
