@@ -492,3 +492,71 @@ impl MutualAuthSource for FlowAuth<'_> {
         self.cilium.observe(self.flow, side)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::hub::tests::sample_flow;
+
+    #[test]
+    fn utime_is_unix_time_in_512_ns_units() {
+        // pkg/datapath/linux/utime: secs * 1953125 + nanos >> 9.
+        let secs = 1_795_867_201u64; // 2026-11-28T12:00:01Z
+        let u = secs * 1_953_125 + (123_456_789 >> 9);
+        assert_eq!(utime_rfc3339(u), "2026-11-28T12:00:01.123456512Z");
+        assert_eq!(utime_rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+    }
+
+    #[test]
+    fn a_close_is_judged_as_of_its_connect() {
+        let mut f = sample_flow();
+        f.time = "2026-11-28T12:00:01Z".into();
+        f.event = EventKind::Connect;
+        let at_connect = connected_at(&f).unwrap();
+        assert_eq!(at_connect, 1_795_867_201 * 1_953_125);
+        f.event = EventKind::Close;
+        f.duration_ms = 1_000;
+        f.time = "2026-11-28T12:00:02Z".into();
+        assert_eq!(connected_at(&f), Some(at_connect));
+        f.time = "not a time".into();
+        assert_eq!(connected_at(&f), None);
+    }
+
+    #[test]
+    fn without_maps_every_answer_is_not_observable_with_the_reason() {
+        let dir = std::env::temp_dir().join(format!("flowaudit-no-cilium-{}", std::process::id()));
+        let stats = std::sync::Arc::new(CiliumStats::default());
+        let c = Cilium::new(dir.clone(), stats.clone());
+        let f = sample_flow();
+        let m = c.for_flow(&f).observe(AuthSide::Ingress);
+        assert_eq!(m.state, MutualAuthState::NotObservable);
+        assert!(
+            m.detail
+                .contains(&dir.join("cilium_auth_map").display().to_string())
+                && m.detail.contains("not observable here"),
+            "{}",
+            m.detail
+        );
+        assert_eq!(
+            stats.by_state[3].load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_map_of_another_layout_is_named_with_its_sizes() {
+        let e = CiliumError::Layout {
+            path: "/sys/fs/bpf/tc/globals/cilium_auth_map".into(),
+            key: 16,
+            value: 8,
+            expected: "key 12, value 8",
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("cilium_auth_map")
+                && text.contains("key 16 bytes")
+                && text.contains("key 12, value 8"),
+            "{text}"
+        );
+    }
+}

@@ -917,6 +917,29 @@ mod tests {
         f.encryption.client_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
         let back = flow_from_proto(flow_to_proto(&f)).unwrap();
         assert_eq!(back, f);
+        // Cilium's answer, every state, both sides.
+        for (i, state) in flowaudit_policy::MutualAuthState::ALL
+            .into_iter()
+            .enumerate()
+        {
+            f.mutual_auth = Some(flowaudit_policy::MutualAuth {
+                state,
+                enforced_on: if i % 2 == 0 {
+                    flowaudit_policy::AuthSide::Ingress
+                } else {
+                    flowaudit_policy::AuthSide::Egress
+                },
+                local_identity: 20_001,
+                remote_identity: 30_001,
+                remote_node_id: 5,
+                expires: "2026-12-02T08:00:00.000000512Z".into(),
+                path_encryption: flowaudit_policy::PathEncryption::Encrypted,
+                detail: "path encrypted by WireGuard".into(),
+            });
+            f.findings[0].kind = flowaudit_policy::FindingKind::MutualAuthMissing;
+            let back = flow_from_proto(flow_to_proto(&f)).unwrap();
+            assert_eq!(back, f, "{state:?}");
+        }
     }
 
     #[test]
