@@ -770,104 +770,117 @@ fn cilium_mutual_authentication_is_audited_as_cilium_enforces_it() {
     let rule = "cnp:99-apps/backend-ingress-policy";
     use MutualAuthState as S;
     use PathEncryption as P;
-
-    // Authenticated by Cilium, plaintext on the socket: compliant. Before,
-    // this was VIOLATION [MTLS_MISSING], a false alarm on every flow.
-    let d = eval_auth(
-        &p,
-        fe,
-        be,
-        E::Plaintext,
-        false,
-        &cilium(S::Authenticated, P::Encrypted),
+    let no_cilium = flowaudit_policy::NoCilium;
+    let seen = |s, p| cilium(s, p);
+    let (ok_wg, ok_plain, ok_same, ok_unknown) = (
+        seen(S::Authenticated, P::Encrypted),
+        seen(S::Authenticated, P::Unencrypted),
+        seen(S::Authenticated, P::SameNode),
+        seen(S::Authenticated, P::Unknown),
     );
-    expect(&d, V::Compliant, &[], rule, "authenticated, WireGuard");
-    assert!(d.mutual_auth_required && !d.mtls_required, "{d:?}");
-    assert_eq!(
-        d.mutual_auth.as_ref().map(|m| m.state),
-        Some(S::Authenticated)
-    );
-
-    // Authenticated, but the bytes cross the network unencrypted: reported,
-    // still compliant.
-    let d = eval_auth(
-        &p,
-        fe,
-        be,
-        E::Plaintext,
-        false,
-        &cilium(S::Authenticated, P::Unencrypted),
-    );
-    expect(
-        &d,
-        V::Compliant,
-        &[F::MutualAuthUnencrypted],
-        rule,
-        "authenticated, unencrypted",
-    );
-    assert!(
-        d.findings[0].message.contains("no WireGuard or IPsec"),
-        "{}",
-        d.findings[0].message
-    );
-    // Same node (the bytes never leave the kernel) or path not known: nothing
-    // to report.
-    for path in [P::SameNode, P::Unknown] {
-        let d = eval_auth(
-            &p,
-            fe,
-            be,
+    let (expired, missing) = (seen(S::Expired, P::SameNode), seen(S::Missing, P::SameNode));
+    // (case, encryption, failed, Cilium's answer, verdict, findings, words
+    // of the first finding)
+    let table: [(&str, E, bool, &dyn MutualAuthSource, V, &[F], &str); 9] = [
+        // Before, this was VIOLATION [MTLS_MISSING]: a false alarm on every
+        // flow Cilium authenticated.
+        (
+            "authenticated, WireGuard",
             E::Plaintext,
             false,
-            &cilium(S::Authenticated, path),
-        );
-        expect(
-            &d,
+            &ok_wg,
             V::Compliant,
             &[],
-            rule,
-            "authenticated, same node or unknown",
+            "",
+        ),
+        // The bytes cross the network unencrypted: reported, still compliant.
+        (
+            "authenticated, unencrypted",
+            E::Plaintext,
+            false,
+            &ok_plain,
+            V::Compliant,
+            &[F::MutualAuthUnencrypted],
+            "no WireGuard or IPsec",
+        ),
+        // Same node (the bytes never leave the kernel) or path not known.
+        (
+            "authenticated, same node",
+            E::Plaintext,
+            false,
+            &ok_same,
+            V::Compliant,
+            &[],
+            "",
+        ),
+        (
+            "authenticated, path unknown",
+            E::Plaintext,
+            false,
+            &ok_unknown,
+            V::Compliant,
+            &[],
+            "",
+        ),
+        (
+            "expired",
+            E::Plaintext,
+            false,
+            &expired,
+            V::Violation,
+            &[F::MutualAuthMissing],
+            "had expired at 2026-12-02T08:00:00Z when the connection was made; cnp:99-apps/backend-ingress-policy",
+        ),
+        (
+            "missing",
+            E::Plaintext,
+            false,
+            &missing,
+            V::Violation,
+            &[F::MutualAuthMissing],
+            "no Cilium auth entry for the pair (identities 24001 -> 24002, remote node 0)",
+        ),
+        // TLS is not mutual authentication: the entry still decides.
+        (
+            "TLS, no entry",
+            E::TlsNoClientCert,
+            false,
+            &missing,
+            V::Violation,
+            &[F::MutualAuthMissing],
+            "",
+        ),
+        // Without Cilium: unverified with the reason, never MTLS_MISSING.
+        (
+            "no Cilium",
+            E::Plaintext,
+            false,
+            &no_cilium,
+            V::Compliant,
+            &[F::MtlsUnverified],
+            flowaudit_policy::NO_CILIUM,
+        ),
+        // An intended flow that failed with no entry: the failure says why.
+        (
+            "failed, missing",
+            E::Unknown,
+            true,
+            &missing,
+            V::Compliant,
+            &[F::IntendedFlowFailed],
+            "no Cilium auth entry",
+        ),
+    ];
+    for (case, enc, failed, answer, verdict, findings, words) in table {
+        let d = eval_auth(&p, fe, be, enc, failed, answer);
+        expect(&d, verdict, findings, rule, case);
+        assert!(d.mutual_auth_required && !d.mtls_required, "{case}: {d:?}");
+        assert!(
+            d.findings.first().is_none_or(|f| f.message.contains(words)),
+            "{case}: the finding should say {words:?}: {:?}",
+            d.findings
         );
     }
-
-    // Expired or missing entry: a violation.
-    let d = eval_auth(
-        &p,
-        fe,
-        be,
-        E::Plaintext,
-        false,
-        &cilium(S::Expired, P::SameNode),
-    );
-    expect(&d, V::Violation, &[F::MutualAuthMissing], rule, "expired");
-    assert!(
-        d.findings[0]
-            .message
-            .contains("had expired at 2026-12-02T08:00:00Z")
-            && d.findings[0]
-                .message
-                .contains("(identities 24001 -> 24002, remote node 0)"),
-        "{}",
-        d.findings[0].message
-    );
-    let d = eval_auth(
-        &p,
-        fe,
-        be,
-        E::Plaintext,
-        false,
-        &cilium(S::Missing, P::SameNode),
-    );
-    expect(&d, V::Violation, &[F::MutualAuthMissing], rule, "missing");
-
-    // Without Cilium: unverified with the reason, never MTLS_MISSING.
-    let d = eval_auth(&p, fe, be, E::Plaintext, false, &flowaudit_policy::NoCilium);
-    expect(&d, V::Compliant, &[F::MtlsUnverified], rule, "no Cilium");
-    assert!(
-        d.findings[0].message.contains(flowaudit_policy::NO_CILIUM),
-        "{}",
-        d.findings[0].message
-    );
 
     // mTLS on the wire satisfies the rule without asking Cilium.
     let counting = Counting::default();
@@ -875,24 +888,6 @@ fn cilium_mutual_authentication_is_audited_as_cilium_enforces_it() {
     expect(&d, V::Compliant, &[], rule, "mTLS on the wire");
     assert_eq!(counting.0.get(), 0, "mTLS seen: Cilium must not be asked");
     assert!(d.mutual_auth.is_none());
-
-    // TLS is not mutual authentication: the entry still decides.
-    let d = eval_auth(
-        &p,
-        fe,
-        be,
-        E::TlsNoClientCert,
-        false,
-        &cilium(S::Missing, P::SameNode),
-    );
-    expect(
-        &d,
-        V::Violation,
-        &[F::MutualAuthMissing],
-        rule,
-        "TLS, no entry",
-    );
-
     // A flow the rule does not cover never asks.
     let d = eval_auth(&p, c.openbao.peer(), be, E::Plaintext, false, &counting);
     assert_eq!(d.verdict, V::Violation, "{d:?}");
@@ -900,27 +895,5 @@ fn cilium_mutual_authentication_is_audited_as_cilium_enforces_it() {
         counting.0.get(),
         0,
         "no auth rule: Cilium must not be asked"
-    );
-
-    // An intended flow that failed because no entry existed: the failure says why.
-    let d = eval_auth(
-        &p,
-        fe,
-        be,
-        E::Unknown,
-        true,
-        &cilium(S::Missing, P::SameNode),
-    );
-    expect(
-        &d,
-        V::Compliant,
-        &[F::IntendedFlowFailed],
-        rule,
-        "failed, missing",
-    );
-    assert!(
-        d.findings[0].message.contains("no Cilium auth entry"),
-        "{}",
-        d.findings[0].message
     );
 }

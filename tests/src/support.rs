@@ -138,3 +138,16 @@ fn pod_ends<'a>(flows: impl Iterator<Item = &'a Value>, local: bool) -> Vec<&'a 
         .filter(|e| e["kind"] == "POD")
         .collect()
 }
+
+/// One sample of the Prometheus exposition: `name{labels}` exactly.
+pub fn metric_sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in /metrics:\n{text}"))
+}

@@ -267,18 +267,6 @@ fn flows_in(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn sample(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no sample {series} in /metrics:\n{text}"))
-}
-
 #[test]
 fn cilium_mutual_authentication_is_audited_from_its_auth_map() {
     require_root();
@@ -416,12 +404,12 @@ fn cilium_mutual_authentication_is_audited_from_its_auth_map() {
         "the agent should log each Cilium layout it opened"
     );
     for (state, at_least) in [
-        ("AUTHENTICATED", 3 * 4),
-        ("EXPIRED", 4),
-        ("MISSING", 3 * 4),
-        ("NOT_OBSERVABLE", 2 * 4),
+        ("AUTHENTICATED", 3.0 * 4.0),
+        ("EXPIRED", 4.0),
+        ("MISSING", 3.0 * 4.0),
+        ("NOT_OBSERVABLE", 2.0 * 4.0),
     ] {
-        let got = sample(
+        let got = flowaudit_tests::support::metric_sample(
             &metrics,
             &format!("flowaudit_mutual_auth_total{{state=\"{state}\"}}"),
         );

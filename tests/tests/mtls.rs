@@ -419,19 +419,6 @@ fn agent_under_policy(
     (dir, agent)
 }
 
-/// One sample of the Prometheus exposition: `name{labels}` exactly.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no sample {series} in /metrics:\n{text}"))
-}
-
 /// Issue 16: an auditor that could not see must say so. With the kernel's
 /// payload map made tiny (`--payload-sockets 2`), one idle connection fills
 /// it; the next connection's payload is not watched. Under a rule requiring
@@ -575,7 +562,7 @@ fn encryption_not_seen_is_never_silently_compliant() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 
-    let lost = sample(
+    let lost = flowaudit_tests::support::metric_sample(
         &metrics,
         "flowaudit_kernel_events_lost_total{place=\"payload_map_full\"}",
     );
@@ -584,7 +571,7 @@ fn encryption_not_seen_is_never_silently_compliant() {
         "payload_map_full counted {lost}, expected >= 2"
     );
     for (reason, at_least) in [("not_watched", 2.0), ("no_payload_seen", 2.0)] {
-        let n = sample(
+        let n = flowaudit_tests::support::metric_sample(
             &metrics,
             &format!("flowaudit_mtls_unverified_total{{reason=\"{reason}\"}}"),
         );
