@@ -762,6 +762,18 @@ impl MutualAuthSource for Counting {
     }
 }
 
+/// (case, encryption, failed, Cilium's answer, verdict, findings, words of
+/// the first finding).
+type AuthCase<'a> = (
+    &'static str,
+    E,
+    bool,
+    &'a dyn MutualAuthSource,
+    V,
+    &'static [F],
+    &'static str,
+);
+
 #[test]
 fn cilium_mutual_authentication_is_audited_as_cilium_enforces_it() {
     let p = load(&["cilium-mutual-auth/backend-ingress.yaml"]);
@@ -779,9 +791,7 @@ fn cilium_mutual_authentication_is_audited_as_cilium_enforces_it() {
         seen(S::Authenticated, P::Unknown),
     );
     let (expired, missing) = (seen(S::Expired, P::SameNode), seen(S::Missing, P::SameNode));
-    // (case, encryption, failed, Cilium's answer, verdict, findings, words
-    // of the first finding)
-    let table: [(&str, E, bool, &dyn MutualAuthSource, V, &[F], &str); 9] = [
+    let table: [AuthCase<'_>; 9] = [
         // Before, this was VIOLATION [MTLS_MISSING]: a false alarm on every
         // flow Cilium authenticated.
         (

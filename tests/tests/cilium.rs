@@ -368,6 +368,24 @@ fn cilium_mutual_authentication_is_audited_from_its_auth_map() {
         .expect("flowaudit observe");
     let observe = String::from_utf8_lossy(&observe.stdout).into_owned();
     let (_, metrics) = agent.http_get("/metrics");
+    let status = std::process::Command::new(flowaudit_tests::agent::agent_binary())
+        .args(["status", "--server", &agent.grpc_addr(), "-o", "json"])
+        .output()
+        .expect("flowaudit status");
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap_or_else(|e| {
+        panic!(
+            "flowaudit status -o json: {e}: {}",
+            String::from_utf8_lossy(&status.stdout)
+        )
+    });
+    assert!(
+        status["cilium"]["maps_found"] == true
+            && status["cilium"]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("/sys/fs/bpf/tc/globals") && d.contains("1.15-1.17")),
+        "flowaudit status should say where Cilium's maps were found: {}",
+        status["cilium"]
+    );
 
     // 3. Cilium upgraded to 1.18.3: the maps are re-created with the new
     // layouts (cilium_ipcache_v2, cilium_node_map_v2); the agent follows.

@@ -243,11 +243,15 @@ fn utime_rfc3339(u: u64) -> String {
 }
 
 /// Answers given, by state, for metrics: once per flow event and
-/// enforcing side under a rule that requires mutual authentication.
+/// enforcing side under a rule that requires mutual authentication; and
+/// what the last look at the maps found, for `flowaudit status`.
 #[derive(Debug, Default)]
 pub struct CiliumStats {
     /// Indexed like `MutualAuthState::ALL`.
     pub by_state: [std::sync::atomic::AtomicU64; 4],
+    /// (maps found, where and which layout or why not); None until a flow
+    /// first needs them.
+    pub last_look: Mutex<Option<(bool, String)>>,
 }
 
 impl CiliumStats {
@@ -306,6 +310,10 @@ impl Cilium {
                         "Cilium's maps found: mutual authentication is audited from its auth map"
                     );
                 }
+                self.report(
+                    true,
+                    format!("maps found in {} ({})", self.dir.display(), m.describe()),
+                );
                 inner.maps = Some(m);
                 inner.absent.clear();
             }
@@ -325,9 +333,16 @@ impl Cilium {
                 if why != inner.absent {
                     tracing::warn!("{why}");
                 }
+                self.report(false, why.clone());
                 inner.maps = None;
                 inner.absent = why;
             }
+        }
+    }
+
+    fn report(&self, found: bool, detail: String) {
+        if let Ok(mut l) = self.stats.last_look.lock() {
+            *l = Some((found, detail));
         }
     }
 

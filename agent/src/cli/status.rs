@@ -165,6 +165,9 @@ pub fn render(s: &proto::ServerStatusResponse) -> String {
             printable(&d.reason)
         ));
     }
+    if let Some(c) = &s.cilium {
+        out.push_str(&format!("{:<width$} {}\n", "Cilium:", printable(&c.detail)));
+    }
     let losses: Vec<&proto::KernelLoss> = s.kernel_losses.iter().filter(|l| l.count > 0).collect();
     if losses.is_empty() {
         out.push_str(&format!("{:<width$} none\n", "Kernel losses:"));
@@ -196,6 +199,7 @@ fn as_json(s: &proto::ServerStatusResponse) -> serde_json::Value {
         "policy": s.policy.as_ref().map(|p| serde_json::json!({"version": p.version, "rules": p.rules, "last_error": p.last_error})),
         "kernel_degradations": s.kernel_degradations.iter().map(|d| serde_json::json!({"name": d.name, "reason": d.reason, "lost": d.lost})).collect::<Vec<_>>(),
         "kernel_losses": s.kernel_losses.iter().map(|l| serde_json::json!({"place": l.place, "count": l.count, "consequence": l.consequence, "loses_flow_events": l.loses_flow_events})).collect::<Vec<_>>(),
+        "cilium": s.cilium.as_ref().map(|c| serde_json::json!({"maps_found": c.maps_found, "detail": c.detail})),
     })
 }
 
@@ -241,6 +245,25 @@ Kernel:             every feature available
 Kernel losses:      none
 "
         );
+    }
+
+    #[test]
+    fn text_status_says_what_was_found_of_cilium() {
+        let s = proto::ServerStatusResponse {
+            cilium: Some(proto::CiliumStatus {
+                maps_found: false,
+                detail: "/sys/fs/bpf/tc/globals/cilium_auth_map: No such file or directory (os error 2); Cilium mutual authentication not observable here".into(),
+            }),
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(
+            text.contains(
+                "\nCilium:             /sys/fs/bpf/tc/globals/cilium_auth_map: No such file"
+            ),
+            "{text}"
+        );
+        assert_eq!(as_json(&s)["cilium"]["maps_found"], false);
     }
 
     #[test]

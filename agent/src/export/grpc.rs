@@ -224,6 +224,13 @@ pub fn status_of(state: &AgentState, hub: &Hub) -> proto::ServerStatusResponse {
         kernel_events: state.capture.records.load(Ordering::Relaxed),
         kernel_events_lost: state.capture.events_lost(),
         kernel_losses: kernel_losses(&state.capture),
+        cilium: Some(match state.metrics.cilium.last_look.lock().ok().and_then(|l| l.clone()) {
+            Some((maps_found, detail)) => proto::CiliumStatus { maps_found, detail },
+            None => proto::CiliumStatus {
+                maps_found: false,
+                detail: "not looked at: no flow under a rule requiring Cilium mutual authentication yet".into(),
+            },
+        }),
         flows_buffered: hub.buffered() as u64,
         flow_buffer_capacity: hub.capacity() as u64,
         subscribers: u32::try_from(hub.subscribers()).unwrap_or(u32::MAX),
