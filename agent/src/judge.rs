@@ -27,8 +27,8 @@ pub type ReloadHook = Box<dyn Fn(bool, &str, usize, Option<String>) + Send + Syn
 pub struct Judge {
     pub policy: Option<watch::Receiver<Arc<PolicySet>>>,
     /// This node's Cilium, asked for flows under a rule that requires
-    /// mutual authentication.
-    pub cilium: Arc<Cilium>,
+    /// mutual authentication; None answers "not observable" (tests).
+    pub cilium: Option<Arc<Cilium>>,
 }
 
 fn some(s: &str) -> Option<&str> {
@@ -94,7 +94,7 @@ impl Judge {
     pub fn without_cilium(policy: Option<watch::Receiver<Arc<PolicySet>>>) -> Judge {
         Judge {
             policy,
-            cilium: Arc::new(Cilium::new(PathBuf::new(), Default::default())),
+            cilium: None,
         }
     }
 
@@ -102,6 +102,14 @@ impl Judge {
         let mismatches = identity_mismatches(flow);
         if let Some(rx) = &self.policy {
             let set = rx.borrow().clone();
+            let per_flow;
+            let mutual_auth: &dyn flowaudit_policy::MutualAuthSource = match &self.cilium {
+                Some(c) => {
+                    per_flow = c.for_flow(flow);
+                    &per_flow
+                }
+                None => &flowaudit_policy::NoCilium,
+            };
             let decision = set.evaluate(&Flow {
                 source: peer(&flow.source),
                 destination: peer(&flow.destination),
@@ -109,7 +117,7 @@ impl Judge {
                 encryption: observed(&flow.encryption),
                 encryption_detail: flow.encryption.unknown_reason.map_or("", |r| r.describe()),
                 failed: flow.event == EventKind::Failed,
-                mutual_auth: &self.cilium.for_flow(flow),
+                mutual_auth,
             });
             flow.verdict = decision.verdict;
             flow.findings = decision.findings;

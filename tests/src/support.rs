@@ -2,7 +2,7 @@
 //! (never skips) with the fix, a per-test temporary directory, the two-pod
 //! node, the scenario policy's path, and the "local pod end" of a flow event.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -150,4 +150,14 @@ pub fn metric_sample(text: &str, series: &str) -> f64 {
                 .ok()
         })
         .unwrap_or_else(|| panic!("no sample {series} in /metrics:\n{text}"))
+}
+
+/// Every flow of an export file so far, in order (a line being written is
+/// left out).
+pub fn read_flows(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }

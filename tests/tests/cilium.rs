@@ -258,15 +258,6 @@ const CASES: [(&str, Expect); 7] = [
     ),
 ];
 
-/// Every flow of the export file so far, in order.
-fn flows_in(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 #[test]
 fn cilium_mutual_authentication_is_audited_from_its_auth_map() {
     require_root();
@@ -313,7 +304,7 @@ fn cilium_mutual_authentication_is_audited_from_its_auth_map() {
     // 1. No Cilium on the node yet: not observable, never MTLS_MISSING.
     connect(&clients[0], backend);
     agent.wait_for_flows(4, Duration::from_secs(30), |_| true);
-    let before = flows_in(&agent.export_file);
+    let before = flowaudit_tests::support::read_flows(&agent.export_file);
     wrong.extend(check(
         &before,
         &clients[0],
@@ -343,7 +334,7 @@ fn cilium_mutual_authentication_is_audited_from_its_auth_map() {
         Duration::from_secs(60),
         |_| true,
     );
-    let first = flows_in(&agent.export_file).split_off(before.len());
+    let first = flowaudit_tests::support::read_flows(&agent.export_file).split_off(before.len());
     for (c, (_, e)) in clients.iter().zip(CASES.iter()) {
         wrong.extend(check(&first, c, backend, e));
     }

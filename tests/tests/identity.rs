@@ -88,14 +88,6 @@ fn id_of(pod: &flowaudit_tests::Pod) -> String {
     )
 }
 
-fn read_flows(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 #[test]
 fn local_ends_and_same_node_peers_are_attested_on_every_release() {
     require_root();
@@ -268,7 +260,7 @@ fn spire_outage_gives_derived_then_attested_again_on_every_release() {
             std::thread::sleep(Duration::from_secs(1));
             let rec = sim.run(&NEW_DURING_OUTAGE).expect("traffic");
             std::thread::sleep(Duration::from_millis(300));
-            let flows = read_flows(&agent.export_file);
+            let flows = flowaudit_tests::support::read_flows(&agent.export_file);
             let attested = flows_between(&flows, rec.local.expect("local"), rec.remote).any(|e| {
                 e["direction"] == "EGRESS" && e["source"]["identity_source"] == "ATTESTED"
             });

@@ -355,12 +355,12 @@ fn start_identity_and_policy(
             tokio::spawn(crate::judge::watch_policies(args.policy.clone(), tx, hook));
             Judge {
                 policy: Some(rx),
-                cilium: cilium.clone(),
+                cilium: Some(cilium.clone()),
             }
         }
         None => Judge {
             policy: None,
-            cilium: cilium.clone(),
+            cilium: Some(cilium.clone()),
         },
     };
     let spire = match args.spire_admin_socket.as_str() {
