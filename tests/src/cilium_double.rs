@@ -174,6 +174,18 @@ impl CiliumDouble {
     /// (/sys/fs/bpf/tc/globals inside the node), as Cilium's agent does at
     /// start. Pinned maps live until unpinned or the node goes.
     pub fn install(node: &SimNode, release: Release) -> std::io::Result<CiliumDouble> {
+        // Cilium's agent lifts RLIMIT_MEMLOCK before it creates its maps
+        // (pkg/rlimit RemoveMemlock): kernels before 5.11 charge a map's
+        // whole size to it at creation, and these are sized as Cilium sizes
+        // them (EPERM otherwise, seen on 5.10).
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit for the calling process.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         let dir = PathBuf::from(format!(
             "/proc/{}/root/sys/fs/bpf/tc/globals",
             node.init_pid()
