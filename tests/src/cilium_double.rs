@@ -104,7 +104,9 @@ impl Map {
         // Cilium's loader does for cilium_ipcache_v2.
         let short = &name.as_bytes()[..name.len().min(15)];
         put(&mut attr, 28, short);
-        let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+        let fd = bpf(BPF_MAP_CREATE, &mut attr).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("creating {name} ({max} entries): {e}"))
+        })?;
         // SAFETY: a new fd owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         let pin = dir.join(name);
@@ -113,7 +115,9 @@ impl Map {
         let mut attr = [0u8; 128];
         put(&mut attr, 0, &(c.as_ptr() as u64).to_ne_bytes());
         put(&mut attr, 8, &(fd.as_raw_fd() as u32).to_ne_bytes());
-        bpf(BPF_OBJ_PIN, &mut attr)?;
+        bpf(BPF_OBJ_PIN, &mut attr).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("pinning {}: {e}", pin.display()))
+        })?;
         Ok(Map { fd, pin })
     }
 
@@ -184,7 +188,27 @@ impl CiliumDouble {
         };
         // SAFETY: a valid rlimit for the calling process.
         if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-            return Err(std::io::Error::last_os_error());
+            // Raising the hard limit needs CAP_SYS_RESOURCE, which root
+            // lacks on some hosts (this one: memlock 8 MiB, no
+            // CAP_SYS_RESOURCE). Kernels from 5.11 charge maps to the
+            // memory cgroup, not to RLIMIT_MEMLOCK, so the limit does not
+            // matter there; on older kernels the map creation below fails
+            // with an error naming the map.
+            let err = std::io::Error::last_os_error();
+            eprintln!(
+                "Cilium double: RLIMIT_MEMLOCK not lifted ({err}); raising it to its hard limit"
+            );
+            let mut now = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: both calls read or fill a local rlimit.
+            unsafe {
+                if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) == 0 {
+                    now.rlim_cur = now.rlim_max;
+                    libc::setrlimit(libc::RLIMIT_MEMLOCK, &now);
+                }
+            }
         }
         let dir = PathBuf::from(format!(
             "/proc/{}/root/sys/fs/bpf/tc/globals",

@@ -541,8 +541,6 @@ async fn drain(
     }
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so the
-/// ring buffer and socket map fit. Newer kernels ignore it.
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Ask for no limit
 /// (CAP_SYS_RESOURCE may raise the hard limit); without that capability,
 /// raise the soft limit to the hard one, which needs no privilege.
