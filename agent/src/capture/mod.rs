@@ -26,6 +26,7 @@ use self::btf::{Btf, KernelOffsets};
 
 use self::features::{Degradation, Features};
 use self::record::KernelRecord;
+use crate::flow::UnknownReason;
 
 /// The eBPF object built by build.rs from `agent-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowaudit"));
@@ -138,14 +139,23 @@ pub struct Capture {
     pub offsets: KernelOffsets,
     /// The switches the programs run with.
     pub features: Features,
+    /// Whether the payload programs (cgroup_skb) are attached; without
+    /// them every CONNECT says its payload is `not_watched`.
+    pub payload_capture: bool,
     ring: Option<RingBuf<MapData>>,
 }
 
 impl Capture {
     /// Checks prerequisites, loads and attaches, with a ring buffer of
-    /// `ring_bytes` (a power of two, a multiple of the page size). Fails
-    /// with the fix in the message.
-    pub fn start(ring_bytes: u32, payload_sockets: u32) -> Result<Self, CaptureError> {
+    /// `ring_bytes` (a power of two, a multiple of the page size). Without
+    /// `payload_capture` the cgroup_skb programs are loaded but never
+    /// attached (what they cost the datapath is then zero). Fails with the
+    /// fix in the message.
+    pub fn start(
+        ring_bytes: u32,
+        payload_sockets: u32,
+        payload_capture: bool,
+    ) -> Result<Self, CaptureError> {
         // SAFETY: a libc call with no pointer arguments.
         let euid = unsafe { libc::geteuid() };
         if euid != 0 {
@@ -213,7 +223,7 @@ impl Capture {
         } else {
             listeners::NetnsKey::Inode
         };
-        attach(&mut ebpf, &cgroup)?;
+        attach(&mut ebpf, &cgroup, payload_capture)?;
 
         // Servers that were listening before we attached: find them now that
         // listen() calls from here on are seen by the program. NOEXIST: an
@@ -296,6 +306,7 @@ impl Capture {
             cgroup_root,
             offsets,
             features,
+            payload_capture,
             ring: Some(ring),
         })
     }
@@ -342,12 +353,13 @@ impl Capture {
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .map_err(|e| CaptureError::Poll(std::io::Error::other(e.to_string())))?;
         let stats = self.stats.clone();
+        let payload = self.payload_capture;
         Ok(tokio::spawn(async move {
             loop {
                 tokio::select! {
                     guard = fd.readable_mut() => {
                         let Ok(mut guard) = guard else { break };
-                        if drain(guard.get_inner_mut(), &tx, &stats).await.is_err() {
+                        if drain(guard.get_inner_mut(), &tx, &stats, payload).await.is_err() {
                             return;
                         }
                         guard.clear_ready();
@@ -355,7 +367,7 @@ impl Capture {
                     _ = shutdown.changed() => break,
                 }
             }
-            let _ = drain(fd.get_mut(), &tx, &stats).await;
+            let _ = drain(fd.get_mut(), &tx, &stats, payload).await;
         }))
     }
 }
@@ -474,7 +486,11 @@ fn load(
 /// through a bpf_link, which always runs beside other programs on the
 /// cgroup (Cilium's, another flowaudit's) and rejects explicit attach
 /// flags: hence the default mode.
-fn attach(ebpf: &mut Ebpf, cgroup: &std::fs::File) -> Result<(), CaptureError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    cgroup: &std::fs::File,
+    payload_capture: bool,
+) -> Result<(), CaptureError> {
     let err = |name| move |source| CaptureError::Attach { name, source };
     let prog: &mut SockOps = ebpf
         .program_mut(names::PROG_SOCK_OPS)
@@ -484,10 +500,11 @@ fn attach(ebpf: &mut Ebpf, cgroup: &std::fs::File) -> Result<(), CaptureError> {
     prog.attach(cgroup, CgroupAttachMode::Single)
         .map_err(err(names::PROG_SOCK_OPS))?;
     // First payload bytes of each connection, both directions (mTLS).
-    for (name, hook) in [
+    let skb = [
         (names::PROG_SKB_EGRESS, CgroupSkbAttachType::Egress),
         (names::PROG_SKB_INGRESS, CgroupSkbAttachType::Ingress),
-    ] {
+    ];
+    for (name, hook) in skb.into_iter().filter(|_| payload_capture) {
         let prog: &mut CgroupSkb = ebpf
             .program_mut(name)
             .ok_or(CaptureError::Missing(name))?
@@ -518,6 +535,7 @@ async fn drain(
     ring: &mut RingBuf<MapData>,
     tx: &mpsc::Sender<KernelRecord>,
     stats: &CaptureStats,
+    payload_capture: bool,
 ) -> Result<(), ()> {
     loop {
         let decoded = {
@@ -532,6 +550,12 @@ async fn drain(
         }
         .fetch_add(1, Ordering::Relaxed);
         match decoded {
+            // No payload program attached: nothing will say what the
+            // connection carries, so its answer settles at once.
+            Ok(KernelRecord::Flow(mut ev)) if !payload_capture && ev.capture.is_none() => {
+                ev.capture = Some(UnknownReason::NotWatched);
+                tx.send(KernelRecord::Flow(ev)).await.map_err(|_| ())?
+            }
             Ok(ev) => tx.send(ev).await.map_err(|_| ())?,
             Err(e) => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);

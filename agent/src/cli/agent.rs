@@ -125,6 +125,20 @@ pub struct AgentArgs {
         value_name = "N"
     )]
     pub payload_sockets: u32,
+    /// Copy the first payload bytes of each connection (cgroup_skb
+    /// programs) to tell plaintext, TLS and mTLS apart. `false` leaves those
+    /// programs unattached: encryption is then UNKNOWN with the reason
+    /// `not_watched` for every connection (an mTLS rule gives
+    /// MTLS_UNVERIFIED). For measuring what payload capture costs, or for
+    /// nodes where only connections matter.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_PAYLOAD_CAPTURE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub payload_capture: bool,
     /// Where Cilium pins its BPF maps. Flows under a CiliumNetworkPolicy
     /// rule with `authentication.mode: required` are judged by Cilium's auth
     /// map there (`cilium_auth_map`, with `cilium_ipcache[_v2]` and
@@ -220,7 +234,11 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         }
         false => Some(crate::judge::load_initial(&args.policy)?),
     };
-    let mut capture = Capture::start(args.ring_buffer_mib << 20, args.payload_sockets)?;
+    let mut capture = Capture::start(
+        args.ring_buffer_mib << 20,
+        args.payload_sockets,
+        args.payload_capture,
+    )?;
     let (tx, rx) = mpsc::channel(16 * 1024);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let reader = capture.spawn_reader(tx, shutdown_rx)?;

@@ -234,6 +234,7 @@ pub fn item(id: &str) -> &'static str {
         i if i.starts_with("stream") => "4",
         i if i.starts_with("policy") => "5",
         i if i.starts_with("event_delay") => "6",
+        i if i.starts_with("pinned") => "7",
         _ => "-",
     }
 }

@@ -594,6 +594,40 @@ pub fn proc_cpu_and_peak_rss(pid: u32) -> (f64, f64) {
     (cpu, hwm)
 }
 
+/// Sets the CPU affinity of every thread of `pid` (threads it starts later
+/// inherit it from their parent thread): `Some(cpu)` pins them to that CPU,
+/// `None` gives them every CPU back. Errors name the thread that refused.
+pub fn pin_process(pid: u32, cpu: Option<usize>) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; all zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let cpus: Vec<usize> = match cpu {
+        Some(c) => vec![c],
+        None => (0..crate::storm::num_cpus()).collect(),
+    };
+    for c in cpus {
+        // SAFETY: `set` is a valid cpu_set_t and c is below the CPU count.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("list the threads of pid {pid}"))?;
+    for t in tasks.filter_map(|e| e.ok()) {
+        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: `set` is a valid cpu_set_t of the size passed.
+        let rc =
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // A thread that just ended is not an error.
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                bail!("sched_setaffinity of thread {tid} of pid {pid} to {cpu:?}: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Other processes that used at least 20% of a core over `window`
 /// (a build beside the bench makes every number noisy): "comm (pct%)".
 pub fn busy_others(window: Duration) -> Vec<String> {

@@ -44,8 +44,11 @@ enum Item {
     ConnRate,
     /// 2: iperf3 throughput, bare vs agent.
     Throughput,
-    /// 3: connection storm: flowaudit, tcplife, conntrack -E.
+    /// 3: sustained connection storm: flowaudit, tcplife, conntrack -E;
+    /// the agent's CPU per connection, losses and peak RSS.
     Storm,
+    /// 7: the DaemonSet case: agent pinned to one core, the load on another.
+    Pinned,
     /// 6: connection -> event on the gRPC stream.
     Delay,
 }
@@ -95,6 +98,8 @@ enum Cmd {
         first_index: u64,
         #[arg(long)]
         completed_file: Option<PathBuf>,
+        #[arg(long)]
+        pin_cpu: Option<usize>,
     },
     #[command(hide = true)]
     DelayClient {
@@ -134,12 +139,16 @@ struct RunArgs {
     /// Client threads of the connection-rate runs.
     #[arg(long, default_value_t = 4)]
     rate_threads: usize,
-    /// Connections per second the storm aims at.
-    #[arg(long, default_value_t = 20_000)]
+    /// Connections per second the storm aims at; 0 = flat out, the highest
+    /// rate the generator reaches.
+    #[arg(long, default_value_t = 0)]
     storm_rate: u64,
-    /// Seconds the storm lasts.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds the storm lasts (longer than the ring can absorb).
+    #[arg(long, default_value_t = 30.0)]
     storm_secs: f64,
+    /// Seconds of the pinned (DaemonSet) run, flat out.
+    #[arg(long, default_value_t = 15.0)]
+    pinned_secs: f64,
     /// Client threads of the storm.
     #[arg(long, default_value_t = 8)]
     storm_threads: usize,
@@ -177,8 +186,11 @@ pub struct Ctx {
     pub storm_watchers: Vec<Watcher>,
     pub delay_count: u64,
     pub delay_rate: f64,
+    pub pinned_secs: f64,
     /// The median bare connection rate of item 1, once measured.
     pub bare_rate: std::cell::Cell<Option<f64>>,
+    /// The next unused 4-tuple index on the storm ports.
+    pub storm_index: std::cell::Cell<u64>,
 }
 
 impl Ctx {
@@ -252,6 +264,15 @@ pub fn storm_client_args(
     a
 }
 
+/// The same, with every generator thread pinned to `cpu`.
+pub fn pinned_client_args(mut args: Vec<String>, cpu: Option<usize>) -> Vec<String> {
+    if let Some(c) = cpu {
+        args.push("--pin-cpu".into());
+        args.push(c.to_string());
+    }
+    args
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Run(args) => run(args),
@@ -268,6 +289,7 @@ fn main() -> Result<()> {
             rate,
             first_index,
             completed_file,
+            pin_cpu,
         } => {
             if client_port_hi < client_port_lo {
                 bail!("--client-port-hi must not be below --client-port-lo");
@@ -282,10 +304,53 @@ fn main() -> Result<()> {
                 rate,
                 first_index,
                 completed_file,
+                pin_cpu,
             })
         }
         Cmd::DelayClient { to, count, rate } => traffic::delay_client(to, count, rate),
     }
+}
+
+/// Item 3 (the sustained storm, all watchers) or item 7 (the agent alone,
+/// pinned to CPU 0 while the load runs on CPU 1).
+fn run_storm(ctx: &Ctx, node: &BenchNode, pinned: bool) -> Result<Vec<BenchResult>> {
+    let plan = if pinned {
+        if storm::num_cpus() < 2 {
+            return Ok(vec![BenchResult::not_run(
+                "pinned_flowaudit",
+                "DaemonSet (agent on one core): share flowaudit reported",
+                "%",
+                format!(
+                    "not run: needs 2 CPUs (one for the agent, one for the load), this machine has {}",
+                    storm::num_cpus()
+                ),
+            )]);
+        }
+        storm::StormPlan {
+            id: "pinned",
+            title: "DaemonSet (agent on one core)",
+            secs: ctx.pinned_secs,
+            rate: 0,
+            threads: ctx.storm_threads,
+            watchers: vec![Watcher::Flowaudit],
+            pin: Some((0, 1)),
+            first_index: ctx.storm_index.get(),
+        }
+    } else {
+        storm::StormPlan {
+            id: "storm",
+            title: "Storm",
+            secs: ctx.storm_secs,
+            rate: ctx.storm_rate,
+            threads: ctx.storm_threads,
+            watchers: ctx.storm_watchers.clone(),
+            pin: None,
+            first_index: ctx.storm_index.get(),
+        }
+    };
+    let (results, next) = storm::storm(ctx, node, &plan)?;
+    ctx.storm_index.set(next);
+    Ok(results)
 }
 
 fn repo_root() -> PathBuf {
@@ -298,7 +363,13 @@ fn repo_root() -> PathBuf {
 fn run(args: RunArgs) -> Result<()> {
     env::install_signal_handlers();
     let items: Vec<Item> = if args.only.is_empty() {
-        vec![Item::ConnRate, Item::Throughput, Item::Storm, Item::Delay]
+        vec![
+            Item::ConnRate,
+            Item::Throughput,
+            Item::Storm,
+            Item::Pinned,
+            Item::Delay,
+        ]
     } else {
         args.only.clone()
     };
@@ -356,7 +427,9 @@ fn run(args: RunArgs) -> Result<()> {
             },
             delay_count: args.delay_count.max(1),
             delay_rate: args.delay_rate,
+            pinned_secs: args.pinned_secs,
             bare_rate: std::cell::Cell::new(None),
+            storm_index: std::cell::Cell::new(0),
         };
         eprintln!(
             "bench: node {} with pods {} ({}) and {} ({}); agent {}",
@@ -372,8 +445,9 @@ fn run(args: RunArgs) -> Result<()> {
             env::check_interrupted()?;
             let results: Vec<BenchResult> = match item {
                 Item::ConnRate => vec![overhead::connection_rate(&ctx, &node, &mut conn_index)?],
-                Item::Throughput => vec![overhead::bulk_throughput(&ctx, &node)?],
-                Item::Storm => storm::storm(&ctx, &node)?,
+                Item::Throughput => overhead::bulk_throughput(&ctx, &node)?,
+                Item::Storm => run_storm(&ctx, &node, false)?,
+                Item::Pinned => run_storm(&ctx, &node, true)?,
                 Item::Delay => delay::event_delay(&ctx, &node)?,
             };
             for r in results {

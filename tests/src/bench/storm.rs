@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::env::{self, BenchAgent, BenchNode, HostProcess, STORM_PORTS, Tracefs};
 use crate::report::BenchResult;
 use crate::traffic::StormSummary;
-use crate::{Ctx, Watcher, storm_client_args};
+use crate::{Ctx, Watcher, pinned_client_args, storm_client_args};
 
 /// The connections the generator completed, by (client port, server port).
 struct Expected {
@@ -371,10 +371,32 @@ fn lost_in(stderr: &Path) -> u64 {
         .sum()
 }
 
-pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
-    let dir = ctx.dir.join("storm");
+/// One storm: how long, how fast, who watches, and whether the agent is
+/// pinned to one core with the load on another (the DaemonSet case).
+pub struct StormPlan {
+    /// Prefix of the result ids: `storm` (item 3) or `pinned` (item 7).
+    pub id: &'static str,
+    /// Prefix of the result names.
+    pub title: &'static str,
+    pub secs: f64,
+    /// Connections per second; 0 = flat out.
+    pub rate: u64,
+    pub threads: usize,
+    pub watchers: Vec<Watcher>,
+    /// (the agent's CPU, the load's CPU).
+    pub pin: Option<(usize, usize)>,
+    /// Index of the first 4-tuple (after the previous storm's).
+    pub first_index: u64,
+}
+
+/// Runs one storm and matches every watcher's records to it; the results
+/// and the next free 4-tuple index.
+pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<BenchResult>, u64)> {
+    let dir = ctx.dir.join(plan.id);
     std::fs::create_dir_all(&dir)?;
-    let want = |w: Watcher| ctx.storm_watchers.contains(&w);
+    let want = |w: Watcher| plan.watchers.contains(&w);
+    let id = |what: &str| format!("{}_{what}", plan.id);
+    let name = |what: &str| format!("{}: {what}", plan.title);
     let mut results = Vec::new();
     let load = ctx.note_other_load();
     let bare = ctx.bare_rate.get().map_or(String::new(), |r| {
@@ -406,11 +428,24 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
         )?),
         false => None,
     };
+    let mut pin_note = String::new();
+    if let Some((agent_cpu, load_cpu)) = plan.pin {
+        if let Some(a) = &agent {
+            env::pin_process(a.pid(), Some(agent_cpu)).context("pin the agent")?;
+        }
+        env::pin_process(node.server_proc.host_pid(), Some(load_cpu))
+            .context("pin the storm server")?;
+        pin_note = format!(
+            "; the agent (every thread) pinned to CPU {agent_cpu}, the generator and the server \
+             to CPU {load_cpu} (sched_setaffinity)"
+        );
+    }
     env::sleep(Duration::from_secs(1))?;
     let before = match &agent {
         Some(a) => Some((
             a.metric("flowaudit_kernel_events_lost_total")?,
             a.cpu_and_peak_rss().0,
+            a.metric("flowaudit_kernel_events_total")?,
         )),
         None => None,
     };
@@ -431,25 +466,36 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
     } else {
         running.join(", ")
     };
+    let pace = match plan.rate {
+        0 => "flat out".to_owned(),
+        r => format!("{r} connections/s"),
+    };
     eprintln!(
-        "bench: storm: {} connections/s for {:.0} s, watched by {watching}",
-        ctx.storm_rate, ctx.storm_secs
+        "bench: {}: {pace} for {:.0} s, watched by {watching}{pin_note}",
+        plan.id, plan.secs
     );
-    let args = storm_client_args(
-        node,
-        &ports,
-        ctx.storm_threads,
-        Duration::from_secs_f64(ctx.storm_secs),
-        ctx.storm_rate,
-        0,
-        Some(&completed_file),
+    let args = pinned_client_args(
+        storm_client_args(
+            node,
+            &ports,
+            plan.threads,
+            Duration::from_secs_f64(plan.secs),
+            plan.rate,
+            plan.first_index,
+            Some(&completed_file),
+        ),
+        plan.pin.map(|p| p.1),
     );
-    let out = node.run_in_client(&args)?;
+    let out = node.run_in_client(&args);
+    if plan.pin.is_some() {
+        let _ = env::pin_process(node.server_proc.host_pid(), None);
+    }
+    let out = out?;
     let sum: StormSummary =
         serde_json::from_str(out.trim()).with_context(|| format!("storm summary: {out:?}"))?;
     eprintln!(
-        "bench: storm: {} connections completed in {:.2} s ({:.0}/s), {} failed; waiting for the watchers to finish",
-        sum.completed, sum.elapsed_s, sum.per_sec, sum.errors
+        "bench: {}: {} connections completed in {:.2} s ({:.0}/s), {} failed; waiting for the watchers to finish",
+        plan.id, sum.completed, sum.elapsed_s, sum.per_sec, sum.errors
     );
 
     // Every watcher drains: the export file, tcplife's and conntrack's output.
@@ -466,12 +512,18 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
     let watch_refs: Vec<&Path> = watch.iter().map(PathBuf::as_path).collect();
     wait_quiet(&watch_refs, Duration::from_secs(2), Duration::from_secs(60))?;
     let agent_figures = match (agent, before) {
-        (Some(a), Some((lost_before, cpu_before))) => {
+        (Some(a), Some((lost_before, cpu_before, records_before))) => {
             let lost = a.metric("flowaudit_kernel_events_lost_total")? - lost_before;
+            let records = a.metric("flowaudit_kernel_events_total")? - records_before;
             let (cpu_after, peak_rss) = a.cpu_and_peak_rss();
             let stopped = a.stop()?;
             let lost_at_stop = stopped["kernel_events_lost"].as_f64().unwrap_or(0.0);
-            Some((lost.max(lost_at_stop), cpu_after - cpu_before, peak_rss))
+            Some((
+                lost.max(lost_at_stop),
+                cpu_after - cpu_before,
+                peak_rss,
+                records,
+            ))
         }
         _ => None,
     };
@@ -491,54 +543,73 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
         }
     }
     drop(tracefs);
+    if conntrack.is_some() {
+        // Connection tracking in the server pod costs every later run.
+        let mut c = Command::new("nft");
+        c.args(["delete", "table", "inet", "fabench"]);
+        let _ = node.server.output(c);
+    }
 
     let exp = Expected::load(&completed_file, node.client.ip4(), node.server.ip4())?;
     let n = exp.len();
     if n == 0 {
         bail!("the storm completed no connection: {:?}", sum.first_error);
     }
-    let rate_target = ctx.storm_rate as f64;
+    let rate_target = plan.rate as f64;
+    let (rate_text, rate_met) = match plan.rate {
+        0 => (
+            format!("flat out for {:.0} s (sustained)", plan.secs),
+            sum.elapsed_s >= plan.secs * 0.99,
+        ),
+        _ => (
+            format!("at least {rate_target:.0}/s for {:.0} s", plan.secs),
+            sum.per_sec >= rate_target * 0.99 && sum.elapsed_s >= plan.secs * 0.99,
+        ),
+    };
     results.push(
         BenchResult::new(
-            "storm_rate",
-            "Storm: connections per second achieved",
+            &id("rate"),
+            &name("connections per second achieved"),
             sum.per_sec,
             "conn/s",
         )
-        .target(
-            &format!("at least {rate_target:.0}/s for {:.0} s", ctx.storm_secs),
-            sum.per_sec >= rate_target * 0.99 && sum.elapsed_s >= ctx.storm_secs * 0.99,
-        )
+        .target(&rate_text, rate_met)
         .detail(format!(
-            "{} connections completed in {:.2} s ({} failed) by {} client threads paced at {}/s \
-                 (flat out when behind), {} server ports, unique 4-tuples; watched by {watching}, \
-                 all on these {} cores{bare}; {load}",
+            "{} connections completed in {:.2} s ({} failed) by {} client threads, {pace} \
+                 (paced runs go flat out when behind), {} server ports, unique 4-tuples; watched by \
+                 {watching}, all on these {} cores{pin_note}{bare}; {load}",
             sum.completed,
             sum.elapsed_s,
             sum.errors,
-            ctx.storm_threads,
-            ctx.storm_rate,
+            plan.threads,
             ports.len(),
             num_cpus()
         )),
     );
 
-    if let Some((fa_lost, cpu, peak_rss)) = agent_figures {
+    if let Some((fa_lost, cpu, peak_rss, records)) = agent_figures {
         let fa = count_flowaudit(&export, &exp)?;
         let all4 = fa.iter().filter(|s| **s == ALL_FOUR).count();
         let any = fa.iter().filter(|s| **s != 0).count();
         let count_bit = |b: u8| fa.iter().filter(|s| **s & b != 0).count();
         let export_mib = file_len(&export) as f64 / (1 << 20) as f64;
+        let (share_text, share_met) = match plan.pin {
+            None => (
+                "100% (all four events of every connection), 0 lost",
+                all4 == n && fa_lost == 0.0,
+            ),
+            Some(_) => ("at least 99% (all four events)", pct(all4, n) >= 99.0),
+        };
+        let figures = format!(
+            "flowaudit_kernel_events_lost_total +{fa_lost:.0}, flowaudit_kernel_events_total \
+             +{records:.0} over the run; agent CPU {cpu:.2} s, peak RSS {peak_rss:.0} MiB{pin_note}"
+        );
         results.push(
-            BenchResult::new("storm_flowaudit", "Storm: share flowaudit reported", pct(all4, n), "%")
-                .target(
-                    "100% (all four events of every connection), 0 lost",
-                    all4 == n && fa_lost == 0.0,
-                )
+            BenchResult::new(&id("flowaudit"), &name("share flowaudit reported"), pct(all4, n), "%")
+                .target(share_text, share_met)
                 .detail(format!(
                     "{all4} of {n} connections with CONNECT and CLOSE from both sockets ({any} with at least one); \
-                     CONNECT egress {} ingress {}, CLOSE egress {} ingress {}; \
-                     flowaudit_kernel_events_lost_total +{fa_lost:.0}; agent CPU {cpu:.1} s, peak RSS {peak_rss:.0} MiB; \
+                     CONNECT egress {} ingress {}, CLOSE egress {} ingress {}; {figures}; \
                      counted from its export file ({export_mib:.0} MiB)",
                     count_bit(CONNECT_EGRESS),
                     count_bit(CONNECT_INGRESS),
@@ -546,6 +617,44 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
                     count_bit(CLOSE_INGRESS),
                 )),
         );
+        results.push(
+            BenchResult::new(
+                &id("lost"),
+                &name("kernel events the agent lost"),
+                fa_lost,
+                "events",
+            )
+            .target("0", fa_lost == 0.0)
+            .detail(format!(
+                "delta of flowaudit_kernel_events_lost_total from before the run to after its \
+                     records drained (or the agent's count at stop, if larger); {figures}"
+            )),
+        );
+        let cpu_id = id("agent_cpu_per_conn");
+        let cpu_name = name("agent CPU per connection");
+        results.push(if any == 0 || !cpu.is_finite() {
+            BenchResult::not_run(&cpu_id, &cpu_name, "µs", "not run: the agent reported no connection")
+        } else {
+            let us = cpu * 1e6 / any as f64;
+            BenchResult::new(&cpu_id, &cpu_name, us, "µs")
+                .target("at most 3 µs", us <= 3.0)
+                .detail(format!(
+                    "{cpu:.2} s of agent CPU (utime+stime of its process, /proc/PID/stat) from before the \
+                     run until its records drained, over the {any} connections it reported (two sockets, \
+                     four flow events each, export file on); {figures}"
+                ))
+        });
+        if plan.pin.is_none() {
+            results.push(
+                BenchResult::new(&id("peak_rss"), &name("agent peak RSS"), peak_rss, "MiB")
+                    .target("at most 128 MiB (default ring)", peak_rss <= 128.0)
+                    .detail(format!(
+                        "VmHWM of the agent process after the run (from its start); ring buffer as \
+                         configured ({}); {figures}",
+                        ring_note(&ctx.agent.extra)
+                    )),
+            );
+        }
         // The export file can be large; nothing else needs it.
         let _ = std::fs::remove_file(&export);
     }
@@ -557,7 +666,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
             let any = t.iter().filter(|s| **s != 0).count();
             let both = t.iter().filter(|s| **s == 3).count();
             results.push(
-                BenchResult::new("storm_tcplife", "Storm: share tcplife reported", pct(any, n), "%").detail(
+                BenchResult::new(&id("tcplife"), &name("share tcplife reported"), pct(any, n), "%").detail(
                     format!(
                         "{any} of {n} connections reported (both sockets: {both}); it said it lost {} events; \
                          libbpf-tools tcplife -4 on the host (tracepoint sock/inet_sock_set_state, perf buffer), \
@@ -568,8 +677,8 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
             );
         }
         Some(Err(why)) => results.push(BenchResult::not_run(
-            "storm_tcplife",
-            "Storm: share tcplife reported",
+            &id("tcplife"),
+            &name("share tcplife reported"),
             "%",
             format!("could not run: {why}"),
         )),
@@ -582,7 +691,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
             let errtext = std::fs::read_to_string(err).unwrap_or_default();
             let enobufs = errtext.matches("ENOBUFS").count();
             results.push(
-                BenchResult::new("storm_conntrack", "Storm: share conntrack -E reported", pct(got, n), "%")
+                BenchResult::new(&id("conntrack"), &name("share conntrack -E reported"), pct(got, n), "%")
                     .detail(format!(
                         "{got} of {n} connections had a NEW event; conntrack -E -e NEW -b 64MiB in the server pod \
                          (nftables ct state rule there); ENOBUFS warnings: {enobufs}; its own count: {}",
@@ -596,13 +705,31 @@ pub fn storm(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> {
             );
         }
         Some(Err(why)) => results.push(BenchResult::not_run(
-            "storm_conntrack",
-            "Storm: share conntrack -E reported",
+            &id("conntrack"),
+            &name("share conntrack -E reported"),
             "%",
             format!("could not run: {why}"),
         )),
     }
-    Ok(results)
+    Ok((results, sum.next_index))
+}
+
+/// The ring size the agent ran with: `--ring-buffer-mib` among the extra
+/// agent arguments, else its default.
+fn ring_note(extra: &[String]) -> String {
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        if let Some(v) = a.strip_prefix("--ring-buffer-mib=") {
+            return format!("--ring-buffer-mib {v}");
+        }
+        if a == "--ring-buffer-mib" {
+            return format!(
+                "--ring-buffer-mib {}",
+                it.next().map_or("?", String::as_str)
+            );
+        }
+    }
+    "the default, 32 MiB".to_owned()
 }
 
 pub fn num_cpus() -> usize {

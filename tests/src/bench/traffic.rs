@@ -124,6 +124,8 @@ pub struct StormOpts {
     pub first_index: u64,
     /// Write each completed connection's "client_port server_port" here.
     pub completed_file: Option<std::path::PathBuf>,
+    /// Run every thread on this CPU only.
+    pub pin_cpu: Option<usize>,
 }
 
 /// `storm-client`'s summary line.
@@ -151,6 +153,10 @@ pub fn tuple(opts: &StormOpts, i: u64) -> (u16, u16) {
 pub fn storm_client(opts: StormOpts) -> Result<()> {
     if opts.server_ports.is_empty() || opts.threads == 0 {
         bail!("storm-client needs at least one server port and one thread");
+    }
+    if let Some(cpu) = opts.pin_cpu {
+        // Before the threads start: they inherit it.
+        crate::env::pin_process(std::process::id(), Some(cpu))?;
     }
     let opts = Arc::new(opts);
     let start = Instant::now();
@@ -355,6 +361,7 @@ mod tests {
             rate: 0,
             first_index: 0,
             completed_file: None,
+            pin_cpu: None,
         };
         let all: std::collections::HashSet<_> = (0..300).map(|i| tuple(&opts, i)).collect();
         assert_eq!(all.len(), 300);
