@@ -30,8 +30,15 @@ use flowaudit_common::{
 };
 use tokio::sync::watch;
 
-/// Allocations per kernel record allowed in the steady state.
-const BUDGET: f64 = 41.0;
+/// Allocations per kernel record allowed in the steady state: measured
+/// 27.58 (from 40.52). Issue 15 aims at 2. What remains per flow event:
+/// the owned Strings of `FlowEvent` (time, node name, protocol, pod
+/// metadata and a cloned label map per end, SPIFFE IDs, process name,
+/// summary, policy rule, finding messages), the encryption answer copied
+/// out per emit, and the `Arc` around the event. Sharing pod metadata and
+/// an integer time change fields the hub and file sinks read, so they land
+/// with those sinks' rewrite.
+const BUDGET: f64 = 28.0;
 
 struct Counting;
 
