@@ -147,7 +147,11 @@ impl Pipeline {
         self.flush();
     }
 
-    fn record(&mut self, rec: KernelRecord, clock: &Clock) {
+    /// Takes one kernel record (as `run` does for each record it receives):
+    /// a flow event is built, enriched and judged, and goes out to the sinks
+    /// or is parked; a payload chunk feeds the encryption tracker. Public so
+    /// tests and benches drive the real pipeline without a channel.
+    pub fn record(&mut self, rec: KernelRecord, clock: &Clock) {
         match rec {
             KernelRecord::Flow(ev) => self.handle(&ev, clock),
             KernelRecord::Payload(p) => {
@@ -209,8 +213,8 @@ impl Pipeline {
     }
 
     /// Sends out parked flows whose identity arrived or whose wait is over.
-    /// `all`: at shutdown, everything goes.
-    fn release(&mut self, all: bool) {
+    /// `all`: at shutdown, everything goes. `run` calls it after each burst.
+    pub fn release(&mut self, all: bool) {
         if self.parked.is_empty() {
             return;
         }
@@ -319,7 +323,8 @@ impl Pipeline {
         }
     }
 
-    fn flush(&mut self) {
+    /// Lets every sink push what it buffered; `run` calls it once per burst.
+    pub fn flush(&mut self) {
         for sink in &mut self.sinks {
             sink.flush();
         }

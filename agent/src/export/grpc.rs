@@ -651,7 +651,7 @@ pub mod convert {
             kind: end_kind_to(e.kind) as i32,
             spiffe_id: e.spiffe_id.clone(),
             identity_source: identity_source_to(e.identity_source) as i32,
-            identity_detail: e.identity_detail.clone(),
+            identity_detail: e.identity_detail.to_string(),
             namespace: e.namespace.clone(),
             pod_name: e.pod_name.clone(),
             service_account: e.service_account.clone(),
@@ -670,7 +670,7 @@ pub mod convert {
         Endpoint {
             kind: end_kind_from(e.kind),
             identity_source: identity_source_from(e.identity_source),
-            identity_detail: e.identity_detail,
+            identity_detail: e.identity_detail.into(),
             spiffe_id: e.spiffe_id,
             namespace: e.namespace,
             pod_name: e.pod_name,

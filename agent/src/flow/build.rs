@@ -51,7 +51,8 @@ impl FlowEvent {
             EventKind::Close => ev.ts_ns.saturating_sub(ev.established_ns),
             EventKind::Failed => ev.ts_ns.saturating_sub(ev.start_ns),
         };
-        let mut flow = FlowEvent {
+        // The summary is written once, when the flow is judged (pipeline `emit`).
+        FlowEvent {
             time: rfc3339_nanos(clock.wall(ev.ts_ns)),
             node_name: node_name.to_owned(),
             event,
@@ -83,9 +84,7 @@ impl FlowEvent {
                 retransmits: ev.retransmits,
             },
             mutual_auth: None,
-        };
-        flow.summary = flow.make_summary();
-        flow
+        }
     }
 }
 
@@ -159,7 +158,8 @@ mod tests {
         assert_eq!(v["l4"]["protocol"], "TCP");
         assert_eq!(v["source"]["identity_source"], "UNKNOWN");
         assert_eq!(v["encryption"]["state"], "UNKNOWN");
-        assert!(f.summary.contains("failed: refused"), "{}", f.summary);
+        let summary = f.make_summary();
+        assert!(summary.contains("failed: refused"), "{summary}");
         let back: FlowEvent = serde_json::from_value(v).unwrap();
         assert_eq!(back, f);
     }

@@ -6,7 +6,9 @@
 mod build;
 pub mod encryption;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 pub use flowaudit_policy::Finding;
@@ -135,8 +137,9 @@ pub struct Endpoint {
     pub identity_source: IdentitySource,
     /// Why the end is not ATTESTED (how the ID was reached instead, or why
     /// it could not be); empty for ATTESTED ends.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub identity_detail: String,
+    /// Mostly one of a few fixed sentences: borrowed, not copied per flow.
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub identity_detail: Cow<'static, str>,
     pub namespace: String,
     pub pod_name: String,
     pub service_account: String,
@@ -156,7 +159,7 @@ impl Endpoint {
             kind: EndKind::Unknown,
             spiffe_id: String::new(),
             identity_source: IdentitySource::Unknown,
-            identity_detail: String::new(),
+            identity_detail: Cow::Borrowed(""),
             namespace: String::new(),
             pod_name: String::new(),
             service_account: String::new(),
@@ -349,47 +352,48 @@ impl FlowEvent {
 
     /// Short name of an end for summaries: pod, else address.
     pub fn end_name(&self, ep: &Endpoint, ip: IpAddr) -> String {
-        if !ep.service_account.is_empty() {
-            // The workload's name reads better than the pod's hashed one: "frontend", not "frontend-7d9f".
-            ep.service_account.clone()
-        } else if !ep.pod_name.is_empty() {
-            ep.pod_name.clone()
-        } else if ep.kind == EndKind::World {
-            format!("world ({ip})")
-        } else if ep.kind == EndKind::Host {
-            format!("host ({ip})")
-        } else if let Some(p) = &ep.process {
-            format!("{ip} ({p})")
-        } else {
-            ip.to_string()
-        }
+        let mut s = String::new();
+        write_end_name(&mut s, ep, ip);
+        s
     }
 
     /// One-line description, e.g. "frontend -> postgresql:5432 plaintext: no rule allows this flow".
+    /// Written into one buffer: the pipeline calls it for every flow.
     pub fn make_summary(&self) -> String {
-        let src = self.end_name(&self.source, self.l4.source_ip);
-        let dst = self.end_name(&self.destination, self.l4.destination_ip);
-        let mut s = format!("{src} -> {dst}:{}", self.l4.destination_port);
+        let mut s = String::with_capacity(
+            96 + self.findings.first().map_or(0, |f| f.message.len())
+                + self.source.service_account.len()
+                + self.destination.service_account.len(),
+        );
+        write_end_name(&mut s, &self.source, self.l4.source_ip);
+        s.push_str(" -> ");
+        write_end_name(&mut s, &self.destination, self.l4.destination_ip);
+        // Writing into a String cannot fail.
+        let _ = write!(s, ":{}", self.l4.destination_port);
         match self.event {
             EventKind::Connect => s.push_str(" connected"),
-            EventKind::Close => s.push_str(&format!(
-                " closed after {} ms, {} B sent, {} B received",
-                self.duration_ms, self.bytes_sent, self.bytes_received
-            )),
+            EventKind::Close => {
+                let _ = write!(
+                    s,
+                    " closed after {} ms, {} B sent, {} B received",
+                    self.duration_ms, self.bytes_sent, self.bytes_received
+                );
+            }
             EventKind::Failed => {
                 let reason = self
                     .socket
                     .failure_reason
                     .map_or("FAILED", FailureReason::as_str);
-                s.push_str(&format!(
-                    " failed: {}",
-                    reason.to_lowercase().replace('_', " ")
-                ));
+                s.push_str(" failed: ");
+                s.extend(reason.chars().map(|c| {
+                    if c == '_' {
+                        ' '
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                }));
                 if self.socket.retransmits > 0 {
-                    s.push_str(&format!(
-                        " after {} SYN retransmissions",
-                        self.socket.retransmits
-                    ));
+                    let _ = write!(s, " after {} SYN retransmissions", self.socket.retransmits);
                 }
             }
         }
@@ -398,6 +402,26 @@ impl FlowEvent {
             s.push_str(&f.message);
         }
         s
+    }
+}
+
+/// Appends the short name of an end: its workload (service account), pod,
+/// else what its address is.
+fn write_end_name(s: &mut String, ep: &Endpoint, ip: IpAddr) {
+    // Writing into a String cannot fail.
+    if !ep.service_account.is_empty() {
+        // The workload's name reads better than the pod's hashed one: "frontend", not "frontend-7d9f".
+        s.push_str(&ep.service_account);
+    } else if !ep.pod_name.is_empty() {
+        s.push_str(&ep.pod_name);
+    } else if ep.kind == EndKind::World {
+        let _ = write!(s, "world ({ip})");
+    } else if ep.kind == EndKind::Host {
+        let _ = write!(s, "host ({ip})");
+    } else if let Some(p) = &ep.process {
+        let _ = write!(s, "{ip} ({p})");
+    } else {
+        let _ = write!(s, "{ip}");
     }
 }
 

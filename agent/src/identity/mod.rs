@@ -23,6 +23,7 @@
 pub mod cgroup;
 pub mod spire;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -124,6 +125,8 @@ pub struct Enricher {
     /// first attested ID's trust domain.
     pub trust_domain: Option<String>,
     learned_trust_domain: Option<String>,
+    /// `trust_domain` or `learned_trust_domain`, as handed out per flow.
+    shared_trust_domain: Option<Arc<str>>,
     /// This node: peers the directory places here are waited for (their
     /// socket's record) and attested; pods elsewhere are DERIVED.
     pub node_name: String,
@@ -146,6 +149,7 @@ impl Enricher {
             spire,
             trust_domain,
             learned_trust_domain: None,
+            shared_trust_domain: None,
             node_name: String::new(),
             wait_ms: 0,
             on_lookup: None,
@@ -159,18 +163,20 @@ impl Enricher {
         }
     }
 
-    fn trust_domain(&mut self) -> Option<String> {
-        if let Some(td) = self
-            .trust_domain
-            .as_ref()
-            .or(self.learned_trust_domain.as_ref())
-        {
-            return Some(td.clone());
+    /// The trust domain for DERIVED IDs, shared (asked for every flow).
+    fn trust_domain(&mut self) -> Option<Arc<str>> {
+        if self.trust_domain.is_none() && self.learned_trust_domain.is_none() {
+            // The SPIRE agent's own bundle names it as soon as it is connected.
+            self.learned_trust_domain = self.spire.as_ref().and_then(SpireClient::trust_domain);
         }
-        // The SPIRE agent's own bundle names it as soon as it is connected.
-        let td = self.spire.as_ref().and_then(SpireClient::trust_domain)?;
-        self.learned_trust_domain = Some(td.clone());
-        Some(td)
+        let td = self
+            .trust_domain
+            .as_deref()
+            .or(self.learned_trust_domain.as_deref())?;
+        if self.shared_trust_domain.as_deref() != Some(td) {
+            self.shared_trust_domain = Some(Arc::from(td));
+        }
+        self.shared_trust_domain.clone()
     }
 
     /// Fills kinds, pod metadata and SPIFFE IDs of both ends.
@@ -246,15 +252,18 @@ impl Enricher {
                 };
                 let detail = match &remote_peer {
                     Some(Peer::Pod(p)) if !p.node.is_empty() && !on_this_node => {
-                        format!("pod on node {}: derived from its address through the endpoint directory", p.node)
+                        Cow::Owned(format!(
+                            "pod on node {}: derived from its address through the endpoint directory",
+                            p.node
+                        ))
                     }
-                    _ if failed => {
-                        "the connection never established, so no peer socket to attest: derived from its address through the endpoint directory".to_owned()
-                    }
-                    _ => "derived from its address through the endpoint directory".to_owned(),
+                    _ if failed => Cow::Borrowed(
+                        "the connection never established, so no peer socket to attest: derived from its address through the endpoint directory",
+                    ),
+                    _ => Cow::Borrowed("derived from its address through the endpoint directory"),
                 };
                 // Provisional; replaced when the peer is attested.
-                derive(remote, td.as_deref(), &detail);
+                derive(remote, td.as_deref(), detail);
                 if let Some(f) = self.sockets.get(&reverse) {
                     self.peer_query(flow, f)
                 } else if on_this_node && answering && !failed {
@@ -351,7 +360,7 @@ impl Enricher {
                     self.wait_ms
                 );
                 let td = self.trust_domain();
-                derive(remote_end_mut(flow), td.as_deref(), &detail);
+                derive(remote_end_mut(flow), td.as_deref(), detail);
                 p.peer = PeerWait::Done;
                 timed_out = true;
             }
@@ -380,7 +389,7 @@ impl Enricher {
                     if ep.kind == EndKind::Pod && ep.identity_source == IdentitySource::Unknown {
                         derive(
                             ep,
-                            Some(&td),
+                            Some(&*td),
                             "derived from its pod's metadata (the trust domain became known while the flow waited)",
                         );
                     }
@@ -411,7 +420,7 @@ impl Enricher {
             Lookup::Pending => derive(
                 ep,
                 td.as_deref(),
-                &format!(
+                format!(
                     "SPIRE did not answer within {} ms: derived from its pod's metadata",
                     self.wait_ms
                 ),
@@ -464,10 +473,15 @@ fn trust_domain_of(id: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn set_id(ep: &mut Endpoint, id: String, source: IdentitySource, detail: &str) {
+fn set_id(
+    ep: &mut Endpoint,
+    id: String,
+    source: IdentitySource,
+    detail: impl Into<Cow<'static, str>>,
+) {
     ep.spiffe_id = id;
     ep.identity_source = source;
-    detail.clone_into(&mut ep.identity_detail);
+    ep.identity_detail = detail.into();
 }
 
 fn apply_pod(ep: &mut Endpoint, p: &PodInfo) {
@@ -488,7 +502,7 @@ fn apply_peer(ep: &mut Endpoint, peer: &Peer) {
 
 /// `spiffe://<td>/ns/<ns>/sa/<sa>` from pod metadata, said as DERIVED with
 /// `detail`; UNKNOWN for what is not a pod the directory knows.
-fn derive(ep: &mut Endpoint, td: Option<&str>, detail: &str) {
+fn derive(ep: &mut Endpoint, td: Option<&str>, detail: impl Into<Cow<'static, str>>) {
     match (ep.kind, td) {
         (EndKind::Pod, Some(td)) if !ep.namespace.is_empty() && !ep.service_account.is_empty() => {
             let id = flowaudit_policy::spiffe::derive_id(td, &ep.namespace, &ep.service_account);

@@ -1,0 +1,259 @@
+//! The hot path does not allocate per kernel record (issue 15): a counting
+//! global allocator measures heap allocations per record while the real
+//! pipeline (decode, flow build, identity join against an endpoint
+//! directory, encryption tracking, policy, and the metrics and stream hub
+//! sinks that run on the pipeline task) handles connections whose
+//! identities are cached. A count, never a timing: deterministic on any
+//! machine. The export file sink is not in it (it is being moved off the
+//! pipeline task). Run with `--nocapture` to see the figure.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use flowaudit::capture::record::KernelRecord;
+use flowaudit::capture::{CaptureStats, Clock};
+use flowaudit::endpoints::EndpointDirectory;
+use flowaudit::export::Sink;
+use flowaudit::export::hub::{Hub, HubSink};
+use flowaudit::export::metrics::MetricsSink;
+use flowaudit::identity::Enricher;
+use flowaudit::identity::cgroup::CgroupResolver;
+use flowaudit::judge::{Judge, load_initial};
+use flowaudit::pipeline::{Pipeline, PipelineStats};
+use flowaudit::state::AgentState;
+use flowaudit_common::{
+    AF_INET, DIR_OUT, FlowRecord, Owner, PayloadHeader, RecordKind, SocketSide,
+};
+use tokio::sync::watch;
+
+/// Allocations per kernel record allowed in the steady state: measured
+/// 27.58 (from 40.52). Issue 15 aims at 2. What remains per flow event:
+/// the owned Strings of `FlowEvent` (time, node name, protocol, pod
+/// metadata and a cloned label map per end, SPIFFE IDs, process name,
+/// summary, policy rule, finding messages), the encryption answer copied
+/// out per emit, and the `Arc` around the event. Sharing pod metadata and
+/// an integer time change fields the hub and file sinks read, so they land
+/// with those sinks' rewrite.
+const BUDGET: f64 = 28.0;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Only the measuring thread's allocations count (the test harness's
+    /// own threads allocate meanwhile).
+    static MEASURING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn count() {
+    // `try_with`: the thread-local may be gone while a thread exits.
+    if MEASURING.try_with(Cell::get).unwrap_or(false) {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to `System`, which upholds the
+// `GlobalAlloc` contract; counting touches no heap memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller's layout contract is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // A growing buffer allocates again: it counts.
+        count();
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const PODS: u32 = 50;
+
+fn directory() -> EndpointDirectory {
+    let mut y = String::from("nodes:\n  - {name: n1, ips: [10.244.0.1]}\nendpoints:\n");
+    let apps = ["frontend", "backend", "postgresql", "openbao"];
+    for i in 0..PODS {
+        let app = apps[i as usize % apps.len()];
+        y.push_str(&format!(
+            "  - {{ips: [10.244.1.{}], namespace: 99-apps, pod: {app}-{i}, serviceAccount: {app}, labels: {{app: {app}}}}}\n",
+            i + 2
+        ));
+    }
+    EndpointDirectory::parse(Path::new("alloc.yaml"), &y).expect("test directory")
+}
+
+fn bytes_of<T>(v: &T) -> Vec<u8> {
+    // SAFETY: plain-old-data `#[repr(C)]` records, read as bytes.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}
+
+/// Raw ring-buffer items of connection `i` between two directory pods:
+/// CONNECT, the first payload (plaintext HTTP), CLOSE.
+fn connection(i: u32) -> Vec<Vec<u8>> {
+    let mut comm = [0u8; 16];
+    comm[..4].copy_from_slice(b"curl");
+    let client = 2 + i % PODS;
+    let server = 2 + (i / PODS + 1 + i) % PODS;
+    let mut local_addr = [0u8; 16];
+    local_addr[..4].copy_from_slice(&[10, 244, 1, client as u8]);
+    let mut remote_addr = [0u8; 16];
+    remote_addr[..4].copy_from_slice(&[10, 244, 1, server as u8]);
+    let mut r = FlowRecord {
+        kind: RecordKind::Connect as u8,
+        side: SocketSide::Active as u8,
+        family: AF_INET as u8,
+        owner_known: 1,
+        old_state: 1,
+        seq_flags: 0,
+        capture: 0,
+        _pad: 0,
+        local_port: 10_000 + (i % 50_000) as u16,
+        remote_port: [8000, 5432, 8200, 3000][i as usize % 4],
+        error: 0,
+        local_addr,
+        remote_addr,
+        netns_cookie: 7,
+        sock_cookie: 1_000_000 + u64::from(i),
+        owner: Owner {
+            tgid: 1234,
+            _pad: 0,
+            start_boottime_ns: 5,
+            cgroup_id: 42,
+            comm,
+        },
+        ts_ns: 3_000_000,
+        start_ns: 1_000_000,
+        established_ns: 1_500_000,
+        bytes_sent: 10,
+        bytes_received: 20,
+        retransmits: 0,
+        _pad2: 0,
+    };
+    let mut items = vec![bytes_of(&r)];
+    let hdr = PayloadHeader {
+        kind: RecordKind::Payload as u8,
+        dir: DIR_OUT,
+        len: 64,
+        sock_cookie: r.sock_cookie,
+        ..Default::default()
+    };
+    let mut p = bytes_of(&hdr);
+    let mut req =
+        b"GET /api/orders HTTP/1.1\r\nHost: backend\r\nUser-Agent: alloc\r\n\r\n".to_vec();
+    req.resize(64, b' ');
+    p.extend_from_slice(&req);
+    items.push(p);
+    r.kind = RecordKind::Close as u8;
+    r.ts_ns = 9_000_000;
+    items.push(bytes_of(&r));
+    items
+}
+
+/// Feeds connections `range` in bursts of 1,024 records, as the ring reader
+/// hands them over; returns how many records went in.
+fn feed(p: &mut Pipeline, clock: &Clock, items: &[Vec<u8>]) -> usize {
+    for chunk in items.chunks(1024) {
+        for raw in chunk {
+            let rec = KernelRecord::from_bytes(raw).expect("synthetic record");
+            p.record(rec, clock);
+        }
+        p.release(false);
+        p.flush();
+    }
+    items.len()
+}
+
+#[test]
+fn steady_state_allocations_per_record_stay_within_budget() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let state = Arc::new(AgentState::new(
+        "n1".into(),
+        Arc::new(CaptureStats::default()),
+        Arc::new(PipelineStats::default()),
+    ));
+    let metrics = state.metrics.clone();
+    // The stream hub buffers recent flows for new subscribers; none is
+    // connected (a subscriber filters on its own task).
+    let hub = Arc::new(Hub::new(8192, 1 << 16, 16, metrics.clone()));
+    let policy = load_initial(&[Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples/precinct-99-flowpolicy.yaml")])
+    .expect("example policy");
+    let judge = Judge::without_cilium(Some(watch::channel(Arc::new(policy.policy)).1));
+    // SPIRE off: identities come from the endpoint directory (DERIVED).
+    let enricher = Enricher::new(
+        Some(watch::channel(Arc::new(directory())).1),
+        CgroupResolver::new("/nonexistent".into()),
+        None,
+        Some("demo.local".into()),
+    );
+    let stats = Arc::new(PipelineStats::default());
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(MetricsSink::new(metrics)),
+        Box::new(HubSink::new(hub.clone(), state.clone())),
+    ];
+    let mut p = Pipeline::new(
+        "n1".into(),
+        Some(enricher),
+        judge,
+        sinks,
+        stats.clone(),
+        Duration::from_millis(500),
+        Duration::from_millis(250),
+    );
+    let clock = Clock::now();
+
+    // Warm up: caches, the metrics' label sets, the hub's ring (filled
+    // past its capacity, so it recycles), the pipeline's buffers.
+    let warm: Vec<Vec<u8>> = (0..4_000).flat_map(connection).collect();
+    feed(&mut p, &clock, &warm);
+    let connections = 7_000u32;
+    let items: Vec<Vec<u8>> = (4_000..4_000 + connections).flat_map(connection).collect();
+    let flows0 = stats.flows.load(Ordering::Relaxed);
+
+    ALLOCATIONS.store(0, Ordering::Relaxed);
+    MEASURING.with(|m| m.set(true));
+    let records = feed(&mut p, &clock, &items);
+    MEASURING.with(|m| m.set(false));
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
+
+    let flows = stats.flows.load(Ordering::Relaxed) - flows0;
+    assert_eq!(
+        flows,
+        u64::from(connections) * 2,
+        "expected every CONNECT and CLOSE of the measured connections to go out, {flows} did"
+    );
+    let per_record = allocations as f64 / records as f64;
+    println!(
+        "alloc_per_record: {allocations} heap allocations for {records} kernel records ({flows} flow events): {per_record:.2} per record (budget {BUDGET})"
+    );
+    assert!(
+        per_record <= BUDGET,
+        "expected at most {BUDGET} heap allocations per kernel record in the steady state, measured {per_record:.2} ({allocations} for {records} records)"
+    );
+    drop(p);
+}
