@@ -291,7 +291,7 @@ impl Metrics {
         let stream_dropped = Counter::default();
         registry.register(
             "flowaudit_stream_dropped",
-            "Flows not delivered to a slow stream subscriber (its queue was full)",
+            "Flows not delivered to a slow stream subscriber (its queue was full, or its filter task fell behind the hub)",
             stream_dropped.clone(),
         );
         let policy_reloads = Family::default();
