@@ -169,7 +169,7 @@ fn lost_events(source: LostSource, count: u64) -> proto::LostEvents {
         LostSource::SubscriberQueue => (
             proto::LostEventsSource::SubscriberQueue,
             format!(
-                "{count} flows not delivered: this subscriber read more slowly than flows came and its queue was full"
+                "{count} flows not delivered: this subscriber read more slowly than flows came and its queue was full (or its filter fell behind the hub)"
             ),
             String::new(),
         ),

@@ -1,14 +1,17 @@
 //! The flow hub: the pipeline sink behind the gRPC stream. It keeps the last
-//! `--flow-buffer` flows in a ring (for `--last` and `--since`) and hands
-//! each new flow to every following subscriber whose filters match, through
-//! a bounded queue per subscriber.
+//! `--flow-buffer` flows (for `--last` and `--since`) and hands each new flow
+//! to a bounded broadcast ring; every following subscriber has its own task
+//! that reads the ring, applies its filters and queues what matches in a
+//! bounded queue of its own.
 //!
-//! The pipeline never waits here: a full queue loses the flow for that
-//! subscriber only, and the loss is counted (`flowaudit_stream_dropped_total`)
-//! and told to the subscriber as a `LostEvents` notice before its next
-//! flow (or as soon as it has drained its queue). Kernel losses are told to
-//! every subscriber the same way. Filters (the `observe` flags) are compiled
-//! here from `FlowFilter` messages and also serve `observe --input-file`.
+//! The pipeline never waits here and runs no filter: publishing is O(1). A
+//! subscriber whose queue is full, or whose task fell behind the ring, loses
+//! flows (for that subscriber only); the loss is counted
+//! (`flowaudit_stream_dropped_total`) and told to the subscriber as a
+//! `LostEvents` notice before its next flow (or as soon as it has drained its
+//! queue). Kernel losses are told to every subscriber the same way. Filters
+//! (the `observe` flags) are compiled here from `FlowFilter` messages and also
+//! serve `observe --input-file`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
@@ -18,7 +21,7 @@ use std::task::{Context, Poll};
 
 use flowaudit_policy::spiffe::{IdPattern, parse_pattern};
 use flowaudit_policy::{EncryptionState, FindingKind, Verdict};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 
 use super::metrics::Metrics;
@@ -58,7 +61,8 @@ pub enum Item {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LostSource {
-    /// This subscriber's queue was full.
+    /// This subscriber's queue was full, or its filter task fell behind
+    /// the hub's ring (then counted before its filter).
     SubscriberQueue,
     /// The kernel side lost something at this place.
     Kernel(LossPlace),
@@ -330,6 +334,9 @@ impl Filter {
 pub struct FilterSet {
     allow: Vec<Filter>,
     deny: Vec<Filter>,
+    /// Tests hold a filter up with this.
+    #[cfg(test)]
+    stall: Option<Arc<tests::Stall>>,
 }
 
 impl FilterSet {
@@ -343,10 +350,21 @@ impl FilterSet {
                 .map(Filter::compile)
                 .collect::<Result<_, _>>()?,
             deny: deny.iter().map(Filter::compile).collect::<Result<_, _>>()?,
+            #[cfg(test)]
+            stall: None,
         })
     }
 
+    /// No allow or deny filter: every flow passes.
+    fn matches_all(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+
     pub fn matches(&self, f: &FlowEvent) -> bool {
+        #[cfg(test)]
+        if let Some(stall) = &self.stall {
+            stall.wait();
+        }
         (self.allow.is_empty() || self.allow.iter().any(|a| a.matches(f)))
             && !self.deny.iter().any(|d| d.matches(f))
     }
@@ -354,12 +372,48 @@ impl FilterSet {
 
 // ---------------------------------------------------------------- hub
 
-/// Losses not yet told to a subscriber, shared by the hub (which adds) and
-/// the subscriber's stream (which tells them when its queue runs dry).
+/// Entries the ring between the pipeline and the subscribers' filter tasks
+/// holds at least: a whole burst the pipeline drains at once (its input
+/// channel holds 16 Ki records) fits while the tasks catch up.
+const RING_MIN: usize = 16 * 1024;
+
+/// What the ring carries to every subscriber's filter task.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Entries sent so far, this one included (how far a task got).
+    index: u64,
+    /// Flows published so far, this one included: a gap tells a task that
+    /// fell behind the ring how many it missed.
+    flows: u64,
+    /// None: the kernel side lost something (see [`Shared::kernel`]).
+    flow: Option<Arc<FlowEvent>>,
+}
+
+/// What the hub and the subscribers' filter tasks share.
+struct Shared {
+    metrics: Arc<Metrics>,
+    /// Flows not delivered to some subscriber, all subscribers together.
+    dropped: AtomicU64,
+    /// Kernel losses reported to the hub so far, by place; each task tells
+    /// its subscriber what grew since it last looked.
+    kernel: [AtomicU64; LOSS_PLACES as usize],
+}
+
+impl Shared {
+    fn dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+        self.metrics.stream_dropped(n);
+    }
+}
+
+/// Losses not yet told to a subscriber, shared by its filter task (which
+/// adds) and its stream (which tells them when its queue runs dry).
 #[derive(Debug, Default)]
 struct Pending {
     queue: AtomicU64,
     kernel: [AtomicU64; LOSS_PLACES as usize],
+    /// The last ring entry the filter task finished with.
+    processed: AtomicU64,
 }
 
 impl Pending {
@@ -371,20 +425,62 @@ impl Pending {
     }
 }
 
-struct Subscriber {
-    id: u64,
-    filter: Arc<FilterSet>,
-    tx: mpsc::Sender<Item>,
-    pending: Arc<Pending>,
-}
-
 enum Sent {
     Ok,
     Full,
     Closed,
 }
 
-impl Subscriber {
+/// One following subscriber's task: it reads every entry of the ring,
+/// filters, and queues what matches, so its filter never runs on the
+/// pipeline and its reading pace never holds anyone else up.
+struct FilterTask {
+    ring: broadcast::Receiver<Entry>,
+    filter: FilterSet,
+    tx: mpsc::Sender<Item>,
+    pending: Arc<Pending>,
+    shared: Arc<Shared>,
+    /// `Entry::flows` of the last entry seen.
+    flows_seen: u64,
+    /// `Shared::kernel` when last told.
+    kernel_told: [u64; LOSS_PLACES as usize],
+}
+
+impl FilterTask {
+    async fn run(mut self) {
+        loop {
+            let entry = match self.ring.recv().await {
+                Ok(entry) => entry,
+                // Fell behind the ring: the next entry's numbers say how many
+                // flows were missed.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let missed = entry.flows - self.flows_seen - u64::from(entry.flow.is_some());
+            self.flows_seen = entry.flows;
+            if missed > 0 {
+                // Told like a full queue: this subscriber fell behind. Counted
+                // before its filter (the flows are gone, matching or not).
+                self.pending.queue.fetch_add(missed, Ordering::Relaxed);
+                self.shared.dropped(missed);
+            }
+            let sent = match &entry.flow {
+                Some(flow) if self.filter.matches(flow) => self.deliver(flow),
+                Some(_) => Sent::Ok,
+                None => self.tell_kernel_losses(),
+            };
+            self.pending.processed.store(entry.index, Ordering::Release);
+            match sent {
+                Sent::Full if entry.flow.is_some() => {
+                    self.pending.queue.fetch_add(1, Ordering::Relaxed);
+                    self.shared.dropped(1);
+                }
+                Sent::Ok | Sent::Full => {}
+                Sent::Closed => return,
+            }
+        }
+    }
+
     fn try_send(&self, item: Item) -> Sent {
         match self.tx.try_send(item) {
             Ok(()) => Sent::Ok,
@@ -412,23 +508,52 @@ impl Subscriber {
         }
         self.try_send(Item::Flow(flow.clone()))
     }
+
+    /// Queues a notice per place whose kernel losses grew; a full queue
+    /// keeps them pending for the stream to tell when it drains.
+    fn tell_kernel_losses(&mut self) -> Sent {
+        for place in LossPlace::ALL {
+            let now = self.shared.kernel[place as usize].load(Ordering::Relaxed);
+            let count = now - self.kernel_told[place as usize];
+            if count == 0 {
+                continue;
+            }
+            self.kernel_told[place as usize] = now;
+            let source = LostSource::Kernel(place);
+            match self.try_send(Item::Lost { source, count }) {
+                Sent::Ok => {}
+                Sent::Full => {
+                    self.pending
+                        .counter(source)
+                        .fetch_add(count, Ordering::Relaxed);
+                }
+                Sent::Closed => return Sent::Closed,
+            }
+        }
+        Sent::Ok
+    }
 }
 
+/// The history and the counts the ring's entries are numbered by: what the
+/// pipeline and a new subscriber must see in one consistent state.
 struct Inner {
-    ring: VecDeque<Arc<FlowEvent>>,
-    subscribers: Vec<Subscriber>,
-    next_id: u64,
+    history: VecDeque<Arc<FlowEvent>>,
+    subscribers: usize,
+    entries: u64,
+    flows: u64,
 }
 
 /// Shared between the pipeline sink ([`HubSink`]) and the gRPC service.
+/// Publishing is O(1) whatever the subscribers do: the flow joins the
+/// history and the ring under a short lock; filters run on each
+/// subscriber's own task.
 pub struct Hub {
     inner: Mutex<Inner>,
+    ring: broadcast::Sender<Entry>,
+    shared: Arc<Shared>,
     capacity: usize,
     queue: usize,
     max_subscribers: usize,
-    metrics: Arc<Metrics>,
-    /// Flows not delivered to some subscriber, all subscribers together.
-    dropped: AtomicU64,
 }
 
 /// What a subscriber asks for (from `GetFlowsRequest`).
@@ -441,34 +566,59 @@ pub struct Subscribe {
 }
 
 impl Hub {
+    /// `capacity`: flows kept for `--last`/`--since`; `queue`: flows queued
+    /// per subscriber (after its filter) before it loses them.
     pub fn new(
         capacity: usize,
         queue: usize,
         max_subscribers: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::with_ring(
+            capacity,
+            queue,
+            queue.max(RING_MIN),
+            max_subscribers,
+            metrics,
+        )
+    }
+
+    /// `ring`: entries a filter task may fall behind the pipeline before it
+    /// loses flows.
+    fn with_ring(
+        capacity: usize,
+        queue: usize,
+        ring: usize,
+        max_subscribers: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             inner: Mutex::new(Inner {
-                ring: VecDeque::with_capacity(capacity.min(1 << 16)),
-                subscribers: Vec::new(),
-                next_id: 0,
+                history: VecDeque::with_capacity(capacity.min(1 << 16)),
+                subscribers: 0,
+                entries: 0,
+                flows: 0,
+            }),
+            ring: broadcast::channel(ring.max(1)).0,
+            shared: Arc::new(Shared {
+                metrics,
+                dropped: AtomicU64::new(0),
+                kernel: Default::default(),
             }),
             capacity,
             queue: queue.max(1),
             max_subscribers,
-            metrics,
-            dropped: AtomicU64::new(0),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves consistent data (pushes and
-        // removals only), so a poisoned lock is still usable.
+        // counts only), so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn buffered(&self) -> usize {
-        self.lock().ring.len()
+        self.lock().history.len()
     }
 
     pub fn capacity(&self) -> usize {
@@ -476,29 +626,39 @@ impl Hub {
     }
 
     pub fn subscribers(&self) -> usize {
-        self.lock().subscribers.len()
+        self.lock().subscribers
     }
 
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
-    /// Buffered flows that match, then (with `follow`) a live subscription.
-    /// Both are taken under one lock, so no flow is missed or repeated
-    /// between the two.
+    /// Buffered flows that match, then (with `follow`) a live subscription,
+    /// whose filter task is spawned on the current Tokio runtime. The
+    /// history is copied and the ring joined under one lock, so no flow is
+    /// missed or repeated between the two; the copy is filtered after the
+    /// lock is released, so the pipeline never waits for a replay.
     pub fn subscribe(self: &Arc<Self>, req: Subscribe) -> Result<FlowStream, HubError> {
-        let mut inner = self.lock();
         let replay_all = req.number == 0 && req.since.is_none() && !req.follow;
-        let mut replay: VecDeque<Arc<FlowEvent>> = VecDeque::new();
+        let limit = if req.number > 0 {
+            usize::try_from(req.number).unwrap_or(usize::MAX)
+        } else {
+            usize::MAX
+        };
+        let mut inner = self.lock();
+        if req.follow && inner.subscribers >= self.max_subscribers {
+            return Err(HubError::TooManySubscribers(self.max_subscribers));
+        }
+        // Newest first, so `number` keeps the last N.
+        let mut candidates = Vec::new();
         if replay_all || req.number > 0 || req.since.is_some() {
-            let limit = if req.number > 0 {
-                usize::try_from(req.number).unwrap_or(usize::MAX)
+            let enough = if req.filter.matches_all() {
+                limit
             } else {
                 usize::MAX
             };
-            // Newest first, so `number` keeps the last N; then put back in order.
-            for f in inner.ring.iter().rev() {
-                if replay.len() >= limit {
+            for f in inner.history.iter().rev() {
+                if candidates.len() >= enough {
                     break;
                 }
                 if let Some(since) = &req.since {
@@ -507,108 +667,110 @@ impl Hub {
                         break;
                     }
                 }
-                if req.filter.matches(f) {
-                    replay.push_front(f.clone());
-                }
+                candidates.push(f.clone());
             }
         }
-        let mut live = None;
-        if req.follow {
-            if inner.subscribers.len() >= self.max_subscribers {
-                return Err(HubError::TooManySubscribers(self.max_subscribers));
+        let joined = req.follow.then(|| {
+            inner.subscribers += 1;
+            let kernel_told: [u64; LOSS_PLACES as usize] =
+                std::array::from_fn(|i| self.shared.kernel[i].load(Ordering::Relaxed));
+            (
+                self.ring.subscribe(),
+                inner.entries,
+                inner.flows,
+                kernel_told,
+            )
+        });
+        drop(inner);
+        let mut replay = VecDeque::new();
+        for f in candidates {
+            if replay.len() >= limit {
+                break;
             }
+            if req.filter.matches(&f) {
+                replay.push_front(f);
+            }
+        }
+        let live = joined.map(|(ring, entries, flows_seen, kernel_told)| {
+            self.shared.metrics.subscriber_added();
             let (tx, rx) = mpsc::channel(self.queue);
             let pending = Arc::new(Pending::default());
-            let id = inner.next_id;
-            inner.next_id += 1;
-            inner.subscribers.push(Subscriber {
-                id,
-                filter: Arc::new(req.filter),
-                tx,
-                pending: pending.clone(),
-            });
-            self.metrics.subscriber_added();
-            live = Some(Live {
+            pending.processed.store(entries, Ordering::Relaxed);
+            let task = tokio::spawn(
+                FilterTask {
+                    ring,
+                    filter: req.filter,
+                    tx,
+                    pending: pending.clone(),
+                    shared: self.shared.clone(),
+                    flows_seen,
+                    kernel_told,
+                }
+                .run(),
+            );
+            Live {
                 rx,
                 pending,
-                id,
+                task: task.abort_handle(),
                 hub: self.clone(),
-            });
-        }
+            }
+        });
         Ok(FlowStream { replay, live })
     }
 
-    fn unsubscribe(&self, id: u64) {
-        let mut inner = self.lock();
-        let before = inner.subscribers.len();
-        inner.subscribers.retain(|s| s.id != id);
-        if inner.subscribers.len() < before {
-            self.metrics.subscriber_removed();
-        }
+    fn unsubscribe(&self) {
+        self.lock().subscribers -= 1;
+        self.shared.metrics.subscriber_removed();
     }
 
-    /// Buffers a flow and offers it to every matching subscriber.
+    /// Buffers a flow and hands it to the subscribers' filter tasks: O(1),
+    /// no filter runs here.
     pub fn publish(&self, flow: &Arc<FlowEvent>) {
         let mut inner = self.lock();
         if self.capacity > 0 {
-            if inner.ring.len() >= self.capacity {
-                inner.ring.pop_front();
+            if inner.history.len() >= self.capacity {
+                inner.history.pop_front();
             }
-            inner.ring.push_back(flow.clone());
+            inner.history.push_back(flow.clone());
         }
-        let mut dropped = 0u64;
-        let mut gone = false;
-        for s in &inner.subscribers {
-            if !s.filter.matches(flow) {
-                continue;
-            }
-            match s.deliver(flow) {
-                Sent::Ok => {}
-                Sent::Full => {
-                    s.pending.queue.fetch_add(1, Ordering::Relaxed);
-                    dropped += 1;
-                }
-                Sent::Closed => gone = true,
-            }
-        }
-        if gone {
-            let before = inner.subscribers.len();
-            inner.subscribers.retain(|s| !s.tx.is_closed());
-            for _ in inner.subscribers.len()..before {
-                self.metrics.subscriber_removed();
-            }
-        }
-        drop(inner);
-        if dropped > 0 {
-            self.dropped.fetch_add(dropped, Ordering::Relaxed);
-            self.metrics.stream_dropped(dropped);
-        }
+        inner.flows += 1;
+        self.send(&mut inner, Some(flow));
     }
 
     /// Tells every subscriber that the kernel side lost `count` at `place`.
     pub fn kernel_lost(&self, place: LossPlace, count: u64) {
-        let inner = self.lock();
-        let source = LostSource::Kernel(place);
-        for s in &inner.subscribers {
-            if let Sent::Full = s.try_send(Item::Lost { source, count }) {
-                s.pending
-                    .counter(source)
-                    .fetch_add(count, Ordering::Relaxed);
-            }
-        }
+        let mut inner = self.lock();
+        self.shared.kernel[place as usize].fetch_add(count, Ordering::Relaxed);
+        self.send(&mut inner, None);
+    }
+
+    fn send(&self, inner: &mut Inner, flow: Option<&Arc<FlowEvent>>) {
+        inner.entries += 1;
+        // An error only says nobody follows.
+        let _ = self.ring.send(Entry {
+            index: inner.entries,
+            flows: inner.flows,
+            flow: flow.cloned(),
+        });
+    }
+
+    #[cfg(test)]
+    fn entries(&self) -> u64 {
+        self.lock().entries
     }
 }
 
 struct Live {
     rx: mpsc::Receiver<Item>,
     pending: Arc<Pending>,
-    id: u64,
+    task: tokio::task::AbortHandle,
     hub: Arc<Hub>,
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.hub.unsubscribe(self.id);
+        self.task.abort();
+        self.hub.unsubscribe();
     }
 }
 
@@ -617,6 +779,18 @@ impl Drop for Live {
 pub struct FlowStream {
     replay: VecDeque<Arc<FlowEvent>>,
     live: Option<Live>,
+}
+
+impl FlowStream {
+    /// Waits until this subscriber's filter task has taken every entry
+    /// published so far (tests: the hand-over is asynchronous).
+    #[cfg(test)]
+    async fn caught_up(&self) {
+        let Some(live) = &self.live else { return };
+        while live.pending.processed.load(Ordering::Acquire) < live.hub.entries() {
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 impl Stream for FlowStream {
@@ -632,7 +806,7 @@ impl Stream for FlowStream {
         match live.rx.poll_recv(cx) {
             Poll::Ready(item) => Poll::Ready(item),
             Poll::Pending => {
-                // Queue drained: tell losses the hub could not queue.
+                // Queue drained: tell losses the filter task could not queue.
                 for source in LostSource::ALL {
                     let count = live.pending.counter(source).swap(0, Ordering::Relaxed);
                     if count > 0 {
@@ -688,6 +862,21 @@ pub(crate) mod tests {
     use crate::capture::Clock;
     use crate::capture::record::{KernelEvent, tests::sample};
     use tokio_stream::StreamExt;
+
+    /// Holds a subscriber's filter up while `gate` is locked; counts the
+    /// flows that reached it.
+    #[derive(Debug, Default)]
+    pub(crate) struct Stall {
+        gate: std::sync::Mutex<()>,
+        entered: AtomicU64,
+    }
+
+    impl Stall {
+        pub(crate) fn wait(&self) {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            drop(self.gate.lock());
+        }
+    }
 
     pub(crate) fn sample_flow() -> FlowEvent {
         let mut f = FlowEvent::from_kernel(
@@ -963,6 +1152,7 @@ pub(crate) mod tests {
             fast_got.push(fast.next().await.unwrap());
         }
         assert_eq!(cookies(&fast_got), (0..20).collect::<Vec<_>>());
+        slow.caught_up().await;
         assert_eq!(h.dropped(), 16);
         let mut slow_got = Vec::new();
         for _ in 0..5 {
@@ -982,6 +1172,7 @@ pub(crate) mod tests {
         );
         // After the notice, flows flow again.
         h.publish(&numbered(20));
+        slow.caught_up().await;
         assert!(matches!(slow.next().await, Some(Item::Flow(f)) if f.socket.cookie == 20));
         h.kernel_lost(LossPlace::RingFullClose, 3);
         assert!(matches!(
@@ -1008,6 +1199,7 @@ pub(crate) mod tests {
         h.kernel_lost(LossPlace::PayloadMapFull, 2);
         h.kernel_lost(LossPlace::CloseUntracked, 1);
         h.kernel_lost(LossPlace::PayloadMapFull, 5);
+        s.caught_up().await;
         assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 1));
         // Queue drained: the pending losses come, summed per place.
         let mut told = Vec::new();
@@ -1041,12 +1233,120 @@ pub(crate) mod tests {
         for i in 0..5 {
             h.publish(&numbered(i)); // 0,1 queued; 2,3,4 lost
         }
+        s.caught_up().await;
         assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 0));
         h.publish(&numbered(5)); // room for the notice only: 5 lost too
+        s.caught_up().await;
         assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 1));
         assert!(matches!(s.next().await, Some(Item::Lost { count: 3, .. })));
         h.publish(&numbered(6));
+        s.caught_up().await;
         assert!(matches!(s.next().await, Some(Item::Lost { count: 1, .. })));
         assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 6));
+    }
+
+    /// On_flow hands the flow over and returns while a subscriber's filter
+    /// is held up: the other subscriber gets every flow meanwhile, and the
+    /// held-up one, once free, is told how many it lost behind the ring.
+    /// Counted, not timed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(
+        clippy::await_holding_lock,
+        reason = "the guard is the stall: it blocks the stuck filter on a worker, never this task"
+    )]
+    async fn a_stuck_filter_never_delays_on_flow_or_the_other_subscribers() {
+        use super::super::Sink;
+        use crate::pipeline::PipelineStats;
+        let state = Arc::new(AgentState::new(
+            "n1".into(),
+            Arc::new(CaptureStats::default()),
+            Arc::new(PipelineStats::default()),
+        ));
+        let ring = 64;
+        let h = Arc::new(Hub::with_ring(10, 1000, ring, 1000, state.metrics.clone()));
+        let stall = Arc::new(Stall::default());
+        let held = stall.gate.lock().unwrap();
+        let follow = |filter| Subscribe {
+            number: 0,
+            follow: true,
+            since: None,
+            filter,
+        };
+        let mut stuck = h
+            .subscribe(follow(FilterSet {
+                stall: Some(stall.clone()),
+                ..Default::default()
+            }))
+            .unwrap();
+        let mut other = h.subscribe(follow(FilterSet::default())).unwrap();
+        let mut sink = HubSink::new(h.clone(), state.clone());
+        sink.on_flow(&numbered(0));
+        while stall.entered.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The stuck filter holds flow 0; every on_flow still returns.
+        let flows = 500u64;
+        for i in 1..flows {
+            sink.on_flow(&numbered(i));
+        }
+        let mut got = Vec::new();
+        for _ in 0..flows {
+            got.push(other.next().await.expect("the other subscriber follows"));
+        }
+        assert_eq!(
+            cookies(&got),
+            (0..flows).collect::<Vec<_>>(),
+            "the other subscriber got every flow, in order, while a filter was stuck"
+        );
+        assert_eq!(
+            stall.entered.load(Ordering::SeqCst),
+            1,
+            "the stuck filter saw only flow 0 meanwhile"
+        );
+        drop(held);
+        let mut items = Vec::new();
+        let mut accounted = 0;
+        while accounted < flows {
+            let item = stuck.next().await.expect("the stuck subscriber follows");
+            accounted += match &item {
+                Item::Flow(_) => 1,
+                Item::Lost { count, .. } => *count,
+            };
+            items.push(item);
+        }
+        assert!(
+            matches!(&items[0], Item::Flow(f) if f.socket.cookie == 0),
+            "first the flow its filter held: {:?}",
+            items[0]
+        );
+        let lost = match &items[1] {
+            Item::Lost {
+                source: LostSource::SubscriberQueue,
+                count,
+            } => *count,
+            other => panic!("expected the loss behind the ring next, got {other:?}"),
+        };
+        let rest = cookies(&items[2..]);
+        assert!(
+            lost >= flows - 1 - ring as u64,
+            "at most a ring's worth ({ring}) kept, {lost} lost"
+        );
+        assert_eq!(
+            rest,
+            (1 + lost..flows).collect::<Vec<_>>(),
+            "then the flows still in the ring, in order"
+        );
+        assert_eq!(
+            h.dropped(),
+            lost,
+            "counted in flowaudit_stream_dropped_total"
+        );
+        assert!(
+            state
+                .metrics
+                .encode_openmetrics()
+                .contains(&format!("flowaudit_stream_dropped_total {lost}")),
+            "the metric says so"
+        );
     }
 }

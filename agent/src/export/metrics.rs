@@ -198,6 +198,11 @@ impl Collector for ExportFileCollector {
                 "Flow events that did not reach the export file because of those failures.",
                 &self.0.flows_lost,
             ),
+            (
+                "flowaudit_export_file_dropped",
+                "Flow events not written to the export file because its writer fell behind (its queue was full); the pipeline never waits for the file.",
+                &self.0.dropped,
+            ),
         ] {
             let c = ConstCounter::new(value.load(Ordering::Relaxed));
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
@@ -286,7 +291,7 @@ impl Metrics {
         let stream_dropped = Counter::default();
         registry.register(
             "flowaudit_stream_dropped",
-            "Flows not delivered to a slow stream subscriber (its queue was full)",
+            "Flows not delivered to a slow stream subscriber (its queue was full, or its filter task fell behind the hub)",
             stream_dropped.clone(),
         );
         let policy_reloads = Family::default();
