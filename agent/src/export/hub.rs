@@ -872,9 +872,13 @@ pub(crate) mod tests {
     }
 
     impl Stall {
+        /// Blocks the filter's thread until the test lets go. Through
+        /// `block_in_place`: a worker merely blocked keeps the tasks in its
+        /// LIFO slot (which no other worker may steal), so the other
+        /// subscriber or the test itself could hang behind the stall.
         pub(crate) fn wait(&self) {
             self.entered.fetch_add(1, Ordering::SeqCst);
-            drop(self.gate.lock());
+            tokio::task::block_in_place(|| drop(self.gate.lock()));
         }
     }
 
@@ -1284,14 +1288,23 @@ pub(crate) mod tests {
         while stall.entered.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
-        // The stuck filter holds flow 0; every on_flow still returns.
+        // The stuck filter holds flow 0; every on_flow still returns. The
+        // other subscriber's task is let catch up after each (a ring of 64
+        // would otherwise race it: that is the stuck one's fate, not its).
         let flows = 500u64;
+        let wait = std::time::Duration::from_secs(60);
         for i in 1..flows {
             sink.on_flow(&numbered(i));
+            tokio::time::timeout(wait, other.caught_up())
+                .await
+                .expect("the other subscriber's filter task keeps up while one filter is stuck");
         }
         let mut got = Vec::new();
         for _ in 0..flows {
-            got.push(other.next().await.expect("the other subscriber follows"));
+            let item = tokio::time::timeout(wait, other.next())
+                .await
+                .expect("the other subscriber's next flow within 60 s");
+            got.push(item.expect("the other subscriber follows"));
         }
         assert_eq!(
             cookies(&got),
@@ -1307,7 +1320,12 @@ pub(crate) mod tests {
         let mut items = Vec::new();
         let mut accounted = 0;
         while accounted < flows {
-            let item = stuck.next().await.expect("the stuck subscriber follows");
+            let item = tokio::time::timeout(wait, stuck.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("the freed subscriber told of {accounted} of {flows} flows, then nothing for 60 s")
+                })
+                .expect("the stuck subscriber follows");
             accounted += match &item {
                 Item::Flow(_) => 1,
                 Item::Lost { count, .. } => *count,
