@@ -60,15 +60,19 @@ fn unix_addr(agent: &RunningAgent) -> String {
 #[test]
 fn python_grpcio_with_no_options_on_the_unix_socket() {
     require_root();
-    let probe = Command::new("python3")
+    // The project's virtual environment (`cargo xtask setup`), never the
+    // system Python: a fresh machine's has no grpcio.
+    let python = venv_python();
+    let probe = Command::new(&python)
         .args(["-c", "import grpc, grpc_reflection"])
         .output();
     assert!(
         probe.as_ref().is_ok_and(|o| o.status.success()),
-        "python3 with grpcio and grpcio-reflection is missing ({probe:?}): `cargo xtask setup` installs tests/requirements.txt"
+        "{} with grpcio and grpcio-reflection is missing ({probe:?}): `cargo xtask setup` installs tests/requirements.txt",
+        python.display()
     );
     let agent = RunningAgent::start(&[]);
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(&python);
     cmd.arg(tests_dir().join("python/stock_client.py"))
         .arg(unix_addr(&agent));
     let out = check_client("Python grpcio", cmd);
