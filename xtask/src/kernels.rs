@@ -318,8 +318,16 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
     eprintln!("kernels: booting {} ({release}) for {:?}", k.name, k.tests);
     let started = Instant::now();
     // virtme-ng lives in the setup's virtual environment, not the system Python.
-    let mut vng = Command::new(venv_dir().join("bin/vng"));
-    vng.arg("--run")
+    // vng runs its companion tools (virtme-run, virtme-ng-init) by name,
+    // from PATH: put the environment's bin first (a fresh machine has them
+    // nowhere else: "virtme-run: not found", exit 127).
+    let bin = venv_dir().join("bin");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path =
+        std::env::join_paths(std::iter::once(bin.clone()).chain(std::env::split_paths(&path)))?;
+    let mut vng = Command::new(bin.join("vng"));
+    vng.env("PATH", path)
+        .arg("--run")
         .arg(&vmlinuz)
         .args(["--force-9p", "--cpus", "2", "--memory", "4G"])
         .arg("--rwdir")
