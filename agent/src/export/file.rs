@@ -2,18 +2,13 @@
 //! Vector). When the file reaches `max_bytes` it is renamed to `PATH.1`
 //! (older ones shift to `.2`, ...) and a new one starts; at most
 //! `max_backups` old files are kept. Lines are whole: a reader never sees
-//! half an event at a rotation. The pipeline only queues flows for a writer
-//! thread ([`ExportFileSink`]); serialising, writing and rotating happen
-//! there.
+//! half an event at a rotation.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::flow::FlowEvent;
 
@@ -37,17 +32,13 @@ pub enum ExportError {
 }
 
 /// What the export file failed to do; `/metrics` reads it
-/// (`flowaudit_export_file_errors_total`, `flowaudit_export_file_flows_lost_total`,
-/// `flowaudit_export_file_dropped_total`).
+/// (`flowaudit_export_file_errors_total`, `flowaudit_export_file_flows_lost_total`).
 #[derive(Debug, Default)]
 pub struct ExportFileStats {
     /// Writes and rotations that failed (a full disk, a missing directory).
     pub errors: AtomicU64,
     /// Flow events that never reached the file because of them.
     pub flows_lost: AtomicU64,
-    /// Flow events the pipeline dropped because the writer thread's queue
-    /// was full (a slow disk): the pipeline never waits for the file.
-    pub dropped: AtomicU64,
 }
 
 /// Whole lines are buffered up to this much before they are written.
@@ -249,122 +240,18 @@ impl Drop for ExportFile {
     }
 }
 
-/// Flows queued for the writer thread; past this the pipeline drops them
-/// (counted in `flowaudit_export_file_dropped_total`) rather than wait.
-pub const QUEUE: usize = 8192;
-
-/// When the queue has been idle this long, buffered lines are written even
-/// if no flush was asked for (a flush the full queue could not take).
-const IDLE: Duration = Duration::from_secs(1);
-
-enum ToWriter {
-    Flow(Arc<FlowEvent>),
-    /// The pipeline went idle: write what is buffered.
-    Flush,
-}
-
-/// As a pipeline sink: `on_flow` only queues the flow for a writer thread
-/// (serialising, writing and rotating happen there), so a slow disk never
-/// holds up the pipeline. A full queue drops the flow and counts it
-/// ([`ExportFileStats::dropped`]); dropping the sink (at shutdown) writes
-/// everything still queued. Write failures are counted too and logged once,
-/// and again only after a recovery; the other sinks go on.
+/// As a pipeline sink: failures are counted (in [`ExportFileStats`]) and
+/// logged once, and again only after a recovery; the other sinks go on.
 pub struct ExportFileSink {
-    tx: Option<SyncSender<ToWriter>>,
-    writer: Option<JoinHandle<()>>,
-    stats: Arc<ExportFileStats>,
-    /// A `Flush` is queued and not yet taken: one at a time is enough.
-    flush_queued: Arc<AtomicBool>,
+    file: ExportFile,
+    failing: bool,
 }
 
 impl ExportFileSink {
     pub fn new(file: ExportFile) -> Self {
-        Self::spawn(file, QUEUE, || {})
-    }
-
-    /// `before` runs on the writer thread before it takes anything from the
-    /// queue (tests stall the writer with it).
-    fn spawn(file: ExportFile, queue: usize, before: impl FnOnce() + Send + 'static) -> Self {
-        let (tx, rx) = mpsc::sync_channel(queue.max(1));
-        let stats = file.stats.clone();
-        let flush_queued = Arc::new(AtomicBool::new(false));
-        let queued = flush_queued.clone();
-        let writer = std::thread::Builder::new()
-            .name("export-file".into())
-            .spawn(move || {
-                before();
-                Writer::new(file).run(&rx, &queued);
-            })
-            .expect("spawning the export file writer thread");
-        Self {
-            tx: Some(tx),
-            writer: Some(writer),
-            stats,
-            flush_queued,
-        }
-    }
-}
-
-/// The writer thread's side: the file and whether it is failing, for logs.
-struct Writer {
-    file: ExportFile,
-    failing: bool,
-    /// `stats.dropped` when last looked at, to log a new run of drops once.
-    dropped_seen: u64,
-}
-
-impl Writer {
-    fn new(file: ExportFile) -> Self {
-        let dropped_seen = file.stats.dropped.load(Ordering::Relaxed);
         Self {
             file,
             failing: false,
-            dropped_seen,
-        }
-    }
-
-    /// Until the sink is dropped; then every flow still queued is written
-    /// (a disconnected channel still yields what it holds).
-    fn run(&mut self, rx: &Receiver<ToWriter>, flush_queued: &AtomicBool) {
-        loop {
-            match rx.recv_timeout(IDLE) {
-                Ok(ToWriter::Flow(flow)) => {
-                    if let Err(e) = self.file.write(&flow) {
-                        self.failed(e);
-                    }
-                }
-                Ok(ToWriter::Flush) => {
-                    flush_queued.store(false, Ordering::Relaxed);
-                    self.flush();
-                }
-                Err(RecvTimeoutError::Timeout) => self.flush(),
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        self.flush();
-    }
-
-    fn flush(&mut self) {
-        let dropped = self.file.stats.dropped.load(Ordering::Relaxed);
-        if dropped > self.dropped_seen {
-            tracing::warn!(
-                dropped = dropped - self.dropped_seen,
-                "the export file writer fell behind: flows were dropped from the file (counted in flowaudit_export_file_dropped_total); other sinks still get every flow"
-            );
-            self.dropped_seen = dropped;
-        }
-        match self.file.flush() {
-            Ok(true) if self.failing => {
-                self.failing = false;
-                let stats = &self.file.stats;
-                tracing::info!(
-                    errors = stats.errors.load(Ordering::Relaxed),
-                    flows_lost = stats.flows_lost.load(Ordering::Relaxed),
-                    "export file written again"
-                );
-            }
-            Ok(_) => {}
-            Err(e) => self.failed(e),
         }
     }
 
@@ -377,36 +264,25 @@ impl Writer {
 }
 
 impl super::Sink for ExportFileSink {
-    fn on_flow(&mut self, flow: &Arc<FlowEvent>) {
-        let Some(tx) = &self.tx else { return };
-        if tx.try_send(ToWriter::Flow(flow.clone())).is_err() {
-            // Full, or the writer is gone (it panicked): the flow is lost
-            // to the file either way.
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+    fn on_flow(&mut self, flow: &std::sync::Arc<FlowEvent>) {
+        if let Err(e) = self.file.write(flow) {
+            self.failed(e);
         }
     }
 
     fn flush(&mut self) {
-        let Some(tx) = &self.tx else { return };
-        if !self.flush_queued.swap(true, Ordering::Relaxed) && tx.try_send(ToWriter::Flush).is_err()
-        {
-            // A full queue keeps the writer busy; the next flush (or its
-            // idle timeout) writes what is buffered.
-            self.flush_queued.store(false, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for ExportFileSink {
-    /// At shutdown: the writer takes every queued flow, writes it and ends.
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
-            tracing::error!(
-                "the export file writer thread panicked: flows still queued for it are missing from the file"
-            );
+        match self.file.flush() {
+            Ok(true) if self.failing => {
+                self.failing = false;
+                let stats = &self.file.stats;
+                tracing::info!(
+                    errors = stats.errors.load(Ordering::Relaxed),
+                    flows_lost = stats.flows_lost.load(Ordering::Relaxed),
+                    "export file written again"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => self.failed(e),
         }
     }
 }
@@ -599,67 +475,6 @@ mod tests {
         ex.write(&flow()).unwrap();
         ex.flush().unwrap();
         assert_eq!(assert_whole_lines(&path, "after recovery"), before + 1);
-    }
-
-    #[test]
-    fn on_flow_never_waits_for_a_stuck_writer_and_counts_what_it_drops() {
-        use crate::export::Sink;
-        let dir = scratch("stuck");
-        let path = dir.join("flows.jsonl");
-        let file = ExportFile::open(&path, 1 << 20, 1).unwrap();
-        let stats = file.stats.clone();
-        // The writer thread blocks on this lock before taking anything.
-        let gate = Arc::new(std::sync::Mutex::new(()));
-        let held = gate.lock().unwrap();
-        let stuck = gate.clone();
-        let mut sink = ExportFileSink::spawn(file, 4, move || drop(stuck.lock()));
-        // Declared after the sink, so a failing assert releases the writer
-        // before the sink's drop waits for it.
-        let held = held;
-        let flow = Arc::new(flow());
-        for _ in 0..100 {
-            sink.on_flow(&flow);
-        }
-        // A flush the full queue cannot take does not wait either.
-        sink.flush();
-        // Every call returned with the writer stuck: 4 flows queued, the
-        // rest dropped and counted.
-        assert_eq!(
-            stats.dropped.load(Ordering::Relaxed),
-            96,
-            "a queue of 4 with the writer stuck keeps 4 flows and drops the other 96"
-        );
-        drop(held);
-        // Shutdown writes what was queued.
-        drop(sink);
-        let written = assert_whole_lines(&path, "after the stuck writer drained");
-        assert_eq!(written, 4, "the 4 queued flows reach the file");
-        assert_eq!(stats.flows_lost.load(Ordering::Relaxed), 0);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn shutdown_writes_every_queued_flow() {
-        use crate::export::Sink;
-        let dir = scratch("drain");
-        let path = dir.join("flows.jsonl");
-        let line_len = serde_json::to_vec(&flow()).unwrap().len() as u64 + 1;
-        // Rotation still happens on the writer thread: 10 lines per file.
-        let file = ExportFile::open(&path, line_len * 10, 5).unwrap();
-        let stats = file.stats.clone();
-        let mut sink = ExportFileSink::spawn(file, 1000, || {});
-        let flow = Arc::new(flow());
-        for _ in 0..35 {
-            sink.on_flow(&flow);
-        }
-        drop(sink);
-        let total: usize = ["", ".1", ".2", ".3"]
-            .iter()
-            .map(|s| assert_whole_lines(&dir.join(format!("flows.jsonl{s}")), "after shutdown"))
-            .sum();
-        assert_eq!(total, 35, "nothing queued is lost at shutdown");
-        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -198,11 +198,6 @@ impl Collector for ExportFileCollector {
                 "Flow events that did not reach the export file because of those failures.",
                 &self.0.flows_lost,
             ),
-            (
-                "flowaudit_export_file_dropped",
-                "Flow events not written to the export file because its writer fell behind (its queue was full); the pipeline never waits for the file.",
-                &self.0.dropped,
-            ),
         ] {
             let c = ConstCounter::new(value.load(Ordering::Relaxed));
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
