@@ -183,20 +183,82 @@ fn is_root() -> bool {
     cmd_output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
 }
 
+/// Wall time of each step of `test`, printed as each one ends and as a
+/// table at the end (also when a step fails), so a CI log that stops early
+/// still says where the time went (CI has 90 minutes).
+struct Steps {
+    started: std::time::Instant,
+    done: Vec<(&'static str, f64, bool)>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Steps {
+            started: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, name: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let at = self.started.elapsed().as_secs_f64();
+        eprintln!("xtask: step `{name}` starts at {}", minutes(at));
+        let t = std::time::Instant::now();
+        let result = f();
+        let secs = t.elapsed().as_secs_f64();
+        self.done.push((name, secs, result.is_ok()));
+        eprintln!(
+            "xtask: step `{name}` {} after {secs:.0} s (at {})",
+            if result.is_ok() { "done" } else { "FAILED" },
+            minutes(self.started.elapsed().as_secs_f64())
+        );
+        if result.is_err() {
+            self.print();
+        }
+        result
+    }
+
+    fn print(&self) {
+        eprintln!("\nxtask test, wall time per step:");
+        for (name, secs, ok) in &self.done {
+            eprintln!(
+                "  {name:<14} {secs:>6.0} s{}",
+                if *ok { "" } else { "  FAILED" }
+            );
+        }
+        eprintln!(
+            "  {:<14} {:>6.0} s ({})",
+            "total",
+            self.started.elapsed().as_secs_f64(),
+            minutes(self.started.elapsed().as_secs_f64())
+        );
+    }
+}
+
+fn minutes(secs: f64) -> String {
+    let s = secs as u64;
+    format!("{}m{:02}s", s / 60, s % 60)
+}
+
 fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
     let root = project_root();
-    lint()?;
-    build()?;
+    let mut steps = Steps::new();
+    steps.run("lint", lint)?;
+    steps.run("build", build)?;
     // Unit and host tests of every crate (no privileges needed).
-    run(cargo().args([
-        "test",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "flowaudit-ebpf",
-        "--exclude",
-        "flowaudit-tests",
-    ]))?;
+    steps.run("unit tests", || {
+        run(cargo().args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "flowaudit-ebpf",
+            "--exclude",
+            "flowaudit-tests",
+        ]))
+    })?;
+    // From here on the tests leave CPU idle now and then; the fuzz targets
+    // build in it.
+    let prebuild = FuzzPrebuild::start()?;
     if !unprivileged_only {
         if !is_root() {
             bail!(
@@ -204,29 +266,34 @@ fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
             );
         }
         // One at a time: every test's agent sees every connection on the node.
-        run(cargo()
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "flowaudit-tests",
-                "--",
-                "--test-threads=1",
-            ])
-            .env("FLOWAUDIT_BIN", root.join("target/release/flowaudit"))
-            .env("SIMPOD_BIN", root.join("target/release/simpod"))
-            .env("FLOWAUDIT_VENV", venv_dir()))?;
+        steps.run("host suites", || {
+            run(cargo()
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "flowaudit-tests",
+                    "--",
+                    "--test-threads=1",
+                ])
+                .env("FLOWAUDIT_BIN", root.join("target/release/flowaudit"))
+                .env("SIMPOD_BIN", root.join("target/release/simpod"))
+                .env("FLOWAUDIT_VENV", venv_dir()))
+        })?;
         // The same kernel-dependent tests on the kernels users run.
-        kernels::kernels(&[])?;
+        steps.run("kernel matrix", || kernels::kernels(&[]))?;
     }
-    fuzz(fuzz_seconds)?;
+    steps.run("fuzz", || fuzz(fuzz_seconds, prebuild))?;
     let validate = root.join("deploy/validate.sh");
     if validate.exists() {
-        run(Command::new("bash")
-            .arg(&validate)
-            .current_dir(&root)
-            .env("FLOWAUDIT_VENV", venv_dir()))?;
+        steps.run("manifests", || {
+            run(Command::new("bash")
+                .arg(&validate)
+                .current_dir(&root)
+                .env("FLOWAUDIT_VENV", venv_dir()))
+        })?;
     }
+    steps.print();
     eprintln!("test: all passed");
     Ok(())
 }
@@ -268,18 +335,112 @@ fn lint() -> Result<()> {
     Ok(())
 }
 
-/// Runs every cargo-fuzz target of the project briefly; a crash fails the run.
-fn fuzz(seconds: u64) -> Result<()> {
+/// The cargo-fuzz projects and the sanitizer each is built with. The
+/// agent's targets link the whole agent library (tonic, kube, k8s-openapi):
+/// built without AddressSanitizer, the cold build takes far less of CI's
+/// time, and the code under test is safe Rust whose one `unsafe` (the
+/// unaligned record read) is bounds-checked first.
+const FUZZ_PROJECTS: [(&str, &str); 3] = [
+    ("policy/fuzz", "address"),
+    ("wire/fuzz", "address"),
+    ("agent/fuzz", "none"),
+];
+
+/// Builds every fuzz target in the background at the lowest CPU priority,
+/// while the integration tests and the kernel matrix run: cargo-fuzz builds
+/// the agent's targets with one codegen unit (about 9 minutes of one core,
+/// cold), which the tests' idle moments absorb, since `nice 19` yields to
+/// them whenever they want the CPU. `fuzz` waits for it; dropping it
+/// (a failed step) stops the build.
+struct FuzzPrebuild {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+}
+
+impl FuzzPrebuild {
+    fn start() -> Result<Self> {
+        let root = project_root();
+        let log = root.join("target/fuzz-prebuild.log");
+        let mut script = String::from("set -e\n");
+        for (dir, sanitizer) in FUZZ_PROJECTS {
+            let fuzz_dir = root.join(dir);
+            if !fuzz_dir.join("Cargo.toml").exists() {
+                continue;
+            }
+            let crate_dir = fuzz_dir.parent().context("fuzz dir has a parent")?;
+            script.push_str(&format!(
+                "echo \"== {dir} $(date +%T)\"\n\
+                 cd '{}' && cargo +nightly fuzz build --sanitizer {sanitizer}\n",
+                crate_dir.display()
+            ));
+        }
+        script.push_str("echo \"== done $(date +%T)\"\n");
+        let out = std::fs::File::create(&log)
+            .with_context(|| format!("could not create {}", log.display()))?;
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("nice")
+            .args(["-n", "19", "bash", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            // Its own process group, so that a drop stops cargo and rustc too.
+            .process_group(0)
+            .spawn()
+            .context("could not start the fuzz targets' build (nice, bash)")?;
+        eprintln!(
+            "xtask: building the fuzz targets in the background (nice 19), log in {}",
+            log.display()
+        );
+        Ok(FuzzPrebuild {
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Waits for the build; its log's end is the error when it failed.
+    fn wait(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = child
+            .wait()
+            .context("waiting for the fuzz targets' build")?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        for line in log.lines().filter(|l| l.starts_with("== ")) {
+            eprintln!("fuzz: background build {}", &line[3..]);
+        }
+        if !status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "building the fuzz targets failed ({status}); the end of {}:\n{}",
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FuzzPrebuild {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM to the whole group (bash, cargo, rustc), then reap.
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs every cargo-fuzz target of the project briefly; a crash fails the
+/// run. The targets were built by `prebuild` (same options, so nothing is
+/// rebuilt here).
+fn fuzz(seconds: u64, prebuild: FuzzPrebuild) -> Result<()> {
     let root = project_root();
-    // The agent's targets link the whole agent library (tonic, kube,
-    // k8s-openapi): built without AddressSanitizer, the cold build takes
-    // far less of CI's time, and the code under test is safe Rust whose one
-    // `unsafe` (the unaligned record read) is bounds-checked first.
-    for (dir, sanitizer) in [
-        ("policy/fuzz", "address"),
-        ("wire/fuzz", "address"),
-        ("agent/fuzz", "none"),
-    ] {
+    prebuild.wait()?;
+    for (dir, sanitizer) in FUZZ_PROJECTS {
         let fuzz_dir = root.join(dir);
         if !fuzz_dir.join("Cargo.toml").exists() {
             continue;
