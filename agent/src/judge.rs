@@ -227,7 +227,7 @@ mod tests {
     fn flow(dst_sa: &str, port: u16) -> FlowEvent {
         let mut f = FlowEvent::from_kernel(
             &KernelEvent::from_record(&sample()).unwrap(),
-            "n1",
+            &"n1".into(),
             &Clock::now(),
         );
         f.l4.destination_port = port;
@@ -235,7 +235,7 @@ mod tests {
             ep.kind = EndKind::Pod;
             ep.namespace = "99-apps".into();
             ep.service_account = sa.into();
-            ep.spiffe_id = format!("spiffe://demo.local/ns/99-apps/sa/{sa}");
+            ep.spiffe_id = format!("spiffe://demo.local/ns/99-apps/sa/{sa}").into();
             ep.identity_source = IdentitySource::Attested;
         }
         f

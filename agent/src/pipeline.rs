@@ -55,7 +55,7 @@ struct Parked {
 }
 
 pub struct Pipeline {
-    pub node_name: String,
+    pub node_name: crate::flow::ArcStr,
     pub enricher: Option<Enricher>,
     pub judge: Judge,
     pub sinks: Vec<Box<dyn Sink>>,
@@ -80,7 +80,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(
-        node_name: String,
+        node_name: crate::flow::ArcStr,
         enricher: Option<Enricher>,
         judge: Judge,
         sinks: Vec<Box<dyn Sink>>,

@@ -330,7 +330,7 @@ impl PeerArg {
 
     fn describe(&self) -> String {
         let p = self.peer();
-        let mut s = p.display_name();
+        let mut s = p.display_name().into_owned();
         let mut extra = Vec::new();
         if let Some(id) = &self.spiffe_id {
             extra.push(format!("{id}, {}", p.identity_source));

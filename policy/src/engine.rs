@@ -2,6 +2,8 @@
 //! [`Decision`] (verdict, findings, deciding rule) leaves. How FlowPolicy rules and
 //! imported Cilium/Kubernetes policies combine is described in the crate README.
 
+use std::fmt::Write as _;
+
 use crate::index::{ImportIndex, RuleIndex};
 use crate::ir::{Action, ImportedPolicy, MtlsMode, Rule, Tri};
 use crate::model::{
@@ -165,13 +167,14 @@ impl PolicySet {
             }
         }
         // Built only when a finding needs it: most flows are compliant and silent.
+        // One allocation: the names are borrowed, and the String is sized
+        // for the message's words around them.
         let describe = || {
-            format!(
-                "{} -> {}:{}",
-                src.display_name(),
-                dst.display_name(),
-                flow.port
-            )
+            let (s, d) = (src.display_name(), dst.display_name());
+            let mut what = String::with_capacity(s.len() + d.len() + 128);
+            // Writing into a String cannot fail.
+            let _ = write!(what, "{s} -> {d}:{}", flow.port);
+            what
         };
 
         // A deny that matches for certain decides, whatever else matches.
@@ -204,8 +207,8 @@ impl PolicySet {
             );
         }
         if allow == Tri::No {
-            let what = describe();
-            let mut message = format!("no rule allows {what}");
+            let mut message = describe();
+            message.insert_str(0, "no rule allows ");
             if let Some((eg, ing)) = &imp {
                 let mut blocked = Vec::new();
                 if ing.selected == Tri::Yes && ing.allowed == Tri::No {

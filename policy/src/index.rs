@@ -7,10 +7,21 @@
 
 use std::collections::HashMap;
 
+use smallvec::SmallVec;
+
 use crate::ir::{ImportedPolicy, PeerPattern, Tri};
 use crate::model::{Peer, PeerKind};
 use crate::ports::{PortMap, PortSet};
 use crate::spiffe::{Segment, path_segments, split_id};
+
+/// Segments of a SPIFFE path that a lookup reads; more are ignored (IDs
+/// have few, and a fixed cap keeps hostile input cheap).
+const MAX_SEGMENTS: usize = 64;
+
+/// Rule ids with certainty, as `RuleIndex::lookup` hands them out.
+pub type RuleHits = SmallVec<[(u32, Tri); INLINE_HITS]>;
+type Hits<'s, T> = SmallVec<[(&'s T, Tri); INLINE_HITS]>;
+const INLINE_HITS: usize = 8;
 
 /// Trie over path segments.
 #[derive(Debug, Default)]
@@ -42,25 +53,35 @@ impl<T: Default> TrieNode<T> {
 }
 
 impl<T> TrieNode<T> {
-    fn lookup<'s>(&'s self, segs: &[&str], out: &mut Vec<&'s T>) {
-        // Depth-first with an explicit stack: IDs come from the network side, and
-        // recursion depth must not depend on them.
-        let mut stack: Vec<(&TrieNode<T>, usize)> = vec![(self, 0)];
-        while let Some((node, i)) = stack.pop() {
+    /// Calls `found` with every pattern that matches `segs`. Depth-first
+    /// with an explicit stack on the call stack, not the heap (judging a
+    /// flow allocates nothing here): IDs come from the network side, and
+    /// neither recursion depth nor memory may depend on them. Each level
+    /// leaves at most one sibling pending, so `MAX_SEGMENTS + 1` entries
+    /// always suffice.
+    fn lookup<'s>(&'s self, segs: &[&str], found: &mut dyn FnMut(&'s T)) {
+        let segs = &segs[..segs.len().min(MAX_SEGMENTS)];
+        let mut stack = [(self, 0usize); MAX_SEGMENTS + 2];
+        let mut len = 1;
+        while len > 0 {
+            len -= 1;
+            let (node, i) = stack[len];
             if i == segs.len() {
                 if let Some(t) = &node.here {
-                    out.push(t);
+                    found(t);
                 }
                 continue;
             }
             if let Some(t) = &node.rest {
-                out.push(t);
+                found(t);
             }
-            if let Some(next) = segs.get(i).and_then(|s| node.lits.get(*s)) {
-                stack.push((next, i + 1));
+            if let Some(next) = node.lits.get(segs[i]) {
+                stack[len] = (next, i + 1);
+                len += 1;
             }
             if let Some(next) = &node.any {
-                stack.push((next, i + 1));
+                stack[len] = (next, i + 1);
+                len += 1;
             }
         }
     }
@@ -143,17 +164,20 @@ impl<T: Default> PeerIndex<T> {
 }
 
 impl<T> PeerIndex<T> {
-    fn lookup<'s>(&'s self, key: PeerKey<'_>, out: &mut Vec<(&'s T, Tri)>) {
+    fn lookup<'s>(&'s self, key: PeerKey<'_>, out: &mut Hits<'s, T>) {
         match key {
             PeerKey::World => out.extend(self.world.iter().map(|t| (t, Tri::Yes))),
             PeerKey::Host => out.extend(self.host.iter().map(|t| (t, Tri::Yes))),
             PeerKey::Id(td, path) => {
                 if let Some(trie) = self.tds.get(td) {
                     // IDs have few segments; a fixed cap keeps hostile input cheap.
-                    let segs: Vec<&str> = path_segments(path).take(64).collect();
-                    let mut found = Vec::new();
-                    trie.lookup(&segs, &mut found);
-                    out.extend(found.into_iter().map(|t| (t, Tri::Yes)));
+                    let mut segs = [""; MAX_SEGMENTS];
+                    let mut n = 0;
+                    for (slot, seg) in segs.iter_mut().zip(path_segments(path)) {
+                        *slot = seg;
+                        n += 1;
+                    }
+                    trie.lookup(&segs[..n], &mut |t| out.push((t, Tri::Yes)));
                 }
             }
             PeerKey::UnknownId => out.extend(self.any_spiffe.iter().map(|t| (t, Tri::Unknown))),
@@ -210,12 +234,14 @@ impl RuleIndex {
 
     /// Matching rule ids with certainty (`Yes`, or `Unknown` when an ID is missing).
     /// Sorted by id, one entry per rule, strongest certainty kept.
-    pub fn lookup(&self, src: &Peer<'_>, dst: &Peer<'_>, port: u16) -> Vec<(u32, Tri)> {
-        let mut dsts = Vec::new();
+    /// Inline up to `INLINE_HITS` entries: no heap for a flow that a few
+    /// rules match.
+    pub fn lookup(&self, src: &Peer<'_>, dst: &Peer<'_>, port: u16) -> RuleHits {
+        let mut dsts = Hits::new();
         self.dst.lookup(key_of(dst), &mut dsts);
         let skey = key_of(src);
-        let mut out: Vec<(u32, Tri)> = Vec::new();
-        let mut srcs = Vec::new();
+        let mut out = RuleHits::new();
+        let mut srcs = Hits::new();
         for (sidx, dt) in dsts {
             srcs.clear();
             sidx.lookup(skey, &mut srcs);

@@ -3,6 +3,7 @@
 //! PRODUCT.md names them), plus the flow description that enters evaluation and the
 //! [`Decision`] that leaves it.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
@@ -197,6 +198,12 @@ impl Labels for BTreeMap<String, String> {
     }
 }
 
+impl<L: Labels + ?Sized> Labels for std::sync::Arc<L> {
+    fn label(&self, key: &str) -> Option<&str> {
+        (**self).label(key)
+    }
+}
+
 impl Labels for HashMap<String, String> {
     fn label(&self, key: &str) -> Option<&str> {
         self.get(key).map(String::as_str)
@@ -269,35 +276,35 @@ impl<'a> Peer<'a> {
 
     /// The name used in messages: the given name, else the service account (from the
     /// SPIFFE ID's `/sa/<sa>` when present), else an app label, else the ID.
-    pub fn display_name(&self) -> String {
+    pub fn display_name(&self) -> Cow<'a, str> {
         match self.kind {
-            PeerKind::World => return "world".into(),
-            PeerKind::Host => return "host".into(),
-            PeerKind::Unknown => return "unknown".into(),
+            PeerKind::World => return Cow::Borrowed("world"),
+            PeerKind::Host => return Cow::Borrowed("host"),
+            PeerKind::Unknown => return Cow::Borrowed("unknown"),
             PeerKind::Workload => {}
         }
         if let Some(n) = self.name {
-            return n.to_string();
+            return Cow::Borrowed(n);
         }
         if let Some(sa) = self.service_account {
-            return sa.to_string();
+            return Cow::Borrowed(sa);
         }
         if let Some(id) = self.spiffe_id
             && let Some((_, sa)) = id.rsplit_once("/sa/")
             && !sa.is_empty()
             && !sa.contains('/')
         {
-            return sa.to_string();
+            return Cow::Borrowed(sa);
         }
         if let Some(app) = self.labels.and_then(|l| l.label("app")) {
-            return app.to_string();
+            return Cow::Borrowed(app);
         }
         if let Some(id) = self.spiffe_id {
-            return id.to_string();
+            return Cow::Borrowed(id);
         }
         match self.namespace {
-            Some(ns) => format!("unidentified pod in {ns}"),
-            None => "unidentified workload".into(),
+            Some(ns) => Cow::Owned(format!("unidentified pod in {ns}")),
+            None => Cow::Borrowed("unidentified workload"),
         }
     }
 }

@@ -115,7 +115,8 @@ pub struct ProcessInfo {
     /// Start time of the process, nanoseconds since boot (0 = unknown).
     pub start_boottime_ns: u64,
     pub cgroup_id: u64,
-    pub comm: String,
+    /// Shared with the flow's `process`, not copied.
+    pub comm: crate::flow::ArcStr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,9 +155,9 @@ fn addr(family: u16, raw: [u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-fn comm(raw: &[u8; 16]) -> String {
+fn comm(raw: &[u8; 16]) -> crate::flow::ArcStr {
     let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    String::from_utf8_lossy(&raw[..end]).as_ref().into()
 }
 
 impl KernelEvent {

@@ -255,7 +255,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let mut spire_seen: SpireSeen = None;
     let pipeline = tokio::spawn(
         Pipeline::new(
-            node.clone(),
+            node.as_str().into(),
             Some(enricher),
             judge,
             sinks,

@@ -474,7 +474,7 @@ fn inode_of(p: &std::path::Path) -> Option<u64> {
 /// then the process when this node saw it.
 fn end(ep: &Endpoint, ip: std::net::IpAddr, port: Option<u16>) -> String {
     let mut s = if !ep.spiffe_id.is_empty() {
-        ep.spiffe_id.clone()
+        ep.spiffe_id.to_string()
     } else if !ep.pod_name.is_empty() {
         format!("{}/{}", ep.namespace, ep.pod_name)
     } else if ep.kind == crate::flow::EndKind::World {
@@ -572,7 +572,7 @@ mod tests {
     fn flow() -> FlowEvent {
         let mut f = FlowEvent::from_kernel(
             &KernelEvent::from_record(&sample()).unwrap(),
-            "n1",
+            &"n1".into(),
             &Clock::now(),
         );
         f.time = "2026-11-28T12:00:01.123456789Z".into();

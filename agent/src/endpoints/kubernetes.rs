@@ -203,11 +203,11 @@ fn pod_entry(p: &Pod) -> Option<PodEntry> {
         created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
         info: PodInfo {
             ips,
-            namespace: p.metadata.namespace.clone().unwrap_or_default(),
-            pod: p.metadata.name.clone().unwrap_or_default(),
+            namespace: p.metadata.namespace.as_deref().unwrap_or_default().into(),
+            pod: p.metadata.name.as_deref().unwrap_or_default().into(),
             uid,
-            service_account,
-            labels: p.metadata.labels.clone().unwrap_or_default(),
+            service_account: service_account.into(),
+            labels: Arc::new(p.metadata.labels.clone().unwrap_or_default()),
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         },
     })
@@ -444,7 +444,7 @@ mod tests {
 
     fn pod_name(dir: &EndpointDirectory, addr: &str) -> Option<String> {
         match dir.peer(ip(addr)) {
-            Peer::Pod(p) => Some(p.pod.clone()),
+            Peer::Pod(p) => Some(p.pod.to_string()),
             _ => None,
         }
     }

@@ -7,12 +7,14 @@
 
 pub mod kubernetes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
+
+use crate::flow::{ArcStr, Labels};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointsError {
@@ -37,14 +39,15 @@ pub enum EndpointsError {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodInfo {
     pub ips: Vec<IpAddr>,
-    pub namespace: String,
-    pub pod: String,
+    /// Names and labels are shared with every flow of the pod (issue 15).
+    pub namespace: ArcStr,
+    pub pod: ArcStr,
     #[serde(default)]
     pub uid: String,
     #[serde(default)]
-    pub service_account: String,
+    pub service_account: ArcStr,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     #[serde(default)]
     pub node: String,
 }

@@ -296,7 +296,7 @@ mod tests {
     fn flow() -> FlowEvent {
         FlowEvent::from_kernel(
             &KernelEvent::from_record(&sample()).unwrap(),
-            "n1",
+            &"n1".into(),
             &Clock::now(),
         )
     }

@@ -649,19 +649,19 @@ pub mod convert {
     fn endpoint_to(e: &Endpoint) -> proto::Endpoint {
         proto::Endpoint {
             kind: end_kind_to(e.kind) as i32,
-            spiffe_id: e.spiffe_id.clone(),
+            spiffe_id: e.spiffe_id.to_string(),
             identity_source: identity_source_to(e.identity_source) as i32,
             identity_detail: e.identity_detail.to_string(),
-            namespace: e.namespace.clone(),
-            pod_name: e.pod_name.clone(),
-            service_account: e.service_account.clone(),
+            namespace: e.namespace.to_string(),
+            pod_name: e.pod_name.to_string(),
+            service_account: e.service_account.to_string(),
             labels: e
                 .labels
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             pid: e.pid,
-            process: e.process.clone(),
+            process: e.process.as_ref().map(|p| p.to_string()),
             cgroup_id: e.cgroup_id,
         }
     }
@@ -671,13 +671,13 @@ pub mod convert {
             kind: end_kind_from(e.kind),
             identity_source: identity_source_from(e.identity_source),
             identity_detail: e.identity_detail.into(),
-            spiffe_id: e.spiffe_id,
-            namespace: e.namespace,
-            pod_name: e.pod_name,
-            service_account: e.service_account,
-            labels: e.labels.into_iter().collect(),
+            spiffe_id: e.spiffe_id.into(),
+            namespace: e.namespace.into(),
+            pod_name: e.pod_name.into(),
+            service_account: e.service_account.into(),
+            labels: std::sync::Arc::new(e.labels.into_iter().collect()),
             pid: e.pid,
-            process: e.process,
+            process: e.process.map(Into::into),
             cgroup_id: e.cgroup_id,
         }
     }
@@ -768,7 +768,7 @@ pub mod convert {
     pub fn flow_to_proto(f: &FlowEvent) -> proto::Flow {
         proto::Flow {
             time: parse_rfc3339(&f.time),
-            node_name: f.node_name.clone(),
+            node_name: f.node_name.to_string(),
             event: event_to(f.event) as i32,
             verdict: verdict_to(f.verdict) as i32,
             findings: f
@@ -781,7 +781,7 @@ pub mod convert {
                 .collect(),
             policy_rule: f.policy_rule.clone(),
             l4: Some(proto::L4 {
-                protocol: f.l4.protocol.clone(),
+                protocol: f.l4.protocol.to_string(),
                 source_ip: f.l4.source_ip.to_string(),
                 source_port: u32::from(f.l4.source_port),
                 destination_ip: f.l4.destination_ip.to_string(),
@@ -838,7 +838,7 @@ pub mod convert {
                 .as_ref()
                 .map(timestamp_to_rfc3339)
                 .ok_or(ConvertError::Missing("time"))?,
-            node_name: f.node_name,
+            node_name: f.node_name.into(),
             event: event_from(f.event).ok_or_else(|| invalid("event", f.event.to_string()))?,
             verdict: verdict_from(f.verdict)
                 .ok_or_else(|| invalid("verdict", f.verdict.to_string()))?,
@@ -855,7 +855,7 @@ pub mod convert {
                 .collect::<Result<_, ConvertError>>()?,
             policy_rule: f.policy_rule,
             l4: L4 {
-                protocol: l4.protocol,
+                protocol: l4.protocol.into(),
                 source_ip: ip("source_ip", &l4.source_ip)?,
                 source_port: port("source_port", l4.source_port)?,
                 destination_ip: ip("destination_ip", &l4.destination_ip)?,
@@ -908,7 +908,7 @@ mod tests {
     #[test]
     fn a_flow_survives_the_protobuf_round_trip() {
         let mut f = sample_flow();
-        f.source.labels.insert("app".into(), "frontend".into());
+        std::sync::Arc::make_mut(&mut f.source.labels).insert("app".into(), "frontend".into());
         f.source.spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
         f.findings.push(crate::flow::Finding {
             kind: flowaudit_policy::FindingKind::MtlsMissing,

@@ -885,7 +885,7 @@ pub(crate) mod tests {
     pub(crate) fn sample_flow() -> FlowEvent {
         let mut f = FlowEvent::from_kernel(
             &KernelEvent::from_record(&sample()).unwrap(),
-            "n1",
+            &"n1".into(),
             &Clock::now(),
         );
         f.time = "2026-11-28T12:00:01.123456789Z".into();
@@ -896,8 +896,8 @@ pub(crate) mod tests {
         let mut e = Endpoint::unknown();
         e.namespace = ns.into();
         e.pod_name = pod.into();
-        e.labels.insert("app".into(), app.into());
-        e.spiffe_id = format!("spiffe://demo.local/ns/{ns}/sa/{app}");
+        std::sync::Arc::make_mut(&mut e.labels).insert("app".into(), app.into());
+        e.spiffe_id = format!("spiffe://demo.local/ns/{ns}/sa/{app}").into();
         e
     }
 

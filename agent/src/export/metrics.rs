@@ -827,7 +827,7 @@ mod tests {
         for i in 0..VIOLATION_SERIES_CAP + 5 {
             let mut f = (*flow(EventKind::Failed, i as u64)).clone();
             f.verdict = Verdict::Violation;
-            f.source.spiffe_id = format!("spiffe://demo.local/ns/a/sa/s{i}");
+            f.source.spiffe_id = format!("spiffe://demo.local/ns/a/sa/s{i}").into();
             sink.on_flow(&Arc::new(f));
         }
         let text = m.encode_prometheus_text();

@@ -7,13 +7,14 @@ use flowaudit_common::SocketSide;
 use flowaudit_policy::Verdict;
 
 use super::{
-    Direction, Encryption, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket, rfc3339_nanos,
+    ArcStr, Direction, Encryption, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket,
+    rfc3339_nanos,
 };
 use crate::capture::Clock;
 use crate::capture::record::KernelEvent;
 
 impl FlowEvent {
-    pub fn from_kernel(ev: &KernelEvent, node_name: &str, clock: &Clock) -> Self {
+    pub fn from_kernel(ev: &KernelEvent, node_name: &ArcStr, clock: &Clock) -> Self {
         let event = ev.kind;
         let mut local = Endpoint::unknown();
         if let Some(owner) = &ev.owner {
@@ -54,13 +55,13 @@ impl FlowEvent {
         // The summary is written once, when the flow is judged (pipeline `emit`).
         FlowEvent {
             time: rfc3339_nanos(clock.wall(ev.ts_ns)),
-            node_name: node_name.to_owned(),
+            node_name: node_name.clone(),
             event,
             verdict: Verdict::Unknown,
             findings: Vec::new(),
             policy_rule: String::new(),
             l4: L4 {
-                protocol: "TCP".into(),
+                protocol: arcstr::literal!("TCP"),
                 source_ip: src.ip(),
                 source_port: src.port(),
                 destination_ip: dst.ip(),
@@ -97,7 +98,7 @@ mod tests {
     #[test]
     fn egress_close_puts_the_process_on_the_source() {
         let ev = KernelEvent::from_record(&sample()).unwrap();
-        let f = FlowEvent::from_kernel(&ev, "n1", &Clock::now());
+        let f = FlowEvent::from_kernel(&ev, &"n1".into(), &Clock::now());
         assert_eq!(f.event, EventKind::Close);
         assert_eq!(f.direction, Direction::Egress);
         assert_eq!(f.source.pid, Some(1234));
@@ -113,7 +114,7 @@ mod tests {
         let mut r = sample();
         r.side = SocketSide::Passive as u8;
         let ev = KernelEvent::from_record(&r).unwrap();
-        let f = FlowEvent::from_kernel(&ev, "n1", &Clock::now());
+        let f = FlowEvent::from_kernel(&ev, &"n1".into(), &Clock::now());
         assert_eq!(f.direction, Direction::Ingress);
         // The passive socket's local end is the server: the destination.
         assert_eq!(
@@ -130,7 +131,7 @@ mod tests {
         r.kind = RecordKind::Failed as u8;
         r.error = libc::ECONNREFUSED as u32;
         let ev = KernelEvent::from_record(&r).unwrap();
-        let f = FlowEvent::from_kernel(&ev, "n1", &Clock::now());
+        let f = FlowEvent::from_kernel(&ev, &"n1".into(), &Clock::now());
         assert_eq!(f.socket.failure_reason, Some(FailureReason::Refused));
         assert_eq!(f.duration_ms, 2);
         let v: serde_json::Value = serde_json::to_value(&f).unwrap();

@@ -10,7 +10,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
 
+pub use arcstr::ArcStr;
 pub use flowaudit_policy::Finding;
 use flowaudit_policy::{EncryptionState, IdentitySource, Verdict};
 use serde::{Deserialize, Serialize};
@@ -108,7 +110,8 @@ impl FailureReason {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L4 {
-    pub protocol: String,
+    /// "TCP", a literal: no allocation per flow.
+    pub protocol: ArcStr,
     pub source_ip: IpAddr,
     pub source_port: u16,
     pub destination_ip: IpAddr,
@@ -127,27 +130,39 @@ pub enum EndKind {
     Unknown,
 }
 
+/// A pod's labels, shared with the endpoint directory's entry for the pod:
+/// a flow holds a reference, never a copy.
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+/// The labels of an end no pod stands for (one shared empty map).
+pub fn no_labels() -> Labels {
+    static EMPTY: LazyLock<Labels> = LazyLock::new(Labels::default);
+    EMPTY.clone()
+}
+
 /// One end of a flow. `pid`/`process` are set for the end whose socket the
 /// kernel saw on this node (both ends when both live here, as two events).
+/// Names and labels are shared (`ArcStr`, `Labels`) with the endpoint
+/// directory and the identity cache, so a flow copies none of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     #[serde(default)]
     pub kind: EndKind,
-    pub spiffe_id: String,
+    pub spiffe_id: ArcStr,
     pub identity_source: IdentitySource,
     /// Why the end is not ATTESTED (how the ID was reached instead, or why
     /// it could not be); empty for ATTESTED ends.
     /// Mostly one of a few fixed sentences: borrowed, not copied per flow.
     #[serde(default, skip_serializing_if = "str::is_empty")]
     pub identity_detail: Cow<'static, str>,
-    pub namespace: String,
-    pub pod_name: String,
-    pub service_account: String,
-    pub labels: BTreeMap<String, String>,
+    pub namespace: ArcStr,
+    pub pod_name: ArcStr,
+    pub service_account: ArcStr,
+    pub labels: Labels,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<String>,
+    pub process: Option<ArcStr>,
     /// cgroup v2 id of the owning process: the key identity uses to find the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
@@ -157,13 +172,13 @@ impl Endpoint {
     pub fn unknown() -> Self {
         Self {
             kind: EndKind::Unknown,
-            spiffe_id: String::new(),
+            spiffe_id: ArcStr::new(),
             identity_source: IdentitySource::Unknown,
             identity_detail: Cow::Borrowed(""),
-            namespace: String::new(),
-            pod_name: String::new(),
-            service_account: String::new(),
-            labels: BTreeMap::new(),
+            namespace: ArcStr::new(),
+            pod_name: ArcStr::new(),
+            service_account: ArcStr::new(),
+            labels: no_labels(),
             pid: None,
             process: None,
             cgroup_id: None,
@@ -321,7 +336,7 @@ pub struct Socket {
 pub struct FlowEvent {
     /// RFC 3339 with nanoseconds, UTC.
     pub time: String,
-    pub node_name: String,
+    pub node_name: ArcStr,
     pub event: EventKind,
     pub verdict: Verdict,
     pub findings: Vec<Finding>,
@@ -503,13 +518,18 @@ pub fn rfc3339_nanos(t: std::time::SystemTime) -> String {
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, dd) = civil_from_days(days);
-    format!(
+    // 30 bytes: one allocation, where `format!` would grow the String thrice.
+    let mut s = String::with_capacity(30);
+    // Writing into a String cannot fail.
+    let _ = write!(
+        s,
         "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
         rem / 3600,
         (rem % 3600) / 60,
         rem % 60,
         d.subsec_nanos()
-    )
+    );
+    s
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use self::cgroup::CgroupResolver;
 use self::spire::{Lookup, SpireClient, WorkloadQuery};
 use crate::endpoints::{EndpointDirectory, Peer, PodInfo};
-use crate::flow::{Direction, EndKind, Endpoint, EventKind, FlowEvent};
+use crate::flow::{ArcStr, Direction, EndKind, Endpoint, EventKind, FlowEvent};
 
 /// What to do with a flow after enrichment.
 pub enum Enriched {
@@ -134,6 +134,7 @@ pub struct Enricher {
     pub wait_ms: u64,
     pub on_lookup: Option<Box<dyn Fn(&'static str) + Send>>,
     sockets: SocketTable,
+    derived: DerivedIds,
 }
 
 impl Enricher {
@@ -154,6 +155,7 @@ impl Enricher {
             wait_ms: 0,
             on_lookup: None,
             sockets: SocketTable::new(SOCKET_TABLE_CAP),
+            derived: DerivedIds::default(),
         }
     }
 
@@ -238,7 +240,12 @@ impl Enricher {
         let reverse = (remote_addr, local_addr);
         let peer = match (&self.spire, remote.kind) {
             (None, _) => {
-                derive(remote, td.as_deref(), DETAIL_NO_SPIRE_PEER);
+                derive(
+                    &mut self.derived,
+                    remote,
+                    td.as_deref(),
+                    DETAIL_NO_SPIRE_PEER,
+                );
                 PeerWait::Done
             }
             (Some(_), EndKind::Host | EndKind::World) => {
@@ -263,7 +270,7 @@ impl Enricher {
                     _ => Cow::Borrowed("derived from its address through the endpoint directory"),
                 };
                 // Provisional; replaced when the peer is attested.
-                derive(remote, td.as_deref(), detail);
+                derive(&mut self.derived, remote, td.as_deref(), detail);
                 if let Some(f) = self.sockets.get(&reverse) {
                     self.peer_query(flow, f)
                 } else if on_this_node && answering && !failed {
@@ -277,10 +284,16 @@ impl Enricher {
         // Local end: ask SPIRE (by pid, checked against the process start
         // time; or by the pod's selectors).
         let local = if self.spire.is_none() {
-            derive(flow.local_end_mut(), td.as_deref(), DETAIL_NO_SPIRE_LOCAL);
+            derive(
+                &mut self.derived,
+                flow.local_end_mut(),
+                td.as_deref(),
+                DETAIL_NO_SPIRE_LOCAL,
+            );
             None
         } else if facts.pid.is_none() && pod_uid.is_none() {
             derive(
+                &mut self.derived,
                 flow.local_end_mut(),
                 td.as_deref(),
                 "the kernel did not see the socket's owner: derived from its address",
@@ -324,7 +337,12 @@ impl Enricher {
         if f.pid.is_none() && pod_uid.is_none() {
             if pod.is_none() {
                 let td = self.trust_domain();
-                derive(remote_end_mut(flow), td.as_deref(), DETAIL_PEER_UNOWNED);
+                derive(
+                    &mut self.derived,
+                    remote_end_mut(flow),
+                    td.as_deref(),
+                    DETAIL_PEER_UNOWNED,
+                );
             }
             return PeerWait::Done;
         }
@@ -360,7 +378,12 @@ impl Enricher {
                     self.wait_ms
                 );
                 let td = self.trust_domain();
-                derive(remote_end_mut(flow), td.as_deref(), detail);
+                derive(
+                    &mut self.derived,
+                    remote_end_mut(flow),
+                    td.as_deref(),
+                    detail,
+                );
                 p.peer = PeerWait::Done;
                 timed_out = true;
             }
@@ -388,6 +411,7 @@ impl Enricher {
                 for ep in [&mut flow.source, &mut flow.destination] {
                     if ep.kind == EndKind::Pod && ep.identity_source == IdentitySource::Unknown {
                         derive(
+                            &mut self.derived,
                             ep,
                             Some(&*td),
                             "derived from its pod's metadata (the trust domain became known while the flow waited)",
@@ -413,11 +437,13 @@ impl Enricher {
                 set_id(ep, id.spiffe_id.clone(), IdentitySource::Attested, "");
             }
             Lookup::NoIdentity => derive(
+                &mut self.derived,
                 ep,
                 td.as_deref(),
                 "SPIRE gave no identity (no registration entry matches, or the kernel facts name no pod SPIRE could be asked about): derived from its pod's metadata",
             ),
             Lookup::Pending => derive(
+                &mut self.derived,
                 ep,
                 td.as_deref(),
                 format!(
@@ -428,6 +454,7 @@ impl Enricher {
             Lookup::Unavailable(why) => {
                 tracing::debug!(%why, "SPIRE unavailable: end DERIVED");
                 derive(
+                    &mut self.derived,
                     ep,
                     td.as_deref(),
                     "SPIRE's Delegated Identity API is unavailable (see `flowaudit status`): derived from its pod's metadata",
@@ -475,11 +502,11 @@ fn trust_domain_of(id: &str) -> Option<String> {
 
 fn set_id(
     ep: &mut Endpoint,
-    id: String,
+    id: impl Into<ArcStr>,
     source: IdentitySource,
     detail: impl Into<Cow<'static, str>>,
 ) {
-    ep.spiffe_id = id;
+    ep.spiffe_id = id.into();
     ep.identity_source = source;
     ep.identity_detail = detail.into();
 }
@@ -500,21 +527,59 @@ fn apply_peer(ep: &mut Endpoint, peer: &Peer) {
     }
 }
 
+/// Derived SPIFFE IDs already written, by (namespace, service account),
+/// so that every flow of a pod shares one string instead of formatting its
+/// own. Emptied when the trust domain changes, or when it holds
+/// `DERIVED_IDS_CAP` pairs (a bound, whatever the cluster's churn).
+#[derive(Debug, Default)]
+struct DerivedIds {
+    trust_domain: ArcStr,
+    ids: HashMap<(ArcStr, ArcStr), ArcStr>,
+}
+
+const DERIVED_IDS_CAP: usize = 16_384;
+
+impl DerivedIds {
+    fn get(&mut self, td: &str, namespace: &ArcStr, service_account: &ArcStr) -> ArcStr {
+        if self.trust_domain != td {
+            self.trust_domain = td.into();
+            self.ids.clear();
+        }
+        // The key's names are shared with the pod's entry: cloning them for
+        // the lookup copies no bytes.
+        let key = (namespace.clone(), service_account.clone());
+        if let Some(id) = self.ids.get(&key) {
+            return id.clone();
+        }
+        if self.ids.len() >= DERIVED_IDS_CAP {
+            self.ids.clear();
+        }
+        let id: ArcStr = flowaudit_policy::spiffe::derive_id(td, namespace, service_account).into();
+        self.ids.insert(key, id.clone());
+        id
+    }
+}
+
 /// `spiffe://<td>/ns/<ns>/sa/<sa>` from pod metadata, said as DERIVED with
 /// `detail`; UNKNOWN for what is not a pod the directory knows.
-fn derive(ep: &mut Endpoint, td: Option<&str>, detail: impl Into<Cow<'static, str>>) {
+fn derive(
+    ids: &mut DerivedIds,
+    ep: &mut Endpoint,
+    td: Option<&str>,
+    detail: impl Into<Cow<'static, str>>,
+) {
     match (ep.kind, td) {
         (EndKind::Pod, Some(td)) if !ep.namespace.is_empty() && !ep.service_account.is_empty() => {
-            let id = flowaudit_policy::spiffe::derive_id(td, &ep.namespace, &ep.service_account);
+            let id = ids.get(td, &ep.namespace, &ep.service_account);
             set_id(ep, id, IdentitySource::Derived, detail);
         }
         (EndKind::Pod, None) => set_id(
             ep,
-            String::new(),
+            ArcStr::new(),
             IdentitySource::Unknown,
             "no trust domain known to derive an ID: give --trust-domain or a policy with spec.trustDomain",
         ),
-        _ => set_id(ep, String::new(), IdentitySource::Unknown, ""),
+        _ => set_id(ep, ArcStr::new(), IdentitySource::Unknown, ""),
     }
 }
 
@@ -525,6 +590,28 @@ mod tests {
     use crate::capture::record::{KernelEvent, tests::sample};
     use std::path::Path;
 
+    #[test]
+    fn derived_ids_are_written_once_per_pod_and_follow_the_trust_domain() {
+        let mut ids = DerivedIds::default();
+        let (ns, sa): (ArcStr, ArcStr) = ("99-apps".into(), "frontend".into());
+        let first = ids.get("demo.local", &ns, &sa);
+        assert_eq!(first, "spiffe://demo.local/ns/99-apps/sa/frontend");
+        // Equal names from elsewhere (another pod entry) find the same string.
+        let again = ids.get("demo.local", &"99-apps".into(), &"frontend".into());
+        assert!(ArcStr::ptr_eq(&first, &again), "{again} was written anew");
+        let other = ids.get("other.td", &ns, &sa);
+        assert_eq!(other, "spiffe://other.td/ns/99-apps/sa/frontend");
+        assert_eq!(ids.ids.len(), 1, "the old trust domain's IDs are dropped");
+        for i in 0..DERIVED_IDS_CAP + 10 {
+            ids.get("other.td", &ns, &format!("sa{i}").into());
+        }
+        assert!(
+            ids.ids.len() <= DERIVED_IDS_CAP,
+            "{} entries",
+            ids.ids.len()
+        );
+    }
+
     fn directory() -> watch::Receiver<Arc<EndpointDirectory>> {
         let yaml = "nodes:\n  - {name: n1, ips: [10.244.0.1]}\nendpoints:\n  - {ips: [10.244.1.5], namespace: 99-apps, pod: frontend-7d9f, uid: 11111111-2222-3333-4444-555555555555, serviceAccount: frontend, labels: {app: frontend}}\n  - {ips: [10.244.1.9], namespace: 99-apps, pod: postgresql-0, serviceAccount: postgresql}\n";
         let dir = EndpointDirectory::parse(Path::new("e.yaml"), yaml).unwrap();
@@ -534,7 +621,7 @@ mod tests {
     fn flow() -> FlowEvent {
         FlowEvent::from_kernel(
             &KernelEvent::from_record(&sample()).unwrap(),
-            "n1",
+            &"n1".into(),
             &Clock::now(),
         )
     }
@@ -648,8 +735,11 @@ mod tests {
         let mut r = sample();
         r.kind = flowaudit_common::RecordKind::Connect as u8;
         r.owner.cgroup_id = front_cg;
-        let mut egress =
-            FlowEvent::from_kernel(&KernelEvent::from_record(&r).unwrap(), "n1", &Clock::now());
+        let mut egress = FlowEvent::from_kernel(
+            &KernelEvent::from_record(&r).unwrap(),
+            &"n1".into(),
+            &Clock::now(),
+        );
         // The server's accepted socket: the same 4-tuple seen from the other side.
         let mut r2 = r;
         r2.side = SocketSide::Passive as u8;
@@ -658,8 +748,11 @@ mod tests {
         r2.owner.cgroup_id = back_cg;
         r2.owner.tgid = 4321;
         r2.sock_cookie = 100;
-        let mut ingress =
-            FlowEvent::from_kernel(&KernelEvent::from_record(&r2).unwrap(), "n1", &Clock::now());
+        let mut ingress = FlowEvent::from_kernel(
+            &KernelEvent::from_record(&r2).unwrap(),
+            &"n1".into(),
+            &Clock::now(),
+        );
         let mut pending = Vec::new();
         for f in [&mut egress, &mut ingress] {
             pending.push(match e.enrich(f) {

@@ -50,7 +50,8 @@ pub struct WorkloadQuery {
 /// the workload holds. Never carries key material.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttestedIdentity {
-    pub spiffe_id: String,
+    /// Shared with every flow of the workload (issue 15).
+    pub spiffe_id: crate::flow::ArcStr,
     pub expires_at: SystemTime,
     pub all_ids: Vec<String>,
 }
@@ -829,7 +830,7 @@ fn take_answer(mut resp: SubscribeToX509sviDsResponse) -> State {
     match ids.first() {
         None => State::NoIdentity,
         Some((id, exp)) => State::Attested(Arc::new(AttestedIdentity {
-            spiffe_id: id.clone(),
+            spiffe_id: id.as_str().into(),
             expires_at: *exp,
             all_ids: ids.iter().map(|(i, _)| i.clone()).collect(),
         })),
