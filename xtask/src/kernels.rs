@@ -219,16 +219,11 @@ fn version_key(name: &str) -> Vec<u64> {
 /// Builds the agent, simpod and the kernel-dependent test binaries on the
 /// host; returns (test name, executable).
 fn build_tests() -> Result<Vec<(String, PathBuf)>> {
-    crate::build()?;
+    // The test selection (as `cargo xtask test` builds it: nothing is
+    // compiled twice), which also builds the agent and simpod.
     let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "--release",
-        "-p",
-        "flowaudit-tests",
-        "--no-run",
-        "--message-format=json",
-    ]);
+    cmd.args(crate::test_selection(true))
+        .args(["--no-run", "--message-format=json"]);
     for t in TESTS {
         cmd.args(["--test", t]);
     }
@@ -249,7 +244,9 @@ fn build_tests() -> Result<Vec<(String, PathBuf)>> {
         else {
             continue;
         };
-        if TESTS.contains(&target.as_str()) {
+        // Other packages have test targets of the same name (policy's
+        // `scenario`): only flowaudit-tests' are the kernel tests.
+        if TESTS.contains(&target.as_str()) && line.contains("#flowaudit-tests@") {
             found.push((target, PathBuf::from(exe)));
         }
     }
@@ -437,6 +434,14 @@ pub fn kernels(only: &[String]) -> Result<()> {
             let names: Vec<_> = MATRIX.iter().map(|k| k.name).collect();
             bail!("unknown kernel `{o}`: the matrix has {}", names.join(", "));
         }
+    }
+    // The guest mounts its own tmpfs on /tmp (the agent's Unix sockets
+    // cannot live on 9p), which would hide a checkout under /tmp.
+    if project_root().starts_with("/tmp") {
+        bail!(
+            "the kernel matrix cannot run from a checkout under /tmp ({}): the guest's own /tmp hides it; clone the project elsewhere",
+            project_root().display()
+        );
     }
     let started = Instant::now();
     let tests = build_tests()?;

@@ -179,6 +179,36 @@ fn build() -> Result<()> {
     Ok(())
 }
 
+/// How every test build selects packages. One selection means one feature
+/// set for every dependency, so each crate is compiled once: a build with
+/// `-p`, a `cargo test --workspace` and a `cargo test -p flowaudit-tests`
+/// resolve features differently, and CI paid three release builds of the
+/// agent (32 of its 90 minutes compiling). `privileged` adds the
+/// integration tests (flowaudit-tests), which need root.
+pub fn test_selection(privileged: bool) -> Vec<&'static str> {
+    let mut args = vec![
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "flowaudit-ebpf",
+    ];
+    if !privileged {
+        args.extend(["--exclude", "flowaudit-tests"]);
+    }
+    args
+}
+
+/// Builds every test binary, and the binaries the tests run (`flowaudit`,
+/// `simpod`, ...: cargo builds a package's binaries for its integration
+/// tests), in the test selection.
+fn build_tests(privileged: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    run(cargo().args(test_selection(privileged)).arg("--no-run"))?;
+    eprintln!("build: done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn is_root() -> bool {
     cmd_output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
 }
@@ -243,44 +273,28 @@ fn test(unprivileged_only: bool, fuzz_seconds: u64) -> Result<()> {
     let root = project_root();
     let mut steps = Steps::new();
     steps.run("lint", lint)?;
-    steps.run("build", build)?;
-    // Unit and host tests of every crate (no privileges needed).
-    steps.run("unit tests", || {
-        run(cargo().args([
-            "test",
-            "--release",
-            "--workspace",
-            "--exclude",
-            "flowaudit-ebpf",
-            "--exclude",
-            "flowaudit-tests",
-        ]))
-    })?;
+    let privileged = !unprivileged_only;
+    if privileged && !is_root() {
+        bail!(
+            "the integration tests load eBPF programs and create network namespaces: run `cargo xtask test` as root (CI does)"
+        );
+    }
+    steps.run("build", || build_tests(privileged))?;
     // From here on the tests leave CPU idle now and then; the fuzz targets
     // build in it.
     let prebuild = FuzzPrebuild::start()?;
-    if !unprivileged_only {
-        if !is_root() {
-            bail!(
-                "the integration tests load eBPF programs and create network namespaces: run `cargo xtask test` as root (CI does)"
-            );
-        }
-        // One at a time: every test's agent sees every connection on the node.
-        steps.run("host suites", || {
-            run(cargo()
-                .args([
-                    "test",
-                    "--release",
-                    "-p",
-                    "flowaudit-tests",
-                    "--",
-                    "--test-threads=1",
-                ])
-                .env("FLOWAUDIT_BIN", root.join("target/release/flowaudit"))
-                .env("SIMPOD_BIN", root.join("target/release/simpod"))
-                .env("FLOWAUDIT_VENV", venv_dir()))
-        })?;
-        // The same kernel-dependent tests on the kernels users run.
+    // Unit tests of every crate and, as root, the integration tests: one at
+    // a time, since every test's agent sees every connection on the node.
+    steps.run("tests", || {
+        run(cargo()
+            .args(test_selection(privileged))
+            .args(["--", "--test-threads=1"])
+            .env("FLOWAUDIT_BIN", root.join("target/release/flowaudit"))
+            .env("SIMPOD_BIN", root.join("target/release/simpod"))
+            .env("FLOWAUDIT_VENV", venv_dir()))
+    })?;
+    if privileged {
+        // The kernel-dependent tests on the kernels users run.
         steps.run("kernel matrix", || kernels::kernels(&[]))?;
     }
     steps.run("fuzz", || fuzz(fuzz_seconds, prebuild))?;
