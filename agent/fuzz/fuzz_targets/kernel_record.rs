@@ -6,15 +6,16 @@ use std::sync::LazyLock;
 
 use flowaudit::capture::Clock;
 use flowaudit::capture::record::KernelRecord;
-use flowaudit::flow::FlowEvent;
+use flowaudit::flow::{ArcStr, FlowEvent};
 use libfuzzer_sys::fuzz_target;
 
 static CLOCK: LazyLock<Clock> = LazyLock::new(Clock::now);
+static NODE: LazyLock<ArcStr> = LazyLock::new(|| ArcStr::from("fuzz-node"));
 
 fuzz_target!(|data: &[u8]| {
     match KernelRecord::from_bytes(data) {
         Ok(KernelRecord::Flow(ev)) => {
-            let flow = FlowEvent::from_kernel(&ev, "fuzz-node", &CLOCK);
+            let flow = FlowEvent::from_kernel(&ev, &NODE, &CLOCK);
             let _ = flow.make_summary();
         }
         Ok(KernelRecord::Payload(p)) => assert!(p.data.len() <= data.len()),
