@@ -36,6 +36,16 @@ pub struct Kernel {
     tests: &'static [&'static str],
 }
 
+/// Every kernel test binary; of identity, the attestation of local ends.
+const EVERY_SUITE_LOCAL_ATTESTATION: &[&str] = &[
+    "capture",
+    "mtls",
+    "identity:local_ends_and_same_node_peers_are_attested",
+    "scenario",
+    "nodes",
+    "cilium",
+];
+
 pub const MATRIX: &[Kernel] = &[
     Kernel {
         name: "5.10",
@@ -44,14 +54,7 @@ pub const MATRIX: &[Kernel] = &[
         append: "",
         // Every suite; of identity, as on 6.1, the attestation of local
         // ends (the whole identity suite runs under the lockdown).
-        tests: &[
-            "capture",
-            "mtls",
-            "identity:local_ends_and_same_node_peers_are_attested",
-            "scenario",
-            "nodes",
-            "cilium",
-        ],
+        tests: EVERY_SUITE_LOCAL_ATTESTATION,
     },
     Kernel {
         name: "6.1",
@@ -62,14 +65,7 @@ pub const MATRIX: &[Kernel] = &[
         // agent rides out a SPIRE outage or an unauthorized delegate does
         // not depend on the kernel once attestation works: the lockdown
         // runs the whole identity suite.
-        tests: &[
-            "capture",
-            "mtls",
-            "identity:local_ends_and_same_node_peers_are_attested",
-            "scenario",
-            "nodes",
-            "cilium",
-        ],
+        tests: EVERY_SUITE_LOCAL_ATTESTATION,
     },
     Kernel {
         name: "6.12",
