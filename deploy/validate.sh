@@ -5,8 +5,11 @@
 #   2. Kubernetes schema validation, strict (kubernetes-validate, Kubernetes
 #      $FLOWAUDIT_KUBE_VERSION, default 1.31.0 as on kind nodes); the CRDs
 #      (ServiceMonitor, ClusterSPIFFEID) against deploy/schemas/
-#   3. the DaemonSet's security posture (validate.py posture)
-#   4. the SPIRE agent snippet (admin socket directory, authorized_delegates)
+#   3. the security posture of the DaemonSet and of the relay's Deployment,
+#      and that agents, relay, RBAC and NetworkPolicies agree (validate.py
+#      posture)
+#   4. the SPIRE agent snippet (admin socket directory, authorized_delegates,
+#      the Workload API socket the manifests mount)
 #   5. checkov security scan of the rendered manifests and the Dockerfile; any
 #      finding fails unless skipped with a justification in the manifest, and
 #      a skip that no longer suppresses a real finding fails too
@@ -110,7 +113,7 @@ if [ "$render_ok" -eq 1 ]; then
     || failed "deploy/spire/agent-daemonset-patch.yaml is not valid YAML"
 
   # --- 3. posture ---------------------------------------------------------------
-  step "DaemonSet security posture"
+  step "security posture (agents' DaemonSet, relay's Deployment)"
   python3 "$deploy/validate.py" posture "$out/rendered/base.yaml" "$out/rendered/kind.yaml" "$out/up-overlay.yaml" \
     || failed "security posture"
 fi
@@ -148,8 +151,9 @@ fi
 
 # --- 6. shellcheck ---------------------------------------------------------------
 step "shellcheck"
-if shellcheck "$deploy/validate.sh" "$deploy/kind/up.sh" "$deploy/spire/register-flowaudit.sh"; then
-  echo "  ok    validate.sh, kind/up.sh, spire/register-flowaudit.sh"
+if shellcheck -x "$deploy/validate.sh" "$deploy/kind/up.sh" "$deploy/spire/register-flowaudit.sh" \
+  "$deploy/spire/mint-observer-svid.sh" "$deploy/spire/spire-server.sh"; then
+  echo "  ok    validate.sh, kind/up.sh, spire/register-flowaudit.sh, spire/mint-observer-svid.sh, spire/spire-server.sh"
 else
   failed "shellcheck"
 fi

@@ -5,9 +5,11 @@
 #      `latest`: kind caches images by tag, sprint log Issue 2)
 #   3. kind load docker-image into every node
 #   4. check the SPIRE side (admin socket config, authorized_delegates) and
-#      register flowaudit's SPIFFE ID when a SPIRE server is found
-#   5. apply the kind overlay with that tag, wait for the rollout
-#   6. print how to tail flows
+#      register the agents' and the relay's SPIFFE IDs when a SPIRE server
+#      is found
+#   5. apply the kind overlay with that tag, wait for the rollout of the
+#      agents (DaemonSet) and of the relay (Deployment)
+#   6. print how to tail flows, per node and cluster-wide through the relay
 #
 # Usage: deploy/kind/up.sh [--no-build] [--tag TAG]
 # Environment: CLUSTER_NAME (precinct-99), IMAGE_NAME (flowaudit),
@@ -89,8 +91,11 @@ log "loading $image into kind nodes"
 "$KIND" load docker-image "$image" --name "$CLUSTER_NAME"
 
 # --- SPIRE side ---------------------------------------------------------------
-# flowaudit works without SPIRE (identities are then DERIVED from pod
-# metadata), so problems here are warnings; deploy/README.md explains each.
+# Problems here are warnings, and the rollout below says what they cost: the
+# agents' and the relay's mTLS ports take their SVIDs from the SPIRE Workload
+# API, so without SPIRE neither becomes ready; with the Workload API but no
+# admin socket the agents run with DERIVED identities. deploy/README.md
+# explains each.
 spire_ok=1
 if k get namespace "$SPIRE_NAMESPACE" >/dev/null 2>&1; then
   agent_conf="$(k -n "$SPIRE_NAMESPACE" get configmap spire-agent -o jsonpath='{.data.agent\.conf}' 2>/dev/null || true)"
@@ -108,10 +113,10 @@ if k get namespace "$SPIRE_NAMESPACE" >/dev/null 2>&1; then
     fi
   fi
   if k get crd clusterspiffeids.spire.spiffe.io >/dev/null 2>&1; then
-    log "registering flowaudit through spire-controller-manager (ClusterSPIFFEID)"
+    log "registering the flowaudit agents and relay through spire-controller-manager (ClusterSPIFFEID)"
     k apply -f "$deploy/spire/clusterspiffeid.yaml"
   elif k -n "$SPIRE_NAMESPACE" get pod "${SPIRE_SERVER_POD:-spire-server-0}" >/dev/null 2>&1; then
-    log "registering flowaudit with the SPIRE server"
+    log "registering the flowaudit agents and relay with the SPIRE server"
     KUBECTL="$KUBECTL" KUBE_CONTEXT="$context" SPIRE_NAMESPACE="$SPIRE_NAMESPACE" CLUSTER_NAME="$CLUSTER_NAME" \
       "$deploy/spire/register-flowaudit.sh" || { warn "registration failed (see above)"; spire_ok=0; }
   else
@@ -119,7 +124,7 @@ if k get namespace "$SPIRE_NAMESPACE" >/dev/null 2>&1; then
     spire_ok=0
   fi
 else
-  warn "namespace $SPIRE_NAMESPACE not found: no SPIRE here, identities will be DERIVED from pod metadata only"
+  warn "namespace $SPIRE_NAMESPACE not found: no SPIRE here, so the agents and the relay get no SVID for their mTLS gRPC ports and do not start (deploy/README.md, \"Relay\")"
   spire_ok=0
 fi
 
@@ -155,12 +160,14 @@ log "applying flowaudit ($image)"
 k apply -f "$rendered"
 
 log "waiting for the rollout (timeout $ROLLOUT_TIMEOUT)"
-if ! k -n flowaudit rollout status daemonset/flowaudit --timeout "$ROLLOUT_TIMEOUT"; then
-  k -n flowaudit get pods -o wide || true
-  k -n flowaudit describe daemonset flowaudit | tail -n 20 || true
-  k -n flowaudit logs daemonset/flowaudit --tail 50 || true
-  die "flowaudit did not become ready"
-fi
+for workload in daemonset/flowaudit deployment/flowaudit-relay; do
+  if ! k -n flowaudit rollout status "$workload" --timeout "$ROLLOUT_TIMEOUT"; then
+    k -n flowaudit get pods -o wide || true
+    k -n flowaudit describe "$workload" | tail -n 20 || true
+    k -n flowaudit logs "$workload" --tail 50 || true
+    die "$workload did not become ready (no SVID from the SPIRE Workload API? see the warnings above)"
+  fi
+done
 k -n flowaudit get pods -o wide
 
 cat <<EOF
@@ -173,8 +180,13 @@ Tail flows (one node's agent; -f follows):
   kubectl --context $context -n flowaudit exec ds/flowaudit -- flowaudit observe -f --verdict VIOLATION
   kubectl --context $context -n flowaudit exec ds/flowaudit -- flowaudit observe --from-label app=frontend --to-label app=backend --last 20
 A given node's agent:
-  kubectl --context $context -n flowaudit exec \$(kubectl --context $context -n flowaudit get pod -l app.kubernetes.io/name=flowaudit --field-selector spec.nodeName=${CLUSTER_NAME}-worker -o name) -- flowaudit observe -f
+  kubectl --context $context -n flowaudit exec \$(kubectl --context $context -n flowaudit get pod -l app.kubernetes.io/name=flowaudit,app.kubernetes.io/component=agent --field-selector spec.nodeName=${CLUSTER_NAME}-worker -o name) -- flowaudit observe -f
 Status and metrics:
   kubectl --context $context -n flowaudit exec ds/flowaudit -- flowaudit status
   kubectl --context $context -n flowaudit port-forward ds/flowaudit 9966:9966   # then curl localhost:9966/metrics
+Every node at once, through the relay (mTLS; deploy/README.md, "Relay"):
+  KUBE_CONTEXT=$context $deploy/spire/mint-observer-svid.sh \$USER ~/.flowaudit
+  kubectl --context $context -n flowaudit port-forward svc/flowaudit-relay 4245 &
+  flowaudit observe --server 127.0.0.1:4245 --tls-cert ~/.flowaudit/svid.pem --tls-key ~/.flowaudit/key.pem \\
+    --tls-ca ~/.flowaudit/bundle.pem --allow-peer spiffe://demo.local/ns/flowaudit/sa/flowaudit-relay -f
 EOF

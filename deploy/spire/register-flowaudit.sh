@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Registers flowaudit's own SPIFFE ID with the SPIRE server, so that the SPIRE
-# agent can attest flowaudit on the admin socket and find its ID in
-# authorized_delegates. Idempotent: existing entries are left alone.
+# Registers flowaudit's SPIFFE IDs with the SPIRE server: the agents' (so that
+# the SPIRE agent can attest them on the admin socket and find their ID in
+# authorized_delegates, and so that they get an SVID for their mTLS gRPC
+# port) and the relay's. Idempotent: existing entries are left alone.
 #
 #   deploy/spire/register-flowaudit.sh            # precinct-99 defaults
 #   TRUST_DOMAIN=example.org CLUSTER_NAME=c1 deploy/spire/register-flowaudit.sh
 #
-# Two entries:
+# Three entries:
 #  1. a node alias for every SPIRE agent of the cluster (k8s_psat node
 #     attestation, selector k8s_psat:cluster:<cluster>). The sprint log
 #     parented entries to individual agent IDs, which embed node UIDs and
 #     change whenever the cluster is recreated; an alias does not.
-#  2. flowaudit's workload entry under that alias:
+#  2. the agents' workload entry under that alias:
 #       spiffe://<td>/ns/flowaudit/sa/flowaudit
 #     selected by k8s:ns:flowaudit + k8s:sa:flowaudit.
+#  3. the relay's, likewise:
+#       spiffe://<td>/ns/flowaudit/sa/flowaudit-relay
+#     selected by k8s:ns:flowaudit + k8s:sa:flowaudit-relay. The agents'
+#     TCP gRPC port admits this ID only (--allow-peer).
 #
-# The same two commands, by hand (inside the spire-server container):
+# The same commands, by hand (inside the spire-server container):
 #   spire-server entry create -node \
 #     -spiffeID spiffe://demo.local/k8s-cluster/precinct-99 \
 #     -selector k8s_psat:cluster:precinct-99
@@ -23,31 +28,19 @@
 #     -parentID spiffe://demo.local/k8s-cluster/precinct-99 \
 #     -spiffeID spiffe://demo.local/ns/flowaudit/sa/flowaudit \
 #     -selector k8s:ns:flowaudit -selector k8s:sa:flowaudit
+#   spire-server entry create \
+#     -parentID spiffe://demo.local/k8s-cluster/precinct-99 \
+#     -spiffeID spiffe://demo.local/ns/flowaudit/sa/flowaudit-relay \
+#     -selector k8s:ns:flowaudit -selector k8s:sa:flowaudit-relay
 # Clusters running spire-controller-manager apply clusterspiffeid.yaml
 # instead.
 set -euo pipefail
 
-TRUST_DOMAIN="${TRUST_DOMAIN:-demo.local}"
+# shellcheck source-path=SCRIPTDIR source=spire-server.sh
+. "$(dirname "${BASH_SOURCE[0]}")/spire-server.sh"
 CLUSTER_NAME="${CLUSTER_NAME:-precinct-99}"      # k8s_psat `cluster` in the SPIRE server config
-SPIRE_NAMESPACE="${SPIRE_NAMESPACE:-spire-system}"
-SPIRE_SERVER_POD="${SPIRE_SERVER_POD:-spire-server-0}"
-SPIRE_SERVER_CONTAINER="${SPIRE_SERVER_CONTAINER:-spire-server}"
-SPIRE_SERVER_BIN="${SPIRE_SERVER_BIN:-/opt/spire/bin/spire-server}"
-KUBECTL="${KUBECTL:-kubectl}"
-KUBE_CONTEXT="${KUBE_CONTEXT:-}"                # empty: kubectl's current context
 
 NODE_ALIAS="spiffe://${TRUST_DOMAIN}/k8s-cluster/${CLUSTER_NAME}"
-FLOWAUDIT_ID="spiffe://${TRUST_DOMAIN}/ns/flowaudit/sa/flowaudit"
-
-context_args=()
-if [ -n "$KUBE_CONTEXT" ]; then
-  context_args=(--context "$KUBE_CONTEXT")
-fi
-
-spire_server() {
-  "$KUBECTL" ${context_args[@]+"${context_args[@]}"} exec -n "$SPIRE_NAMESPACE" "$SPIRE_SERVER_POD" -c "$SPIRE_SERVER_CONTAINER" -- \
-    "$SPIRE_SERVER_BIN" "$@"
-}
 
 entry_exists() {
   # `entry show` exits 0 with "Found 0 entries" when nothing matches.
@@ -62,14 +55,21 @@ else
     -selector "k8s_psat:cluster:${CLUSTER_NAME}"
 fi
 
-if entry_exists "$FLOWAUDIT_ID"; then
-  echo "flowaudit $FLOWAUDIT_ID: already registered"
-else
-  spire_server entry create \
-    -parentID "$NODE_ALIAS" \
-    -spiffeID "$FLOWAUDIT_ID" \
-    -selector k8s:ns:flowaudit \
-    -selector k8s:sa:flowaudit
-fi
+# register_workload SERVICE_ACCOUNT: a pod of namespace flowaudit running
+# under that service account gets spiffe://<td>/ns/flowaudit/sa/<sa>.
+register_workload() {
+  local id="spiffe://${TRUST_DOMAIN}/ns/flowaudit/sa/$1"
+  if entry_exists "$id"; then
+    echo "$1 $id: already registered"
+  else
+    spire_server entry create \
+      -parentID "$NODE_ALIAS" \
+      -spiffeID "$id" \
+      -selector k8s:ns:flowaudit \
+      -selector "k8s:sa:$1"
+  fi
+  spire_server entry show -spiffeID "$id"
+}
 
-spire_server entry show -spiffeID "$FLOWAUDIT_ID"
+register_workload flowaudit         # the agents
+register_workload flowaudit-relay   # the relay
