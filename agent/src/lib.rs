@@ -14,4 +14,5 @@ pub mod flow;
 pub mod identity;
 pub mod judge;
 pub mod pipeline;
+pub mod relay;
 pub mod state;

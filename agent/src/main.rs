@@ -28,6 +28,8 @@ enum Command {
     Observe(cli::observe::ObserveArgs),
     /// Print a running agent's status (node, uptime, flows, losses, identity, SPIRE, policy).
     Status(cli::status::StatusArgs),
+    /// Serve one stream for the whole cluster: every node's agent over mTLS, merged in time order, with cross-node connections joined on request.
+    Relay(flowaudit::relay::RelayArgs),
     /// Check and explain intended policy (FlowPolicy, CiliumNetworkPolicy, NetworkPolicy); no root needed.
     #[command(subcommand)]
     Policy(flowaudit_policy::cli::PolicyCommand),
@@ -39,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Agent(args) => cli::agent::run(args),
         Command::Observe(args) => cli::observe::run(&args),
         Command::Status(args) => cli::status::run(&args),
+        Command::Relay(args) => flowaudit::relay::run(args),
         Command::Policy(cmd) => {
             let code = cmd.run(&mut std::io::stdout().lock(), &mut std::io::stderr().lock());
             return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));

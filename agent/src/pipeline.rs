@@ -471,6 +471,7 @@ mod bench {
                 match item {
                     Item::Flow(_) => r2.fetch_add(1, Ordering::Relaxed),
                     Item::Lost { count, .. } => l2.fetch_add(count, Ordering::Relaxed),
+                    Item::Notice(_) => 0,
                 };
             }
         });

@@ -131,8 +131,6 @@ impl RunningAgent {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        check_node_pod_spec(node, pod_spec);
-        let dir = temp_dir();
         let spec = PodSpec::new("flowaudit", format!("flowaudit-{:x}", rand_u64() as u16))
             .service_account("flowaudit")
             .label("app.kubernetes.io/name", "flowaudit");
@@ -142,6 +140,21 @@ impl RunningAgent {
             node.add_pod(spec)
         }
         .unwrap_or_else(|e| panic!("adding the agent's pod to node {}: {e}", node.name()));
+        Self::start_in_pod(node, pod, pod_spec, extra_args, env)
+    }
+
+    /// Like [`RunningAgent::start_in_node`], in a pod that exists already
+    /// (e.g. the pod of an agent that stopped: a container restarted in
+    /// place keeps its pod's address).
+    pub fn start_in_pod(
+        node: &SimNode,
+        pod: Pod,
+        pod_spec: &AgentPodSpec,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        check_node_pod_spec(node, pod_spec);
+        let dir = temp_dir();
         let caps = if pod_spec.privileged {
             None
         } else if pod_spec.capabilities_drop_all {

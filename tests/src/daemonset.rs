@@ -439,6 +439,13 @@ mod tests {
                     host_path: "/sys/fs/bpf".into(),
                     read_only: true,
                 },
+                // The Workload API (the agent's own SVID for its TCP
+                // listener): a socket, not a privilege.
+                HostPathMount {
+                    mount_path: "/run/spire/sockets".into(),
+                    host_path: "/run/spire/sockets".into(),
+                    read_only: true,
+                },
             ]
         );
         // The kind overlay's patch, not only the base, reached the args.

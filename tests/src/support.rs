@@ -161,3 +161,31 @@ pub fn read_flows(path: &Path) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// The trust domain of the multi-node tests.
+pub const TD: &str = "demo.local";
+
+/// The SPIRE agent of one node: it knows that node's pods only (the
+/// kubelet it asks is the node's), with an entry per service account.
+pub fn node_spire(node: &SimNode, pods: &[&Pod]) -> crate::spire_double::NodeDouble {
+    let mut cfg = crate::spire_double::SpireDoubleConfig::new("", TD)
+        .version(crate::spire_double::VERSION_WITH_PID);
+    for p in pods {
+        cfg = cfg
+            .pod(p.uid(), p.namespace(), p.service_account(), p.name())
+            .entry(
+                &format!(
+                    "spiffe://{TD}/ns/{}/sa/{}",
+                    p.namespace(),
+                    p.service_account()
+                ),
+                &[
+                    &format!("k8s:ns:{}", p.namespace()),
+                    &format!("k8s:sa:{}", p.service_account()),
+                ],
+            );
+    }
+    cfg.authorized = Some(true);
+    crate::spire_double::NodeDouble::start(node, cfg)
+        .unwrap_or_else(|e| panic!("SPIRE double in {}: {e}", node.name()))
+}

@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use flowaudit_tests::agent::flows_between;
 use flowaudit_tests::scenario::endpoint_entry;
 use flowaudit_tests::simpod::{ConnRecord, ConnResult, ConnectOpts, ServeOpts};
-use flowaudit_tests::spire_double::{NodeDouble, SpireDoubleConfig, VERSION_WITH_PID};
 use flowaudit_tests::support::*;
 use flowaudit_tests::{Pod, PodSpec, SimNode};
 use serde_json::Value;
@@ -24,25 +23,6 @@ fn spiffe_id(p: &Pod) -> String {
         p.namespace(),
         p.service_account()
     )
-}
-
-/// The SPIRE agent of one node: it knows that node's pods only (the
-/// kubelet it asks is the node's), with an entry per service account.
-fn node_spire(node: &SimNode, pods: &[&Pod]) -> NodeDouble {
-    let mut cfg = SpireDoubleConfig::new("", TD).version(VERSION_WITH_PID);
-    for p in pods {
-        cfg = cfg
-            .pod(p.uid(), p.namespace(), p.service_account(), p.name())
-            .entry(
-                &spiffe_id(p),
-                &[
-                    &format!("k8s:ns:{}", p.namespace()),
-                    &format!("k8s:sa:{}", p.service_account()),
-                ],
-            );
-    }
-    cfg.authorized = Some(true);
-    NodeDouble::start(node, cfg).unwrap_or_else(|e| panic!("SPIRE double in {}: {e}", node.name()))
 }
 
 fn pod(node: &SimNode, name: &str, sa: &str) -> Pod {

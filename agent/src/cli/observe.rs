@@ -104,6 +104,11 @@ pub struct ObserveArgs {
     /// Only this encryption state: PLAINTEXT, TLS, MTLS, UNKNOWN.
     #[arg(long, value_name = "S", value_parser = |s: &str| enum_value(s, "ENCRYPTION_STATE", proto::EncryptionState::from_str_name))]
     pub encryption: Vec<i32>,
+    /// From `flowaudit relay`: one flow per connection seen on two nodes,
+    /// its two halves (EGRESS on the client's node, INGRESS on the
+    /// server's) joined, each end as its own node attested it.
+    #[arg(long)]
+    pub join: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Compact)]
     pub output: Output,
@@ -273,6 +278,7 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
             vec![filter]
         },
         deny: vec![],
+        join: args.join,
     };
     let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
     let mut client = grpc::connect_tls(&args.server, &tls).await?;
@@ -323,7 +329,15 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
                             }
                             Some(proto::get_flows_response::Response::LostEvents(l)) => {
                                 let _ = out.flush();
-                                eprintln!("flowaudit observe: {}", super::printable(&l.message));
+                                eprintln!(
+                                    "flowaudit observe: {}{}",
+                                    node_prefix(&r.node_name),
+                                    super::printable(&l.message)
+                                );
+                            }
+                            Some(proto::get_flows_response::Response::NodeStatus(n)) => {
+                                let _ = out.flush();
+                                eprintln!("flowaudit observe: {}", node_status_line(&n));
                             }
                             None => {}
                         },
@@ -373,6 +387,37 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
         };
         eprintln!("flowaudit observe: reconnected to {}", args.server);
     }
+}
+
+/// "node N: " before a relay's per-node notice (an agent's are its own).
+fn node_prefix(node: &str) -> String {
+    if node.is_empty() {
+        String::new()
+    } else {
+        format!("node {}: ", super::printable(node))
+    }
+}
+
+/// One line for a relay's node status notice.
+pub fn node_status_line(n: &proto::NodeStatusEvent) -> String {
+    let state = match proto::NodeState::try_from(n.state) {
+        Ok(proto::NodeState::Connected) => "connected",
+        Ok(proto::NodeState::Unavailable) => "unavailable",
+        Ok(proto::NodeState::Gone) => "gone",
+        Ok(proto::NodeState::Back) => "back",
+        Ok(proto::NodeState::Connecting) => "connecting",
+        _ => "in an unknown state",
+    };
+    let mut line = format!(
+        "node {} ({}) {state}",
+        super::printable(&n.node_name),
+        super::printable(&n.address)
+    );
+    if !n.message.is_empty() {
+        line.push_str(": ");
+        line.push_str(&super::printable(&n.message));
+    }
+    line
 }
 
 fn run_file(

@@ -73,8 +73,62 @@ fn uptime(secs: u64) -> String {
     }
 }
 
+fn node_state(state: i32) -> &'static str {
+    proto::NodeState::try_from(state).map_or("unknown", crate::relay::peers::state_name)
+}
+
+/// A relay's status: itself, then one block per node.
+fn render_relay(s: &proto::ServerStatusResponse) -> String {
+    let connected = s
+        .nodes
+        .iter()
+        .filter(|n| matches!(node_state(n.state), "connected" | "back"))
+        .count();
+    let mut out = format!(
+        "Relay:              {}\nVersion:            {}\nUptime:             {}\nNodes:              {connected}/{} connected\nFlows merged:       {}\nFlow buffer:        {}/{}\nStream subscribers: {} ({} flows dropped for slow subscribers)\n",
+        printable(&s.node_name),
+        printable(&s.version),
+        uptime(s.uptime_seconds),
+        s.nodes.len(),
+        s.flows_seen,
+        s.flows_buffered,
+        s.flow_buffer_capacity,
+        s.subscribers,
+        s.stream_dropped,
+    );
+    for n in &s.nodes {
+        out.push_str(&format!(
+            "  {} ({}): {}, {} flows, {} lost, {} connections",
+            printable(&n.node_name),
+            printable(&n.address),
+            node_state(n.state),
+            n.flows,
+            n.lost,
+            n.connects
+        ));
+        if !n.detail.is_empty() {
+            out.push_str(&format!("; {}", printable(&n.detail)));
+        }
+        out.push('\n');
+        if let Some(st) = &n.status {
+            out.push_str(&format!(
+                "    agent {}: up {}, {} flows seen, {} kernel events lost, ready: {}\n",
+                printable(&st.version),
+                uptime(st.uptime_seconds),
+                st.flows_seen,
+                st.kernel_events_lost,
+                if st.ready { "yes" } else { "no" }
+            ));
+        }
+    }
+    out
+}
+
 /// The text form: one `Label: value` per line, labels aligned.
 pub fn render(s: &proto::ServerStatusResponse) -> String {
+    if s.relay {
+        return render_relay(s);
+    }
     let ready = if s.ready {
         "yes".to_owned()
     } else {
@@ -200,6 +254,17 @@ fn as_json(s: &proto::ServerStatusResponse) -> serde_json::Value {
         "kernel_degradations": s.kernel_degradations.iter().map(|d| serde_json::json!({"name": d.name, "reason": d.reason, "lost": d.lost})).collect::<Vec<_>>(),
         "kernel_losses": s.kernel_losses.iter().map(|l| serde_json::json!({"place": l.place, "count": l.count, "consequence": l.consequence, "loses_flow_events": l.loses_flow_events})).collect::<Vec<_>>(),
         "cilium": s.cilium.as_ref().map(|c| serde_json::json!({"maps_found": c.maps_found, "detail": c.detail})),
+        "relay": s.relay,
+        "nodes": s.nodes.iter().map(|n| serde_json::json!({
+            "node_name": n.node_name,
+            "address": n.address,
+            "state": node_state(n.state).to_ascii_uppercase(),
+            "detail": n.detail,
+            "flows": n.flows,
+            "lost": n.lost,
+            "connects": n.connects,
+            "status": n.status.as_ref().map(as_json),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -382,5 +447,50 @@ Kernel losses:      none
             as_json(&s)["kernel_degradations"][0]["name"],
             "kernel_reads"
         );
+    }
+
+    #[test]
+    fn a_relay_lists_its_nodes_with_their_state() {
+        let s = proto::ServerStatusResponse {
+            node_name: "relay-0".into(),
+            version: "0.1.0".into(),
+            uptime_seconds: 61,
+            flows_seen: 7,
+            relay: true,
+            nodes: vec![
+                proto::NodeStatus {
+                    node_name: "precinct-99-worker".into(),
+                    address: "10.244.1.2:4244".into(),
+                    state: proto::NodeState::Connected as i32,
+                    flows: 5,
+                    connects: 1,
+                    ..Default::default()
+                },
+                proto::NodeStatus {
+                    node_name: "precinct-99-worker2".into(),
+                    address: "10.244.2.2:4244".into(),
+                    state: proto::NodeState::Unavailable as i32,
+                    detail: "the stream broke: \x1b[2J".into(),
+                    flows: 2,
+                    lost: 3,
+                    connects: 1,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = render(&s);
+        assert!(text.contains("Nodes:              1/2 connected"), "{text}");
+        assert!(
+            text.contains("  precinct-99-worker (10.244.1.2:4244): connected, 5 flows, 0 lost, 1 connections\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("precinct-99-worker2 (10.244.2.2:4244): unavailable, 2 flows, 3 lost, 1 connections; the stream broke: \\x1b[2J"),
+            "{text}"
+        );
+        let json = as_json(&s);
+        assert_eq!(json["nodes"][1]["state"], "UNAVAILABLE");
+        assert_eq!(json["relay"], true);
     }
 }

@@ -252,9 +252,9 @@ fn build_directory(pods: &Reflected<PodEntry>, nodes: &Reflected<NodeInfo>) -> E
 
 /// One watched collection, kept like kube's reflector store: a re-list is
 /// buffered and swapped in whole when complete.
-struct Reflected<T> {
+pub(crate) struct Reflected<T> {
     what: &'static str,
-    items: HashMap<String, T>,
+    pub(crate) items: HashMap<String, T>,
     relist: Option<HashMap<String, T>>,
     /// The initial list has completed at least once.
     listed: bool,
@@ -264,7 +264,7 @@ struct Reflected<T> {
 }
 
 impl<T: PartialEq> Reflected<T> {
-    fn new(what: &'static str) -> Self {
+    pub(crate) fn new(what: &'static str) -> Self {
         Self {
             what,
             items: HashMap::new(),
@@ -276,7 +276,7 @@ impl<T: PartialEq> Reflected<T> {
     }
 
     /// Applies one watcher item; true if the directory changed.
-    fn handle<K>(
+    pub(crate) fn handle<K>(
         &mut self,
         ev: Result<Event<K>, watcher::Error>,
         key: impl Fn(&K) -> Option<String>,

@@ -112,7 +112,7 @@ pub struct FlowAuditService {
     state: Arc<AgentState>,
 }
 
-type FlowResponseStream =
+pub type FlowResponseStream =
     Pin<Box<dyn Stream<Item = Result<proto::GetFlowsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -123,37 +123,9 @@ impl FlowAudit for FlowAuditService {
         &self,
         request: Request<proto::GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
-        let req = request.into_inner();
-        let filter = FilterSet::compile(&req.allow, &req.deny)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let since = req.since.map(|t| convert::timestamp_to_rfc3339(&t));
-        let stream = self
-            .hub
-            .subscribe(Subscribe {
-                number: req.number,
-                follow: req.follow,
-                since,
-                filter,
-            })
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let node = self.state.node_name.clone();
-        // Conversion to protobuf happens here, in the subscriber's task, not
-        // on the pipeline.
-        let out = stream.map(move |item| {
-            let response = match item {
-                Item::Flow(f) => {
-                    proto::get_flows_response::Response::Flow(convert::flow_to_proto(&f))
-                }
-                Item::Lost { source, count } => {
-                    proto::get_flows_response::Response::LostEvents(lost_events(source, count))
-                }
-            };
-            Ok(proto::GetFlowsResponse {
-                response: Some(response),
-                node_name: node.clone(),
-            })
-        });
-        Ok(Response::new(Box::pin(out)))
+        // `join` is the relay's: an agent has one node's halves only.
+        let stream = flow_stream(&self.hub, request.into_inner(), &self.state.node_name)?;
+        Ok(Response::new(stream))
     }
 
     async fn server_status(
@@ -164,7 +136,48 @@ impl FlowAudit for FlowAuditService {
     }
 }
 
-fn lost_events(source: LostSource, count: u64) -> proto::LostEvents {
+/// A `GetFlows` answer from a hub: its buffered flows, then (with
+/// `follow`) live ones, its losses and notices. Flows carry their own node;
+/// this server's own notices carry `own_name`. Conversion to protobuf
+/// happens in the subscriber's task, never on the pipeline.
+pub fn flow_stream(
+    hub: &Arc<Hub>,
+    req: proto::GetFlowsRequest,
+    own_name: &str,
+) -> Result<FlowResponseStream, Status> {
+    let filter = FilterSet::compile(&req.allow, &req.deny)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let since = req.since.map(|t| convert::timestamp_to_rfc3339(&t));
+    let stream = hub
+        .subscribe(Subscribe {
+            number: req.number,
+            follow: req.follow,
+            since,
+            filter,
+        })
+        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+    let own = own_name.to_owned();
+    let out = stream.map(move |item| {
+        Ok(match item {
+            Item::Flow(f) => proto::GetFlowsResponse {
+                node_name: f.node_name.to_string(),
+                response: Some(proto::get_flows_response::Response::Flow(
+                    convert::flow_to_proto(&f),
+                )),
+            },
+            Item::Lost { source, count } => proto::GetFlowsResponse {
+                node_name: own.clone(),
+                response: Some(proto::get_flows_response::Response::LostEvents(
+                    lost_events(source, count),
+                )),
+            },
+            Item::Notice(n) => n.as_ref().clone(),
+        })
+    });
+    Ok(Box::pin(out))
+}
+
+pub fn lost_events(source: LostSource, count: u64) -> proto::LostEvents {
     let (src, message, place) = match source {
         LostSource::SubscriberQueue => (
             proto::LostEventsSource::SubscriberQueue,
@@ -204,7 +217,7 @@ fn kernel_losses(stats: &crate::capture::CaptureStats) -> Vec<proto::KernelLoss>
         .collect()
 }
 
-fn system_time_to_proto(t: SystemTime) -> prost_types::Timestamp {
+pub fn system_time_to_proto(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     prost_types::Timestamp {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -224,6 +237,8 @@ pub fn status_of(state: &AgentState, hub: &Hub) -> proto::ServerStatusResponse {
         kernel_events: state.capture.records.load(Ordering::Relaxed),
         kernel_events_lost: state.capture.events_lost(),
         kernel_losses: kernel_losses(&state.capture),
+        relay: false,
+        nodes: Vec::new(),
         cilium: Some(match state.metrics.cilium.last_look.lock().ok().and_then(|l| l.clone()) {
             Some((maps_found, detail)) => proto::CiliumStatus { maps_found, detail },
             None => proto::CiliumStatus {
@@ -315,6 +330,16 @@ pub async fn serve(
     state: Arc<AgentState>,
     tls: Option<&ServerTls>,
 ) -> Result<Vec<GrpcAddr>, GrpcError> {
+    serve_service(addrs, FlowAuditService { hub, state }, tls).await
+}
+
+/// [`serve`] for any implementation of the service (the agent's, the relay's).
+pub async fn serve_service<S: FlowAudit>(
+    addrs: &[String],
+    service: S,
+    tls: Option<&ServerTls>,
+) -> Result<Vec<GrpcAddr>, GrpcError> {
+    let service = Arc::new(service);
     let mut bound = Vec::new();
     for text in addrs {
         let addr = GrpcAddr::parse(text)?;
@@ -324,10 +349,7 @@ pub async fn serve(
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let service = FlowAuditServer::new(FlowAuditService {
-            hub: hub.clone(),
-            state: state.clone(),
-        });
+        let service = FlowAuditServer::from_arc(service.clone());
         let router = Server::builder()
             // Notice dead peers of idle streams, so their subscriptions end.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -474,7 +496,7 @@ pub mod convert {
     use crate::flow::UnknownReason;
     use crate::flow::{
         ClientCertificate, Direction, Encryption, EndKind, Endpoint, EventKind, FailureReason,
-        Finding, FlowEvent, L4, Socket,
+        Finding, FlowEvent, Joined, JoinedHalf, L4, Socket,
     };
 
     #[derive(Debug, thiserror::Error)]
@@ -771,14 +793,7 @@ pub mod convert {
             node_name: f.node_name.to_string(),
             event: event_to(f.event) as i32,
             verdict: verdict_to(f.verdict) as i32,
-            findings: f
-                .findings
-                .iter()
-                .map(|x| proto::Finding {
-                    kind: finding_to(x.kind) as i32,
-                    message: x.message.clone(),
-                })
-                .collect(),
+            findings: findings_to(&f.findings),
             policy_rule: f.policy_rule.clone(),
             l4: Some(proto::L4 {
                 protocol: f.l4.protocol.to_string(),
@@ -789,10 +804,7 @@ pub mod convert {
             }),
             source: Some(endpoint_to(&f.source)),
             destination: Some(endpoint_to(&f.destination)),
-            direction: match f.direction {
-                Direction::Egress => proto::Direction::Egress,
-                Direction::Ingress => proto::Direction::Ingress,
-            } as i32,
+            direction: direction_to(f.direction) as i32,
             encryption: Some(proto::Encryption {
                 state: encryption_to(f.encryption.state) as i32,
                 tls_version: f.encryption.tls_version.clone(),
@@ -822,7 +834,92 @@ pub mod convert {
                 retransmits: f.socket.retransmits,
             }),
             mutual_auth: f.mutual_auth.as_ref().map(mutual_auth_to),
+            joined: f.joined.as_ref().map(|j| proto::Joined {
+                halves: j.halves.iter().map(half_to).collect(),
+            }),
         }
+    }
+
+    fn findings_to(findings: &[Finding]) -> Vec<proto::Finding> {
+        findings
+            .iter()
+            .map(|x| proto::Finding {
+                kind: finding_to(x.kind) as i32,
+                message: x.message.clone(),
+            })
+            .collect()
+    }
+
+    fn findings_from(findings: Vec<proto::Finding>) -> Result<Vec<Finding>, ConvertError> {
+        findings
+            .into_iter()
+            .map(|x| {
+                Ok(Finding {
+                    kind: finding_from(x.kind).ok_or_else(|| ConvertError::Invalid {
+                        what: "finding kind",
+                        value: x.kind.to_string(),
+                    })?,
+                    message: x.message,
+                })
+            })
+            .collect()
+    }
+
+    fn direction_to(d: Direction) -> proto::Direction {
+        match d {
+            Direction::Egress => proto::Direction::Egress,
+            Direction::Ingress => proto::Direction::Ingress,
+        }
+    }
+
+    fn direction_from(d: i32) -> Result<Direction, ConvertError> {
+        match proto::Direction::try_from(d) {
+            Ok(proto::Direction::Egress) => Ok(Direction::Egress),
+            Ok(proto::Direction::Ingress) => Ok(Direction::Ingress),
+            _ => Err(ConvertError::Invalid {
+                what: "direction",
+                value: d.to_string(),
+            }),
+        }
+    }
+
+    fn half_to(h: &JoinedHalf) -> proto::JoinedHalf {
+        proto::JoinedHalf {
+            direction: direction_to(h.direction) as i32,
+            node_name: h.node_name.to_string(),
+            time: parse_rfc3339(&h.time),
+            verdict: verdict_to(h.verdict) as i32,
+            findings: findings_to(&h.findings),
+            source_identity: identity_source_to(h.source_identity) as i32,
+            destination_identity: identity_source_to(h.destination_identity) as i32,
+            bytes_sent: h.bytes_sent,
+            bytes_received: h.bytes_received,
+            encryption: encryption_to(h.encryption) as i32,
+            cookie: h.cookie,
+        }
+    }
+
+    fn half_from(h: proto::JoinedHalf) -> Result<JoinedHalf, ConvertError> {
+        Ok(JoinedHalf {
+            direction: direction_from(h.direction)?,
+            node_name: h.node_name.into(),
+            time: h
+                .time
+                .as_ref()
+                .map(timestamp_to_rfc3339)
+                .ok_or(ConvertError::Missing("joined half time"))?,
+            verdict: verdict_from(h.verdict).ok_or_else(|| ConvertError::Invalid {
+                what: "joined half verdict",
+                value: h.verdict.to_string(),
+            })?,
+            findings: findings_from(h.findings)?,
+            source_identity: identity_source_from(h.source_identity),
+            destination_identity: identity_source_from(h.destination_identity),
+            bytes_sent: h.bytes_sent,
+            bytes_received: h.bytes_received,
+            encryption: encryption_from(h.encryption).unwrap_or(EncryptionState::Unknown),
+            cookie: h.cookie,
+        })
     }
 
     pub fn flow_from_proto(f: proto::Flow) -> Result<FlowEvent, ConvertError> {
@@ -842,17 +939,7 @@ pub mod convert {
             event: event_from(f.event).ok_or_else(|| invalid("event", f.event.to_string()))?,
             verdict: verdict_from(f.verdict)
                 .ok_or_else(|| invalid("verdict", f.verdict.to_string()))?,
-            findings: f
-                .findings
-                .into_iter()
-                .map(|x| {
-                    Ok(Finding {
-                        kind: finding_from(x.kind)
-                            .ok_or_else(|| invalid("finding kind", x.kind.to_string()))?,
-                        message: x.message,
-                    })
-                })
-                .collect::<Result<_, ConvertError>>()?,
+            findings: findings_from(f.findings)?,
             policy_rule: f.policy_rule,
             l4: L4 {
                 protocol: l4.protocol.into(),
@@ -863,11 +950,7 @@ pub mod convert {
             },
             source: endpoint_from(f.source.ok_or(ConvertError::Missing("source"))?),
             destination: endpoint_from(f.destination.ok_or(ConvertError::Missing("destination"))?),
-            direction: match proto::Direction::try_from(f.direction) {
-                Ok(proto::Direction::Egress) => Direction::Egress,
-                Ok(proto::Direction::Ingress) => Direction::Ingress,
-                _ => return Err(invalid("direction", f.direction.to_string())),
-            },
+            direction: direction_from(f.direction)?,
             encryption: Encryption {
                 state: encryption_from(enc.state).unwrap_or(EncryptionState::Unknown),
                 tls_version: enc.tls_version,
@@ -894,6 +977,18 @@ pub mod convert {
                 retransmits: socket.retransmits,
             },
             mutual_auth: f.mutual_auth.map(mutual_auth_from).transpose()?,
+            joined: f
+                .joined
+                .map(|j| {
+                    Ok::<_, ConvertError>(Joined {
+                        halves: j
+                            .halves
+                            .into_iter()
+                            .map(half_from)
+                            .collect::<Result<_, _>>()?,
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -1048,7 +1143,7 @@ mod tests {
                     match r.response {
                         Some(proto::get_flows_response::Response::Flow(_)) => n += 1,
                         Some(proto::get_flows_response::Response::LostEvents(l)) => lost += l.count,
-                        None => {}
+                        _ => {}
                     }
                     if n as u64 + lost >= flows as u64 {
                         break;

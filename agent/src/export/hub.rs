@@ -24,7 +24,6 @@ use flowaudit_policy::{EncryptionState, FindingKind, Verdict};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 
-use super::metrics::Metrics;
 use super::proto;
 use crate::flow::{Endpoint, EventKind, FlowEvent};
 use crate::state::AgentState;
@@ -56,8 +55,27 @@ pub enum HubError {
 #[derive(Debug, Clone)]
 pub enum Item {
     Flow(Arc<FlowEvent>),
-    Lost { source: LostSource, count: u64 },
+    Lost {
+        source: LostSource,
+        count: u64,
+    },
+    /// A response made elsewhere and sent as it is, unfiltered, to every
+    /// following subscriber (the relay's node status and per-node losses).
+    Notice(Arc<proto::GetFlowsResponse>),
 }
+
+/// Who counts what the hub does to its subscribers (the agent's and the
+/// relay's metrics: `flowaudit_stream_subscribers`,
+/// `flowaudit_stream_dropped_total`).
+pub trait StreamObserver: Send + Sync {
+    fn subscriber_added(&self);
+    fn subscriber_removed(&self);
+    fn stream_dropped(&self, n: u64);
+}
+
+/// Notices a subscriber's full queue keeps for later, at most; beyond
+/// that the oldest are counted as dropped flows' kin and forgotten.
+const PENDING_NOTICES: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LostSource {
@@ -385,13 +403,20 @@ struct Entry {
     /// Flows published so far, this one included: a gap tells a task that
     /// fell behind the ring how many it missed.
     flows: u64,
-    /// None: the kernel side lost something (see [`Shared::kernel`]).
-    flow: Option<Arc<FlowEvent>>,
+    what: Payload,
+}
+
+#[derive(Debug, Clone)]
+enum Payload {
+    Flow(Arc<FlowEvent>),
+    /// The kernel side lost something (see [`Shared::kernel`]).
+    KernelLoss,
+    Notice(Arc<proto::GetFlowsResponse>),
 }
 
 /// What the hub and the subscribers' filter tasks share.
 struct Shared {
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn StreamObserver>,
     /// Flows not delivered to some subscriber, all subscribers together.
     dropped: AtomicU64,
     /// Kernel losses reported to the hub so far, by place; each task tells
@@ -414,6 +439,8 @@ struct Pending {
     kernel: [AtomicU64; LOSS_PLACES as usize],
     /// The last ring entry the filter task finished with.
     processed: AtomicU64,
+    /// Notices the queue had no room for, oldest first.
+    notices: Mutex<VecDeque<Arc<proto::GetFlowsResponse>>>,
 }
 
 impl Pending {
@@ -456,7 +483,8 @@ impl FilterTask {
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            let missed = entry.flows - self.flows_seen - u64::from(entry.flow.is_some());
+            let is_flow = matches!(entry.what, Payload::Flow(_));
+            let missed = entry.flows - self.flows_seen - u64::from(is_flow);
             self.flows_seen = entry.flows;
             if missed > 0 {
                 // Told like a full queue: this subscriber fell behind. Counted
@@ -464,14 +492,15 @@ impl FilterTask {
                 self.pending.queue.fetch_add(missed, Ordering::Relaxed);
                 self.shared.dropped(missed);
             }
-            let sent = match &entry.flow {
-                Some(flow) if self.filter.matches(flow) => self.deliver(flow),
-                Some(_) => Sent::Ok,
-                None => self.tell_kernel_losses(),
+            let sent = match &entry.what {
+                Payload::Flow(flow) if self.filter.matches(flow) => self.deliver(flow),
+                Payload::Flow(_) => Sent::Ok,
+                Payload::KernelLoss => self.tell_kernel_losses(),
+                Payload::Notice(n) => self.notice(n),
             };
             self.pending.processed.store(entry.index, Ordering::Release);
             match sent {
-                Sent::Full if entry.flow.is_some() => {
+                Sent::Full if is_flow => {
                     self.pending.queue.fetch_add(1, Ordering::Relaxed);
                     self.shared.dropped(1);
                 }
@@ -489,8 +518,49 @@ impl FilterTask {
         }
     }
 
+    /// Queues a notice behind those still kept, or keeps it for the
+    /// stream to tell when the queue drains (notices are rare: node status
+    /// changes, per-node losses).
+    fn notice(&self, n: &Arc<proto::GetFlowsResponse>) -> Sent {
+        {
+            let mut kept = self
+                .pending
+                .notices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if kept.len() >= PENDING_NOTICES {
+                kept.pop_front();
+                self.shared.dropped(1);
+            }
+            kept.push_back(n.clone());
+        }
+        self.flush_notices()
+    }
+
+    /// Queues kept notices in order; `Full` when some are still kept.
+    fn flush_notices(&self) -> Sent {
+        let mut kept = self
+            .pending
+            .notices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while let Some(first) = kept.front() {
+            match self.try_send(Item::Notice(first.clone())) {
+                Sent::Ok => {
+                    kept.pop_front();
+                }
+                other => return other,
+            }
+        }
+        Sent::Ok
+    }
+
     /// Tells earlier losses first (so they arrive in order), then sends.
     fn deliver(&self, flow: &Arc<FlowEvent>) -> Sent {
+        match self.flush_notices() {
+            Sent::Ok => {}
+            other => return other,
+        }
         for source in LostSource::ALL {
             let counter = self.pending.counter(source);
             if counter.load(Ordering::Relaxed) > 0 {
@@ -572,7 +642,7 @@ impl Hub {
         capacity: usize,
         queue: usize,
         max_subscribers: usize,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn StreamObserver>,
     ) -> Self {
         Self::with_ring(
             capacity,
@@ -590,7 +660,7 @@ impl Hub {
         queue: usize,
         ring: usize,
         max_subscribers: usize,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn StreamObserver>,
     ) -> Self {
         Self {
             inner: Mutex::new(Inner {
@@ -734,23 +804,30 @@ impl Hub {
             inner.history.push_back(flow.clone());
         }
         inner.flows += 1;
-        self.send(&mut inner, Some(flow));
+        self.send(&mut inner, Payload::Flow(flow.clone()));
+    }
+
+    /// Sends a notice to every following subscriber, unfiltered (it is
+    /// not kept in the history).
+    pub fn notice(&self, notice: proto::GetFlowsResponse) {
+        let mut inner = self.lock();
+        self.send(&mut inner, Payload::Notice(Arc::new(notice)));
     }
 
     /// Tells every subscriber that the kernel side lost `count` at `place`.
     pub fn kernel_lost(&self, place: LossPlace, count: u64) {
         let mut inner = self.lock();
         self.shared.kernel[place as usize].fetch_add(count, Ordering::Relaxed);
-        self.send(&mut inner, None);
+        self.send(&mut inner, Payload::KernelLoss);
     }
 
-    fn send(&self, inner: &mut Inner, flow: Option<&Arc<FlowEvent>>) {
+    fn send(&self, inner: &mut Inner, what: Payload) {
         inner.entries += 1;
         // An error only says nobody follows.
         let _ = self.ring.send(Entry {
             index: inner.entries,
             flows: inner.flows,
-            flow: flow.cloned(),
+            what,
         });
     }
 
@@ -806,7 +883,17 @@ impl Stream for FlowStream {
         match live.rx.poll_recv(cx) {
             Poll::Ready(item) => Poll::Ready(item),
             Poll::Pending => {
-                // Queue drained: tell losses the filter task could not queue.
+                // Queue drained: tell notices and losses the filter task
+                // could not queue.
+                let notice = live
+                    .pending
+                    .notices
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
+                if let Some(n) = notice {
+                    return Poll::Ready(Some(Item::Notice(n)));
+                }
                 for source in LostSource::ALL {
                     let count = live.pending.counter(source).swap(0, Ordering::Relaxed);
                     if count > 0 {
@@ -1068,7 +1155,10 @@ pub(crate) mod tests {
     }
 
     fn hub(capacity: usize, queue: usize) -> Arc<Hub> {
-        let metrics = Arc::new(Metrics::new("0", Arc::new(CaptureStats::default())));
+        let metrics = Arc::new(crate::export::metrics::Metrics::new(
+            "0",
+            Arc::new(CaptureStats::default()),
+        ));
         Arc::new(Hub::new(capacity, queue, 1000, metrics))
     }
 
@@ -1084,7 +1174,7 @@ pub(crate) mod tests {
             .iter()
             .filter_map(|i| match i {
                 Item::Flow(f) => Some(f.socket.cookie),
-                Item::Lost { .. } => None,
+                Item::Lost { .. } | Item::Notice(_) => None,
             })
             .collect()
     }
@@ -1329,6 +1419,7 @@ pub(crate) mod tests {
             accounted += match &item {
                 Item::Flow(_) => 1,
                 Item::Lost { count, .. } => *count,
+                Item::Notice(_) => 0,
             };
             items.push(item);
         }

@@ -394,18 +394,6 @@ impl Metrics {
             .set(i64::try_from(rules).unwrap_or(i64::MAX));
     }
 
-    pub(crate) fn subscriber_added(&self) {
-        self.stream_subscribers.inc();
-    }
-
-    pub(crate) fn subscriber_removed(&self) {
-        self.stream_subscribers.dec();
-    }
-
-    pub(crate) fn stream_dropped(&self, n: u64) {
-        self.stream_dropped.inc_by(n);
-    }
-
     /// The exposition in OpenMetrics text (ends with `# EOF`).
     pub fn encode_openmetrics(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -418,31 +406,7 @@ impl Metrics {
     /// do not ask for OpenMetrics (and `promtool check metrics`): a counter's
     /// family is named with its `_total`, and there is no `# EOF`.
     pub fn encode_prometheus_text(&self) -> String {
-        let om = self.encode_openmetrics();
-        let counters: Vec<&str> = om
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .filter_map(|l| l.strip_suffix(" counter"))
-            .collect();
-        let mut out = String::with_capacity(om.len() + 64);
-        for line in om.lines() {
-            if line == "# EOF" {
-                continue;
-            }
-            let renamed = ["# TYPE ", "# HELP "].iter().find_map(|p| {
-                let rest = line.strip_prefix(p)?;
-                let (name, tail) = rest.split_once(' ')?;
-                counters
-                    .contains(&name)
-                    .then(|| format!("{p}{name}_total {tail}"))
-            });
-            match renamed {
-                Some(l) => out.push_str(&l),
-                None => out.push_str(line),
-            }
-            out.push('\n');
-        }
-        out
+        prometheus_text(&self.encode_openmetrics())
     }
 
     /// Drops violation series unseen for `idle` (called periodically).
@@ -482,6 +446,49 @@ impl Metrics {
             }
         }
         self.violations.get_or_create(&labels).inc();
+    }
+}
+
+/// OpenMetrics text in the Prometheus text format 0.0.4: a counter's
+/// family is named with its `_total`, and there is no `# EOF`.
+pub fn prometheus_text(om: &str) -> String {
+    let counters: Vec<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len() + 64);
+    for line in om.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# TYPE ", "# HELP "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+impl super::hub::StreamObserver for Metrics {
+    fn subscriber_added(&self) {
+        self.stream_subscribers.inc();
+    }
+
+    fn subscriber_removed(&self) {
+        self.stream_subscribers.dec();
+    }
+
+    fn stream_dropped(&self, n: u64) {
+        self.stream_dropped.inc_by(n);
     }
 }
 
@@ -642,7 +649,7 @@ impl Cidr {
 /// clients in those blocks (403 to others).
 pub async fn serve(
     addr: SocketAddr,
-    state: Arc<AgentState>,
+    state: Arc<dyn Exposition>,
     allow: Vec<Cidr>,
 ) -> Result<SocketAddr, MetricsError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -657,7 +664,7 @@ pub async fn serve(
             "/metrics",
             get(
                 move |ConnectInfo(from): ConnectInfo<SocketAddr>,
-                      state: State<Arc<AgentState>>,
+                      state: State<Arc<dyn Exposition>>,
                       headers: HeaderMap| async move {
                     if allow.is_empty() || allow.iter().any(|c| c.contains(from.ip())) {
                         metrics(state, headers).await
@@ -683,7 +690,29 @@ pub async fn serve(
     Ok(local)
 }
 
-async fn metrics(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Response {
+/// What the metrics server serves: the agent's state, or the relay's.
+pub trait Exposition: Send + Sync + 'static {
+    fn openmetrics(&self) -> String;
+    fn prometheus_text(&self) -> String;
+    /// `Err(why)` makes `/readyz` answer 503 with the reason.
+    fn readiness(&self) -> Result<(), String>;
+}
+
+impl Exposition for AgentState {
+    fn openmetrics(&self) -> String {
+        self.metrics.encode_openmetrics()
+    }
+
+    fn prometheus_text(&self) -> String {
+        self.metrics.encode_prometheus_text()
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        AgentState::readiness(self)
+    }
+}
+
+async fn metrics(State(state): State<Arc<dyn Exposition>>, headers: HeaderMap) -> Response {
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -694,7 +723,7 @@ async fn metrics(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Re
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            state.metrics.encode_openmetrics(),
+            state.openmetrics(),
         )
             .into_response()
     } else {
@@ -703,13 +732,13 @@ async fn metrics(State(state): State<Arc<AgentState>>, headers: HeaderMap) -> Re
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            state.metrics.encode_prometheus_text(),
+            state.prometheus_text(),
         )
             .into_response()
     }
 }
 
-async fn readyz(State(state): State<Arc<AgentState>>) -> Response {
+async fn readyz(State(state): State<Arc<dyn Exposition>>) -> Response {
     match state.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()).into_response(),
         Err(reason) => (

@@ -85,6 +85,7 @@ impl FlowEvent {
                 retransmits: ev.retransmits,
             },
             mutual_auth: None,
+            joined: None,
         }
     }
 }

@@ -354,6 +354,34 @@ pub struct FlowEvent {
     /// Cilium mutual authentication, on flows under a rule that requires it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutual_auth: Option<flowaudit_policy::MutualAuth>,
+    /// `flowaudit relay --join`: the halves of the connection this flow
+    /// stands for, each as its own node saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined: Option<Joined>,
+}
+
+/// The halves of a connection joined by the relay (JSON `joined`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    /// Both halves, or the one that came when the join window closed.
+    pub halves: Vec<JoinedHalf>,
+}
+
+/// One node's view of a joined connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinedHalf {
+    pub direction: Direction,
+    pub node_name: ArcStr,
+    pub time: String,
+    pub verdict: Verdict,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<Finding>,
+    pub source_identity: IdentitySource,
+    pub destination_identity: IdentitySource,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub encryption: EncryptionState,
+    pub cookie: u64,
 }
 
 impl FlowEvent {

@@ -1,0 +1,432 @@
+//! `flowaudit relay`: one stream for the whole cluster. It reads every
+//! node's agent over TCP gRPC with mTLS ([`peers`]), puts their flows in
+//! time order within a bounded sort window ([`merge`]), joins the two
+//! halves of connections seen on two nodes for subscribers that ask
+//! ([`join`]), and serves the same `flowaudit.v1.FlowAudit` API as an agent
+//! ([`service`]), so `flowaudit observe --server` and `flowaudit status
+//! --server` work against it unchanged. Nodes come from `--peers` or from
+//! the agents' pods through the Kubernetes API ([`discovery`]).
+//!
+//! The merger is one task between two bounded hand-overs: peer tasks wait
+//! for room in its channel (the agents' own queues then drop for the relay
+//! and say so, per node), and subscribers read from hubs that never wait
+//! for them, so a slow client loses flows and is told, never slowing the
+//! others.
+
+pub mod discovery;
+pub mod join;
+pub mod merge;
+pub mod metrics;
+pub mod peers;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::Args;
+use tokio::sync::mpsc;
+
+use crate::cli::agent::LogFormat;
+use crate::export::hub::Hub;
+use crate::export::metrics::Cidr;
+use crate::export::mtls::{ClientTls, ServerTls, TlsArgs};
+use crate::flow::FlowEvent;
+use join::{Joiner, Outcome};
+use merge::SortWindow;
+use peers::{PeerContext, Peers, RelayStats};
+
+/// The relay's default `--grpc-addr` (Hubble Relay's port).
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:4245";
+/// The agents' TCP gRPC port the relay dials by default.
+pub const DEFAULT_AGENT_PORT: u16 = 4244;
+/// Flows the merger's channel holds before peer tasks wait.
+const MERGE_CHANNEL: usize = 16 * 1024;
+/// Halves the joiner holds at most.
+const JOIN_MAX: usize = 1 << 16;
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// This relay's name in status and its own notices (default: $POD_NAME, else the hostname).
+    #[arg(long, env = "FLOWAUDIT_NAME", value_name = "NAME")]
+    pub name: Option<String>,
+    /// The agents to read, HOST:PORT, comma-separated or repeated (their
+    /// `--grpc-addr` on TCP). Without it, --kubernetes finds them.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_PEERS",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub peers: Vec<String>,
+    #[command(flatten)]
+    pub discovery: discovery::KubernetesArgs,
+    /// Where the relay serves `flowaudit.v1.FlowAudit`: HOST:PORT (mTLS
+    /// beyond loopback) or unix:///PATH; repeatable.
+    #[arg(long, env = "FLOWAUDIT_GRPC_ADDR", value_name = "ADDR", default_values_t = [DEFAULT_GRPC_ADDR.to_owned()])]
+    pub grpc_addr: Vec<String>,
+    /// /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_METRICS_ADDR",
+        default_value = "0.0.0.0:9967",
+        value_name = "ADDR"
+    )]
+    pub metrics_addr: SocketAddr,
+    /// Answer /metrics only to these source blocks (CIDR, repeatable); others get 403.
+    #[arg(long, env = "FLOWAUDIT_METRICS_ALLOW", value_name = "CIDR", value_delimiter = ',', value_parser = Cidr::parse)]
+    pub metrics_allow: Vec<Cidr>,
+    /// The relay's SVID and trust bundle (`--workload-api`, or
+    /// `--tls-cert/--tls-key/--tls-ca`), used both to serve (clients
+    /// allowed by --allow-peer) and to dial the agents (--allow-agent).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// SPIFFE ID the agents must present when the relay dials them,
+    /// repeatable, globs as in policies (e.g.
+    /// 'spiffe://demo.local/ns/flowaudit/sa/flowaudit'). Required with TLS.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_ALLOW_AGENT",
+        value_name = "GLOB",
+        value_delimiter = ','
+    )]
+    pub allow_agent: Vec<String>,
+    /// Merged flows kept for `observe --last` and `--since`.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_FLOW_BUFFER",
+        default_value_t = 16384,
+        value_name = "N"
+    )]
+    pub flow_buffer: usize,
+    /// How long a flow waits for older flows from slower nodes before it
+    /// goes out (time order across nodes holds within it): 500ms, 1s, ...
+    #[arg(long, env = "FLOWAUDIT_SORT_WINDOW", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub sort_window: Duration,
+    /// Flows the sort window holds at most; beyond, the oldest goes out at once.
+    #[arg(long, env = "FLOWAUDIT_SORT_BUFFER", default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub sort_buffer: u64,
+    /// How long one half of a connection waits for the other (`--join`
+    /// subscribers) before it goes out alone.
+    #[arg(long, env = "FLOWAUDIT_JOIN_WINDOW", default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub join_window: Duration,
+    /// Flows asked of each node when first connected (the last N of its buffer).
+    #[arg(
+        long,
+        env = "FLOWAUDIT_HISTORY",
+        default_value_t = 1000,
+        value_name = "N"
+    )]
+    pub history: u64,
+    /// Most following subscribers at once.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_MAX_SUBSCRIBERS",
+        default_value_t = 256,
+        value_name = "N"
+    )]
+    pub max_subscribers: usize,
+    /// Log format on standard error.
+    #[arg(long, env = "FLOWAUDIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `250ms`, `1s`, `2.5s`, `1m`: at most 60 s (flows wait in memory).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a duration like 500ms, 1s or 1.5s"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("`{s}`: the unit must be ms, s or m")),
+    };
+    if !(0.0..=60.0).contains(&secs) {
+        return Err(format!("`{s}`: must be from 0 to 60 s"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(
+        "no agents to read: pass --peers HOST:PORT,... or --kubernetes (on by default inside a cluster)"
+    )]
+    NoPeers,
+    #[error(
+        "TLS is configured but no --allow-agent: name the SPIFFE IDs the agents present, e.g. --allow-agent 'spiffe://demo.local/ns/flowaudit/sa/flowaudit'"
+    )]
+    NoAllowedAgent,
+    #[error(
+        "--allow-agent needs TLS: add --workload-api unix:///PATH or --tls-cert F --tls-key F --tls-ca F"
+    )]
+    AllowAgentWithoutTls,
+    #[error("--peers {0}: expected HOST:PORT")]
+    Peer(String),
+}
+
+/// Everything the relay's front ends read.
+pub struct RelayState {
+    pub name: String,
+    pub version: &'static str,
+    pub started: SystemTime,
+    pub raw: Arc<Hub>,
+    pub joined: Arc<Hub>,
+    pub peers: Arc<Peers>,
+    pub stats: Arc<RelayStats>,
+    pub metrics: Arc<metrics::RelayMetrics>,
+}
+
+impl crate::export::metrics::Exposition for RelayState {
+    fn openmetrics(&self) -> String {
+        self.metrics.openmetrics()
+    }
+
+    fn prometheus_text(&self) -> String {
+        crate::export::metrics::prometheus_text(&self.metrics.openmetrics())
+    }
+
+    /// Ready once serving: nodes come and go, and their state is in
+    /// `flowaudit status` and the metrics.
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+pub fn run(args: RelayArgs) -> anyhow::Result<()> {
+    crate::cli::agent::init_logging(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let relay = start(&args).await?;
+        tracing::info!(
+            grpc = ?relay.grpc,
+            metrics = %relay.metrics_addr,
+            "relay serving"
+        );
+        shutdown_signal().await;
+        tracing::info!("relay stopping");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// A started relay (its tasks run until the runtime stops).
+pub struct Running {
+    pub state: Arc<RelayState>,
+    pub grpc: Vec<crate::export::grpc::GrpcAddr>,
+    pub metrics_addr: SocketAddr,
+}
+
+fn check_peer(p: &str) -> Result<(), RelayError> {
+    match p.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(RelayError::Peer(p.to_owned())),
+    }
+}
+
+pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
+    for p in &args.peers {
+        check_peer(p)?;
+    }
+    let kubernetes = args.discovery.enabled(!args.peers.is_empty());
+    if args.peers.is_empty() && !kubernetes {
+        return Err(RelayError::NoPeers.into());
+    }
+    let tls_on = args.tls.workload_api.is_some() || args.tls.tls_cert.is_some();
+    match (tls_on, args.allow_agent.is_empty()) {
+        (true, true) => return Err(RelayError::NoAllowedAgent.into()),
+        (false, false) => return Err(RelayError::AllowAgentWithoutTls.into()),
+        _ => {}
+    }
+    let server_tls = ServerTls::load(&args.tls).await?;
+    let client_tls = ClientTls::load(&TlsArgs {
+        allow_peer: args.allow_agent.clone(),
+        ..args.tls.clone()
+    })
+    .await?;
+    let version = env!("CARGO_PKG_VERSION");
+    let name = crate::cli::agent::node_name(
+        args.name
+            .as_deref()
+            .or(std::env::var("POD_NAME").ok().as_deref()),
+    );
+    let stream = Arc::new(metrics::StreamCounters::default());
+    let hub = || {
+        Arc::new(Hub::new(
+            args.flow_buffer,
+            1024,
+            args.max_subscribers,
+            stream.clone(),
+        ))
+    };
+    let (raw, joined) = (hub(), hub());
+    let stats = Arc::new(RelayStats::default());
+    let (tx, rx) = mpsc::channel(MERGE_CHANNEL);
+    let peers = Arc::new(Peers::new(PeerContext {
+        tls: client_tls,
+        flows: tx,
+        raw: raw.clone(),
+        joined: joined.clone(),
+        history: args.history,
+        stats: stats.clone(),
+    }));
+    let relay_metrics = Arc::new(metrics::RelayMetrics::new(
+        version,
+        stream.clone(),
+        peers.clone(),
+        stats.clone(),
+    ));
+    let state = Arc::new(RelayState {
+        name,
+        version,
+        started: SystemTime::now(),
+        raw: raw.clone(),
+        joined: joined.clone(),
+        peers: peers.clone(),
+        stats: stats.clone(),
+        metrics: relay_metrics.clone(),
+    });
+    tokio::spawn(merge_task(
+        rx,
+        SortWindow::new(
+            args.sort_window,
+            usize::try_from(args.sort_buffer).unwrap_or(usize::MAX),
+        ),
+        Joiner::new(args.join_window, JOIN_MAX),
+        raw,
+        joined,
+        stats,
+    ));
+    for p in &args.peers {
+        peers.upsert(p, None, p);
+    }
+    if kubernetes {
+        discovery::spawn(&args.discovery, peers.clone()).await?;
+    }
+    let grpc = crate::export::grpc::serve_service(
+        &args.grpc_addr,
+        service::RelayService::new(state.clone()),
+        server_tls.as_ref(),
+    )
+    .await?;
+    let metrics_addr =
+        crate::export::metrics::serve(args.metrics_addr, state.clone(), args.metrics_allow.clone())
+            .await?;
+    Ok(Running {
+        state,
+        grpc,
+        metrics_addr,
+    })
+}
+
+/// Flows in from every node; out in time order to the hub of plain
+/// subscribers, and through the joiner to the hub of `join` subscribers.
+async fn merge_task(
+    mut rx: mpsc::Receiver<Arc<FlowEvent>>,
+    mut window: SortWindow,
+    mut joiner: Joiner,
+    raw: Arc<Hub>,
+    joined: Arc<Hub>,
+    stats: Arc<RelayStats>,
+) {
+    let mut batch = Vec::with_capacity(256);
+    loop {
+        let deadline = match (window.next_deadline(), joiner.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let got = match deadline {
+            Some(d) => tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => n,
+                _ = tokio::time::sleep_until(d.into()) => usize::MAX,
+            },
+            None => rx.recv_many(&mut batch, 256).await,
+        };
+        if got == 0 {
+            // Every sender is gone: the relay is stopping.
+            for f in window.drain() {
+                out(&f, &raw, &joined, &mut joiner, &stats, Instant::now());
+            }
+            for (f, outcome) in joiner.drain() {
+                count(outcome, &stats);
+                joined.publish(&f);
+            }
+            return;
+        }
+        let now = Instant::now();
+        let n = batch.len() as u64;
+        for f in batch.drain(..) {
+            window.push(f, now);
+        }
+        stats.merged.fetch_add(n, Ordering::Relaxed);
+        while let Some(f) = window.pop_ready(now) {
+            out(&f, &raw, &joined, &mut joiner, &stats, now);
+        }
+        stats
+            .out_of_order
+            .store(window.out_of_order(), Ordering::Relaxed);
+        for (f, outcome) in joiner.expire(now) {
+            count(outcome, &stats);
+            joined.publish(&f);
+        }
+    }
+}
+
+fn out(
+    f: &Arc<FlowEvent>,
+    raw: &Hub,
+    joined: &Hub,
+    joiner: &mut Joiner,
+    stats: &RelayStats,
+    now: Instant,
+) {
+    raw.publish(f);
+    for (j, outcome) in joiner.push(f.clone(), now) {
+        count(outcome, stats);
+        joined.publish(&j);
+    }
+}
+
+fn count(outcome: Outcome, stats: &RelayStats) {
+    match outcome {
+        Outcome::Joined => stats.joined.fetch_add(1, Ordering::Relaxed),
+        Outcome::Alone => stats.alone.fetch_add(1, Ordering::Relaxed),
+        Outcome::Passed => 0,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_units_and_bad_ones_are_named() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        for bad in ["", "s", "1h", "2m", "-1s", "1.2.3s", "é"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+}
