@@ -1314,6 +1314,74 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn notices_reach_every_follower_unfiltered_in_order_even_past_a_full_queue() {
+        let h = hub(10, 1);
+        let follow = |filter| {
+            h.subscribe(Subscribe {
+                number: 0,
+                follow: true,
+                since: None,
+                filter,
+            })
+            .unwrap()
+        };
+        let mut s = follow(FilterSet::default());
+        // This follower's filter matches no flow: notices still come.
+        let nowhere = proto::FlowFilter {
+            namespace: vec!["nowhere".into()],
+            ..Default::default()
+        };
+        let mut other = follow(FilterSet::compile(&[nowhere], &[]).unwrap());
+        let notice = |n: &str| proto::GetFlowsResponse {
+            node_name: n.into(),
+            response: None,
+        };
+        h.publish(&numbered(1)); // fills the queue
+        h.notice(notice("a"));
+        h.notice(notice("b"));
+        h.publish(&numbered(2)); // dropped: the queue is full, notices wait
+        s.caught_up().await;
+        assert!(matches!(s.next().await, Some(Item::Flow(f)) if f.socket.cookie == 1));
+        let mut names = Vec::new();
+        for _ in 0..2 {
+            match s.next().await {
+                Some(Item::Notice(n)) => names.push(n.node_name.clone()),
+                other => panic!("expected a notice, got {other:?}"),
+            }
+        }
+        assert_eq!(names, ["a", "b"], "kept notices come in order");
+        other.caught_up().await;
+        for want in ["a", "b"] {
+            match other.next().await {
+                Some(Item::Notice(n)) => assert_eq!(n.node_name, want),
+                got => panic!("the filtered follower expected notice {want}, got {got:?}"),
+            }
+        }
+        // The dropped flow is told, and no notice is in the history.
+        assert!(matches!(
+            s.next().await,
+            Some(Item::Lost {
+                source: LostSource::SubscriberQueue,
+                count: 1
+            })
+        ));
+        let replay = h
+            .subscribe(Subscribe {
+                number: 100,
+                follow: false,
+                since: None,
+                filter: FilterSet::default(),
+            })
+            .unwrap();
+        let items: Vec<Item> = replay.collect().await;
+        assert!(
+            items.iter().all(|i| matches!(i, Item::Flow(_))),
+            "{items:?}"
+        );
+        assert_eq!(items.len(), 2);
+    }
+
+    #[tokio::test]
     async fn losses_are_told_before_the_next_flow_in_order() {
         let h = hub(10, 2);
         let mut s = h

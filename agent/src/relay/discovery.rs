@@ -144,3 +144,120 @@ pub async fn watch(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::hub::Hub;
+    use crate::export::mtls::ClientTls;
+    use crate::relay::peers::{NodeState, PeerContext, RelayStats};
+    use flowaudit_tests::kube_standin::{KubeStandin, StandinPod};
+    use std::time::Duration;
+
+    fn agent_pod(name: &str, node: &str, ip: &str) -> StandinPod {
+        StandinPod::new("flowaudit", name, &format!("uid-{name}"))
+            .label("app.kubernetes.io/name", "flowaudit")
+            .label("app.kubernetes.io/component", "agent")
+            .node(node)
+            .ips(&[ip.parse().unwrap()])
+    }
+
+    async fn wait_for(
+        peers: &Peers,
+        what: &str,
+        ok: impl Fn(&[super::super::peers::PeerInfo]) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let snap = peers.snapshot();
+            if ok(&snap) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "within 10 s: {what}; peers: {:?}",
+                snap.iter()
+                    .map(|p| (&p.name, &p.address, p.state))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agents_running_pods_are_the_peers_and_a_deleted_one_is_gone() {
+        let k = KubeStandin::start();
+        k.add_pod(agent_pod("flowaudit-a", "worker", "127.0.0.2"));
+        // Not agents: the relay's own pod, a pod elsewhere, a pending agent.
+        k.add_pod(
+            StandinPod::new("flowaudit", "flowaudit-relay-0", "uid-relay")
+                .label("app.kubernetes.io/name", "flowaudit")
+                .label("app.kubernetes.io/component", "relay")
+                .ips(&["127.0.0.9".parse().unwrap()]),
+        );
+        k.add_pod(agent_pod("flowaudit-pending", "worker3", "127.0.0.4").phase("Pending"));
+        let path = std::env::temp_dir().join(format!(
+            "fa-relay-kubeconfig-{}-{}",
+            std::process::id(),
+            k.addr().port()
+        ));
+        k.write_kubeconfig(&path).unwrap();
+        let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        std::fs::remove_file(&path).ok();
+        let client = crate::endpoints::kubernetes::client_from_config(config).unwrap();
+        let hub = Arc::new(Hub::new(
+            16,
+            16,
+            4,
+            Arc::new(crate::relay::metrics::StreamCounters::default()),
+        ));
+        let peers = Arc::new(Peers::new(PeerContext {
+            tls: ClientTls::default(),
+            flows: tokio::sync::mpsc::channel(16).0,
+            raw: hub.clone(),
+            joined: hub,
+            history: 0,
+            stats: Arc::new(RelayStats::default()),
+        }));
+        let text = "app.kubernetes.io/name=flowaudit,app.kubernetes.io/component=agent";
+        let selector = LabelSelector::parse(text).unwrap();
+        let task = tokio::spawn(watch(
+            Api::<Pod>::namespaced(client, "flowaudit"),
+            text.to_owned(),
+            selector,
+            4244,
+            peers.clone(),
+        ));
+        wait_for(&peers, "the running agent is the one peer", |p| {
+            p.len() == 1 && p[0].name == "worker" && p[0].address == "127.0.0.2:4244"
+        })
+        .await;
+        // A second node's agent comes; the first is recreated elsewhere.
+        k.add_pod(agent_pod("flowaudit-b", "worker2", "127.0.0.3"));
+        k.delete_pod("uid-flowaudit-a");
+        k.add_pod(agent_pod("flowaudit-a2", "worker", "127.0.0.5"));
+        wait_for(&peers, "worker moved to its new pod, worker2 added", |p| {
+            p.len() == 2
+                && p.iter().any(|x| {
+                    x.name == "worker"
+                        && x.address == "127.0.0.5:4244"
+                        && x.state != NodeState::Gone
+                })
+                && p.iter()
+                    .any(|x| x.name == "worker2" && x.address == "127.0.0.3:4244")
+        })
+        .await;
+        k.delete_pod("uid-flowaudit-b");
+        wait_for(&peers, "worker2's agent is gone", |p| {
+            p.iter()
+                .any(|x| x.name == "worker2" && x.state == NodeState::Gone)
+                && p.iter()
+                    .any(|x| x.name == "worker" && x.state != NodeState::Gone)
+        })
+        .await;
+        task.abort();
+    }
+}
