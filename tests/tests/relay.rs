@@ -347,7 +347,7 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
     );
 
     // Clients without a valid SVID are refused on the TCP port.
-    for who in ["intruder"] {
+    for who in ["intruder", "agent"] {
         let out = run_in(&ops, &status_args(who));
         assert!(
             !out.status.success(),
