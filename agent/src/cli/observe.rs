@@ -582,6 +582,29 @@ pub fn compact(f: &FlowEvent, color: bool) -> String {
             m.path_encryption.as_str()
         ));
     }
+    if let Some(j) = &f.joined {
+        // From a relay with --join: which node saw which half, e.g.
+        // `joined=worker>worker2` (client's node > server's node).
+        let node = |d: Direction| {
+            j.halves
+                .iter()
+                .find(|h| h.direction == d)
+                .map_or("?", |h| h.node_name.as_str())
+        };
+        match j.halves.as_slice() {
+            [_, _] => line.push_str(&format!(
+                " joined={}>{}",
+                node(Direction::Egress),
+                node(Direction::Ingress)
+            )),
+            [one] => line.push_str(&format!(
+                " joined={}:{}-only",
+                one.node_name,
+                one.direction.as_str()
+            )),
+            _ => {}
+        }
+    }
     for finding in &f.findings {
         line.push(' ');
         line.push_str(&finding.kind.to_string());
@@ -649,6 +672,43 @@ mod tests {
             "12:00:01.123 VIOLATION CONNECT spiffe://demo.local/ns/99-apps/sa/frontend:43122 (node[1234]) -> spiffe://demo.local/ns/99-apps/sa/postgresql:5432 EGRESS UNKNOWN NO_MATCHING_RULE"
         );
         assert_eq!(compact(&f, true), format!("\x1b[1;31m{plain}\x1b[0m"));
+    }
+
+    #[test]
+    fn compact_line_names_the_nodes_of_a_joined_flow() {
+        let half = |direction, node: &str| crate::flow::JoinedHalf {
+            direction,
+            node_name: node.into(),
+            time: "2026-11-28T12:00:01.123456789Z".into(),
+            verdict: Verdict::Compliant,
+            findings: vec![],
+            source_identity: flowaudit_policy::IdentitySource::Attested,
+            destination_identity: flowaudit_policy::IdentitySource::Attested,
+            bytes_sent: 0,
+            bytes_received: 0,
+            encryption: flowaudit_policy::EncryptionState::Unknown,
+            cookie: 1,
+        };
+        let mut f = flow();
+        f.joined = Some(crate::flow::Joined {
+            halves: vec![
+                half(Direction::Egress, "worker"),
+                half(Direction::Ingress, "worker2"),
+            ],
+        });
+        assert!(
+            compact(&f, false).contains(" EGRESS UNKNOWN joined=worker>worker2 sent="),
+            "{}",
+            compact(&f, false)
+        );
+        f.joined = Some(crate::flow::Joined {
+            halves: vec![half(Direction::Ingress, "worker2")],
+        });
+        assert!(
+            compact(&f, false).contains(" joined=worker2:INGRESS-only "),
+            "{}",
+            compact(&f, false)
+        );
     }
 
     #[test]
