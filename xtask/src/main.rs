@@ -525,7 +525,7 @@ mod bench {
 
     use super::{build, cargo, is_root, project_root, run};
 
-    const PARTS: &[&str] = &["policy", "pipeline", "stream", "node"];
+    const PARTS: &[&str] = &["policy", "pipeline", "stream", "relay", "node"];
 
     fn target_dir() -> PathBuf {
         match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
@@ -584,7 +584,7 @@ mod bench {
         if wants("node") && !is_root() {
             bail!(
                 "the node benchmarks load eBPF programs and build network namespaces: run \
-                 `cargo xtask bench` as root (or `--only policy,pipeline,stream` without root)"
+                 `cargo xtask bench` as root (or `--only policy,pipeline,stream,relay` without root)"
             );
         }
         let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -619,6 +619,8 @@ mod bench {
         for (part, test) in [
             ("pipeline", "pipeline_capacity"),
             ("stream", "stream_throughput"),
+            // Issue 17: the relay's added delay and its throughput, 3 nodes.
+            ("relay", "relay_throughput"),
         ] {
             if wants(part) {
                 let ok = run_tee(

@@ -415,8 +415,217 @@ fn count(outcome: Outcome, stats: &RelayStats) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
-    use std::time::Duration;
+    use super::*;
+    use crate::capture::CaptureStats;
+    use crate::export::grpc;
+    use crate::export::proto;
+    use crate::pipeline::PipelineStats;
+    use crate::state::AgentState;
+    use clap::Parser;
+    use tokio_stream::StreamExt;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        relay: RelayArgs,
+    }
+
+    /// An agent's gRPC side without capture: its hub, served on loopback TCP.
+    async fn agent(name: &str) -> (Arc<Hub>, String) {
+        let state = Arc::new(AgentState::new(
+            name.into(),
+            Arc::new(CaptureStats::default()),
+            Arc::new(PipelineStats::default()),
+        ));
+        let hub = Arc::new(Hub::new(1 << 16, 1 << 20, 16, state.metrics.clone()));
+        let bound = grpc::serve(&["127.0.0.1:0".to_owned()], hub.clone(), state, None)
+            .await
+            .unwrap();
+        (hub, bound[0].to_string())
+    }
+
+    fn at_now(node: &str, seq: u64) -> Arc<FlowEvent> {
+        let mut f = crate::export::hub::tests::sample_flow();
+        f.node_name = node.into();
+        f.socket.cookie = seq;
+        f.time = crate::flow::rfc3339_nanos(SystemTime::now());
+        Arc::new(f)
+    }
+
+    fn bench_result(id: &str, name: &str, value: f64, unit: &str, detail: &str) {
+        println!(
+            "bench-result: {}",
+            serde_json::json!({"id": id, "name": name, "value": value, "unit": unit,
+                "target": "", "met": null, "detail": detail})
+        );
+    }
+
+    fn percentile(sorted: &[f64], p: f64) -> f64 {
+        sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+    }
+
+    /// The relay's added delay (p50, p99: from a flow's time at its agent
+    /// to its arrival at a client of the relay, against a client of the
+    /// agent itself) and its throughput with three nodes. Run with
+    /// `cargo test --release -p flowaudit relay_throughput -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, run by `cargo xtask bench`; tests do not assert on time"]
+    async fn relay_throughput() {
+        let nodes = ["n1", "n2", "n3"];
+        let mut agents = Vec::new();
+        for n in nodes {
+            agents.push(agent(n).await);
+        }
+        let peers: Vec<String> = agents.iter().map(|(_, a)| a.clone()).collect();
+        let cli = Cli::parse_from([
+            "relay",
+            "--peers",
+            &peers.join(","),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--history",
+            "0",
+            "--flow-buffer",
+            "1024",
+        ]);
+        let relay = start(&cli.relay).await.unwrap();
+        while relay
+            .state
+            .peers
+            .snapshot()
+            .iter()
+            .any(|p| p.state != peers::NodeState::Connected)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let relay_addr = relay.grpc[0].to_string();
+        let follow = |addr: String| async move {
+            let mut c = grpc::connect(&addr).await.unwrap();
+            c.get_flows(proto::GetFlowsRequest {
+                follow: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        };
+        // Delay at a steady rate, side by side: the relay's client and a
+        // client of node n1's agent.
+        for rate in [300u64, 3000] {
+            let mut via_relay = follow(relay_addr.clone()).await;
+            let mut direct = follow(agents[0].1.clone()).await;
+            let per_node = rate * 3 / nodes.len() as u64; // 3 s of flows
+            let collect = |mut s: tonic::Streaming<proto::GetFlowsResponse>, want: u64| {
+                tokio::spawn(async move {
+                    let mut delays = Vec::new();
+                    while (delays.len() as u64) < want {
+                        let Some(Ok(r)) = s.next().await else { break };
+                        if let Some(proto::get_flows_response::Response::Flow(f)) = r.response {
+                            let t = f.time.unwrap();
+                            let sent = std::time::UNIX_EPOCH
+                                + Duration::new(t.seconds as u64, t.nanos as u32);
+                            delays.push(
+                                SystemTime::now()
+                                    .duration_since(sent)
+                                    .unwrap_or_default()
+                                    .as_secs_f64()
+                                    * 1000.0,
+                            );
+                        }
+                    }
+                    delays
+                })
+            };
+            let relay_task = collect(via_relay, per_node * nodes.len() as u64);
+            let direct_task = collect(direct, per_node);
+            let gap = Duration::from_secs_f64(nodes.len() as f64 / rate as f64);
+            for seq in 0..per_node {
+                for (i, (hub, _)) in agents.iter().enumerate() {
+                    hub.publish(&at_now(nodes[i], seq));
+                }
+                tokio::time::sleep(gap).await;
+            }
+            let (mut r, mut d) = (relay_task.await.unwrap(), direct_task.await.unwrap());
+            r.sort_by(f64::total_cmp);
+            d.sort_by(f64::total_cmp);
+            println!(
+                "relay delay at {rate} flows/s from 3 nodes (sort window 1 s, buffer 100): relay p50 {:.1} ms p99 {:.1} ms ({} flows); agent alone p50 {:.1} ms p99 {:.1} ms",
+                percentile(&r, 0.5),
+                percentile(&r, 0.99),
+                r.len(),
+                percentile(&d, 0.5),
+                percentile(&d, 0.99),
+            );
+            for (p, q) in [("p50", 0.5), ("p99", 0.99)] {
+                bench_result(
+                    &format!("relay_delay_{p}_{rate}"),
+                    &format!("Relay added delay {p}, {rate} flows/s from 3 nodes"),
+                    percentile(&r, q) - percentile(&d, q),
+                    "ms",
+                    &format!(
+                        "flow time to a relay client {:.1} ms, to a client of the agent itself {:.1} ms; sort window 1 s, buffer 100 (defaults)",
+                        percentile(&r, q),
+                        percentile(&d, q)
+                    ),
+                );
+            }
+            via_relay = follow(relay_addr.clone()).await;
+            drop(via_relay);
+            direct = follow(agents[0].1.clone()).await;
+            drop(direct);
+        }
+        // Throughput: every node publishes as fast as it can.
+        let per_node = 100_000u64;
+        let mut s = follow(relay_addr.clone()).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let start_at = Instant::now();
+        let consumer = tokio::spawn(async move {
+            let (mut flows, mut lost) = (0u64, 0u64);
+            while flows + lost < per_node * 3 {
+                match tokio::time::timeout(Duration::from_secs(5), s.next()).await {
+                    Ok(Some(Ok(r))) => match r.response {
+                        Some(proto::get_flows_response::Response::Flow(_)) => flows += 1,
+                        Some(proto::get_flows_response::Response::LostEvents(l)) => lost += l.count,
+                        _ => {}
+                    },
+                    _ => break,
+                }
+            }
+            (flows, lost, start_at.elapsed())
+        });
+        let mut producers = Vec::new();
+        for (i, (hub, _)) in agents.iter().enumerate() {
+            let (hub, node) = (hub.clone(), nodes[i]);
+            producers.push(tokio::task::spawn_blocking(move || {
+                for seq in 0..per_node {
+                    hub.publish(&at_now(node, seq));
+                }
+            }));
+        }
+        for p in producers {
+            p.await.unwrap();
+        }
+        let (flows, lost, took) = consumer.await.unwrap();
+        let out_of_order = relay.state.stats.out_of_order.load(Ordering::Relaxed);
+        bench_result(
+            "relay_throughput",
+            "Relay throughput, 3 nodes publishing at full speed, one client",
+            flows as f64 / took.as_secs_f64(),
+            "flows/s",
+            &format!(
+                "{flows} of {} delivered, {lost} told lost, {out_of_order} out of order; agents, relay and client share 2 cores",
+                per_node * 3
+            ),
+        );
+        println!(
+            "relay throughput with 3 nodes: {:.0} flows/s delivered to one client ({flows} of {}, {lost} told lost, {out_of_order} out of order) in {:.2} s",
+            flows as f64 / took.as_secs_f64(),
+            per_node * 3,
+            took.as_secs_f64()
+        );
+    }
 
     #[test]
     fn durations_parse_with_units_and_bad_ones_are_named() {

@@ -27,7 +27,7 @@ pub struct ReportArgs {
     /// Unix time the bench started: older criterion estimates are stale.
     #[arg(long, default_value_t = 0)]
     since: u64,
-    /// `part=ok|failed` for each part that ran (policy, pipeline, stream, node).
+    /// `part=ok|failed` for each part that ran (policy, pipeline, stream, relay, node).
     #[arg(long = "part")]
     parts: Vec<String>,
     /// Seconds the whole bench took so far.
@@ -235,6 +235,7 @@ pub fn item(id: &str) -> &'static str {
         i if i.starts_with("policy") => "5",
         i if i.starts_with("event_delay") => "6",
         i if i.starts_with("pinned") => "7",
+        i if i.starts_with("relay") => "17",
         _ => "-",
     }
 }
@@ -477,6 +478,16 @@ pub fn report(args: ReportArgs) -> Result<()> {
             "stream_throughput",
             "stream_throughput",
             "gRPC stream delivery",
+        ));
+    }
+    if states.contains_key("relay") {
+        results.extend(agent_test(
+            read("relay").as_deref(),
+            read_err("relay").as_deref(),
+            states.get("relay").copied(),
+            "relay_throughput",
+            "relay_throughput",
+            "Relay: added delay and throughput with 3 nodes",
         ));
     }
     if states.contains_key("node") {
