@@ -14,10 +14,15 @@
 //! 1.15.7's pinned maps) where the cross-node pair is authenticated and the
 //! same-node pair's entry has expired; the second node has no Cilium, so
 //! its agent says "not observable here".
+//! The live output is the cluster's stream: `flowaudit relay` in its own
+//! pod reads both agents over mTLS (each agent accepts only the relay's
+//! SPIFFE ID), and `flowaudit observe --join` in an operator's pod prints
+//! it, each cross-node connection as one flow whose ends were ATTESTED by
+//! their own nodes.
 //! Cleans up on Ctrl-C or after `--duration`.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -193,7 +198,19 @@ fn main() -> Result<()> {
 
     // The agent on each node, as the DaemonSet runs it (capabilities and
     // mounts from the rendered kind overlay).
+    // Their TCP gRPC listener takes the relay's SVID only (test
+    // certificates standing in for SPIRE's Workload API).
+    let ids = TlsMaterial::generate(
+        &args.workdir.join("relay-pki"),
+        &[
+            ("agent", AGENT_ID),
+            ("relay", RELAY_ID),
+            ("observer", OBSERVER_ID),
+        ],
+    )
+    .context("making the relay's certificates with openssl")?;
     let spec = flowaudit_tests::daemonset::kind_agent_pod_spec();
+    let (agent_cert, agent_key, ca) = (ids.cert("agent"), ids.key("agent"), ids.ca());
     let agent_args = [
         "--endpoints",
         endpoints.to_str().context("UTF-8 workdir")?,
@@ -201,16 +218,36 @@ fn main() -> Result<()> {
         policy.to_str().context("UTF-8 policy path")?,
         "--policy",
         cilium_policy.to_str().context("UTF-8 policy path")?,
+        "--grpc-addr",
+        "0.0.0.0:4244",
+        "--tls-cert",
+        &agent_cert,
+        "--tls-key",
+        &agent_key,
+        "--tls-ca",
+        &ca,
+        "--allow-peer",
+        RELAY_ID,
     ];
     let agents = [
         RunningAgent::start_in_node(&sim.node, &spec, &agent_args, &[]),
         RunningAgent::start_in_node(&node2, &spec, &agent_args, &[]),
     ];
-    let observers = agents
+    let peers = agents
         .iter()
-        .zip([NODE_NAME, NODE2_NAME])
-        .map(|(a, node)| observe(&args.agent, &a.export_file, node))
+        .map(|a| {
+            Ok(format!(
+                "{}:4244",
+                a.pod().context("the agent's pod")?.ip4()
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
+    let (relay, relay_addr) = start_relay(&args.agent, &sim.node, &ids, &peers)?;
+    let ops = sim
+        .node
+        .add_pod(PodSpec::new("ops", "observer").service_account("observer"))
+        .context("the operator's pod")?;
+    let observer = observe_cluster(&args.agent, &ops, &ids, &relay_addr)?;
 
     println!(
         "flowaudit demo: precinct-99 on two kind-like nodes, {NODE_NAME} ({}) and {NODE2_NAME} ({})",
@@ -239,6 +276,9 @@ fn main() -> Result<()> {
         sim.world.name(),
         "",
         sim.world.ip4()
+    );
+    println!(
+        "cluster stream: flowaudit relay at {relay_addr} (its own pod on {NODE_NAME}) reads both agents over mTLS; `flowaudit observe --join` prints it, cross-node connections as one joined flow"
     );
     println!(
         "intended policy: {} and {}",
@@ -345,14 +385,15 @@ fn main() -> Result<()> {
         }
     }
 
-    // Stop the agents first so they drain the kernel's buffers into their
-    // files, then let observe print the tail before stopping it.
+    // The joined cross-node connections, from the relay's buffer, before
+    // the agents stop; then stop the agents so they drain the kernel's
+    // buffers into their files, and the live stream.
+    std::thread::sleep(Duration::from_secs(3));
+    let joined = joined_cross_node(&args.agent, &ops, &ids, &relay_addr);
     let reports: Vec<_> = agents.into_iter().map(RunningAgent::stop).collect();
     std::thread::sleep(Duration::from_millis(400));
-    for mut o in observers {
-        let _ = o.kill();
-        let _ = o.wait();
-    }
+    drop(observer);
+    drop(relay);
     drop((spire1, spire2, cilium));
     drop(tls_backend);
     let cross_node = cross_node_pairs(&reports[1].flows, &reports[0].flows);
@@ -409,6 +450,12 @@ fn main() -> Result<()> {
         "demo: cross-node connections backend-2 ({NODE2_NAME}) -> postgresql ({NODE_NAME}) seen on both nodes, each end ATTESTED by its own node: {} of {}",
         cross_node.0, cross_node.1
     );
+    match joined {
+        Ok((both, total)) => println!(
+            "demo: cluster stream (relay, --join): backend-2 -> postgresql connection events joined into one flow with both ends ATTESTED, each by its own node: {both} of {total}"
+        ),
+        Err(e) => println!("demo: the relay's joined stream could not be read: {e:#}"),
+    }
     println!(
         "demo: {round} rounds, {} flow events on {NODE_NAME}, {} on {NODE2_NAME} ({} CONNECT, {} CLOSE, {} FAILED); {} VIOLATION, {} INTENDED_FLOW_FAILED; simulated nodes removed",
         reports[0].flows.len(),
@@ -523,21 +570,160 @@ fn cross_node_pairs(
     (both, egress.len())
 }
 
-/// `flowaudit observe --follow` on one node's flow file, its lines prefixed
-/// with the node's name.
-fn observe(agent: &std::path::Path, flows: &std::path::Path, node: &'static str) -> Result<Child> {
+/// The agents' SPIFFE ID (their DaemonSet's service account).
+const AGENT_ID: &str = "spiffe://demo.local/ns/flowaudit/sa/flowaudit";
+/// The relay's (deploy/kustomize/base/relay-deployment.yaml).
+const RELAY_ID: &str = "spiffe://demo.local/ns/flowaudit/sa/flowaudit-relay";
+/// An operator's, as deploy/spire/mint-observer-svid.sh mints them.
+const OBSERVER_ID: &str = "spiffe://demo.local/flowaudit/observer/demo";
+
+fn client_tls(ids: &TlsMaterial) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        ids.cert("observer"),
+        "--tls-key".into(),
+        ids.key("observer"),
+        "--tls-ca".into(),
+        ids.ca(),
+        "--allow-peer".into(),
+        RELAY_ID.into(),
+    ]
+}
+
+/// The scenario's namespaces: the stream without the relay's own traffic.
+const SCENARIO_NAMESPACES: [&str; 6] = [
+    "--namespace",
+    "99-apps",
+    "--namespace",
+    "openbao",
+    "--namespace",
+    "spire-system",
+];
+
+/// `flowaudit relay` in its own pod on `node`, as its Deployment runs it;
+/// returns it and its address once both agents are connected.
+fn start_relay(
+    agent: &std::path::Path,
+    node: &SimNode,
+    ids: &TlsMaterial,
+    peers: &[String],
+) -> Result<(flowaudit_tests::simnode::PodProcess, String)> {
+    let pod = node
+        .add_pod(
+            PodSpec::new("flowaudit", "flowaudit-relay-0")
+                .service_account("flowaudit-relay")
+                .label("app.kubernetes.io/component", "relay"),
+        )
+        .context("the relay's pod")?;
+    let mut cmd = Command::new(agent);
+    cmd.args(["relay", "--name", "flowaudit-relay-0", "--peers"])
+        .arg(peers.join(","))
+        .args([
+            "--grpc-addr",
+            "0.0.0.0:4245",
+            "--metrics-addr",
+            "127.0.0.1:9967",
+        ])
+        .args([
+            "--tls-cert",
+            &ids.cert("relay"),
+            "--tls-key",
+            &ids.key("relay"),
+        ])
+        .args(["--tls-ca", &ids.ca(), "--allow-agent", AGENT_ID])
+        .args(["--allow-peer", "spiffe://demo.local/flowaudit/observer/*"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let relay = pod.spawn_guarded(cmd).context("starting flowaudit relay")?;
+    let addr = format!("{}:4245", pod.ip4());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut status = Command::new(agent);
+        status
+            .args(["status", "--server", &addr, "-o", "json"])
+            .args(client_tls(ids));
+        if let Ok(out) = pod.output(status)
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            && v["nodes"].as_array().is_some_and(|n| {
+                n.len() == peers.len() && n.iter().all(|n| n["state"] == "CONNECTED")
+            })
+        {
+            return Ok((relay, addr));
+        }
+        if Instant::now() > deadline {
+            bail!("the relay did not connect to both agents within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `flowaudit observe --follow --join` on the relay, from the operator's
+/// pod: the cluster's stream, each line prefixed `[cluster]`.
+fn observe_cluster(
+    agent: &std::path::Path,
+    ops: &flowaudit_tests::Pod,
+    ids: &TlsMaterial,
+    relay: &str,
+) -> Result<flowaudit_tests::simnode::PodProcess> {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(agent)
-        .args(["observe", "--follow", "--color", "always", "--input-file"])
-        .arg(flows)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting flowaudit observe")?;
+    let mut cmd = Command::new(agent);
+    cmd.args([
+        "observe", "--server", relay, "--follow", "--join", "--color", "always",
+    ])
+    .args(SCENARIO_NAMESPACES)
+    .args(client_tls(ids))
+    .stdout(Stdio::piped());
+    let mut child = ops.spawn(cmd).context("starting flowaudit observe")?;
     let out = child.stdout.take().context("observe stdout")?;
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
-            println!("[{node}] {line}");
+            println!("[cluster] {line}");
         }
     });
-    Ok(child)
+    Ok(flowaudit_tests::simnode::PodProcess::new(child))
+}
+
+/// backend-2 -> postgresql connection events in the relay's joined
+/// buffer: (with both halves and both ends ATTESTED, all).
+fn joined_cross_node(
+    agent: &std::path::Path,
+    ops: &flowaudit_tests::Pod,
+    ids: &TlsMaterial,
+    relay: &str,
+) -> Result<(usize, usize)> {
+    let mut cmd = Command::new(agent);
+    cmd.args([
+        "observe", "--server", relay, "--join", "--last", "10000", "-o", "json",
+    ])
+    .args([
+        "--port",
+        "5432",
+        "--from-pod",
+        "99-apps/backend",
+        "--namespace",
+        "99-apps",
+    ])
+    .args(client_tls(ids));
+    let out = ops.output(cmd).context("observe --join --last")?;
+    let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|f: &serde_json::Value| {
+            f["event"] != "FAILED"
+                && f["joined"]["halves"]
+                    .as_array()
+                    .is_some_and(|h| h.iter().any(|h| h["node_name"] == NODE2_NAME))
+        })
+        .collect();
+    let both = flows
+        .iter()
+        .filter(|f| {
+            f["joined"]["halves"]
+                .as_array()
+                .is_some_and(|h| h.len() == 2)
+                && f["source"]["identity_source"] == "ATTESTED"
+                && f["destination"]["identity_source"] == "ATTESTED"
+        })
+        .count();
+    Ok((both, flows.len()))
 }
