@@ -189,3 +189,23 @@ pub fn node_spire(node: &SimNode, pods: &[&Pod]) -> crate::spire_double::NodeDou
     crate::spire_double::NodeDouble::start(node, cfg)
         .unwrap_or_else(|e| panic!("SPIRE double in {}: {e}", node.name()))
 }
+
+/// `count` connections from `from` to `to`:8000, 200 bytes each way out,
+/// every one of which must succeed.
+pub fn connect_ok(from: &Pod, to: std::net::IpAddr, count: u64) -> Vec<crate::simpod::ConnRecord> {
+    let mut opts = crate::simpod::ConnectOpts::new(std::net::SocketAddr::new(to, 8000));
+    opts.count = count;
+    opts.send_bytes = 200;
+    let report = from
+        .connect(&opts)
+        .unwrap_or_else(|e| panic!("{} -> {to}: {e}", from.name()));
+    for r in &report.records {
+        assert_eq!(
+            r.result,
+            crate::simpod::ConnResult::Ok,
+            "{} -> {to}: {r:?}",
+            from.name()
+        );
+    }
+    report.records
+}

@@ -124,6 +124,21 @@ impl TlsMaterial {
     pub fn ca(&self) -> String {
         self.dir.join("ca.pem").to_string_lossy().into_owned()
     }
+
+    /// The flowaudit TLS flags of a client with `who`'s certificate that
+    /// accepts only `server_id` at the other end.
+    pub fn client_flags(&self, who: &str, server_id: &str) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.cert(who),
+            "--tls-key".into(),
+            self.key(who),
+            "--tls-ca".into(),
+            self.ca(),
+            "--allow-peer".into(),
+            server_id.into(),
+        ]
+    }
 }
 
 /// TLS protocol version to force on both ends.

@@ -6,11 +6,11 @@
 //! and the remote end DERIVED from the directory. Needs root; never skips.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use flowaudit_tests::agent::flows_between;
 use flowaudit_tests::scenario::endpoint_entry;
-use flowaudit_tests::simpod::{ConnRecord, ConnResult, ConnectOpts, ServeOpts};
+use flowaudit_tests::simpod::{ConnRecord, ServeOpts};
 use flowaudit_tests::support::*;
 use flowaudit_tests::{Pod, PodSpec, SimNode};
 use serde_json::Value;
@@ -43,19 +43,6 @@ fn serve(p: &Pod) -> flowaudit_tests::simpod::Server {
         reply_bytes: 100,
     })
     .unwrap_or_else(|e| panic!("server in {}: {e}", p.name()))
-}
-
-fn connect(from: &Pod, to: IpAddr, count: u64) -> Vec<ConnRecord> {
-    let mut opts = ConnectOpts::new(SocketAddr::new(to, 8000));
-    opts.count = count;
-    opts.send_bytes = 200;
-    let report = from
-        .connect(&opts)
-        .unwrap_or_else(|e| panic!("{} -> {to}: {e}", from.name()));
-    for r in &report.records {
-        assert_eq!(r.result, ConnResult::Ok, "{} -> {to}: {r:?}", from.name());
-    }
-    report.records
 }
 
 /// Kind of each of a connection's events on one node, sorted:
@@ -134,11 +121,11 @@ fn two_nodes_each_see_their_own_sockets_and_both_halves_of_cross_node_connection
     // test's subject).
     let _servers = [serve(&backend), serve(&postgresql)];
 
-    let same_a = connect(&frontend, IpAddr::V4(backend.ip4()), 3);
-    let same_b = connect(&openbao, IpAddr::V6(postgresql.ip6()), 3);
-    let a_to_b = connect(&frontend, IpAddr::V4(postgresql.ip4()), 3);
-    let a_to_b6 = connect(&frontend, IpAddr::V6(postgresql.ip6()), 2);
-    let b_to_a = connect(&openbao, IpAddr::V4(backend.ip4()), 3);
+    let same_a = connect_ok(&frontend, IpAddr::V4(backend.ip4()), 3);
+    let same_b = connect_ok(&openbao, IpAddr::V6(postgresql.ip6()), 3);
+    let a_to_b = connect_ok(&frontend, IpAddr::V4(postgresql.ip4()), 3);
+    let a_to_b6 = connect_ok(&frontend, IpAddr::V6(postgresql.ip6()), 2);
+    let b_to_a = connect_ok(&openbao, IpAddr::V4(backend.ip4()), 3);
     // Each side's CLOSE may trail the other's under emulation: wait for
     // every socket's CLOSE on both nodes before stopping the agents.
     let cross = a_to_b.len() + a_to_b6.len() + b_to_a.len();

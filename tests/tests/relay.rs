@@ -10,7 +10,7 @@
 //! never skips.
 
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use flowaudit_tests::agent::{RunningAgent, agent_binary};
 use flowaudit_tests::daemonset::kind_agent_pod_spec;
 use flowaudit_tests::scenario::endpoint_entry;
 use flowaudit_tests::simnode::PodProcess;
-use flowaudit_tests::simpod::{ConnRecord, ConnResult, ConnectOpts, ServeOpts};
+use flowaudit_tests::simpod::{ConnRecord, ServeOpts};
 use flowaudit_tests::support::*;
 use flowaudit_tests::tls::TlsMaterial;
 use flowaudit_tests::{Pod, PodSpec, SimNode};
@@ -42,31 +42,9 @@ fn serve(p: &Pod) -> flowaudit_tests::simpod::Server {
     .unwrap_or_else(|e| panic!("server in {}: {e}", p.name()))
 }
 
-fn connect(from: &Pod, to: IpAddr, count: u64) -> Vec<ConnRecord> {
-    let mut opts = ConnectOpts::new(SocketAddr::new(to, 8000));
-    opts.count = count;
-    opts.send_bytes = 200;
-    let report = from
-        .connect(&opts)
-        .unwrap_or_else(|e| panic!("{} -> {to}: {e}", from.name()));
-    for r in &report.records {
-        assert_eq!(r.result, ConnResult::Ok, "{} -> {to}: {r:?}", from.name());
-    }
-    report.records
-}
-
 /// The TLS flags of a client of the relay with `who`'s certificate.
 fn client_tls(tls: &TlsMaterial, who: &str) -> Vec<String> {
-    vec![
-        "--tls-cert".into(),
-        tls.cert(who),
-        "--tls-key".into(),
-        tls.key(who),
-        "--tls-ca".into(),
-        tls.ca(),
-        "--allow-peer".into(),
-        RELAY_ID.into(),
-    ]
+    tls.client_flags(who, RELAY_ID)
 }
 
 /// A following `observe` in `pod`: its JSON lines and its notices (stderr).
@@ -379,7 +357,7 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
 
     // Cross-node connections: one joined flow per event, both ends ATTESTED
     // by their own node.
-    let cross = connect(&frontend, IpAddr::V4(backend.ip4()), 3);
+    let cross = connect_ok(&frontend, IpAddr::V4(backend.ip4()), 3);
     let got = follower.flows_until(
         40,
         "joined CONNECT and CLOSE of 3 cross-node connections",
@@ -474,14 +452,14 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
     // Node b's agent stops: told, and node a's flows keep coming.
     agent_b.stop();
     follower.notice(30, &[b.name(), "unavailable"]);
-    let during = connect(&frontend, IpAddr::V4(web.ip4()), 1);
+    let during = connect_ok(&frontend, IpAddr::V4(web.ip4()), 1);
     follower.flows_until(30, "node a's flows while node b is down", |got| {
         joined_of(got, &during[0]).len() == 2
     });
     // Started again in its pod (same address): told, and its flows resume.
     let agent_b = RunningAgent::start_in_pod(&b, pod_b, &kind_agent_pod_spec(), &args_b, &[]);
     follower.notice(30, &[b.name(), "back"]);
-    let after = connect(&frontend, IpAddr::V4(backend.ip4()), 1);
+    let after = connect_ok(&frontend, IpAddr::V4(backend.ip4()), 1);
     let got = follower.flows_until(
         40,
         "a cross-node connection after node b came back",

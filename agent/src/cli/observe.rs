@@ -329,11 +329,7 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
                             }
                             Some(proto::get_flows_response::Response::LostEvents(l)) => {
                                 let _ = out.flush();
-                                eprintln!(
-                                    "flowaudit observe: {}{}",
-                                    node_prefix(&r.node_name),
-                                    super::printable(&l.message)
-                                );
+                                eprintln!("flowaudit observe: {}", super::printable(&l.message));
                             }
                             Some(proto::get_flows_response::Response::NodeStatus(n)) => {
                                 let _ = out.flush();
@@ -386,15 +382,6 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
             }
         };
         eprintln!("flowaudit observe: reconnected to {}", args.server);
-    }
-}
-
-/// "node N: " before a relay's per-node notice (an agent's are its own).
-fn node_prefix(node: &str) -> String {
-    if node.is_empty() {
-        String::new()
-    } else {
-        format!("node {}: ", super::printable(node))
     }
 }
 

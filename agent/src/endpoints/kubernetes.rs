@@ -66,6 +66,24 @@ pub async fn client() -> Result<Client, KubernetesError> {
     client_from_config(config)
 }
 
+/// A client of the Kubernetes API stand-in, through the kubeconfig it
+/// writes, as the agent would read one (tests).
+#[cfg(test)]
+pub(crate) async fn standin_client(standin: &flowaudit_tests::kube_standin::KubeStandin) -> Client {
+    let path = std::env::temp_dir().join(format!(
+        "fa-kubeconfig-{}-{}",
+        std::process::id(),
+        standin.addr().port()
+    ));
+    standin.write_kubeconfig(&path).unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    std::fs::remove_file(&path).ok();
+    client_from_config(config).unwrap()
+}
+
 /// A client for an explicit configuration (tests, or a caller that has one).
 pub fn client_from_config(config: kube::Config) -> Result<Client, KubernetesError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -401,19 +419,7 @@ mod tests {
         watch::Receiver<Arc<EndpointDirectory>>,
         tokio::task::JoinHandle<()>,
     ) {
-        // Through the kubeconfig the stand-in writes, as the agent would.
-        let path = std::env::temp_dir().join(format!(
-            "fa-kubeconfig-{}-{}",
-            std::process::id(),
-            standin.addr().port()
-        ));
-        standin.write_kubeconfig(&path).unwrap();
-        let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap();
-        std::fs::remove_file(&path).ok();
-        let client = client_from_config(config).unwrap();
+        let client = standin_client(standin).await;
         let (tx, rx) = watch::channel(Arc::new(EndpointDirectory::default()));
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = tokio::spawn(watch_cluster(client, tx, Some(ready_tx)));

@@ -196,18 +196,7 @@ mod tests {
                 .ips(&["127.0.0.9".parse().unwrap()]),
         );
         k.add_pod(agent_pod("flowaudit-pending", "worker3", "127.0.0.4").phase("Pending"));
-        let path = std::env::temp_dir().join(format!(
-            "fa-relay-kubeconfig-{}-{}",
-            std::process::id(),
-            k.addr().port()
-        ));
-        k.write_kubeconfig(&path).unwrap();
-        let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap();
-        std::fs::remove_file(&path).ok();
-        let client = crate::endpoints::kubernetes::client_from_config(config).unwrap();
+        let client = crate::endpoints::kubernetes::standin_client(&k).await;
         let hub = Arc::new(Hub::new(
             16,
             16,

@@ -370,8 +370,10 @@ async fn run(ctx: Arc<PeerContext>, info: Arc<Mutex<PeerInfo>>, named: bool) {
                             }
                         }
                     }
-                    Some(Response::LostEvents(l)) => {
+                    Some(Response::LostEvents(mut l)) => {
                         lock(&info).lost += l.count;
+                        // Whose loss: the relay's clients read many nodes.
+                        l.message = format!("node {name}: {}", l.message);
                         ctx.notify(proto::GetFlowsResponse {
                             node_name: name.clone(),
                             response: Some(Response::LostEvents(l)),

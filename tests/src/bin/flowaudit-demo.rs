@@ -578,16 +578,7 @@ const RELAY_ID: &str = "spiffe://demo.local/ns/flowaudit/sa/flowaudit-relay";
 const OBSERVER_ID: &str = "spiffe://demo.local/flowaudit/observer/demo";
 
 fn client_tls(ids: &TlsMaterial) -> Vec<String> {
-    vec![
-        "--tls-cert".into(),
-        ids.cert("observer"),
-        "--tls-key".into(),
-        ids.key("observer"),
-        "--tls-ca".into(),
-        ids.ca(),
-        "--allow-peer".into(),
-        RELAY_ID.into(),
-    ]
+    ids.client_flags("observer", RELAY_ID)
 }
 
 /// The scenario's namespaces: the stream without the relay's own traffic.
