@@ -281,6 +281,27 @@ impl RunningAgent {
             .unwrap_or_else(|e| panic!("node pid of the agent (host pid {host}): {e}"))
     }
 
+    /// Waits (up to `secs`) for a log line after "agent ready" that
+    /// `pred` accepts, and returns it.
+    pub fn wait_for_log(&mut self, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log_rx.recv_timeout(left) {
+                Ok(v) => {
+                    self.early_logs.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "{what}: no such log line within {secs} s; the agent's log:\n{:#?}",
+                    self.early_logs
+                ),
+            }
+        }
+    }
+
     /// The agent's pod, when it runs in a node.
     pub fn pod(&self) -> Option<&Pod> {
         self.pod.as_ref()

@@ -272,6 +272,63 @@ fn file_mtls_serves_allowed_spiffe_ids_only() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The DaemonSet's agents dial SPIRE's Workload API for their listener's
+/// SVID: an agent that starts before its SPIRE agent keeps auditing and
+/// serving its Unix socket, and opens its TCP listener once SPIRE answers.
+#[test]
+fn an_agent_started_before_spire_serves_tcp_once_the_workload_api_answers() {
+    require_root();
+    let dir = temp_dir("grpc-mtls-late-spire");
+    let socket = dir.join("api.sock");
+    let endpoint = format!("unix://{}", socket.display());
+    let mut agent = RunningAgent::start(&[
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--workload-api",
+        &endpoint,
+        "--allow-peer",
+        ALLOW_OPS,
+        "--spire-admin-socket",
+        "none",
+    ]);
+    // Ready and serving on its Unix socket, with no SVID yet.
+    let unix = agent.grpc_addr();
+    assert!(unix.starts_with("unix://"), "{unix}");
+    let status = run(
+        {
+            let mut c = Command::new(agent_binary());
+            c.args(["status", "--server", &unix]);
+            c
+        },
+        20,
+    );
+    assert!(
+        status.status.success(),
+        "status on the Unix socket: {}",
+        text(&status)
+    );
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let double = rt
+        .block_on(WorkloadApiDouble::start(&socket, AGENT_ID))
+        .unwrap_or_else(|e| panic!("starting the Workload API double: {e}"));
+    let ca = dir.join("ca.pem");
+    double.write_ca(&ca).unwrap();
+    let (ops_cert, ops_key) = double.write_svid(&dir, "ops", OPS_ID).unwrap();
+    let ops = tls_flags(&ops_cert, &ops_key, &ca, AGENT_ID);
+    let listening = agent.wait_for_log(120, "the TCP listener after SPIRE came", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("gRPC flow stream listening"))
+            && v["addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:"))
+    });
+    let addr = listening["addr"].as_str().unwrap().to_owned();
+    assert_status_ok(&addr, &ops, "ops once SPIRE answered");
+    drop(agent);
+    drop(double);
+}
+
 #[test]
 fn workload_api_svid_rotation_keeps_mtls_serving_with_the_new_svid() {
     require_root();

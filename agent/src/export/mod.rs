@@ -130,18 +130,83 @@ pub async fn start(
     ));
     sinks.push(Box::new(hub::HubSink::new(hub.clone(), state.clone())));
 
-    let tls = mtls::ServerTls::load(&args.tls).await?;
+    // TCP listeners wait for an SVID; the audit and the Unix socket never
+    // do: an agent whose SPIRE agent is not up yet keeps auditing, and its
+    // TCP listeners start once the Workload API answers.
+    let (tls, deferred) = match mtls::ServerTls::load(&args.tls).await {
+        Ok(tls) => (tls, Vec::new()),
+        Err(e @ mtls::TlsError::WorkloadApi { .. }) => {
+            let tcp: Vec<String> = args
+                .grpc_addr
+                .iter()
+                .filter(|a| !a.starts_with("unix://"))
+                .cloned()
+                .collect();
+            tracing::warn!(error = %e, tcp = ?tcp, "no SVID yet: the TCP gRPC listeners start when the SPIRE Workload API answers; auditing and the Unix socket go on meanwhile");
+            (None, tcp)
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(tls) = &tls {
         tracing::info!(spiffe_id = %tls.spiffe_id(), allow_peer = ?args.tls.allow_peer, "TCP gRPC listeners use mTLS");
     }
     let metrics_addr =
         metrics::serve(args.metrics_addr, state.clone(), args.metrics_allow.clone()).await?;
     tracing::info!(addr = %metrics_addr, "metrics listening: /metrics, /healthz, /readyz");
-    let grpc_addrs = grpc::serve(&args.grpc_addr, hub, state.clone(), tls.as_ref()).await?;
+    let now: Vec<String> = if deferred.is_empty() {
+        args.grpc_addr.clone()
+    } else {
+        args.grpc_addr
+            .iter()
+            .filter(|a| a.starts_with("unix://"))
+            .cloned()
+            .collect()
+    };
+    let grpc_addrs = grpc::serve(&now, hub.clone(), state.clone(), tls.as_ref()).await?;
     for addr in grpc_addrs {
         tracing::info!(addr = %addr, "gRPC flow stream listening");
     }
+    if !deferred.is_empty() {
+        tokio::spawn(serve_when_svid(
+            deferred,
+            args.tls.clone(),
+            hub,
+            state.clone(),
+        ));
+    }
     Ok(sinks)
+}
+
+/// Retries the Workload API until it gives an SVID, then serves `addrs`.
+async fn serve_when_svid(
+    addrs: Vec<String>,
+    tls: mtls::TlsArgs,
+    hub: Arc<hub::Hub>,
+    state: Arc<AgentState>,
+) {
+    let mut delay = std::time::Duration::from_secs(2);
+    loop {
+        tokio::time::sleep(delay).await;
+        match mtls::ServerTls::load(&tls).await {
+            Ok(Some(server)) => {
+                tracing::info!(spiffe_id = %server.spiffe_id(), allow_peer = ?tls.allow_peer, "TCP gRPC listeners use mTLS");
+                match grpc::serve(&addrs, hub, state, Some(&server)).await {
+                    Ok(bound) => {
+                        for addr in bound {
+                            tracing::info!(addr = %addr, "gRPC flow stream listening");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "the TCP gRPC listeners could not start"),
+                }
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "still no SVID from the SPIRE Workload API; retrying");
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 pub trait Sink: Send {
