@@ -281,7 +281,10 @@ fn an_agent_started_before_spire_serves_tcp_once_the_workload_api_answers() {
     let dir = temp_dir("grpc-mtls-late-spire");
     let socket = dir.join("api.sock");
     let endpoint = format!("unix://{}", socket.display());
+    let unix_addr = format!("unix://{}", dir.join("agent.sock").display());
     let mut agent = RunningAgent::start(&[
+        "--grpc-addr",
+        &unix_addr,
         "--grpc-addr",
         "127.0.0.1:0",
         "--workload-api",
