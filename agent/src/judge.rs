@@ -292,8 +292,8 @@ mod tests {
         let kinds = |f: &FlowEvent| f.findings.iter().map(|x| x.kind).collect::<Vec<_>>();
         let judged = |state, cert| {
             let mut f = flow("backend", 8000);
-            f.encryption.state = state;
-            f.encryption.client_certificate = cert;
+            std::sync::Arc::make_mut(&mut f.encryption).state = state;
+            std::sync::Arc::make_mut(&mut f.encryption).client_certificate = cert;
             judge.judge(&mut f);
             f
         };
@@ -318,8 +318,8 @@ mod tests {
         // every reason the capture can give.
         for reason in crate::flow::UnknownReason::ALL {
             let mut f = flow("backend", 8000);
-            f.encryption.state = EncryptionState::Unknown;
-            f.encryption.unknown_reason = Some(reason);
+            std::sync::Arc::make_mut(&mut f.encryption).state = EncryptionState::Unknown;
+            std::sync::Arc::make_mut(&mut f.encryption).unknown_reason = Some(reason);
             judge.judge(&mut f);
             assert_eq!(
                 (f.verdict, kinds(&f)),
@@ -335,10 +335,12 @@ mod tests {
 
         // The backend's port answered with the postgresql SVID.
         let mut f = flow("backend", 8000);
-        f.encryption.state = EncryptionState::Mtls;
-        f.encryption.client_certificate = ClientCertificate::Sent;
-        f.encryption.server_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/postgresql".into();
-        f.encryption.client_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
+        std::sync::Arc::make_mut(&mut f.encryption).state = EncryptionState::Mtls;
+        std::sync::Arc::make_mut(&mut f.encryption).client_certificate = ClientCertificate::Sent;
+        std::sync::Arc::make_mut(&mut f.encryption).server_spiffe_id =
+            "spiffe://demo.local/ns/99-apps/sa/postgresql".into();
+        std::sync::Arc::make_mut(&mut f.encryption).client_spiffe_id =
+            "spiffe://demo.local/ns/99-apps/sa/frontend".into();
         judge.judge(&mut f);
         assert_eq!(f.verdict, Verdict::Violation);
         assert_eq!(kinds(&f), vec![FindingKind::IdentityMismatch]);

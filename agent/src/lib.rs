@@ -5,6 +5,12 @@
 //! (who each end is), `judge` (policy), `flow/` (the event vocabulary),
 //! `export/` (metrics, gRPC, file), `cli/` (the commands).
 
+/// The library's own test binary (which runs the pipeline and stream
+/// benches) measures with the allocator the agent binary ships with.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod capture;
 pub mod cilium;
 pub mod cli;

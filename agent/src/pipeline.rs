@@ -12,7 +12,7 @@
 //! of a parked socket queue behind it, so a socket's CONNECT always precedes
 //! its CLOSE; other flows do not wait.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::capture::Clock;
-use crate::capture::record::{KernelEvent, KernelRecord};
+use crate::capture::record::{CookieMap, CookieSet, KernelEvent, KernelRecord};
 use crate::export::Sink;
 use crate::flow::encryption::EncryptionTracker;
-use crate::flow::{EventKind, FlowEvent};
+use crate::flow::{EventKind, FlowEvent, UnknownReason};
 use crate::identity::{Enriched, Enricher, PendingIdentity, Progress};
 use crate::judge::Judge;
 
@@ -65,10 +65,10 @@ pub struct Pipeline {
     pub encryption: EncryptionTracker,
     parked: VecDeque<Parked>,
     /// Sockets with parked flows, and how many.
-    parked_sockets: HashMap<u64, u32>,
+    parked_sockets: CookieMap<u32>,
     /// Buffers `release` reuses, so a burst does not allocate per pass.
     spare: VecDeque<Parked>,
-    blocked: HashSet<u64>,
+    blocked: CookieSet,
     /// Whether a pass over the parked flows can release anything: a parked
     /// socket's encryption settled, an identity lookup is outstanding (its
     /// answer is polled), or the earliest deadline has come. Without this,
@@ -98,9 +98,9 @@ impl Pipeline {
             encryption_wait,
             encryption: EncryptionTracker::default(),
             parked: VecDeque::new(),
-            parked_sockets: HashMap::new(),
+            parked_sockets: CookieMap::default(),
             spare: VecDeque::new(),
-            blocked: HashSet::new(),
+            blocked: CookieSet::default(),
             wake: false,
             pending_lookups: 0,
             next_deadline: None,
@@ -171,6 +171,18 @@ impl Pipeline {
         }
         let mut flow = FlowEvent::from_kernel(ev, &self.node_name, clock);
         let cookie = flow.socket.cookie;
+        if flow.event != EventKind::Connect
+            && self.parked_sockets.contains_key(&cookie)
+            && !self.encryption.is_settled(cookie)
+        {
+            // The socket is gone, and its payload records came before this
+            // one in the ring: its answer is what is known now, so a CONNECT
+            // waiting for its handshake goes out at once (with the same
+            // answer its wait would have ended with) instead of holding
+            // memory until `encryption_wait` runs out.
+            self.encryption.mark(cookie, UnknownReason::NoPayloadSeen);
+            self.wake = true;
+        }
         let query = match &mut self.enricher {
             Some(e) => match e.enrich(&mut flow) {
                 Enriched::Done => None,
@@ -607,6 +619,64 @@ mod tests {
             identity_wait,
             encryption_wait,
         )
+    }
+
+    /// Keeps what reaches the sinks.
+    struct Collect(Arc<std::sync::Mutex<Vec<Arc<FlowEvent>>>>);
+
+    impl Sink for Collect {
+        fn on_flow(&mut self, flow: &Arc<FlowEvent>) {
+            self.0.lock().expect("collector").push(flow.clone());
+        }
+    }
+
+    /// A socket that closes before sending anything (a storm of short
+    /// connections) must not hold its CONNECT for the whole encryption
+    /// wait: its CLOSE settles the answer, and both go out at once, in
+    /// order, with the answer the wait would have ended with.
+    #[test]
+    fn a_close_releases_its_connect_waiting_for_a_handshake() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut p = pipeline(Duration::from_secs(3600), Duration::from_secs(3600));
+        p.sinks.push(Box::new(Collect(seen.clone())));
+        let clock = Clock::now();
+        let mut rec = sample();
+        rec.kind = RecordKind::Connect as u8;
+        let connect = KernelEvent::from_record(&rec).expect("sample record");
+        p.record(KernelRecord::Flow(connect), &clock);
+        p.release(false);
+        assert_eq!(p.parked.len(), 1, "the CONNECT waits for its handshake");
+        assert!(seen.lock().unwrap().is_empty());
+
+        rec.kind = RecordKind::Close as u8;
+        let close = KernelEvent::from_record(&rec).expect("sample record");
+        p.record(KernelRecord::Flow(close), &clock);
+        p.release(false);
+        let out = seen.lock().unwrap().clone();
+        let kinds: Vec<EventKind> = out.iter().map(|f| f.event).collect();
+        assert_eq!(
+            kinds,
+            [EventKind::Connect, EventKind::Close],
+            "both released by the CLOSE, long before the hour-long wait"
+        );
+        for f in &out {
+            assert_eq!(
+                (f.encryption.state, f.encryption.unknown_reason),
+                (
+                    flowaudit_policy::EncryptionState::Unknown,
+                    Some(UnknownReason::NoPayloadSeen)
+                ),
+                "{:?}: nothing was sent, as a timed-out wait would say",
+                f.event
+            );
+        }
+        assert!(p.parked.is_empty() && p.parked_sockets.is_empty());
+        assert_eq!(
+            p.stats.encryption_timeouts.load(Ordering::Relaxed),
+            0,
+            "settled, not timed out"
+        );
+        assert_eq!(p.encryption.followed(), 0, "the socket is forgotten");
     }
 
     /// A wait no clock can add (a library caller, or a CLI bound that

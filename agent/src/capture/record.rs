@@ -14,6 +14,13 @@ use flowaudit_common::{
     SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SocketSide,
 };
 
+/// A map keyed by socket cookie. The kernel assigns cookies (a peer cannot
+/// choose them), so a fast multiply-fold hash is safe where SipHash would
+/// cost more than the lookup on every record.
+pub type CookieMap<V> = std::collections::HashMap<u64, V, foldhash::fast::RandomState>;
+/// A set of socket cookies (see [`CookieMap`]).
+pub type CookieSet = std::collections::HashSet<u64, foldhash::fast::RandomState>;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {
     #[error("kernel record has {got} bytes, expected {expected}")]

@@ -736,8 +736,9 @@ mod tests {
         f.source.spiffe_id = "spiffe://demo.local/ns/a/sa/\u{202e}dnetnorf".into();
         f.destination.namespace = "99-apps".into();
         f.destination.pod_name = "db\r\x1b[1Aok\u{9b}".into();
-        f.encryption.state = flowaudit_policy::EncryptionState::Plaintext;
-        f.encryption.protocol = "pg\x07\n".into();
+        std::sync::Arc::make_mut(&mut f.encryption).state =
+            flowaudit_policy::EncryptionState::Plaintext;
+        std::sync::Arc::make_mut(&mut f.encryption).protocol = "pg\x07\n".into();
         f.findings.push(crate::flow::Finding {
             kind: FindingKind::NoMatchingRule,
             message: "x\x1b]0;owned\x07".into(),
@@ -756,17 +757,18 @@ mod tests {
     fn compact_line_names_the_tls_version_or_plaintext_protocol() {
         let mut f = flow();
         f.event = crate::flow::EventKind::Connect;
-        f.encryption.state = flowaudit_policy::EncryptionState::Mtls;
-        f.encryption.tls_version = "TLS1.3".into();
-        f.encryption.client_certificate_inferred = true;
+        std::sync::Arc::make_mut(&mut f.encryption).state = flowaudit_policy::EncryptionState::Mtls;
+        std::sync::Arc::make_mut(&mut f.encryption).tls_version = "TLS1.3".into();
+        std::sync::Arc::make_mut(&mut f.encryption).client_certificate_inferred = true;
         assert!(
             compact(&f, false).contains(" EGRESS MTLS(TLS1.3,client-cert-inferred)"),
             "{}",
             compact(&f, false)
         );
-        f.encryption = crate::flow::Encryption::default();
-        f.encryption.state = flowaudit_policy::EncryptionState::Plaintext;
-        f.encryption.protocol = "postgresql".into();
+        f.encryption = Default::default();
+        std::sync::Arc::make_mut(&mut f.encryption).state =
+            flowaudit_policy::EncryptionState::Plaintext;
+        std::sync::Arc::make_mut(&mut f.encryption).protocol = "postgresql".into();
         assert!(
             compact(&f, false).ends_with(" EGRESS PLAINTEXT(postgresql)"),
             "{}",

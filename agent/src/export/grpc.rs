@@ -951,7 +951,7 @@ pub mod convert {
             source: endpoint_from(f.source.ok_or(ConvertError::Missing("source"))?),
             destination: endpoint_from(f.destination.ok_or(ConvertError::Missing("destination"))?),
             direction: direction_from(f.direction)?,
-            encryption: Encryption {
+            encryption: std::sync::Arc::new(Encryption {
                 state: encryption_from(enc.state).unwrap_or(EncryptionState::Unknown),
                 tls_version: enc.tls_version,
                 sni: enc.sni,
@@ -963,7 +963,7 @@ pub mod convert {
                 client_spiffe_id: enc.client_spiffe_id,
                 // An unknown name (a newer agent) reads as no reason.
                 unknown_reason: UnknownReason::from_name(&enc.unknown_reason),
-            },
+            }),
             bytes_sent: f.bytes_sent,
             bytes_received: f.bytes_received,
             duration_ms: f.duration_ms,
@@ -1010,13 +1010,16 @@ mod tests {
             message: "plaintext".into(),
         });
         f.socket.failure_reason = Some(crate::flow::FailureReason::TimedOut);
-        f.encryption.alpn = vec!["h2".into()];
-        f.encryption.state = flowaudit_policy::EncryptionState::Mtls;
-        f.encryption.protocol = "tls".into();
-        f.encryption.client_certificate = crate::flow::ClientCertificate::Sent;
-        f.encryption.client_certificate_inferred = true;
-        f.encryption.server_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/backend".into();
-        f.encryption.client_spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
+        std::sync::Arc::make_mut(&mut f.encryption).alpn = vec!["h2".into()];
+        std::sync::Arc::make_mut(&mut f.encryption).state = flowaudit_policy::EncryptionState::Mtls;
+        std::sync::Arc::make_mut(&mut f.encryption).protocol = "tls".into();
+        std::sync::Arc::make_mut(&mut f.encryption).client_certificate =
+            crate::flow::ClientCertificate::Sent;
+        std::sync::Arc::make_mut(&mut f.encryption).client_certificate_inferred = true;
+        std::sync::Arc::make_mut(&mut f.encryption).server_spiffe_id =
+            "spiffe://demo.local/ns/99-apps/sa/backend".into();
+        std::sync::Arc::make_mut(&mut f.encryption).client_spiffe_id =
+            "spiffe://demo.local/ns/99-apps/sa/frontend".into();
         let back = flow_from_proto(flow_to_proto(&f)).unwrap();
         assert_eq!(back, f);
         // Cilium's answer, every state, both sides.

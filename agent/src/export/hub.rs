@@ -390,10 +390,24 @@ impl FilterSet {
 
 // ---------------------------------------------------------------- hub
 
-/// Entries the ring between the pipeline and the subscribers' filter tasks
+/// Flows the ring between the pipeline and the subscribers' filter tasks
 /// holds at least: a whole burst the pipeline drains at once (its input
 /// channel holds 16 Ki records) fits while the tasks catch up.
 const RING_MIN: usize = 16 * 1024;
+
+/// Flows the pipeline sink hands over in one ring entry at most. Waking a
+/// waiting filter task costs a futex call (and a thread switch); a burst
+/// handed over in entries of this many wakes it once per entry instead of
+/// once per flow.
+const BATCH_MAX: usize = 64;
+
+/// Ring entries for `flows` flows in full batches, so the memory a lagging
+/// filter task can hold up stays that of `flows` flows. In a burst (when a
+/// task can fall behind) the entries are full; when flows trickle in one
+/// per entry, the tasks have time to keep up.
+fn ring_entries(flows: usize) -> usize {
+    flows.div_ceil(BATCH_MAX).max(1)
+}
 
 /// What the ring carries to every subscriber's filter task.
 #[derive(Debug, Clone)]
@@ -409,6 +423,8 @@ struct Entry {
 #[derive(Debug, Clone)]
 enum Payload {
     Flow(Arc<FlowEvent>),
+    /// Flows handed over together ([`HubSink`]), in order.
+    Flows(Arc<[Arc<FlowEvent>]>),
     /// The kernel side lost something (see [`Shared::kernel`]).
     KernelLoss,
     Notice(Arc<proto::GetFlowsResponse>),
@@ -483,8 +499,12 @@ impl FilterTask {
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            let is_flow = matches!(entry.what, Payload::Flow(_));
-            let missed = entry.flows - self.flows_seen - u64::from(is_flow);
+            let carried = match &entry.what {
+                Payload::Flow(_) => 1,
+                Payload::Flows(flows) => flows.len() as u64,
+                Payload::KernelLoss | Payload::Notice(_) => 0,
+            };
+            let missed = entry.flows - self.flows_seen - carried;
             self.flows_seen = entry.flows;
             if missed > 0 {
                 // Told like a full queue: this subscriber fell behind. Counted
@@ -493,21 +513,39 @@ impl FilterTask {
                 self.shared.dropped(missed);
             }
             let sent = match &entry.what {
-                Payload::Flow(flow) if self.filter.matches(flow) => self.deliver(flow),
-                Payload::Flow(_) => Sent::Ok,
+                Payload::Flow(flow) => self.offer(flow),
+                Payload::Flows(flows) => {
+                    let mut sent = Sent::Ok;
+                    for flow in flows.iter() {
+                        sent = self.offer(flow);
+                        if matches!(sent, Sent::Closed) {
+                            break;
+                        }
+                    }
+                    sent
+                }
                 Payload::KernelLoss => self.tell_kernel_losses(),
                 Payload::Notice(n) => self.notice(n),
             };
             self.pending.processed.store(entry.index, Ordering::Release);
-            match sent {
-                Sent::Full if is_flow => {
-                    self.pending.queue.fetch_add(1, Ordering::Relaxed);
-                    self.shared.dropped(1);
-                }
-                Sent::Ok | Sent::Full => {}
-                Sent::Closed => return,
+            if let Sent::Closed = sent {
+                return;
             }
         }
+    }
+
+    /// Filters one flow and queues it if it matches; a full queue loses it,
+    /// counted for the subscriber to be told.
+    fn offer(&self, flow: &Arc<FlowEvent>) -> Sent {
+        if !self.filter.matches(flow) {
+            return Sent::Ok;
+        }
+        let sent = self.deliver(flow);
+        if let Sent::Full = sent {
+            self.pending.queue.fetch_add(1, Ordering::Relaxed);
+            self.shared.dropped(1);
+        }
+        sent
     }
 
     fn try_send(&self, item: Item) -> Sent {
@@ -647,14 +685,15 @@ impl Hub {
         Self::with_ring(
             capacity,
             queue,
-            queue.max(RING_MIN),
+            ring_entries(queue.max(RING_MIN)),
             max_subscribers,
             metrics,
         )
     }
 
     /// `ring`: entries a filter task may fall behind the pipeline before it
-    /// loses flows.
+    /// loses flows (an entry carries one flow, or up to [`BATCH_MAX`] from
+    /// [`Hub::publish_all`]).
     fn with_ring(
         capacity: usize,
         queue: usize,
@@ -807,6 +846,30 @@ impl Hub {
         self.send(&mut inner, Payload::Flow(flow.clone()));
     }
 
+    /// Buffers flows and hands them to the subscribers' filter tasks in
+    /// entries of up to [`BATCH_MAX`], in order; empties `flows`.
+    pub fn publish_all(&self, flows: &mut Vec<Arc<FlowEvent>>) {
+        if flows.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        if self.capacity > 0 {
+            let keep = flows.len().min(self.capacity);
+            let room = self.capacity - inner.history.len().min(self.capacity);
+            let evict = keep.saturating_sub(room).min(inner.history.len());
+            inner.history.drain(..evict);
+            inner
+                .history
+                .extend(flows[flows.len() - keep..].iter().cloned());
+        }
+        for batch in flows.chunks(BATCH_MAX) {
+            inner.flows += batch.len() as u64;
+            self.send(&mut inner, Payload::Flows(batch.into()));
+        }
+        drop(inner);
+        flows.clear();
+    }
+
     /// Sends a notice to every following subscriber, unfiltered (it is
     /// not kept in the history).
     pub fn notice(&self, notice: proto::GetFlowsResponse) {
@@ -912,6 +975,9 @@ pub struct HubSink {
     hub: Arc<Hub>,
     state: Arc<AgentState>,
     kernel_lost: [u64; LOSS_PLACES as usize],
+    /// Flows of this burst, handed over at `flush` (or once a batch is
+    /// full), so a burst wakes each filter task once per batch.
+    batch: Vec<Arc<FlowEvent>>,
 }
 
 impl HubSink {
@@ -921,16 +987,21 @@ impl HubSink {
             hub,
             state,
             kernel_lost,
+            batch: Vec::with_capacity(BATCH_MAX),
         }
     }
 }
 
 impl super::Sink for HubSink {
     fn on_flow(&mut self, flow: &Arc<FlowEvent>) {
-        self.hub.publish(flow);
+        self.batch.push(flow.clone());
+        if self.batch.len() >= BATCH_MAX {
+            self.hub.publish_all(&mut self.batch);
+        }
     }
 
     fn flush(&mut self) {
+        self.hub.publish_all(&mut self.batch);
         let lost = self.state.capture.lost_by_place();
         for place in LossPlace::ALL {
             let (now, told) = (lost[place as usize], &mut self.kernel_lost[place as usize]);
@@ -1221,6 +1292,97 @@ pub(crate) mod tests {
         assert_eq!(h.subscribers(), 0);
     }
 
+    /// The pipeline sink hands a burst over in batches: subscribers get
+    /// every flow in order, the history keeps the newest, and a filter
+    /// task that falls behind the ring is told exactly how many flows it
+    /// missed, batches or not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(
+        clippy::await_holding_lock,
+        reason = "the guard is the stall: it blocks the stuck filter on a worker, never this task"
+    )]
+    async fn batches_keep_order_history_and_loss_counts() {
+        let follow = |filter| Subscribe {
+            number: 0,
+            follow: true,
+            since: None,
+            filter,
+        };
+        let h = hub(5, 1000);
+        let mut s = h.subscribe(follow(FilterSet::default())).unwrap();
+        let mut burst: Vec<_> = (0..40).map(numbered).collect();
+        h.publish_all(&mut burst);
+        assert!(burst.is_empty(), "handed over");
+        let mut got = Vec::new();
+        for _ in 0..40 {
+            got.push(s.next().await.unwrap());
+        }
+        assert_eq!(cookies(&got), (0..40).collect::<Vec<_>>());
+        let mut more: Vec<_> = (40..43).map(numbered).collect();
+        h.publish_all(&mut more);
+        let last = h
+            .subscribe(Subscribe {
+                number: 0,
+                follow: false,
+                since: None,
+                filter: FilterSet::default(),
+            })
+            .unwrap();
+        assert_eq!(
+            cookies(&futures_collect(last).await),
+            vec![38, 39, 40, 41, 42],
+            "the history keeps the newest 5 across batches"
+        );
+
+        // A filter task stuck on flow 0 while 5 batches and 4 flows more
+        // come, in 6 entries, and the ring holds the last 2.
+        let b = BATCH_MAX as u64;
+        let n = 5 * b + 4;
+        let metrics = Arc::new(crate::export::metrics::Metrics::new(
+            "0",
+            Arc::new(CaptureStats::default()),
+        ));
+        let h = Arc::new(Hub::with_ring(10, 1000, 2, 1000, metrics));
+        let stall = Arc::new(Stall::default());
+        let held = stall.gate.lock().unwrap();
+        let mut stuck = h
+            .subscribe(follow(FilterSet {
+                stall: Some(stall.clone()),
+                ..Default::default()
+            }))
+            .unwrap();
+        h.publish_all(&mut vec![numbered(0)]);
+        while stall.entered.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        h.publish_all(&mut (1..=n).map(numbered).collect());
+        drop(held);
+        let wait = std::time::Duration::from_secs(60);
+        let mut items = Vec::new();
+        while cookies(&items).last() != Some(&n) {
+            let item = tokio::time::timeout(wait, stuck.next())
+                .await
+                .unwrap_or_else(|_| panic!("nothing more after {items:?}"))
+                .expect("follows");
+            items.push(item);
+        }
+        assert!(matches!(&items[0], Item::Flow(f) if f.socket.cookie == 0));
+        assert!(
+            matches!(
+                &items[1],
+                Item::Lost {
+                    source: LostSource::SubscriberQueue,
+                    count
+                } if *count == 4 * b
+            ),
+            "flows 1 to {} fell out of the ring: {:?}",
+            4 * b,
+            items[1]
+        );
+        assert_eq!(cookies(&items[2..]), (4 * b + 1..=n).collect::<Vec<_>>());
+        assert_eq!(h.dropped(), 4 * b);
+    }
+
     async fn futures_collect(mut s: FlowStream) -> Vec<Item> {
         let mut v = Vec::new();
         while let Some(i) = s.next().await {
@@ -1443,6 +1605,7 @@ pub(crate) mod tests {
         let mut other = h.subscribe(follow(FilterSet::default())).unwrap();
         let mut sink = HubSink::new(h.clone(), state.clone());
         sink.on_flow(&numbered(0));
+        sink.flush();
         while stall.entered.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
@@ -1453,6 +1616,7 @@ pub(crate) mod tests {
         let wait = std::time::Duration::from_secs(60);
         for i in 1..flows {
             sink.on_flow(&numbered(i));
+            sink.flush();
             tokio::time::timeout(wait, other.caught_up())
                 .await
                 .expect("the other subscriber's filter task keeps up while one filter is stuck");

@@ -523,7 +523,7 @@ fn encryption_str(s: EncryptionState) -> &'static str {
 pub struct MetricsSink {
     metrics: Arc<Metrics>,
     /// Socket cookie of open connections -> what was already counted for it.
-    open: HashMap<u64, u8>,
+    open: crate::capture::record::CookieMap<u8>,
     last_expiry: Instant,
 }
 
@@ -531,7 +531,7 @@ impl MetricsSink {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
-            open: HashMap::new(),
+            open: Default::default(),
             last_expiry: Instant::now(),
         }
     }
@@ -807,7 +807,7 @@ mod tests {
         });
         let mut close = connect.clone();
         close.event = EventKind::Close;
-        close.encryption.state = EncryptionState::Plaintext;
+        std::sync::Arc::make_mut(&mut close.encryption).state = EncryptionState::Plaintext;
         close.findings.push(Finding {
             kind: FindingKind::MtlsMissing,
             message: "y".into(),

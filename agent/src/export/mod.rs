@@ -119,7 +119,13 @@ pub async fn start(
             args.export_file_max_backups,
         )?;
         file.stats = state.metrics.export_file.clone();
-        sinks.push(Box::new(file::ExportFileSink::new(file)));
+        let sink = file::ExportFileSink::new(file).map_err(|e| {
+            anyhow::anyhow!(
+                "could not start the export file writer thread for {}: {e}",
+                path.display()
+            )
+        })?;
+        sinks.push(Box::new(sink));
     }
     sinks.push(Box::new(metrics::MetricsSink::new(state.metrics.clone())));
     let hub = Arc::new(hub::Hub::new(

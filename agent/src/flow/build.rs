@@ -7,8 +7,7 @@ use flowaudit_common::SocketSide;
 use flowaudit_policy::Verdict;
 
 use super::{
-    ArcStr, Direction, Encryption, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket,
-    rfc3339_nanos,
+    ArcStr, Direction, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket, rfc3339_nanos,
 };
 use crate::capture::Clock;
 use crate::capture::record::KernelEvent;
@@ -70,7 +69,7 @@ impl FlowEvent {
             source,
             destination,
             direction,
-            encryption: Encryption::default(),
+            encryption: super::encryption::not_seen_yet(),
             bytes_sent,
             bytes_received,
             duration_ms: duration_ns / 1_000_000,

@@ -5,13 +5,13 @@
 //! kept (never the bytes), until the socket's CLOSE or FAILED event.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use flowaudit_policy::EncryptionState;
 use flowaudit_wire::{Classifier, ClientCert, Dir, Observation, WireState};
 
 use super::{ClientCertificate, Encryption, UnknownReason};
-use crate::capture::record::PayloadChunk;
+use crate::capture::record::{CookieMap, PayloadChunk};
 
 /// Sockets followed at once at most; beyond that new ones stay UNKNOWN
 /// (counted). The kernel's socket map has the same size.
@@ -31,8 +31,11 @@ enum Entry {
 
 #[derive(Default)]
 pub struct EncryptionTracker {
-    sockets: HashMap<u64, Entry>,
+    sockets: CookieMap<Entry>,
     shared: HashMap<Encryption, Arc<Encryption>>,
+    /// Plaintext answers by protocol: most connections, found without
+    /// building, hashing and comparing a whole answer.
+    plaintext: Vec<(Option<&'static str>, Arc<Encryption>)>,
     /// Sockets not followed because `MAX_SOCKETS` were.
     pub overflow: u64,
 }
@@ -65,7 +68,11 @@ impl EncryptionTracker {
         // The kernel sends nothing more once a connection opened with
         // anything but a TLS handshake record: plaintext is final here.
         let o = c.observation();
-        if c.is_final() || o.state == WireState::Plaintext {
+        if o.state == WireState::Plaintext {
+            *entry = Entry::Settled(plaintext(&mut self.plaintext, &mut self.shared, &o));
+            return true;
+        }
+        if c.is_final() {
             *entry = Entry::Settled(share(&mut self.shared, encryption_of(&o)));
             return true;
         }
@@ -91,15 +98,15 @@ impl EncryptionTracker {
     }
 
     /// What is known about the socket now (UNKNOWN, with the reason
-    /// `no_payload_seen`, if nothing).
-    pub fn current(&self, cookie: u64) -> Encryption {
+    /// `no_payload_seen`, if nothing): a shared answer, copied by pointer.
+    pub fn current(&self, cookie: u64) -> Arc<Encryption> {
         match self.sockets.get(&cookie) {
-            Some(Entry::Settled(e)) => (**e).clone(),
-            Some(Entry::Open(c)) => with_reason(
+            Some(Entry::Settled(e)) => e.clone(),
+            Some(Entry::Open(c)) => Arc::new(with_reason(
                 encryption_of(&c.observation()),
                 UnknownReason::NoPayloadSeen,
-            ),
-            None => with_reason(Encryption::default(), UnknownReason::NoPayloadSeen),
+            )),
+            None => NO_PAYLOAD_SEEN.clone(),
         }
     }
 
@@ -115,6 +122,20 @@ impl EncryptionTracker {
     }
 }
 
+static NOT_SEEN_YET: LazyLock<Arc<Encryption>> = LazyLock::new(Arc::default);
+static NO_PAYLOAD_SEEN: LazyLock<Arc<Encryption>> = LazyLock::new(|| {
+    Arc::new(with_reason(
+        Encryption::default(),
+        UnknownReason::NoPayloadSeen,
+    ))
+});
+
+/// The answer of a flow event before the pipeline asks the tracker
+/// (UNKNOWN, no reason yet): one shared copy.
+pub fn not_seen_yet() -> Arc<Encryption> {
+    NOT_SEEN_YET.clone()
+}
+
 /// The one shared copy of an answer.
 fn share(shared: &mut HashMap<Encryption, Arc<Encryption>>, e: Encryption) -> Arc<Encryption> {
     if let Some(a) = shared.get(&e) {
@@ -123,6 +144,34 @@ fn share(shared: &mut HashMap<Encryption, Arc<Encryption>>, e: Encryption) -> Ar
     let a = Arc::new(e);
     if shared.len() < MAX_SHARED {
         shared.insert((*a).clone(), a.clone());
+    }
+    a
+}
+
+/// The shared answer for plaintext `o`: by its protocol alone when that is
+/// all it says (a plaintext observation carries no TLS facts), else as any
+/// other answer.
+fn plaintext(
+    by_protocol: &mut Vec<(Option<&'static str>, Arc<Encryption>)>,
+    shared: &mut HashMap<Encryption, Arc<Encryption>>,
+    o: &Observation,
+) -> Arc<Encryption> {
+    let only_protocol = o.tls_version.is_none()
+        && o.sni.is_none()
+        && o.alpn.is_empty()
+        && o.client_cert == ClientCert::Unknown
+        && !o.client_cert_inferred
+        && o.server_spiffe_id.is_none()
+        && o.client_spiffe_id.is_none();
+    if !only_protocol {
+        return share(shared, encryption_of(o));
+    }
+    if let Some((_, a)) = by_protocol.iter().find(|(p, _)| *p == o.protocol) {
+        return a.clone();
+    }
+    let a = share(shared, encryption_of(o));
+    if by_protocol.len() < 64 {
+        by_protocol.push((o.protocol, a.clone()));
     }
     a
 }
@@ -179,6 +228,39 @@ mod tests {
             data: data.to_vec(),
             mark: None,
         }
+    }
+
+    /// Plaintext answers are found by protocol, shared, and equal to what
+    /// the general path builds.
+    #[test]
+    fn plaintext_answers_are_shared_by_protocol() {
+        let mut t = EncryptionTracker::default();
+        let http = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n";
+        for cookie in [1, 2] {
+            assert!(
+                t.on_chunk(&chunk(cookie, true, 0, http)),
+                "plaintext is final"
+            );
+        }
+        let (a, b) = (t.current(1), t.current(2));
+        assert!(Arc::ptr_eq(&a, &b), "one shared copy");
+        let mut c = Classifier::default();
+        c.feed(Dir::Out, 0, http);
+        assert_eq!(
+            *a,
+            encryption_of(&c.observation()),
+            "as the general path says"
+        );
+        assert_eq!(a.state, EncryptionState::Plaintext);
+        assert_eq!(a.protocol, "http");
+        assert_eq!(a.unknown_reason, None);
+        assert!(t.on_chunk(&chunk(3, true, 0, b"SSH-2.0-OpenSSH_9.2\r\n")));
+        assert_eq!(
+            t.current(3).protocol,
+            "ssh",
+            "another protocol, another answer"
+        );
+        assert!(Arc::ptr_eq(&t.current(1), &a), "http's copy is unchanged");
     }
 
     #[test]

@@ -345,7 +345,8 @@ pub struct FlowEvent {
     pub source: Endpoint,
     pub destination: Endpoint,
     pub direction: Direction,
-    pub encryption: Encryption,
+    /// Shared: sockets with the same answer point at one copy.
+    pub encryption: Arc<Encryption>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,

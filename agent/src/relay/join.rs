@@ -314,7 +314,7 @@ mod tests {
         let client = half_of(Direction::Egress, EventKind::Connect, "worker");
         let mut server = (*half_of(Direction::Ingress, EventKind::Connect, "worker2")).clone();
         server.time = "2026-11-28T12:00:01.000000001Z".into();
-        server.encryption.state = EncryptionState::Mtls;
+        std::sync::Arc::make_mut(&mut server.encryption).state = EncryptionState::Mtls;
         assert!(
             j.push(client.clone(), now).is_empty(),
             "the first half waits"

@@ -348,6 +348,8 @@ async fn merge_task(
     stats: Arc<RelayStats>,
 ) {
     let mut batch = Vec::with_capacity(256);
+    // What goes out of this pass, handed to each hub at once.
+    let (mut raw_out, mut joined_out) = (Vec::new(), Vec::new());
     loop {
         let deadline = match (window.next_deadline(), joiner.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -362,13 +364,21 @@ async fn merge_task(
         };
         if got == 0 {
             // Every sender is gone: the relay is stopping.
+            let mut out = Out {
+                raw: &mut raw_out,
+                joined: &mut joined_out,
+                joiner: &mut joiner,
+                stats: &stats,
+            };
             for f in window.drain() {
-                out(&f, &raw, &joined, &mut joiner, &stats, Instant::now());
+                out.push(f, Instant::now());
             }
             for (f, outcome) in joiner.drain() {
                 count(outcome, &stats);
-                joined.publish(&f);
+                joined_out.push(f);
             }
+            raw.publish_all(&mut raw_out);
+            joined.publish_all(&mut joined_out);
             return;
         }
         let now = Instant::now();
@@ -377,31 +387,43 @@ async fn merge_task(
             window.push(f, now);
         }
         stats.merged.fetch_add(n, Ordering::Relaxed);
+        let mut out = Out {
+            raw: &mut raw_out,
+            joined: &mut joined_out,
+            joiner: &mut joiner,
+            stats: &stats,
+        };
         while let Some(f) = window.pop_ready(now) {
-            out(&f, &raw, &joined, &mut joiner, &stats, now);
+            out.push(f, now);
         }
         stats
             .out_of_order
             .store(window.out_of_order(), Ordering::Relaxed);
         for (f, outcome) in joiner.expire(now) {
             count(outcome, &stats);
-            joined.publish(&f);
+            joined_out.push(f);
         }
+        raw.publish_all(&mut raw_out);
+        joined.publish_all(&mut joined_out);
     }
 }
 
-fn out(
-    f: &Arc<FlowEvent>,
-    raw: &Hub,
-    joined: &Hub,
-    joiner: &mut Joiner,
-    stats: &RelayStats,
-    now: Instant,
-) {
-    raw.publish(f);
-    for (j, outcome) in joiner.push(f.clone(), now) {
-        count(outcome, stats);
-        joined.publish(&j);
+/// One pass's output: every flow to the plain hub, and through the joiner
+/// to the `join` hub.
+struct Out<'a> {
+    raw: &'a mut Vec<Arc<FlowEvent>>,
+    joined: &'a mut Vec<Arc<FlowEvent>>,
+    joiner: &'a mut Joiner,
+    stats: &'a RelayStats,
+}
+
+impl Out<'_> {
+    fn push(&mut self, f: Arc<FlowEvent>, now: Instant) {
+        self.raw.push(f.clone());
+        for (j, outcome) in self.joiner.push(f, now) {
+            count(outcome, self.stats);
+            self.joined.push(j);
+        }
     }
 }
 
