@@ -109,7 +109,7 @@ impl Pipeline {
 
     /// Runs until the capture side closes the channel, then releases what is
     /// parked and flushes.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<KernelRecord>) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Vec<KernelRecord>>) {
         let mut clock = Clock::now();
         let mut clock_at = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(5));
@@ -123,10 +123,14 @@ impl Pipeline {
                         clock = Clock::now();
                         clock_at = Instant::now();
                     }
-                    self.record(ev, &clock);
+                    for rec in ev {
+                        self.record(rec, &clock);
+                    }
                     // Drain what is queued, then flush once: one write per burst.
-                    while let Ok(ev) = rx.try_recv() {
-                        self.record(ev, &clock);
+                    while let Ok(batch) = rx.try_recv() {
+                        for rec in batch {
+                            self.record(rec, &clock);
+                        }
                     }
                     self.release(false);
                     self.flush();

@@ -341,7 +341,7 @@ impl Capture {
     /// `shutdown` fires, then drains what is left and returns.
     pub fn spawn_reader(
         &mut self,
-        tx: mpsc::Sender<KernelRecord>,
+        tx: mpsc::Sender<Vec<KernelRecord>>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<tokio::task::JoinHandle<()>, CaptureError> {
         let ring = self.ring.take().ok_or(CaptureError::Missing(
@@ -531,36 +531,56 @@ fn attach(
 }
 
 /// Moves every record now in the ring buffer to the channel.
+/// Records handed to the pipeline at once at most: one channel message and
+/// at most one wake-up per batch, instead of one per record.
+pub const READ_BATCH: usize = 256;
+
+/// Batches queued between the ring reader and the pipeline at most (16 Ki
+/// records): beyond that a burst waits in the kernel ring, where what does
+/// not fit is counted as lost.
+pub const READ_QUEUE: usize = 64;
+
 async fn drain(
     ring: &mut RingBuf<MapData>,
-    tx: &mpsc::Sender<KernelRecord>,
+    tx: &mpsc::Sender<Vec<KernelRecord>>,
     stats: &CaptureStats,
     payload_capture: bool,
 ) -> Result<(), ()> {
     loop {
-        let decoded = {
-            let Some(item) = ring.next() else {
-                return Ok(());
+        let mut batch = Vec::with_capacity(READ_BATCH);
+        let mut empty = false;
+        while batch.len() < READ_BATCH {
+            let decoded = {
+                let Some(item) = ring.next() else {
+                    empty = true;
+                    break;
+                };
+                KernelRecord::from_bytes(&item)
             };
-            KernelRecord::from_bytes(&item)
-        };
-        match &decoded {
-            Ok(KernelRecord::Payload(_)) => &stats.payload_records,
-            _ => &stats.records,
+            match &decoded {
+                Ok(KernelRecord::Payload(_)) => &stats.payload_records,
+                _ => &stats.records,
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            match decoded {
+                // No payload program attached: nothing will say what the
+                // connection carries, so its answer settles at once.
+                Ok(KernelRecord::Flow(mut ev)) if !payload_capture && ev.capture.is_none() => {
+                    ev.capture = Some(UnknownReason::NotWatched);
+                    batch.push(KernelRecord::Flow(ev));
+                }
+                Ok(ev) => batch.push(ev),
+                Err(e) => {
+                    stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "malformed kernel record");
+                }
+            }
         }
-        .fetch_add(1, Ordering::Relaxed);
-        match decoded {
-            // No payload program attached: nothing will say what the
-            // connection carries, so its answer settles at once.
-            Ok(KernelRecord::Flow(mut ev)) if !payload_capture && ev.capture.is_none() => {
-                ev.capture = Some(UnknownReason::NotWatched);
-                tx.send(KernelRecord::Flow(ev)).await.map_err(|_| ())?
-            }
-            Ok(ev) => tx.send(ev).await.map_err(|_| ())?,
-            Err(e) => {
-                stats.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "malformed kernel record");
-            }
+        if !batch.is_empty() {
+            tx.send(batch).await.map_err(|_| ())?;
+        }
+        if empty {
+            return Ok(());
         }
     }
 }

@@ -239,7 +239,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         args.payload_sockets,
         args.payload_capture,
     )?;
-    let (tx, rx) = mpsc::channel(16 * 1024);
+    let (tx, rx) = mpsc::channel(crate::capture::READ_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let reader = capture.spawn_reader(tx, shutdown_rx)?;
     let pipeline_stats = Arc::new(PipelineStats::default());

@@ -36,6 +36,8 @@ pub struct EncryptionTracker {
     /// Plaintext answers by protocol: most connections, found without
     /// building, hashing and comparing a whole answer.
     plaintext: Vec<(Option<&'static str>, Arc<Encryption>)>,
+    /// UNKNOWN with each reason, for sockets nothing was seen of.
+    nothing_seen: [Option<Arc<Encryption>>; UnknownReason::ALL.len()],
     /// Sockets not followed because `MAX_SOCKETS` were.
     pub overflow: u64,
 }
@@ -82,13 +84,20 @@ impl EncryptionTracker {
     /// The kernel says the socket's payload was not (fully) captured:
     /// settles an unfinished answer with that reason. A final answer stays.
     pub fn mark(&mut self, cookie: u64, reason: UnknownReason) {
-        let e = match self.sockets.get(&cookie) {
+        let answer = match self.sockets.get(&cookie) {
             Some(Entry::Settled(_)) => return,
-            Some(Entry::Open(c)) => with_reason(encryption_of(&c.observation()), reason),
+            Some(Entry::Open(c)) => share(
+                &mut self.shared,
+                with_reason(encryption_of(&c.observation()), reason),
+            ),
             None if self.sockets.len() >= MAX_SOCKETS => return,
-            None => with_reason(Encryption::default(), reason),
+            // Nothing seen at all: one shared answer per reason.
+            None => self.nothing_seen[reason as usize]
+                .get_or_insert_with(|| {
+                    share(&mut self.shared, with_reason(Encryption::default(), reason))
+                })
+                .clone(),
         };
-        let answer = share(&mut self.shared, e);
         self.sockets.insert(cookie, Entry::Settled(answer));
     }
 

@@ -84,7 +84,10 @@ struct SocketFacts {
 /// Recent sockets of this node by 4-tuple, so the two sockets of a
 /// same-node connection find each other. Bounded: oldest first out.
 struct SocketTable {
-    map: HashMap<SocketKey, SocketFacts>,
+    /// Hashed with a per-process random seed (foldhash): a remote peer can
+    /// choose its port but not learn the seed, the table is bounded, and
+    /// SipHash on every record cost more than the rest of the lookup.
+    map: HashMap<SocketKey, SocketFacts, foldhash::fast::RandomState>,
     order: VecDeque<SocketKey>,
     cap: usize,
 }
@@ -92,7 +95,7 @@ struct SocketTable {
 impl SocketTable {
     fn new(cap: usize) -> Self {
         Self {
-            map: HashMap::new(),
+            map: HashMap::default(),
             order: VecDeque::new(),
             cap: cap.max(1),
         }
