@@ -541,22 +541,46 @@ pub fn parse_rfc3339(text: &str) -> Option<(i64, u32)> {
     ))
 }
 
-/// Formats a wall-clock time as RFC 3339 UTC with nanoseconds.
+/// Formats a wall-clock time as RFC 3339 UTC with nanoseconds: digits
+/// written into a fixed template (once per flow event, so without the
+/// formatting machinery).
 pub fn rfc3339_nanos(t: std::time::SystemTime) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, dd) = civil_from_days(days);
-    // 30 bytes: one allocation, where `format!` would grow the String thrice.
+    if !(0..=9999).contains(&y) {
+        return rfc3339_formatted(y, m, dd, rem, d.subsec_nanos());
+    }
+    let mut b = *b"0000-00-00T00:00:00.000000000Z";
+    let fields: [(std::ops::Range<usize>, u64); 7] = [
+        (0..4, y as u64),
+        (5..7, u64::from(m)),
+        (8..10, u64::from(dd)),
+        (11..13, (rem / 3600) as u64),
+        (14..16, ((rem % 3600) / 60) as u64),
+        (17..19, (rem % 60) as u64),
+        (20..29, u64::from(d.subsec_nanos())),
+    ];
+    for (range, mut v) in fields {
+        for c in b[range].iter_mut().rev() {
+            *c = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    b.iter().map(|&c| char::from(c)).collect()
+}
+
+/// The same, through `write!` (years past 9999, and the tests' reference).
+fn rfc3339_formatted(y: i64, m: u32, dd: u32, rem: i64, nanos: u32) -> String {
     let mut s = String::with_capacity(30);
     // Writing into a String cannot fail.
     let _ = write!(
         s,
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
         rem / 3600,
         (rem % 3600) / 60,
         rem % 60,
-        d.subsec_nanos()
     );
     s
 }
@@ -579,6 +603,27 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    /// The template writer agrees with `write!` over centuries of instants.
+    #[test]
+    fn rfc3339_template_agrees_with_formatting() {
+        let mut secs: u64 = 0;
+        while secs < 253_402_300_799 {
+            for nanos in [0, 1, 999_999_999, 123_456_789] {
+                let t = UNIX_EPOCH + Duration::new(secs, nanos);
+                let (days, rem) = ((secs / 86_400) as i64, (secs % 86_400) as i64);
+                let (y, m, d) = civil_from_days(days);
+                assert_eq!(
+                    rfc3339_nanos(t),
+                    rfc3339_formatted(y, m, d, rem, nanos),
+                    "{secs}"
+                );
+            }
+            secs = secs * 3 / 2 + 86_399;
+        }
+        let far = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert_eq!(rfc3339_nanos(far), "10000-01-01T00:00:00.000000000Z");
+    }
 
     #[test]
     fn rfc3339_matches_known_instants() {
