@@ -1163,9 +1163,15 @@ mod tests {
         let producer = {
             let hub = hub.clone();
             tokio::task::spawn_blocking(move || {
+                // In bursts, as the pipeline's sink hands them over.
+                let mut burst = Vec::new();
                 for _ in 0..flows {
-                    hub.publish(&flow);
+                    burst.push(flow.clone());
+                    if burst.len() == 256 {
+                        hub.publish_all(&mut burst);
+                    }
                 }
+                hub.publish_all(&mut burst);
             })
         };
         producer.await.unwrap();

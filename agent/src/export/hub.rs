@@ -833,7 +833,9 @@ impl Hub {
     }
 
     /// Buffers a flow and hands it to the subscribers' filter tasks: O(1),
-    /// no filter runs here.
+    /// no filter runs here. One flow per ring entry: the pipeline and the
+    /// relay use [`Hub::publish_all`], whose entries carry up to
+    /// [`BATCH_MAX`] flows (the ring is sized for those).
     pub fn publish(&self, flow: &Arc<FlowEvent>) {
         let mut inner = self.lock();
         if self.capacity > 0 {

@@ -621,9 +621,15 @@ mod tests {
         for (i, (hub, _)) in agents.iter().enumerate() {
             let (hub, node) = (hub.clone(), nodes[i]);
             producers.push(tokio::task::spawn_blocking(move || {
+                // In bursts, as an agent's pipeline hands them over.
+                let mut burst = Vec::new();
                 for seq in 0..per_node {
-                    hub.publish(&at_now(node, seq));
+                    burst.push(at_now(node, seq));
+                    if burst.len() == 256 {
+                        hub.publish_all(&mut burst);
+                    }
                 }
+                hub.publish_all(&mut burst);
             }));
         }
         for p in producers {
