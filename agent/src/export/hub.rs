@@ -422,8 +422,7 @@ struct Entry {
 
 #[derive(Debug, Clone)]
 enum Payload {
-    Flow(Arc<FlowEvent>),
-    /// Flows handed over together ([`HubSink`]), in order.
+    /// Flows handed over together, in order.
     Flows(Arc<[Arc<FlowEvent>]>),
     /// The kernel side lost something (see [`Shared::kernel`]).
     KernelLoss,
@@ -500,7 +499,6 @@ impl FilterTask {
                 Err(broadcast::error::RecvError::Closed) => return,
             };
             let carried = match &entry.what {
-                Payload::Flow(_) => 1,
                 Payload::Flows(flows) => flows.len() as u64,
                 Payload::KernelLoss | Payload::Notice(_) => 0,
             };
@@ -513,7 +511,6 @@ impl FilterTask {
                 self.shared.dropped(missed);
             }
             let sent = match &entry.what {
-                Payload::Flow(flow) => self.offer(flow),
                 Payload::Flows(flows) => {
                     let mut sent = Sent::Ok;
                     for flow in flows.iter() {
@@ -692,8 +689,7 @@ impl Hub {
     }
 
     /// `ring`: entries a filter task may fall behind the pipeline before it
-    /// loses flows (an entry carries one flow, or up to [`BATCH_MAX`] from
-    /// [`Hub::publish_all`]).
+    /// loses flows (an entry carries up to [`BATCH_MAX`] flows).
     fn with_ring(
         capacity: usize,
         queue: usize,
@@ -833,19 +829,11 @@ impl Hub {
     }
 
     /// Buffers a flow and hands it to the subscribers' filter tasks: O(1),
-    /// no filter runs here. One flow per ring entry: the pipeline and the
-    /// relay use [`Hub::publish_all`], whose entries carry up to
+    /// no filter runs here. One flow per ring entry (tests); the pipeline
+    /// and the relay use [`Hub::publish_all`], whose entries carry up to
     /// [`BATCH_MAX`] flows (the ring is sized for those).
     pub fn publish(&self, flow: &Arc<FlowEvent>) {
-        let mut inner = self.lock();
-        if self.capacity > 0 {
-            if inner.history.len() >= self.capacity {
-                inner.history.pop_front();
-            }
-            inner.history.push_back(flow.clone());
-        }
-        inner.flows += 1;
-        self.send(&mut inner, Payload::Flow(flow.clone()));
+        self.publish_all(&mut vec![flow.clone()]);
     }
 
     /// Buffers flows and hands them to the subscribers' filter tasks in
