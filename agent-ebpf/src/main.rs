@@ -35,7 +35,7 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1, BPF_TCP_LAST_ACK,
         BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock_ops,
@@ -648,6 +648,14 @@ fn socket_facts(ops: *mut bpf_sock_ops) -> (u32, bool) {
     (0, fin_received)
 }
 
+/// Flags of every ring-buffer submit and discard: never wake the reader.
+/// By default the kernel wakes it for each record that finds the ring
+/// drained (an irq_work in the connecting task, and a wake-up of the agent),
+/// which at a few thousand records a second is one wake-up per record. The
+/// agent instead reads the ring on a timer (`--ring-poll-ms`), and the ring
+/// holds what comes in between.
+const RING_SUBMIT: u64 = BPF_RB_NO_WAKEUP as u64;
+
 // Each argument is a fact of this record; a struct would be one more copy
 // on the 512-byte stack.
 #[allow(clippy::too_many_arguments)]
@@ -748,7 +756,7 @@ fn emit(
         (*rec).retransmits = retransmits;
         (*rec)._pad2 = 0;
     }
-    entry.submit(0);
+    entry.submit(RING_SUBMIT);
 }
 
 #[cgroup_skb(egress)]
@@ -1002,9 +1010,9 @@ fn emit_bytes<const N: usize>(
         ) == 0
     };
     if ok {
-        entry.submit(0);
+        entry.submit(RING_SUBMIT);
     } else {
-        entry.discard(0);
+        entry.discard(RING_SUBMIT);
     }
     ok
 }

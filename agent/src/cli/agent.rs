@@ -112,6 +112,18 @@ pub struct AgentArgs {
         value_name = "MIB"
     )]
     pub ring_buffer_mib: u32,
+    /// How often the agent reads the kernel ring buffer, in milliseconds.
+    /// The kernel programs do not wake the agent for each record: it reads
+    /// whatever came on each tick, so a flow reaches the sinks up to this
+    /// much later, and the agent wakes this often instead of once per record.
+    #[arg(
+        long,
+        env = "FLOWAUDIT_RING_POLL_MS",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=1000),
+        value_name = "MS"
+    )]
+    pub ring_poll_ms: u64,
     /// Connections whose first payload bytes (the TLS handshake) are
     /// watched at once, node-wide. Beyond it a connection's encryption is
     /// UNKNOWN with the reason `not_watched` (an mTLS rule then gives
@@ -241,7 +253,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     )?;
     let (tx, rx) = mpsc::channel(crate::capture::READ_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let reader = capture.spawn_reader(tx, shutdown_rx)?;
+    let reader = capture.spawn_reader(tx, shutdown_rx, Duration::from_millis(args.ring_poll_ms))?;
     let pipeline_stats = Arc::new(PipelineStats::default());
     let state = Arc::new(AgentState::new(
         node.clone(),

@@ -215,8 +215,10 @@ impl Printer {
     fn print(&self, flow: &FlowEvent, out: &mut dyn Write) -> std::io::Result<()> {
         match self.output {
             Output::Json => {
-                serde_json::to_writer(&mut *out, flow)?;
-                out.write_all(b"\n")
+                let mut line = Vec::with_capacity(2048);
+                crate::flow::json::write_flow(&mut line, flow);
+                line.push(b'\n');
+                out.write_all(&line)
             }
             Output::Compact => writeln!(out, "{}", compact(flow, self.color)),
         }

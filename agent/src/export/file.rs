@@ -112,7 +112,7 @@ impl ExportFile {
 
     pub fn write(&mut self, flow: &FlowEvent) -> Result<(), ExportError> {
         let start = self.pending.len();
-        serde_json::to_writer(&mut self.pending, flow).expect("a FlowEvent always serialises");
+        crate::flow::json::write_flow(&mut self.pending, flow);
         self.pending.push(b'\n');
         let before = self.on_disk + start as u64;
         if before > 0 && before + (self.pending.len() - start) as u64 > self.max_bytes {

@@ -5,6 +5,7 @@
 
 mod build;
 pub mod encryption;
+pub mod json;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
