@@ -5,7 +5,10 @@
 //! unknown; its leaves are [`PortMap`]s. Imported policies are bucketed by namespace
 //! and by one required `label=value`.
 
-use std::collections::HashMap;
+/// Keys here are the policy's own names (trust domains, path segments,
+/// namespaces, labels): a fast fold hash, not SipHash, for every lookup a
+/// flow makes. Lookups never insert, so a flow's IDs cannot grow a map.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use smallvec::SmallVec;
 
@@ -116,7 +119,7 @@ pub struct PeerIndex<T> {
 impl<T> Default for PeerIndex<T> {
     fn default() -> Self {
         PeerIndex {
-            tds: HashMap::new(),
+            tds: HashMap::default(),
             world: None,
             host: None,
             any_spiffe: None,
