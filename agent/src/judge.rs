@@ -29,6 +29,140 @@ pub struct Judge {
     /// This node's Cilium, asked for flows under a rule that requires
     /// mutual authentication; None answers "not observable" (tests).
     pub cilium: Option<Arc<Cilium>>,
+    memo: Memo,
+}
+
+/// Slots of the decision memo (a power of two), in sets of two: a flow may
+/// sit in either slot of its set, so two busy pairs of workloads that hash
+/// alike do not evict each other.
+const MEMO_SLOTS: usize = 1024;
+
+/// Recent decisions, by everything the policy reads of a flow: the policy
+/// version, both ends (kind, identity source, SPIFFE ID, namespace, service
+/// account, pod, labels), the port, the observed encryption and whether the
+/// attempt failed. A CLOSE after its CONNECT, and the flows of a busy pair of
+/// workloads, are judged once, not once per event.
+///
+/// The ends' names and labels are shared (`ArcStr`, `Arc`) with the
+/// endpoint directory and the identity cache, so a key compares pointers;
+/// an entry holds clones of what it compares, so a pointer it holds cannot
+/// be freed and reused for other text while it is there. A different
+/// pointer to the same text is only a miss. Decisions that read Cilium's
+/// auth map (a rule requiring mutual authentication) depend on the time of
+/// the connection and are never kept. A new policy version empties it.
+#[derive(Default)]
+struct Memo {
+    policy: Option<Arc<PolicySet>>,
+    slots: Vec<Option<MemoEntry>>,
+    #[cfg(test)]
+    hits: u64,
+}
+
+struct MemoEntry {
+    source: EndKey,
+    destination: EndKey,
+    port: u16,
+    encryption: ObservedEncryption,
+    detail: Option<crate::flow::UnknownReason>,
+    failed: bool,
+    verdict: Verdict,
+    findings: Vec<Finding>,
+    policy_rule: String,
+}
+
+struct EndKey {
+    kind: EndKind,
+    identity_source: flowaudit_policy::IdentitySource,
+    spiffe_id: crate::flow::ArcStr,
+    namespace: crate::flow::ArcStr,
+    service_account: crate::flow::ArcStr,
+    pod_name: crate::flow::ArcStr,
+    labels: crate::flow::Labels,
+}
+
+impl EndKey {
+    fn of(ep: &Endpoint) -> Self {
+        EndKey {
+            kind: ep.kind,
+            identity_source: ep.identity_source,
+            spiffe_id: ep.spiffe_id.clone(),
+            namespace: ep.namespace.clone(),
+            service_account: ep.service_account.clone(),
+            pod_name: ep.pod_name.clone(),
+            labels: ep.labels.clone(),
+        }
+    }
+
+    fn is(&self, ep: &Endpoint) -> bool {
+        use crate::flow::ArcStr;
+        self.kind == ep.kind
+            && self.identity_source == ep.identity_source
+            && ArcStr::ptr_eq(&self.spiffe_id, &ep.spiffe_id)
+            && ArcStr::ptr_eq(&self.namespace, &ep.namespace)
+            && ArcStr::ptr_eq(&self.service_account, &ep.service_account)
+            && ArcStr::ptr_eq(&self.pod_name, &ep.pod_name)
+            && Arc::ptr_eq(&self.labels, &ep.labels)
+    }
+}
+
+impl Memo {
+    /// The first slot of the flow's set.
+    fn set(flow: &FlowEvent) -> usize {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = foldhash::fast::FixedState::default().build_hasher();
+        for ep in [&flow.source, &flow.destination] {
+            h.write_usize(ep.spiffe_id.as_ptr() as usize);
+            h.write_usize(ep.pod_name.as_ptr() as usize);
+            h.write_usize(Arc::as_ptr(&ep.labels) as usize);
+        }
+        h.write_u16(flow.l4.destination_port);
+        h.write_u8(flow.encryption.state as u8);
+        h.write_u8(u8::from(flow.event == EventKind::Failed));
+        (h.finish() as usize & (MEMO_SLOTS - 1)) & !1
+    }
+
+    fn get(&mut self, policy: &Arc<PolicySet>, flow: &FlowEvent) -> Option<&MemoEntry> {
+        if !self.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy)) {
+            self.policy = Some(policy.clone());
+            self.slots.clear();
+            self.slots.resize_with(MEMO_SLOTS, || None);
+            return None;
+        }
+        let set = Self::set(flow);
+        let found = self.slots[set..set + 2].iter().flatten().find(|e| {
+            e.port == flow.l4.destination_port
+                && e.encryption == observed(&flow.encryption)
+                && e.detail == flow.encryption.unknown_reason
+                && e.failed == (flow.event == EventKind::Failed)
+                && e.source.is(&flow.source)
+                && e.destination.is(&flow.destination)
+        });
+        #[cfg(test)]
+        {
+            self.hits += u64::from(found.is_some());
+        }
+        found
+    }
+
+    /// Keeps a decision in the first slot of its set; what was there moves
+    /// to the second (the older one leaves).
+    fn put(&mut self, flow: &FlowEvent, verdict: Verdict, findings: &[Finding], rule: &str) {
+        let set = Self::set(flow);
+        if self.slots[set].is_some() {
+            self.slots[set + 1] = self.slots[set].take();
+        }
+        self.slots[set] = Some(MemoEntry {
+            source: EndKey::of(&flow.source),
+            destination: EndKey::of(&flow.destination),
+            port: flow.l4.destination_port,
+            encryption: observed(&flow.encryption),
+            detail: flow.encryption.unknown_reason,
+            failed: flow.event == EventKind::Failed,
+            verdict,
+            findings: findings.to_vec(),
+            policy_rule: rule.to_string(),
+        });
+    }
 }
 
 fn some(s: &str) -> Option<&str> {
@@ -92,16 +226,35 @@ impl Judge {
     /// A judge on a node without Cilium (tests, benches): every mutual
     /// authentication answer is "not observable".
     pub fn without_cilium(policy: Option<watch::Receiver<Arc<PolicySet>>>) -> Judge {
+        Judge::new(policy, None)
+    }
+
+    pub fn new(
+        policy: Option<watch::Receiver<Arc<PolicySet>>>,
+        cilium: Option<Arc<Cilium>>,
+    ) -> Judge {
         Judge {
             policy,
-            cilium: None,
+            cilium,
+            memo: Memo::default(),
         }
     }
 
-    pub fn judge(&self, flow: &mut FlowEvent) {
+    pub fn judge(&mut self, flow: &mut FlowEvent) {
         let mismatches = identity_mismatches(flow);
         if let Some(rx) = &self.policy {
             let set = rx.borrow().clone();
+            if let Some(known) = self.memo.get(&set, flow) {
+                flow.verdict = known.verdict;
+                flow.findings.clone_from(&known.findings);
+                flow.policy_rule.clone_from(&known.policy_rule);
+                flow.mutual_auth = None;
+                if !mismatches.is_empty() {
+                    flow.verdict = Verdict::Violation;
+                    flow.findings.extend(mismatches);
+                }
+                return;
+            }
             let per_flow;
             let mutual_auth: &dyn flowaudit_policy::MutualAuthSource = match &self.cilium {
                 Some(c) => {
@@ -119,6 +272,14 @@ impl Judge {
                 failed: flow.event == EventKind::Failed,
                 mutual_auth,
             });
+            if !decision.mutual_auth_required {
+                self.memo.put(
+                    flow,
+                    decision.verdict,
+                    &decision.findings,
+                    &decision.policy_rule,
+                );
+            }
             flow.verdict = decision.verdict;
             flow.findings = decision.findings;
             flow.policy_rule = decision.policy_rule;
@@ -241,20 +402,86 @@ mod tests {
         f
     }
 
+    /// A directory of its own for each call (tests run in parallel).
     fn dir_with(policy: &str) -> (PathBuf, PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("fa-judge-{}-{}", std::process::id(), policy.len()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("fa-judge-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("p.yaml");
         std::fs::write(&file, policy).unwrap();
         (dir, file)
     }
 
+    /// The memo answers a repeated flow exactly as the policy would, and
+    /// anything the policy reads (port, encryption, failure, an end, the
+    /// policy version) makes it ask the policy again.
+    #[test]
+    fn repeated_flows_are_judged_once_and_exactly_as_the_policy_would() {
+        let required = POLICY.replace("mtls: optional", "mtls: required");
+        let (dir, file) = dir_with(&required);
+        let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
+        let (tx, rx) = watch::channel(Arc::new(loaded.policy));
+        let mut judge = Judge::without_cilium(Some(rx));
+        let mut fresh = Judge::without_cilium(Some(tx.subscribe()));
+        let base = flow("backend", 8000);
+        let plaintext = {
+            let mut f = base.clone();
+            Arc::make_mut(&mut f.encryption).state = EncryptionState::Plaintext;
+            f
+        };
+        let mut other_port = base.clone();
+        other_port.l4.destination_port = 8001;
+        let mut failed = base.clone();
+        failed.event = EventKind::Failed;
+        let mut other_end = base.clone();
+        other_end.destination = flow("postgresql", 8000).destination;
+        let variants = [&base, &plaintext, &other_port, &failed, &other_end];
+        let outcome = |f: &FlowEvent| (f.verdict, f.findings.clone(), f.policy_rule.clone());
+        for round in 0..3 {
+            for (i, v) in variants.iter().enumerate() {
+                let (mut a, mut b) = ((*v).clone(), (*v).clone());
+                judge.judge(&mut a);
+                // A judge whose memo is emptied each time: the policy's own answer.
+                fresh.memo = Memo::default();
+                fresh.judge(&mut b);
+                assert_eq!(outcome(&a), outcome(&b), "variant {i}, round {round}");
+            }
+        }
+        assert_eq!(
+            judge.memo.hits,
+            2 * variants.len() as u64,
+            "every variant after its first judging came from the memo"
+        );
+        assert_eq!(
+            base.clone().verdict,
+            Verdict::Unknown,
+            "the inputs are untouched"
+        );
+        let mut mtls_missing = plaintext.clone();
+        judge.judge(&mut mtls_missing);
+        assert_eq!(mtls_missing.verdict, Verdict::Violation);
+
+        // A new version of the policy: asked again, with the new answer.
+        std::fs::write(&file, POLICY).unwrap();
+        let relaxed = load_initial(std::slice::from_ref(&file)).unwrap();
+        tx.send(Arc::new(relaxed.policy)).unwrap();
+        let hits = judge.memo.hits;
+        let mut again = plaintext.clone();
+        judge.judge(&mut again);
+        assert_eq!(
+            judge.memo.hits, hits,
+            "a new policy version is not answered from the memo"
+        );
+        assert_eq!(again.verdict, Verdict::Compliant, "{:?}", again.findings);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn judges_allowed_and_unintended_flows() {
         let (dir, file) = dir_with(POLICY);
         let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
-        let judge = Judge::without_cilium(Some(watch::channel(Arc::new(loaded.policy)).1));
+        let mut judge = Judge::without_cilium(Some(watch::channel(Arc::new(loaded.policy)).1));
         let mut ok = flow("backend", 8000);
         judge.judge(&mut ok);
         assert_eq!(ok.verdict, Verdict::Compliant, "{:?}", ok.findings);
@@ -288,9 +515,9 @@ mod tests {
         let required = POLICY.replace("mtls: optional", "mtls: required");
         let (dir, file) = dir_with(&required);
         let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
-        let judge = Judge::without_cilium(Some(watch::channel(Arc::new(loaded.policy)).1));
+        let mut judge = Judge::without_cilium(Some(watch::channel(Arc::new(loaded.policy)).1));
         let kinds = |f: &FlowEvent| f.findings.iter().map(|x| x.kind).collect::<Vec<_>>();
-        let judged = |state, cert| {
+        let mut judged = |state, cert| {
             let mut f = flow("backend", 8000);
             std::sync::Arc::make_mut(&mut f.encryption).state = state;
             std::sync::Arc::make_mut(&mut f.encryption).client_certificate = cert;

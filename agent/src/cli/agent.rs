@@ -383,15 +383,9 @@ fn start_identity_and_policy(
                 },
             );
             tokio::spawn(crate::judge::watch_policies(args.policy.clone(), tx, hook));
-            Judge {
-                policy: Some(rx),
-                cilium: Some(cilium.clone()),
-            }
+            Judge::new(Some(rx), Some(cilium.clone()))
         }
-        None => Judge {
-            policy: None,
-            cilium: Some(cilium.clone()),
-        },
+        None => Judge::new(None, Some(cilium.clone())),
     };
     let spire = match args.spire_admin_socket.as_str() {
         "" | "none" => {
