@@ -594,6 +594,34 @@ pub fn proc_cpu_and_peak_rss(pid: u32) -> (f64, f64) {
     (cpu, hwm)
 }
 
+/// Resident MiB of a process's BPF map mappings (`anon_inode:bpf-map` in
+/// /proc/PID/smaps): for the agent, its ring buffer, whose data pages are
+/// mapped twice (so that a record can wrap around the end) and so count
+/// twice in RSS, though the kernel holds them once.
+pub fn proc_bpf_map_rss(pid: u32) -> f64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return f64::NAN;
+    };
+    let mut in_map = false;
+    let mut kib = 0.0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some(first) if first.contains('-') && !first.ends_with(':') => {
+                in_map = line.ends_with("anon_inode:bpf-map");
+            }
+            Some("Rss:") if in_map => {
+                kib += words
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+            _ => {}
+        }
+    }
+    kib / 1024.0
+}
+
 /// Sets the CPU affinity of every thread of `pid` (threads it starts later
 /// inherit it from their parent thread): `Some(cpu)` pins them to that CPU,
 /// `None` gives them every CPU back. Errors name the thread that refused.
