@@ -249,41 +249,37 @@ impl Judge {
                 flow.findings.clone_from(&known.findings);
                 flow.policy_rule.clone_from(&known.policy_rule);
                 flow.mutual_auth = None;
-                if !mismatches.is_empty() {
-                    flow.verdict = Verdict::Violation;
-                    flow.findings.extend(mismatches);
+            } else {
+                let per_flow;
+                let mutual_auth: &dyn flowaudit_policy::MutualAuthSource = match &self.cilium {
+                    Some(c) => {
+                        per_flow = c.for_flow(flow);
+                        &per_flow
+                    }
+                    None => &flowaudit_policy::NoCilium,
+                };
+                let decision = set.evaluate(&Flow {
+                    source: peer(&flow.source),
+                    destination: peer(&flow.destination),
+                    port: flow.l4.destination_port,
+                    encryption: observed(&flow.encryption),
+                    encryption_detail: flow.encryption.unknown_reason.map_or("", |r| r.describe()),
+                    failed: flow.event == EventKind::Failed,
+                    mutual_auth,
+                });
+                if !decision.mutual_auth_required {
+                    self.memo.put(
+                        flow,
+                        decision.verdict,
+                        &decision.findings,
+                        &decision.policy_rule,
+                    );
                 }
-                return;
+                flow.verdict = decision.verdict;
+                flow.findings = decision.findings;
+                flow.policy_rule = decision.policy_rule;
+                flow.mutual_auth = decision.mutual_auth;
             }
-            let per_flow;
-            let mutual_auth: &dyn flowaudit_policy::MutualAuthSource = match &self.cilium {
-                Some(c) => {
-                    per_flow = c.for_flow(flow);
-                    &per_flow
-                }
-                None => &flowaudit_policy::NoCilium,
-            };
-            let decision = set.evaluate(&Flow {
-                source: peer(&flow.source),
-                destination: peer(&flow.destination),
-                port: flow.l4.destination_port,
-                encryption: observed(&flow.encryption),
-                encryption_detail: flow.encryption.unknown_reason.map_or("", |r| r.describe()),
-                failed: flow.event == EventKind::Failed,
-                mutual_auth,
-            });
-            if !decision.mutual_auth_required {
-                self.memo.put(
-                    flow,
-                    decision.verdict,
-                    &decision.findings,
-                    &decision.policy_rule,
-                );
-            }
-            flow.verdict = decision.verdict;
-            flow.findings = decision.findings;
-            flow.policy_rule = decision.policy_rule;
-            flow.mutual_auth = decision.mutual_auth;
         }
         // Whatever the policy says, an end that is not who it claims to be
         // is a violation.
