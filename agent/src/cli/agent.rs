@@ -554,6 +554,31 @@ mod tests {
     }
 
     #[test]
+    fn the_ring_is_read_every_5_ms_unless_told_1_to_1000() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: super::AgentArgs,
+        }
+        let poll = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("flowaudit").chain(args.iter().copied()))
+                .map(|c| c.agent.ring_poll_ms)
+        };
+        assert_eq!(poll(&[]).unwrap(), 5);
+        assert_eq!(poll(&["--ring-poll-ms", "1"]).unwrap(), 1);
+        assert_eq!(poll(&["--ring-poll-ms", "1000"]).unwrap(), 1000);
+        for bad in ["0", "1001", "5ms", "-1"] {
+            let arg = format!("--ring-poll-ms={bad}");
+            let e = poll(&[&arg]).err().expect("rejected").to_string();
+            assert!(
+                e.contains("--ring-poll-ms") && e.contains(bad),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn waits_are_milliseconds_up_to_a_minute() {
         assert_eq!(wait_ms("0"), Ok(0));
         assert_eq!(wait_ms("500"), Ok(500));
