@@ -570,7 +570,7 @@ mod tests {
         assert_eq!(poll(&["--ring-poll-ms", "1000"]).unwrap(), 1000);
         for bad in ["0", "1001", "5ms", "-1"] {
             let arg = format!("--ring-poll-ms={bad}");
-            let e = poll(&[&arg]).err().expect("rejected").to_string();
+            let e = poll(&[&arg]).expect_err("rejected").to_string();
             assert!(
                 e.contains("--ring-poll-ms") && e.contains(bad),
                 "{bad}: {e}"
