@@ -21,4 +21,4 @@ pub mod identity;
 pub mod judge;
 pub mod pipeline;
 pub mod relay;
-pub mod state;
+pub mod runtime;

@@ -18,14 +18,14 @@ use std::time::Duration;
 use flowaudit::capture::record::KernelRecord;
 use flowaudit::capture::{CaptureStats, Clock};
 use flowaudit::endpoints::EndpointDirectory;
-use flowaudit::export::Sink;
 use flowaudit::export::hub::{Hub, HubSink};
 use flowaudit::export::metrics::MetricsSink;
+use flowaudit::export::state::AgentState;
 use flowaudit::identity::Enricher;
 use flowaudit::identity::cgroup::CgroupResolver;
 use flowaudit::judge::{Judge, load_initial};
+use flowaudit::pipeline::Sink;
 use flowaudit::pipeline::{Pipeline, PipelineStats};
-use flowaudit::state::AgentState;
 use flowaudit_common::{
     AF_INET, DIR_OUT, FlowRecord, Owner, PayloadHeader, RecordKind, SocketSide,
 };

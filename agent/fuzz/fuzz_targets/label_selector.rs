@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use flowaudit::export::hub::LabelSelector;
+use flowaudit::export::filter::LabelSelector;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (String, Vec<(String, String)>)| {

@@ -3,7 +3,7 @@
 //! must return a time or an error, never panic; a parsed time must render.
 
 use flowaudit::cli::observe::parse_since;
-use flowaudit::export::grpc::convert::{parse_rfc3339, timestamp_to_rfc3339};
+use flowaudit::export::convert::{parse_rfc3339, timestamp_to_rfc3339};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

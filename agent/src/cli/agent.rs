@@ -13,23 +13,18 @@ use tokio::sync::{mpsc, watch};
 
 use crate::capture::Capture;
 use crate::endpoints::EndpointDirectory;
+use crate::export::state::{AgentState, PolicyStatus};
 use crate::identity::Enricher;
 use crate::identity::cgroup::CgroupResolver;
 use crate::identity::spire::{SpireClient, SpireObserver, SpireOptions};
 use crate::judge::Judge;
 use crate::pipeline::{Pipeline, PipelineStats};
-use crate::state::{AgentState, PolicyStatus};
+use crate::runtime::{LogFormat, init_logging, node_name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttestBy {
     Auto,
     Selectors,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Args)]
@@ -168,32 +163,6 @@ pub struct AgentArgs {
     /// Log format on standard error.
     #[arg(long, env = "FLOWAUDIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-}
-
-pub fn node_name(explicit: Option<&str>) -> String {
-    if let Some(n) = explicit.filter(|n| !n.is_empty()) {
-        return n.to_owned();
-    }
-    if let Ok(n) = std::env::var("NODE_NAME")
-        && !n.is_empty()
-    {
-        return n;
-    }
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
-}
-
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWAUDIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
 
 /// The longest `--identity-wait-ms` / `--encryption-wait-ms`: parked flows
@@ -391,7 +360,7 @@ fn start_identity_and_policy(
         "" | "none" => {
             let detail = "SPIRE attestation disabled (--spire-admin-socket none): local ends get DERIVED identities from their pod (socket cgroup -> pod UID -> endpoint directory)";
             tracing::warn!("{detail}");
-            state.report_spire(crate::state::SpireStatus {
+            state.report_spire(crate::export::state::SpireStatus {
                 connected: false,
                 socket: String::new(),
                 mode: "disabled".into(),
@@ -503,7 +472,7 @@ fn report_spire(spire: &SpireClient, state: &AgentState, seen: &mut SpireSeen) {
             st.last_error.as_deref().unwrap_or("connecting")
         )
     };
-    state.report_spire(crate::state::SpireStatus {
+    state.report_spire(crate::export::state::SpireStatus {
         connected: st.connected,
         socket: st.socket_path.display().to_string(),
         mode: st.mode.to_string(),

@@ -14,9 +14,9 @@ use clap::{Args, ValueEnum};
 use flowaudit_policy::Verdict;
 use tokio_stream::StreamExt;
 
-use crate::export::grpc::{self, convert};
-use crate::export::hub::FilterSet;
+use crate::export::filter::FilterSet;
 use crate::export::proto;
+use crate::export::{convert, grpc};
 use crate::flow::{Direction, Endpoint, FlowEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -362,7 +362,7 @@ impl Writer {
     }
 }
 
-impl super::Sink for ExportFileSink {
+impl crate::pipeline::Sink for ExportFileSink {
     fn on_flow(&mut self, flow: &Arc<FlowEvent>) {
         self.batch.push(flow.clone());
         if self.batch.len() >= SINK_BATCH {
@@ -570,7 +570,7 @@ mod tests {
     /// dropped (the agent stopping), and the pipeline's thread wrote none.
     #[test]
     fn the_sink_writes_every_flow_in_order_on_its_own_thread() {
-        use super::super::Sink;
+        use crate::pipeline::Sink;
         let dir = std::env::temp_dir().join(format!("fa-export-sink-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("flows.jsonl");

@@ -33,11 +33,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
+use super::state::AgentState;
 use crate::capture::CaptureStats;
 use crate::cilium::CiliumStats;
 use crate::export::file::ExportFileStats;
 use crate::flow::{Direction, EventKind, FlowEvent, UnknownReason};
-use crate::state::AgentState;
 use flowaudit_common::LossPlace;
 
 /// Most `{source,destination,port}` series of `flowaudit_policy_violations_total`.
@@ -537,7 +537,7 @@ impl MetricsSink {
     }
 }
 
-impl super::Sink for MetricsSink {
+impl crate::pipeline::Sink for MetricsSink {
     fn on_flow(&mut self, flow: &Arc<FlowEvent>) {
         let m = &self.metrics;
         m.flows
@@ -752,7 +752,7 @@ async fn readyz(State(state): State<Arc<dyn Exposition>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::Sink;
+    use crate::pipeline::Sink;
 
     #[test]
     fn metrics_allow_blocks_contain_their_addresses_only() {

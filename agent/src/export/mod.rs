@@ -4,12 +4,15 @@
 //! Sinks: the export file ([`file`]), Prometheus counters ([`metrics`]) and
 //! the flow hub behind the gRPC stream ([`hub`], [`grpc`]).
 
+pub mod convert;
 pub mod file;
+pub mod filter;
 pub mod grpc;
 pub mod h2_authority;
 pub mod hub;
 pub mod metrics;
 pub mod mtls;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,8 +20,8 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use crate::flow::FlowEvent;
-use crate::state::AgentState;
+use crate::pipeline::Sink;
+use state::AgentState;
 
 /// `flowaudit.v1`, generated from `proto/flowaudit/v1/flowaudit.proto`.
 pub mod proto {
@@ -213,10 +216,4 @@ async fn serve_when_svid(
             }
         }
     }
-}
-
-pub trait Sink: Send {
-    fn on_flow(&mut self, flow: &Arc<FlowEvent>);
-    /// Called when the pipeline has drained its queue: push buffered output.
-    fn flush(&mut self) {}
 }

@@ -3,8 +3,6 @@
 //! shape of PRODUCT.md. Capture fills the kernel facts (4-tuple, owner,
 //! bytes, timing); identity, policy and the TLS classifier fill the rest.
 
-mod build;
-pub mod encryption;
 pub mod json;
 
 use std::borrow::Cow;

@@ -17,7 +17,7 @@ use kube::runtime::watcher;
 
 use super::peers::Peers;
 use crate::endpoints::kubernetes::Reflected;
-use crate::export::hub::LabelSelector;
+use crate::export::filter::LabelSelector;
 
 #[derive(Debug, Clone, Args)]
 pub struct KubernetesArgs {

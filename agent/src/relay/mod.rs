@@ -28,11 +28,11 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::Args;
 use tokio::sync::mpsc;
 
-use crate::cli::agent::LogFormat;
 use crate::export::hub::Hub;
 use crate::export::metrics::Cidr;
 use crate::export::mtls::{ClientTls, ServerTls, TlsArgs};
 use crate::flow::FlowEvent;
+use crate::runtime::LogFormat;
 use join::{Joiner, Outcome};
 use merge::SortWindow;
 use peers::{PeerContext, Peers, RelayStats};
@@ -201,7 +201,7 @@ impl crate::export::metrics::Exposition for RelayState {
 }
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
-    crate::cli::agent::init_logging(args.log_format);
+    crate::runtime::init_logging(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -263,7 +263,7 @@ pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
     })
     .await?;
     let version = env!("CARGO_PKG_VERSION");
-    let name = crate::cli::agent::node_name(
+    let name = crate::runtime::node_name(
         args.name
             .as_deref()
             .or(std::env::var("POD_NAME").ok().as_deref()),
@@ -441,8 +441,8 @@ mod tests {
     use crate::capture::CaptureStats;
     use crate::export::grpc;
     use crate::export::proto;
+    use crate::export::state::AgentState;
     use crate::pipeline::PipelineStats;
-    use crate::state::AgentState;
     use clap::Parser;
     use tokio_stream::StreamExt;
 

@@ -20,12 +20,12 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::export::grpc::{self, convert};
 use crate::export::hub::Hub;
 use crate::export::mtls::ClientTls;
 use crate::export::proto;
 use crate::export::proto::flow_audit_client::FlowAuditClient;
 use crate::export::proto::get_flows_response::Response;
+use crate::export::{convert, grpc};
 use crate::flow::FlowEvent;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);

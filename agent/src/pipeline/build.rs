@@ -6,11 +6,11 @@
 use flowaudit_common::SocketSide;
 use flowaudit_policy::Verdict;
 
-use super::{
-    ArcStr, Direction, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket, rfc3339_nanos,
-};
 use crate::capture::Clock;
 use crate::capture::record::KernelEvent;
+use crate::flow::{
+    ArcStr, Direction, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket, rfc3339_nanos,
+};
 
 impl FlowEvent {
     pub fn from_kernel(ev: &KernelEvent, node_name: &ArcStr, clock: &Clock) -> Self {

@@ -12,6 +12,9 @@
 //! of a parked socket queue behind it, so a socket's CONNECT always precedes
 //! its CLOSE; other flows do not wait.
 
+mod build;
+pub mod encryption;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,11 +24,19 @@ use tokio::sync::mpsc;
 
 use crate::capture::Clock;
 use crate::capture::record::{CookieMap, CookieSet, KernelEvent, KernelRecord};
-use crate::export::Sink;
-use crate::flow::encryption::EncryptionTracker;
 use crate::flow::{EventKind, FlowEvent, UnknownReason};
 use crate::identity::{Enriched, Enricher, PendingIdentity, Progress};
 use crate::judge::Judge;
+use encryption::EncryptionTracker;
+
+/// Where flows leave the pipeline (the export file, metrics, the stream hub).
+/// Every sink gets each flow once, in order, from the pipeline's single
+/// task; a sink must not block it.
+pub trait Sink: Send {
+    fn on_flow(&mut self, flow: &Arc<FlowEvent>);
+    /// Called when the pipeline has drained its queue: push buffered output.
+    fn flush(&mut self) {}
+}
 
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -373,10 +384,11 @@ mod bench {
     use crate::capture::record::tests::sample;
     use crate::capture::{CaptureStats, record::KernelRecord};
     use crate::endpoints::EndpointDirectory;
-    use crate::export::hub::{FilterSet, Hub, HubSink, Item, Subscribe};
+    use crate::export::filter::FilterSet;
+    use crate::export::hub::{Hub, HubSink, Item, Subscribe};
     use crate::export::metrics::MetricsSink;
+    use crate::export::state::AgentState;
     use crate::identity::cgroup::CgroupResolver;
-    use crate::state::AgentState;
 
     const PODS: u32 = 50;
 

@@ -10,8 +10,8 @@ use std::sync::{Arc, LazyLock};
 use flowaudit_policy::EncryptionState;
 use flowaudit_wire::{Classifier, ClientCert, Dir, Observation, WireState};
 
-use super::{ClientCertificate, Encryption, UnknownReason};
 use crate::capture::record::{CookieMap, PayloadChunk};
+use crate::flow::{ClientCertificate, Encryption, UnknownReason};
 
 /// Sockets followed at once at most; beyond that new ones stay UNKNOWN
 /// (counted). The kernel's socket map has the same size.
