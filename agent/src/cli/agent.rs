@@ -394,8 +394,7 @@ fn start_identity_and_policy(
     enricher.node_name = node_name(args.node_name.as_deref());
     enricher.wait_ms = args.identity_wait_ms;
     // Counted once per flow end, when its identity is settled (not per poll).
-    let st = state.clone();
-    enricher.on_lookup = Some(Box::new(move |result| st.metrics.identity_lookup(result)));
+    enricher.stats = state.metrics.identity.clone();
     Ok((enricher, judge))
 }
 

@@ -3,11 +3,12 @@
 //! `--metrics-addr` (`/metrics`, `/healthz`, `/readyz`).
 //!
 //! [`Metrics`] lives in [`AgentState`] so every stage reaches the same
-//! handles. Stages other than export update theirs through its methods:
-//! identity calls [`Metrics::identity_lookup`] and
-//! [`Metrics::set_spire_connected`]; policy calls [`Metrics::policy_reload`]
-//! and [`Metrics::set_policy_rules`]. Kernel counters are read from
-//! [`CaptureStats`] at scrape time, so capture needs no call at all.
+//! handles. Counters that stages keep on their hot path are atomics in the
+//! stage's own stats struct, read here at scrape time: [`CaptureStats`]
+//! (kernel records and losses), [`IdentityStats`] (lookups),
+//! [`CiliumStats`], [`ExportFileStats`]. State changes come through methods:
+//! [`Metrics::set_spire_connected`], [`Metrics::policy_reload`] and
+//! [`Metrics::set_policy_rules`].
 //!
 //! Cardinality stays bounded: every label is a closed enum except the
 //! identities of `flowaudit_policy_violations_total`, whose series are
@@ -38,6 +39,7 @@ use crate::capture::CaptureStats;
 use crate::cilium::CiliumStats;
 use crate::export::file::ExportFileStats;
 use crate::flow::{Direction, EventKind, FlowEvent, UnknownReason};
+use crate::identity::{IdentityStats, LookupResult};
 use flowaudit_common::LossPlace;
 
 /// Most `{source,destination,port}` series of `flowaudit_policy_violations_total`.
@@ -62,8 +64,6 @@ pub enum MetricsError {
 
 /// The identity stage's lookup results (`identity::spire::Lookup::label`),
 /// exposed at 0 from the start.
-const IDENTITY_LOOKUP_RESULTS: [&str; 4] = ["attested", "no_identity", "pending", "unavailable"];
-
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct FlowLabels {
     event: &'static str,
@@ -124,7 +124,6 @@ pub struct Metrics {
     /// When each violation series was last seen, to cap and expire them.
     violation_seen: Mutex<HashMap<ViolationLabels, Instant>>,
     encryption: Family<StateLabels, Counter>,
-    identity_lookups: Family<ResultLabels, Counter>,
     spire_connected: Gauge,
     stream_subscribers: Gauge,
     stream_dropped: Counter,
@@ -134,6 +133,8 @@ pub struct Metrics {
     pub export_file: Arc<ExportFileStats>,
     /// Updated by the Cilium reader, read on each scrape.
     pub cilium: Arc<CiliumStats>,
+    /// Updated by the identity stage, read on each scrape.
+    pub identity: Arc<IdentityStats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -226,6 +227,26 @@ impl Collector for CiliumCollector {
     }
 }
 
+/// Identity lookups by result, read from the identity stage's stats.
+#[derive(Debug)]
+struct IdentityCollector(Arc<IdentityStats>);
+
+impl Collector for IdentityCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "flowaudit_identity_lookups",
+            "Identity lookups by result (attested, no_identity, timeout, unavailable), once per flow end when it is settled",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for result in LookupResult::ALL {
+            let n = ConstCounter::new(self.0.lookups(result));
+            n.encode(family.encode_family(&[("result", result.label())])?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
     pub fn new(version: &'static str, capture: Arc<CaptureStats>) -> Self {
         let mut registry = Registry::default();
@@ -265,12 +286,8 @@ impl Metrics {
         registry.register_collector(Box::new(ExportFileCollector(export_file.clone())));
         let cilium = Arc::<CiliumStats>::default();
         registry.register_collector(Box::new(CiliumCollector(cilium.clone())));
-        let identity_lookups = Family::default();
-        registry.register(
-            "flowaudit_identity_lookups",
-            "Identity lookups by result",
-            identity_lookups.clone(),
-        );
+        let identity = Arc::<IdentityStats>::default();
+        registry.register_collector(Box::new(IdentityCollector(identity.clone())));
         let spire_connected = Gauge::default();
         registry.register(
             "flowaudit_spire_connected",
@@ -335,9 +352,6 @@ impl Metrics {
                 state: encryption_str(state),
             });
         }
-        for result in IDENTITY_LOOKUP_RESULTS {
-            let _ = identity_lookups.get_or_create(&ResultLabels { result });
-        }
         for result in ["success", "failure"] {
             let _ = policy_reloads.get_or_create(&ResultLabels { result });
         }
@@ -352,7 +366,6 @@ impl Metrics {
             violations,
             violation_seen: Mutex::new(HashMap::new()),
             encryption,
-            identity_lookups,
             spire_connected,
             stream_subscribers,
             stream_dropped,
@@ -360,17 +373,8 @@ impl Metrics {
             policy_rules,
             export_file,
             cilium,
+            identity,
         }
-    }
-
-    /// Counts one identity lookup (called by the identity stage with
-    /// `Lookup::label()`: attested, no_identity, pending, unavailable). A
-    /// `&'static str` keeps the label set fixed by the code.
-    #[allow(dead_code)] // until the identity stage counts its lookups
-    pub fn identity_lookup(&self, result: &'static str) {
-        self.identity_lookups
-            .get_or_create(&ResultLabels { result })
-            .inc();
     }
 
     /// Whether the SPIRE Delegated Identity API is connected (identity stage).
@@ -500,8 +504,41 @@ fn verdict_str(v: Verdict) -> &'static str {
     }
 }
 
+/// Indexes of `MetricsSink::flows`, in the order it is built.
+fn flow_index(f: &FlowEvent) -> (usize, usize, usize) {
+    let event = match f.event {
+        EventKind::Connect => 0,
+        EventKind::Close => 1,
+        EventKind::Failed => 2,
+    };
+    let direction = match f.direction {
+        Direction::Egress => 0,
+        Direction::Ingress => 1,
+    };
+    (event, verdict_index(f.verdict), direction)
+}
+
+fn verdict_index(v: Verdict) -> usize {
+    match v {
+        Verdict::Compliant => 0,
+        Verdict::Violation => 1,
+        Verdict::Unknown => 2,
+    }
+}
+
+const ENCRYPTION_STATES: [EncryptionState; 4] = [
+    EncryptionState::Plaintext,
+    EncryptionState::Tls,
+    EncryptionState::Mtls,
+    EncryptionState::Unknown,
+];
+
+fn finding_index(k: FindingKind) -> usize {
+    FindingKind::ALL.iter().position(|x| *x == k).unwrap_or(0)
+}
+
 fn finding_bit(k: FindingKind) -> u8 {
-    1 << FindingKind::ALL.iter().position(|x| *x == k).unwrap_or(0)
+    1 << finding_index(k)
 }
 
 const VIOLATION_BIT: u8 = 1 << 7;
@@ -522,6 +559,12 @@ fn encryption_str(s: EncryptionState) -> &'static str {
 /// once, at CLOSE (or FAILED), when it is final.
 pub struct MetricsSink {
     metrics: Arc<Metrics>,
+    /// The per-flow series, taken from their families once: a family
+    /// lookup takes a lock and hashes the labels, for every flow.
+    /// `flows` by event, verdict and direction.
+    flows: [[[Counter; 2]; 3]; 3],
+    findings: [Counter; FindingKind::ALL.len()],
+    encryption: [Counter; 4],
     /// Socket cookie of open connections -> what was already counted for it.
     open: crate::capture::record::CookieMap<u8>,
     last_expiry: Instant,
@@ -529,7 +572,41 @@ pub struct MetricsSink {
 
 impl MetricsSink {
     pub fn new(metrics: Arc<Metrics>) -> Self {
+        let flow = |event: EventKind, verdict: Verdict, direction: Direction| {
+            metrics
+                .flows
+                .get_or_create(&FlowLabels {
+                    event: event.as_str(),
+                    verdict: verdict_str(verdict),
+                    direction: direction.as_str(),
+                })
+                .clone()
+        };
+        let by_verdict = |event| {
+            [Verdict::Compliant, Verdict::Violation, Verdict::Unknown]
+                .map(|v| [Direction::Egress, Direction::Ingress].map(|d| flow(event, v, d)))
+        };
+        let flows = [EventKind::Connect, EventKind::Close, EventKind::Failed].map(by_verdict);
+        let findings = FindingKind::ALL.map(|kind| {
+            metrics
+                .findings
+                .get_or_create(&KindLabels {
+                    kind: kind.as_str(),
+                })
+                .clone()
+        });
+        let encryption = ENCRYPTION_STATES.map(|state| {
+            metrics
+                .encryption
+                .get_or_create(&StateLabels {
+                    state: encryption_str(state),
+                })
+                .clone()
+        });
         Self {
+            flows,
+            findings,
+            encryption,
             metrics,
             open: Default::default(),
             last_expiry: Instant::now(),
@@ -540,16 +617,8 @@ impl MetricsSink {
 impl crate::pipeline::Sink for MetricsSink {
     fn on_flow(&mut self, flow: &Arc<FlowEvent>) {
         let m = &self.metrics;
-        m.flows
-            .get_or_create(&FlowLabels {
-                event: flow.event.as_str(),
-                verdict: verdict_str(flow.verdict),
-                direction: match flow.direction {
-                    Direction::Egress => "EGRESS",
-                    Direction::Ingress => "INGRESS",
-                },
-            })
-            .inc();
+        let (e, v, d) = flow_index(flow);
+        self.flows[e][v][d].inc();
         let cookie = flow.socket.cookie;
         let done = match flow.event {
             EventKind::Connect => 0,
@@ -561,11 +630,7 @@ impl crate::pipeline::Sink for MetricsSink {
             let bit = finding_bit(f.kind);
             if now & bit == 0 {
                 now |= bit;
-                m.findings
-                    .get_or_create(&KindLabels {
-                        kind: FindingKind::as_str(f.kind),
-                    })
-                    .inc();
+                self.findings[finding_index(f.kind)].inc();
                 if f.kind == FindingKind::MtlsUnverified {
                     m.mtls_unverified
                         .get_or_create(&ReasonLabels {
@@ -586,11 +651,12 @@ impl crate::pipeline::Sink for MetricsSink {
                 }
             }
             EventKind::Close | EventKind::Failed => {
-                m.encryption
-                    .get_or_create(&StateLabels {
-                        state: encryption_str(flow.encryption.state),
-                    })
-                    .inc();
+                let state = flow.encryption.state;
+                self.encryption[ENCRYPTION_STATES
+                    .iter()
+                    .position(|s| *s == state)
+                    .unwrap_or(3)]
+                .inc();
             }
         }
     }
@@ -793,6 +859,72 @@ mod tests {
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
     }
 
+    /// Each combination of labels goes to its own series (the sink keeps
+    /// the series' handles in arrays, indexed by the flow's enums).
+    #[test]
+    fn every_label_combination_counts_into_its_own_series() {
+        let m = Arc::new(Metrics::new("0", Arc::new(CaptureStats::default())));
+        let mut sink = MetricsSink::new(m.clone());
+        let mut expected = Vec::new();
+        let mut n = 0u64;
+        for event in [EventKind::Connect, EventKind::Close, EventKind::Failed] {
+            for verdict in [Verdict::Compliant, Verdict::Violation, Verdict::Unknown] {
+                for direction in [Direction::Egress, Direction::Ingress] {
+                    for state in ENCRYPTION_STATES {
+                        n += 1;
+                        let mut f = (*flow(event, 1_000 + n)).clone();
+                        f.verdict = verdict;
+                        f.direction = direction;
+                        Arc::make_mut(&mut f.encryption).state = state;
+                        f.findings = vec![Finding {
+                            kind: FindingKind::ALL[n as usize % FindingKind::ALL.len()],
+                            message: "m".into(),
+                        }];
+                        // n times, so a flow counted under another series shows.
+                        for _ in 0..n {
+                            sink.on_flow(&Arc::new(f.clone()));
+                        }
+                        expected.push((event, verdict, direction, state, n));
+                    }
+                }
+            }
+        }
+        let text = m.encode_prometheus_text();
+        let mut by_state = [0.0; 4];
+        let mut by_kind = [0.0; FindingKind::ALL.len()];
+        for (i, &(event, verdict, direction, _, n)) in expected.iter().enumerate() {
+            let series = format!(
+                "flowaudit_flows_total{{event=\"{}\",verdict=\"{}\",direction=\"{}\"}}",
+                event.as_str(),
+                verdict_str(verdict),
+                direction.as_str()
+            );
+            let per_series: u64 = expected
+                .iter()
+                .filter(|e| (e.0, e.1, e.2) == (event, verdict, direction))
+                .map(|e| e.4)
+                .sum();
+            assert_eq!(sample(&text, &series), Some(per_series as f64), "{series}");
+            if event != EventKind::Connect {
+                by_state[i % 4] += n as f64;
+            }
+            // No CLOSE here follows a CONNECT that counted the finding
+            // already, so every flow counts its one finding.
+            by_kind[n as usize % FindingKind::ALL.len()] += n as f64;
+        }
+        for (i, state) in ENCRYPTION_STATES.iter().enumerate() {
+            let series = format!(
+                "flowaudit_flow_encryption_total{{state=\"{}\"}}",
+                encryption_str(*state)
+            );
+            assert_eq!(sample(&text, &series), Some(by_state[i]), "{series}");
+        }
+        for (i, kind) in FindingKind::ALL.iter().enumerate() {
+            let series = format!("flowaudit_findings_total{{kind=\"{}\"}}", kind.as_str());
+            assert_eq!(sample(&text, &series), Some(by_kind[i]), "{series}");
+        }
+    }
+
     #[test]
     fn counts_flows_findings_once_per_connection_and_encryption_at_close() {
         let m = Arc::new(Metrics::new("9.9.9", Arc::new(CaptureStats::default())));
@@ -885,8 +1017,9 @@ mod tests {
     #[test]
     fn stage_handles_update_their_series() {
         let m = Metrics::new("0", Arc::new(CaptureStats::default()));
-        m.identity_lookup("attested");
-        m.identity_lookup("attested");
+        m.identity.count(LookupResult::Attested);
+        m.identity.count(LookupResult::Attested);
+        m.identity.count(LookupResult::Timeout);
         m.set_spire_connected(true);
         m.policy_reload(true);
         m.policy_reload(false);
@@ -899,6 +1032,16 @@ mod tests {
             ),
             Some(2.0)
         );
+        for (result, n) in [("timeout", 1.0), ("no_identity", 0.0), ("unavailable", 0.0)] {
+            assert_eq!(
+                sample(
+                    &text,
+                    &format!("flowaudit_identity_lookups_total{{result=\"{result}\"}}")
+                ),
+                Some(n),
+                "{result}"
+            );
+        }
         assert_eq!(sample(&text, "flowaudit_spire_connected"), Some(1.0));
         assert_eq!(
             sample(&text, "flowaudit_policy_reloads_total{result=\"failure\"}"),

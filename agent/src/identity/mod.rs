@@ -27,6 +27,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use flowaudit_policy::IdentitySource;
 use tokio::sync::watch;
@@ -120,6 +121,54 @@ impl SocketTable {
 /// How a peer's socket is remembered at most (sockets of this node).
 const SOCKET_TABLE_CAP: usize = 65_536;
 
+/// How an end's identity lookup ended (`flowaudit_identity_lookups_total`,
+/// label `result`): counted once per flow end, when it is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookupResult {
+    /// SPIRE attested the socket's process or pod.
+    Attested,
+    /// SPIRE answered, with no identity for it.
+    NoIdentity,
+    /// No answer within `--identity-wait-ms`.
+    Timeout,
+    /// The Delegated Identity API could not be asked.
+    Unavailable,
+}
+
+impl LookupResult {
+    pub const ALL: [LookupResult; 4] = [
+        LookupResult::Attested,
+        LookupResult::NoIdentity,
+        LookupResult::Timeout,
+        LookupResult::Unavailable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LookupResult::Attested => "attested",
+            LookupResult::NoIdentity => "no_identity",
+            LookupResult::Timeout => "timeout",
+            LookupResult::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// What the identity stage counts; metrics reads it on each scrape.
+#[derive(Debug, Default)]
+pub struct IdentityStats {
+    lookups: [AtomicU64; LookupResult::ALL.len()],
+}
+
+impl IdentityStats {
+    pub fn lookups(&self, result: LookupResult) -> u64 {
+        self.lookups[result as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn count(&self, result: LookupResult) {
+        self.lookups[result as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 pub struct Enricher {
     pub endpoints: Option<watch::Receiver<Arc<EndpointDirectory>>>,
     pub cgroups: CgroupResolver,
@@ -135,7 +184,8 @@ pub struct Enricher {
     pub node_name: String,
     /// How long flows may wait (said in the detail of a timed-out end).
     pub wait_ms: u64,
-    pub on_lookup: Option<Box<dyn Fn(&'static str) + Send>>,
+    /// Lookups by result, read by metrics at scrape time.
+    pub stats: Arc<IdentityStats>,
     sockets: SocketTable,
     derived: DerivedIds,
 }
@@ -156,15 +206,9 @@ impl Enricher {
             shared_trust_domain: None,
             node_name: String::new(),
             wait_ms: 0,
-            on_lookup: None,
+            stats: Arc::default(),
             sockets: SocketTable::new(SOCKET_TABLE_CAP),
             derived: DerivedIds::default(),
-        }
-    }
-
-    fn count(&self, result: &'static str) {
-        if let Some(f) = &self.on_lookup {
-            f(result);
         }
     }
 
@@ -430,7 +474,12 @@ impl Enricher {
 
     /// Applies SPIRE's answer for an end whose socket this node saw.
     fn apply_answer(&mut self, ep: &mut Endpoint, result: Lookup, counted: bool) {
-        let label = result.label();
+        let outcome = match result {
+            Lookup::Attested(_) => LookupResult::Attested,
+            Lookup::NoIdentity => LookupResult::NoIdentity,
+            Lookup::Pending => LookupResult::Timeout,
+            Lookup::Unavailable(_) => LookupResult::Unavailable,
+        };
         let td = self.trust_domain();
         match result {
             Lookup::Attested(id) => {
@@ -465,7 +514,7 @@ impl Enricher {
             }
         }
         if counted {
-            self.count(if label == "pending" { "timeout" } else { label });
+            self.stats.count(outcome);
         }
     }
 
@@ -792,6 +841,17 @@ mod tests {
                 assert_eq!(end.identity_detail, "");
             }
         }
+        // Counted once per socket's own end, when settled (the peer end
+        // reuses its socket's answer and is not asked again).
+        let counted: Vec<u64> = LookupResult::ALL
+            .iter()
+            .map(|&r| e.stats.lookups(r))
+            .collect();
+        assert_eq!(
+            counted,
+            [2, 0, 0, 0],
+            "attested, no_identity, timeout, unavailable"
+        );
         drop(e);
         double.stop().await;
         std::fs::remove_dir_all(&base).ok();
