@@ -93,13 +93,20 @@ pub enum IdentitySource {
     Unknown,
 }
 
-impl fmt::Display for Verdict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Verdict {
+    /// The name used in events, metrics and the stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Verdict::Compliant => "COMPLIANT",
             Verdict::Violation => "VIOLATION",
             Verdict::Unknown => "UNKNOWN",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -109,24 +116,38 @@ impl fmt::Display for FindingKind {
     }
 }
 
-impl fmt::Display for EncryptionState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl EncryptionState {
+    /// The name used in events, metrics and the stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
             EncryptionState::Plaintext => "PLAINTEXT",
             EncryptionState::Tls => "TLS",
             EncryptionState::Mtls => "MTLS",
             EncryptionState::Unknown => "UNKNOWN",
-        })
+        }
+    }
+}
+
+impl fmt::Display for EncryptionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl IdentitySource {
+    /// The name used in events, metrics and the stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentitySource::Attested => "ATTESTED",
+            IdentitySource::Derived => "DERIVED",
+            IdentitySource::Unknown => "UNKNOWN",
+        }
     }
 }
 
 impl fmt::Display for IdentitySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            IdentitySource::Attested => "ATTESTED",
-            IdentitySource::Derived => "DERIVED",
-            IdentitySource::Unknown => "UNKNOWN",
-        })
+        f.write_str(self.as_str())
     }
 }
 

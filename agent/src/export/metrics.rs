@@ -349,7 +349,7 @@ impl Metrics {
             EncryptionState::Unknown,
         ] {
             let _ = encryption.get_or_create(&StateLabels {
-                state: encryption_str(state),
+                state: state.as_str(),
             });
         }
         for result in ["success", "failure"] {
@@ -496,14 +496,6 @@ impl super::hub::StreamObserver for Metrics {
     }
 }
 
-fn verdict_str(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Compliant => "COMPLIANT",
-        Verdict::Violation => "VIOLATION",
-        Verdict::Unknown => "UNKNOWN",
-    }
-}
-
 /// Indexes of `MetricsSink::flows`, in the order it is built.
 fn flow_index(f: &FlowEvent) -> (usize, usize, usize) {
     let event = match f.event {
@@ -543,15 +535,6 @@ fn finding_bit(k: FindingKind) -> u8 {
 
 const VIOLATION_BIT: u8 = 1 << 7;
 
-fn encryption_str(s: EncryptionState) -> &'static str {
-    match s {
-        EncryptionState::Plaintext => "PLAINTEXT",
-        EncryptionState::Tls => "TLS",
-        EncryptionState::Mtls => "MTLS",
-        EncryptionState::Unknown => "UNKNOWN",
-    }
-}
-
 /// The pipeline sink that counts flows. A connection gives a CONNECT and a
 /// CLOSE per observing side, and its findings may only be known at CLOSE
 /// (mTLS needs payload): findings and violations are counted once per
@@ -577,7 +560,7 @@ impl MetricsSink {
                 .flows
                 .get_or_create(&FlowLabels {
                     event: event.as_str(),
-                    verdict: verdict_str(verdict),
+                    verdict: verdict.as_str(),
                     direction: direction.as_str(),
                 })
                 .clone()
@@ -599,7 +582,7 @@ impl MetricsSink {
             metrics
                 .encryption
                 .get_or_create(&StateLabels {
-                    state: encryption_str(state),
+                    state: state.as_str(),
                 })
                 .clone()
         });
@@ -896,7 +879,7 @@ mod tests {
             let series = format!(
                 "flowaudit_flows_total{{event=\"{}\",verdict=\"{}\",direction=\"{}\"}}",
                 event.as_str(),
-                verdict_str(verdict),
+                verdict.as_str(),
                 direction.as_str()
             );
             let per_series: u64 = expected
@@ -915,7 +898,7 @@ mod tests {
         for (i, state) in ENCRYPTION_STATES.iter().enumerate() {
             let series = format!(
                 "flowaudit_flow_encryption_total{{state=\"{}\"}}",
-                encryption_str(*state)
+                state.as_str()
             );
             assert_eq!(sample(&text, &series), Some(by_state[i]), "{series}");
         }

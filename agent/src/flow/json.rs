@@ -4,16 +4,14 @@
 //! fifth of the agent's CPU in a connection storm. The bytes are exactly
 //! `serde_json::to_vec(&flow)`: the derive stays the definition of the
 //! form (and what reads it back), and the tests hold this writer to it.
-//! The rare parts (findings, encryption, Cilium mutual authentication,
-//! joined halves) still go through serde; compact output of a part is the
-//! same bytes inside the whole.
+//! The rare parts (Cilium mutual authentication, joined halves) still go
+//! through serde; compact output of a part is the same bytes inside the
+//! whole.
 
 use std::io::Write as _;
 use std::net::IpAddr;
 
-use flowaudit_policy::{IdentitySource, Verdict};
-
-use super::{EndKind, Endpoint, FlowEvent};
+use super::{ClientCertificate, Encryption, EndKind, Endpoint, FlowEvent, UnknownReason};
 
 /// Appends `flow` as one compact JSON object (no newline).
 pub fn write_flow(out: &mut Vec<u8>, flow: &FlowEvent) {
@@ -24,9 +22,19 @@ pub fn write_flow(out: &mut Vec<u8>, flow: &FlowEvent) {
     out.extend_from_slice(b",\"event\":\"");
     out.extend_from_slice(flow.event.as_str().as_bytes());
     out.extend_from_slice(b"\",\"verdict\":\"");
-    out.extend_from_slice(verdict(flow.verdict).as_bytes());
-    out.extend_from_slice(b"\",\"findings\":");
-    serde_part(out, &flow.findings);
+    out.extend_from_slice(flow.verdict.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"findings\":[");
+    for (i, f) in flow.findings.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"kind\":\"");
+        out.extend_from_slice(f.kind.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"message\":");
+        string(out, &f.message);
+        out.push(b'}');
+    }
+    out.push(b']');
     out.extend_from_slice(b",\"policy_rule\":");
     string(out, &flow.policy_rule);
     out.extend_from_slice(b",\"l4\":{\"protocol\":");
@@ -46,7 +54,7 @@ pub fn write_flow(out: &mut Vec<u8>, flow: &FlowEvent) {
     out.extend_from_slice(b",\"direction\":\"");
     out.extend_from_slice(flow.direction.as_str().as_bytes());
     out.extend_from_slice(b"\",\"encryption\":");
-    serde_part(out, &*flow.encryption);
+    encryption(out, &flow.encryption);
     out.extend_from_slice(b",\"bytes_sent\":");
     number(out, flow.bytes_sent);
     out.extend_from_slice(b",\"bytes_received\":");
@@ -89,7 +97,7 @@ fn endpoint(out: &mut Vec<u8>, ep: &Endpoint) {
     out.extend_from_slice(b"\",\"spiffe_id\":");
     string(out, &ep.spiffe_id);
     out.extend_from_slice(b",\"identity_source\":\"");
-    out.extend_from_slice(identity_source(ep.identity_source).as_bytes());
+    out.extend_from_slice(ep.identity_source.as_str().as_bytes());
     out.push(b'"');
     if !ep.identity_detail.is_empty() {
         out.extend_from_slice(b",\"identity_detail\":");
@@ -126,19 +134,62 @@ fn endpoint(out: &mut Vec<u8>, ep: &Endpoint) {
     out.push(b'}');
 }
 
-fn verdict(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Compliant => "COMPLIANT",
-        Verdict::Violation => "VIOLATION",
-        Verdict::Unknown => "UNKNOWN",
+fn encryption(out: &mut Vec<u8>, e: &Encryption) {
+    out.extend_from_slice(b"{\"state\":\"");
+    out.extend_from_slice(e.state.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"tls_version\":");
+    string(out, &e.tls_version);
+    out.extend_from_slice(b",\"sni\":");
+    string(out, &e.sni);
+    out.extend_from_slice(b",\"alpn\":[");
+    for (i, a) in e.alpn.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        string(out, a);
     }
+    out.push(b']');
+    if !e.protocol.is_empty() {
+        out.extend_from_slice(b",\"protocol\":");
+        string(out, &e.protocol);
+    }
+    let cert = match e.client_certificate {
+        ClientCertificate::Unknown => None,
+        ClientCertificate::Sent => Some("SENT"),
+        ClientCertificate::NotSent => Some("NOT_SENT"),
+        ClientCertificate::Unobservable => Some("UNOBSERVABLE"),
+    };
+    if let Some(c) = cert {
+        out.extend_from_slice(b",\"client_certificate\":\"");
+        out.extend_from_slice(c.as_bytes());
+        out.push(b'"');
+    }
+    if e.client_certificate_inferred {
+        out.extend_from_slice(b",\"client_certificate_inferred\":true");
+    }
+    if !e.server_spiffe_id.is_empty() {
+        out.extend_from_slice(b",\"server_spiffe_id\":");
+        string(out, &e.server_spiffe_id);
+    }
+    if !e.client_spiffe_id.is_empty() {
+        out.extend_from_slice(b",\"client_spiffe_id\":");
+        string(out, &e.client_spiffe_id);
+    }
+    if let Some(reason) = e.unknown_reason {
+        out.extend_from_slice(b",\"unknown_reason\":\"");
+        out.extend_from_slice(unknown_reason(reason).as_bytes());
+        out.push(b'"');
+    }
+    out.push(b'}');
 }
 
-fn identity_source(s: IdentitySource) -> &'static str {
-    match s {
-        IdentitySource::Attested => "ATTESTED",
-        IdentitySource::Derived => "DERIVED",
-        IdentitySource::Unknown => "UNKNOWN",
+fn unknown_reason(r: UnknownReason) -> &'static str {
+    match r {
+        UnknownReason::NoPayloadSeen => "no_payload_seen",
+        UnknownReason::NotWatched => "not_watched",
+        UnknownReason::PayloadLost => "payload_lost",
+        UnknownReason::StreamGap => "stream_gap",
+        UnknownReason::NotObservable => "not_observable",
     }
 }
 
@@ -241,7 +292,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
-    use flowaudit_policy::{EncryptionState, Finding, FindingKind};
+    use flowaudit_policy::{EncryptionState, Finding, FindingKind, IdentitySource, Verdict};
 
     use super::*;
     use crate::capture::Clock;
@@ -315,6 +366,80 @@ mod tests {
                 serde_json::to_string(&a).expect("serialises")
             );
         }
+    }
+
+    /// The encryption object and findings in every variant of their enums
+    /// and optional fields.
+    #[test]
+    fn encryption_and_findings_in_every_variant_match_serde() {
+        let reasons = [
+            None,
+            Some(UnknownReason::NoPayloadSeen),
+            Some(UnknownReason::NotWatched),
+            Some(UnknownReason::PayloadLost),
+            Some(UnknownReason::StreamGap),
+            Some(UnknownReason::NotObservable),
+        ];
+        let certs = [
+            crate::flow::ClientCertificate::Unknown,
+            crate::flow::ClientCertificate::Sent,
+            crate::flow::ClientCertificate::NotSent,
+            crate::flow::ClientCertificate::Unobservable,
+        ];
+        let states = [
+            EncryptionState::Plaintext,
+            EncryptionState::Tls,
+            EncryptionState::Mtls,
+            EncryptionState::Unknown,
+        ];
+        let mut f = base();
+        let mut n = 0;
+        for (i, state) in states.into_iter().enumerate() {
+            for (j, cert) in certs.into_iter().enumerate() {
+                for (k, reason) in reasons.into_iter().enumerate() {
+                    let odd = (i + j + k) % 2 == 1;
+                    f.encryption = Arc::new(Encryption {
+                        state,
+                        tls_version: if odd { "1.2".into() } else { String::new() },
+                        sni: if odd {
+                            "db.\"x\"".into()
+                        } else {
+                            String::new()
+                        },
+                        alpn: (0..k).map(|a| format!("p{a}")).collect(),
+                        protocol: if odd {
+                            String::new()
+                        } else {
+                            "postgresql".into()
+                        },
+                        client_certificate: cert,
+                        client_certificate_inferred: odd,
+                        server_spiffe_id: if k % 2 == 0 {
+                            "spiffe://demo.local/ns/a/sa/s".into()
+                        } else {
+                            String::new()
+                        },
+                        client_spiffe_id: if j % 2 == 0 {
+                            "spiffe://demo.local/ns/a/sa/c".into()
+                        } else {
+                            String::new()
+                        },
+                        unknown_reason: reason,
+                    });
+                    f.findings = FindingKind::ALL
+                        .iter()
+                        .take(n % (FindingKind::ALL.len() + 1))
+                        .map(|&kind| Finding {
+                            kind,
+                            message: format!("{kind:?} \u{1}"),
+                        })
+                        .collect();
+                    n += 1;
+                    same_as_serde(&f);
+                }
+            }
+        }
+        assert_eq!(n, 4 * 4 * 6);
     }
 
     /// Every optional part, absent and present, and strings that need

@@ -14,8 +14,8 @@
 
 mod build;
 pub mod encryption;
+mod parking;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::capture::Clock;
-use crate::capture::record::{CookieMap, CookieSet, KernelEvent, KernelRecord};
+use crate::capture::record::{KernelEvent, KernelRecord};
 use crate::flow::{EventKind, FlowEvent, UnknownReason};
-use crate::identity::{Enriched, Enricher, PendingIdentity, Progress};
+use crate::identity::{Enriched, Enricher, Progress};
 use crate::judge::Judge;
 use encryption::EncryptionTracker;
+use parking::{Parked, Parking};
 
 /// Where flows leave the pipeline (the export file, metrics, the stream hub).
 /// Every sink gets each flow once, in order, from the pipeline's single
@@ -54,17 +55,6 @@ pub struct PipelineStats {
     pub encryption_timeouts: AtomicU64,
 }
 
-struct Parked {
-    flow: FlowEvent,
-    /// The identity answers still awaited; None when answered, not needed,
-    /// or when only queued behind an earlier parked flow of the same socket.
-    query: Option<PendingIdentity>,
-    parked_at: Instant,
-    deadline: Instant,
-    /// Until when a CONNECT waits for its handshake to be classified.
-    encryption_deadline: Option<Instant>,
-}
-
 pub struct Pipeline {
     pub node_name: crate::flow::ArcStr,
     pub enricher: Option<Enricher>,
@@ -74,19 +64,9 @@ pub struct Pipeline {
     pub identity_wait: Duration,
     pub encryption_wait: Duration,
     pub encryption: EncryptionTracker,
-    parked: VecDeque<Parked>,
-    /// Sockets with parked flows, and how many.
-    parked_sockets: CookieMap<u32>,
-    /// Buffers `release` reuses, so a burst does not allocate per pass.
-    spare: VecDeque<Parked>,
-    blocked: CookieSet,
-    /// Whether a pass over the parked flows can release anything: a parked
-    /// socket's encryption settled, an identity lookup is outstanding (its
-    /// answer is polled), or the earliest deadline has come. Without this,
-    /// every burst would rescan every parked flow.
-    wake: bool,
-    pending_lookups: usize,
-    next_deadline: Option<Instant>,
+    parked: Parking,
+    /// The sockets a `release` pass visits (a buffer kept between passes).
+    visit: Vec<u64>,
 }
 
 impl Pipeline {
@@ -108,13 +88,8 @@ impl Pipeline {
             identity_wait,
             encryption_wait,
             encryption: EncryptionTracker::default(),
-            parked: VecDeque::new(),
-            parked_sockets: CookieMap::default(),
-            spare: VecDeque::new(),
-            blocked: CookieSet::default(),
-            wake: false,
-            pending_lookups: 0,
-            next_deadline: None,
+            parked: Parking::default(),
+            visit: Vec::new(),
         }
     }
 
@@ -170,9 +145,8 @@ impl Pipeline {
         match rec {
             KernelRecord::Flow(ev) => self.handle(&ev, clock),
             KernelRecord::Payload(p) => {
-                if self.encryption.on_chunk(&p) && self.parked_sockets.contains_key(&p.sock_cookie)
-                {
-                    self.wake = true;
+                if self.encryption.on_chunk(&p) {
+                    self.parked.wake(p.sock_cookie);
                 }
             }
         }
@@ -187,7 +161,7 @@ impl Pipeline {
         let mut flow = FlowEvent::from_kernel(ev, &self.node_name, clock);
         let cookie = flow.socket.cookie;
         if flow.event != EventKind::Connect
-            && self.parked_sockets.contains_key(&cookie)
+            && self.parked.holds(cookie)
             && !self.encryption.is_settled(cookie)
         {
             // The socket is gone, and its payload records came before this
@@ -196,7 +170,7 @@ impl Pipeline {
             // answer its wait would have ended with) instead of holding
             // memory until `encryption_wait` runs out.
             self.encryption.mark(cookie, UnknownReason::NoPayloadSeen);
-            self.wake = true;
+            self.parked.wake(cookie);
         }
         let query = match &mut self.enricher {
             Some(e) => match e.enrich(&mut flow) {
@@ -210,24 +184,12 @@ impl Pipeline {
             && !self.encryption_wait.is_zero()
             && !self.encryption.is_settled(cookie))
         .then(|| later(now, self.encryption_wait));
-        if query.is_some()
-            || encryption_deadline.is_some()
-            || self.parked_sockets.contains_key(&cookie)
-        {
-            *self.parked_sockets.entry(cookie).or_default() += 1;
-            let deadline = later(now, self.identity_wait);
-            if query.is_some() {
-                self.pending_lookups += 1;
-                self.earliest(deadline);
-            }
-            if let Some(d) = encryption_deadline {
-                self.earliest(d);
-            }
-            self.parked.push_back(Parked {
+        if query.is_some() || encryption_deadline.is_some() || self.parked.holds(cookie) {
+            self.parked.park(Parked {
                 flow,
                 query,
                 parked_at: now,
-                deadline,
+                deadline: later(now, self.identity_wait),
                 encryption_deadline,
             });
             return;
@@ -235,104 +197,37 @@ impl Pipeline {
         self.emit(flow);
     }
 
-    fn earliest(&mut self, deadline: Instant) {
-        self.next_deadline = Some(self.next_deadline.map_or(deadline, |d| d.min(deadline)));
-    }
-
-    /// Sends out parked flows whose identity arrived or whose wait is over.
+    /// Sends out parked flows whose identity arrived or whose wait is over,
+    /// visiting only the sockets where something changed (see `parking`).
     /// `all`: at shutdown, everything goes. `run` calls it after each burst.
     pub fn release(&mut self, all: bool) {
         if self.parked.is_empty() {
             return;
         }
         let now = Instant::now();
-        if !all
-            && !self.wake
-            && self.pending_lookups == 0
-            && self.next_deadline.is_some_and(|d| now < d)
-        {
-            return;
-        }
-        self.wake = false;
-        self.pending_lookups = 0;
-        self.next_deadline = None;
-        let mut still = std::mem::take(&mut self.spare);
-        let mut blocked = std::mem::take(&mut self.blocked);
-        blocked.clear();
-        while let Some(mut p) = self.parked.pop_front() {
-            let cookie = p.flow.socket.cookie;
-            if blocked.contains(&cookie) {
-                still.push_back(p);
-                continue;
-            }
-            let identified = match (p.query.take(), &mut self.enricher) {
-                (Some(mut q), Some(e)) => {
-                    let force = all || now >= p.deadline;
-                    let progress = e.resume(&mut p.flow, &mut q, force);
-                    let done = progress != Progress::Waiting;
-                    if !done {
-                        p.query = Some(q);
-                    } else {
-                        if progress == (Progress::Done { timed_out: true }) {
-                            self.stats.identity_timeouts.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let waited = p.parked_at.elapsed().as_micros() as u64;
-                        self.stats.identity_waits.fetch_add(1, Ordering::Relaxed);
-                        self.stats
-                            .identity_wait_us_total
-                            .fetch_add(waited, Ordering::Relaxed);
-                        self.stats
-                            .identity_wait_us_max
-                            .fetch_max(waited, Ordering::Relaxed);
-                    }
-                    done
+        let mut visit = std::mem::take(&mut self.visit);
+        self.parked.due(now, all, &mut visit);
+        for &cookie in &visit {
+            while let Some(p) = self.parked.head_mut(cookie) {
+                let ready = ready(
+                    p,
+                    self.enricher.as_mut(),
+                    &self.encryption,
+                    &self.stats,
+                    now,
+                    all,
+                );
+                if !ready {
+                    break;
                 }
-                // Answered, not needed, or queued behind an earlier flow of
-                // its socket, which has gone.
-                _ => true,
-            };
-            let classified = match p.encryption_deadline {
-                None => true,
-                Some(deadline) => {
-                    let settled = self.encryption.is_settled(cookie);
-                    let done = settled || all || now >= deadline;
-                    if done {
-                        self.stats.encryption_waits.fetch_add(1, Ordering::Relaxed);
-                        if !settled {
-                            self.stats
-                                .encryption_timeouts
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                        p.encryption_deadline = None;
-                    }
-                    done
+                if let Some(p) = self.parked.pop_head(cookie) {
+                    self.emit(p.flow);
                 }
-            };
-            if identified && classified {
-                if let Some(n) = self.parked_sockets.get_mut(&cookie) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.parked_sockets.remove(&cookie);
-                    }
-                }
-                self.emit(p.flow);
-            } else {
-                blocked.insert(cookie);
-                still.push_back(p);
             }
         }
-        for p in &still {
-            if p.query.is_some() {
-                self.pending_lookups += 1;
-                self.earliest(p.deadline);
-            }
-            if let Some(d) = p.encryption_deadline {
-                self.earliest(d);
-            }
-        }
-        // `parked` is empty now; keep its buffer for the next pass.
-        self.spare = std::mem::replace(&mut self.parked, still);
-        self.blocked = blocked;
+        visit.clear();
+        self.visit = visit;
+        self.parked.after_pass();
     }
 
     fn emit(&mut self, mut flow: FlowEvent) {
@@ -354,6 +249,62 @@ impl Pipeline {
     pub fn flush(&mut self) {
         for sink in &mut self.sinks {
             sink.flush();
+        }
+    }
+}
+
+/// Whether a parked flow may go now: its identity answers came (or its
+/// wait is over) and, for a CONNECT, its handshake was classified (or that
+/// wait is over). Counts the waits as they end.
+fn ready(
+    p: &mut Parked,
+    enricher: Option<&mut Enricher>,
+    encryption: &EncryptionTracker,
+    stats: &PipelineStats,
+    now: Instant,
+    all: bool,
+) -> bool {
+    let identified = match (p.query.as_mut(), enricher) {
+        (Some(q), Some(e)) => {
+            let force = all || now >= p.deadline;
+            let progress = e.resume(&mut p.flow, q, force);
+            if progress == Progress::Waiting {
+                false
+            } else {
+                p.query = None;
+                if progress == (Progress::Done { timed_out: true }) {
+                    stats.identity_timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                let waited = p.parked_at.elapsed().as_micros() as u64;
+                stats.identity_waits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .identity_wait_us_total
+                    .fetch_add(waited, Ordering::Relaxed);
+                stats
+                    .identity_wait_us_max
+                    .fetch_max(waited, Ordering::Relaxed);
+                true
+            }
+        }
+        // Answered, or not needed.
+        _ => true,
+    };
+    if !identified {
+        return false;
+    }
+    match p.encryption_deadline {
+        None => true,
+        Some(deadline) => {
+            let settled = encryption.is_settled(p.flow.socket.cookie);
+            let done = settled || all || now >= deadline;
+            if done {
+                stats.encryption_waits.fetch_add(1, Ordering::Relaxed);
+                if !settled {
+                    stats.encryption_timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                p.encryption_deadline = None;
+            }
+            done
         }
     }
 }
@@ -686,7 +637,7 @@ mod tests {
                 f.event
             );
         }
-        assert!(p.parked.is_empty() && p.parked_sockets.is_empty());
+        assert!(p.parked.is_empty());
         assert_eq!(
             p.stats.encryption_timeouts.load(Ordering::Relaxed),
             0,
