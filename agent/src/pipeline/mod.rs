@@ -112,8 +112,13 @@ impl Pipeline {
                     for rec in ev {
                         self.record(rec, &clock);
                     }
-                    // Drain what is queued, then flush once: one write per burst.
-                    while let Ok(batch) = rx.try_recv() {
+                    // Drain what is queued, then flush once: one write per
+                    // burst. At most a queue's worth per pass: under a
+                    // sustained overload the reader refills the queue as
+                    // fast as it is drained, and a drain without end would
+                    // never release a parked flow (they piled up to a GiB).
+                    for _ in 1..crate::capture::READ_QUEUE {
+                        let Ok(batch) = rx.try_recv() else { break };
                         for rec in batch {
                             self.record(rec, &clock);
                         }
@@ -644,6 +649,60 @@ mod tests {
             "settled, not timed out"
         );
         assert_eq!(p.encryption.followed(), 0, "the socket is forgotten");
+    }
+
+    /// Under a sustained overload the reader refills the queue as fast as
+    /// the pipeline drains it. A pass still ends after a queue's worth of
+    /// batches, so a parked flow whose CLOSE came goes out then, not when
+    /// the storm is over (an endless drain piled parked flows up to a GiB).
+    #[tokio::test]
+    async fn a_drain_pass_ends_after_a_queue_of_batches_and_releases() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut p = pipeline(Duration::from_secs(3600), Duration::from_secs(3600));
+        p.sinks.push(Box::new(Collect(seen.clone())));
+        let mut rec = sample();
+        let parked_cookie = rec.sock_cookie;
+        let mut first = Vec::new();
+        for kind in [RecordKind::Connect, RecordKind::Close] {
+            rec.kind = kind as u8;
+            first.push(KernelRecord::Flow(
+                KernelEvent::from_record(&rec).expect("sample record"),
+            ));
+        }
+        // Four queues' worth of batches, all queued before the pipeline
+        // runs: as if the reader kept the queue full.
+        const BATCHES: usize = 4 * crate::capture::READ_QUEUE;
+        let (tx, rx) = mpsc::channel(BATCHES + 1);
+        tx.send(first).await.unwrap();
+        rec.kind = RecordKind::Failed as u8;
+        for b in 0..BATCHES {
+            let batch = (0..4)
+                .map(|i| {
+                    rec.sock_cookie = 1_000_000 + (b * 4 + i) as u64;
+                    KernelRecord::Flow(KernelEvent::from_record(&rec).expect("sample record"))
+                })
+                .collect();
+            tx.send(batch).await.unwrap();
+        }
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(30), p.run(rx))
+            .await
+            .expect("the pipeline drains and stops");
+        let out = seen.lock().unwrap().clone();
+        assert_eq!(out.len(), 2 + 4 * BATCHES, "every flow went out");
+        let at = out
+            .iter()
+            .position(|f| f.socket.cookie == parked_cookie)
+            .expect("the parked CONNECT went out");
+        assert_eq!(out[at].event, EventKind::Connect);
+        assert_eq!(out[at + 1].event, EventKind::Close, "then its CLOSE");
+        // Released at the end of the first pass: after at most the rest of
+        // one queue's worth of batches, not after all of them.
+        assert!(
+            at <= 4 * (crate::capture::READ_QUEUE - 1),
+            "the parked CONNECT waited behind {at} flows; a pass takes at most {} batches of 4",
+            crate::capture::READ_QUEUE
+        );
     }
 
     /// A wait no clock can add (a library caller, or a CLI bound that
