@@ -147,14 +147,6 @@ impl Parking {
         self.len += 1;
     }
 
-    fn cookie_at(&self, slot: Slot) -> Option<u64> {
-        let e = &self.slab[slot.index as usize];
-        (e.generation == slot.generation)
-            .then_some(e.parked.as_ref())
-            .flatten()
-            .map(|p| p.flow.socket.cookie)
-    }
-
     /// The sockets worth a look now, into `out` (possibly repeated): woken
     /// ones, those with an identity answer to poll, those whose deadline
     /// passed; with `all`, every socket, in the order their heads were
@@ -172,27 +164,12 @@ impl Parking {
             return;
         }
         out.append(&mut self.woken);
-        for i in 0..self.polled.len() {
-            if let Some(cookie) = self.cookie_at(self.polled[i]) {
-                out.push(cookie);
-            }
-        }
-        for queue in [0, 1] {
-            loop {
-                let q = if queue == 0 {
-                    &mut self.identity_deadlines
-                } else {
-                    &mut self.encryption_deadlines
-                };
-                match q.front() {
-                    Some(&(d, slot)) if d <= now => {
-                        q.pop_front();
-                        if let Some(cookie) = self.cookie_at(slot) {
-                            out.push(cookie);
-                        }
-                    }
-                    _ => break,
-                }
+        let slab = &self.slab;
+        out.extend(self.polled.iter().filter_map(|&s| cookie_at(slab, s)));
+        for queue in [&mut self.identity_deadlines, &mut self.encryption_deadlines] {
+            while let Some(&(_, slot)) = queue.front().filter(|(d, _)| *d <= now) {
+                queue.pop_front();
+                out.extend(cookie_at(slab, slot));
             }
         }
     }
@@ -234,6 +211,15 @@ impl Parking {
             self.encryption_deadlines.clear();
         }
     }
+}
+
+/// The socket of the flow in `slot`, if that flow is still parked there.
+fn cookie_at(slab: &[Entry], slot: Slot) -> Option<u64> {
+    let e = &slab[slot.index as usize];
+    (e.generation == slot.generation)
+        .then_some(e.parked.as_ref())
+        .flatten()
+        .map(|p| p.flow.socket.cookie)
 }
 
 #[cfg(test)]
