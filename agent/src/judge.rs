@@ -67,7 +67,7 @@ struct MemoEntry {
     failed: bool,
     verdict: Verdict,
     findings: Vec<Finding>,
-    policy_rule: String,
+    policy_rule: crate::flow::ArcStr,
 }
 
 struct EndKey {
@@ -146,7 +146,13 @@ impl Memo {
 
     /// Keeps a decision in the first slot of its set; what was there moves
     /// to the second (the older one leaves).
-    fn put(&mut self, flow: &FlowEvent, verdict: Verdict, findings: &[Finding], rule: &str) {
+    fn put(
+        &mut self,
+        flow: &FlowEvent,
+        verdict: Verdict,
+        findings: &[Finding],
+        rule: &crate::flow::ArcStr,
+    ) {
         let set = Self::set(flow);
         if self.slots[set].is_some() {
             self.slots[set + 1] = self.slots[set].take();
@@ -160,7 +166,7 @@ impl Memo {
             failed: flow.event == EventKind::Failed,
             verdict,
             findings: findings.to_vec(),
-            policy_rule: rule.to_string(),
+            policy_rule: rule.clone(),
         });
     }
 }
@@ -240,6 +246,12 @@ impl Judge {
         }
     }
 
+    /// Decisions the memo answered so far (benches report it).
+    #[cfg(test)]
+    pub(crate) fn memo_hits(&self) -> u64 {
+        self.memo.hits
+    }
+
     pub fn judge(&mut self, flow: &mut FlowEvent) {
         let mismatches = identity_mismatches(flow);
         if let Some(rx) = &self.policy {
@@ -267,17 +279,14 @@ impl Judge {
                     failed: flow.event == EventKind::Failed,
                     mutual_auth,
                 });
+                let rule = crate::flow::ArcStr::from(decision.policy_rule.as_str());
                 if !decision.mutual_auth_required {
-                    self.memo.put(
-                        flow,
-                        decision.verdict,
-                        &decision.findings,
-                        &decision.policy_rule,
-                    );
+                    self.memo
+                        .put(flow, decision.verdict, &decision.findings, &rule);
                 }
                 flow.verdict = decision.verdict;
                 flow.findings = decision.findings;
-                flow.policy_rule = decision.policy_rule;
+                flow.policy_rule = rule;
                 flow.mutual_auth = decision.mutual_auth;
             }
         }

@@ -311,7 +311,7 @@ pub fn flow_to_proto(f: &FlowEvent) -> proto::Flow {
         event: event_to(f.event) as i32,
         verdict: verdict_to(f.verdict) as i32,
         findings: findings_to(&f.findings),
-        policy_rule: f.policy_rule.clone(),
+        policy_rule: f.policy_rule.to_string(),
         l4: Some(proto::L4 {
             protocol: f.l4.protocol.to_string(),
             source_ip: f.l4.source_ip.to_string(),
@@ -341,7 +341,7 @@ pub fn flow_to_proto(f: &FlowEvent) -> proto::Flow {
         bytes_sent: f.bytes_sent,
         bytes_received: f.bytes_received,
         duration_ms: f.duration_ms,
-        summary: f.summary.clone(),
+        summary: f.summary().to_owned(),
         socket: Some(proto::Socket {
             cookie: f.socket.cookie,
             netns_cookie: f.socket.netns_cookie,
@@ -457,7 +457,7 @@ pub fn flow_from_proto(f: proto::Flow) -> Result<FlowEvent, ConvertError> {
         verdict: verdict_from(f.verdict)
             .ok_or_else(|| invalid("verdict", f.verdict.to_string()))?,
         findings: findings_from(f.findings)?,
-        policy_rule: f.policy_rule,
+        policy_rule: f.policy_rule.into(),
         l4: L4 {
             protocol: l4.protocol.into(),
             source_ip: ip("source_ip", &l4.source_ip)?,
@@ -484,7 +484,7 @@ pub fn flow_from_proto(f: proto::Flow) -> Result<FlowEvent, ConvertError> {
         bytes_sent: f.bytes_sent,
         bytes_received: f.bytes_received,
         duration_ms: f.duration_ms,
-        summary: f.summary,
+        summary: f.summary.into(),
         socket: Socket {
             cookie: socket.cookie,
             netns_cookie: socket.netns_cookie,

@@ -394,7 +394,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fa-export-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("flows.jsonl");
-        let line_len = serde_json::to_vec(&flow()).unwrap().len() as u64 + 1;
+        let mut line = Vec::new();
+        crate::flow::json::write_flow(&mut line, &flow());
+        let line_len = line.len() as u64 + 1;
         // Room for 3 lines per file, 2 backups.
         let mut ex = ExportFile::open(&path, line_len * 3, 2).unwrap();
         for _ in 0..10 {

@@ -17,8 +17,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -38,7 +38,7 @@ use super::state::AgentState;
 use crate::capture::CaptureStats;
 use crate::cilium::CiliumStats;
 use crate::export::file::ExportFileStats;
-use crate::flow::{Direction, EventKind, FlowEvent, UnknownReason};
+use crate::flow::{ArcStr, Direction, EventKind, FlowEvent, UnknownReason};
 use crate::identity::{IdentityStats, LookupResult};
 use flowaudit_common::LossPlace;
 
@@ -113,6 +113,30 @@ struct ViolationLabels {
     port: String,
 }
 
+/// A violation series as the sink finds it: source and destination SPIFFE
+/// IDs (shared with the flow, so a lookup copies no bytes) and the port.
+type ViolationKey = (ArcStr, ArcStr, u16);
+
+impl ViolationLabels {
+    fn of((source, destination, port): &ViolationKey) -> Self {
+        let id = |s: &str| if s.is_empty() { "unknown" } else { s }.to_owned();
+        Self {
+            source: id(source),
+            destination: id(destination),
+            port: port.to_string(),
+        }
+    }
+
+    /// The one series that counts violations past `VIOLATION_SERIES_CAP`.
+    fn other() -> Self {
+        Self {
+            source: "other".into(),
+            destination: "other".into(),
+            port: "other".into(),
+        }
+    }
+}
+
 /// Every metric handle of the agent. Cheap to share (`Arc`); all methods
 /// take `&self`.
 pub struct Metrics {
@@ -121,8 +145,6 @@ pub struct Metrics {
     findings: Family<KindLabels, Counter>,
     mtls_unverified: Family<ReasonLabels, Counter>,
     violations: Family<ViolationLabels, Counter>,
-    /// When each violation series was last seen, to cap and expire them.
-    violation_seen: Mutex<HashMap<ViolationLabels, Instant>>,
     encryption: Family<StateLabels, Counter>,
     spire_connected: Gauge,
     stream_subscribers: Gauge,
@@ -364,7 +386,6 @@ impl Metrics {
             findings,
             mtls_unverified,
             violations,
-            violation_seen: Mutex::new(HashMap::new()),
             encryption,
             spire_connected,
             stream_subscribers,
@@ -411,45 +432,6 @@ impl Metrics {
     /// family is named with its `_total`, and there is no `# EOF`.
     pub fn encode_prometheus_text(&self) -> String {
         prometheus_text(&self.encode_openmetrics())
-    }
-
-    /// Drops violation series unseen for `idle` (called periodically).
-    pub fn expire_violation_series(&self, idle: Duration) {
-        let now = Instant::now();
-        let Ok(mut seen) = self.violation_seen.lock() else {
-            return;
-        };
-        seen.retain(|labels, last| {
-            let keep = now.duration_since(*last) < idle;
-            if !keep {
-                self.violations.remove(labels);
-            }
-            keep
-        });
-    }
-
-    fn count_violation(&self, flow: &FlowEvent) {
-        let id = |s: &str| if s.is_empty() { "unknown" } else { s }.to_owned();
-        let mut labels = ViolationLabels {
-            source: id(&flow.source.spiffe_id),
-            destination: id(&flow.destination.spiffe_id),
-            port: flow.l4.destination_port.to_string(),
-        };
-        if let Ok(mut seen) = self.violation_seen.lock() {
-            let now = Instant::now();
-            if let Some(last) = seen.get_mut(&labels) {
-                *last = now;
-            } else if seen.len() < VIOLATION_SERIES_CAP {
-                seen.insert(labels.clone(), now);
-            } else {
-                labels = ViolationLabels {
-                    source: "other".into(),
-                    destination: "other".into(),
-                    port: "other".into(),
-                };
-            }
-        }
-        self.violations.get_or_create(&labels).inc();
     }
 }
 
@@ -550,6 +532,14 @@ pub struct MetricsSink {
     encryption: [Counter; 4],
     /// Socket cookie of open connections -> what was already counted for it.
     open: crate::capture::record::CookieMap<u8>,
+    /// Violation series counted into (at most `VIOLATION_SERIES_CAP`), with
+    /// when each was last counted, to expire idle ones.
+    violations: HashMap<ViolationKey, (Counter, Instant), foldhash::fast::RandomState>,
+    /// The series past the cap, once it is needed.
+    other_violations: Option<Counter>,
+    /// When the current pass began: the time a violation is "seen" (to
+    /// the pass, far finer than the idle time that expires it).
+    now: Instant,
     last_expiry: Instant,
 }
 
@@ -592,8 +582,56 @@ impl MetricsSink {
             encryption,
             metrics,
             open: Default::default(),
+            violations: HashMap::default(),
+            other_violations: None,
+            now: Instant::now(),
             last_expiry: Instant::now(),
         }
+    }
+
+    /// Counts a violating connection into its series, taken from the
+    /// family once; past the cap, into the `other` series.
+    fn count_violation(&mut self, flow: &FlowEvent) {
+        let key = (
+            flow.source.spiffe_id.clone(),
+            flow.destination.spiffe_id.clone(),
+            flow.l4.destination_port,
+        );
+        if let Some((series, seen)) = self.violations.get_mut(&key) {
+            series.inc();
+            *seen = self.now;
+        } else if self.violations.len() < VIOLATION_SERIES_CAP {
+            let series = self
+                .metrics
+                .violations
+                .get_or_create(&ViolationLabels::of(&key))
+                .clone();
+            series.inc();
+            self.violations.insert(key, (series, self.now));
+        } else {
+            let metrics = &self.metrics;
+            self.other_violations
+                .get_or_insert_with(|| {
+                    metrics
+                        .violations
+                        .get_or_create(&ViolationLabels::other())
+                        .clone()
+                })
+                .inc();
+        }
+    }
+
+    /// Drops the violation series not counted into for `idle` (their
+    /// workloads are likely gone); `flush` calls it now and then.
+    pub fn expire_violation_series(&mut self, idle: Duration) {
+        let (now, metrics) = (Instant::now(), &self.metrics);
+        self.violations.retain(|key, (_, seen)| {
+            let keep = now.duration_since(*seen) < idle;
+            if !keep {
+                metrics.violations.remove(&ViolationLabels::of(key));
+            }
+            keep
+        });
     }
 }
 
@@ -625,7 +663,7 @@ impl crate::pipeline::Sink for MetricsSink {
         }
         if flow.verdict == Verdict::Violation && now & VIOLATION_BIT == 0 {
             now |= VIOLATION_BIT;
-            m.count_violation(flow);
+            self.count_violation(flow);
         }
         match flow.event {
             EventKind::Connect => {
@@ -645,9 +683,10 @@ impl crate::pipeline::Sink for MetricsSink {
     }
 
     fn flush(&mut self) {
-        if self.last_expiry.elapsed() > Duration::from_secs(60) {
-            self.last_expiry = Instant::now();
-            self.metrics.expire_violation_series(VIOLATION_SERIES_IDLE);
+        self.now = Instant::now();
+        if self.now.duration_since(self.last_expiry) > Duration::from_secs(60) {
+            self.last_expiry = self.now;
+            self.expire_violation_series(VIOLATION_SERIES_IDLE);
         }
     }
 }
@@ -987,7 +1026,7 @@ mod tests {
             ),
             Some(5.0)
         );
-        m.expire_violation_series(Duration::ZERO);
+        sink.expire_violation_series(Duration::ZERO);
         let text = m.encode_prometheus_text();
         assert_eq!(
             text.lines()

@@ -2,8 +2,10 @@
 //! export file writes one per flow, and serde's derived serializer (a call
 //! per field, and an escape-table lookup per byte of every string) was a
 //! fifth of the agent's CPU in a connection storm. The bytes are exactly
-//! `serde_json::to_vec(&flow)`: the derive stays the definition of the
-//! form (and what reads it back), and the tests hold this writer to it.
+//! `serde_json::to_vec(&flow)` once the flow's summary is written (this
+//! writer writes it; serde prints it as it stands): the derive stays the
+//! definition of the form (and what reads it back), and the tests hold this
+//! writer to it.
 //! The rare parts (Cilium mutual authentication, joined halves) still go
 //! through serde; compact output of a part is the same bytes inside the
 //! whole.
@@ -62,7 +64,7 @@ pub fn write_flow(out: &mut Vec<u8>, flow: &FlowEvent) {
     out.extend_from_slice(b",\"duration_ms\":");
     number(out, flow.duration_ms);
     out.extend_from_slice(b",\"summary\":");
-    string(out, &flow.summary);
+    string(out, flow.summary());
     let s = &flow.socket;
     out.extend_from_slice(b",\"socket\":{\"cookie\":");
     number(out, s.cookie);
@@ -493,7 +495,7 @@ mod tests {
         full.encryption = Arc::new(enc);
         full.bytes_sent = u64::MAX;
         full.duration_ms = 12;
-        full.summary = full.make_summary();
+        full.summary = full.make_summary().into();
         full.socket.failure_reason = Some(FailureReason::TimedOut);
         full.socket.error = 110;
         full.socket.retransmits = 3;

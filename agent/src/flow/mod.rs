@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 pub use arcstr::ArcStr;
 pub use flowaudit_policy::Finding;
@@ -330,6 +330,33 @@ pub struct Socket {
     pub retransmits: u32,
 }
 
+/// A flow's one-line summary (JSON `summary`), written when a sink first
+/// serializes the flow (the export file's thread, a subscriber's stream)
+/// rather than by the pipeline for every flow: a flow only counted in
+/// metrics never has one built. Empty until then, or as received (from the
+/// stream, or JSON). A flow changed after it was asked for (the relay's
+/// joined flow, built from a half) gets `Summary::default()` again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary(OnceLock<String>);
+
+impl From<String> for Summary {
+    fn from(s: String) -> Self {
+        Self(OnceLock::from(s))
+    }
+}
+
+impl Serialize for Summary {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.get().map_or("", String::as_str))
+    }
+}
+
+impl<'de> Deserialize<'de> for Summary {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::from)
+    }
+}
+
 /// A flow event (PRODUCT.md "Flow events", JSON form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEvent {
@@ -339,7 +366,8 @@ pub struct FlowEvent {
     pub event: EventKind,
     pub verdict: Verdict,
     pub findings: Vec<Finding>,
-    pub policy_rule: String,
+    /// Shared with the judge's memo: a remembered decision copies no bytes.
+    pub policy_rule: ArcStr,
     pub l4: L4,
     pub source: Endpoint,
     pub destination: Endpoint,
@@ -349,7 +377,8 @@ pub struct FlowEvent {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,
-    pub summary: String,
+    /// Written when a sink first serializes the flow: see [`Summary`].
+    pub summary: Summary,
     pub socket: Socket,
     /// Cilium mutual authentication, on flows under a rule that requires it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -400,8 +429,13 @@ impl FlowEvent {
         s
     }
 
+    /// The one-line summary, written the first time it is asked for.
+    pub fn summary(&self) -> &str {
+        self.summary.0.get_or_init(|| self.make_summary())
+    }
+
     /// One-line description, e.g. "frontend -> postgresql:5432 plaintext: no rule allows this flow".
-    /// Written into one buffer: the pipeline calls it for every flow.
+    /// Written into one buffer.
     pub fn make_summary(&self) -> String {
         let mut s = String::with_capacity(
             96 + self.findings.first().map_or(0, |f| f.message.len())

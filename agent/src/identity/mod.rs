@@ -586,7 +586,7 @@ fn apply_peer(ep: &mut Endpoint, peer: &Peer) {
 #[derive(Debug, Default)]
 struct DerivedIds {
     trust_domain: ArcStr,
-    ids: HashMap<(ArcStr, ArcStr), ArcStr>,
+    ids: HashMap<(ArcStr, ArcStr), ArcStr, foldhash::fast::RandomState>,
 }
 
 const DERIVED_IDS_CAP: usize = 16_384;

@@ -15,6 +15,7 @@
 //! only its head can go, so a socket's CONNECT always precedes its CLOSE.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::capture::record::CookieMap;
@@ -22,7 +23,9 @@ use crate::flow::FlowEvent;
 use crate::identity::PendingIdentity;
 
 pub struct Parked {
-    pub flow: FlowEvent,
+    /// Boxed in its final `Arc` from the start: the parked flow is moved
+    /// by pointer (into the slab, out, to the sinks), never copied.
+    pub flow: Arc<FlowEvent>,
     /// The identity answers still awaited; None when answered or not needed.
     pub query: Option<PendingIdentity>,
     pub parked_at: Instant,
@@ -232,6 +235,7 @@ mod tests {
     fn parked(cookie: u64, at: Instant, encryption_wait: Option<Duration>) -> Parked {
         let mut flow = sample_flow();
         flow.socket.cookie = cookie;
+        let flow = Arc::new(flow);
         Parked {
             flow,
             query: None,
@@ -277,11 +281,11 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Parking::default();
         let mut connect = parked(1, t0, Some(Duration::from_millis(10)));
-        connect.flow.event = crate::flow::EventKind::Connect;
+        Arc::make_mut(&mut connect.flow).event = crate::flow::EventKind::Connect;
         p.park(connect);
         p.park(parked(2, t0, None));
         let mut close = parked(1, t0, None);
-        close.flow.event = crate::flow::EventKind::Close;
+        Arc::make_mut(&mut close.flow).event = crate::flow::EventKind::Close;
         p.park(close);
         assert_eq!(
             p.head_mut(1).map(|x| x.flow.event),

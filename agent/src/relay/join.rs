@@ -248,10 +248,10 @@ fn join(a: &FlowEvent, b: &FlowEvent) -> FlowEvent {
     };
     out.policy_rule = from
         .iter()
-        .map(|f| f.policy_rule.as_str())
+        .map(|f| &f.policy_rule)
         .find(|r| !r.is_empty())
-        .unwrap_or("")
-        .to_owned();
+        .cloned()
+        .unwrap_or_default();
     let mut findings: Vec<Finding> = Vec::new();
     for f in from {
         for finding in &f.findings {
@@ -264,7 +264,8 @@ fn join(a: &FlowEvent, b: &FlowEvent) -> FlowEvent {
     out.joined = Some(Joined {
         halves: vec![half(egress), half(ingress)],
     });
-    out.summary = out.make_summary();
+    // Built from a half, whose summary may have been written already.
+    out.summary = crate::flow::Summary::default();
     out
 }
 
@@ -418,11 +419,15 @@ mod tests {
         }];
         let mut server = (*half_of(Direction::Ingress, EventKind::Connect, "b")).clone();
         server.verdict = Verdict::Violation;
-        server.policy_rule = String::new();
+        server.policy_rule = crate::flow::ArcStr::new();
         server.findings = vec![Finding {
             kind: FindingKind::NoMatchingRule,
             message: "no rule allows frontend -> backend:8000".into(),
         }];
+        // Halves come from the agents with their own summaries: the joined
+        // flow must not keep either.
+        client.summary = "client half".to_owned().into();
+        server.summary = "server half".to_owned().into();
         j.push(Arc::new(client), now);
         let out = j.push(Arc::new(server), now);
         let f = &out[0].0;
@@ -431,7 +436,7 @@ mod tests {
             f.findings.iter().map(|x| x.kind).collect::<Vec<_>>(),
             [FindingKind::NoMatchingRule]
         );
-        assert!(f.summary.contains("no rule allows"), "{}", f.summary);
+        assert!(f.summary().contains("no rule allows"), "{}", f.summary());
     }
 
     #[test]
