@@ -399,8 +399,7 @@ impl Cilium {
 /// The connection's start in Cilium's utime: a CONNECT's own time, a
 /// CLOSE's time less its duration.
 fn connected_at(flow: &FlowEvent) -> Option<u64> {
-    let (secs, nanos) = crate::flow::parse_rfc3339(&flow.time)?;
-    let ns = u64::try_from(secs).ok()? * 1_000_000_000 + u64::from(nanos);
+    let ns = u64::try_from(flow.time.secs()).ok()? * 1_000_000_000 + u64::from(flow.time.nanos());
     let ns = match flow.event {
         EventKind::Close => ns.saturating_sub(flow.duration_ms * 1_000_000),
         _ => ns,
@@ -479,7 +478,7 @@ fn lookup(maps: &Maps, flow: &FlowEvent, side: AuthSide) -> std::io::Result<Mutu
         Some(expiration) => {
             m.expires = utime_rfc3339(expiration);
             let Some(at) = connected_at(flow) else {
-                return not(format!("the flow's time {:?} cannot be read", flow.time));
+                return not(format!("the flow's time {} is before 1970", flow.time));
             };
             m.state = if at < expiration {
                 MutualAuthState::Authenticated
@@ -533,7 +532,8 @@ mod tests {
         f.duration_ms = 1_000;
         f.time = "2026-11-28T12:00:02Z".into();
         assert_eq!(connected_at(&f), Some(at_connect));
-        f.time = "not a time".into();
+        // Before 1970 (only a relay's peer could send one): no utime.
+        f.time = crate::flow::FlowTime::new(-5, 0);
         assert_eq!(connected_at(&f), None);
     }
 

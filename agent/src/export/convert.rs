@@ -13,7 +13,7 @@ use super::proto;
 use crate::flow::UnknownReason;
 use crate::flow::{
     ClientCertificate, Direction, Encryption, EndKind, Endpoint, EventKind, FailureReason, Finding,
-    FlowEvent, Joined, JoinedHalf, L4, Socket,
+    FlowEvent, FlowTime, Joined, JoinedHalf, L4, Socket,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -231,11 +231,25 @@ pub fn parse_rfc3339(text: &str) -> Option<prost_types::Timestamp> {
     })
 }
 
-/// The flow-event time form (`FlowEvent::time`) of a timestamp.
+/// A flow time from a timestamp: one before the epoch is the epoch, and
+/// nanoseconds out of range are cut into it.
+pub fn flow_time(t: &prost_types::Timestamp) -> FlowTime {
+    FlowTime::new(
+        t.seconds.max(0),
+        u32::try_from(t.nanos).unwrap_or(0).min(999_999_999),
+    )
+}
+
+/// A timestamp's RFC 3339 text (see [`flow_time`]).
 pub fn timestamp_to_rfc3339(t: &prost_types::Timestamp) -> String {
-    let secs = u64::try_from(t.seconds).unwrap_or(0);
-    let nanos = u32::try_from(t.nanos).unwrap_or(0).min(999_999_999);
-    crate::flow::rfc3339_nanos(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
+    flow_time(t).to_string()
+}
+
+fn timestamp(t: FlowTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.secs(),
+        nanos: t.nanos() as i32,
+    }
 }
 
 fn mutual_auth_to(m: &MutualAuth) -> proto::MutualAuth {
@@ -306,7 +320,7 @@ fn mutual_auth_from(m: proto::MutualAuth) -> Result<MutualAuth, ConvertError> {
 
 pub fn flow_to_proto(f: &FlowEvent) -> proto::Flow {
     proto::Flow {
-        time: parse_rfc3339(&f.time),
+        time: Some(timestamp(f.time)),
         node_name: f.node_name.to_string(),
         event: event_to(f.event) as i32,
         verdict: verdict_to(f.verdict) as i32,
@@ -404,7 +418,7 @@ fn half_to(h: &JoinedHalf) -> proto::JoinedHalf {
     proto::JoinedHalf {
         direction: direction_to(h.direction) as i32,
         node_name: h.node_name.to_string(),
-        time: parse_rfc3339(&h.time),
+        time: Some(timestamp(h.time)),
         verdict: verdict_to(h.verdict) as i32,
         findings: findings_to(&h.findings),
         source_identity: identity_source_to(h.source_identity) as i32,
@@ -423,7 +437,7 @@ fn half_from(h: proto::JoinedHalf) -> Result<JoinedHalf, ConvertError> {
         time: h
             .time
             .as_ref()
-            .map(timestamp_to_rfc3339)
+            .map(flow_time)
             .ok_or(ConvertError::Missing("joined half time"))?,
         verdict: verdict_from(h.verdict).ok_or_else(|| ConvertError::Invalid {
             what: "joined half verdict",
@@ -450,7 +464,7 @@ pub fn flow_from_proto(f: proto::Flow) -> Result<FlowEvent, ConvertError> {
         time: f
             .time
             .as_ref()
-            .map(timestamp_to_rfc3339)
+            .map(flow_time)
             .ok_or(ConvertError::Missing("time"))?,
         node_name: f.node_name.into(),
         event: event_from(f.event).ok_or_else(|| invalid("event", f.event.to_string()))?,

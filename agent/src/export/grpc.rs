@@ -148,7 +148,7 @@ pub fn flow_stream(
 ) -> Result<FlowResponseStream, Status> {
     let filter = FilterSet::compile(&req.allow, &req.deny)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let since = req.since.map(|t| convert::timestamp_to_rfc3339(&t));
+    let since = req.since.as_ref().map(convert::flow_time);
     let stream = hub
         .subscribe(Subscribe {
             number: req.number,

@@ -368,8 +368,8 @@ pub struct Hub {
 pub struct Subscribe {
     pub number: u64,
     pub follow: bool,
-    /// RFC 3339 (as in `FlowEvent::time`): only buffered flows at or after it.
-    pub since: Option<String>,
+    /// Only buffered flows at or after this time.
+    pub since: Option<crate::flow::FlowTime>,
     pub filter: FilterSet,
 }
 
@@ -469,11 +469,8 @@ impl Hub {
                 if candidates.len() >= enough {
                     break;
                 }
-                if let Some(since) = &req.since {
-                    // Same fixed RFC 3339 form: string order is time order.
-                    if f.time.as_str() < since.as_str() {
-                        break;
-                    }
+                if req.since.is_some_and(|since| f.time < since) {
+                    break;
                 }
                 candidates.push(f.clone());
             }
@@ -737,7 +734,7 @@ pub(crate) mod tests {
     fn numbered(i: u64) -> Arc<FlowEvent> {
         let mut f = sample_flow();
         f.socket.cookie = i;
-        f.time = format!("2026-11-28T12:00:{:02}.000000000Z", i % 60);
+        f.time = crate::flow::FlowTime::new(1_795_867_200 + (i % 60) as i64, 0);
         Arc::new(f)
     }
 

@@ -18,7 +18,7 @@ use super::{ClientCertificate, Encryption, EndKind, Endpoint, FlowEvent, Unknown
 /// Appends `flow` as one compact JSON object (no newline).
 pub fn write_flow(out: &mut Vec<u8>, flow: &FlowEvent) {
     out.extend_from_slice(b"{\"time\":");
-    string(out, &flow.time);
+    string(out, &flow.time.rfc3339());
     out.extend_from_slice(b",\"node_name\":");
     string(out, &flow.node_name);
     out.extend_from_slice(b",\"event\":\"");
@@ -503,7 +503,7 @@ mod tests {
             halves: vec![JoinedHalf {
                 direction: full.direction,
                 node_name: "precinct-99-worker2".into(),
-                time: full.time.clone(),
+                time: full.time,
                 verdict: Verdict::Compliant,
                 findings: Vec::new(),
                 source_identity: IdentitySource::Attested,

@@ -360,8 +360,8 @@ impl<'de> Deserialize<'de> for Summary {
 /// A flow event (PRODUCT.md "Flow events", JSON form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEvent {
-    /// RFC 3339 with nanoseconds, UTC.
-    pub time: String,
+    /// JSON: RFC 3339 with nanoseconds, UTC.
+    pub time: FlowTime,
     pub node_name: ArcStr,
     pub event: EventKind,
     pub verdict: Verdict,
@@ -401,7 +401,7 @@ pub struct Joined {
 pub struct JoinedHalf {
     pub direction: Direction,
     pub node_name: ArcStr,
-    pub time: String,
+    pub time: FlowTime,
     pub verdict: Verdict,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub findings: Vec<Finding>,
@@ -574,34 +574,140 @@ pub fn parse_rfc3339(text: &str) -> Option<(i64, u32)> {
     ))
 }
 
-/// Formats a wall-clock time as RFC 3339 UTC with nanoseconds: digits
-/// written into a fixed template (once per flow event, so without the
-/// formatting machinery).
-pub fn rfc3339_nanos(t: std::time::SystemTime) -> String {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, dd) = civil_from_days(days);
-    if !(0..=9999).contains(&y) {
-        return rfc3339_formatted(y, m, dd, rem, d.subsec_nanos());
-    }
-    let mut b = *b"0000-00-00T00:00:00.000000000Z";
-    let fields: [(std::ops::Range<usize>, u64); 7] = [
-        (0..4, y as u64),
-        (5..7, u64::from(m)),
-        (8..10, u64::from(dd)),
-        (11..13, (rem / 3600) as u64),
-        (14..16, ((rem % 3600) / 60) as u64),
-        (17..19, (rem % 60) as u64),
-        (20..29, u64::from(d.subsec_nanos())),
-    ];
-    for (range, mut v) in fields {
-        for c in b[range].iter_mut().rev() {
-            *c = b'0' + (v % 10) as u8;
-            v /= 10;
+/// When a flow happened: seconds and nanoseconds since the Unix epoch,
+/// UTC. Kept as integers (compared, ordered and turned into a protobuf
+/// `Timestamp` as such); the RFC 3339 text (`2026-11-28T12:00:01.123456789Z`,
+/// JSON `time`) is written only when a flow is serialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct FlowTime {
+    secs: i64,
+    /// Below 1,000,000,000.
+    nanos: u32,
+}
+
+impl FlowTime {
+    /// `nanos` past a second are cut to the last nanosecond of it.
+    pub fn new(secs: i64, nanos: u32) -> Self {
+        Self {
+            secs,
+            nanos: nanos.min(999_999_999),
         }
     }
-    b.iter().map(|&c| char::from(c)).collect()
+
+    /// A wall-clock time; one before the epoch is the epoch.
+    pub fn from_system(t: std::time::SystemTime) -> Self {
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Self::new(
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_nanos(),
+        )
+    }
+
+    pub fn now() -> Self {
+        Self::from_system(std::time::SystemTime::now())
+    }
+
+    /// RFC 3339 text (see [`parse_rfc3339`]).
+    pub fn parse(text: &str) -> Option<Self> {
+        parse_rfc3339(text).map(|(secs, nanos)| Self::new(secs, nanos))
+    }
+
+    pub fn secs(self) -> i64 {
+        self.secs
+    }
+
+    pub fn nanos(self) -> u32 {
+        self.nanos
+    }
+
+    /// RFC 3339, UTC, with nanoseconds: digits written into a fixed
+    /// template on the stack (once per serialized flow, so without the
+    /// formatting machinery).
+    pub fn rfc3339(self) -> Rfc3339 {
+        let (days, rem) = (self.secs.div_euclid(86_400), self.secs.rem_euclid(86_400));
+        let (y, m, dd) = civil_from_days(days);
+        let mut out = Rfc3339 {
+            buf: [0; Rfc3339::CAP],
+            len: 30,
+        };
+        if !(0..=9999).contains(&y) {
+            let s = rfc3339_formatted(y, m, dd, rem, self.nanos);
+            // An i64 of seconds has at most 12 digits of years.
+            out.len = s.len().min(Rfc3339::CAP);
+            out.buf[..out.len].copy_from_slice(&s.as_bytes()[..out.len]);
+            return out;
+        }
+        out.buf[..30].copy_from_slice(b"0000-00-00T00:00:00.000000000Z");
+        let fields: [(std::ops::Range<usize>, u64); 7] = [
+            (0..4, y as u64),
+            (5..7, u64::from(m)),
+            (8..10, u64::from(dd)),
+            (11..13, (rem / 3600) as u64),
+            (14..16, ((rem % 3600) / 60) as u64),
+            (17..19, (rem % 60) as u64),
+            (20..29, u64::from(self.nanos)),
+        ];
+        for (range, mut v) in fields {
+            for c in out.buf[range].iter_mut().rev() {
+                *c = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        }
+        out
+    }
+}
+
+/// Tests write times as text.
+#[cfg(test)]
+impl From<&str> for FlowTime {
+    fn from(text: &str) -> Self {
+        Self::parse(text).unwrap_or_else(|| panic!("not an RFC 3339 time: {text:?}"))
+    }
+}
+
+/// A time's RFC 3339 text, on the stack.
+#[derive(Clone, Copy)]
+pub struct Rfc3339 {
+    buf: [u8; Rfc3339::CAP],
+    len: usize,
+}
+
+impl Rfc3339 {
+    const CAP: usize = 48;
+}
+
+impl std::ops::Deref for Rfc3339 {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Digits and ASCII punctuation only.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for FlowTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.rfc3339())
+    }
+}
+
+impl Serialize for FlowTime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.rfc3339())
+    }
+}
+
+impl<'de> Deserialize<'de> for FlowTime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = Cow::<str>::deserialize(d)?;
+        Self::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {text:?}")))
+    }
+}
+
+/// A wall-clock time as RFC 3339 UTC with nanoseconds (see
+/// [`FlowTime::rfc3339`]).
+pub fn rfc3339_nanos(t: std::time::SystemTime) -> String {
+    FlowTime::from_system(t).to_string()
 }
 
 /// The same, through `write!` (years past 9999, and the tests' reference).
@@ -656,6 +762,36 @@ mod tests {
         }
         let far = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
         assert_eq!(rfc3339_nanos(far), "10000-01-01T00:00:00.000000000Z");
+    }
+
+    /// Times are integers, written as RFC 3339 only when serialized: JSON
+    /// holds the text, reads it back, and refuses what is not a time.
+    #[test]
+    fn flow_times_order_as_times_and_round_trip_through_json() {
+        let t = FlowTime::parse("2026-11-28T14:00:01.5+02:00").unwrap();
+        assert_eq!(t, FlowTime::new(1_795_867_201, 500_000_000));
+        assert_eq!(t.to_string(), "2026-11-28T12:00:01.500000000Z");
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2026-11-28T12:00:01.500000000Z\"");
+        assert_eq!(serde_json::from_str::<FlowTime>(&json).unwrap(), t);
+        let e = serde_json::from_str::<FlowTime>("\"12:00 yesterday\"").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not an RFC 3339 time: \"12:00 yesterday\""),
+            "{e}"
+        );
+        assert!(FlowTime::new(1, 0) > FlowTime::new(0, 999_999_999));
+        assert!(FlowTime::new(-1, 0) < FlowTime::default());
+        assert_eq!(FlowTime::new(5, 2_000_000_000).nanos(), 999_999_999);
+        assert_eq!(
+            FlowTime::new(-1, 5).to_string(),
+            "1969-12-31T23:59:59.000000005Z"
+        );
+        // Whatever a peer sends: written whole, never a panic.
+        for secs in [i64::MAX, i64::MIN, 253_402_300_800] {
+            let text = FlowTime::new(secs, 999_999_999).to_string();
+            assert!(text.ends_with(".999999999Z"), "{text}");
+        }
     }
 
     #[test]

@@ -254,8 +254,11 @@ impl Enricher {
             ..facts
         };
         // Unowned sockets too: a peer waiting for this one must learn at
-        // once that it has no owner, rather than wait out its time.
-        self.sockets.insert((local_addr, remote_addr), facts);
+        // once that it has no owner, rather than wait out its time. Only
+        // SPIRE lookups read the table: without SPIRE it is not kept.
+        if self.spire.is_some() {
+            self.sockets.insert((local_addr, remote_addr), facts);
+        }
         let td = self.trust_domain();
         // Connected, or still connecting at start-up: answers can come.
         let answering = self.spire.as_ref().is_some_and(|s| !s.is_down());

@@ -9,8 +9,7 @@ use flowaudit_policy::Verdict;
 use crate::capture::Clock;
 use crate::capture::record::KernelEvent;
 use crate::flow::{
-    ArcStr, Direction, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket, Summary,
-    rfc3339_nanos,
+    ArcStr, Direction, Endpoint, EventKind, FailureReason, FlowEvent, FlowTime, L4, Socket, Summary,
 };
 
 impl FlowEvent {
@@ -54,7 +53,7 @@ impl FlowEvent {
         };
         // The summary is written once, when the flow is judged (pipeline `emit`).
         FlowEvent {
-            time: rfc3339_nanos(clock.wall(ev.ts_ns)),
+            time: FlowTime::from_system(clock.wall(ev.ts_ns)),
             node_name: node_name.clone(),
             event,
             verdict: Verdict::Unknown,

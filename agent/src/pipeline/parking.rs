@@ -154,7 +154,9 @@ impl Parking {
     /// ones, those with an identity answer to poll, those whose deadline
     /// passed; with `all`, every socket, in the order their heads were
     /// parked. Takes what it reports: wake-ups and passed deadlines.
-    pub fn due(&mut self, now: Instant, all: bool, out: &mut Vec<u64>) {
+    /// Without `poll`, sockets that only have an answer to poll are left
+    /// for a later pass.
+    pub fn due(&mut self, now: Instant, all: bool, poll: bool, out: &mut Vec<u64>) {
         if all {
             let mut heads: Vec<(u64, u64)> = self
                 .sockets
@@ -168,7 +170,9 @@ impl Parking {
         }
         out.append(&mut self.woken);
         let slab = &self.slab;
-        out.extend(self.polled.iter().filter_map(|&s| cookie_at(slab, s)));
+        if poll {
+            out.extend(self.polled.iter().filter_map(|&s| cookie_at(slab, s)));
+        }
         for queue in [&mut self.identity_deadlines, &mut self.encryption_deadlines] {
             while let Some(&(_, slot)) = queue.front().filter(|(d, _)| *d <= now) {
                 queue.pop_front();
@@ -201,13 +205,16 @@ impl Parking {
         Some(p)
     }
 
-    /// After a pass: forget polled flows that went or got their answer.
-    pub fn after_pass(&mut self) {
+    /// After a pass: forget polled flows that went or got their answer
+    /// (after a pass that polled them).
+    pub fn after_pass(&mut self, polled: bool) {
         let slab = &self.slab;
-        self.polled.retain(|s| {
-            let e = &slab[s.index as usize];
-            e.generation == s.generation && e.parked.as_ref().is_some_and(|p| p.query.is_some())
-        });
+        if polled {
+            self.polled.retain(|s| {
+                let e = &slab[s.index as usize];
+                e.generation == s.generation && e.parked.as_ref().is_some_and(|p| p.query.is_some())
+            });
+        }
         if self.len == 0 {
             // Nothing parked: stale deadline entries point at nothing.
             self.identity_deadlines.clear();
@@ -247,7 +254,7 @@ mod tests {
 
     fn due(p: &mut Parking, now: Instant, all: bool) -> Vec<u64> {
         let mut out = Vec::new();
-        p.due(now, all, &mut out);
+        p.due(now, all, true, &mut out);
         out
     }
 
@@ -268,7 +275,7 @@ mod tests {
         // Released by the pipeline: the flow goes, its deadline entry stays.
         assert_eq!(p.pop_head(7).map(|x| x.flow.socket.cookie), Some(7));
         assert!(!p.holds(7));
-        p.after_pass();
+        p.after_pass(true);
         // The deadline passes: every socket but the one that went, in order.
         let at_deadline = due(&mut p, t0 + wait, false);
         let expected: Vec<u64> = (1..=1000).filter(|&c| c != 7).collect();

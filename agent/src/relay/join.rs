@@ -193,7 +193,7 @@ fn half(f: &FlowEvent) -> JoinedHalf {
     JoinedHalf {
         direction: f.direction,
         node_name: f.node_name.clone(),
-        time: f.time.clone(),
+        time: f.time,
         verdict: f.verdict,
         findings: f.findings.clone(),
         source_identity: f.source.identity_source,
@@ -223,7 +223,7 @@ fn join(a: &FlowEvent, b: &FlowEvent) -> FlowEvent {
     };
     let mut out = egress.clone();
     out.destination = ingress.destination.clone();
-    out.time = egress.time.clone().min(ingress.time.clone());
+    out.time = egress.time.min(ingress.time);
     if out.encryption.state == EncryptionState::Unknown
         && ingress.encryption.state != EncryptionState::Unknown
     {
@@ -331,7 +331,8 @@ mod tests {
         assert_eq!(f.direction, Direction::Egress);
         assert_eq!(f.node_name, "worker");
         assert_eq!(
-            f.time, "2026-11-28T12:00:01.000000001Z",
+            f.time,
+            "2026-11-28T12:00:01.000000001Z".into(),
             "the earlier half's time"
         );
         assert_eq!(

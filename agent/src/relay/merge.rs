@@ -149,16 +149,19 @@ impl SortWindow {
 mod tests {
     use super::*;
     use crate::export::hub::tests::sample_flow;
+    use crate::flow::FlowTime;
 
-    fn at(time: &str, node: &str) -> Arc<FlowEvent> {
+    fn at(time: &FlowTime, node: &str) -> Arc<FlowEvent> {
         let mut f = sample_flow();
-        f.time = time.to_owned();
+        f.time = *time;
         f.node_name = node.into();
         Arc::new(f)
     }
 
-    fn t(ms: u64) -> String {
+    fn t(ms: u64) -> FlowTime {
         format!("2026-12-02T10:00:00.{:09}Z", ms * 1_000_000)
+            .as_str()
+            .into()
     }
 
     #[test]
@@ -174,13 +177,13 @@ mod tests {
         assert_eq!(w.next_deadline(), Some(start + Duration::from_millis(1000)));
         let now = start + Duration::from_millis(1000);
         // The first arrival is due: it and everything older go out.
-        let first: Vec<String> = std::iter::from_fn(|| w.pop_ready(now))
-            .map(|f| f.time.clone())
+        let first: Vec<FlowTime> = std::iter::from_fn(|| w.pop_ready(now))
+            .map(|f| f.time)
             .collect();
         assert_eq!(first, vec![t(50), t(100)], "{first:?}");
         let later = start + Duration::from_millis(1600);
-        let rest: Vec<String> = std::iter::from_fn(|| w.pop_ready(later))
-            .map(|f| f.time.clone())
+        let rest: Vec<FlowTime> = std::iter::from_fn(|| w.pop_ready(later))
+            .map(|f| f.time)
             .collect();
         assert_eq!(rest, vec![t(200), t(300)]);
         assert_eq!(w.out_of_order(), 0);
@@ -203,7 +206,7 @@ mod tests {
         w.push(at(&t(5), "slow"), now);
         assert_eq!(w.pop_ready(now).unwrap().time, t(5));
         assert_eq!(w.out_of_order(), 1);
-        let rest: Vec<String> = w.drain().iter().map(|f| f.time.clone()).collect();
+        let rest: Vec<FlowTime> = w.drain().iter().map(|f| f.time).collect();
         assert_eq!(rest, vec![t(20), t(30)]);
     }
 

@@ -470,7 +470,7 @@ mod tests {
         let mut f = crate::export::hub::tests::sample_flow();
         f.node_name = node.into();
         f.socket.cookie = seq;
-        f.time = crate::flow::rfc3339_nanos(SystemTime::now());
+        f.time = crate::flow::FlowTime::now();
         Arc::new(f)
     }
 
