@@ -590,27 +590,56 @@ fn apply_peer(ep: &mut Endpoint, peer: &Peer) {
 struct DerivedIds {
     trust_domain: ArcStr,
     ids: HashMap<(ArcStr, ArcStr), ArcStr, foldhash::fast::RandomState>,
+    /// Recent answers, found by where the names live: a pod's names are
+    /// shared from the directory, so most lookups are two pointer
+    /// comparisons instead of hashing and comparing both names. An entry
+    /// holds its names, so their memory cannot be reused by other names
+    /// while it is here. `RECENT_IDS` slots, made on first use.
+    recent: Vec<Option<(ArcStr, ArcStr, ArcStr)>>,
 }
 
 const DERIVED_IDS_CAP: usize = 16_384;
+const RECENT_IDS: usize = 256;
+
+/// The `recent` slot of a pair of names, from their addresses.
+fn recent_slot(namespace: &ArcStr, service_account: &ArcStr) -> usize {
+    let key = (namespace.as_ptr() as u64).rotate_left(32) ^ service_account.as_ptr() as u64;
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize % RECENT_IDS
+}
 
 impl DerivedIds {
     fn get(&mut self, td: &str, namespace: &ArcStr, service_account: &ArcStr) -> ArcStr {
         if self.trust_domain != td {
             self.trust_domain = td.into();
             self.ids.clear();
+            self.recent.clear();
+        }
+        let slot = recent_slot(namespace, service_account);
+        if let Some(Some((ns, sa, id))) = self.recent.get(slot)
+            && ArcStr::ptr_eq(ns, namespace)
+            && ArcStr::ptr_eq(sa, service_account)
+        {
+            return id.clone();
         }
         // The key's names are shared with the pod's entry: cloning them for
         // the lookup copies no bytes.
         let key = (namespace.clone(), service_account.clone());
-        if let Some(id) = self.ids.get(&key) {
-            return id.clone();
+        let id = match self.ids.get(&key) {
+            Some(id) => id.clone(),
+            None => {
+                if self.ids.len() >= DERIVED_IDS_CAP {
+                    self.ids.clear();
+                }
+                let id: ArcStr =
+                    flowaudit_policy::spiffe::derive_id(td, namespace, service_account).into();
+                self.ids.insert(key, id.clone());
+                id
+            }
+        };
+        if self.recent.is_empty() {
+            self.recent.resize(RECENT_IDS, None);
         }
-        if self.ids.len() >= DERIVED_IDS_CAP {
-            self.ids.clear();
-        }
-        let id: ArcStr = flowaudit_policy::spiffe::derive_id(td, namespace, service_account).into();
-        self.ids.insert(key, id.clone());
+        self.recent[slot] = Some((namespace.clone(), service_account.clone(), id.clone()));
         id
     }
 }
@@ -654,11 +683,26 @@ mod tests {
         // Equal names from elsewhere (another pod entry) find the same string.
         let again = ids.get("demo.local", &"99-apps".into(), &"frontend".into());
         assert!(ArcStr::ptr_eq(&first, &again), "{again} was written anew");
+        // The same names again: from the recent slots, the same string.
+        let third = ids.get("demo.local", &ns, &sa);
+        assert!(ArcStr::ptr_eq(&first, &third), "{third} was written anew");
         let other = ids.get("other.td", &ns, &sa);
         assert_eq!(other, "spiffe://other.td/ns/99-apps/sa/frontend");
+        // A recent slot never answers for the old trust domain.
+        assert_eq!(
+            ids.get("other.td", &ns, &sa),
+            "spiffe://other.td/ns/99-apps/sa/frontend"
+        );
         assert_eq!(ids.ids.len(), 1, "the old trust domain's IDs are dropped");
-        for i in 0..DERIVED_IDS_CAP + 10 {
-            ids.get("other.td", &ns, &format!("sa{i}").into());
+        // Many pairs share the recent slots: each still gets its own ID.
+        let names: Vec<ArcStr> = (0..DERIVED_IDS_CAP + 10)
+            .map(|i| format!("sa{i}").into())
+            .collect();
+        for round in 0..2 {
+            for (i, sa) in names.iter().enumerate().skip(round * DERIVED_IDS_CAP) {
+                let id = ids.get("other.td", &ns, sa);
+                assert_eq!(id, format!("spiffe://other.td/ns/99-apps/sa/sa{i}"));
+            }
         }
         assert!(
             ids.ids.len() <= DERIVED_IDS_CAP,
