@@ -215,6 +215,13 @@ pub(crate) fn spawn(
     // node-exec forks only once it is in the cgroup and namespaces: from
     // here on, nothing the command does is attributed elsewhere.
     if let Err(e) = real_process(child.id()) {
+        // node-exec exits as its child did: a command quicker than two looks
+        // for it ran and is done (125 is node-exec's own failure to set up).
+        if let Ok(Some(status)) = child.try_wait()
+            && status.code().is_some_and(|c| c != NODE_EXEC_FAILED)
+        {
+            return Ok(child);
+        }
         let _ = child.kill();
         let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
         return Err(SimError::Other(format!(
@@ -223,6 +230,10 @@ pub(crate) fn spawn(
     }
     Ok(child)
 }
+
+/// node-exec's exit code when it could not start the command (its
+/// `FAILED`); any other code is the command's own.
+const NODE_EXEC_FAILED: i32 = 125;
 
 /// The host pid of the process node-exec `node_exec` started (its only
 /// child), waiting up to 10 s for the fork.
