@@ -444,7 +444,7 @@ fn run(args: RunArgs) -> Result<()> {
         for item in &items {
             env::check_interrupted()?;
             let results: Vec<BenchResult> = match item {
-                Item::ConnRate => vec![overhead::connection_rate(&ctx, &node, &mut conn_index)?],
+                Item::ConnRate => overhead::connection_rate(&ctx, &node, &mut conn_index)?,
                 Item::Throughput => overhead::bulk_throughput(&ctx, &node)?,
                 Item::Storm => run_storm(&ctx, &node, false)?,
                 Item::Pinned => run_storm(&ctx, &node, true)?,

@@ -43,7 +43,13 @@ fn fmt_runs(xs: &[f64], scale: f64) -> String {
         .join(", ")
 }
 
-pub fn connection_rate(ctx: &Ctx, node: &BenchNode, first_index: &mut u64) -> Result<BenchResult> {
+/// Item 1, and where its cost is: the ratio of the medians, then the
+/// agent's kernel programs' CPU per connection from one more agent run.
+pub fn connection_rate(
+    ctx: &Ctx,
+    node: &BenchNode,
+    first_index: &mut u64,
+) -> Result<Vec<BenchResult>> {
     let ports: Vec<u16> = CONN_RATE_PORTS.collect();
     let run = |secs: f64, idx: &mut u64| -> Result<StormSummary> {
         let args = storm_client_args(
@@ -111,7 +117,8 @@ pub fn connection_rate(ctx: &Ctx, node: &BenchNode, first_index: &mut u64) -> Re
     let (mb, ma) = (median(&bare), median(&agent));
     ctx.bare_rate.set(Some(mb));
     let ratio = 100.0 * ma / mb;
-    Ok(
+    let kernel = kernel_cost(ctx, &mut |idx| run(ctx.run_secs, idx), first_index)?;
+    Ok(vec![
         BenchResult::new("connection_rate", "Connection rate with the agent (vs bare)", ratio, "%")
             .target("at least 95% of bare (stretch: 98%)", ratio >= 95.0)
             .detail(format!(
@@ -126,7 +133,127 @@ pub fn connection_rate(ctx: &Ctx, node: &BenchNode, first_index: &mut u64) -> Re
                 ctx.rate_threads,
                 100.0 * median(&agent_cpu)
             )),
+        kernel,
+    ])
+}
+
+/// Where the agent's kernel programs spend: one more agent run (not in the
+/// ratio: the kernel's BPF statistics add two clock reads to every program
+/// run) with `kernel.bpf_stats_enabled` on, and each `flowaudit_*`
+/// program's runs and run time (`bpftool prog show`) over the connections
+/// it made.
+fn kernel_cost(
+    ctx: &Ctx,
+    run: &mut dyn FnMut(&mut u64) -> Result<StormSummary>,
+    first_index: &mut u64,
+) -> Result<BenchResult> {
+    const ID: &str = "connection_rate_kernel_per_conn";
+    const NAME: &str = "Connection rate: the agent's kernel programs' CPU per connection";
+    if Command::new("bpftool")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Ok(BenchResult::not_run(
+            ID,
+            NAME,
+            "µs",
+            "not run: bpftool is not installed (cargo xtask setup installs it)",
+        ));
+    }
+    let _stats = BpfStats::enable()?;
+    let a = BenchAgent::start(&ctx.agent, &ctx.dir.join("agent-rate-bpf-stats"), &[])?;
+    env::sleep(Duration::from_secs(1))?;
+    let before = flowaudit_programs()?;
+    let s = run(first_index)?;
+    let after = flowaudit_programs()?;
+    a.stop()?;
+    let conns = s.completed as f64;
+    let mut total_ns = 0.0;
+    let mut parts = Vec::new();
+    for (name, (cnt, ns)) in &after {
+        let (cnt0, ns0) = before.get(name).copied().unwrap_or((0, 0));
+        let (runs, time) = (
+            cnt.saturating_sub(cnt0) as f64,
+            ns.saturating_sub(ns0) as f64,
+        );
+        if runs == 0.0 {
+            continue;
+        }
+        total_ns += time;
+        parts.push(format!(
+            "{name} {:.1} runs x {:.0} ns = {:.2} µs",
+            runs / conns,
+            time / runs,
+            time / conns / 1000.0
+        ));
+    }
+    if parts.is_empty() {
+        return Ok(BenchResult::not_run(
+            ID,
+            NAME,
+            "µs",
+            "could not run: bpftool showed no run of a flowaudit_* program (kernel.bpf_stats_enabled not honoured?)",
+        ));
+    }
+    Ok(
+        BenchResult::new(ID, NAME, total_ns / conns / 1000.0, "µs").detail(format!(
+            "{} connections at {:.0}/s in one more agent run with kernel.bpf_stats_enabled=1 (not in the ratio); per connection: {}; bpftool prog show, run_cnt and run_time_ns",
+            s.completed,
+            s.per_sec,
+            parts.join(", ")
+        )),
     )
+}
+
+/// `kernel.bpf_stats_enabled` on while it lives, then as it was.
+struct BpfStats {
+    was: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> Result<Self> {
+        let was =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("read {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("write 1 to {BPF_STATS}"))?;
+        Ok(Self { was })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, self.was.trim());
+    }
+}
+
+/// Loaded `flowaudit_*` programs by name: total runs and run time (ns).
+fn flowaudit_programs() -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("run bpftool prog show --json")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool prog show: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let progs: Vec<Value> =
+        serde_json::from_slice(&out.stdout).context("bpftool prog show --json output")?;
+    let mut by_name = std::collections::BTreeMap::new();
+    for p in &progs {
+        let Some(name) = p["name"].as_str().filter(|n| n.starts_with("flowaudit_")) else {
+            continue;
+        };
+        let e = by_name.entry(name.to_owned()).or_insert((0, 0));
+        e.0 += p["run_cnt"].as_u64().unwrap_or(0);
+        e.1 += p["run_time_ns"].as_u64().unwrap_or(0);
+    }
+    Ok(by_name)
 }
 
 /// The agent's switch that leaves its payload programs unattached.
