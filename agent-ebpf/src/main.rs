@@ -23,7 +23,8 @@
 //! first payload bytes of each tracked connection into the same ring buffer,
 //! so userspace can tell plaintext from TLS and mutual TLS. A connection is
 //! looked at only until its budget is spent or its first payload shows it is
-//! not TLS; after that each of its packets costs one hash-map miss.
+//! not TLS. A packet without payload bytes costs two header loads; after
+//! that, a payload packet costs one hash-map miss.
 #![no_std]
 #![no_main]
 // aya-ebpf's map methods take `impl Borrow<K>`: a reference passes a
@@ -37,8 +38,7 @@ use aya_ebpf::{
     bindings::{
         BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT1, BPF_TCP_LAST_ACK,
-        BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
@@ -201,14 +201,10 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx, SocketSide::Active),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(ctx, SocketSide::Passive),
-        BPF_SOCK_OPS_STATE_CB => {
-            let old = field!(ops, __bindgen_anon_1.args[0]);
-            let new = field!(ops, __bindgen_anon_1.args[1]);
-            if new == BPF_TCP_CLOSE {
-                on_close(ctx, old)
-            } else {
-                on_state(ctx, new)
-            }
+        // Only the change to CLOSE matters: the state it leaves tells all
+        // the close needs (see `fin_sent`), so the others return at once.
+        BPF_SOCK_OPS_STATE_CB if field!(ops, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
+            on_close(ctx, field!(ops, __bindgen_anon_1.args[0]))
         }
         _ => Ok(()),
     }
@@ -409,12 +405,14 @@ fn kernel_sock(ops: *mut bpf_sock_ops) -> Option<*const u8> {
 }
 
 #[inline(always)]
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the helper gets this program's own context pointer, valid for this run.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
 fn cookies(ctx: &SockOpsContext) -> (u64, u64) {
-    (
-        // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
-        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        netns_cookie(ctx),
-    )
+    (socket_cookie(ctx), netns_cookie(ctx))
 }
 
 fn on_listen(ctx: &SockOpsContext) -> Result<(), i64> {
@@ -446,7 +444,7 @@ fn on_listen(ctx: &SockOpsContext) -> Result<(), i64> {
 }
 
 fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
-    let (sock_cookie, _) = cookies(ctx);
+    let sock_cookie = socket_cookie(ctx);
     let owner = take_owner(sock_cookie);
     let state = SocketState {
         owner: owner.unwrap_or_default(),
@@ -455,8 +453,7 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
         established_ns: 0,
         side: SocketSide::Active as u8,
         owner_known: owner.is_some() as u8,
-        states_seen: 0,
-        _pad: [0; 4],
+        _pad: [0; 6],
     };
     if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
         count_loss(LossPlace::SocketMapFull);
@@ -472,45 +469,68 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
     let (sock_cookie, netns_cookie) = cookies(ctx);
     // SAFETY: a BPF helper without arguments; it cannot fault.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-    let mut state = match unsafe { SOCKETS.get(&sock_cookie) } {
-        Some(s) => *s,
-        None => SocketState {
-            owner: Owner::default(),
-            start_ns: now,
-            established_ns: 0,
-            side: side as u8,
-            owner_known: 0,
-            states_seen: 0,
-            _pad: [0; 4],
-        },
+    // An active socket's entry, made at connect (with its state callbacks
+    // on), is completed in place: one lookup instead of a lookup and an
+    // update, which in a hash map allocates a new element.
+    let state = match SOCKETS.get_ptr_mut(&sock_cookie) {
+        Some(tracked) => {
+            // SAFETY: the pointer comes from this socket's own entry; a
+            // socket's sock_ops callbacks run under its lock, so nothing
+            // else writes it now.
+            unsafe {
+                (*tracked).established_ns = now;
+                *tracked
+            }
+        }
+        None => {
+            let mut state = SocketState {
+                owner: Owner::default(),
+                start_ns: now,
+                established_ns: now,
+                side: side as u8,
+                owner_known: 0,
+                _pad: [0; 6],
+            };
+            if side == SocketSide::Passive && netns_cookie != 0 {
+                // softirq context: "current" is whoever sent the final ACK
+                // (on a veth or loopback, the client). The owner is the
+                // listener's.
+                let key = ListenerKey {
+                    netns_cookie,
+                    port: field!(ops, local_port) as u16,
+                    family: field!(ops, family) as u16,
+                    _pad: 0,
+                };
+                // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
+                if let Some(l) = unsafe { LISTENERS.get(&key) } {
+                    state.owner = l.owner;
+                    state.owner_known = 1;
+                }
+            }
+            if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
+                count_loss(LossPlace::SocketMapFull);
+                emit(
+                    ctx,
+                    RecordKind::Connect,
+                    &state,
+                    sock_cookie,
+                    netns_cookie,
+                    now,
+                    0,
+                    CAPTURE_NOT_WATCHED,
+                );
+                return Ok(());
+            }
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            state
+        }
     };
-    state.established_ns = now;
-    if side == SocketSide::Passive && netns_cookie != 0 {
-        // softirq context: "current" is whoever sent the final ACK (on a
-        // veth or loopback, the client). The owner is the listener's.
-        let key = ListenerKey {
-            netns_cookie,
-            port: field!(ops, local_port) as u16,
-            family: field!(ops, family) as u16,
-            _pad: 0,
-        };
-        // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-        if let Some(l) = unsafe { LISTENERS.get(&key) } {
-            state.owner = l.owner;
-            state.owner_known = 1;
-        }
-    }
-    let mut capture = CAPTURE_NOT_WATCHED;
-    if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
-        count_loss(LossPlace::SocketMapFull);
+    // Watched only when its close will be seen (and the entry removed).
+    let capture = if watch_payload(ctx, sock_cookie) {
+        0
     } else {
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        // Watched only when its close will be seen (and the entry removed).
-        if watch_payload(ctx, sock_cookie) {
-            capture = 0;
-        }
-    }
+        CAPTURE_NOT_WATCHED
+    };
     emit(
         ctx,
         RecordKind::Connect,
@@ -550,20 +570,6 @@ fn watch_payload(ctx: &SockOpsContext, sock_cookie: u64) -> bool {
     true
 }
 
-/// Remembers which states the socket went through: whether our FIN was
-/// sent (FIN_WAIT1 or LAST_ACK) decides how the byte counters are read.
-fn on_state(ctx: &SockOpsContext, new: u32) -> Result<(), i64> {
-    let (sock_cookie, _) = cookies(ctx);
-    if let Some(state) = SOCKETS.get_ptr_mut(&sock_cookie)
-        && new < 16
-    {
-        // SAFETY: the pointer comes from this socket's own entry; a socket's
-        // sock_ops callbacks run under its lock, so nothing else writes it now.
-        unsafe { (*state).states_seen |= 1 << new };
-    }
-    Ok(())
-}
-
 fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
     let ops = ctx.ops;
     let (sock_cookie, netns_cookie) = cookies(ctx);
@@ -585,13 +591,14 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
     // Payload bytes lost that no MARK_LOST record could tell: the CLOSE
     // record says so instead.
     let mut capture = 0u8;
+    // Most connections' entries went with their first payload: a miss.
     // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-    if let Some(p) = unsafe { PAYLOAD.get(&sock_cookie) }
-        && p.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) != 0
-    {
-        capture = CAPTURE_LOST;
+    if let Some(p) = unsafe { PAYLOAD.get(&sock_cookie) } {
+        if p.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) != 0 {
+            capture = CAPTURE_LOST;
+        }
+        let _ = PAYLOAD.remove(&sock_cookie);
     }
-    let _ = PAYLOAD.remove(&sock_cookie);
     // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
     let Some(state) = (unsafe { SOCKETS.get(&sock_cookie) }) else {
         // State callbacks are on only for sockets some agent tracked: this
@@ -710,8 +717,7 @@ fn emit(
         if state.side == SocketSide::Active as u8 && kind == RecordKind::Close {
             seq_flags |= SEQ_SYN_ACKED;
         }
-        let fin_sent =
-            state.states_seen & ((1 << BPF_TCP_FIN_WAIT1) | (1 << BPF_TCP_LAST_ACK)) != 0;
+        let fin_sent = flowaudit_common::fin_sent(old_state);
         // With our FIN sent, nothing outstanding means the FIN was acked too.
         if fin_sent && field!(ops, snd_una) == field!(ops, snd_nxt) {
             seq_flags |= SEQ_FIN_ACKED;
@@ -782,9 +788,67 @@ fn load<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
 }
 
 /// Copies what is still wanted of this packet's payload. The skb starts at
-/// the IP header on both hooks.
+/// the IP header on both hooks. The headers are read first: a packet without
+/// payload bytes (the handshake, a bare ACK, a FIN) is done with before the
+/// socket is looked up, so a connection's own state is touched only by its
+/// payload packets.
 #[inline(always)]
 fn payload(ctx: &SkBuffContext, dir: u8) {
+    // The IPv4 header without options; of an IPv6 header, the part up to
+    // its next-header byte.
+    let Some(ip) = load::<[u8; 20]>(ctx, 0) else {
+        return;
+    };
+    let version = ip[0] >> 4;
+    let (ip_len, proto) = match version {
+        4 => (((ip[0] & 0x0f) as u32) * 4, ip[9]),
+        6 => (40, ip[6]),
+        _ => return,
+    };
+    if proto != IPPROTO_TCP {
+        if version == 6 {
+            // A TCP socket's IPv6 packet whose next header is not TCP has
+            // extension headers, which are not followed: say so.
+            // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+            if let Some(st) = PAYLOAD.get_ptr_mut(&cookie) {
+                // SAFETY: the pointer comes from this socket's PAYLOAD entry, which stays allocated while we run (see `follow`).
+                let st = unsafe { &mut *st };
+                let done_bit = if dir == DIR_OUT {
+                    PAYLOAD_OUT_DONE
+                } else {
+                    PAYLOAD_IN_DONE
+                };
+                if st.flags & done_bit != 0 {
+                    return;
+                }
+                let at = if dir == DIR_OUT {
+                    st.out_next.wrapping_sub(st.out_base)
+                } else {
+                    st.in_next.wrapping_sub(st.in_base)
+                };
+                give_up(cookie, st, dir, at, MARK_UNOBSERVABLE);
+            }
+        }
+        return;
+    }
+    // Sequence number (bytes 4..8 of the TCP header) to data offset (12).
+    let Some(tcp) = load::<[u8; 9]>(ctx, ip_len + 4) else {
+        return;
+    };
+    let seq = u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]);
+    let start = ip_len + ((tcp[8] >> 4) as u32) * 4;
+    let total = ctx.len();
+    if total <= start {
+        return;
+    }
+    follow(ctx, dir, seq, start, total - start);
+}
+
+/// The payload part of `payload`: `len` bytes at `start`, the first of them
+/// at sequence number `seq`.
+#[inline(always)]
+fn follow(ctx: &SkBuffContext, dir: u8, seq: u32, start: u32, len: u32) {
     // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
     let Some(st) = PAYLOAD.get_ptr_mut(&cookie) else {
@@ -798,7 +862,8 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
         (PAYLOAD_IN_LOST, PAYLOAD_IN_DONE)
     };
     if st.flags & lost_bit != 0 {
-        // Bytes were lost and userspace was not told yet: try again now.
+        // Bytes were lost and userspace was not told yet: try again now (or
+        // the CLOSE record tells it, if no payload packet comes again).
         let at = if dir == DIR_OUT {
             st.out_next.wrapping_sub(st.out_base)
         } else {
@@ -813,38 +878,6 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
     if st.flags & done_bit != 0 {
         return;
     }
-    let Some(vihl) = load::<u8>(ctx, 0) else {
-        return;
-    };
-    let (ip_len, proto) = match vihl >> 4 {
-        4 => (((vihl & 0x0f) as u32) * 4, load::<u8>(ctx, 9)),
-        6 => (40, load::<u8>(ctx, 6)),
-        _ => return,
-    };
-    if proto != Some(IPPROTO_TCP) {
-        if vihl >> 4 == 6 {
-            // A TCP socket's IPv6 packet whose next header is not TCP has
-            // extension headers, which are not followed: say so.
-            let at = if dir == DIR_OUT {
-                st.out_next.wrapping_sub(st.out_base)
-            } else {
-                st.in_next.wrapping_sub(st.in_base)
-            };
-            give_up(cookie, st, dir, at, MARK_UNOBSERVABLE);
-        }
-        return;
-    }
-    let (Some(seq), Some(doff)) = (load::<u32>(ctx, ip_len + 4), load::<u8>(ctx, ip_len + 12))
-    else {
-        return;
-    };
-    let seq = u32::from_be(seq);
-    let start = ip_len + ((doff >> 4) as u32) * 4;
-    let total = ctx.len();
-    if total <= start {
-        return;
-    }
-    let len = total - start;
     let (next, base, taken) = if dir == DIR_OUT {
         (st.out_next, st.out_base, st.out_taken)
     } else {

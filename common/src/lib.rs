@@ -81,9 +81,7 @@ pub struct SocketState {
     /// 0 when it could not be established (e.g. a listener opened before
     /// the agent started).
     pub owner_known: u8,
-    /// Bit `1 << state` for every TCP state the socket entered (STATE_CB).
-    pub states_seen: u16,
-    pub _pad: [u8; 4],
+    pub _pad: [u8; 6],
 }
 
 /// Struct member offsets from the running kernel's BTF, handed to the
@@ -234,6 +232,35 @@ pub const SEQ_SYN_ACKED: u8 = 1;
 pub const SEQ_FIN_ACKED: u8 = 2;
 /// `bytes_received` counts the peer's FIN (`SOCK_DONE` was set).
 pub const SEQ_FIN_RECEIVED: u8 = 4;
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`, the
+/// same values as `BPF_TCP_*`): what a `sock_ops` state callback reports.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+}
+
+/// Whether a socket that closes from `old_state` had sent its FIN: a socket
+/// sends it on entering FIN_WAIT1 (it closes first) or LAST_ACK (second),
+/// and every state it can reach after those, before CLOSE, is in this set.
+/// So the state it leaves tells it; the transitions before need not be
+/// followed.
+pub const fn fin_sent(old_state: u8) -> bool {
+    use tcp_state::*;
+    matches!(
+        old_state,
+        FIN_WAIT1 | FIN_WAIT2 | CLOSING | TIME_WAIT | LAST_ACK
+    )
+}
 
 /// `FlowRecord::capture`: the socket's payload is not watched (the
 /// `PAYLOAD` or `SOCKETS` map was full), so its encryption cannot be seen.
@@ -516,6 +543,40 @@ mod tests {
             core::mem::size_of::<FlowRecord>(),
             8 + 2 + 2 + 4 + 16 + 16 + 8 + 8 + 40 + 8 * 5 + 4 + 4
         );
+    }
+
+    /// Every path of RFC 793's state diagram from ESTABLISHED to CLOSE (and
+    /// the failures before it): the FIN was sent exactly when the path went
+    /// through FIN_WAIT1 or LAST_ACK, and the state left for CLOSE says so.
+    #[test]
+    fn the_state_a_socket_closes_from_says_whether_its_fin_was_sent() {
+        use tcp_state::*;
+        let paths: &[&[u8]] = &[
+            // failed attempts and resets
+            &[SYN_SENT],
+            &[SYN_RECV],
+            &[ESTABLISHED],
+            &[ESTABLISHED, CLOSE_WAIT],
+            // we close first
+            &[ESTABLISHED, FIN_WAIT1],
+            &[ESTABLISHED, FIN_WAIT1, FIN_WAIT2],
+            &[ESTABLISHED, FIN_WAIT1, FIN_WAIT2, TIME_WAIT],
+            &[ESTABLISHED, FIN_WAIT1, CLOSING],
+            &[ESTABLISHED, FIN_WAIT1, CLOSING, TIME_WAIT],
+            &[ESTABLISHED, FIN_WAIT1, TIME_WAIT],
+            // the peer closes first
+            &[ESTABLISHED, CLOSE_WAIT, LAST_ACK],
+        ];
+        for path in paths {
+            let went_through_fin = path.iter().any(|&s| s == FIN_WAIT1 || s == LAST_ACK);
+            let last = *path.last().unwrap();
+            assert_eq!(
+                fin_sent(last),
+                went_through_fin,
+                "closing from {last} after {path:?}"
+            );
+        }
+        assert!(!fin_sent(LISTEN) && !fin_sent(CLOSE));
     }
 
     #[test]
