@@ -472,14 +472,14 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
     // An active socket's entry, made at connect (with its state callbacks
     // on), is completed in place: one lookup instead of a lookup and an
     // update, which in a hash map allocates a new element.
-    let state = match SOCKETS.get_ptr_mut(&sock_cookie) {
-        Some(tracked) => {
+    let (state, tracked) = match SOCKETS.get_ptr_mut(&sock_cookie) {
+        Some(entry) => {
             // SAFETY: the pointer comes from this socket's own entry; a
             // socket's sock_ops callbacks run under its lock, so nothing
             // else writes it now.
             unsafe {
-                (*tracked).established_ns = now;
-                *tracked
+                (*entry).established_ns = now;
+                (*entry, true)
             }
         }
         None => {
@@ -509,24 +509,15 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
             }
             if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
                 count_loss(LossPlace::SocketMapFull);
-                emit(
-                    ctx,
-                    RecordKind::Connect,
-                    &state,
-                    sock_cookie,
-                    netns_cookie,
-                    now,
-                    0,
-                    CAPTURE_NOT_WATCHED,
-                );
-                return Ok(());
+                (state, false)
+            } else {
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                (state, true)
             }
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-            state
         }
     };
     // Watched only when its close will be seen (and the entry removed).
-    let capture = if watch_payload(ctx, sock_cookie) {
+    let capture = if tracked && watch_payload(ctx, sock_cookie) {
         0
     } else {
         CAPTURE_NOT_WATCHED

@@ -68,7 +68,7 @@ struct MemoEntry {
     detail: Option<crate::flow::UnknownReason>,
     failed: bool,
     verdict: Verdict,
-    findings: Vec<Finding>,
+    findings: crate::flow::Findings,
     policy_rule: crate::flow::ArcStr,
 }
 
@@ -152,7 +152,7 @@ impl Memo {
         &mut self,
         flow: &FlowEvent,
         verdict: Verdict,
-        findings: &[Finding],
+        findings: &crate::flow::Findings,
         rule: &crate::flow::ArcStr,
     ) {
         let set = Self::set(flow);
@@ -167,7 +167,7 @@ impl Memo {
             detail: flow.encryption.unknown_reason,
             failed: flow.event == EventKind::Failed,
             verdict,
-            findings: findings.to_vec(),
+            findings: findings.clone(),
             policy_rule: rule.clone(),
         });
     }
@@ -282,12 +282,12 @@ impl Judge {
                     mutual_auth,
                 });
                 let rule = crate::flow::ArcStr::from(decision.policy_rule.as_str());
+                let findings = crate::flow::Findings::from(decision.findings);
                 if !decision.mutual_auth_required {
-                    self.memo
-                        .put(flow, decision.verdict, &decision.findings, &rule);
+                    self.memo.put(flow, decision.verdict, &findings, &rule);
                 }
                 flow.verdict = decision.verdict;
-                flow.findings = decision.findings;
+                flow.findings = findings;
                 flow.policy_rule = rule;
                 flow.mutual_auth = decision.mutual_auth;
             }
@@ -586,7 +586,7 @@ mod tests {
         );
         // Without a policy, a mismatch is still flagged.
         let mut g = f.clone();
-        g.findings.clear();
+        g.findings = Default::default();
         g.verdict = Verdict::Unknown;
         Judge::without_cilium(None).judge(&mut g);
         assert_eq!(g.verdict, Verdict::Violation);

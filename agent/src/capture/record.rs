@@ -162,9 +162,39 @@ fn addr(family: u16, raw: [u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
+/// Process names remembered per decoding thread ([`comm`]).
+const COMM_SLOTS: usize = 64;
+
+/// The process name in a record (the kernel's NUL-padded `comm`). A node's
+/// connections come from a few processes, so each decoding thread keeps
+/// the last names it decoded (a direct-mapped table of [`COMM_SLOTS`]), and
+/// a record of a known process shares its name instead of allocating one.
 fn comm(raw: &[u8; 16]) -> crate::flow::ArcStr {
-    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).as_ref().into()
+    use std::cell::RefCell;
+    use std::hash::BuildHasher;
+    type Slots = [Option<([u8; 16], crate::flow::ArcStr)>; COMM_SLOTS];
+    thread_local! {
+        static RECENT: RefCell<Slots> = const { RefCell::new([const { None }; COMM_SLOTS]) };
+    }
+    let decode = || {
+        let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+        crate::flow::ArcStr::from(String::from_utf8_lossy(&raw[..end]).as_ref())
+    };
+    let slot = foldhash::fast::FixedState::default().hash_one(raw) as usize % COMM_SLOTS;
+    RECENT
+        .try_with(|recent| {
+            let mut recent = recent.borrow_mut();
+            match &recent[slot] {
+                Some((known, name)) if known == raw => name.clone(),
+                _ => {
+                    let name = decode();
+                    recent[slot] = Some((*raw, name.clone()));
+                    name
+                }
+            }
+        })
+        // The thread is exiting: no table any more.
+        .unwrap_or_else(|_| decode())
 }
 
 impl KernelEvent {
@@ -301,6 +331,33 @@ pub(crate) mod tests {
             (1234, 42, "node")
         );
         assert_eq!((ev.bytes_sent, ev.bytes_received), (10, 20));
+    }
+
+    #[test]
+    fn a_known_process_name_is_shared_and_every_name_decodes_as_before() {
+        let name = |text: &[u8]| {
+            let mut raw = [0u8; 16];
+            raw[..text.len()].copy_from_slice(text);
+            raw
+        };
+        let (a, b) = (comm(&name(b"node")), comm(&name(b"node")));
+        assert!(
+            crate::flow::ArcStr::ptr_eq(&a, &b),
+            "the second record of a process shares its name"
+        );
+        // More names than slots: each still decodes to itself (a slot taken
+        // by another name is replaced, never returned for the wrong one).
+        let names: Vec<[u8; 16]> = (0..4 * COMM_SLOTS)
+            .map(|i| name(format!("worker-{i}").as_bytes()))
+            .collect();
+        for _ in 0..2 {
+            for (i, raw) in names.iter().enumerate() {
+                assert_eq!(comm(raw).as_str(), format!("worker-{i}"));
+            }
+        }
+        // No NUL (a 16-byte name), and bytes that are not UTF-8.
+        assert_eq!(comm(b"abcdefghijklmnop").as_str(), "abcdefghijklmnop");
+        assert_eq!(comm(&name(b"x\xffy")).as_str(), "x\u{fffd}y");
     }
 
     #[test]

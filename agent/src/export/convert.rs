@@ -470,7 +470,7 @@ pub fn flow_from_proto(f: proto::Flow) -> Result<FlowEvent, ConvertError> {
         event: event_from(f.event).ok_or_else(|| invalid("event", f.event.to_string()))?,
         verdict: verdict_from(f.verdict)
             .ok_or_else(|| invalid("verdict", f.verdict.to_string()))?,
-        findings: findings_from(f.findings)?,
+        findings: findings_from(f.findings)?.into(),
         policy_rule: f.policy_rule.into(),
         l4: L4 {
             protocol: l4.protocol.into(),

@@ -901,7 +901,8 @@ mod tests {
                         f.findings = vec![Finding {
                             kind: FindingKind::ALL[n as usize % FindingKind::ALL.len()],
                             message: "m".into(),
-                        }];
+                        }]
+                        .into();
                         // n times, so a flow counted under another series shows.
                         for _ in 0..n {
                             sink.on_flow(&Arc::new(f.clone()));

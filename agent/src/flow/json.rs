@@ -463,7 +463,8 @@ mod tests {
                 kind: FindingKind::MtlsMissing,
                 message: "plaintext\nwhere mTLS is required".into(),
             },
-        ];
+        ]
+        .into();
         full.policy_rule = "frontend-to-backend".into();
         full.l4.source_ip = "fd00:10:244:1::5".parse().expect("address");
         full.l4.destination_ip = "fd00:10:244:1::9".parse().expect("address");

@@ -357,6 +357,85 @@ impl<'de> Deserialize<'de> for Summary {
     }
 }
 
+/// A flow's findings (JSON `findings`, a list). Shared with the judge's
+/// memo: a remembered decision copies neither the list nor its messages.
+/// No findings is no allocation. Changing them (`push`, `extend`, through
+/// `DerefMut`) copies the list first if another flow shares it.
+#[derive(Debug, Clone, Default)]
+pub struct Findings(Option<Arc<Vec<Finding>>>);
+
+impl Findings {
+    pub fn push(&mut self, finding: Finding) {
+        self.list_mut().push(finding);
+    }
+
+    fn list_mut(&mut self) -> &mut Vec<Finding> {
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    }
+}
+
+impl std::ops::Deref for Findings {
+    type Target = [Finding];
+    fn deref(&self) -> &[Finding] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl std::ops::DerefMut for Findings {
+    fn deref_mut(&mut self) -> &mut [Finding] {
+        self.list_mut()
+    }
+}
+
+impl From<Vec<Finding>> for Findings {
+    fn from(list: Vec<Finding>) -> Self {
+        Self((!list.is_empty()).then(|| Arc::new(list)))
+    }
+}
+
+impl Extend<Finding> for Findings {
+    fn extend<I: IntoIterator<Item = Finding>>(&mut self, iter: I) {
+        let mut iter = iter.into_iter().peekable();
+        if iter.peek().is_some() {
+            self.list_mut().extend(iter);
+        }
+    }
+}
+
+impl FromIterator<Finding> for Findings {
+    fn from_iter<I: IntoIterator<Item = Finding>>(iter: I) -> Self {
+        Vec::from_iter(iter).into()
+    }
+}
+
+impl<'a> IntoIterator for &'a Findings {
+    type Item = &'a Finding;
+    type IntoIter = std::slice::Iter<'a, Finding>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl PartialEq for Findings {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Findings {}
+
+impl Serialize for Findings {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Findings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::deserialize(d).map(Self::from)
+    }
+}
+
 /// A flow event (PRODUCT.md "Flow events", JSON form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEvent {
@@ -365,7 +444,7 @@ pub struct FlowEvent {
     pub node_name: ArcStr,
     pub event: EventKind,
     pub verdict: Verdict,
-    pub findings: Vec<Finding>,
+    pub findings: Findings,
     /// Shared with the judge's memo: a remembered decision copies no bytes.
     pub policy_rule: ArcStr,
     pub l4: L4,

@@ -57,7 +57,7 @@ impl FlowEvent {
             node_name: node_name.clone(),
             event,
             verdict: Verdict::Unknown,
-            findings: Vec::new(),
+            findings: Default::default(),
             policy_rule: ArcStr::new(),
             l4: L4 {
                 protocol: arcstr::literal!("TCP"),

@@ -195,7 +195,7 @@ fn half(f: &FlowEvent) -> JoinedHalf {
         node_name: f.node_name.clone(),
         time: f.time,
         verdict: f.verdict,
-        findings: f.findings.clone(),
+        findings: f.findings.to_vec(),
         source_identity: f.source.identity_source,
         destination_identity: f.destination.identity_source,
         bytes_sent: f.bytes_sent,
@@ -260,7 +260,7 @@ fn join(a: &FlowEvent, b: &FlowEvent) -> FlowEvent {
             }
         }
     }
-    out.findings = findings;
+    out.findings = findings.into();
     out.joined = Some(Joined {
         halves: vec![half(egress), half(ingress)],
     });
@@ -417,14 +417,16 @@ mod tests {
         client.findings = vec![Finding {
             kind: FindingKind::UnknownIdentity,
             message: "unknown destination".into(),
-        }];
+        }]
+        .into();
         let mut server = (*half_of(Direction::Ingress, EventKind::Connect, "b")).clone();
         server.verdict = Verdict::Violation;
         server.policy_rule = crate::flow::ArcStr::new();
         server.findings = vec![Finding {
             kind: FindingKind::NoMatchingRule,
             message: "no rule allows frontend -> backend:8000".into(),
-        }];
+        }]
+        .into();
         // Halves come from the agents with their own summaries: the joined
         // flow must not keep either.
         client.summary = "client half".to_owned().into();
