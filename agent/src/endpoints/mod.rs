@@ -79,11 +79,15 @@ pub enum Peer {
     World,
 }
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 pub struct EndpointDirectory {
-    by_ip: HashMap<IpAddr, Arc<PodInfo>>,
-    by_uid: HashMap<String, Arc<PodInfo>>,
-    nodes: HashMap<IpAddr, Arc<str>>,
+    // Looked up for every flow, filled only from the directory: a fast
+    // seeded hash (no SipHash) is enough, as nobody else inserts keys.
+    by_ip: FastMap<IpAddr, Arc<PodInfo>>,
+    by_uid: FastMap<String, Arc<PodInfo>>,
+    nodes: FastMap<IpAddr, Arc<str>>,
 }
 
 impl EndpointDirectory {

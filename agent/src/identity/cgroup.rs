@@ -5,7 +5,8 @@
 //! The cgroup v2 tree is scanned once and again on a miss (rate limited), so
 //! a pod created after the last scan is found on its first flow.
 
-use std::collections::HashMap;
+use crate::capture::record::CookieMap;
+use crate::flow::ArcStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,10 +37,12 @@ fn looks_like_uid(s: &str) -> bool {
             .all(|c| c.is_ascii_hexdigit() || c == '-' || c == '_')
 }
 
-/// Cache of cgroup id -> pod UID (None: a cgroup outside any pod).
+/// Cache of cgroup id -> pod UID (None: a cgroup outside any pod). Keyed
+/// by the kernel's cgroup ids (see `CookieMap`); the UIDs are shared, not
+/// copied, per flow.
 pub struct CgroupResolver {
     root: PathBuf,
-    cache: HashMap<u64, Option<String>>,
+    cache: CookieMap<Option<ArcStr>>,
     last_scan: Option<Instant>,
     min_rescan: Duration,
 }
@@ -48,14 +51,14 @@ impl CgroupResolver {
     pub fn new(root: PathBuf) -> Self {
         Self {
             root,
-            cache: HashMap::new(),
+            cache: CookieMap::default(),
             last_scan: None,
             min_rescan: Duration::from_millis(250),
         }
     }
 
     /// The pod UID of the cgroup with this id, scanning the tree on a miss.
-    pub fn pod_uid(&mut self, cgroup_id: u64) -> Option<String> {
+    pub fn pod_uid(&mut self, cgroup_id: u64) -> Option<ArcStr> {
         if let Some(hit) = self.cache.get(&cgroup_id) {
             return hit.clone();
         }
@@ -70,7 +73,8 @@ impl CgroupResolver {
 
     fn scan(&mut self) {
         self.last_scan = Some(Instant::now());
-        let mut fresh = HashMap::with_capacity(self.cache.len().max(64));
+        let mut fresh =
+            CookieMap::with_capacity_and_hasher(self.cache.len().max(64), Default::default());
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
             let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -84,7 +88,10 @@ impl CgroupResolver {
                 let path = e.path();
                 if let Ok(m) = e.metadata() {
                     let rel = path.strip_prefix(&self.root).unwrap_or(&path);
-                    fresh.insert(m.ino(), pod_uid_from_path(&rel.to_string_lossy()));
+                    fresh.insert(
+                        m.ino(),
+                        pod_uid_from_path(&rel.to_string_lossy()).map(ArcStr::from),
+                    );
                 }
                 stack.push(path);
             }
@@ -139,7 +146,7 @@ mod tests {
         let dir = base.join(format!("kubepods/besteffort/pod{uid}/abcdef"));
         std::fs::create_dir_all(&dir).unwrap();
         let ino = std::fs::metadata(&dir).unwrap().ino();
-        assert_eq!(r.pod_uid(ino), Some(uid.to_owned()));
+        assert_eq!(r.pod_uid(ino).as_deref(), Some(uid));
         assert_eq!(r.root(), base.as_path());
         std::fs::remove_dir_all(&base).unwrap();
     }

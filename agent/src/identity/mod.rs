@@ -359,7 +359,7 @@ impl Enricher {
             Some(WorkloadQuery {
                 pid: facts.pid,
                 pid_start_ns: facts.start_ns,
-                pod_uid,
+                pod_uid: pod_uid.map(|u| u.to_string()),
                 namespace,
                 service_account,
             })
@@ -403,7 +403,7 @@ impl Enricher {
         PeerWait::Query(WorkloadQuery {
             pid: f.pid,
             pid_start_ns: f.start_ns,
-            pod_uid,
+            pod_uid: pod_uid.map(|u| u.to_string()),
             namespace,
             service_account,
         })
