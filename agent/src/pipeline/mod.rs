@@ -145,8 +145,11 @@ impl Pipeline {
     /// batches, 8,000 parked flows later, every one of them was a cache
     /// miss (a sixth of the pipeline's time in a storm).
     fn batch(&mut self, records: Vec<KernelRecord>, clock: &Clock) {
+        // One reading of the clock for the batch (a few hundred µs of
+        // work at most): the waits it starts are milliseconds long.
+        let now = Instant::now();
         for rec in records {
-            self.record(rec, clock);
+            self.take(rec, clock, now);
         }
         // Identity answers that can only be polled wait for the pass's
         // end: polling all of them after every batch would cost more than
@@ -159,8 +162,13 @@ impl Pipeline {
     /// or is parked; a payload chunk feeds the encryption tracker. Public so
     /// tests and benches drive the real pipeline without a channel.
     pub fn record(&mut self, rec: KernelRecord, clock: &Clock) {
+        self.take(rec, clock, Instant::now());
+    }
+
+    /// `record`, at `now`.
+    fn take(&mut self, rec: KernelRecord, clock: &Clock, now: Instant) {
         match rec {
-            KernelRecord::Flow(ev) => self.handle(&ev, clock),
+            KernelRecord::Flow(ev) => self.handle(&ev, clock, now),
             KernelRecord::Payload(p) => {
                 if self.encryption.on_chunk(&p) {
                     self.parked.wake(p.sock_cookie);
@@ -169,7 +177,7 @@ impl Pipeline {
         }
     }
 
-    fn handle(&mut self, ev: &KernelEvent, clock: &Clock) {
+    fn handle(&mut self, ev: &KernelEvent, clock: &Clock, now: Instant) {
         if let Some(reason) = ev.capture {
             // Not watched (CONNECT) or bytes lost (CLOSE): nothing more will
             // come, so the answer settles now, with the reason.
@@ -199,7 +207,6 @@ impl Pipeline {
             },
             None => None,
         };
-        let now = Instant::now();
         let encryption_deadline = (flow.event == EventKind::Connect
             && !self.encryption_wait.is_zero()
             && !self.encryption.is_settled(cookie))
