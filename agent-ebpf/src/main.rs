@@ -469,51 +469,51 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
     let (sock_cookie, netns_cookie) = cookies(ctx);
     // SAFETY: a BPF helper without arguments; it cannot fault.
     let now = unsafe { bpf_ktime_get_ns() };
+    // One `SocketState` on the stack, whichever way it is found: the
+    // verifier's 512-byte budget covers this function and its caller
+    // together.
+    let mut state = SocketState {
+        owner: Owner::default(),
+        start_ns: now,
+        established_ns: now,
+        side: side as u8,
+        owner_known: 0,
+        _pad: [0; 6],
+    };
     // An active socket's entry, made at connect (with its state callbacks
     // on), is completed in place: one lookup instead of a lookup and an
     // update, which in a hash map allocates a new element.
-    let (state, tracked) = match SOCKETS.get_ptr_mut(&sock_cookie) {
-        Some(entry) => {
-            // SAFETY: the pointer comes from this socket's own entry; a
-            // socket's sock_ops callbacks run under its lock, so nothing
-            // else writes it now.
-            unsafe {
-                (*entry).established_ns = now;
-                (*entry, true)
+    let tracked = if let Some(entry) = SOCKETS.get_ptr_mut(&sock_cookie) {
+        // SAFETY: the pointer comes from this socket's own entry; a
+        // socket's sock_ops callbacks run under its lock, so nothing else
+        // writes it now.
+        unsafe {
+            (*entry).established_ns = now;
+            state = *entry;
+        }
+        true
+    } else {
+        if side == SocketSide::Passive && netns_cookie != 0 {
+            // softirq context: "current" is whoever sent the final ACK (on
+            // a veth or loopback, the client). The owner is the listener's.
+            let key = ListenerKey {
+                netns_cookie,
+                port: field!(ops, local_port) as u16,
+                family: field!(ops, family) as u16,
+                _pad: 0,
+            };
+            // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
+            if let Some(l) = unsafe { LISTENERS.get(&key) } {
+                state.owner = l.owner;
+                state.owner_known = 1;
             }
         }
-        None => {
-            let mut state = SocketState {
-                owner: Owner::default(),
-                start_ns: now,
-                established_ns: now,
-                side: side as u8,
-                owner_known: 0,
-                _pad: [0; 6],
-            };
-            if side == SocketSide::Passive && netns_cookie != 0 {
-                // softirq context: "current" is whoever sent the final ACK
-                // (on a veth or loopback, the client). The owner is the
-                // listener's.
-                let key = ListenerKey {
-                    netns_cookie,
-                    port: field!(ops, local_port) as u16,
-                    family: field!(ops, family) as u16,
-                    _pad: 0,
-                };
-                // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-                if let Some(l) = unsafe { LISTENERS.get(&key) } {
-                    state.owner = l.owner;
-                    state.owner_known = 1;
-                }
-            }
-            if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
-                count_loss(LossPlace::SocketMapFull);
-                (state, false)
-            } else {
-                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-                (state, true)
-            }
+        if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
+            count_loss(LossPlace::SocketMapFull);
+            false
+        } else {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            true
         }
     };
     // Watched only when its close will be seen (and the entry removed).
