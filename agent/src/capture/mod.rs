@@ -653,6 +653,9 @@ pub fn monotonic_ns() -> u64 {
 }
 
 #[cfg(test)]
+mod stack;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
