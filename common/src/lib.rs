@@ -468,6 +468,9 @@ pub mod names {
     pub const PROG_POST_BIND4: &str = "flowaudit_post_bind4";
     pub const PROG_POST_BIND6: &str = "flowaudit_post_bind6";
     pub const MAP_OWNERS: &str = "OWNERS";
+    /// Slot 0 (u32): 1 while the agent's ring reader waits for the kernel
+    /// to wake it; the first record submitted then does, and clears it.
+    pub const MAP_READER: &str = "READER";
     /// Feature switches the loader probes (u32, 1 = on).
     pub const KERNEL_READS: &str = "KERNEL_READS";
     pub const SOCK_OPS_NETNS_COOKIE: &str = "SOCK_OPS_NETNS_COOKIE";

@@ -503,6 +503,51 @@ fn sigterm_drains_and_detaches() {
 }
 
 #[test]
+fn an_idle_reader_is_woken_by_the_kernels_next_record() {
+    require_root();
+    let (node, client, server) = two_pods(25);
+    let _srv = server
+        .serve(&ServeOpts {
+            listen: vec!["0.0.0.0:8000".parse().unwrap()],
+            reply_bytes: 10,
+        })
+        .expect("server");
+    let agent = node_agent(&node, &[]);
+    // Nothing happens on the node: after 20 empty reads (100 ms at the
+    // default 5 ms) the reader stops its timer and waits for the kernel.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut opts = ConnectOpts::new(SocketAddr::new(IpAddr::V4(server.ip4()), 8000));
+    opts.count = 2;
+    let rep = client.connect(&opts).expect("client");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let report = agent.stop();
+    for rec in &rep.records {
+        assert_eq!(rec.result, ConnResult::Ok, "{rec:?}");
+        let local = rec.local.expect("client local address");
+        let what = format!("{local} -> {}", rec.remote);
+        let between: Vec<&Value> = flows_between(&report.flows, local, rec.remote).collect();
+        for event in ["CONNECT", "CLOSE"] {
+            for dir in ["EGRESS", "INGRESS"] {
+                one(between.iter().copied(), event, dir, &what);
+            }
+        }
+    }
+    assert!(
+        report.counter("ring_reader_sleeps") >= 1,
+        "the reader never slept in 2 idle seconds: {}",
+        report.stopped
+    );
+    // The first record after the sleep woke it (the reader's fallback look,
+    // every 200 ms, counts no wake-up).
+    assert!(
+        report.counter("ring_reader_kernel_wakeups") >= 1,
+        "no record woke the sleeping reader: {}",
+        report.stopped
+    );
+    assert_eq!(report.counter("kernel_events_lost"), 0);
+}
+
+#[test]
 fn not_root_is_a_clear_error() {
     require_root();
     // Run the agent as nobody: it must refuse with the fix, not fail obscurely.

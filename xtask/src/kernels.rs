@@ -277,6 +277,16 @@ fn passed_count(summary: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What CI must show of a failed test binary's log: libtest's `failures:`
+/// section (each failed test's output and panic), else the log's tail; at
+/// most `max` lines, the last ones kept (the panic messages come last).
+fn failure_excerpt(log: &str, max: usize) -> Vec<&str> {
+    let lines: Vec<&str> = log.lines().collect();
+    let start = lines.iter().position(|l| *l == "failures:").unwrap_or(0);
+    let section = &lines[start..];
+    section[section.len().saturating_sub(max)..].to_vec()
+}
+
 /// The string value of `"key":"..."` in a line of cargo's JSON (paths and
 /// names here carry no escapes).
 fn json_str(line: &str, key: &str) -> Option<String> {
@@ -304,6 +314,9 @@ pub struct Outcome {
     pub seconds: f64,
     /// (test, passed, seconds, summary line)
     pub tests: Vec<(String, bool, u64, String)>,
+    /// The failed tests' output, as CI must show it (the logs stay in the
+    /// run directory, which a CI machine does not keep).
+    pub failures: Vec<String>,
 }
 
 impl Outcome {
@@ -402,6 +415,7 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
             .to_string(),
         seconds,
         tests: Vec::new(),
+        failures: Vec::new(),
     };
     for line in results.lines() {
         let mut f = line.split_whitespace();
@@ -415,12 +429,18 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
             .unwrap_or("no test result line")
             .to_string();
         // A filter that matched nothing passes with "0 passed": not a pass.
-        outcome.tests.push((
-            name.to_string(),
-            rc == "0" && passed_count(&summary) > 0,
-            secs.parse().unwrap_or(0),
-            summary,
-        ));
+        let ok = rc == "0" && passed_count(&summary) > 0;
+        if !ok {
+            outcome
+                .failures
+                .push(format!("--- {} {name} (exit {rc}) ---", k.name));
+            outcome
+                .failures
+                .extend(failure_excerpt(&log, 200).into_iter().map(str::to_string));
+        }
+        outcome
+            .tests
+            .push((name.to_string(), ok, secs.parse().unwrap_or(0), summary));
     }
     if outcome.release.is_empty() {
         bail!(
@@ -462,6 +482,9 @@ pub fn kernels(only: &[String]) -> Result<()> {
                 k.name,
                 if *ok { "passed" } else { "FAILED" }
             );
+        }
+        for line in &o.failures {
+            eprintln!("  {line}");
         }
         outcomes.push((k, o));
     }
@@ -530,6 +553,21 @@ linux-image-6.12.95+deb12-amd64 - Linux 6.12 for 64-bit PCs (signed)
             Some("linux-image-6.12.95+deb12-amd64")
         );
         assert_eq!(newest_package(search, "5.10"), None);
+    }
+
+    #[test]
+    fn a_failed_log_shows_its_failures_section_or_its_tail() {
+        let log = "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n---- b stdout ----\npanicked at tests/b.rs:9:5:\nlost 3\n\nfailures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed";
+        let got = failure_excerpt(log, 200);
+        assert_eq!(got[0], "failures:");
+        assert!(got.contains(&"lost 3"), "{got:?}");
+        assert!(!got.contains(&"test a ... ok"), "{got:?}");
+        // A crash before libtest's summary has no section: the tail shows.
+        let crashed = "running 2 tests\ntest a ... ok\nSegmentation fault";
+        assert_eq!(
+            failure_excerpt(crashed, 2),
+            ["test a ... ok", "Segmentation fault"]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod features;
 pub mod listeners;
+mod reader;
 pub mod record;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
 };
@@ -26,7 +27,6 @@ use self::btf::{Btf, KernelOffsets};
 
 use self::features::{Degradation, Features};
 use self::record::KernelRecord;
-use crate::flow::UnknownReason;
 
 /// The eBPF object built by build.rs from `agent-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flowaudit"));
@@ -88,6 +88,11 @@ pub struct CaptureStats {
     pub payload_records: AtomicU64,
     /// Records that could not be decoded.
     pub malformed: AtomicU64,
+    /// Times the ring reader stopped its timer to wait for the kernel
+    /// (nothing came for a while).
+    pub reader_sleeps: AtomicU64,
+    /// Times a record's program woke the sleeping reader.
+    pub reader_kernel_wakeups: AtomicU64,
     /// Per loss place, the kernel's count as last read.
     pub lost: [AtomicU64; LOSS_PLACES as usize],
     /// What this kernel does not give (fixed once the programs are loaded).
@@ -141,6 +146,8 @@ pub struct Capture {
     /// them every CONNECT says its payload is `not_watched`.
     pub payload_capture: bool,
     ring: Option<RingBuf<MapData>>,
+    /// The programs' `READER` slot (see `reader`).
+    reader_slot: Option<Array<MapData, u32>>,
 }
 
 impl Capture {
@@ -286,6 +293,14 @@ impl Capture {
             name: names::MAP_EVENTS,
             source,
         })?;
+        let reader_slot = ebpf
+            .take_map(names::MAP_READER)
+            .map(Array::try_from)
+            .transpose()
+            .map_err(|source| CaptureError::Map {
+                name: names::MAP_READER,
+                source,
+            })?;
         let lost = PerCpuArray::try_from(
             ebpf.take_map(names::MAP_LOST)
                 .ok_or(CaptureError::Missing(names::MAP_LOST))?,
@@ -306,6 +321,7 @@ impl Capture {
             features,
             payload_capture,
             ring: Some(ring),
+            reader_slot,
         })
     }
 
@@ -333,43 +349,29 @@ impl Capture {
         grown
     }
 
-    /// Spawns the ring-buffer reader. Every `poll` it moves what the ring
-    /// holds to `tx` (waiting when the pipeline is busy: the ring buffer holds
-    /// the rest, and what it cannot hold is counted as lost by the kernel),
-    /// until `shutdown` fires; then it drains what is left and returns.
-    ///
-    /// The kernel programs submit without waking the reader (`RING_SUBMIT`
-    /// in agent-ebpf), so a record waits at most `poll` for it: one wake-up
-    /// per tick instead of one per record. At 20,000 records a second the
-    /// wake-ups alone took a third of the agent's CPU.
+    /// Spawns the ring-buffer reader (`reader`). Every `poll` it moves what
+    /// the ring holds to `tx` (waiting when the pipeline is busy: the ring
+    /// buffer holds the rest, and what it cannot hold is counted as lost by
+    /// the kernel), until `shutdown` fires; then it drains what is left and
+    /// returns. When nothing came for a while, it waits for the kernel to
+    /// wake it instead of polling.
     pub fn spawn_reader(
         &mut self,
         tx: mpsc::Sender<Vec<KernelRecord>>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
         poll: Duration,
     ) -> Result<tokio::task::JoinHandle<()>, CaptureError> {
-        let mut ring = self.ring.take().ok_or(CaptureError::Missing(
+        let ring = self.ring.take().ok_or(CaptureError::Missing(
             "ring buffer (reader already started)",
         ))?;
-        let stats = self.stats.clone();
-        let payload = self.payload_capture;
-        Ok(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(poll);
-            // A tick missed while the pipeline was busy is not made up in a
-            // burst: the next drain takes everything anyway.
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if drain(&mut ring, &tx, &stats, payload).await.is_err() {
-                            return;
-                        }
-                    }
-                    _ = shutdown.changed() => break,
-                }
-            }
-            let _ = drain(&mut ring, &tx, &stats, payload).await;
-        }))
+        let reader = reader::Reader {
+            ring,
+            asleep: self.reader_slot.take(),
+            tx,
+            stats: self.stats.clone(),
+            payload_capture: self.payload_capture,
+        };
+        Ok(tokio::spawn(reader.run(shutdown, poll)))
     }
 }
 
@@ -531,7 +533,6 @@ fn attach(
     Ok(())
 }
 
-/// Moves every record now in the ring buffer to the channel.
 /// Records handed to the pipeline at once at most: one channel message and
 /// at most one wake-up per batch, instead of one per record.
 pub const READ_BATCH: usize = 256;
@@ -540,51 +541,6 @@ pub const READ_BATCH: usize = 256;
 /// records): beyond that a burst waits in the kernel ring, where what does
 /// not fit is counted as lost.
 pub const READ_QUEUE: usize = 64;
-
-async fn drain(
-    ring: &mut RingBuf<MapData>,
-    tx: &mpsc::Sender<Vec<KernelRecord>>,
-    stats: &CaptureStats,
-    payload_capture: bool,
-) -> Result<(), ()> {
-    loop {
-        let mut batch = Vec::with_capacity(READ_BATCH);
-        let mut empty = false;
-        while batch.len() < READ_BATCH {
-            let decoded = {
-                let Some(item) = ring.next() else {
-                    empty = true;
-                    break;
-                };
-                KernelRecord::from_bytes(&item)
-            };
-            match &decoded {
-                Ok(KernelRecord::Payload(_)) => &stats.payload_records,
-                _ => &stats.records,
-            }
-            .fetch_add(1, Ordering::Relaxed);
-            match decoded {
-                // No payload program attached: nothing will say what the
-                // connection carries, so its answer settles at once.
-                Ok(KernelRecord::Flow(mut ev)) if !payload_capture && ev.capture.is_none() => {
-                    ev.capture = Some(UnknownReason::NotWatched);
-                    batch.push(KernelRecord::Flow(ev));
-                }
-                Ok(ev) => batch.push(ev),
-                Err(e) => {
-                    stats.malformed.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(error = %e, "malformed kernel record");
-                }
-            }
-        }
-        if !batch.is_empty() {
-            tx.send(batch).await.map_err(|_| ())?;
-        }
-        if empty {
-            return Ok(());
-        }
-    }
-}
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Ask for no limit
 /// (CAP_SYS_RESOURCE may raise the hard limit); without that capability,

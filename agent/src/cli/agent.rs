@@ -291,6 +291,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         kernel_records = stats.records.load(Ordering::Relaxed),
         malformed_records = stats.malformed.load(Ordering::Relaxed),
         kernel_events_lost = stats.events_lost(),
+        ring_reader_sleeps = stats.reader_sleeps.load(Ordering::Relaxed),
+        ring_reader_kernel_wakeups = stats.reader_kernel_wakeups.load(Ordering::Relaxed),
         flows = pipeline_stats.flows.load(Ordering::Relaxed),
         identity_waits = pipeline_stats.identity_waits.load(Ordering::Relaxed),
         identity_wait_us_mean = pipeline_stats

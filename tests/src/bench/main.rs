@@ -12,6 +12,7 @@
 mod collect;
 mod delay;
 mod env;
+mod floor;
 mod grpc;
 mod overhead;
 mod report;

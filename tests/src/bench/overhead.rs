@@ -27,13 +27,14 @@ enum Mode {
     /// The agent without payload capture (`sock_ops` and the owner
     /// programs; no cgroup_skb).
     SockOpsOnly,
+    /// No agent: programs that do nothing, at the agent's attach points
+    /// (`floor.rs`).
+    Floor,
 }
 
-/// The alternating schedule: bare first in every round.
-fn schedule(rounds: usize) -> Vec<Mode> {
-    (0..rounds)
-        .flat_map(|_| [Mode::Bare, Mode::Agent])
-        .collect()
+/// The alternating schedule: `round` (bare first) `rounds` times.
+fn schedule(rounds: usize, round: &[Mode]) -> Vec<Mode> {
+    (0..rounds).flat_map(|_| round.iter().copied()).collect()
 }
 
 fn fmt_runs(xs: &[f64], scale: f64) -> String {
@@ -78,12 +79,15 @@ pub fn connection_rate(
     // later run will find it.
     eprintln!("bench: connection rate: warm-up run");
     run(ctx.run_secs, first_index)?;
-    let (mut bare, mut agent) = (Vec::new(), Vec::new());
+    let (mut bare, mut agent, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let cgroup2 = flowaudit_tests::simnode::cgroup2_mount().context("find the cgroup v2 mount")?;
     let mut errors = 0;
     let mut lost = 0.0;
     let mut agent_cpu = Vec::new();
     let mut cpu_per_conn = Vec::new();
-    for (i, mode) in schedule(ctx.rounds).into_iter().enumerate() {
+    // The floor of the agent's design runs in every round too.
+    let round = [Mode::Bare, Mode::Agent, Mode::Floor];
+    for (i, mode) in schedule(ctx.rounds, &round).into_iter().enumerate() {
         env::check_interrupted()?;
         let a = match mode {
             Mode::Agent => Some(BenchAgent::start(
@@ -91,7 +95,11 @@ pub fn connection_rate(
                 &ctx.dir.join(format!("agent-rate-{i}")),
                 &[],
             )?),
-            Mode::Bare | Mode::SockOpsOnly => None,
+            Mode::Bare | Mode::SockOpsOnly | Mode::Floor => None,
+        };
+        let _floor = match mode {
+            Mode::Floor => Some(crate::floor::Floor::attach(&cgroup2)?),
+            _ => None,
         };
         if a.is_some() {
             env::sleep(Duration::from_secs(1))?; // let start-up work settle
@@ -114,12 +122,14 @@ pub fn connection_rate(
                 a.stop()?;
                 agent.push(s.per_sec);
             }
+            None if mode == Mode::Floor => floor.push(s.per_sec),
             None => bare.push(s.per_sec),
         }
     }
-    let (mb, ma) = (median(&bare), median(&agent));
+    let (mb, ma, mf) = (median(&bare), median(&agent), median(&floor));
     ctx.bare_rate.set(Some(mb));
     let ratio = 100.0 * ma / mb;
+    let floor_ratio = 100.0 * mf / mb;
     let kernel = kernel_cost(ctx, &mut |idx| run(ctx.run_secs, idx), first_index)?;
     let per_conn_us = 1e6 * median(&cpu_per_conn);
     Ok(vec![
@@ -137,6 +147,20 @@ pub fn connection_rate(
                 ctx.rate_threads,
                 100.0 * median(&agent_cpu)
             )),
+        BenchResult::new(
+            "connection_rate_floor",
+            "Connection rate with programs that do nothing at the agent's attach points (vs bare)",
+            floor_ratio,
+            "%",
+        )
+        .detail(format!(
+            "the floor of the agent's kernel design, in the same rounds as the row above: median \
+             {mf:.0} conn/s vs {mb:.0} bare, runs [{}] conn/s; sock_ops (turns on the state \
+             callbacks at ESTABLISHED, as the agent does), connect4/6, post_bind4/6 and cgroup_skb \
+             ingress/egress, each returning at once, attached to the cgroup v2 root by BPF links; \
+             no agent process. The agent's figure can come no closer to bare than this one",
+            fmt_runs(&floor, 1.0),
+        )),
         kernel,
         BenchResult::new(
             "connection_rate_agent_cpu_per_conn",
@@ -166,7 +190,7 @@ pub fn connection_rate(
 /// ratio: the kernel's BPF statistics add two clock reads to every program
 /// run) with `kernel.bpf_stats_enabled` on, and each `flowaudit_*`
 /// program's runs and run time (`bpftool prog show`) over the connections
-/// it made.
+/// it made; then the same for the floor programs, which do nothing.
 fn kernel_cost(
     ctx: &Ctx,
     run: &mut dyn FnMut(&mut u64) -> Result<StormSummary>,
@@ -191,10 +215,45 @@ fn kernel_cost(
     let _stats = BpfStats::enable()?;
     let a = BenchAgent::start(&ctx.agent, &ctx.dir.join("agent-rate-bpf-stats"), &[])?;
     env::sleep(Duration::from_secs(1))?;
-    let before = flowaudit_programs()?;
-    let s = run(first_index)?;
-    let after = flowaudit_programs()?;
+    let agent = per_connection("flowaudit_", &mut *run, first_index);
     a.stop()?;
+    let (s, total_us, parts) = agent?;
+    if parts.is_empty() {
+        return Ok(BenchResult::not_run(
+            ID,
+            NAME,
+            "µs",
+            "could not run: bpftool showed no run of a flowaudit_* program (kernel.bpf_stats_enabled not honoured?)",
+        ));
+    }
+    // The same for the programs that do nothing (`floor.rs`): what any
+    // program at these attach points costs, whatever it does.
+    let cgroup2 = flowaudit_tests::simnode::cgroup2_mount().context("find the cgroup v2 mount")?;
+    let floor = crate::floor::Floor::attach(&cgroup2)?;
+    let floor_cost = per_connection("floor_", &mut *run, first_index);
+    drop(floor);
+    let (_, floor_us, floor_parts) = floor_cost?;
+    Ok(BenchResult::new(ID, NAME, total_us, "µs").detail(format!(
+        "{} connections at {:.0}/s in one more agent run with kernel.bpf_stats_enabled=1 (not in \
+         the ratio); per connection: {}; bpftool prog show, run_cnt and run_time_ns. The floor \
+         programs, run the same way: {floor_us:.2} µs per connection ({})",
+        s.completed,
+        s.per_sec,
+        parts.join(", "),
+        floor_parts.join(", ")
+    )))
+}
+
+/// One run of `run` with the BPF statistics on: the CPU time per
+/// connection of the programs named `prefix*`, in all and per program.
+fn per_connection(
+    prefix: &str,
+    run: &mut dyn FnMut(&mut u64) -> Result<StormSummary>,
+    first_index: &mut u64,
+) -> Result<(StormSummary, f64, Vec<String>)> {
+    let before = programs_named(prefix)?;
+    let s = run(first_index)?;
+    let after = programs_named(prefix)?;
     let conns = s.completed as f64;
     let mut total_ns = 0.0;
     let mut parts = Vec::new();
@@ -215,22 +274,7 @@ fn kernel_cost(
             time / conns / 1000.0
         ));
     }
-    if parts.is_empty() {
-        return Ok(BenchResult::not_run(
-            ID,
-            NAME,
-            "µs",
-            "could not run: bpftool showed no run of a flowaudit_* program (kernel.bpf_stats_enabled not honoured?)",
-        ));
-    }
-    Ok(
-        BenchResult::new(ID, NAME, total_ns / conns / 1000.0, "µs").detail(format!(
-            "{} connections at {:.0}/s in one more agent run with kernel.bpf_stats_enabled=1 (not in the ratio); per connection: {}; bpftool prog show, run_cnt and run_time_ns",
-            s.completed,
-            s.per_sec,
-            parts.join(", ")
-        )),
-    )
+    Ok((s, total_ns / conns / 1000.0, parts))
 }
 
 /// `kernel.bpf_stats_enabled` on while it lives, then as it was.
@@ -255,8 +299,8 @@ impl Drop for BpfStats {
     }
 }
 
-/// Loaded `flowaudit_*` programs by name: total runs and run time (ns).
-fn flowaudit_programs() -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+/// Loaded programs named `prefix*`, by name: total runs and run time (ns).
+fn programs_named(prefix: &str) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "--json"])
         .output()
@@ -271,7 +315,7 @@ fn flowaudit_programs() -> Result<std::collections::BTreeMap<String, (u64, u64)>
         serde_json::from_slice(&out.stdout).context("bpftool prog show --json output")?;
     let mut by_name = std::collections::BTreeMap::new();
     for p in &progs {
-        let Some(name) = p["name"].as_str().filter(|n| n.starts_with("flowaudit_")) else {
+        let Some(name) = p["name"].as_str().filter(|n| n.starts_with(prefix)) else {
             continue;
         };
         let e = by_name.entry(name.to_owned()).or_insert((0, 0));
@@ -378,17 +422,26 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
         }
         unreachable!()
     };
-    let (mut bare, mut agent, mut sock_ops) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bare, mut agent, mut sock_ops, mut floor) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let modes = match off_args {
-        Some(_) => schedule_ab(ctx.rounds),
-        None => schedule(ctx.rounds),
+        Some(_) => schedule(
+            ctx.rounds,
+            &[Mode::Bare, Mode::Agent, Mode::SockOpsOnly, Mode::Floor],
+        ),
+        None => schedule(ctx.rounds, &[Mode::Bare, Mode::Agent, Mode::Floor]),
     };
+    let cgroup2 = flowaudit_tests::simnode::cgroup2_mount().context("find the cgroup v2 mount")?;
     for (i, mode) in modes.into_iter().enumerate() {
         env::check_interrupted()?;
         let args = match mode {
             Mode::Agent => Some(&agent_args),
             Mode::SockOpsOnly => off_args.as_ref(),
-            Mode::Bare => None,
+            Mode::Bare | Mode::Floor => None,
+        };
+        let _floor = match mode {
+            Mode::Floor => Some(crate::floor::Floor::attach(&cgroup2)?),
+            _ => None,
         };
         let a = match args {
             Some(args) => Some(BenchAgent::start(
@@ -413,9 +466,10 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
             Mode::Bare => bare.push(bps),
             Mode::Agent => agent.push(bps),
             Mode::SockOpsOnly => sock_ops.push(bps),
+            Mode::Floor => floor.push(bps),
         }
     }
-    let (mb, ma) = (median(&bare), median(&agent));
+    let (mb, ma, mf) = (median(&bare), median(&agent), median(&floor));
     let ratio = 100.0 * ma / mb;
     let method = format!(
         "one iperf3 TCP stream between two pods, {} rounds of {:.0} s (first second omitted), \
@@ -438,6 +492,20 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
             fmt_runs(&bare, 1e6),
             fmt_runs(&agent, 1e6),
         )),
+        BenchResult::new(
+            "bulk_throughput_floor",
+            "Bulk throughput with programs that do nothing at the agent's attach points (vs bare)",
+            100.0 * mf / mb,
+            "%",
+        )
+        .detail(format!(
+            "the floor of the agent's kernel design (the programs of the connection-rate floor; \
+             here the cgroup_skb pair runs on every packet), in the same rounds: median {:.2} \
+             Gbit/s vs {:.2} bare, runs [{}] Mbit/s; {method}",
+            mf / 1e9,
+            mb / 1e9,
+            fmt_runs(&floor, 1e6),
+        )),
     ];
     const AB_ID: &str = "bulk_throughput_payload_ab";
     const AB_NAME: &str = "Bulk throughput, sock_ops + cgroup_skb vs sock_ops only";
@@ -459,7 +527,7 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
     let runs = format!(
         "median {:.2} Gbit/s with payload capture, {:.2} with sock_ops only ({PAYLOAD_SWITCH}=false), \
          {:.2} bare; runs bare [{}], sock_ops only [{}], with payload capture [{}] Mbit/s; {method} \
-         (bare, full agent, sock_ops only in every round)",
+         (bare, full agent, sock_ops only, floor in every round)",
         ma / 1e9,
         ms / 1e9,
         mb / 1e9,
@@ -487,13 +555,6 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
     Ok(results)
 }
 
-/// Bare, full agent, agent with `sock_ops` only: every round.
-fn schedule_ab(rounds: usize) -> Vec<Mode> {
-    (0..rounds)
-        .flat_map(|_| [Mode::Bare, Mode::Agent, Mode::SockOpsOnly])
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,6 +562,10 @@ mod tests {
     #[test]
     fn runs_alternate_bare_first() {
         use Mode::*;
-        assert_eq!(schedule(2), vec![Bare, Agent, Bare, Agent]);
+        assert_eq!(schedule(2, &[Bare, Agent]), vec![Bare, Agent, Bare, Agent]);
+        assert_eq!(
+            schedule(2, &[Bare, Agent, Floor]),
+            vec![Bare, Agent, Floor, Bare, Agent, Floor]
+        );
     }
 }
