@@ -111,6 +111,8 @@ pub struct AgentArgs {
     /// The kernel programs do not wake the agent for each record: it reads
     /// whatever came on each tick, so a flow reaches the sinks up to this
     /// much later, and the agent wakes this often instead of once per record.
+    /// After 20 ticks that found nothing it stops ticking, and the next
+    /// record wakes it.
     #[arg(
         long,
         env = "FLOWAUDIT_RING_POLL_MS",
