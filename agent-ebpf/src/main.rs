@@ -108,6 +108,10 @@ static KERNEL_READS: u32 = 0;
 /// and userspace can find it for a namespace in /proc.
 #[unsafe(no_mangle)]
 static SOCK_OPS_NETNS_COOKIE: u32 = 0;
+/// The payload programs are attached (`--payload-capture`): only then are
+/// sockets put in `PAYLOAD` for them.
+#[unsafe(no_mangle)]
+static PAYLOAD_CAPTURE: u32 = 0;
 
 // Struct member offsets from the running kernel's BTF, set by the loader;
 // each group is used only when its `*_ok` flag is 1.
@@ -524,7 +528,7 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
         }
     };
     // Watched only when its close will be seen (and the entry removed).
-    let capture = if tracked && watch_payload(ctx, sock_cookie) {
+    let capture = if tracked && global(&PAYLOAD_CAPTURE) != 0 && watch_payload(ctx, sock_cookie) {
         0
     } else {
         CAPTURE_NOT_WATCHED
@@ -590,8 +594,10 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
     // record says so instead.
     let mut capture = 0u8;
     // Most connections' entries went with their first payload: a miss.
-    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-    if let Some(p) = unsafe { PAYLOAD.get(&sock_cookie) } {
+    if global(&PAYLOAD_CAPTURE) != 0
+        // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
+        && let Some(p) = unsafe { PAYLOAD.get(&sock_cookie) }
+    {
         if p.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) != 0 {
             capture = CAPTURE_LOST;
         }

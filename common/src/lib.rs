@@ -474,6 +474,8 @@ pub mod names {
     /// Feature switches the loader probes (u32, 1 = on).
     pub const KERNEL_READS: &str = "KERNEL_READS";
     pub const SOCK_OPS_NETNS_COOKIE: &str = "SOCK_OPS_NETNS_COOKIE";
+    /// 1 when the payload programs are attached (sockets go in `PAYLOAD`).
+    pub const PAYLOAD_CAPTURE: &str = "PAYLOAD_CAPTURE";
     /// Struct member offsets resolved from the running kernel's BTF at load
     /// time, one read-only global of type [`KernelOffsets`].
     pub const OFFSETS: &str = "OFFSETS";

@@ -404,6 +404,21 @@ fn each_connection_gets_the_encryption_it_carries() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One plaintext HTTP request from the frontend to the backend (port 8000).
+fn plaintext_request(sim: &Precinct99) {
+    let http = b"GET /api/orders HTTP/1.1\r\nHost: backend\r\n\r\n";
+    assert!(
+        tls::raw_client(
+            &sim.workloads[FRONTEND].pod,
+            IpAddr::V4(sim.workloads[BACKEND].pod.ip4()),
+            8000,
+            http
+        )
+        .expect("http client"),
+        "plaintext HTTP client failed"
+    );
+}
+
 /// An agent in `sim`'s node judging by `POLICY`, without SPIRE, with `extra` flags.
 fn agent_under_policy(
     sim: &Precinct99,
@@ -469,17 +484,7 @@ fn encryption_not_seen_is_never_silently_compliant() {
         }),
         "the idle connection never showed up"
     );
-    let http = b"GET /api/orders HTTP/1.1\r\nHost: backend\r\n\r\n";
-    assert!(
-        tls::raw_client(
-            &sim.workloads[FRONTEND].pod,
-            IpAddr::V4(backend.ip4()),
-            8000,
-            http
-        )
-        .expect("http client"),
-        "plaintext HTTP client failed"
-    );
+    plaintext_request(&sim);
     let held = holder
         .join()
         .expect("holder thread")
@@ -592,6 +597,63 @@ fn encryption_not_seen_is_never_silently_compliant() {
         follower_err.contains("payload_map_full"),
         "the stream told no payload_map_full loss; observe said:\n{follower_err}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--payload-capture=false`: the payload programs stay unattached and
+/// the kernel puts no socket in its payload map, so every event of a
+/// plaintext connection under an mTLS rule is UNKNOWN (`not_watched`) with
+/// MTLS_UNVERIFIED, never PLAINTEXT and never silently compliant; and the
+/// payload map counts no loss, since nothing was lost.
+#[test]
+fn payload_capture_off_says_not_watched_for_every_event() {
+    require_root();
+    let sim = Precinct99::start(68).expect("precinct-99 on a simulated node");
+    let (dir, agent) = agent_under_policy(&sim, "mtls-capture-off", &["--payload-capture=false"]);
+    plaintext_request(&sim);
+    assert!(
+        agent.wait_for_flows(2, std::time::Duration::from_secs(30), |f| {
+            f["event"] == "CLOSE" && f["l4"]["destination_port"] == 8000
+        }),
+        "the connection's CLOSE events never came"
+    );
+    let (code, metrics) = agent.http_get("/metrics");
+    assert_eq!(code, 200);
+    let report = agent.stop();
+    let to_backend: Vec<&Value> = report
+        .flows
+        .iter()
+        .filter(|f| f["l4"]["destination_port"] == 8000)
+        .collect();
+    assert_eq!(
+        to_backend.len(),
+        4,
+        "CONNECT and CLOSE of both sockets: {to_backend:#?}"
+    );
+    for f in &to_backend {
+        let unverified = f["findings"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["kind"] == "MTLS_UNVERIFIED"));
+        assert!(
+            f["encryption"]["state"] == "UNKNOWN"
+                && f["encryption"]["unknown_reason"] == "not_watched"
+                && unverified.is_some_and(|u| u["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("payload capture is off"))),
+            "{} {}: expected UNKNOWN (not_watched) with an MTLS_UNVERIFIED that names the switch: {f}",
+            f["event"],
+            f["direction"]
+        );
+    }
+    let lost = flowaudit_tests::support::metric_sample(
+        &metrics,
+        "flowaudit_kernel_events_lost_total{place=\"payload_map_full\"}",
+    );
+    assert_eq!(
+        lost, 0.0,
+        "payload_map_full counted {lost} with capture off"
+    );
+    assert_eq!(report.counter("kernel_events_lost"), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -154,8 +154,9 @@ impl Capture {
     /// Checks prerequisites, loads and attaches, with a ring buffer of
     /// `ring_bytes` (a power of two, a multiple of the page size). Without
     /// `payload_capture` the cgroup_skb programs are loaded but never
-    /// attached (what they cost the datapath is then zero). Fails with the
-    /// fix in the message.
+    /// attached (what they cost the datapath is then zero), and `sock_ops`
+    /// puts no socket in the payload map: every CONNECT says its payload is
+    /// `not_watched`. Fails with the fix in the message.
     pub fn start(
         ring_bytes: u32,
         payload_sockets: u32,
@@ -195,7 +196,13 @@ impl Capture {
         // Each failure the verifier explains with a helper this kernel lacks
         // turns that feature off; at most one retry per switch.
         let mut ebpf = loop {
-            match load(&offsets, pidns_inum, features, ring_bytes, payload_sockets) {
+            match load(
+                &offsets,
+                pidns_inum,
+                features,
+                (ring_bytes, payload_sockets),
+                payload_capture,
+            ) {
                 Ok(ebpf) => break ebpf,
                 Err(LoadFailure::Program { name, source }) => {
                     let text = source.to_string();
@@ -369,7 +376,6 @@ impl Capture {
             asleep: self.reader_slot.take(),
             tx,
             stats: self.stats.clone(),
-            payload_capture: self.payload_capture,
         };
         Ok(tokio::spawn(reader.run(shutdown, poll)))
     }
@@ -435,8 +441,8 @@ fn load(
     offsets: &KernelOffsets,
     pidns_inum: u32,
     f: Features,
-    ring_bytes: u32,
-    payload_sockets: u32,
+    (ring_bytes, payload_sockets): (u32, u32),
+    payload_capture: bool,
 ) -> Result<Ebpf, LoadFailure> {
     if EBPF_OBJECT.is_empty() {
         // agent/build.rs embeds nothing under `cargo fuzz`: never to be loaded.
@@ -446,12 +452,14 @@ fn load(
     }
     let kernel_reads = u32::from(f.kernel_reads);
     let netns_helper = u32::from(f.sock_ops_netns_cookie);
+    let payload_capture = u32::from(payload_capture);
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(names::MAP_EVENTS, ring_bytes)
         .map_max_entries(names::MAP_PAYLOAD, payload_sockets)
         .override_global(names::KERNEL_READS, &kernel_reads, true)
         .override_global(names::SOCK_OPS_NETNS_COOKIE, &netns_helper, true)
+        .override_global(names::PAYLOAD_CAPTURE, &payload_capture, true)
         .override_global(names::OFFSETS, offsets, true)
         .override_global(names::PIDNS_INUM, &pidns_inum, true);
     let mut ebpf = loader

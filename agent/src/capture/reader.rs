@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, watch};
 
 use super::record::KernelRecord;
 use super::{CaptureStats, READ_BATCH};
-use crate::flow::UnknownReason;
 
 /// Timer reads in a row that found nothing before the reader sleeps.
 pub const IDLE_POLLS: u32 = 20;
@@ -62,7 +61,6 @@ pub struct Reader {
     pub asleep: Option<Array<MapData, u32>>,
     pub tx: mpsc::Sender<Vec<KernelRecord>>,
     pub stats: std::sync::Arc<CaptureStats>,
-    pub payload_capture: bool,
 }
 
 /// How a sleep ended.
@@ -202,14 +200,6 @@ impl Reader {
                 }
                 .fetch_add(1, Ordering::Relaxed);
                 match decoded {
-                    // No payload program attached: nothing will say what
-                    // the connection carries, so its answer settles at once.
-                    Ok(KernelRecord::Flow(mut ev))
-                        if !self.payload_capture && ev.capture.is_none() =>
-                    {
-                        ev.capture = Some(UnknownReason::NotWatched);
-                        batch.push(KernelRecord::Flow(ev));
-                    }
                     Ok(ev) => batch.push(ev),
                     Err(e) => {
                         self.stats.malformed.fetch_add(1, Ordering::Relaxed);

@@ -221,7 +221,8 @@ pub struct Encryption {
 pub enum UnknownReason {
     /// No payload arrived (in time for a CONNECT event, or at all).
     NoPayloadSeen,
-    /// The kernel did not watch the socket's payload (its map was full).
+    /// The kernel did not watch the socket's payload (its map was full, or
+    /// payload capture is off).
     NotWatched,
     /// Payload bytes were lost (ring buffer full, or the agent's own
     /// tracker was full).
@@ -261,7 +262,7 @@ impl UnknownReason {
         match self {
             Self::NoPayloadSeen => "no payload was seen in time",
             Self::NotWatched => {
-                "capture lost: the kernel's payload map was full, so the payload was not watched"
+                "capture lost: the payload was not watched (the kernel's payload map was full, see --payload-sockets; or payload capture is off, --payload-capture=false)"
             }
             Self::PayloadLost => "capture lost: payload bytes were dropped (ring buffer full)",
             Self::StreamGap => {
