@@ -158,7 +158,7 @@ pub fn connection_rate(
              {mf:.0} conn/s vs {mb:.0} bare, runs [{}] conn/s; sock_ops (turns on the state \
              callbacks at ESTABLISHED, as the agent does), connect4/6, post_bind4/6 and cgroup_skb \
              ingress/egress, each returning at once, attached to the cgroup v2 root by BPF links; \
-             no agent process. The agent's figure can come no closer to bare than this one",
+             no agent process. Beyond the runs' spread, the agent's figure can come no closer to bare than this one",
             fmt_runs(&floor, 1.0),
         )),
         kernel,
