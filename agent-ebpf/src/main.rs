@@ -3,14 +3,19 @@
 //! namespace, and writes a `FlowRecord` into the `EVENTS` ring buffer when a
 //! connection establishes, closes, or fails to establish.
 //!
+//! What the programs keep of a TCP socket lives in the socket itself
+//! (`bpf_sk_storage`, map `SOCKS`, one `SocketStorage` per socket; every
+//! program type used here has the helpers from Linux 5.10 on): no hash map
+//! keyed by cookie to insert into, look up and delete from, nothing to fill
+//! up, and the kernel frees it with the socket.
+//!
 //! Who owns a socket is taken where the kernel runs in the owner's process
-//! context and every kernel since 5.7 lets a program ask: the
-//! `cgroup/connect4|6` programs (the connect() caller) and the
-//! `cgroup/post_bind4|6` programs (the binder, i.e. the listener's owner)
-//! put the caller's pid, cgroup and name in `OWNERS` by socket cookie, and
-//! `sock_ops` takes them from there. (`sock_ops` itself may call
+//! context: the `cgroup/connect4|6` programs (the connect() caller) and
+//! the `cgroup/post_bind4|6` programs (the binder, i.e. the listener's
+//! owner) write the caller's pid, cgroup and name into the socket's
+//! storage, and `sock_ops` reads them there. (`sock_ops` itself may call
 //! `bpf_get_current_pid_tgid` only from Linux 6.10 on.) Accepted sockets
-//! get their listener's owner.
+//! get their listener's owner (`LISTENERS`).
 //!
 //! Everything else is `bpf_sock_ops` context fields and helpers, plus struct
 //! offsets the loader resolves from the running kernel's BTF and hands in as
@@ -24,9 +29,12 @@
 //! so userspace can tell plaintext from TLS and mutual TLS. A connection is
 //! looked at only until its budget is spent or its first payload shows it is
 //! not TLS. A packet without payload bytes costs two header loads; after
-//! that, a payload packet costs one hash-map miss.
+//! that, a payload packet costs one socket-storage lookup and a flag test.
 #![no_std]
 #![no_main]
+// The one atomic add (`atomic_add`) is written as BPF assembly; the eBPF
+// crate is always built with nightly (aya-build).
+#![feature(asm_experimental_arch)]
 // aya-ebpf's map methods take `impl Borrow<K>`: a reference passes a
 // pointer, a value would be copied onto the 512-byte BPF stack first.
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -36,31 +44,32 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN,
-        BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{
             bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_seq_write,
-            bpf_skb_load_bytes,
+            bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_load_bytes,
         },
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use flowaudit_common::{
     AF_INET, AF_INET6, CAPTURE_LOST, CAPTURE_NOT_WATCHED, DIR_IN, DIR_OUT, ERROR_UNREAD,
     EVENTS_RING_BYTES, FlowRecord, KernelOffsets, LISTENERS_MAX, LOSS_PLACES, Listener,
-    ListenerKey, ListenerSeen, LossPlace, MARK_GAP, MARK_LOST, MARK_UNOBSERVABLE, OWNERS_MAX,
-    Owner, PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_IN_DONE, PAYLOAD_IN_LOST, PAYLOAD_OUT_DONE,
-    PAYLOAD_OUT_LOST, PAYLOAD_PEEK, PAYLOAD_TLS, PayloadHeader, PayloadRecord, PayloadState,
-    RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED, SOCKETS_MAX, SocketSide,
-    SocketState, TLS_HANDSHAKE,
+    ListenerKey, ListenerSeen, LossPlace, MARK_GAP, MARK_LOST, MARK_UNOBSERVABLE, Owner,
+    PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_COUNTED, PAYLOAD_IN_DONE, PAYLOAD_IN_LOST,
+    PAYLOAD_OUT_DONE, PAYLOAD_OUT_LOST, PAYLOAD_PEEK, PAYLOAD_TLS, PAYLOAD_WATCHED, PayloadHeader,
+    PayloadRecord, PayloadState, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED,
+    SocketSide, SocketState, SocketStorage, TLS_HANDSHAKE,
 };
 
 #[map]
@@ -75,25 +84,20 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_PLACES, 0);
 #[map]
 static READER: Array<u32> = Array::with_max_entries(1, 0);
 
-#[map]
-static SOCKETS: HashMap<u64, SocketState> = HashMap::with_max_entries(SOCKETS_MAX, 0);
+// Each TCP socket's `SocketStorage`, kept in the socket (bpf_sk_storage).
+#[btf_map]
+static SOCKS: SkStorage<SocketStorage> = SkStorage::new();
 
-// Sockets whose first payload bytes are still wanted; the entry goes as
-// soon as nothing more is wanted, so the common case is a miss.
+// Slot 0: sockets holding a `--payload-sockets` place now (taken at
+// ESTABLISHED, given back at CLOSE, both by `sock_ops` with atomic adds).
 #[map]
-static PAYLOAD: HashMap<u64, PayloadState> = HashMap::with_max_entries(SOCKETS_MAX, 0);
+static WATCHED: Array<u64> = Array::with_max_entries(1, 0);
 
 // LRU: a listener that closes while the agent is down never gets its entry
 // removed; eviction keeps the map from filling up with them.
 #[map]
 static LISTENERS: LruHashMap<ListenerKey, Listener> =
     LruHashMap::with_max_entries(LISTENERS_MAX, 0);
-
-// Owner of a TCP socket by socket cookie, written in the owner's process
-// context (connect(), bind()) and taken by `sock_ops` (connect, listen).
-// LRU: a socket that binds but never listens leaves an entry behind.
-#[map]
-static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(OWNERS_MAX, 0);
 
 // Feature switches, probed and set by the loader (1 = on). Off, the code
 // behind them is dead and the verifier never checks its helper calls.
@@ -109,9 +113,12 @@ static KERNEL_READS: u32 = 0;
 #[unsafe(no_mangle)]
 static SOCK_OPS_NETNS_COOKIE: u32 = 0;
 /// The payload programs are attached (`--payload-capture`): only then are
-/// sockets put in `PAYLOAD` for them.
+/// sockets watched for them.
 #[unsafe(no_mangle)]
 static PAYLOAD_CAPTURE: u32 = 0;
+/// `--payload-sockets`: at most this many sockets watched at once.
+#[unsafe(no_mangle)]
+static PAYLOAD_SOCKETS: u32 = 0;
 
 // Struct member offsets from the running kernel's BTF, set by the loader;
 // each group is used only when its `*_ok` flag is 1.
@@ -176,6 +183,19 @@ fn global(v: &'static u32) -> u64 {
     // Volatile: the loader rewrites these after compilation.
     // SAFETY: a read-only global of this object, always valid; volatile so the loader's value is read.
     unsafe { read_volatile(v) as u64 }
+}
+
+/// `*p += v` (wrapping) in one atomic instruction (`BPF_XADD`, which every
+/// kernel has; `core`'s atomics offer no read-modify-write on this target).
+///
+/// # Safety
+/// `p` must point at a map value's 8-byte-aligned `u64`.
+#[inline(always)]
+unsafe fn atomic_add(p: *mut u64, v: u64) {
+    // SAFETY: the caller passes a valid, aligned map value; the instruction touches only those 8 bytes.
+    unsafe {
+        core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) p, in(reg) v, options(nostack));
+    }
 }
 
 #[inline(always)]
@@ -312,12 +332,21 @@ fn pid_in_agent_ns(task: *const u8) -> u32 {
     0
 }
 
-/// Remembers the caller as the owner of a TCP socket it connects or binds.
+/// The socket's storage, created (zeroed) first when `create`; `None` when
+/// there is none (or it could not be allocated). `sk` must be a socket
+/// pointer the verifier has typed as such (a checked context field).
 #[inline(always)]
-fn remember_owner(sock_cookie: u64) {
-    if OWNERS.insert(&sock_cookie, &current_owner(), 0).is_err() {
-        count_loss(LossPlace::OwnerMapFull);
-    }
+fn storage(sk: *mut core::ffi::c_void, create: bool) -> Option<&'static mut SocketStorage> {
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
+    let map = (&raw const SOCKS).cast_mut().cast();
+    // SAFETY: `map` is this object's socket-storage map and `sk` a verifier-typed socket; the helper returns the socket's storage or null.
+    let p = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) };
+    // SAFETY: a non-null result points at this socket's storage, which lives as long as the socket, beyond this run.
+    unsafe { (p as *mut SocketStorage).as_mut() }
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -336,16 +365,31 @@ pub fn flowaudit_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn on_connect_call(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    remember_tcp_owner(field!(sa, type_), field!(sa, protocol), ctx.as_ptr());
+    if !is_tcp(field!(sa, type_), field!(sa, protocol)) {
+        return;
+    }
+    // SAFETY: `sa` is the program's context pointer; the verifier types its `sk` field as a socket.
+    let sk = unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) };
+    if !sk.is_null() {
+        remember_owner(sk.cast());
+    }
 }
 
-/// For a TCP socket (`SOCK_STREAM`, `IPPROTO_TCP`) of the connect or bind
-/// hook whose context is `ctx`: remembers the caller as its owner.
 #[inline(always)]
-fn remember_tcp_owner(ty: u32, proto: u32, ctx: *mut core::ffi::c_void) {
-    if ty == SOCK_STREAM && proto == IPPROTO_TCP as u32 {
-        // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
-        remember_owner(unsafe { bpf_get_socket_cookie(ctx) });
+fn is_tcp(ty: u32, proto: u32) -> bool {
+    ty == SOCK_STREAM && proto == IPPROTO_TCP as u32
+}
+
+/// Remembers the caller as the owner of the TCP socket `sk` it connects or
+/// binds, in the socket's storage.
+#[inline(always)]
+fn remember_owner(sk: *mut core::ffi::c_void) {
+    match storage(sk, true) {
+        Some(s) => {
+            s.sock.owner = current_owner();
+            s.sock.owner_known = 1;
+        }
+        None => count_loss(LossPlace::OwnerMapFull),
     }
 }
 
@@ -364,19 +408,22 @@ pub fn flowaudit_post_bind6(ctx: SockContext) -> i32 {
 #[inline(always)]
 fn on_bind(ctx: &SockContext) {
     let sk = ctx.sock;
-    remember_tcp_owner(field!(sk, type_), field!(sk, protocol), ctx.as_ptr());
+    // The context is the socket itself (the helper takes it as such).
+    if is_tcp(field!(sk, type_), field!(sk, protocol)) {
+        remember_owner(ctx.as_ptr());
+    }
 }
 
-/// The owner remembered for this socket by the connect or bind hook, taken
-/// out of `OWNERS` (the socket's own state carries it from here on).
+/// The storage of the `sock_ops` context's socket, created first when
+/// `create`.
 #[inline(always)]
-fn take_owner(sock_cookie: u64) -> Option<Owner> {
-    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-    let owner = unsafe { OWNERS.get(&sock_cookie) }.copied();
-    if owner.is_some() {
-        let _ = OWNERS.remove(&sock_cookie);
+fn ops_storage(ctx: &SockOpsContext, create: bool) -> Option<&'static mut SocketStorage> {
+    // SAFETY: `ctx.ops` is the program's context pointer; the verifier types its `sk` field as a socket or null.
+    let sk = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return None;
     }
-    owner
+    storage(sk.cast(), create)
 }
 
 /// Names the socket's network namespace: its cookie, from the helper where
@@ -440,12 +487,18 @@ fn on_listen(ctx: &SockOpsContext) -> Result<(), i64> {
         family: field!(ops, family) as u16,
         _pad: 0,
     };
-    // A socket bound before the agent started has no owner entry; the
-    // agent's /proc scan at start-up covers such listeners.
-    let Some(owner) = take_owner(sock_cookie) else {
+    // A socket bound before the agent started has no owner; the agent's
+    // scan at start-up covers such listeners.
+    let Some(s) = ops_storage(ctx, false) else {
         return Ok(());
     };
-    let value = Listener { owner, sock_cookie };
+    if s.sock.owner_known == 0 {
+        return Ok(());
+    }
+    let value = Listener {
+        owner: s.sock.owner,
+        sock_cookie,
+    };
     if LISTENERS.insert(&key, &value, 0).is_err() {
         count_loss(LossPlace::ListenerMapFull);
     }
@@ -455,80 +508,61 @@ fn on_listen(ctx: &SockOpsContext) -> Result<(), i64> {
 }
 
 fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
-    let sock_cookie = socket_cookie(ctx);
-    let owner = take_owner(sock_cookie);
-    let state = SocketState {
-        owner: owner.unwrap_or_default(),
-        // SAFETY: a BPF helper without arguments; it cannot fault.
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        established_ns: 0,
-        side: SocketSide::Active as u8,
-        owner_known: owner.is_some() as u8,
-        _pad: [0; 6],
-    };
-    if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
+    // The connect hook made the storage, with the owner, just before.
+    let Some(s) = ops_storage(ctx, true) else {
         count_loss(LossPlace::SocketMapFull);
         return Ok(());
-    }
+    };
+    // SAFETY: a BPF helper without arguments; it cannot fault.
+    s.sock.start_ns = unsafe { bpf_ktime_get_ns() };
+    s.sock.established_ns = 0;
+    s.sock.side = SocketSide::Active as u8;
+    s.sock.tracked = 1;
+    s.cookie = socket_cookie(ctx);
     // Ask for state changes: that is how the close (or failure) is seen.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     Ok(())
 }
 
 fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
-    let ops = ctx.ops;
     let (sock_cookie, netns_cookie) = cookies(ctx);
     // SAFETY: a BPF helper without arguments; it cannot fault.
     let now = unsafe { bpf_ktime_get_ns() };
-    // One `SocketState` on the stack, whichever way it is found: the
-    // verifier's 512-byte budget covers this function and its caller
-    // together.
-    let mut state = SocketState {
-        owner: Owner::default(),
-        start_ns: now,
-        established_ns: now,
-        side: side as u8,
-        owner_known: 0,
-        _pad: [0; 6],
+    let Some(s) = ops_storage(ctx, true) else {
+        // No memory for its state: reported, but not followed to its close.
+        count_loss(LossPlace::SocketMapFull);
+        let state = SocketState {
+            start_ns: now,
+            established_ns: now,
+            side: side as u8,
+            ..SocketState::default()
+        };
+        emit(
+            ctx,
+            RecordKind::Connect,
+            &state,
+            sock_cookie,
+            netns_cookie,
+            now,
+            0,
+            CAPTURE_NOT_WATCHED,
+        );
+        return Ok(());
     };
-    // An active socket's entry, made at connect (with its state callbacks
-    // on), is completed in place: one lookup instead of a lookup and an
-    // update, which in a hash map allocates a new element.
-    let tracked = if let Some(entry) = SOCKETS.get_ptr_mut(&sock_cookie) {
-        // SAFETY: the pointer comes from this socket's own entry; a
-        // socket's sock_ops callbacks run under its lock, so nothing else
-        // writes it now.
-        unsafe {
-            (*entry).established_ns = now;
-            state = *entry;
+    // An active socket followed since its connect has its state already;
+    // an accepted one (or one older than the agent) starts here.
+    if s.sock.tracked == 0 {
+        s.sock.start_ns = now;
+        s.sock.side = side as u8;
+        s.sock.tracked = 1;
+        s.cookie = sock_cookie;
+        if side == SocketSide::Passive {
+            listener_owner(ctx, netns_cookie, &mut s.sock);
         }
-        true
-    } else {
-        if side == SocketSide::Passive && netns_cookie != 0 {
-            // softirq context: "current" is whoever sent the final ACK (on
-            // a veth or loopback, the client). The owner is the listener's.
-            let key = ListenerKey {
-                netns_cookie,
-                port: field!(ops, local_port) as u16,
-                family: field!(ops, family) as u16,
-                _pad: 0,
-            };
-            // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-            if let Some(l) = unsafe { LISTENERS.get(&key) } {
-                state.owner = l.owner;
-                state.owner_known = 1;
-            }
-        }
-        if SOCKETS.insert(&sock_cookie, &state, 0).is_err() {
-            count_loss(LossPlace::SocketMapFull);
-            false
-        } else {
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-            true
-        }
-    };
-    // Watched only when its close will be seen (and the entry removed).
-    let capture = if tracked && global(&PAYLOAD_CAPTURE) != 0 && watch_payload(ctx, sock_cookie) {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+    s.sock.established_ns = now;
+    let capture = if global(&PAYLOAD_CAPTURE) != 0 && watch_payload(ctx, s) {
         0
     } else {
         CAPTURE_NOT_WATCHED
@@ -536,7 +570,7 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
     emit(
         ctx,
         RecordKind::Connect,
-        &state,
+        &s.sock,
         sock_cookie,
         netns_cookie,
         now,
@@ -546,29 +580,62 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
     Ok(())
 }
 
-/// Puts the socket in `PAYLOAD`: the next sequence numbers now are those of
-/// the first payload byte in each direction, from which the payload
-/// programs count stream offsets.
-/// False when the map is full (counted): the payload is not watched.
+/// An accepted socket's owner is its listener's. (softirq context:
+/// "current" is whoever sent the final ACK, on a veth or loopback the
+/// client.)
 #[inline(always)]
-fn watch_payload(ctx: &SockOpsContext, sock_cookie: u64) -> bool {
+fn listener_owner(ctx: &SockOpsContext, netns_cookie: u64, state: &mut SocketState) {
+    if netns_cookie == 0 {
+        return;
+    }
+    let ops = ctx.ops;
+    let key = ListenerKey {
+        netns_cookie,
+        port: field!(ops, local_port) as u16,
+        family: field!(ops, family) as u16,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
+    if let Some(l) = unsafe { LISTENERS.get(&key) } {
+        state.owner = l.owner;
+        state.owner_known = 1;
+    }
+}
+
+/// Starts watching the socket's payload: the next sequence numbers now are
+/// those of the first payload byte in each direction, from which the
+/// payload programs count stream offsets. The socket takes one of the
+/// `--payload-sockets` places, given back when it closes.
+/// False when every place is taken (counted): the payload is not watched.
+#[inline(always)]
+fn watch_payload(ctx: &SockOpsContext, s: &mut SocketStorage) -> bool {
+    if s.payload.flags & PAYLOAD_COUNTED == 0 {
+        let Some(count) = WATCHED.get_ptr_mut(0) else {
+            return false;
+        };
+        // Read, then add: CPUs that race here can overshoot the limit by
+        // one socket each, never undercount.
+        // SAFETY: the pointer comes from this array's lookup of slot 0, which always exists.
+        if unsafe { read_volatile(count) } >= global(&PAYLOAD_SOCKETS) {
+            count_loss(LossPlace::PayloadMapFull);
+            return false;
+        }
+        // SAFETY: as above; the slot is 8-byte aligned and only ever updated atomically.
+        unsafe { atomic_add(count, 1) };
+    }
     let ops = ctx.ops;
     let snd = field!(ops, snd_nxt);
     let rcv = field!(ops, rcv_nxt);
-    let watch = PayloadState {
+    s.payload = PayloadState {
         out_base: snd,
         in_base: rcv,
         out_next: snd,
         in_next: rcv,
         out_taken: 0,
         in_taken: 0,
-        flags: 0,
+        flags: PAYLOAD_WATCHED | PAYLOAD_COUNTED,
         _pad: 0,
     };
-    if PAYLOAD.insert(&sock_cookie, &watch, 0).is_err() {
-        count_loss(LossPlace::PayloadMapFull);
-        return false;
-    }
     true
 }
 
@@ -590,28 +657,34 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
         }
         return Ok(());
     }
-    // Payload bytes lost that no MARK_LOST record could tell: the CLOSE
-    // record says so instead.
-    let mut capture = 0u8;
-    // Most connections' entries went with their first payload: a miss.
-    if global(&PAYLOAD_CAPTURE) != 0
-        // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-        && let Some(p) = unsafe { PAYLOAD.get(&sock_cookie) }
-    {
-        if p.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) != 0 {
-            capture = CAPTURE_LOST;
-        }
-        let _ = PAYLOAD.remove(&sock_cookie);
-    }
-    // SAFETY: the value is copied out (or read once) right away; a concurrent update of the same key can at worst give a stale value, which the callers tolerate.
-    let Some(state) = (unsafe { SOCKETS.get(&sock_cookie) }) else {
+    let Some(s) = ops_storage(ctx, false) else {
         // State callbacks are on only for sockets some agent tracked: this
-        // one opened before this agent (or SOCKETS was full at the time).
+        // one opened before this agent (or had no memory for its state).
         count_loss(LossPlace::CloseUntracked);
         return Ok(());
     };
-    let state = *state;
-    let _ = SOCKETS.remove(&sock_cookie);
+    if s.sock.tracked == 0 {
+        count_loss(LossPlace::CloseUntracked);
+        return Ok(());
+    }
+    s.sock.tracked = 0;
+    // Payload bytes lost that no MARK_LOST record could tell: the CLOSE
+    // record says so instead.
+    let flags = s.payload.flags;
+    let capture =
+        if flags & PAYLOAD_WATCHED != 0 && flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) != 0 {
+            CAPTURE_LOST
+        } else {
+            0
+        };
+    s.payload.flags = 0;
+    if flags & PAYLOAD_COUNTED != 0
+        && let Some(count) = WATCHED.get_ptr_mut(0)
+    {
+        // SAFETY: the pointer comes from this array's lookup of slot 0, which always exists; the slot is only ever updated atomically.
+        unsafe { atomic_add(count, 1u64.wrapping_neg()) };
+    }
+    let state = &s.sock;
     let kind = if old_state == BPF_TCP_SYN_SENT || state.established_ns == 0 {
         RecordKind::Failed
     } else {
@@ -622,7 +695,7 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
     emit(
         ctx,
         kind,
-        &state,
+        state,
         sock_cookie,
         netns_cookie,
         now,
@@ -828,11 +901,9 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
         if version == 6 {
             // A TCP socket's IPv6 packet whose next header is not TCP has
             // extension headers, which are not followed: say so.
-            // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
-            if let Some(st) = PAYLOAD.get_ptr_mut(&cookie) {
-                // SAFETY: the pointer comes from this socket's PAYLOAD entry, which stays allocated while we run (see `follow`).
-                let st = unsafe { &mut *st };
+            if let Some(s) = watched(ctx) {
+                let cookie = s.cookie;
+                let st = &mut s.payload;
                 let done_bit = if dir == DIR_OUT {
                     PAYLOAD_OUT_DONE
                 } else {
@@ -868,13 +939,14 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
 /// at sequence number `seq`.
 #[inline(always)]
 fn follow(ctx: &SkBuffContext, dir: u8, seq: u32, start: u32, len: u32) {
-    // SAFETY: the helper gets this program's own context (or skb) pointer, valid for this run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
-    let Some(st) = PAYLOAD.get_ptr_mut(&cookie) else {
+    // Egress and ingress of one socket may race on its state, costing at
+    // worst a chunk copied twice or a mark sent twice (userspace tolerates
+    // both).
+    let Some(s) = watched(ctx) else {
         return;
     };
-    // SAFETY: the pointer comes from this socket's PAYLOAD entry, which stays allocated while we run; egress and ingress of one socket may race on it, costing at worst a chunk copied twice or a mark sent twice (userspace tolerates both).
-    let st = unsafe { &mut *st };
+    let cookie = s.cookie;
+    let st = &mut s.payload;
     let (lost_bit, done_bit) = if dir == DIR_OUT {
         (PAYLOAD_OUT_LOST, PAYLOAD_OUT_DONE)
     } else {
@@ -890,7 +962,7 @@ fn follow(ctx: &SkBuffContext, dir: u8, seq: u32, start: u32, len: u32) {
         };
         if emit_mark(cookie, dir, at, MARK_LOST) {
             st.flags &= !lost_bit;
-            finish(cookie, st, done_bit);
+            finish(st, done_bit);
         }
         return;
     }
@@ -929,7 +1001,7 @@ fn follow(ctx: &SkBuffContext, dir: u8, seq: u32, start: u32, len: u32) {
                 fresh
             };
             if emit_bytes::<PAYLOAD_PEEK>(ctx, cookie, dir, next.wrapping_sub(base), data_off, n) {
-                let _ = PAYLOAD.remove(&cookie);
+                st.flags &= !PAYLOAD_WATCHED;
             } else {
                 // The one record that tells plaintext was lost.
                 st.flags |= lost_bit | done_bit;
@@ -972,7 +1044,7 @@ fn follow(ctx: &SkBuffContext, dir: u8, seq: u32, start: u32, len: u32) {
         let at = next.wrapping_sub(base).wrapping_add(copied);
         give_up(cookie, st, dir, at, MARK_LOST);
     } else if taken >= PAYLOAD_BUDGET || copied < fresh {
-        finish(cookie, st, done_bit);
+        finish(st, done_bit);
     }
 }
 
@@ -989,7 +1061,7 @@ fn give_up(cookie: u64, st: &mut PayloadState, dir: u8, at: u32, mark: u8) {
     if !emit_mark(cookie, dir, at, mark) {
         st.flags |= lost_bit;
     }
-    finish(cookie, st, done_bit);
+    finish(st, done_bit);
 }
 
 /// A zero-length payload record carrying `mark`.
@@ -1004,16 +1076,36 @@ fn emit_mark(cookie: u64, dir: u8, at: u32, mark: u8) -> bool {
     true
 }
 
-/// Marks a direction finished; forgets the socket when both are and no
-/// loss is still untold.
+/// Marks a direction finished; stops watching the socket when both are and
+/// no loss is still untold.
 #[inline(always)]
-fn finish(cookie: u64, st: &mut PayloadState, done_bit: u32) {
+fn finish(st: &mut PayloadState, done_bit: u32) {
     st.flags |= done_bit;
     if st.flags & (PAYLOAD_OUT_DONE | PAYLOAD_IN_DONE) == (PAYLOAD_OUT_DONE | PAYLOAD_IN_DONE)
         && st.flags & (PAYLOAD_OUT_LOST | PAYLOAD_IN_LOST) == 0
     {
-        let _ = PAYLOAD.remove(&cookie);
+        st.flags &= !PAYLOAD_WATCHED;
     }
+}
+
+/// The storage of the packet's socket while its payload is watched.
+#[inline(always)]
+fn watched(ctx: &SkBuffContext) -> Option<&'static mut SocketStorage> {
+    // SAFETY: the skb is the program's context; the verifier types its `sk` field as a socket (common part) or null.
+    let sk = unsafe { read_volatile(addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a helper that takes the verifier-typed socket pointer and returns the full socket or null.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return None;
+    }
+    let s = storage(sk.cast(), false)?;
+    if s.payload.flags & PAYLOAD_WATCHED == 0 {
+        return None;
+    }
+    Some(s)
 }
 
 #[inline(always)]

@@ -64,8 +64,8 @@ pub struct Owner {
     pub comm: [u8; 16],
 }
 
-/// Per-socket state kept in the `SOCKETS` map from the first callback until
-/// the socket closes.
+/// Per-socket flow state, part of the socket's `SocketStorage`: filled by
+/// the first `sock_ops` callback and read until the socket closes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SocketState {
@@ -81,7 +81,25 @@ pub struct SocketState {
     /// 0 when it could not be established (e.g. a listener opened before
     /// the agent started).
     pub owner_known: u8,
-    pub _pad: [u8; 6],
+    /// 1 from the first `sock_ops` callback that follows the socket (its
+    /// state callbacks on) until its CLOSE record; 0 while only the connect
+    /// or bind hook has seen it (`owner` may already be set).
+    pub tracked: u8,
+    pub _pad: [u8; 5],
+}
+
+/// What the kernel side keeps of one TCP socket, in the socket's own
+/// storage (`bpf_sk_storage`, map `SOCKS`): no map entry to insert, look up
+/// or delete by cookie, and nothing to run out of but memory. Created by
+/// the connect or bind hook (the owner) or the first `sock_ops` callback,
+/// and freed by the kernel with the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketStorage {
+    pub sock: SocketState,
+    pub payload: PayloadState,
+    /// The socket's cookie, for the payload programs' records.
+    pub cookie: u64,
 }
 
 /// Struct member offsets from the running kernel's BTF, handed to the
@@ -324,8 +342,9 @@ pub struct PayloadRecord<const N: usize> {
     pub data: [u8; N],
 }
 
-/// Per-socket payload capture state (`PAYLOAD` map), from the handshake
-/// until the budget is spent, the connection proves plaintext, or it closes.
+/// Per-socket payload capture state (part of `SocketStorage`), watched
+/// (`PAYLOAD_WATCHED`) from the handshake until the budget is spent, the
+/// connection proves plaintext, or it closes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PayloadState {
@@ -354,6 +373,13 @@ pub const PAYLOAD_IN_DONE: u32 = 4;
 /// CLOSE record says `CAPTURE_LOST`.
 pub const PAYLOAD_OUT_LOST: u32 = 8;
 pub const PAYLOAD_IN_LOST: u32 = 16;
+/// The payload programs still want bytes of this socket; cleared when both
+/// directions are done and no loss is untold (the common case then costs a
+/// storage lookup and a flag test per payload packet).
+pub const PAYLOAD_WATCHED: u32 = 32;
+/// The socket holds one of the `--payload-sockets` places (the `WATCHED`
+/// counter); `sock_ops` gives it back when the socket closes.
+pub const PAYLOAD_COUNTED: u32 = 64;
 
 /// Places where the kernel side can lose information; index into the
 /// per-CPU `LOST` counter array. Each is counted where it happens.
@@ -366,19 +392,22 @@ pub enum LossPlace {
     RingFullClose = 1,
     /// The ring buffer was full: a Failed record was dropped.
     RingFullFailed = 2,
-    /// The `SOCKETS` map was full: the socket is not tracked to its close.
+    /// The socket's storage could not be allocated (kernel memory): the
+    /// socket is not tracked to its close.
     SocketMapFull = 3,
     /// The `LISTENERS` map update failed: accepted sockets lose their owner.
     ListenerMapFull = 4,
-    /// The `PAYLOAD` map was full: the connection's encryption stays UNKNOWN.
+    /// `--payload-sockets` sockets were watched already: the connection's
+    /// encryption stays UNKNOWN.
     PayloadMapFull = 5,
     /// The ring buffer was full: payload bytes were dropped (encryption may
     /// stay UNKNOWN; no flow event is lost).
     RingFullPayload = 6,
-    /// The `OWNERS` map update failed: the socket's owner stays unknown.
+    /// The socket's storage could not be allocated in the connect or bind
+    /// hook (kernel memory): the socket's owner stays unknown.
     OwnerMapFull = 7,
     /// A connection closed that the agent never saw open (it predates this
-    /// agent, e.g. across a restart, or `SOCKETS` was full): its CLOSE or
+    /// agent, e.g. across a restart, or its storage could not be allocated): its CLOSE or
     /// FAILED is not reported.
     CloseUntracked = 8,
 }
@@ -420,19 +449,19 @@ impl LossPlace {
             Self::RingFullClose => "CLOSE events not reported (ring buffer full)",
             Self::RingFullFailed => "FAILED events not reported (ring buffer full)",
             Self::SocketMapFull => {
-                "sockets not tracked (socket map full): their CLOSE or FAILED is lost and their encryption is not seen"
+                "sockets not tracked (no kernel memory for their state): their CLOSE or FAILED is lost and their encryption is not seen"
             }
             Self::ListenerMapFull => {
                 "listeners not tracked (listener map full): their accepted connections have no owner"
             }
             Self::PayloadMapFull => {
-                "connections whose payload was not watched (payload map full): encryption not seen"
+                "connections whose payload was not watched (--payload-sockets reached): encryption not seen"
             }
             Self::RingFullPayload => {
                 "payload records lost (ring buffer full): encryption may not be seen"
             }
             Self::OwnerMapFull => {
-                "socket owners not recorded (owner map full): those ends have no pid"
+                "socket owners not recorded (no kernel memory for their state): those ends have no pid"
             }
             Self::CloseUntracked => {
                 "CLOSE or FAILED events of connections the agent never saw open (older than the agent)"
@@ -457,9 +486,11 @@ pub mod names {
     pub const PROG_SOCK_OPS: &str = "flowaudit_sock_ops";
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_LOST: &str = "LOST";
-    pub const MAP_SOCKETS: &str = "SOCKETS";
+    /// Socket-local storage (`bpf_sk_storage`) of [`super::SocketStorage`].
+    pub const MAP_SOCKS: &str = "SOCKS";
     pub const MAP_LISTENERS: &str = "LISTENERS";
-    pub const MAP_PAYLOAD: &str = "PAYLOAD";
+    /// Slot 0 (u64): sockets holding a `--payload-sockets` place now.
+    pub const MAP_WATCHED: &str = "WATCHED";
     pub const PROG_SKB_EGRESS: &str = "flowaudit_skb_egress";
     pub const PROG_SKB_INGRESS: &str = "flowaudit_skb_ingress";
     /// Where a socket's owner is seen: connect() and bind() callers.
@@ -467,15 +498,16 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "flowaudit_connect6";
     pub const PROG_POST_BIND4: &str = "flowaudit_post_bind4";
     pub const PROG_POST_BIND6: &str = "flowaudit_post_bind6";
-    pub const MAP_OWNERS: &str = "OWNERS";
     /// Slot 0 (u32): 1 while the agent's ring reader waits for the kernel
     /// to wake it; the first record submitted then does, and clears it.
     pub const MAP_READER: &str = "READER";
     /// Feature switches the loader probes (u32, 1 = on).
     pub const KERNEL_READS: &str = "KERNEL_READS";
     pub const SOCK_OPS_NETNS_COOKIE: &str = "SOCK_OPS_NETNS_COOKIE";
-    /// 1 when the payload programs are attached (sockets go in `PAYLOAD`).
+    /// 1 when the payload programs are attached (sockets are watched).
     pub const PAYLOAD_CAPTURE: &str = "PAYLOAD_CAPTURE";
+    /// `--payload-sockets` (u32): sockets watched at once, node-wide.
+    pub const PAYLOAD_SOCKETS: &str = "PAYLOAD_SOCKETS";
     /// Struct member offsets resolved from the running kernel's BTF at load
     /// time, one read-only global of type [`KernelOffsets`].
     pub const OFFSETS: &str = "OFFSETS";
@@ -489,9 +521,9 @@ pub mod names {
 
 /// Sizes of the kernel-side maps.
 pub const EVENTS_RING_BYTES: u32 = 8 * 1024 * 1024;
+/// Default of `--payload-sockets`: sockets whose payload is watched at once.
 pub const SOCKETS_MAX: u32 = 262_144;
 pub const LISTENERS_MAX: u32 = 16_384;
-pub const OWNERS_MAX: u32 = 65_536;
 
 #[cfg(feature = "user")]
 mod user {
@@ -502,6 +534,9 @@ mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
     // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for SocketState {}
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
+    // (checked by `layouts_have_no_implicit_padding`).
+    unsafe impl aya::Pod for SocketStorage {}
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid, padding explicit
     // (checked by `layouts_have_no_implicit_padding`).
     unsafe impl aya::Pod for ListenerKey {}
@@ -538,6 +573,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<ListenerKey>(), 16);
         assert_eq!(core::mem::size_of::<PayloadHeader>(), 24);
         assert_eq!(core::mem::size_of::<PayloadState>(), 32);
+        assert_eq!(core::mem::size_of::<SocketStorage>(), 64 + 32 + 8);
         assert_eq!(
             core::mem::size_of::<PayloadRecord<PAYLOAD_CHUNK>>(),
             24 + PAYLOAD_CHUNK

@@ -419,6 +419,35 @@ fn plaintext_request(sim: &Precinct99) {
     );
 }
 
+/// `rounds` plaintext requests one after the other, each waited for until
+/// both of its sockets' CLOSE events came; then the agent's /metrics, its
+/// flows to the backend's port 8000, and its stop report.
+fn plaintext_rounds(
+    sim: &Precinct99,
+    agent: flowaudit_tests::agent::RunningAgent,
+    rounds: usize,
+) -> (String, Vec<Value>, flowaudit_tests::agent::AgentReport) {
+    for round in 1..=rounds {
+        plaintext_request(sim);
+        assert!(
+            agent.wait_for_flows(2 * round, std::time::Duration::from_secs(30), |f| {
+                f["event"] == "CLOSE" && f["l4"]["destination_port"] == 8000
+            }),
+            "connection {round}: its CLOSE events never came"
+        );
+    }
+    let (code, metrics) = agent.http_get("/metrics");
+    assert_eq!(code, 200);
+    let report = agent.stop();
+    let to_backend = report
+        .flows
+        .iter()
+        .filter(|f| f["l4"]["destination_port"] == 8000)
+        .cloned()
+        .collect();
+    (metrics, to_backend, report)
+}
+
 /// An agent in `sim`'s node judging by `POLICY`, without SPIRE, with `extra` flags.
 fn agent_under_policy(
     sim: &Precinct99,
@@ -435,8 +464,8 @@ fn agent_under_policy(
 }
 
 /// Issue 16: an auditor that could not see must say so. With the kernel's
-/// payload map made tiny (`--payload-sockets 2`), one idle connection fills
-/// it; the next connection's payload is not watched. Under a rule requiring
+/// payload places made few (`--payload-sockets 2`), one idle connection takes
+/// them; the next connection's payload is not watched. Under a rule requiring
 /// mTLS, neither may come out silently COMPLIANT: each gets MTLS_UNVERIFIED
 /// with its reason (`no_payload_seen` for the idle one, `not_watched` for
 /// the unwatched one), the reasons are counted, and the loss is visible at
@@ -470,14 +499,14 @@ fn encryption_not_seen_is_never_silently_compliant() {
     let frontend = sim.workloads[FRONTEND].pod.clone();
     let backend = &sim.workloads[BACKEND].pod;
     let to = std::net::SocketAddr::new(IpAddr::V4(backend.ip4()), 8000);
-    // The idle connection: both of its sockets are watched and fill the map.
+    // The idle connection: both of its sockets are watched and take both places.
     let holder = std::thread::spawn(move || {
         let mut opts = flowaudit_tests::simpod::ConnectOpts::new(to);
         opts.hold_ms = 12_000;
         frontend.connect(&opts)
     });
     // Its two CONNECTs (out after the 1 s encryption wait) say both of its
-    // sockets are in the map; under emulation that takes seconds.
+    // sockets are watched; under emulation that takes seconds.
     assert!(
         agent.wait_for_flows(2, std::time::Duration::from_secs(30), |f| {
             f["event"] == "CONNECT" && f["l4"]["destination_port"] == 8000
@@ -559,7 +588,7 @@ fn encryption_not_seen_is_never_silently_compliant() {
             && !unverified.is_some_and(|u| {
                 u["message"]
                     .as_str()
-                    .is_some_and(|m| m.contains("payload map was full"))
+                    .is_some_and(|m| m.contains("--payload-sockets sockets were watched already"))
             })
         {
             problems.push(format!("the finding does not say why: {unverified:?}"));
@@ -600,31 +629,51 @@ fn encryption_not_seen_is_never_silently_compliant() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A socket holds its `--payload-sockets` place from the handshake until it
+/// closes, and then gives it back (the kernel keeps the count; the state
+/// lives in each socket's own storage). With 2 places, three plaintext
+/// connections one after the other are each watched: every event says
+/// PLAINTEXT, none `not_watched`, and nothing is counted at
+/// `payload_map_full`. Without the place given back at CLOSE, the second
+/// connection would find both places taken.
+#[test]
+fn a_closed_socket_gives_its_payload_place_back() {
+    require_root();
+    let sim = Precinct99::start(69).expect("precinct-99 on a simulated node");
+    let (dir, agent) = agent_under_policy(&sim, "mtls-places", &["--payload-sockets", "2"]);
+    // Both sockets' CLOSE records come with their places given back.
+    let (metrics, to_backend, _) = plaintext_rounds(&sim, agent, 3);
+    assert_eq!(
+        to_backend.len(),
+        12,
+        "CONNECT and CLOSE of both sockets of 3 connections: {to_backend:#?}"
+    );
+    for f in &to_backend {
+        assert_eq!(
+            f["encryption"]["state"], "PLAINTEXT",
+            "{} {} from port {}: expected PLAINTEXT (each connection watched): {f}",
+            f["event"], f["direction"], f["l4"]["source_port"]
+        );
+    }
+    let lost = flowaudit_tests::support::metric_sample(
+        &metrics,
+        "flowaudit_kernel_events_lost_total{place=\"payload_map_full\"}",
+    );
+    assert_eq!(lost, 0.0, "payload_map_full counted {lost}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--payload-capture=false`: the payload programs stay unattached and
-/// the kernel puts no socket in its payload map, so every event of a
+/// the kernel watches no socket's payload, so every event of a
 /// plaintext connection under an mTLS rule is UNKNOWN (`not_watched`) with
-/// MTLS_UNVERIFIED, never PLAINTEXT and never silently compliant; and the
-/// payload map counts no loss, since nothing was lost.
+/// MTLS_UNVERIFIED, never PLAINTEXT and never silently compliant; and
+/// `payload_map_full` counts no loss, since nothing was lost.
 #[test]
 fn payload_capture_off_says_not_watched_for_every_event() {
     require_root();
     let sim = Precinct99::start(68).expect("precinct-99 on a simulated node");
     let (dir, agent) = agent_under_policy(&sim, "mtls-capture-off", &["--payload-capture=false"]);
-    plaintext_request(&sim);
-    assert!(
-        agent.wait_for_flows(2, std::time::Duration::from_secs(30), |f| {
-            f["event"] == "CLOSE" && f["l4"]["destination_port"] == 8000
-        }),
-        "the connection's CLOSE events never came"
-    );
-    let (code, metrics) = agent.http_get("/metrics");
-    assert_eq!(code, 200);
-    let report = agent.stop();
-    let to_backend: Vec<&Value> = report
-        .flows
-        .iter()
-        .filter(|f| f["l4"]["destination_port"] == 8000)
-        .collect();
+    let (metrics, to_backend, report) = plaintext_rounds(&sim, agent, 1);
     assert_eq!(
         to_backend.len(),
         4,

@@ -216,7 +216,7 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
         RELAY_ID,
     ];
     let agent_a = node_agent(&a, &common);
-    // Node b's payload map holds one socket: every other socket there is a
+    // Node b watches one socket's payload at once: every other socket there is a
     // kernel loss (payload_map_full) its agent tells its subscribers.
     let mut args_b = common.to_vec();
     args_b.extend(["--payload-sockets", "1"]);

@@ -155,7 +155,7 @@ impl Capture {
     /// `ring_bytes` (a power of two, a multiple of the page size). Without
     /// `payload_capture` the cgroup_skb programs are loaded but never
     /// attached (what they cost the datapath is then zero), and `sock_ops`
-    /// puts no socket in the payload map: every CONNECT says its payload is
+    /// watches no socket's payload: every CONNECT says its payload is
     /// `not_watched`. Fails with the fix in the message.
     pub fn start(
         ring_bytes: u32,
@@ -456,10 +456,10 @@ fn load(
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(names::MAP_EVENTS, ring_bytes)
-        .map_max_entries(names::MAP_PAYLOAD, payload_sockets)
         .override_global(names::KERNEL_READS, &kernel_reads, true)
         .override_global(names::SOCK_OPS_NETNS_COOKIE, &netns_helper, true)
         .override_global(names::PAYLOAD_CAPTURE, &payload_capture, true)
+        .override_global(names::PAYLOAD_SOCKETS, &payload_sockets, true)
         .override_global(names::OFFSETS, offsets, true)
         .override_global(names::PIDNS_INUM, &pidns_inum, true);
     let mut ebpf = loader

@@ -121,11 +121,12 @@ pub struct AgentArgs {
         value_name = "MS"
     )]
     pub ring_poll_ms: u64,
-    /// Connections whose first payload bytes (the TLS handshake) are
-    /// watched at once, node-wide. Beyond it a connection's encryption is
-    /// UNKNOWN with the reason `not_watched` (an mTLS rule then gives
-    /// MTLS_UNVERIFIED), counted at `payload_map_full`. Each is one entry
-    /// of a kernel hash map (8-byte key, 32-byte value).
+    /// Sockets whose first payload bytes (the TLS handshake) are watched at
+    /// once, node-wide; a socket holds its place from the handshake until
+    /// it closes. Beyond it a connection's encryption is UNKNOWN with the
+    /// reason `not_watched` (an mTLS rule then gives MTLS_UNVERIFIED),
+    /// counted at `payload_map_full`. The state lives in each socket's own
+    /// kernel storage (32 bytes), so this bounds work, not a map.
     #[arg(
         long,
         env = "FLOWAUDIT_PAYLOAD_SOCKETS",

@@ -344,7 +344,7 @@ Kernel losses:      none
                 proto::KernelLoss {
                     place: "payload_map_full".into(),
                     count: 7,
-                    consequence: "connections whose payload was not watched (payload map full): encryption not seen".into(),
+                    consequence: "connections whose payload was not watched (--payload-sockets reached): encryption not seen".into(),
                     loses_flow_events: false,
                 },
             ],
@@ -353,7 +353,7 @@ Kernel losses:      none
         let text = render(&s);
         assert!(
             text.ends_with(
-                "Kernel losses:\n  payload_map_full: 7 (connections whose payload was not watched (payload map full): encryption not seen)\n"
+                "Kernel losses:\n  payload_map_full: 7 (connections whose payload was not watched (--payload-sockets reached): encryption not seen)\n"
             ),
             "{text}"
         );

@@ -262,7 +262,7 @@ impl UnknownReason {
         match self {
             Self::NoPayloadSeen => "no payload was seen in time",
             Self::NotWatched => {
-                "capture lost: the payload was not watched (the kernel's payload map was full, see --payload-sockets; or payload capture is off, --payload-capture=false)"
+                "capture lost: the payload was not watched (--payload-sockets sockets were watched already; or payload capture is off, --payload-capture=false)"
             }
             Self::PayloadLost => "capture lost: payload bytes were dropped (ring buffer full)",
             Self::StreamGap => {

@@ -14,7 +14,7 @@ use crate::capture::record::{CookieMap, PayloadChunk};
 use crate::flow::{ClientCertificate, Encryption, UnknownReason};
 
 /// Sockets followed at once at most; beyond that new ones stay UNKNOWN
-/// (counted). The kernel's socket map has the same size.
+/// (counted). The default of `--payload-sockets`, the kernel's limit.
 const MAX_SOCKETS: usize = flowaudit_common::SOCKETS_MAX as usize;
 
 /// Distinct answers kept for sharing at most (they are few: plaintext per
