@@ -358,7 +358,7 @@ fn payload_capture(ctx: &Ctx) -> (Vec<String>, Option<Vec<String>>, String) {
             format!("payload capture on ({PAYLOAD_SWITCH}=true, the default)"),
         );
     }
-    // `--payload-sockets` sizes a map; it turns nothing on.
+    // `--payload-sockets` bounds how many sockets are watched; it turns nothing on.
     let flag = flags.into_iter().find(|w| {
         *w != "--payload-sockets"
             && (w.contains("payload") || w.contains("capture") || w.contains("tls"))
