@@ -879,6 +879,31 @@ fn load<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
     ctx.load::<T>(offset as usize).ok()
 }
 
+/// A header's bytes at `offset` (below 128: the verifier must see a
+/// bound) read straight from the packet's linear part, where the kernel
+/// keeps the IP and TCP headers; `load` (a helper call) when they are not
+/// there. Every packet of every socket passes here, so a call saved is
+/// saved on each (a bulk stream: two of four per packet).
+#[inline(always)]
+fn packet_header<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
+    let skb = ctx.skb.skb;
+    // SAFETY: the skb is the program's context; `data` and `data_end` are
+    // its fields, which the verifier turns into packet pointers.
+    let (data, end) = unsafe {
+        (
+            read_volatile(addr_of!((*skb).data)) as usize,
+            read_volatile(addr_of!((*skb).data_end)) as usize,
+        )
+    };
+    let at = data + (offset & 127) as usize;
+    if offset < 128 && at + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bytes lie between the packet's start and end, which
+        // the comparison above proves (and the verifier checks).
+        return Some(unsafe { (at as *const T).read_unaligned() });
+    }
+    load(ctx, offset)
+}
+
 /// Copies what is still wanted of this packet's payload. The skb starts at
 /// the IP header on both hooks. The headers are read first: a packet without
 /// payload bytes (the handshake, a bare ACK, a FIN) is done with before the
@@ -888,7 +913,7 @@ fn load<T: Copy>(ctx: &SkBuffContext, offset: u32) -> Option<T> {
 fn payload(ctx: &SkBuffContext, dir: u8) {
     // The IPv4 header without options; of an IPv6 header, the part up to
     // its next-header byte.
-    let Some(ip) = load::<[u8; 20]>(ctx, 0) else {
+    let Some(ip) = packet_header::<[u8; 20]>(ctx, 0) else {
         return;
     };
     let version = ip[0] >> 4;
@@ -923,7 +948,7 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
         return;
     }
     // Sequence number (bytes 4..8 of the TCP header) to data offset (12).
-    let Some(tcp) = load::<[u8; 9]>(ctx, ip_len + 4) else {
+    let Some(tcp) = packet_header::<[u8; 9]>(ctx, ip_len + 4) else {
         return;
     };
     let seq = u32::from_be_bytes([tcp[0], tcp[1], tcp[2], tcp[3]]);

@@ -133,6 +133,14 @@ impl Reader {
         }
     }
 
+    /// Whether a program cleared the `READER` slot the reader set: only a
+    /// program that woke the reader does.
+    fn slot_cleared(&self) -> bool {
+        self.asleep
+            .as_ref()
+            .is_some_and(|slot| matches!(slot.get(&0, 0), Ok(0)))
+    }
+
     /// Sleeps until the kernel wakes the reader (or `ASLEEP_LOOK` finds a
     /// record that woke no one, or shutdown).
     async fn sleep(&mut self, fd: &AsyncFd<RingFd>, shutdown: &mut watch::Receiver<bool>) -> Woke {
@@ -148,8 +156,11 @@ impl Reader {
                 Err(()) => return Woke::Closed,
                 Ok(0) => {}
                 Ok(_) => {
-                    if by_kernel {
-                        // The program that woke the reader cleared the slot.
+                    // The program that woke the reader cleared the slot. Its
+                    // wake-up can still be on its way when the fallback look
+                    // finds the record (a slow guest, where both are ready
+                    // at once), so the slot says who woke the reader.
+                    if by_kernel || self.slot_cleared() {
                         self.stats
                             .reader_kernel_wakeups
                             .fetch_add(1, Ordering::Relaxed);
@@ -160,6 +171,8 @@ impl Reader {
                 }
             }
             by_kernel = tokio::select! {
+                // A wake-up ready at the same time as the fallback look wins.
+                biased;
                 ready = fd.readable() => {
                     // The descriptor stays "ready" until told otherwise:
                     // clear it before reading, so a wake-up after this read

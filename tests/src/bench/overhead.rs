@@ -198,19 +198,8 @@ fn kernel_cost(
 ) -> Result<BenchResult> {
     const ID: &str = "connection_rate_kernel_per_conn";
     const NAME: &str = "Connection rate: the agent's kernel programs' CPU per connection";
-    if Command::new("bpftool")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
-        return Ok(BenchResult::not_run(
-            ID,
-            NAME,
-            "µs",
-            "not run: bpftool is not installed (cargo xtask setup installs it)",
-        ));
+    if let Some(why) = no_bpftool() {
+        return Ok(BenchResult::not_run(ID, NAME, "µs", why));
     }
     let _stats = BpfStats::enable()?;
     let a = BenchAgent::start(&ctx.agent, &ctx.dir.join("agent-rate-bpf-stats"), &[])?;
@@ -251,30 +240,63 @@ fn per_connection(
     run: &mut dyn FnMut(&mut u64) -> Result<StormSummary>,
     first_index: &mut u64,
 ) -> Result<(StormSummary, f64, Vec<String>)> {
-    let before = programs_named(prefix)?;
-    let s = run(first_index)?;
-    let after = programs_named(prefix)?;
+    let (s, runs) = program_runs(prefix, || run(first_index))?;
     let conns = s.completed as f64;
     let mut total_ns = 0.0;
     let mut parts = Vec::new();
-    for (name, (cnt, ns)) in &after {
-        let (cnt0, ns0) = before.get(name).copied().unwrap_or((0, 0));
-        let (runs, time) = (
-            cnt.saturating_sub(cnt0) as f64,
-            ns.saturating_sub(ns0) as f64,
-        );
-        if runs == 0.0 {
-            continue;
-        }
-        total_ns += time;
+    for r in &runs {
+        total_ns += r.ns;
         parts.push(format!(
-            "{name} {:.1} runs x {:.0} ns = {:.2} µs",
-            runs / conns,
-            time / runs,
-            time / conns / 1000.0
+            "{} {:.1} runs x {:.0} ns = {:.2} µs",
+            r.name,
+            r.runs / conns,
+            r.ns / r.runs,
+            r.ns / conns / 1000.0
         ));
     }
     Ok((s, total_ns / conns / 1000.0, parts))
+}
+
+/// Why the programs' run time cannot be read, if it cannot.
+fn no_bpftool() -> Option<&'static str> {
+    let found = Command::new("bpftool")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    (!found).then_some("not run: bpftool is not installed (cargo xtask setup installs it)")
+}
+
+/// What one program did during a run: how often it ran, for how long.
+struct ProgramRuns {
+    name: String,
+    runs: f64,
+    ns: f64,
+}
+
+/// Runs `run`; the programs named `prefix*` that ran meanwhile, with their
+/// runs and run time (`bpftool prog show`; the statistics must be on).
+fn program_runs<T>(
+    prefix: &str,
+    run: impl FnOnce() -> Result<T>,
+) -> Result<(T, Vec<ProgramRuns>)> {
+    let before = programs_named(prefix)?;
+    let out = run()?;
+    let after = programs_named(prefix)?;
+    let mut runs = Vec::new();
+    for (name, (cnt, ns)) in after {
+        let (cnt0, ns0) = before.get(&name).copied().unwrap_or((0, 0));
+        let n = cnt.saturating_sub(cnt0) as f64;
+        if n > 0.0 {
+            runs.push(ProgramRuns {
+                name,
+                runs: n,
+                ns: ns.saturating_sub(ns0) as f64,
+            });
+        }
+    }
+    Ok((out, runs))
 }
 
 /// `kernel.bpf_stats_enabled` on while it lives, then as it was.
@@ -469,6 +491,7 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
             Mode::Floor => floor.push(bps),
         }
     }
+    let kernel = bulk_kernel_cost(ctx, &agent_args, &run)?;
     let (mb, ma, mf) = (median(&bare), median(&agent), median(&floor));
     let ratio = 100.0 * ma / mb;
     let method = format!(
@@ -506,6 +529,7 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
             mb / 1e9,
             fmt_runs(&floor, 1e6),
         )),
+        kernel,
     ];
     const AB_ID: &str = "bulk_throughput_payload_ab";
     const AB_NAME: &str = "Bulk throughput, sock_ops + cgroup_skb vs sock_ops only";
@@ -553,6 +577,75 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
         .detail(format!("{runs}; {load}")),
     );
     Ok(results)
+}
+
+/// Where the bulk stream's cost is in the kernel: one more agent run and
+/// one floor run (not in the ratios) with the BPF statistics on, and the
+/// cgroup_skb programs' runs and run time in each.
+fn bulk_kernel_cost(
+    ctx: &Ctx,
+    agent_args: &[String],
+    run: &dyn Fn() -> Result<f64>,
+) -> Result<BenchResult> {
+    const ID: &str = "bulk_throughput_kernel_per_packet";
+    const NAME: &str = "Bulk throughput: the agent's cgroup_skb programs' time per packet";
+    if let Some(why) = no_bpftool() {
+        return Ok(BenchResult::not_run(ID, NAME, "ns", why));
+    }
+    let _stats = BpfStats::enable()?;
+    // One stream with its programs timed: ns per run in all, and the parts.
+    let timed = |prefix: &str| -> Result<(f64, f64, String)> {
+        let start = std::time::Instant::now();
+        let (bps, runs) = program_runs(prefix, run)?;
+        let secs = start.elapsed().as_secs_f64();
+        let (n, ns) = runs.iter().fold((0.0, 0.0), |(n, ns), r| (n + r.runs, ns + r.ns));
+        let parts = runs
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {:.0} runs/s x {:.0} ns",
+                    r.name,
+                    r.runs / secs,
+                    r.ns / r.runs
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let per_run = if n > 0.0 { ns / n } else { f64::NAN };
+        Ok((
+            per_run,
+            ns,
+            format!(
+                "{:.2} Gbit/s; {parts}; {:.2}% of a CPU in all",
+                bps / 1e9,
+                100.0 * ns / (secs * 1e9)
+            ),
+        ))
+    };
+    let a = BenchAgent::start(&ctx.agent, &ctx.dir.join("agent-iperf-bpf-stats"), agent_args)?;
+    env::sleep(Duration::from_secs(1))?;
+    let agent = timed("flowaudit_skb");
+    a.stop()?;
+    let (per_run, _, agent_detail) = agent?;
+    if !per_run.is_finite() {
+        return Ok(BenchResult::not_run(
+            ID,
+            NAME,
+            "ns",
+            "could not run: bpftool showed no run of a flowaudit_skb_* program (kernel.bpf_stats_enabled not honoured?)",
+        ));
+    }
+    let cgroup2 = flowaudit_tests::simnode::cgroup2_mount().context("find the cgroup v2 mount")?;
+    let floor = crate::floor::Floor::attach(&cgroup2)?;
+    let floor_cost = timed("floor_skb");
+    drop(floor);
+    let (floor_per_run, _, floor_detail) = floor_cost?;
+    Ok(BenchResult::new(ID, NAME, per_run, "ns").detail(format!(
+        "one more iperf3 stream with the agent (payload capture on) and kernel.bpf_stats_enabled=1 \
+         (not in the ratios; the statistics add two clock reads to every run): {agent_detail}. \
+         The floor's cgroup_skb programs, which return at once, run the same way: \
+         {floor_per_run:.0} ns per run; {floor_detail}; bpftool prog show, run_cnt and run_time_ns"
+    )))
 }
 
 #[cfg(test)]
