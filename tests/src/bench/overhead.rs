@@ -277,10 +277,7 @@ struct ProgramRuns {
 
 /// Runs `run`; the programs named `prefix*` that ran meanwhile, with their
 /// runs and run time (`bpftool prog show`; the statistics must be on).
-fn program_runs<T>(
-    prefix: &str,
-    run: impl FnOnce() -> Result<T>,
-) -> Result<(T, Vec<ProgramRuns>)> {
+fn program_runs<T>(prefix: &str, run: impl FnOnce() -> Result<T>) -> Result<(T, Vec<ProgramRuns>)> {
     let before = programs_named(prefix)?;
     let out = run()?;
     let after = programs_named(prefix)?;
@@ -598,7 +595,9 @@ fn bulk_kernel_cost(
         let start = std::time::Instant::now();
         let (bps, runs) = program_runs(prefix, run)?;
         let secs = start.elapsed().as_secs_f64();
-        let (n, ns) = runs.iter().fold((0.0, 0.0), |(n, ns), r| (n + r.runs, ns + r.ns));
+        let (n, ns) = runs
+            .iter()
+            .fold((0.0, 0.0), |(n, ns), r| (n + r.runs, ns + r.ns));
         let parts = runs
             .iter()
             .map(|r| {
@@ -622,7 +621,11 @@ fn bulk_kernel_cost(
             ),
         ))
     };
-    let a = BenchAgent::start(&ctx.agent, &ctx.dir.join("agent-iperf-bpf-stats"), agent_args)?;
+    let a = BenchAgent::start(
+        &ctx.agent,
+        &ctx.dir.join("agent-iperf-bpf-stats"),
+        agent_args,
+    )?;
     env::sleep(Duration::from_secs(1))?;
     let agent = timed("flowaudit_skb");
     a.stop()?;
