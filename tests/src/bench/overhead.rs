@@ -208,12 +208,7 @@ fn kernel_cost(
     a.stop()?;
     let (s, total_us, parts) = agent?;
     if parts.is_empty() {
-        return Ok(BenchResult::not_run(
-            ID,
-            NAME,
-            "µs",
-            "could not run: bpftool showed no run of a flowaudit_* program (kernel.bpf_stats_enabled not honoured?)",
-        ));
+        return Ok(BenchResult::not_run(ID, NAME, "µs", no_run("flowaudit_")));
     }
     // The same for the programs that do nothing (`floor.rs`): what any
     // program at these attach points costs, whatever it does.
@@ -266,6 +261,14 @@ fn no_bpftool() -> Option<&'static str> {
         .status()
         .is_ok();
     (!found).then_some("not run: bpftool is not installed (cargo xtask setup installs it)")
+}
+
+/// Why a row has no figure when the statistics showed no run of its
+/// programs.
+fn no_run(prefix: &str) -> String {
+    format!(
+        "could not run: bpftool showed no run of a {prefix}* program (kernel.bpf_stats_enabled not honoured?)"
+    )
 }
 
 /// What one program did during a run: how often it ran, for how long.
@@ -591,7 +594,7 @@ fn bulk_kernel_cost(
     }
     let _stats = BpfStats::enable()?;
     // One stream with its programs timed: ns per run in all, and the parts.
-    let timed = |prefix: &str| -> Result<(f64, f64, String)> {
+    let timed = |prefix: &str| -> Result<(f64, String)> {
         let start = std::time::Instant::now();
         let (bps, runs) = program_runs(prefix, run)?;
         let secs = start.elapsed().as_secs_f64();
@@ -613,7 +616,6 @@ fn bulk_kernel_cost(
         let per_run = if n > 0.0 { ns / n } else { f64::NAN };
         Ok((
             per_run,
-            ns,
             format!(
                 "{:.2} Gbit/s; {parts}; {:.2}% of a CPU in all",
                 bps / 1e9,
@@ -629,20 +631,20 @@ fn bulk_kernel_cost(
     env::sleep(Duration::from_secs(1))?;
     let agent = timed("flowaudit_skb");
     a.stop()?;
-    let (per_run, _, agent_detail) = agent?;
+    let (per_run, agent_detail) = agent?;
     if !per_run.is_finite() {
         return Ok(BenchResult::not_run(
             ID,
             NAME,
             "ns",
-            "could not run: bpftool showed no run of a flowaudit_skb_* program (kernel.bpf_stats_enabled not honoured?)",
+            no_run("flowaudit_skb"),
         ));
     }
     let cgroup2 = flowaudit_tests::simnode::cgroup2_mount().context("find the cgroup v2 mount")?;
     let floor = crate::floor::Floor::attach(&cgroup2)?;
     let floor_cost = timed("floor_skb");
     drop(floor);
-    let (floor_per_run, _, floor_detail) = floor_cost?;
+    let (floor_per_run, floor_detail) = floor_cost?;
     Ok(BenchResult::new(ID, NAME, per_run, "ns").detail(format!(
         "one more iperf3 stream with the agent (payload capture on) and kernel.bpf_stats_enabled=1 \
          (not in the ratios; the statistics add two clock reads to every run): {agent_detail}. \
