@@ -45,8 +45,8 @@ const MEMO_SLOTS: usize = 4096;
 /// attempt failed. A CLOSE after its CONNECT, and the flows of a busy pair of
 /// workloads, are judged once, not once per event.
 ///
-/// The ends' names and labels are shared (`ArcStr`, `Arc`) with the
-/// endpoint directory and the identity cache, so a key compares pointers;
+/// The ends' pod metadata and SPIFFE IDs are shared (`Arc`, `ArcStr`) with
+/// the endpoint directory and the identity cache, so a key compares pointers;
 /// an entry holds clones of what it compares, so a pointer it holds cannot
 /// be freed and reused for other text while it is there. A different
 /// pointer to the same text is only a miss. Decisions that read Cilium's
@@ -76,10 +76,8 @@ struct EndKey {
     kind: EndKind,
     identity_source: flowaudit_policy::IdentitySource,
     spiffe_id: crate::flow::ArcStr,
-    namespace: crate::flow::ArcStr,
-    service_account: crate::flow::ArcStr,
-    pod_name: crate::flow::ArcStr,
-    labels: crate::flow::Labels,
+    /// Namespace, service account, pod name and labels.
+    pod: Arc<crate::flow::PodMeta>,
 }
 
 impl EndKey {
@@ -88,10 +86,7 @@ impl EndKey {
             kind: ep.kind,
             identity_source: ep.identity_source,
             spiffe_id: ep.spiffe_id.clone(),
-            namespace: ep.namespace.clone(),
-            service_account: ep.service_account.clone(),
-            pod_name: ep.pod_name.clone(),
-            labels: ep.labels.clone(),
+            pod: ep.pod.clone(),
         }
     }
 
@@ -100,10 +95,7 @@ impl EndKey {
         self.kind == ep.kind
             && self.identity_source == ep.identity_source
             && ArcStr::ptr_eq(&self.spiffe_id, &ep.spiffe_id)
-            && ArcStr::ptr_eq(&self.namespace, &ep.namespace)
-            && ArcStr::ptr_eq(&self.service_account, &ep.service_account)
-            && ArcStr::ptr_eq(&self.pod_name, &ep.pod_name)
-            && Arc::ptr_eq(&self.labels, &ep.labels)
+            && Arc::ptr_eq(&self.pod, &ep.pod)
     }
 }
 
@@ -114,8 +106,7 @@ impl Memo {
         let mut h = foldhash::fast::FixedState::default().build_hasher();
         for ep in [&flow.source, &flow.destination] {
             h.write_usize(ep.spiffe_id.as_ptr() as usize);
-            h.write_usize(ep.pod_name.as_ptr() as usize);
-            h.write_usize(Arc::as_ptr(&ep.labels) as usize);
+            h.write_usize(Arc::as_ptr(&ep.pod) as usize);
         }
         h.write_u16(flow.l4.destination_port);
         h.write_u8(flow.encryption.state as u8);
@@ -188,10 +179,11 @@ fn peer(ep: &Endpoint) -> Peer<'_> {
         kind,
         spiffe_id: some(&ep.spiffe_id),
         identity_source: ep.identity_source,
-        namespace: some(&ep.namespace),
-        service_account: some(&ep.service_account),
-        labels: (ep.kind == EndKind::Pod).then_some(&ep.labels as &dyn flowaudit_policy::Labels),
-        name: some(&ep.service_account).or(some(&ep.pod_name)),
+        namespace: some(&ep.pod.namespace),
+        service_account: some(&ep.pod.service_account),
+        labels: (ep.kind == EndKind::Pod)
+            .then_some(&ep.pod.labels as &dyn flowaudit_policy::Labels),
+        name: some(&ep.pod.service_account).or(some(&ep.pod.pod_name)),
     }
 }
 
@@ -401,8 +393,9 @@ mod tests {
         f.l4.destination_port = port;
         for (ep, sa) in [(&mut f.source, "frontend"), (&mut f.destination, dst_sa)] {
             ep.kind = EndKind::Pod;
-            ep.namespace = "99-apps".into();
-            ep.service_account = sa.into();
+            let pod = Arc::make_mut(&mut ep.pod);
+            pod.namespace = "99-apps".into();
+            pod.service_account = sa.into();
             ep.spiffe_id = format!("spiffe://demo.local/ns/99-apps/sa/{sa}").into();
             ep.identity_source = IdentitySource::Attested;
         }

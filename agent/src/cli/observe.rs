@@ -509,8 +509,8 @@ fn inode_of(p: &std::path::Path) -> Option<u64> {
 fn end(ep: &Endpoint, ip: std::net::IpAddr, port: Option<u16>) -> String {
     let mut s = if !ep.spiffe_id.is_empty() {
         ep.spiffe_id.to_string()
-    } else if !ep.pod_name.is_empty() {
-        format!("{}/{}", ep.namespace, ep.pod_name)
+    } else if !ep.pod.pod_name.is_empty() {
+        format!("{}/{}", ep.pod.namespace, ep.pod.pod_name)
     } else if ep.kind == crate::flow::EndKind::World {
         format!("world({ip})")
     } else if ep.kind == crate::flow::EndKind::Host {
@@ -538,7 +538,7 @@ pub fn compact(f: &FlowEvent, color: bool) -> String {
     let src = end(
         &f.source,
         f.l4.source_ip,
-        (f.direction == Direction::Egress || f.source.pod_name.is_empty())
+        (f.direction == Direction::Egress || f.source.pod.pod_name.is_empty())
             .then_some(f.l4.source_port),
     );
     let dst = end(
@@ -738,8 +738,9 @@ mod tests {
         // line, a SPIFFE ID that reverses itself, a protocol that rings.
         f.source.process = Some("node\x1b[8m".into());
         f.source.spiffe_id = "spiffe://demo.local/ns/a/sa/\u{202e}dnetnorf".into();
-        f.destination.namespace = "99-apps".into();
-        f.destination.pod_name = "db\r\x1b[1Aok\u{9b}".into();
+        let pod = std::sync::Arc::make_mut(&mut f.destination.pod);
+        pod.namespace = "99-apps".into();
+        pod.pod_name = "db\r\x1b[1Aok\u{9b}".into();
         std::sync::Arc::make_mut(&mut f.encryption).state =
             flowaudit_policy::EncryptionState::Plaintext;
         std::sync::Arc::make_mut(&mut f.encryption).protocol = "pg\x07\n".into();

@@ -33,6 +33,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::{EndpointDirectory, NodeInfo, PodInfo};
+use crate::flow::PodMeta;
 
 /// At most one new directory per this interval while changes keep coming.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(200);
@@ -221,12 +222,14 @@ fn pod_entry(p: &Pod) -> Option<PodEntry> {
         created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
         info: PodInfo {
             ips,
-            namespace: p.metadata.namespace.as_deref().unwrap_or_default().into(),
-            pod: p.metadata.name.as_deref().unwrap_or_default().into(),
             uid,
-            service_account: service_account.into(),
-            labels: Arc::new(p.metadata.labels.clone().unwrap_or_default()),
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            meta: Arc::new(PodMeta {
+                namespace: p.metadata.namespace.as_deref().unwrap_or_default().into(),
+                pod_name: p.metadata.name.as_deref().unwrap_or_default().into(),
+                service_account: service_account.into(),
+                labels: p.metadata.labels.clone().unwrap_or_default(),
+            }),
         },
     })
 }
@@ -382,15 +385,18 @@ mod tests {
         assert_eq!(e.info.ips, vec![ip("10.0.0.5"), ip("fd00::5")]);
         assert_eq!(
             (
-                e.info.namespace.as_str(),
-                e.info.pod.as_str(),
+                e.info.meta.namespace.as_str(),
+                e.info.meta.pod_name.as_str(),
                 e.info.uid.as_str(),
-                e.info.service_account.as_str(),
+                e.info.meta.service_account.as_str(),
                 e.info.node.as_str()
             ),
             ("ns", "web-1", "u-1", "web", "n1")
         );
-        assert_eq!(e.info.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(
+            e.info.meta.labels.get("app").map(String::as_str),
+            Some("web")
+        );
         // status.podIP alone (older clusters).
         let mut v = base.to_json(3);
         v["status"].as_object_mut().unwrap().remove("podIPs");
@@ -450,7 +456,7 @@ mod tests {
 
     fn pod_name(dir: &EndpointDirectory, addr: &str) -> Option<String> {
         match dir.peer(ip(addr)) {
-            Peer::Pod(p) => Some(p.pod.to_string()),
+            Peer::Pod(p) => Some(p.meta.pod_name.to_string()),
             _ => None,
         }
     }
@@ -484,7 +490,7 @@ mod tests {
             assert!(dir.pod_by_uid("uid-hostnet").is_some());
             assert!(dir.pod_by_uid("uid-pending").is_none());
             let p = dir.pod_by_uid("uid-web-1").unwrap();
-            assert_eq!(p.service_account, "web");
+            assert_eq!(p.meta.service_account, "web");
             assert_eq!(p.node, NODE);
         }
         // Added.
@@ -503,7 +509,7 @@ mod tests {
         k.update_pod_labels("uid-web-1", &[("app", "web"), ("track", "canary")]);
         wait_for(&mut rx, "web-1 relabelled", 10, |d| {
             d.pod_by_uid("uid-web-1")
-                .is_some_and(|p| p.labels.get("track").map(String::as_str) == Some("canary"))
+                .is_some_and(|p| p.meta.labels.get("track").map(String::as_str) == Some("canary"))
         })
         .await;
         // Deleted.
@@ -598,7 +604,7 @@ mod tests {
         k.update_pod_labels("uid-web-3", &[("app", "web-v2")]);
         wait_for(&mut rx, "relabel after recovery", 20, |d| {
             d.pod_by_uid("uid-web-3")
-                .is_some_and(|p| p.labels.get("app").map(String::as_str) == Some("web-v2"))
+                .is_some_and(|p| p.meta.labels.get("app").map(String::as_str) == Some("web-v2"))
         })
         .await;
         task.abort();

@@ -7,14 +7,14 @@
 
 pub mod kubernetes;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::flow::{ArcStr, Labels};
+use crate::flow::{ArcStr, PodMeta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointsError {
@@ -36,20 +36,47 @@ pub enum EndpointsError {
 
 /// A pod, as the directory knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(from = "PodEntry")]
 pub struct PodInfo {
     pub ips: Vec<IpAddr>,
-    /// Names and labels are shared with every flow of the pod (issue 15).
-    pub namespace: ArcStr,
-    pub pod: ArcStr,
-    #[serde(default)]
     pub uid: String,
-    #[serde(default)]
-    pub service_account: ArcStr,
-    #[serde(default)]
-    pub labels: Labels,
-    #[serde(default)]
     pub node: String,
+    /// Names and labels, shared with every end of every flow of the pod
+    /// (issue 15): joining an end to its pod is one reference count.
+    pub meta: Arc<PodMeta>,
+}
+
+/// A pod as the `--endpoints` file writes it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PodEntry {
+    ips: Vec<IpAddr>,
+    namespace: ArcStr,
+    pod: ArcStr,
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    service_account: ArcStr,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    node: String,
+}
+
+impl From<PodEntry> for PodInfo {
+    fn from(e: PodEntry) -> Self {
+        Self {
+            ips: e.ips,
+            uid: e.uid,
+            node: e.node,
+            meta: Arc::new(PodMeta {
+                namespace: e.namespace,
+                pod_name: e.pod,
+                service_account: e.service_account,
+                labels: e.labels,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -131,16 +158,19 @@ impl EndpointDirectory {
             if p.ips.is_empty() {
                 return Err(EndpointsError::Invalid {
                     path: path.to_path_buf(),
-                    message: format!("endpoint {}/{} has no ips", p.namespace, p.pod),
+                    message: format!(
+                        "endpoint {}/{} has no ips",
+                        p.meta.namespace, p.meta.pod_name
+                    ),
                 });
             }
             for ip in &p.ips {
-                if let Some(other) = seen.insert(canonical(*ip), &p.pod) {
+                if let Some(other) = seen.insert(canonical(*ip), &p.meta.pod_name) {
                     return Err(EndpointsError::Invalid {
                         path: path.to_path_buf(),
                         message: format!(
                             "address {ip} belongs to both pod {other} and pod {}",
-                            p.pod
+                            p.meta.pod_name
                         ),
                     });
                 }
@@ -251,13 +281,16 @@ endpoints:                  # pods
         };
         assert_eq!(
             (
-                p.namespace.as_str(),
-                p.pod.as_str(),
-                p.service_account.as_str()
+                p.meta.namespace.as_str(),
+                p.meta.pod_name.as_str(),
+                p.meta.service_account.as_str()
             ),
             ("99-apps", "frontend-7d9f", "frontend")
         );
-        assert_eq!(p.labels.get("app").map(String::as_str), Some("frontend"));
+        assert_eq!(
+            p.meta.labels.get("app").map(String::as_str),
+            Some("frontend")
+        );
         assert!(matches!(
             dir.peer("fd00:10:244:1::5".parse().unwrap()),
             Peer::Pod(_)

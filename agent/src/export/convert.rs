@@ -10,11 +10,11 @@ use flowaudit_policy::{
 };
 
 use super::proto;
-use crate::flow::UnknownReason;
 use crate::flow::{
     ClientCertificate, Direction, Encryption, EndKind, Endpoint, EventKind, FailureReason, Finding,
     FlowEvent, FlowTime, Joined, JoinedHalf, L4, Socket,
 };
+use crate::flow::{PodMeta, UnknownReason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -191,10 +191,11 @@ fn endpoint_to(e: &Endpoint) -> proto::Endpoint {
         spiffe_id: e.spiffe_id.to_string(),
         identity_source: identity_source_to(e.identity_source) as i32,
         identity_detail: e.identity_detail.to_string(),
-        namespace: e.namespace.to_string(),
-        pod_name: e.pod_name.to_string(),
-        service_account: e.service_account.to_string(),
+        namespace: e.pod.namespace.to_string(),
+        pod_name: e.pod.pod_name.to_string(),
+        service_account: e.pod.service_account.to_string(),
         labels: e
+            .pod
             .labels
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -211,10 +212,12 @@ fn endpoint_from(e: proto::Endpoint) -> Endpoint {
         identity_source: identity_source_from(e.identity_source),
         identity_detail: e.identity_detail.into(),
         spiffe_id: e.spiffe_id.into(),
-        namespace: e.namespace.into(),
-        pod_name: e.pod_name.into(),
-        service_account: e.service_account.into(),
-        labels: std::sync::Arc::new(e.labels.into_iter().collect()),
+        pod: std::sync::Arc::new(PodMeta {
+            namespace: e.namespace.into(),
+            pod_name: e.pod_name.into(),
+            service_account: e.service_account.into(),
+            labels: e.labels.into_iter().collect(),
+        }),
         pid: e.pid,
         process: e.process.map(Into::into),
         cgroup_id: e.cgroup_id,
@@ -531,7 +534,9 @@ mod tests {
     #[test]
     fn a_flow_survives_the_protobuf_round_trip() {
         let mut f = sample_flow();
-        std::sync::Arc::make_mut(&mut f.source.labels).insert("app".into(), "frontend".into());
+        std::sync::Arc::make_mut(&mut f.source.pod)
+            .labels
+            .insert("app".into(), "frontend".into());
         f.source.spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
         f.findings.push(crate::flow::Finding {
             kind: flowaudit_policy::FindingKind::MtlsMissing,

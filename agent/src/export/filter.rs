@@ -162,9 +162,13 @@ impl PodPrefix {
     }
 
     fn matches(&self, ep: &Endpoint) -> bool {
-        !ep.pod_name.is_empty()
-            && ep.pod_name.starts_with(&self.prefix)
-            && self.namespace.as_ref().is_none_or(|ns| *ns == ep.namespace)
+        let pod = &*ep.pod;
+        !pod.pod_name.is_empty()
+            && pod.pod_name.starts_with(&self.prefix)
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == pod.namespace)
     }
 }
 
@@ -256,14 +260,14 @@ impl Filter {
             && any(&self.encryption, |e| *e == f.encryption.state)
             && any(&self.finding, |k| f.findings.iter().any(|x| x.kind == *k))
             && any(&self.namespace, |ns| {
-                *ns == src.namespace || *ns == dst.namespace
+                *ns == src.pod.namespace || *ns == dst.pod.namespace
             })
-            && any(&self.source_namespace, |ns| *ns == src.namespace)
-            && any(&self.destination_namespace, |ns| *ns == dst.namespace)
+            && any(&self.source_namespace, |ns| *ns == src.pod.namespace)
+            && any(&self.destination_namespace, |ns| *ns == dst.pod.namespace)
             && any(&self.source_pod, |p| p.matches(src))
             && any(&self.destination_pod, |p| p.matches(dst))
-            && any(&self.source_label, |s| s.matches(&src.labels))
-            && any(&self.destination_label, |s| s.matches(&dst.labels))
+            && any(&self.source_label, |s| s.matches(&src.pod.labels))
+            && any(&self.destination_label, |s| s.matches(&dst.pod.labels))
             && any(&self.source_identity, |g| {
                 !src.spiffe_id.is_empty() && g.matches(&src.spiffe_id)
             })
@@ -350,9 +354,10 @@ pub(crate) mod tests {
     }
     fn labelled(ns: &str, pod: &str, app: &str) -> Endpoint {
         let mut e = Endpoint::unknown();
-        e.namespace = ns.into();
-        e.pod_name = pod.into();
-        std::sync::Arc::make_mut(&mut e.labels).insert("app".into(), app.into());
+        let meta = std::sync::Arc::make_mut(&mut e.pod);
+        meta.namespace = ns.into();
+        meta.pod_name = pod.into();
+        meta.labels.insert("app".into(), app.into());
         e.spiffe_id = format!("spiffe://demo.local/ns/{ns}/sa/{app}").into();
         e
     }

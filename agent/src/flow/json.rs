@@ -105,14 +105,15 @@ fn endpoint(out: &mut Vec<u8>, ep: &Endpoint) {
         out.extend_from_slice(b",\"identity_detail\":");
         string(out, &ep.identity_detail);
     }
+    let pod = &*ep.pod;
     out.extend_from_slice(b",\"namespace\":");
-    string(out, &ep.namespace);
+    string(out, &pod.namespace);
     out.extend_from_slice(b",\"pod_name\":");
-    string(out, &ep.pod_name);
+    string(out, &pod.pod_name);
     out.extend_from_slice(b",\"service_account\":");
-    string(out, &ep.service_account);
+    string(out, &pod.service_account);
     out.extend_from_slice(b",\"labels\":{");
-    for (i, (k, v)) in ep.labels.iter().enumerate() {
+    for (i, (k, v)) in pod.labels.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -300,7 +301,9 @@ mod tests {
     use crate::capture::Clock;
     use crate::capture::record::KernelEvent;
     use crate::capture::record::tests::sample;
-    use crate::flow::{Encryption, EventKind, FailureReason, Joined, JoinedHalf, UnknownReason};
+    use crate::flow::{
+        Encryption, EventKind, FailureReason, Joined, JoinedHalf, PodMeta, UnknownReason,
+    };
 
     fn same_as_serde(flow: &FlowEvent) {
         let mut ours = Vec::new();
@@ -471,13 +474,15 @@ mod tests {
         full.source.kind = EndKind::Pod;
         full.source.spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
         full.source.identity_source = IdentitySource::Attested;
-        full.source.namespace = "99-apps".into();
-        full.source.pod_name = "frontend-7d9f".into();
-        full.source.service_account = "frontend".into();
-        full.source.labels = Arc::new(BTreeMap::from([
-            ("app".to_string(), "frontend".to_string()),
-            ("tier\\x".to_string(), "web \u{1}".to_string()),
-        ]));
+        full.source.pod = Arc::new(PodMeta {
+            namespace: "99-apps".into(),
+            pod_name: "frontend-7d9f".into(),
+            service_account: "frontend".into(),
+            labels: BTreeMap::from([
+                ("app".to_string(), "frontend".to_string()),
+                ("tier\\x".to_string(), "web \u{1}".to_string()),
+            ]),
+        });
         full.destination.kind = EndKind::World;
         full.destination.identity_source = IdentitySource::Derived;
         full.destination.identity_detail = Cow::Borrowed("derived from pod metadata");
@@ -525,7 +530,7 @@ mod tests {
         for kind in [EndKind::Host, EndKind::Unknown] {
             let mut f = full.clone();
             f.source.kind = kind;
-            f.source.labels = crate::flow::no_labels();
+            Arc::make_mut(&mut f.source.pod).labels.clear();
             f.source.pid = None;
             f.event = EventKind::Close;
             f.verdict = Verdict::Unknown;

@@ -129,20 +129,31 @@ pub enum EndKind {
     Unknown,
 }
 
-/// A pod's labels, shared with the endpoint directory's entry for the pod:
-/// a flow holds a reference, never a copy.
-pub type Labels = Arc<BTreeMap<String, String>>;
+/// A pod's names and labels: made once per pod by the endpoint directory
+/// and shared (one `Arc`) by every end of every flow of the pod, so a flow
+/// copies none of them and joining an end to its pod is one reference
+/// count. In JSON its fields sit in the end itself (flattened).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMeta {
+    pub namespace: ArcStr,
+    pub pod_name: ArcStr,
+    pub service_account: ArcStr,
+    pub labels: BTreeMap<String, String>,
+}
 
-/// The labels of an end no pod stands for (one shared empty map).
-pub fn no_labels() -> Labels {
-    static EMPTY: LazyLock<Labels> = LazyLock::new(Labels::default);
-    EMPTY.clone()
+impl PodMeta {
+    /// The names of an end no pod stands for: all empty, one shared value.
+    pub fn none() -> Arc<PodMeta> {
+        static NONE: LazyLock<Arc<PodMeta>> = LazyLock::new(Arc::default);
+        NONE.clone()
+    }
 }
 
 /// One end of a flow. `pid`/`process` are set for the end whose socket the
 /// kernel saw on this node (both ends when both live here, as two events).
-/// Names and labels are shared (`ArcStr`, `Labels`) with the endpoint
-/// directory and the identity cache, so a flow copies none of them.
+/// The pod's names and labels are shared with the endpoint directory
+/// (`pod`), the SPIFFE ID with the identity cache, so a flow copies none of
+/// them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     #[serde(default)]
@@ -154,10 +165,9 @@ pub struct Endpoint {
     /// Mostly one of a few fixed sentences: borrowed, not copied per flow.
     #[serde(default, skip_serializing_if = "str::is_empty")]
     pub identity_detail: Cow<'static, str>,
-    pub namespace: ArcStr,
-    pub pod_name: ArcStr,
-    pub service_account: ArcStr,
-    pub labels: Labels,
+    /// `namespace`, `pod_name`, `service_account` and `labels` in JSON.
+    #[serde(flatten)]
+    pub pod: Arc<PodMeta>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,10 +184,7 @@ impl Endpoint {
             spiffe_id: ArcStr::new(),
             identity_source: IdentitySource::Unknown,
             identity_detail: Cow::Borrowed(""),
-            namespace: ArcStr::new(),
-            pod_name: ArcStr::new(),
-            service_account: ArcStr::new(),
-            labels: no_labels(),
+            pod: PodMeta::none(),
             pid: None,
             process: None,
             cgroup_id: None,
@@ -519,8 +526,8 @@ impl FlowEvent {
     pub fn make_summary(&self) -> String {
         let mut s = String::with_capacity(
             96 + self.findings.first().map_or(0, |f| f.message.len())
-                + self.source.service_account.len()
-                + self.destination.service_account.len(),
+                + self.source.pod.service_account.len()
+                + self.destination.pod.service_account.len(),
         );
         write_end_name(&mut s, &self.source, self.l4.source_ip);
         s.push_str(" -> ");
@@ -566,11 +573,11 @@ impl FlowEvent {
 /// else what its address is.
 fn write_end_name(s: &mut String, ep: &Endpoint, ip: IpAddr) {
     // Writing into a String cannot fail.
-    if !ep.service_account.is_empty() {
+    if !ep.pod.service_account.is_empty() {
         // The workload's name reads better than the pod's hashed one: "frontend", not "frontend-7d9f".
-        s.push_str(&ep.service_account);
-    } else if !ep.pod_name.is_empty() {
-        s.push_str(&ep.pod_name);
+        s.push_str(&ep.pod.service_account);
+    } else if !ep.pod.pod_name.is_empty() {
+        s.push_str(&ep.pod.pod_name);
     } else if ep.kind == EndKind::World {
         let _ = write!(s, "world ({ip})");
     } else if ep.kind == EndKind::Host {

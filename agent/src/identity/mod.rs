@@ -353,7 +353,10 @@ impl Enricher {
             // Selectors come only from the pod found from the socket's
             // cgroup: metadata reached from an address must not attest.
             let (namespace, service_account) = match &local_pod {
-                Some(p) => (non_empty(&p.namespace), non_empty(&p.service_account)),
+                Some(p) => (
+                    non_empty(&p.meta.namespace),
+                    non_empty(&p.meta.service_account),
+                ),
                 None => (None, None),
             };
             Some(WorkloadQuery {
@@ -397,7 +400,10 @@ impl Enricher {
             return PeerWait::Done;
         }
         let (namespace, service_account) = match &pod {
-            Some(p) => (non_empty(&p.namespace), non_empty(&p.service_account)),
+            Some(p) => (
+                non_empty(&p.meta.namespace),
+                non_empty(&p.meta.service_account),
+            ),
             None => (None, None),
         };
         PeerWait::Query(WorkloadQuery {
@@ -568,10 +574,7 @@ fn set_id(
 
 fn apply_pod(ep: &mut Endpoint, p: &PodInfo) {
     ep.kind = EndKind::Pod;
-    ep.namespace = p.namespace.clone();
-    ep.pod_name = p.pod.clone();
-    ep.service_account = p.service_account.clone();
-    ep.labels = p.labels.clone();
+    ep.pod = p.meta.clone();
 }
 
 fn apply_peer(ep: &mut Endpoint, peer: &Peer) {
@@ -653,8 +656,10 @@ fn derive(
     detail: impl Into<Cow<'static, str>>,
 ) {
     match (ep.kind, td) {
-        (EndKind::Pod, Some(td)) if !ep.namespace.is_empty() && !ep.service_account.is_empty() => {
-            let id = ids.get(td, &ep.namespace, &ep.service_account);
+        (EndKind::Pod, Some(td))
+            if !ep.pod.namespace.is_empty() && !ep.pod.service_account.is_empty() =>
+        {
+            let id = ids.get(td, &ep.pod.namespace, &ep.pod.service_account);
             set_id(ep, id, IdentitySource::Derived, detail);
         }
         (EndKind::Pod, None) => set_id(
@@ -741,14 +746,14 @@ mod tests {
         );
         assert_eq!(f.source.identity_source, IdentitySource::Derived);
         assert_eq!(
-            f.source.labels.get("app").map(String::as_str),
+            f.source.pod.labels.get("app").map(String::as_str),
             Some("frontend")
         );
         assert_eq!(
             f.destination.spiffe_id,
             "spiffe://demo.local/ns/99-apps/sa/postgresql"
         );
-        assert_eq!(f.destination.pod_name, "postgresql-0");
+        assert_eq!(f.destination.pod.pod_name, "postgresql-0");
         assert_eq!(f.destination.kind, EndKind::Pod);
     }
 
@@ -989,7 +994,7 @@ mod tests {
         let mut f = flow();
         e.enrich(&mut f);
         assert_eq!(f.source.identity_source, IdentitySource::Unknown);
-        assert_eq!(f.source.pod_name, "frontend-7d9f");
+        assert_eq!(f.source.pod.pod_name, "frontend-7d9f");
         assert_eq!(
             trust_domain_of("spiffe://demo.local/ns/a/sa/b").as_deref(),
             Some("demo.local")
