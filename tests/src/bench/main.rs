@@ -131,8 +131,10 @@ struct RunArgs {
     /// (default: found in `flowaudit agent --help`, if it has one).
     #[arg(long, allow_hyphen_values = true)]
     payload_flag: Option<String>,
-    /// Bare/agent rounds of the overhead measurements.
-    #[arg(long, default_value_t = 5)]
+    /// Bare/agent rounds of the overhead measurements. Ten, because the
+    /// targets sit a point or two below bare: with five, the median of one
+    /// mode's runs moved by that much between benches.
+    #[arg(long, default_value_t = 10)]
     rounds: usize,
     /// Seconds per overhead run.
     #[arg(long, default_value_t = 5.0)]
