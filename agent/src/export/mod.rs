@@ -36,7 +36,8 @@ pub mod proto {
 /// `flowaudit agent` flags of the export side.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Write flow events to this file as JSON lines, rotated by size.
+    /// Write flow events to this file as JSON lines, rotated by size. Its
+    /// pages leave the page cache once on disk (write-behind, every 8 MiB).
     #[arg(long, env = "FLOWAUDIT_EXPORT_FILE", value_name = "PATH")]
     pub export_file: Option<PathBuf>,
     /// Rotate the export file when it reaches this many MiB.

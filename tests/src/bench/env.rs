@@ -565,13 +565,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
+/// The unit of utime and stime in /proc stat files.
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
 /// (user + system CPU seconds, peak resident MiB) of a process.
 pub fn proc_cpu_and_peak_rss(pid: u32) -> (f64, f64) {
-    let tick = {
-        // SAFETY: sysconf has no preconditions.
-        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        if t > 0 { t as f64 } else { 100.0 }
-    };
+    let tick = clock_ticks_per_sec();
     let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
@@ -592,6 +595,53 @@ pub fn proc_cpu_and_peak_rss(pid: u32) -> (f64, f64) {
         })
         .map_or(f64::NAN, |kb| kb / 1024.0);
     (cpu, hwm)
+}
+
+/// User + system CPU seconds of each thread of a process, by thread id,
+/// with the thread's name (`/proc/PID/task/TID/stat`). A thread that ended
+/// is missing; a thread that cannot be read is skipped.
+pub fn proc_thread_cpu(pid: u32) -> std::collections::BTreeMap<u32, (String, f64)> {
+    let tick = clock_ticks_per_sec();
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // "TID (comm) state ..."; utime and stime are fields 14 and 15.
+        let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else {
+            continue;
+        };
+        let comm = head[open + 1..].to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(ut), Some(st)) = (
+            f.get(11).and_then(|v| v.parse::<f64>().ok()),
+            f.get(12).and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        out.insert(tid, (comm, (ut + st) / tick));
+    }
+    out
+}
+
+/// CPU seconds each thread name used between two [`proc_thread_cpu`]
+/// readings (a thread started in between counts from 0).
+pub fn thread_cpu_by_name(
+    before: &std::collections::BTreeMap<u32, (String, f64)>,
+    after: &std::collections::BTreeMap<u32, (String, f64)>,
+) -> std::collections::BTreeMap<String, f64> {
+    let mut by = std::collections::BTreeMap::new();
+    for (tid, (comm, cpu)) in after {
+        let was = before.get(tid).map_or(0.0, |b| b.1);
+        *by.entry(comm.clone()).or_insert(0.0) += cpu - was;
+    }
+    by
 }
 
 /// Resident MiB of a process's BPF map mappings (`anon_inode:bpf-map` in

@@ -5,7 +5,7 @@
 //! tool's records are matched against the 4-tuples the generator completed.
 //! A tool that cannot run here is reported as such, never as 0%.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -446,6 +446,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
             a.metric("flowaudit_kernel_events_lost_total")?,
             a.cpu_and_peak_rss().0,
             a.metric("flowaudit_kernel_events_total")?,
+            env::proc_thread_cpu(a.pid()),
         )),
         None => None,
     };
@@ -512,10 +513,11 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
     let watch_refs: Vec<&Path> = watch.iter().map(PathBuf::as_path).collect();
     wait_quiet(&watch_refs, Duration::from_secs(2), Duration::from_secs(60))?;
     let agent_figures = match (agent, before) {
-        (Some(a), Some((lost_before, cpu_before, records_before))) => {
+        (Some(a), Some((lost_before, cpu_before, records_before, threads_before))) => {
             let lost = a.metric("flowaudit_kernel_events_lost_total")? - lost_before;
             let records = a.metric("flowaudit_kernel_events_total")? - records_before;
             let (cpu_after, peak_rss) = a.cpu_and_peak_rss();
+            let threads = env::thread_cpu_by_name(&threads_before, &env::proc_thread_cpu(a.pid()));
             // Ring pages, once touched, stay resident: what they add now
             // they added at the peak.
             let ring_rss = env::proc_bpf_map_rss(a.pid());
@@ -526,6 +528,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
                 cpu_after - cpu_before,
                 (peak_rss, ring_rss),
                 records,
+                threads,
             ))
         }
         _ => None,
@@ -590,7 +593,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         )),
     );
 
-    if let Some((fa_lost, cpu, (peak_rss, ring_rss), records)) = agent_figures {
+    if let Some((fa_lost, cpu, (peak_rss, ring_rss), records, threads)) = agent_figures {
         let fa = count_flowaudit(&export, &exp)?;
         let all4 = fa.iter().filter(|s| **s == ALL_FOUR).count();
         let any = fa.iter().filter(|s| **s != 0).count();
@@ -644,8 +647,33 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
                 .detail(format!(
                     "{cpu:.2} s of agent CPU (utime+stime of its process, /proc/PID/stat) from before the \
                      run until its records drained, over the {any} connections it reported (two sockets, \
-                     four flow events each, export file on); {figures}"
+                     four flow events each, export file on); by thread: {}; {figures}",
+                    thread_split(&threads, any, export_mib)
                 ))
+        });
+        // The export file's writer against the rest: where the row above goes.
+        let writer = threads.get(WRITER_THREAD).copied();
+        let rest_id = id("agent_cpu_per_conn_without_writer");
+        let rest_name = name("agent CPU per connection, the export file's writer thread left out");
+        results.push(match writer {
+            Some(w) if any > 0 && cpu.is_finite() => {
+                let rest = cpu - w;
+                BenchResult::new(&rest_id, &rest_name, rest * 1e6 / any as f64, "µs").detail(format!(
+                    "{rest:.2} s of the agent's {cpu:.2} s (every thread but `{WRITER_THREAD}`, \
+                     /proc/PID/task/TID/stat) over the {any} connections it reported: capture, \
+                     identity, policy, metrics, stream; the writer thread, which serializes each flow \
+                     as JSON and writes {export_mib:.0} MiB, took {w:.2} s ({:.2} µs per connection, \
+                     {:.2} µs per MiB written)",
+                    w * 1e6 / any as f64,
+                    w * 1e6 / export_mib.max(f64::MIN_POSITIVE)
+                ))
+            }
+            _ => BenchResult::not_run(
+                &rest_id,
+                &rest_name,
+                "µs",
+                format!("not run: no `{WRITER_THREAD}` thread was seen in the agent, or it reported no connection"),
+            ),
         });
         if plan.pin.is_none() {
             results.push(
@@ -753,4 +781,34 @@ fn ring_note(extra: &[String]) -> String {
 
 pub fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The thread that serializes and writes the export file
+/// (`agent/src/export/file.rs`).
+const WRITER_THREAD: &str = "export-file";
+
+/// "export-file 6.10 s (9.80 µs/conn), tokio-rt-worker 1.20 s (...)": each
+/// thread name's CPU over the run, largest first.
+fn thread_split(threads: &BTreeMap<String, f64>, conns: usize, export_mib: f64) -> String {
+    let mut v: Vec<(&String, &f64)> = threads.iter().filter(|(_, c)| **c > 0.0).collect();
+    v.sort_by(|a, b| b.1.total_cmp(a.1));
+    let parts: Vec<String> = v
+        .iter()
+        .map(|(n, c)| {
+            let mut t = format!(
+                "{n} {c:.2} s ({:.2} µs/conn",
+                **c * 1e6 / conns.max(1) as f64
+            );
+            if n.as_str() == WRITER_THREAD {
+                t.push_str(&format!(", writing {export_mib:.0} MiB"));
+            }
+            t.push(')');
+            t
+        })
+        .collect();
+    if parts.is_empty() {
+        "not read".into()
+    } else {
+        parts.join(", ")
+    }
 }
