@@ -36,8 +36,9 @@ pub mod proto {
 /// `flowaudit agent` flags of the export side.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Write flow events to this file as JSON lines, rotated by size. Its
-    /// pages leave the page cache once on disk (write-behind, every 8 MiB).
+    /// Write flow events to this file as JSON lines, rotated by size. It is
+    /// written out behind the writer every 8 MiB, and what is on disk then
+    /// leaves the page cache.
     #[arg(long, env = "FLOWAUDIT_EXPORT_FILE", value_name = "PATH")]
     pub export_file: Option<PathBuf>,
     /// Rotate the export file when it reaches this many MiB.

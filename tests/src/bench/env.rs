@@ -565,26 +565,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
-/// The unit of utime and stime in /proc stat files.
-fn clock_ticks_per_sec() -> f64 {
+/// The name and user + system CPU seconds of a /proc `stat` line
+/// ("PID (comm) state ...": utime and stime are fields 14 and 15).
+fn stat_name_and_cpu(stat: &str) -> Option<(&str, f64)> {
     // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
+    let tick = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as f64,
+        _ => 100.0,
+    };
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = &head[head.find('(')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((comm, (ut + st) / tick))
 }
 
 /// (user + system CPU seconds, peak resident MiB) of a process.
 pub fn proc_cpu_and_peak_rss(pid: u32) -> (f64, f64) {
-    let tick = clock_ticks_per_sec();
     let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| {
-            // Fields after the ")" of comm: state is field 3, utime 14, stime 15.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ut: f64 = f.get(11)?.parse().ok()?;
-            let st: f64 = f.get(12)?.parse().ok()?;
-            Some((ut + st) / tick)
-        })
+        .and_then(|s| Some(stat_name_and_cpu(&s)?.1))
         .unwrap_or(f64::NAN);
     let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -601,7 +602,6 @@ pub fn proc_cpu_and_peak_rss(pid: u32) -> (f64, f64) {
 /// with the thread's name (`/proc/PID/task/TID/stat`). A thread that ended
 /// is missing; a thread that cannot be read is skipped.
 pub fn proc_thread_cpu(pid: u32) -> std::collections::BTreeMap<u32, (String, f64)> {
-    let tick = clock_ticks_per_sec();
     let mut out = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -613,19 +613,9 @@ pub fn proc_thread_cpu(pid: u32) -> std::collections::BTreeMap<u32, (String, f64
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
             continue;
         };
-        // "TID (comm) state ..."; utime and stime are fields 14 and 15.
-        let (Some((head, rest)), Some(open)) = (stat.rsplit_once(')'), stat.find('(')) else {
-            continue;
-        };
-        let comm = head[open + 1..].to_string();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let (Some(ut), Some(st)) = (
-            f.get(11).and_then(|v| v.parse::<f64>().ok()),
-            f.get(12).and_then(|v| v.parse::<f64>().ok()),
-        ) else {
-            continue;
-        };
-        out.insert(tid, (comm, (ut + st) / tick));
+        if let Some((comm, cpu)) = stat_name_and_cpu(&stat) {
+            out.insert(tid, (comm.to_string(), cpu));
+        }
     }
     out
 }
