@@ -381,6 +381,7 @@ mod tests {
     use crate::capture::Clock;
     use crate::capture::record::{KernelEvent, tests::sample};
     use flowaudit_policy::IdentitySource;
+    use flowaudit_tests::support::TestDir;
 
     const POLICY: &str = "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nmetadata: {name: t}\nspec:\n  trustDomain: demo.local\n  mtls: optional\n  rules:\n    - name: frontend-to-backend\n      from: [spiffe://demo.local/ns/99-apps/sa/frontend]\n      to: [spiffe://demo.local/ns/99-apps/sa/backend]\n      ports: [8000]\n";
 
@@ -403,11 +404,10 @@ mod tests {
     }
 
     /// A directory of its own for each call (tests run in parallel).
-    fn dir_with(policy: &str) -> (PathBuf, PathBuf) {
+    fn dir_with(policy: &str) -> (TestDir, PathBuf) {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("fa-judge-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new(&format!("fa-judge-{n}"));
         let file = dir.join("p.yaml");
         std::fs::write(&file, policy).unwrap();
         (dir, file)
@@ -419,7 +419,7 @@ mod tests {
     #[test]
     fn repeated_flows_are_judged_once_and_exactly_as_the_policy_would() {
         let required = POLICY.replace("mtls: optional", "mtls: required");
-        let (dir, file) = dir_with(&required);
+        let (_dir, file) = dir_with(&required);
         let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
         let (tx, rx) = watch::channel(Arc::new(loaded.policy));
         let mut judge = Judge::without_cilium(Some(rx));
@@ -474,12 +474,11 @@ mod tests {
             "a new policy version is not answered from the memo"
         );
         assert_eq!(again.verdict, Verdict::Compliant, "{:?}", again.findings);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn judges_allowed_and_unintended_flows() {
-        let (dir, file) = dir_with(POLICY);
+        let (_dir, file) = dir_with(POLICY);
         let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
         let mut judge = Judge::without_cilium(Some(watch::channel(Arc::new(loaded.policy)).1));
         let mut ok = flow("backend", 8000);
@@ -507,13 +506,12 @@ mod tests {
             "{:?}",
             failed.findings
         );
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn encryption_decides_mtls_findings_and_certificates_are_checked() {
         let required = POLICY.replace("mtls: optional", "mtls: required");
-        let (dir, file) = dir_with(&required);
+        let (_dir, file) = dir_with(&required);
         let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
         let mut judge = Judge::without_cilium(Some(watch::channel(Arc::new(loaded.policy)).1));
         let kinds = |f: &FlowEvent| f.findings.iter().map(|x| x.kind).collect::<Vec<_>>();
@@ -583,19 +581,17 @@ mod tests {
         g.verdict = Verdict::Unknown;
         Judge::without_cilium(None).judge(&mut g);
         assert_eq!(g.verdict, Verdict::Violation);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn invalid_initial_policy_names_file_and_line() {
-        let (dir, file) = dir_with(
+        let (_dir, file) = dir_with(
             "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nmetadata: {name: t}\nspec:\n  trustDomain: demo.local\n  rules:\n    - name: r\n      from: [spiffe://other.org/x]\n      to: [world]\n",
         );
         let e = load_initial(std::slice::from_ref(&file))
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.yaml:8:"), "{e}");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
@@ -607,7 +603,7 @@ mod tests {
         let results = Arc::new(std::sync::Mutex::new(Vec::new()));
         let r2 = results.clone();
         let task = tokio::spawn(watch_policies(
-            vec![dir.clone()],
+            vec![dir.to_path_buf()],
             tx,
             Box::new(move |ok, _version: &str, rules, _why| r2.lock().unwrap().push((ok, rules))),
         ));
@@ -628,6 +624,5 @@ mod tests {
         assert_ne!(rx.borrow().version(), first);
         assert_eq!(results.lock().unwrap().last(), Some(&(true, 1)));
         task.abort();
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

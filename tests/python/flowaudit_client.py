@@ -22,6 +22,7 @@ import importlib
 import importlib.resources
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -38,6 +39,16 @@ PROTO_DIR = os.path.join(ROOT, "proto")
 def generate():
     """Compiles the .proto into a temp dir and imports the modules."""
     out = tempfile.mkdtemp(prefix="flowaudit-pb-")
+    try:
+        return compile_and_import(out)
+    finally:
+        # Both modules are loaded by now: the files are not needed again,
+        # and a client stopped by a signal would never remove them later.
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def compile_and_import(out):
+    """protoc into `out`, then the two generated modules imported from it."""
     wkt = str(importlib.resources.files("grpc_tools") / "_proto")
     rc = protoc.main([
         "grpc_tools.protoc",

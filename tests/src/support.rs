@@ -82,11 +82,57 @@ pub fn kernel_reads() -> bool {
         .any(|d| d == "kernel_reads")
 }
 
-/// A fresh directory for one test, named after it and this process.
-pub fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flowaudit-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
-    d
+/// A fresh directory for one test, named after it and this process (see
+/// [`TestDir`]).
+pub fn temp_dir(name: &str) -> TestDir {
+    TestDir::new(&format!("flowaudit-{name}"))
+}
+
+/// A fresh, empty directory under the temp dir, `<prefix>-<pid>`, removed
+/// with everything in it when dropped: at the end of the test, and also when
+/// the test fails (the panic unwinds through it). Declare it before
+/// whatever writes into it (a process, a socket), so it goes last.
+#[derive(Debug)]
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new(prefix: &str) -> Self {
+        Self::under(&std::env::temp_dir(), prefix)
+    }
+
+    /// The same under `parent` (created if missing), for a test that needs
+    /// a particular file system.
+    pub fn under(parent: &Path, prefix: &str) -> Self {
+        let d = parent.join(format!("{prefix}-{}", std::process::id()));
+        // What an earlier run of this process id left (a killed run).
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+        Self(d)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `deploy/examples/scenario/precinct-99-scenario.yaml`.
@@ -208,4 +254,35 @@ pub fn connect_ok(from: &Pod, to: std::net::IpAddr, count: u64) -> Vec<crate::si
         );
     }
     report.records
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestDir;
+
+    #[test]
+    fn a_test_dir_is_removed_with_its_files_also_when_the_test_fails() {
+        let mut path = None;
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let dir = TestDir::new("flowaudit-testdir-unwind");
+            std::fs::create_dir_all(dir.join("a/b")).unwrap();
+            std::fs::write(dir.join("a/b/f"), b"x").unwrap();
+            path = Some(dir.to_path_buf());
+            panic!("the test fails");
+        }));
+        assert!(failed.is_err());
+        let path = path.expect("the dir was made");
+        assert!(!path.exists(), "{} is left behind", path.display());
+
+        // A stale one of the same name (a killed run) is emptied first.
+        let stale =
+            std::env::temp_dir().join(format!("flowaudit-testdir-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("old"), b"x").unwrap();
+        let dir = TestDir::new("flowaudit-testdir-stale");
+        assert_eq!(dir.path(), stale);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        drop(dir);
+        assert!(!stale.exists());
+    }
 }

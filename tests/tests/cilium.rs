@@ -451,5 +451,4 @@ fn cilium_mutual_authentication_is_audited_from_its_auth_map() {
             "observe: {state} should be {verdict}: {line}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

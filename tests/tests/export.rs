@@ -292,7 +292,8 @@ impl Http {
 struct Prometheus {
     child: Child,
     addr: SocketAddr,
-    dir: PathBuf,
+    /// Removed (its own drop) once the process is gone.
+    _dir: TestDir,
 }
 
 impl Prometheus {
@@ -317,7 +318,11 @@ impl Prometheus {
             .unwrap_or_else(|e| {
                 panic!("could not start prometheus ({e}): install Debian's `prometheus` (cargo xtask setup)")
             });
-        let p = Self { child, addr, dir };
+        let p = Self {
+            child,
+            addr,
+            _dir: dir,
+        };
         wait_until("Prometheus is ready", Duration::from_secs(60), || {
             TcpStream::connect(addr).is_ok() && http_get(addr, "/-/ready").0 == 200
         });
@@ -330,7 +335,6 @@ impl Drop for Prometheus {
         // SAFETY: kill(2) takes plain integers: it signals a process this test started.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -606,7 +610,6 @@ fn python_grpc_client_tails_the_stream_with_filters() {
         String::from_utf8_lossy(&from_server.stdout).lines().count(),
         4 * N as usize
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------- slow readers
@@ -717,7 +720,6 @@ fn a_stalled_subscriber_loses_only_its_own_flows_and_is_told() {
         .filter(|f| f["l4"]["destination_port"] == 8000)
         .count();
     assert_eq!(to_port, total, "the pipeline (export file) got every flow");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -784,7 +786,6 @@ fn a_hundred_subscribers_each_get_every_flow() {
         let err = std::fs::read_to_string(dir.join(format!("{i}.err"))).unwrap();
         assert!(err.is_empty(), "subscriber {i}: {err}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Delay from a connection (its kernel timestamp) to its event arriving on
@@ -875,7 +876,6 @@ fn observe_follow_reconnects_when_the_agent_restarts() {
     out.wait_count(8 + 12, Duration::from_secs(30), "flows after the restart");
     sigint_and_wait(&mut sub, "observe -f");
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------- golden files

@@ -153,7 +153,6 @@ fn agent_refuses_a_plaintext_grpc_addr_beyond_loopback() {
     .arg("--export-file")
     .arg(dir.join("flows.jsonl"));
     let out = run(c, 60);
-    let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && out.status.code().is_some(),
@@ -269,7 +268,6 @@ fn file_mtls_serves_allowed_spiffe_ids_only() {
             .is_some_and(|e| e.contains("no certificates"))),
         "the agent must log the handshake without a client certificate; handshake failures: {failed:#?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The DaemonSet's agents dial SPIRE's Workload API for their listener's
@@ -423,7 +421,6 @@ fn workload_api_svid_rotation_keeps_mtls_serving_with_the_new_svid() {
         report.logs
     );
     drop(double);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

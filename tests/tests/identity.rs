@@ -164,7 +164,6 @@ fn local_ends_and_same_node_peers_are_attested_on_every_release() {
                 report.counter("identity_timeouts"),
             ));
             rt.block_on(double.stop());
-            std::fs::remove_dir_all(dir).ok();
         }
     }
     for f in &figures {
@@ -321,7 +320,6 @@ fn spire_outage_gives_derived_then_attested_again_on_every_release() {
         figures.push(format!(
             "SPIRE {v}: before ATTESTED, new workloads during the outage DERIVED (both ends), ATTESTED again {again:?} after SPIRE restarted"
         ));
-        std::fs::remove_dir_all(dir).ok();
     }
     for f in &figures {
         eprintln!("figures: {f}");
@@ -391,7 +389,6 @@ fn without_spire_every_pod_end_is_derived_and_status_says_why() {
         .collect();
     assert_eq!(said.len(), 1, "one log line says why: {:#?}", report.logs);
     eprintln!("figures: no SPIRE: {pod_ends} of {pod_ends} pod ends DERIVED with their SPIFFE IDs");
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -429,6 +426,5 @@ fn unauthorized_delegate_is_told_the_fix_on_every_release() {
             "figures: SPIRE {v}: unauthorized delegate told to add its SPIFFE ID to authorized_delegates"
         );
         rt.block_on(double.stop());
-        std::fs::remove_dir_all(dir).ok();
     }
 }

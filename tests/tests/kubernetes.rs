@@ -210,5 +210,4 @@ fn pod_metadata_comes_from_the_kubernetes_api_and_follows_changes() {
     assert_eq!(a["destination"]["identity_source"], "DERIVED", "{a}");
     assert_eq!(a["verdict"], "VIOLATION", "{a}");
     assert!(findings(a).contains(&"NO_MATCHING_RULE"), "{a}");
-    std::fs::remove_dir_all(dir).ok();
 }

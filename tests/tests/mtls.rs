@@ -401,7 +401,6 @@ fn each_connection_gets_the_encryption_it_carries() {
         0,
         "kernel events lost"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One plaintext HTTP request from the frontend to the backend (port 8000).
@@ -453,7 +452,7 @@ fn agent_under_policy(
     sim: &Precinct99,
     name: &str,
     extra: &[&str],
-) -> (std::path::PathBuf, flowaudit_tests::agent::RunningAgent) {
+) -> (TestDir, flowaudit_tests::agent::RunningAgent) {
     let dir = temp_dir(name);
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, POLICY).expect("policy");
@@ -474,7 +473,7 @@ fn agent_under_policy(
 fn encryption_not_seen_is_never_silently_compliant() {
     require_root();
     let sim = Precinct99::start(66).expect("precinct-99 on a simulated node");
-    let (dir, agent) = agent_under_policy(
+    let (_dir, agent) = agent_under_policy(
         &sim,
         "mtls-unseen",
         &["--payload-sockets", "2", "--encryption-wait-ms", "1000"],
@@ -626,7 +625,6 @@ fn encryption_not_seen_is_never_silently_compliant() {
         follower_err.contains("payload_map_full"),
         "the stream told no payload_map_full loss; observe said:\n{follower_err}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A socket holds its `--payload-sockets` place from the handshake until it
@@ -640,7 +638,7 @@ fn encryption_not_seen_is_never_silently_compliant() {
 fn a_closed_socket_gives_its_payload_place_back() {
     require_root();
     let sim = Precinct99::start(69).expect("precinct-99 on a simulated node");
-    let (dir, agent) = agent_under_policy(&sim, "mtls-places", &["--payload-sockets", "2"]);
+    let (_dir, agent) = agent_under_policy(&sim, "mtls-places", &["--payload-sockets", "2"]);
     // Both sockets' CLOSE records come with their places given back.
     let (metrics, to_backend, _) = plaintext_rounds(&sim, agent, 3);
     assert_eq!(
@@ -660,7 +658,6 @@ fn a_closed_socket_gives_its_payload_place_back() {
         "flowaudit_kernel_events_lost_total{place=\"payload_map_full\"}",
     );
     assert_eq!(lost, 0.0, "payload_map_full counted {lost}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `--payload-capture=false`: the payload programs stay unattached and
@@ -672,7 +669,7 @@ fn a_closed_socket_gives_its_payload_place_back() {
 fn payload_capture_off_says_not_watched_for_every_event() {
     require_root();
     let sim = Precinct99::start(68).expect("precinct-99 on a simulated node");
-    let (dir, agent) = agent_under_policy(&sim, "mtls-capture-off", &["--payload-capture=false"]);
+    let (_dir, agent) = agent_under_policy(&sim, "mtls-capture-off", &["--payload-capture=false"]);
     let (metrics, to_backend, report) = plaintext_rounds(&sim, agent, 1);
     assert_eq!(
         to_backend.len(),
@@ -703,7 +700,6 @@ fn payload_capture_off_says_not_watched_for_every_event() {
         "payload_map_full counted {lost} with capture off"
     );
     assert_eq!(report.counter("kernel_events_lost"), 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Issue 16: packets with IPv6 extension headers are not parsed by the
@@ -716,7 +712,7 @@ fn payload_capture_off_says_not_watched_for_every_event() {
 fn ipv6_extension_headers_are_reported_not_observable() {
     require_root();
     let sim = Precinct99::start(67).expect("precinct-99 on a simulated node");
-    let (dir, agent) = agent_under_policy(&sim, "mtls-exthdr", &["--encryption-wait-ms", "5000"]);
+    let (_dir, agent) = agent_under_policy(&sim, "mtls-exthdr", &["--encryption-wait-ms", "5000"]);
     // A server of our own on the backend's IPv6 address (the scenario's
     // listen on IPv4), on a port the mTLS rule covers.
     let backend = sim.workloads[BACKEND].pod.ip6();
@@ -790,5 +786,4 @@ fn ipv6_extension_headers_are_reported_not_observable() {
             f["encryption"]["unknown_reason"]
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -242,5 +242,4 @@ fn two_nodes_each_see_their_own_sockets_and_both_halves_of_cross_node_connection
         a_to_b.len() + a_to_b6.len() + b_to_a.len(),
     );
     eprintln!("figures: two nodes: {counts:?}");
-    std::fs::remove_dir_all(dir).ok();
 }

@@ -117,7 +117,6 @@ fn scenario_against(index: u8, version: &str) {
         .unwrap_or_else(|e| panic!("SPIRE {version}: {e}"));
     eprintln!("scenario, SPIRE {version} in the node: {tally}");
     double.stop();
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
@@ -172,5 +171,4 @@ fn endpoint_directory_changes_apply_while_running() {
     );
     assert_eq!(a["verdict"], "VIOLATION", "{a}");
     assert!(findings(&a).contains(&"NO_MATCHING_RULE"), "{a}");
-    std::fs::remove_dir_all(dir).ok();
 }

@@ -130,5 +130,4 @@ fn go_grpc_with_no_options_on_the_unix_socket() {
     cmd.arg(unix_addr(&agent));
     check_client("Go grpc", cmd);
     agent.stop();
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -341,8 +341,7 @@ endpoints:                  # pods
 
     #[tokio::test]
     async fn watcher_publishes_good_versions_and_keeps_the_last_good_one() {
-        let dir = std::env::temp_dir().join(format!("fa-endpoints-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = flowaudit_tests::support::TestDir::new("fa-endpoints");
         let path = dir.join("e.yaml");
         std::fs::write(&path, SAMPLE).unwrap();
         let (tx, mut rx) =
@@ -372,6 +371,5 @@ endpoints:                  # pods
             Peer::Pod(_)
         ));
         task.abort();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -462,6 +462,7 @@ mod tests {
     use super::*;
     use crate::capture::Clock;
     use crate::capture::record::{KernelEvent, tests::sample};
+    use flowaudit_tests::support::TestDir;
 
     fn flow() -> FlowEvent {
         FlowEvent::from_kernel(
@@ -473,8 +474,7 @@ mod tests {
 
     #[test]
     fn rotates_by_size_keeps_whole_lines_and_bounded_backups() {
-        let dir = std::env::temp_dir().join(format!("fa-export-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = TestDir::new("fa-export");
         let path = dir.join("flows.jsonl");
         let mut line = Vec::new();
         crate::flow::json::write_flow(&mut line, &flow());
@@ -503,14 +503,10 @@ mod tests {
         ex.write(&flow()).unwrap();
         ex.flush().unwrap();
         assert_eq!(count(&path), 2);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("fa-export-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    fn scratch(name: &str) -> TestDir {
+        TestDir::new(&format!("fa-export-{name}"))
     }
 
     #[test]
@@ -556,13 +552,12 @@ mod tests {
         );
         serde_json::from_str::<FlowEvent>(after[0].trim_end())
             .expect("the new file holds the flow");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop
     /// (also when the test fails). Needs root, which CI has: without it the
     /// test fails saying so, it never skips.
-    struct Tmpfs(PathBuf);
+    struct Tmpfs(TestDir);
 
     impl Tmpfs {
         fn mount(name: &str, size: &str) -> Self {
@@ -581,7 +576,7 @@ mod tests {
                     &format!("size={size}"),
                     "flowaudit-test",
                 ])
-                .arg(&dir)
+                .arg(dir.path())
                 .status()
                 .expect("mount(8)");
             assert!(st.success(), "mount -t tmpfs on {}: {st}", dir.display());
@@ -593,9 +588,9 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::process::Command::new("umount")
                 .arg("-l")
-                .arg(&self.0)
+                .arg(self.0.path())
                 .status();
-            let _ = std::fs::remove_dir_all(&self.0);
+            // The directory goes next, with the field.
         }
     }
 
@@ -655,8 +650,7 @@ mod tests {
     #[test]
     fn the_sink_writes_every_flow_in_order_on_its_own_thread() {
         use crate::pipeline::Sink;
-        let dir = std::env::temp_dir().join(format!("fa-export-sink-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = TestDir::new("fa-export-sink");
         let path = dir.join("flows.jsonl");
         let mut sink = ExportFileSink::new(ExportFile::open(&path, u64::MAX, 0).unwrap()).unwrap();
         let n = 3 * SINK_BATCH as u64 + 7;
@@ -680,7 +674,6 @@ mod tests {
             })
             .collect();
         assert_eq!(cookies, (0..n).collect::<Vec<_>>(), "every flow, in order");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -722,13 +715,11 @@ mod tests {
 
     /// A directory on the disk the workspace is on (/tmp may be a tmpfs,
     /// whose pages are the file and never leave).
-    fn disk_dir(name: &str) -> PathBuf {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/test-export")
-            .join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    fn disk_dir(name: &str) -> TestDir {
+        TestDir::under(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-export"),
+            name,
+        )
     }
 
     #[test]
@@ -775,7 +766,6 @@ mod tests {
         for l in text.lines() {
             serde_json::from_str::<FlowEvent>(l).expect("every line is a whole event");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

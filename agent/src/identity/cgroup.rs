@@ -137,17 +137,15 @@ mod tests {
 
     #[test]
     fn resolves_a_cgroup_created_after_the_first_scan() {
-        let base = std::env::temp_dir().join(format!("fa-cg-{}", std::process::id()));
+        let base = flowaudit_tests::support::TestDir::new("fa-cg");
         let uid = "11111111-2222-3333-4444-555555555555";
-        let mut r = CgroupResolver::new(base.clone());
+        let mut r = CgroupResolver::new(base.to_path_buf());
         r.min_rescan = Duration::ZERO;
-        std::fs::create_dir_all(&base).unwrap();
         assert_eq!(r.pod_uid(1), None);
         let dir = base.join(format!("kubepods/besteffort/pod{uid}/abcdef"));
         std::fs::create_dir_all(&dir).unwrap();
         let ino = std::fs::metadata(&dir).unwrap().ino();
         assert_eq!(r.pod_uid(ino).as_deref(), Some(uid));
-        assert_eq!(r.root(), base.as_path());
-        std::fs::remove_dir_all(&base).unwrap();
+        assert_eq!(r.root(), base.path());
     }
 }

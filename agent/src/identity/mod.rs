@@ -789,7 +789,7 @@ mod tests {
         use std::time::Duration;
         const FRONTEND_UID: &str = "11111111-2222-3333-4444-555555555555";
         const BACKEND_UID: &str = "66666666-7777-8888-9999-000000000000";
-        let base = std::env::temp_dir().join(format!("fa-enrich-{}", std::process::id()));
+        let base = flowaudit_tests::support::TestDir::new("fa-enrich");
         let inode = |uid: &str| {
             let d = base.join(format!("kubepods/besteffort/pod{uid}/c0ffee"));
             std::fs::create_dir_all(&d).unwrap();
@@ -830,7 +830,7 @@ mod tests {
         assert!(spire.status().connected, "{:?}", spire.status());
         let mut e = Enricher::new(
             Some(watch::channel(Arc::new(dir)).1),
-            CgroupResolver::new(base.clone()),
+            CgroupResolver::new(base.to_path_buf()),
             Some(spire),
             None,
         );
@@ -906,7 +906,6 @@ mod tests {
         );
         drop(e);
         double.stop().await;
-        std::fs::remove_dir_all(&base).ok();
     }
 
     /// A socket whose cgroup is in no pod, from an address the directory
@@ -916,7 +915,7 @@ mod tests {
     async fn metadata_reached_from_an_address_is_never_attested() {
         use flowaudit_tests::spire_double::{SpireDouble, SpireDoubleConfig};
         use std::time::Duration;
-        let base = std::env::temp_dir().join(format!("fa-enrich-ip-{}", std::process::id()));
+        let base = flowaudit_tests::support::TestDir::new("fa-enrich-ip");
         let socket = base.join("admin.sock");
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
@@ -934,7 +933,7 @@ mod tests {
         let spire = SpireClient::start(&socket, spire::SpireOptions::default());
         let mut e = Enricher::new(
             Some(directory()),
-            CgroupResolver::new(base.clone()),
+            CgroupResolver::new(base.to_path_buf()),
             Some(spire),
             Some("demo.local".into()),
         );
@@ -959,7 +958,6 @@ mod tests {
         assert!(!f.source.identity_detail.is_empty());
         drop(e);
         double.stop().await;
-        std::fs::remove_dir_all(&base).ok();
     }
 
     #[test]
