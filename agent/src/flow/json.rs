@@ -214,18 +214,7 @@ fn serde_part<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, part: &T) {
 }
 
 fn number(out: &mut Vec<u8>, n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn ip(out: &mut Vec<u8>, addr: IpAddr) {
