@@ -172,6 +172,20 @@ fn sigint_and_wait(child: &mut Child, what: &str) {
     }
 }
 
+/// Waits (at most `limit`) for a child to exit, then takes what it
+/// printed (a few lines: its pipes do not fill meanwhile).
+fn wait_output(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("its output")
+}
+
 fn parse_time(t: &str) -> SystemTime {
     // 2026-11-28T12:00:01.123456789Z; the agent always writes this form.
     let num = |r: std::ops::Range<usize>| -> i64 { t[r].parse().expect("time digits") };
@@ -848,6 +862,11 @@ fn stream_delay_and_single_subscriber_throughput() {
     assert_eq!(report.counter("kernel_events_lost"), 0);
 }
 
+/// A stopping agent ends each follow stream after the last flows it had,
+/// with UNAVAILABLE saying why: `observe -f` prints every flow, says the
+/// agent is stopping and reconnects to the restarted one; an independent
+/// gRPC client (grpcio) gets the same status and reason, not a connection
+/// torn down under it.
 #[test]
 fn observe_follow_reconnects_when_the_agent_restarts() {
     require_root();
@@ -864,11 +883,51 @@ fn observe_follow_reconnects_when_the_agent_restarts() {
         .unwrap();
     let mut out = Lines::new(sub.stdout.take().unwrap());
     let mut err = Lines::new(sub.stderr.take().unwrap());
-    wait_subscribers(&agent, 1);
+    let py = python_client(
+        &grpc,
+        &["tail", "--follow", "--port", "8000", "--deadline", "60"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("the virtual environment's python3");
+    wait_subscribers(&agent, 2);
     connect(&client, &server, 8000, 2, 1);
-    out.wait_count(8, Duration::from_secs(30), "flows before the restart");
-    agent.stop();
-    err.wait_line("lost the connection", Duration::from_secs(15));
+    // Stopped as soon as its export file has the four events of each
+    // connection: the streams may not have sent them yet.
+    assert!(
+        agent.wait_for_flows(8, Duration::from_secs(30), |f| f["l4"]["destination_port"]
+            == 8000),
+        "the agent's export file has the 8 flows"
+    );
+    let report = agent.stop();
+    let stopping = "the flowaudit agent on node sim-node is stopping (SIGINT)";
+    let lost = err.wait_line("lost the connection", Duration::from_secs(15));
+    assert!(lost.contains(stopping), "observe says why: {lost}");
+    out.drain();
+    assert_eq!(out.got.len(), 8, "every flow before the end: {:?}", out.got);
+    assert!(
+        !report
+            .logs
+            .iter()
+            .any(|l| l.to_string().contains("their connections were closed")),
+        "every stream ended in time: {:#?}",
+        report.logs
+    );
+    let py = wait_output(py, Duration::from_secs(30), "the Python client");
+    let py_err = String::from_utf8_lossy(&py.stderr);
+    assert_eq!(py.status.code(), Some(2), "an RPC error: {py_err}");
+    assert!(
+        py_err.contains(&format!(
+            "GetFlows failed: StatusCode.UNAVAILABLE {stopping}"
+        )),
+        "{py_err}"
+    );
+    let py_flows = String::from_utf8_lossy(&py.stdout)
+        .lines()
+        .filter(|l| l.starts_with("{\"flow\""))
+        .count();
+    assert_eq!(py_flows, 8, "{}", String::from_utf8_lossy(&py.stdout));
     let agent = RunningAgent::start(&args);
     err.wait_line("reconnected to", Duration::from_secs(30));
     wait_subscribers(&agent, 1);

@@ -1,6 +1,7 @@
 //! `flowaudit agent`: the node daemon. Attaches the kernel capture, runs the
 //! pipeline, reports kernel losses as they happen, and on SIGINT/SIGTERM
-//! drains what the kernel already recorded before detaching.
+//! drains what the kernel already recorded before detaching, then ends the
+//! gRPC streams with those flows and a status saying why.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,10 @@ use crate::identity::spire::{SpireClient, SpireObserver, SpireOptions};
 use crate::judge::Judge;
 use crate::pipeline::{Pipeline, PipelineStats};
 use crate::runtime::{LogFormat, init_logging, node_name};
+
+/// How long a stopping agent waits for stream clients to read the last
+/// flows and the end of their streams (within the pod's 30 s grace).
+const STREAM_END_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttestBy {
@@ -232,7 +237,8 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         capture.stats.clone(),
         pipeline_stats.clone(),
     ));
-    let sinks = crate::export::start(&args.export, &state).await?;
+    let crate::export::Started { sinks, stream } =
+        crate::export::start(&args.export, &state).await?;
     let endpoints = start_endpoints(&args).await?;
     let (enricher, judge) = start_identity_and_policy(&args, endpoints, &capture, policy, &state)?;
     let spire = enricher.spire.clone();
@@ -269,7 +275,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     }
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    let signal = loop {
         tokio::select! {
             _ = tick.tick() => {
                 report_losses(&capture);
@@ -278,16 +284,26 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                     state.report_identity_cache(spire.status().cached_workloads as u64);
                 }
             }
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break }
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
         }
-    }
+    };
+    tracing::info!("{signal}: stopping");
     // Detach first, then drain: once no program runs, the reader's final
     // drain sees every record the kernel ever wrote.
     capture.detach();
     let _ = shutdown_tx.send(true);
     let _ = reader.await;
     let _ = pipeline.await;
+    // Every flow is with the stream's subscribers now: each stream ends
+    // with them, then with a status saying why.
+    let why = format!("the flowaudit agent on node {node} is stopping ({signal})");
+    if !stream.stop(&why, STREAM_END_WAIT).await {
+        tracing::warn!(
+            wait = ?STREAM_END_WAIT,
+            "stream clients still had flows to read; their connections were closed"
+        );
+    }
     report_losses(&capture);
     let stats = &capture.stats;
     tracing::info!(

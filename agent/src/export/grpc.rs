@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::filter::FilterSet;
 use super::h2_authority::AuthorityFix;
-use super::hub::{Hub, Item, LostSource, Subscribe};
+use super::hub::{Hub, HubError, Item, LostSource, Subscribe};
 use super::mtls::{ClientTls, ServerTls};
 use super::proto;
 use super::proto::flow_audit_client::FlowAuditClient;
@@ -140,7 +140,11 @@ impl FlowAudit for FlowAuditService {
 /// A `GetFlows` answer from a hub: its buffered flows, then (with
 /// `follow`) live ones, its losses and notices. Flows carry their own node;
 /// this server's own notices carry `own_name`. Conversion to protobuf
-/// happens in the subscriber's task, never on the pipeline.
+/// happens in the subscriber's task, never on the pipeline. When the hub
+/// closes (the server is stopping), a follow stream gets everything
+/// published before, then ends with UNAVAILABLE and the hub's reason: the
+/// status clients reconnect on, instead of a connection torn down under
+/// them.
 pub fn flow_stream(
     hub: &Arc<Hub>,
     req: proto::GetFlowsRequest,
@@ -156,7 +160,10 @@ pub fn flow_stream(
             since,
             filter,
         })
-        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        .map_err(|e| match e {
+            HubError::Closed(why) => Status::unavailable(why.to_string()),
+            HubError::TooManySubscribers(_) => Status::resource_exhausted(e.to_string()),
+        })?;
     let own = own_name.to_owned();
     let out = stream.map(move |item| {
         Ok(match item {
@@ -175,7 +182,67 @@ pub fn flow_stream(
             Item::Notice(n) => n.as_ref().clone(),
         })
     });
-    Ok(Box::pin(out))
+    let hub = hub.clone();
+    let end = futures_util::stream::once(async move {
+        hub.closed()
+            .map(|why| Err(Status::unavailable(why.to_string())))
+    })
+    .filter_map(|end| end);
+    Ok(match req.follow {
+        true => Box::pin(out.chain(end)),
+        false => Box::pin(out),
+    })
+}
+
+/// Stops gRPC servers gracefully: each stops accepting, lets its open
+/// requests finish (a closed hub ends its follow streams), then closes its
+/// connections. Clones share the servers.
+#[derive(Clone)]
+pub struct GrpcStop {
+    signal: Arc<tokio::sync::watch::Sender<bool>>,
+    servers: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Default for GrpcStop {
+    fn default() -> Self {
+        Self {
+            signal: Arc::new(tokio::sync::watch::channel(false).0),
+            servers: Arc::default(),
+        }
+    }
+}
+
+impl GrpcStop {
+    /// Spawns a server that runs until [`GrpcStop::stop`].
+    fn spawn<F>(&self, serve: impl FnOnce(Pin<Box<dyn Future<Output = ()> + Send>>) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut rx = self.signal.subscribe();
+        let stopped = Box::pin(async move {
+            // An error says every `GrpcStop` is gone without stopping: the
+            // server then runs as long as the runtime does.
+            if rx.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        });
+        let task = tokio::spawn(serve(stopped));
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    /// Tells every server to stop and waits until they have, at most
+    /// `limit` (a client that reads nothing keeps its stream open); true
+    /// when all stopped in time. Servers spawned later stop at once.
+    pub async fn stop(&self, limit: Duration) -> bool {
+        self.signal.send_replace(true);
+        let servers = std::mem::take(&mut *self.servers.lock().unwrap_or_else(|p| p.into_inner()));
+        tokio::time::timeout(limit, futures_util::future::join_all(servers))
+            .await
+            .is_ok()
+    }
 }
 
 pub fn lost_events(source: LostSource, count: u64) -> proto::LostEvents {
@@ -330,8 +397,9 @@ pub async fn serve(
     hub: Arc<Hub>,
     state: Arc<AgentState>,
     tls: Option<&ServerTls>,
+    stop: &GrpcStop,
 ) -> Result<Vec<GrpcAddr>, GrpcError> {
-    serve_service(addrs, FlowAuditService { hub, state }, tls).await
+    serve_service(addrs, FlowAuditService { hub, state }, tls, stop).await
 }
 
 /// [`serve`] for any implementation of the service (the agent's, the relay's).
@@ -339,6 +407,7 @@ pub async fn serve_service<S: FlowAudit>(
     addrs: &[String],
     service: S,
     tls: Option<&ServerTls>,
+    stop: &GrpcStop,
 ) -> Result<Vec<GrpcAddr>, GrpcError> {
     let service = Arc::new(service);
     let mut bound = Vec::new();
@@ -377,9 +446,9 @@ pub async fn serve_service<S: FlowAudit>(
                 // Stock clients send the socket path as :authority: see h2_authority.
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
                     .map(|conn| conn.map(AuthorityFix::new));
-                tokio::spawn(async move {
+                stop.spawn(|stopped| async move {
                     let _guard = guard;
-                    if let Err(e) = router.serve_with_incoming(incoming).await {
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
                         tracing::error!(error = %e, "gRPC server on a Unix socket stopped");
                     }
                 });
@@ -400,16 +469,20 @@ pub async fn serve_service<S: FlowAudit>(
                 match tls {
                     Some(tls) => {
                         let incoming = tls.incoming(listener);
-                        tokio::spawn(async move {
-                            if let Err(e) = router.serve_with_incoming(incoming).await {
+                        stop.spawn(|stopped| async move {
+                            if let Err(e) =
+                                router.serve_with_incoming_shutdown(incoming, stopped).await
+                            {
                                 tracing::error!(error = %e, "gRPC server on TCP (mTLS) stopped");
                             }
                         });
                     }
                     None if local.ip().is_loopback() => {
                         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                        tokio::spawn(async move {
-                            if let Err(e) = router.serve_with_incoming(incoming).await {
+                        stop.spawn(|stopped| async move {
+                            if let Err(e) =
+                                router.serve_with_incoming_shutdown(incoming, stopped).await
+                            {
                                 tracing::error!(error = %e, "gRPC server on TCP stopped");
                             }
                         });
@@ -546,6 +619,7 @@ mod tests {
             hub.clone(),
             state.clone(),
             None,
+            &GrpcStop::default(),
         )
         .await
         .unwrap();

@@ -32,6 +32,9 @@ use flowaudit_common::{LOSS_PLACES, LossPlace};
 pub enum HubError {
     #[error("too many stream subscribers ({0}); close some `flowaudit observe -f` sessions")]
     TooManySubscribers(usize),
+    /// The hub has ended its streams ([`Hub::close`]): the server is stopping.
+    #[error("{0}")]
+    Closed(Arc<str>),
 }
 
 /// What a subscriber's queue carries.
@@ -130,6 +133,9 @@ enum Payload {
     /// The kernel side lost something (see [`Shared::kernel`]).
     KernelLoss,
     Notice(Arc<proto::GetFlowsResponse>),
+    /// The last entry ([`Hub::close`]): every task ends its subscriber's
+    /// stream after what it queued before.
+    End,
 }
 
 /// What the hub and the subscribers' filter tasks share.
@@ -203,7 +209,7 @@ impl FilterTask {
             };
             let carried = match &entry.what {
                 Payload::Flows(flows) => flows.len() as u64,
-                Payload::KernelLoss | Payload::Notice(_) => 0,
+                Payload::KernelLoss | Payload::Notice(_) | Payload::End => 0,
             };
             let missed = entry.flows - self.flows_seen - carried;
             self.flows_seen = entry.flows;
@@ -226,6 +232,9 @@ impl FilterTask {
                 }
                 Payload::KernelLoss => self.tell_kernel_losses(),
                 Payload::Notice(n) => self.notice(n),
+                // Dropping the sender ends the stream once its queue, and
+                // then the losses and notices kept for it, are told.
+                Payload::End => Sent::Closed,
             };
             self.pending.processed.store(entry.index, Ordering::Release);
             if let Sent::Closed = sent {
@@ -349,6 +358,8 @@ struct Inner {
     subscribers: usize,
     entries: u64,
     flows: u64,
+    /// Why the streams ended ([`Hub::close`]); none while serving.
+    closed: Option<Arc<str>>,
 }
 
 /// Shared between the pipeline sink ([`HubSink`]) and the gRPC service.
@@ -406,6 +417,7 @@ impl Hub {
                 subscribers: 0,
                 entries: 0,
                 flows: 0,
+                closed: None,
             }),
             ring: broadcast::channel(ring.max(1)).0,
             shared: Arc::new(Shared {
@@ -454,8 +466,13 @@ impl Hub {
             usize::MAX
         };
         let mut inner = self.lock();
-        if req.follow && inner.subscribers >= self.max_subscribers {
-            return Err(HubError::TooManySubscribers(self.max_subscribers));
+        if req.follow {
+            if let Some(why) = &inner.closed {
+                return Err(HubError::Closed(why.clone()));
+            }
+            if inner.subscribers >= self.max_subscribers {
+                return Err(HubError::TooManySubscribers(self.max_subscribers));
+            }
         }
         // Newest first, so `number` keeps the last N.
         let mut candidates = Vec::new();
@@ -574,6 +591,25 @@ impl Hub {
         self.send(&mut inner, Payload::KernelLoss);
     }
 
+    /// Ends every following stream, `why` being what its subscriber is
+    /// told: each gets what was published before (as far as its queue
+    /// holds), then the losses and notices still owed, then its end. New
+    /// follow subscriptions are refused with `why`; publishing goes on
+    /// into the history only. Closing twice keeps the first reason.
+    pub fn close(&self, why: &str) {
+        let mut inner = self.lock();
+        if inner.closed.is_some() {
+            return;
+        }
+        inner.closed = Some(why.into());
+        self.send(&mut inner, Payload::End);
+    }
+
+    /// Why the streams ended, once [`Hub::close`] was called.
+    pub fn closed(&self) -> Option<Arc<str>> {
+        self.lock().closed.clone()
+    }
+
     fn send(&self, inner: &mut Inner, what: Payload) {
         inner.entries += 1;
         // An error only says nobody follows.
@@ -634,28 +670,35 @@ impl Stream for FlowStream {
             return Poll::Ready(None);
         };
         match live.rx.poll_recv(cx) {
-            Poll::Ready(item) => Poll::Ready(item),
-            Poll::Pending => {
-                // Queue drained: tell notices and losses the filter task
-                // could not queue.
-                let notice = live
-                    .pending
-                    .notices
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop_front();
-                if let Some(n) = notice {
-                    return Poll::Ready(Some(Item::Notice(n)));
-                }
-                for source in LostSource::ALL {
-                    let count = live.pending.counter(source).swap(0, Ordering::Relaxed);
-                    if count > 0 {
-                        return Poll::Ready(Some(Item::Lost { source, count }));
-                    }
-                }
-                Poll::Pending
-            }
+            Poll::Ready(Some(item)) => Poll::Ready(Some(item)),
+            // The filter task ended (the hub closed): what it owed the
+            // subscriber, then the end.
+            Poll::Ready(None) => Poll::Ready(live.owed()),
+            // Queue drained: notices and losses the filter task could not
+            // queue.
+            Poll::Pending => live
+                .owed()
+                .map_or(Poll::Pending, |item| Poll::Ready(Some(item))),
         }
+    }
+}
+
+impl Live {
+    /// A notice or loss count kept for when the queue drains, if any.
+    fn owed(&self) -> Option<Item> {
+        let notice = self
+            .pending
+            .notices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        if let Some(n) = notice {
+            return Some(Item::Notice(n));
+        }
+        LostSource::ALL.into_iter().find_map(|source| {
+            let count = self.pending.counter(source).swap(0, Ordering::Relaxed);
+            (count > 0).then_some(Item::Lost { source, count })
+        })
     }
 }
 
@@ -884,6 +927,69 @@ pub(crate) mod tests {
             v.push(i);
         }
         v
+    }
+
+    /// A server stopping: each follower gets what was published before,
+    /// then what it is owed (here a loss its full queue could not say),
+    /// then the end; later followers are refused with the reason, while
+    /// the history still answers.
+    #[tokio::test]
+    async fn closing_ends_each_stream_after_its_flows_and_losses() {
+        let h = hub(10, 4);
+        let follow = |follow| Subscribe {
+            number: if follow { 0 } else { 3 },
+            follow,
+            since: None,
+            filter: FilterSet::default(),
+        };
+        let slow = h.subscribe(follow(true)).unwrap();
+        let mut reading = h.subscribe(follow(true)).unwrap();
+        for i in 0..8 {
+            h.publish(&numbered(i));
+            let got = reading.next().await.unwrap();
+            assert_eq!(cookies(&[got]), vec![i]);
+        }
+        // Published, not yet read, when the server stops.
+        h.publish(&numbered(8));
+        h.publish(&numbered(9));
+        // Its queue (4) took 0 to 3; 6 flows are owed as a loss.
+        slow.caught_up().await;
+        assert_eq!(h.closed(), None);
+        h.close("the server is stopping (SIGTERM)");
+        h.close("a second close keeps the first reason");
+        let ended = |stream| async move {
+            tokio::time::timeout(std::time::Duration::from_secs(10), futures_collect(stream))
+                .await
+                .expect("the stream ends once the hub closed")
+        };
+        let slow = ended(slow).await;
+        assert_eq!(cookies(&slow), vec![0, 1, 2, 3], "{slow:?}");
+        assert!(
+            matches!(
+                slow.last(),
+                Some(Item::Lost {
+                    source: LostSource::SubscriberQueue,
+                    count: 6
+                })
+            ),
+            "the loss is told before the end: {slow:?}"
+        );
+        assert_eq!(slow.len(), 5, "{slow:?}");
+        let rest = ended(reading).await;
+        assert_eq!(cookies(&rest), vec![8, 9]);
+        assert!(rest.iter().all(|i| matches!(i, Item::Flow(_))), "{rest:?}");
+        assert_eq!(h.subscribers(), 0);
+        assert_eq!(
+            h.closed().as_deref(),
+            Some("the server is stopping (SIGTERM)")
+        );
+        match h.subscribe(follow(true)) {
+            Err(HubError::Closed(why)) => assert_eq!(&*why, "the server is stopping (SIGTERM)"),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a follow subscription after the close"),
+        }
+        let last = futures_collect(h.subscribe(follow(false)).unwrap()).await;
+        assert_eq!(cookies(&last), vec![7, 8, 9]);
     }
 
     #[tokio::test]

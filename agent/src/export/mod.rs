@@ -109,13 +109,34 @@ pub struct ExportArgs {
 /// Most stream subscribers at once (each costs a queue and a filter check per flow).
 pub const MAX_SUBSCRIBERS: usize = 1024;
 
+/// The pipeline's sinks, and what ends the flow stream when the agent stops.
+pub struct Started {
+    pub sinks: Vec<Box<dyn Sink>>,
+    pub stream: StreamEnd,
+}
+
+/// Ends the gRPC flow stream (see [`StreamEnd::stop`]).
+pub struct StreamEnd {
+    hub: Arc<hub::Hub>,
+    grpc: grpc::GrpcStop,
+}
+
+impl StreamEnd {
+    /// Once the pipeline has handed over its last flow: every follow
+    /// stream gets what was published, then ends with UNAVAILABLE saying
+    /// `why`; the gRPC servers stop accepting and close once their streams
+    /// have ended, waiting at most `limit` for clients that read nothing.
+    /// True when all closed in time.
+    pub async fn stop(self, why: &str, limit: std::time::Duration) -> bool {
+        self.hub.close(why);
+        self.grpc.stop(limit).await
+    }
+}
+
 /// Opens every configured sink and starts the servers that feed from them
 /// (metrics HTTP, gRPC). Every listener is bound before this returns, so a
 /// taken port or socket fails the agent's start with a clear error.
-pub async fn start(
-    args: &ExportArgs,
-    state: &Arc<AgentState>,
-) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+pub async fn start(args: &ExportArgs, state: &Arc<AgentState>) -> anyhow::Result<Started> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(path) = &args.export_file {
         let mut file = file::ExportFile::open(
@@ -173,7 +194,8 @@ pub async fn start(
             .cloned()
             .collect()
     };
-    let grpc_addrs = grpc::serve(&now, hub.clone(), state.clone(), tls.as_ref()).await?;
+    let stop = grpc::GrpcStop::default();
+    let grpc_addrs = grpc::serve(&now, hub.clone(), state.clone(), tls.as_ref(), &stop).await?;
     for addr in grpc_addrs {
         tracing::info!(addr = %addr, "gRPC flow stream listening");
     }
@@ -181,11 +203,15 @@ pub async fn start(
         tokio::spawn(serve_when_svid(
             deferred,
             args.tls.clone(),
-            hub,
+            hub.clone(),
             state.clone(),
+            stop.clone(),
         ));
     }
-    Ok(sinks)
+    Ok(Started {
+        sinks,
+        stream: StreamEnd { hub, grpc: stop },
+    })
 }
 
 /// Retries the Workload API until it gives an SVID, then serves `addrs`.
@@ -194,6 +220,7 @@ async fn serve_when_svid(
     tls: mtls::TlsArgs,
     hub: Arc<hub::Hub>,
     state: Arc<AgentState>,
+    stop: grpc::GrpcStop,
 ) {
     let mut delay = std::time::Duration::from_secs(2);
     loop {
@@ -201,7 +228,7 @@ async fn serve_when_svid(
         match mtls::ServerTls::load(&tls).await {
             Ok(Some(server)) => {
                 tracing::info!(spiffe_id = %server.spiffe_id(), allow_peer = ?tls.allow_peer, "TCP gRPC listeners use mTLS");
-                match grpc::serve(&addrs, hub, state, Some(&server)).await {
+                match grpc::serve(&addrs, hub, state, Some(&server), &stop).await {
                     Ok(bound) => {
                         for addr in bound {
                             tracing::info!(addr = %addr, "gRPC flow stream listening");

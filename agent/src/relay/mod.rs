@@ -213,18 +213,24 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
             metrics = %relay.metrics_addr,
             "relay serving"
         );
-        shutdown_signal().await;
-        tracing::info!("relay stopping");
+        let signal = shutdown_signal().await;
+        tracing::info!("{signal}: relay stopping");
+        let why = format!("the flowaudit relay is stopping ({signal})");
+        let limit = std::time::Duration::from_secs(5);
+        if !relay.stop(&why, limit).await {
+            tracing::warn!(wait = ?limit, "stream clients still had flows to read; their connections were closed");
+        }
         anyhow::Ok(())
     })
 }
 
-async fn shutdown_signal() {
+/// Which signal asked the relay to stop.
+async fn shutdown_signal() -> &'static str {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 
@@ -233,6 +239,19 @@ pub struct Running {
     pub state: Arc<RelayState>,
     pub grpc: Vec<crate::export::grpc::GrpcAddr>,
     pub metrics_addr: SocketAddr,
+    stop: crate::export::grpc::GrpcStop,
+}
+
+impl Running {
+    /// Ends every follow stream with UNAVAILABLE saying `why` (after what
+    /// its hub already published), then closes the gRPC servers, waiting
+    /// at most `limit` for clients that read nothing; true when all closed
+    /// in time.
+    pub async fn stop(&self, why: &str, limit: std::time::Duration) -> bool {
+        self.state.raw.close(why);
+        self.state.joined.close(why);
+        self.stop.stop(limit).await
+    }
 }
 
 fn check_peer(p: &str) -> Result<(), RelayError> {
@@ -321,10 +340,12 @@ pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
     if kubernetes {
         discovery::spawn(&args.discovery, peers.clone()).await?;
     }
+    let stop = crate::export::grpc::GrpcStop::default();
     let grpc = crate::export::grpc::serve_service(
         &args.grpc_addr,
         service::RelayService::new(state.clone()),
         server_tls.as_ref(),
+        &stop,
     )
     .await?;
     let metrics_addr =
@@ -334,6 +355,7 @@ pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
         state,
         grpc,
         metrics_addr,
+        stop,
     })
 }
 
@@ -460,7 +482,8 @@ mod tests {
             Arc::new(PipelineStats::default()),
         ));
         let hub = Arc::new(Hub::new(1 << 16, 1 << 20, 16, state.metrics.clone()));
-        let bound = grpc::serve(&["127.0.0.1:0".to_owned()], hub.clone(), state, None)
+        let stop = grpc::GrpcStop::default();
+        let bound = grpc::serve(&["127.0.0.1:0".to_owned()], hub.clone(), state, None, &stop)
             .await
             .unwrap();
         (hub, bound[0].to_string())
