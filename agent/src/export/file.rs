@@ -128,6 +128,7 @@ pub struct ExportFile {
     on_disk: u64,
     /// Whole lines not written yet.
     pending: Vec<u8>,
+    json: crate::flow::json::FlowWriter,
     /// A failed write left part of a line after `on_disk` that could not be
     /// cut off yet: nothing is appended until it is.
     torn: bool,
@@ -170,6 +171,7 @@ impl ExportFile {
             file,
             on_disk,
             pending: Vec::with_capacity(BUFFER + 4096),
+            json: Default::default(),
             torn: false,
             max_bytes: max_bytes.max(1),
             max_backups,
@@ -191,7 +193,7 @@ impl ExportFile {
 
     pub fn write(&mut self, flow: &FlowEvent) -> Result<(), ExportError> {
         let start = self.pending.len();
-        crate::flow::json::write_flow(&mut self.pending, flow);
+        self.json.write(&mut self.pending, flow);
         self.pending.push(b'\n');
         let before = self.on_disk + start as u64;
         if before > 0 && before + (self.pending.len() - start) as u64 > self.max_bytes {
