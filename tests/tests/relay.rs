@@ -258,7 +258,7 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
         ])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&relay_log).expect("relay log"));
-    let _relay = relay_pod
+    let relay = relay_pod
         .spawn_guarded(relay_cmd)
         .unwrap_or_else(|e| panic!("relay: {e}"));
     let relay_log_text = || std::fs::read_to_string(&relay_log).unwrap_or_default();
@@ -449,9 +449,19 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
         );
     }
 
-    // Node b's agent stops: told, and node a's flows keep coming.
+    // Node b's agent stops: told why, and node a's flows keep coming.
     agent_b.stop();
-    follower.notice(30, &[b.name(), "unavailable"]);
+    follower.notice(
+        30,
+        &[
+            b.name(),
+            "unavailable",
+            &format!(
+                "the flowaudit agent on node {} is stopping (SIGINT)",
+                b.name()
+            ),
+        ],
+    );
     let during = connect_ok(&frontend, IpAddr::V4(web.ip4()), 1);
     follower.flows_until(30, "node a's flows while node b is down", |got| {
         joined_of(got, &during[0]).len() == 2
@@ -505,6 +515,18 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
     assert!(
         series("flowaudit_relay_flows_merged_total") >= 20.0,
         "{metrics}"
+    );
+    // The relay stops (SIGTERM, as a rollout of its Deployment does): the
+    // follower is told why and reconnects.
+    // SAFETY: kill(2) takes plain integers: it signals a process this test started.
+    unsafe { libc::kill(relay.host_pid() as i32, libc::SIGTERM) };
+    follower.notice(
+        30,
+        &[
+            "lost the connection",
+            "the flowaudit relay is stopping (SIGTERM)",
+            "reconnecting",
+        ],
     );
     drop(agent_b);
     drop(agent_a);
