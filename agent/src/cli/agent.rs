@@ -22,10 +22,6 @@ use crate::judge::Judge;
 use crate::pipeline::{Pipeline, PipelineStats};
 use crate::runtime::{LogFormat, init_logging, node_name};
 
-/// How long a stopping agent waits for stream clients to read the last
-/// flows and the end of their streams (within the pod's 30 s grace).
-const STREAM_END_WAIT: Duration = Duration::from_secs(5);
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttestBy {
     Auto,
@@ -298,12 +294,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // Every flow is with the stream's subscribers now: each stream ends
     // with them, then with a status saying why.
     let why = format!("the flowaudit agent on node {node} is stopping ({signal})");
-    if !stream.stop(&why, STREAM_END_WAIT).await {
-        tracing::warn!(
-            wait = ?STREAM_END_WAIT,
-            "stream clients still had flows to read; their connections were closed"
-        );
-    }
+    stream.stop(&why).await;
     report_losses(&capture);
     let stats = &capture.stats;
     tracing::info!(

@@ -194,6 +194,10 @@ pub fn flow_stream(
     })
 }
 
+/// How long a stopping agent or relay waits for stream clients to read the
+/// last flows and the end of their streams (within the pod's 30 s grace).
+pub const STREAM_END_WAIT: Duration = Duration::from_secs(5);
+
 /// Stops gRPC servers gracefully: each stops accepting, lets its open
 /// requests finish (a closed hub ends its follow streams), then closes its
 /// connections. Clones share the servers.
@@ -234,14 +238,18 @@ impl GrpcStop {
     }
 
     /// Tells every server to stop and waits until they have, at most
-    /// `limit` (a client that reads nothing keeps its stream open); true
-    /// when all stopped in time. Servers spawned later stop at once.
-    pub async fn stop(&self, limit: Duration) -> bool {
+    /// [`STREAM_END_WAIT`] (a client that reads nothing keeps its stream
+    /// open; then it is said in the log). Servers spawned later stop at once.
+    pub async fn stop(&self) {
         self.signal.send_replace(true);
         let servers = std::mem::take(&mut *self.servers.lock().unwrap_or_else(|p| p.into_inner()));
-        tokio::time::timeout(limit, futures_util::future::join_all(servers))
-            .await
-            .is_ok()
+        let all = futures_util::future::join_all(servers);
+        if tokio::time::timeout(STREAM_END_WAIT, all).await.is_err() {
+            tracing::warn!(
+                wait = ?STREAM_END_WAIT,
+                "stream clients still had flows to read; their connections were closed"
+            );
+        }
     }
 }
 

@@ -125,11 +125,11 @@ impl StreamEnd {
     /// Once the pipeline has handed over its last flow: every follow
     /// stream gets what was published, then ends with UNAVAILABLE saying
     /// `why`; the gRPC servers stop accepting and close once their streams
-    /// have ended, waiting at most `limit` for clients that read nothing.
-    /// True when all closed in time.
-    pub async fn stop(self, why: &str, limit: std::time::Duration) -> bool {
+    /// have ended, waiting at most [`grpc::STREAM_END_WAIT`] for clients
+    /// that read nothing.
+    pub async fn stop(self, why: &str) {
         self.hub.close(why);
-        self.grpc.stop(limit).await
+        self.grpc.stop().await;
     }
 }
 

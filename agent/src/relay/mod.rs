@@ -216,10 +216,7 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         let signal = shutdown_signal().await;
         tracing::info!("{signal}: relay stopping");
         let why = format!("the flowaudit relay is stopping ({signal})");
-        let limit = std::time::Duration::from_secs(5);
-        if !relay.stop(&why, limit).await {
-            tracing::warn!(wait = ?limit, "stream clients still had flows to read; their connections were closed");
-        }
+        relay.stop(&why).await;
         anyhow::Ok(())
     })
 }
@@ -244,13 +241,12 @@ pub struct Running {
 
 impl Running {
     /// Ends every follow stream with UNAVAILABLE saying `why` (after what
-    /// its hub already published), then closes the gRPC servers, waiting
-    /// at most `limit` for clients that read nothing; true when all closed
-    /// in time.
-    pub async fn stop(&self, why: &str, limit: std::time::Duration) -> bool {
+    /// its hub already published), then closes the gRPC servers (see
+    /// [`crate::export::grpc::GrpcStop::stop`]).
+    pub async fn stop(&self, why: &str) {
         self.state.raw.close(why);
         self.state.joined.close(why);
-        self.stop.stop(limit).await
+        self.stop.stop().await;
     }
 }
 
