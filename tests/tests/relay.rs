@@ -449,9 +449,10 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
         );
     }
 
-    // Node b's agent stops: told why, and node a's flows keep coming.
+    // Node b's agent stops: told why (a stop, not a broken stream), and
+    // node a's flows keep coming.
     agent_b.stop();
-    follower.notice(
+    let stopped = follower.notice(
         30,
         &[
             b.name(),
@@ -461,6 +462,10 @@ fn relay_merges_nodes_joins_cross_node_connections_and_rides_out_a_node_restart(
                 b.name()
             ),
         ],
+    );
+    assert!(
+        !stopped.contains("stream broke"),
+        "a stopping agent is not a broken stream: {stopped}"
     );
     let during = connect_ok(&frontend, IpAddr::V4(web.ip4()), 1);
     follower.flows_until(30, "node a's flows while node b is down", |got| {

@@ -161,7 +161,7 @@ pub fn flow_stream(
             filter,
         })
         .map_err(|e| match e {
-            HubError::Closed(why) => Status::unavailable(why.to_string()),
+            HubError::Closed(why) => stopping(&why),
             HubError::TooManySubscribers(_) => Status::resource_exhausted(e.to_string()),
         })?;
     let own = own_name.to_owned();
@@ -183,15 +183,35 @@ pub fn flow_stream(
         })
     });
     let hub = hub.clone();
-    let end = futures_util::stream::once(async move {
-        hub.closed()
-            .map(|why| Err(Status::unavailable(why.to_string())))
-    })
-    .filter_map(|end| end);
+    let end =
+        futures_util::stream::once(async move { hub.closed().map(|why| Err(stopping(&why))) })
+            .filter_map(|end| end);
     Ok(match req.follow {
         true => Box::pin(out.chain(end)),
         false => Box::pin(out),
     })
+}
+
+/// The metadata key that tells a client a stream ended because the
+/// server is stopping on purpose (a rollout, a drain), not because the
+/// connection broke: both come as UNAVAILABLE, since clients reconnect on
+/// it either way.
+pub const STOPPING_KEY: &str = "flowaudit-stopping";
+
+/// The end of a follow stream whose server is stopping: UNAVAILABLE with
+/// the reason and [`STOPPING_KEY`].
+fn stopping(why: &str) -> Status {
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert(
+        STOPPING_KEY,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    Status::with_metadata(tonic::Code::Unavailable, why, md)
+}
+
+/// Whether a stream ended because its server stopped on purpose.
+pub fn is_stopping(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.metadata().contains_key(STOPPING_KEY)
 }
 
 /// How long a stopping agent or relay waits for stream clients to read the
@@ -564,10 +584,24 @@ pub async fn connect_tls(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::export::hub::tests::sample_flow;
     use crate::export::metrics::Metrics;
+
+    /// A follow stream of everything the server at `addr` publishes.
+    pub async fn follow(addr: &str) -> tonic::Streaming<proto::GetFlowsResponse> {
+        connect(addr)
+            .await
+            .unwrap()
+            .get_flows(proto::GetFlowsRequest {
+                follow: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
 
     #[test]
     fn addresses() {
@@ -633,15 +667,7 @@ mod tests {
         .unwrap();
         let mut tasks = Vec::new();
         for _ in 0..subs {
-            let mut client = connect(&addr).await.unwrap();
-            let mut stream = client
-                .get_flows(proto::GetFlowsRequest {
-                    follow: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let mut stream = follow(&addr).await;
             tasks.push(tokio::spawn(async move {
                 let mut n = 0usize;
                 let mut lost = 0u64;

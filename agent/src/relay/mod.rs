@@ -237,13 +237,37 @@ pub struct Running {
     pub grpc: Vec<crate::export::grpc::GrpcAddr>,
     pub metrics_addr: SocketAddr,
     stop: crate::export::grpc::GrpcStop,
+    merge: Merge,
 }
 
+/// The merge task, and how to tell it to hand out what it holds and end.
+struct Merge {
+    flush: Arc<tokio::sync::Notify>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// How long a stopping relay waits for the merge task to hand out the
+/// flows its sort window and joiner hold.
+const MERGE_FLUSH_WAIT: Duration = Duration::from_secs(2);
+
 impl Running {
-    /// Ends every follow stream with UNAVAILABLE saying `why` (after what
-    /// its hub already published), then closes the gRPC servers (see
-    /// [`crate::export::grpc::GrpcStop::stop`]).
+    /// Hands out the flows the sort window and the joiner still hold (a
+    /// stop loses none of what reached the relay), ends every follow stream
+    /// with UNAVAILABLE saying `why` after them, then closes the gRPC
+    /// servers (see [`crate::export::grpc::GrpcStop::stop`]).
     pub async fn stop(&self, why: &str) {
+        self.merge.flush.notify_one();
+        let task = self
+            .merge
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task
+            && tokio::time::timeout(MERGE_FLUSH_WAIT, task).await.is_err()
+        {
+            tracing::warn!("the merge task did not hand out its held flows in time");
+        }
         self.state.raw.close(why);
         self.state.joined.close(why);
         self.stop.stop().await;
@@ -319,8 +343,10 @@ pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
         stats: stats.clone(),
         metrics: relay_metrics.clone(),
     });
-    tokio::spawn(merge_task(
+    let flush = Arc::new(tokio::sync::Notify::new());
+    let merge_task = tokio::spawn(merge_task(
         rx,
+        flush.clone(),
         SortWindow::new(
             args.sort_window,
             usize::try_from(args.sort_buffer).unwrap_or(usize::MAX),
@@ -352,13 +378,21 @@ pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
         grpc,
         metrics_addr,
         stop,
+        merge: Merge {
+            flush,
+            task: std::sync::Mutex::new(Some(merge_task)),
+        },
     })
 }
 
 /// Flows in from every node; out in time order to the hub of plain
 /// subscribers, and through the joiner to the hub of `join` subscribers.
+/// On `flush` (the relay is stopping), or when every node's sender is
+/// gone, it hands out everything it holds (what waits in its channel, its
+/// sort window, the joiner's halves) and ends.
 async fn merge_task(
     mut rx: mpsc::Receiver<Arc<FlowEvent>>,
+    flush: Arc<tokio::sync::Notify>,
     mut window: SortWindow,
     mut joiner: Joiner,
     raw: Arc<Hub>,
@@ -373,15 +407,32 @@ async fn merge_task(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let got = match deadline {
-            Some(d) => tokio::select! {
-                n = rx.recv_many(&mut batch, 256) => n,
-                _ = tokio::time::sleep_until(d.into()) => usize::MAX,
-            },
-            None => rx.recv_many(&mut batch, 256).await,
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let got = tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => n,
+            _ = sleep => usize::MAX,
+            _ = flush.notified() => {
+                // No more in: what the channel holds comes out of it.
+                rx.close();
+                while rx.recv_many(&mut batch, 256).await > 0 {}
+                0
+            }
         };
         if got == 0 {
-            // Every sender is gone: the relay is stopping.
+            // The relay is stopping (or every sender is gone): nothing more
+            // comes, so nothing waits for anything.
+            let now = Instant::now();
+            stats
+                .merged
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for f in batch.drain(..) {
+                window.push(f, now);
+            }
             let mut out = Out {
                 raw: &mut raw_out,
                 joined: &mut joined_out,
@@ -389,7 +440,7 @@ async fn merge_task(
                 stats: &stats,
             };
             for f in window.drain() {
-                out.push(f, Instant::now());
+                out.push(f, now);
             }
             for (f, outcome) in joiner.drain() {
                 count(outcome, &stats);
@@ -458,6 +509,7 @@ mod tests {
     use super::*;
     use crate::capture::CaptureStats;
     use crate::export::grpc;
+    use crate::export::grpc::tests::follow;
     use crate::export::proto;
     use crate::export::state::AgentState;
     use crate::pipeline::PipelineStats;
@@ -483,6 +535,24 @@ mod tests {
             .await
             .unwrap();
         (hub, bound[0].to_string())
+    }
+
+    /// Waits (at most 20 s) until the relay follows every peer.
+    async fn wait_connected(relay: &Running) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while relay
+            .state
+            .peers
+            .snapshot()
+            .iter()
+            .any(|p| p.state != peers::NodeState::Connected)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the relay never reached its peers"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn at_now(node: &str, seq: u64) -> Arc<FlowEvent> {
@@ -532,31 +602,13 @@ mod tests {
             "1024",
         ]);
         let relay = start(&cli.relay).await.unwrap();
-        while relay
-            .state
-            .peers
-            .snapshot()
-            .iter()
-            .any(|p| p.state != peers::NodeState::Connected)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_connected(&relay).await;
         let relay_addr = relay.grpc[0].to_string();
-        let follow = |addr: String| async move {
-            let mut c = grpc::connect(&addr).await.unwrap();
-            c.get_flows(proto::GetFlowsRequest {
-                follow: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        };
         // Delay at a steady rate, side by side: the relay's client and a
         // client of node n1's agent.
         for rate in [300u64, 3000] {
-            let mut via_relay = follow(relay_addr.clone()).await;
-            let mut direct = follow(agents[0].1.clone()).await;
+            let mut via_relay = follow(&relay_addr).await;
+            let mut direct = follow(&agents[0].1).await;
             let per_node = rate * 3 / nodes.len() as u64; // 3 s of flows
             let collect = |mut s: tonic::Streaming<proto::GetFlowsResponse>, want: u64| {
                 tokio::spawn(async move {
@@ -612,14 +664,14 @@ mod tests {
                     ),
                 );
             }
-            via_relay = follow(relay_addr.clone()).await;
+            via_relay = follow(&relay_addr).await;
             drop(via_relay);
-            direct = follow(agents[0].1.clone()).await;
+            direct = follow(&agents[0].1).await;
             drop(direct);
         }
         // Throughput: every node publishes as fast as it can.
         let per_node = 100_000u64;
-        let mut s = follow(relay_addr.clone()).await;
+        let mut s = follow(&relay_addr).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let start_at = Instant::now();
         let consumer = tokio::spawn(async move {
@@ -672,6 +724,65 @@ mod tests {
             per_node * 3,
             took.as_secs_f64()
         );
+    }
+
+    /// A stop hands out what the sort window still holds: with a 60 s
+    /// window, flows that reached the relay come out at the stop, in time
+    /// order, before the stream ends as a stop (UNAVAILABLE, the reason,
+    /// the stopping mark), not as a broken stream.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_hands_out_the_flows_the_sort_window_holds() {
+        let (hub, addr) = agent("n1").await;
+        let cli = Cli::parse_from([
+            "relay",
+            "--peers",
+            &addr,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--sort-window",
+            "60s",
+        ]);
+        let relay = start(&cli.relay).await.unwrap();
+        wait_connected(&relay).await;
+        let mut stream = follow(&relay.grpc[0].to_string()).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Published newest first: the window puts them back in order.
+        let flows: Vec<_> = (0..3).map(|seq| at_now("n1", seq)).collect();
+        for f in flows.iter().rev() {
+            hub.publish(f);
+        }
+        while relay.state.stats.merged.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "the relay never got the 3 flows");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Held for 60 s: nothing has come out yet.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), stream.next())
+                .await
+                .is_err(),
+            "the window let a flow out early"
+        );
+        let why = "the flowaudit relay is stopping (SIGTERM)";
+        let stopping = tokio::spawn(async move { relay.stop(why).await });
+        let mut got = Vec::new();
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+                Ok(Some(Ok(r))) => {
+                    if let Some(proto::get_flows_response::Response::Flow(f)) = r.response {
+                        got.push(f.socket.unwrap().cookie);
+                    }
+                }
+                Ok(Some(Err(status))) => break status,
+                other => panic!("the stream did not end with a status: {other:?}; flows {got:?}"),
+            }
+        };
+        assert_eq!(got, vec![0, 1, 2], "the held flows, in time order");
+        assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+        assert_eq!(end.message(), why);
+        assert!(grpc::is_stopping(&end), "not marked as a stop: {end:?}");
+        stopping.await.unwrap();
     }
 
     #[test]

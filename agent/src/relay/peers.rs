@@ -386,6 +386,10 @@ async fn run(ctx: Arc<PeerContext>, info: Arc<Mutex<PeerInfo>>, named: bool) {
                     }),
                     None => {}
                 },
+                // A rollout or a drain: the agent says why, nothing broke.
+                Some(Err(status)) if crate::export::grpc::is_stopping(&status) => {
+                    break status.message().to_owned();
+                }
                 Some(Err(status)) => break format!("the stream broke: {}", status.message()),
                 None => break "the agent ended the stream".to_owned(),
             }
