@@ -63,9 +63,9 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use flowaudit_common::{
-    AF_INET, AF_INET6, CAPTURE_LOST, CAPTURE_NOT_WATCHED, DIR_IN, DIR_OUT, ERROR_UNREAD,
-    EVENTS_RING_BYTES, FlowRecord, KernelOffsets, LISTENERS_MAX, LOSS_PLACES, Listener,
-    ListenerKey, ListenerSeen, LossPlace, MARK_GAP, MARK_LOST, MARK_UNOBSERVABLE, Owner,
+    AF_INET, AF_INET6, CAPTURE_LOST, CAPTURE_NOT_WATCHED, DIR_IN, DIR_OUT, ERROR_TAKEN,
+    ERROR_UNREAD, EVENTS_RING_BYTES, FlowRecord, KernelOffsets, LISTENERS_MAX, LOSS_PLACES,
+    Listener, ListenerKey, ListenerSeen, LossPlace, MARK_GAP, MARK_LOST, MARK_UNOBSERVABLE, Owner,
     PAYLOAD_BUDGET, PAYLOAD_CHUNK, PAYLOAD_COUNTED, PAYLOAD_IN_DONE, PAYLOAD_IN_LOST,
     PAYLOAD_OUT_DONE, PAYLOAD_OUT_LOST, PAYLOAD_PEEK, PAYLOAD_TLS, PAYLOAD_WATCHED, PayloadHeader,
     PayloadRecord, PayloadState, RecordKind, SEQ_FIN_ACKED, SEQ_FIN_RECEIVED, SEQ_SYN_ACKED,
@@ -146,6 +146,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sock_err: 0,
     sock_err_soft: 0,
     sock_flags: 0,
+    sock_shutdown: 0,
     net_ok: 0,
     sock_net: 0,
     net_ns_inum: 0,
@@ -177,6 +178,11 @@ const SOCK_STREAM: u32 = 1;
 
 /// `enum sock_flags`: SOCK_DONE (bit 1) is set by tcp_fin() when the peer's FIN arrives.
 const SOCK_DONE: u64 = 1;
+
+/// `sk_shutdown` when both directions are shut: set by the application's
+/// close() (`__tcp_close`) before it moves the socket to CLOSE; the kernel's
+/// own `tcp_done` sets it only after.
+const SHUTDOWN_MASK: u8 = 3;
 
 #[inline(always)]
 fn global(v: &'static u32) -> u64 {
@@ -708,9 +714,11 @@ fn on_close(ctx: &SockOpsContext, old_state: u32) -> Result<(), i64> {
 /// The pending error on the socket: `sk_err` (set before the state changes
 /// to CLOSE on a reset, a timeout or an ICMP error), else `sk_err_soft` (the
 /// last soft error, e.g. "host unreachable" while SYNs were retried).
+/// Without either, an attempt (`failed`) that the application did not
+/// close itself lost its error to the application: [`ERROR_TAKEN`].
 /// Also returns whether the peer's FIN arrived (`SOCK_DONE` in `sk_flags`).
 #[inline(always)]
-fn socket_facts(ops: *mut bpf_sock_ops) -> (u32, bool) {
+fn socket_facts(ops: *mut bpf_sock_ops, failed: bool) -> (u32, bool) {
     if global(&KERNEL_READS) == 0 {
         return (ERROR_UNREAD, false);
     }
@@ -728,6 +736,9 @@ fn socket_facts(ops: *mut bpf_sock_ops) -> (u32, bool) {
         {
             return (e as u32, fin_received);
         }
+    }
+    if failed && read::<u8>(sk, global(&OFFSETS.sock_shutdown)).is_ok_and(|s| s != SHUTDOWN_MASK) {
+        return (ERROR_TAKEN, fin_received);
     }
     (0, fin_received)
 }
@@ -804,7 +815,7 @@ fn emit(
     {
         (0, 0, 0, 0, 0)
     } else {
-        let (error, fin_received) = socket_facts(ops);
+        let (error, fin_received) = socket_facts(ops, kind == RecordKind::Failed);
         let mut seq_flags = 0u8;
         if state.side == SocketSide::Active as u8 && kind == RecordKind::Close {
             seq_flags |= SEQ_SYN_ACKED;

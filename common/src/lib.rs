@@ -138,6 +138,9 @@ pub struct KernelOffsets {
     pub sock_err: u32,
     pub sock_err_soft: u32,
     pub sock_flags: u32,
+    /// `sock.sk_shutdown` (a whole byte since 2.6; the loader refuses a
+    /// bitfield).
+    pub sock_shutdown: u32,
     /// `sock.__sk_common.skc_net.net`, `net.ns.inum`.
     pub net_ok: u32,
     pub sock_net: u32,
@@ -243,6 +246,15 @@ pub struct FlowRecord {
 /// `FlowRecord::error` when the socket's error could not be read (kernel
 /// reads are off on this kernel): the failure reason is unknown.
 pub const ERROR_UNREAD: u32 = u32::MAX;
+
+/// `FlowRecord::error` of an attempt the kernel ended (not the
+/// application's close) whose socket error was already gone: the kernel
+/// wakes the application as it sets the error, and an application that
+/// reads it (`SO_ERROR`, which clears it) in the instant before the state
+/// change reaches the programs leaves nothing to read. Seen on 6.12 about
+/// once in 300 unreachable attempts. The failure reason is unknown; it is
+/// not the application giving up (`ABORTED`).
+pub const ERROR_TAKEN: u32 = u32::MAX - 1;
 
 /// `FlowRecord::seq_flags`: `bytes_acked` counts our SYN (active side).
 pub const SEQ_SYN_ACKED: u8 = 1;

@@ -270,6 +270,13 @@ fn failed_attempts_say_why() {
     attempts.push((report.records[0].clone(), "ABORTED"));
 
     let report_agent = agent.stop();
+    // The kernel wakes the client as it sets the socket error; a client
+    // that reads it (SO_ERROR clears it) in the instant before the state
+    // change reaches the programs leaves nothing to read (seen on 6.12,
+    // about once in 300 unreachable attempts). The agent then says UNKNOWN
+    // with `error` ERROR_TAKEN, never ABORTED: at most one of the four
+    // attempts the kernel ended may be that.
+    let mut taken = Vec::new();
     for (rec, reason) in &attempts {
         assert_ne!(rec.result, ConnResult::Ok, "{rec:?} should have failed");
         let local = rec
@@ -279,7 +286,15 @@ fn failed_attempts_say_why() {
         let between: Vec<&Value> = flows_between(&report_agent.flows, local, rec.remote).collect();
         let f = one(between.iter().copied(), "FAILED", "EGRESS", &what);
         let reason = if reads { *reason } else { "UNKNOWN" };
-        assert_eq!(f["socket"]["failure_reason"], reason, "{what}: {f}");
+        if reads
+            && reason != "ABORTED"
+            && f["socket"]["error"] == flowaudit_common::ERROR_TAKEN
+            && f["socket"]["failure_reason"] == "UNKNOWN"
+        {
+            taken.push(what.clone());
+        } else {
+            assert_eq!(f["socket"]["failure_reason"], reason, "{what}: {f}");
+        }
         assert_owner(&f["source"], rec.pid, &client, &what);
         assert!(
             !between
@@ -288,6 +303,10 @@ fn failed_attempts_say_why() {
             "{what}: a failed attempt must not look established: {between:#?}"
         );
     }
+    assert!(
+        taken.len() <= 1,
+        "the client took the socket error first more than once: {taken:?}"
+    );
 }
 
 #[test]

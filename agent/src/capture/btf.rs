@@ -44,6 +44,8 @@ struct Member {
     name_off: u32,
     type_id: u32,
     bit_offset: u32,
+    /// A bitfield that does not fill whole bytes: no byte read gives it.
+    partial_bytes: bool,
 }
 
 struct Type {
@@ -118,7 +120,9 @@ impl Btf {
                     for i in 0..vlen {
                         let m = pos + i * 12;
                         let off = u32_at(type_sec, m + 8)?;
+                        let bits = if kind_flag { off >> 24 } else { 0 };
                         members.push(Member {
+                            partial_bytes: bits % 8 != 0 || (bits > 0 && off % 8 != 0),
                             name_off: u32_at(type_sec, m)?,
                             type_id: u32_at(type_sec, m + 4)?,
                             // With kind_flag the top byte is a bitfield size.
@@ -159,7 +163,8 @@ impl Btf {
 
     pub const SYS_FS_PATH: &'static str = "/sys/kernel/btf/vmlinux";
 
-    /// Byte offset of `member` in `struct name`, looking into anonymous
+    /// Byte offset of `member` in `struct name` (not found when it is a
+    /// bitfield of part of a byte), looking into anonymous
     /// struct/union members (e.g. `randomized_struct_fields_start`).
     pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
         let id = *self
@@ -180,7 +185,7 @@ impl Btf {
             let bits = base_bits + m.bit_offset;
             let name = str_at(&self.strings, m.name_off).unwrap_or("");
             if name == member {
-                return Some(bits);
+                return (!m.partial_bytes).then_some(bits);
             }
             if name.is_empty() {
                 let inner = self.resolve(m.type_id);
@@ -316,6 +321,7 @@ pub fn resolve_offsets(btf: &Btf) -> (KernelOffsets, Vec<BtfError>) {
     o.sock_err_soft = g.get(&[("sock", "sk_err_soft")]);
     // `sk_flags` is a macro for `__sk_common.skc_flags`.
     o.sock_flags = g.get(&[("sock", "__sk_common"), ("sock_common", "skc_flags")]);
+    o.sock_shutdown = g.get(&[("sock", "sk_shutdown")]);
     o.sock_ok = g.done() & u32::from(sk_first);
 
     let mut g = Group::new(btf, &mut errors);
@@ -449,6 +455,7 @@ mod tests {
         }
         assert!(off.sock_err > 0 && off.sock_err + 4 < sock);
         assert!(off.sock_flags > 0 && off.sock_flags + 8 <= sock);
+        assert!(off.sock_shutdown > 0 && off.sock_shutdown < sock);
         assert!(off.sock_net > 0 && off.sock_net + 8 <= sock);
         let net = btf.struct_size("net").unwrap();
         assert!(off.net_ns_inum > 0 && off.net_ns_inum + 4 <= net);

@@ -77,7 +77,7 @@ pub enum FailureReason {
 impl FailureReason {
     /// Classifies the socket error (errno) of a socket that closed before it established.
     pub fn classify(errno: u32) -> Self {
-        if errno == flowaudit_common::ERROR_UNREAD {
+        if errno == flowaudit_common::ERROR_UNREAD || errno == flowaudit_common::ERROR_TAKEN {
             return FailureReason::Unknown;
         }
         match errno as i32 {
@@ -911,6 +911,11 @@ mod tests {
         assert_eq!(FailureReason::classify(0), FailureReason::Aborted);
         assert_eq!(
             FailureReason::classify(flowaudit_common::ERROR_UNREAD),
+            FailureReason::Unknown
+        );
+        // The kernel ended it, the application had read its error: not ABORTED.
+        assert_eq!(
+            FailureReason::classify(flowaudit_common::ERROR_TAKEN),
             FailureReason::Unknown
         );
         assert_eq!(
