@@ -120,13 +120,17 @@ impl Btf {
                     for i in 0..vlen {
                         let m = pos + i * 12;
                         let off = u32_at(type_sec, m + 8)?;
-                        let bits = if kind_flag { off >> 24 } else { 0 };
+                        // With kind_flag the top byte is a bitfield size.
+                        let (bit_offset, bitfield) = match kind_flag {
+                            true => (off & 0x00ff_ffff, off >> 24),
+                            false => (off, 0),
+                        };
                         members.push(Member {
-                            partial_bytes: bits % 8 != 0 || (bits > 0 && off % 8 != 0),
                             name_off: u32_at(type_sec, m)?,
                             type_id: u32_at(type_sec, m + 4)?,
-                            // With kind_flag the top byte is a bitfield size.
-                            bit_offset: if kind_flag { off & 0x00ff_ffff } else { off },
+                            bit_offset,
+                            partial_bytes: bitfield % 8 != 0
+                                || (bitfield > 0 && bit_offset % 8 != 0),
                         });
                     }
                     vlen * 12
@@ -348,9 +352,10 @@ pub fn resolve_offsets(btf: &Btf) -> (KernelOffsets, Vec<BtfError>) {
 mod tests {
     use super::*;
 
-    /// Builds a BTF blob: `struct outer { int a; union { int b; long c; }; int d; }`.
+    /// Builds a BTF blob: `struct outer { int a; union { int b; long c; }; int d; }`
+    /// and `struct bits { int x : 4; int y : 8 @8; int z @32; }`.
     fn synthetic() -> Vec<u8> {
-        let strings = b"\0int\0outer\0a\0b\0c\0d\0long\0";
+        let strings = b"\0int\0outer\0a\0b\0c\0d\0long\0bits\0x\0y\0z\0";
         let s = |name: &str| {
             let needle = format!("\0{name}\0");
             strings
@@ -386,6 +391,21 @@ mod tests {
             1,
             128,
         ]);
+        // 5: struct bits, kind_flag set: each offset's top byte is a bitfield size.
+        push(&[
+            s("bits"),
+            1 << 31 | KIND_STRUCT << 24 | 3,
+            8,
+            s("x"),
+            1,
+            4 << 24,
+            s("y"),
+            1,
+            8 << 24 | 8,
+            s("z"),
+            1,
+            32,
+        ]);
         let mut blob = Vec::new();
         blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
         blob.push(1);
@@ -412,6 +432,13 @@ mod tests {
         assert_eq!(btf.member_offset("outer", "c").unwrap(), 8);
         assert_eq!(btf.member_offset("outer", "d").unwrap(), 16);
         assert_eq!(btf.struct_size("outer"), Some(24));
+        // A bitfield of whole bytes reads as a byte; part of a byte does not.
+        assert!(matches!(
+            btf.member_offset("bits", "x"),
+            Err(BtfError::NoMember(..))
+        ));
+        assert_eq!(btf.member_offset("bits", "y").unwrap(), 1);
+        assert_eq!(btf.member_offset("bits", "z").unwrap(), 4);
         assert!(matches!(
             btf.member_offset("outer", "zz"),
             Err(BtfError::NoMember(..))
