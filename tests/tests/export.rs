@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use flowaudit_tests::Pod;
@@ -98,6 +98,8 @@ fn observe(server: &str, args: &[&str]) -> Command {
 struct Lines {
     rx: mpsc::Receiver<(SystemTime, String)>,
     got: Vec<(SystemTime, String)>,
+    /// What else a failed wait shows (the child's stderr, say).
+    context: Option<Box<dyn Fn() -> String>>,
 }
 
 impl Lines {
@@ -113,7 +115,14 @@ impl Lines {
         Self {
             rx,
             got: Vec::new(),
+            context: None,
         }
+    }
+
+    /// A failed wait also shows what `context` says.
+    fn with_context(mut self, context: impl Fn() -> String + 'static) -> Self {
+        self.context = Some(Box::new(context));
+        self
     }
 
     fn drain(&mut self) -> usize {
@@ -128,9 +137,10 @@ impl Lines {
         while self.drain() < n {
             if Instant::now() > deadline {
                 panic!(
-                    "{what}: expected {n} lines within {timeout:?}, got {}; last: {:?}",
+                    "{what}: expected {n} lines within {timeout:?}, got {}; last: {:?}{}",
                     self.got.len(),
-                    self.got.last()
+                    self.got.last(),
+                    self.context.as_ref().map(|c| c()).unwrap_or_default()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -653,7 +663,10 @@ fn a_stalled_subscriber_loses_only_its_own_flows_and_is_told() {
     // SAFETY: kill(2) takes plain integers: it signals a process this test started.
     unsafe { libc::kill(stalled.id() as i32, libc::SIGSTOP) };
 
-    const N: u64 = 2500;
+    // More than a stalled subscriber can be held for: its queue (4,096
+    // flows), the hub's ring it waits on (256 entries of up to 64 flows),
+    // and what its HTTP/2 stream and socket buffers take.
+    const N: u64 = 8000;
     let total = 4 * N as usize; // CONNECT and CLOSE, both sides
     connect(&client, &server, 8000, N, 8);
     fast_out.wait_count(total, Duration::from_secs(120), "the reading subscriber");
@@ -813,10 +826,23 @@ fn stream_delay_and_single_subscriber_throughput() {
     let addr = agent.grpc_addr();
     let mut sub = observe(&addr, &["-f", "-o", "json", "--port", "8000"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = Lines::new(sub.stdout.take().unwrap());
+    let err = Arc::new(Mutex::new(String::new()));
+    let stderr = sub.stderr.take().unwrap();
+    let err_w = err.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut e = err_w.lock().unwrap();
+            e.push_str(&l);
+            e.push('\n');
+        }
+    });
+    let mut lines = Lines::new(sub.stdout.take().unwrap()).with_context({
+        let err = err.clone();
+        move || format!("; observe's stderr so far: {:?}", err.lock().unwrap())
+    });
     wait_subscribers(&agent, 1);
 
     // Paced: one connection at a time.
@@ -847,19 +873,61 @@ fn stream_delay_and_single_subscriber_throughput() {
     const BURST: u64 = 3000;
     let start = Instant::now();
     connect(&client, &server, 8000, BURST, 8);
-    lines.wait_count(4 * BURST as usize, Duration::from_secs(120), "burst flows");
+    // A subscriber that falls behind a burst (its queue full: the machine
+    // busy, observe not scheduled) loses flows by design, and is told how
+    // many. Nothing may go missing untold: every flow arrives or is in a
+    // loss notice, and the agent's count says the same. (CI once got 11,365
+    // of 12,000 here with observe's stderr unread.)
+    let told = || told_undelivered(&err.lock().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while lines.drain() as u64 + told() < 4 * BURST {
+        assert!(
+            Instant::now() < deadline,
+            "burst flows: {} of {} arrived and {} were told lost within 120 s; observe's stderr: {:?}",
+            lines.got.len(),
+            4 * BURST,
+            told(),
+            err.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A task that fell behind the hub's ring is told its losses before its
+    // filter (other flows on the node, say the test's own, count too): so
+    // at least, not exactly.
+    let (arrived, lost) = (lines.got.len() as u64, told());
+    assert!(
+        arrived <= 4 * BURST,
+        "{arrived} flows arrived for {BURST} connections"
+    );
     let first = lines.got.first().unwrap().0;
     let last = lines.got.last().unwrap().0;
     let span = last.duration_since(first).unwrap_or_default().as_secs_f64();
     println!(
-        "1 subscriber: {} flows in {span:.2} s between first and last ({:.0} flows/s; {:.2} s from the first connect call; bounded by the traffic)",
-        4 * BURST,
-        (4 * BURST) as f64 / span.max(1e-9),
+        "1 subscriber: {arrived} flows in {span:.2} s between first and last ({:.0} flows/s; {:.2} s from the first connect call; bounded by the traffic); {lost} not delivered (told)",
+        arrived as f64 / span.max(1e-9),
         start.elapsed().as_secs_f64()
+    );
+    let (status, metrics) = agent.http_get("/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric_sample(&metrics, "flowaudit_stream_dropped_total"),
+        lost as f64,
+        "the agent's count of flows not delivered to subscribers"
     );
     sigint_and_wait(&mut sub, "observe");
     let report = agent.stop();
     assert_eq!(report.counter("kernel_events_lost"), 0);
+}
+
+/// The flows `observe` was told it did not get (its stderr's "N flows not
+/// delivered" notices).
+fn told_undelivered(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("flowaudit observe: "))
+        .filter_map(|l| l.split_once(" flows not delivered"))
+        .filter_map(|(n, _)| n.parse::<u64>().ok())
+        .sum()
 }
 
 /// A stopping agent ends each follow stream after the last flows it had,

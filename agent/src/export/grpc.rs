@@ -278,7 +278,7 @@ pub fn lost_events(source: LostSource, count: u64) -> proto::LostEvents {
         LostSource::SubscriberQueue => (
             proto::LostEventsSource::SubscriberQueue,
             format!(
-                "{count} flows not delivered: this subscriber read more slowly than flows came and its queue was full (or its filter fell behind the hub)"
+                "{count} flows not delivered: this subscriber read more slowly than flows came, until its queue and the agent's stream buffer were full"
             ),
             String::new(),
         ),

@@ -325,7 +325,7 @@ impl Metrics {
         let stream_dropped = Counter::default();
         registry.register(
             "flowaudit_stream_dropped",
-            "Flows not delivered to a slow stream subscriber (its queue was full, or its filter task fell behind the hub)",
+            "Flows not delivered to a slow stream subscriber (its queue stayed full until the hub's ring went round)",
             stream_dropped.clone(),
         );
         let policy_reloads = Family::default();
