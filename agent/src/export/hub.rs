@@ -7,8 +7,7 @@
 //! The pipeline never waits here and runs no filter: publishing is O(1). A
 //! subscriber's task waits while its queue is full; one that falls behind
 //! by more than the ring holds (256 entries of up to 64 flows: 16 Ki flows
-//! of a burst) loses flows
-//! (for that subscriber only); the loss is counted
+//! of a burst) loses flows (for that subscriber only); the loss is counted
 //! (`flowaudit_stream_dropped_total`) and told to the subscriber as a
 //! `LostEvents` notice before its next flow (or as soon as it has drained its
 //! queue). Kernel losses are told to every subscriber the same way. Filters
