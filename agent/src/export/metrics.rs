@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -171,26 +171,22 @@ struct KernelCollector(Arc<CaptureStats>);
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let records = ConstCounter::new(self.0.records.load(Ordering::Relaxed));
-        records.encode(encoder.encode_descriptor(
+        counter(
+            &mut encoder,
             "flowaudit_kernel_events",
             "Connection records read from the kernel ring buffer.",
-            None,
-            records.metric_type(),
-        )?)?;
+            &self.0.records,
+        )?;
         // Every place, from 0: ring_full_connect, ring_full_close,
         // ring_full_failed and close_untracked lose flow events; the others
         // lose what `LossPlace::consequence` says (owners, payload).
-        let mut lost = encoder.encode_descriptor(
+        counters_by(
+            &mut encoder,
             "flowaudit_kernel_events_lost",
             "What the kernel side lost, by place (see `flowaudit status`): flow events at ring_full_connect, ring_full_close, ring_full_failed and close_untracked; owners, listeners or payload (encryption) at the others.",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            "place",
+            LossPlace::ALL.map(|place| (place.name(), &self.0.lost[place as usize])),
         )?;
-        for place in LossPlace::ALL {
-            let n = ConstCounter::new(self.0.lost[place as usize].load(Ordering::Relaxed));
-            n.encode(lost.encode_family(&[("place", place.name())])?)?;
-        }
         let mut degraded = encoder.encode_descriptor(
             "flowaudit_kernel_degraded",
             "Facts this node's kernel does not give the agent (1 per named degradation; see `flowaudit status`).",
@@ -210,23 +206,55 @@ struct ExportFileCollector(Arc<ExportFileStats>);
 
 impl Collector for ExportFileCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for (name, help, value) in [
-            (
-                "flowaudit_export_file_errors",
-                "Export file writes and rotations that failed (e.g. a full disk).",
-                &self.0.errors,
-            ),
-            (
-                "flowaudit_export_file_flows_lost",
-                "Flow events that did not reach the export file because of those failures.",
-                &self.0.flows_lost,
-            ),
-        ] {
-            let c = ConstCounter::new(value.load(Ordering::Relaxed));
-            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
-        }
-        Ok(())
+        counter(
+            &mut encoder,
+            "flowaudit_export_file_errors",
+            "Export file writes and rotations that failed (e.g. a full disk).",
+            &self.0.errors,
+        )?;
+        counters_by(
+            &mut encoder,
+            "flowaudit_export_file_flows_lost",
+            "Flow events missing from the export file, by reason: write_failed (a write or rotation failed), writer_behind (its writer was a full backlog behind the flows; the other sinks got them).",
+            "reason",
+            [
+                ("write_failed", &self.0.flows_lost),
+                ("writer_behind", &self.0.flows_behind),
+            ],
+        )
     }
+}
+
+/// One counter read from `value` at the scrape.
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: &AtomicU64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(value.load(Ordering::Relaxed));
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// A counter family with one label, a series per `(label value, count)`.
+fn counters_by<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl IntoIterator<Item = (&'a str, &'a AtomicU64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (value, count) in series {
+        let c = ConstCounter::new(count.load(Ordering::Relaxed));
+        c.encode(family.encode_family(&[(label, value)])?)?;
+    }
+    Ok(())
 }
 
 /// Cilium mutual authentication answers, read on each scrape.
@@ -879,6 +907,39 @@ mod tests {
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    /// The export file's losses, one series per reason, from 0.
+    #[test]
+    fn export_file_losses_are_counted_by_reason() {
+        let m = Arc::new(Metrics::new("0", Arc::new(CaptureStats::default())));
+        let text = m.encode_prometheus_text();
+        for reason in ["write_failed", "writer_behind"] {
+            let series = format!("flowaudit_export_file_flows_lost_total{{reason=\"{reason}\"}}");
+            assert_eq!(sample(&text, &series), Some(0.0), "{series} in\n{text}");
+        }
+        m.export_file.errors.fetch_add(2, Ordering::Relaxed);
+        m.export_file.flows_lost.fetch_add(7, Ordering::Relaxed);
+        m.export_file.flows_behind.fetch_add(11, Ordering::Relaxed);
+        let text = m.encode_prometheus_text();
+        assert_eq!(
+            sample(&text, "flowaudit_export_file_errors_total"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "flowaudit_export_file_flows_lost_total{reason=\"write_failed\"}"
+            ),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "flowaudit_export_file_flows_lost_total{reason=\"writer_behind\"}"
+            ),
+            Some(11.0)
+        );
     }
 
     /// Each combination of labels goes to its own series (the sink keeps

@@ -38,7 +38,9 @@ pub mod proto {
 pub struct ExportArgs {
     /// Write flow events to this file as JSON lines, rotated by size. It is
     /// written out behind the writer every 8 MiB, and what is on disk then
-    /// leaves the page cache.
+    /// leaves the page cache. A writer 16,384 flows behind (a slow disk)
+    /// leaves the next flows out of the file and counts them
+    /// (flowaudit_export_file_flows_lost_total); capture never waits for it.
     #[arg(long, env = "FLOWAUDIT_EXPORT_FILE", value_name = "PATH")]
     pub export_file: Option<PathBuf>,
     /// Rotate the export file when it reaches this many MiB.

@@ -445,7 +445,10 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         Some(a) => Some((
             a.metric("flowaudit_kernel_events_lost_total")?,
             a.cpu_and_peak_rss().0,
-            a.metric("flowaudit_kernel_events_total")?,
+            (
+                a.metric("flowaudit_kernel_events_total")?,
+                a.metric(FILE_LOST)?,
+            ),
             env::proc_thread_cpu(a.pid()),
         )),
         None => None,
@@ -513,9 +516,15 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
     let watch_refs: Vec<&Path> = watch.iter().map(PathBuf::as_path).collect();
     wait_quiet(&watch_refs, Duration::from_secs(2), Duration::from_secs(60))?;
     let agent_figures = match (agent, before) {
-        (Some(a), Some((lost_before, cpu_before, records_before, threads_before))) => {
+        (
+            Some(a),
+            Some((lost_before, cpu_before, (records_before, file_lost_before), threads_before)),
+        ) => {
             let lost = a.metric("flowaudit_kernel_events_lost_total")? - lost_before;
-            let records = a.metric("flowaudit_kernel_events_total")? - records_before;
+            let records = (
+                a.metric("flowaudit_kernel_events_total")? - records_before,
+                a.metric(FILE_LOST)? - file_lost_before,
+            );
             let (cpu_after, peak_rss) = a.cpu_and_peak_rss();
             let threads = env::thread_cpu_by_name(&threads_before, &env::proc_thread_cpu(a.pid()));
             // Ring pages, once touched, stay resident: what they add now
@@ -593,7 +602,8 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         )),
     );
 
-    if let Some((fa_lost, cpu, (peak_rss, ring_rss), records, threads)) = agent_figures {
+    if let Some((fa_lost, cpu, (peak_rss, ring_rss), (records, file_lost), threads)) = agent_figures
+    {
         let fa = count_flowaudit(&export, &exp)?;
         let all4 = fa.iter().filter(|s| **s == ALL_FOUR).count();
         let any = fa.iter().filter(|s| **s != 0).count();
@@ -608,7 +618,9 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         };
         let figures = format!(
             "flowaudit_kernel_events_lost_total +{fa_lost:.0}, flowaudit_kernel_events_total \
-             +{records:.0} over the run; agent CPU {cpu:.2} s, peak RSS {peak_rss:.0} MiB{pin_note}"
+             +{records:.0}, {FILE_LOST} +{file_lost:.0} (flows the export file lost: its writer \
+             behind or a write failed) over the run; agent CPU {cpu:.2} s, peak RSS \
+             {peak_rss:.0} MiB{pin_note}"
         );
         results.push(
             BenchResult::new(&id("flowaudit"), &name("share flowaudit reported"), pct(all4, n), "%")
@@ -786,6 +798,9 @@ pub fn num_cpus() -> usize {
 /// The thread that serializes and writes the export file
 /// (`agent/src/export/file.rs`).
 const WRITER_THREAD: &str = "export-file";
+
+/// The agent's count of flows missing from its export file (both reasons).
+const FILE_LOST: &str = "flowaudit_export_file_flows_lost_total";
 
 /// "export-file 6.10 s (9.80 µs/conn), tokio-rt-worker 1.20 s (...)": each
 /// thread name's CPU over the run, largest first.
