@@ -441,16 +441,22 @@ impl ExportFileSink {
     }
 
     /// Cuts `batch` to the writer's room, counting and telling what is left
-    /// out: once when the writer falls behind, once when it has caught up.
+    /// out: once when the writer falls behind, once when it has caught up,
+    /// which is when half its backlog is written (a writer that only keeps
+    /// pace with the flows frees room for a pass or two at a time; telling
+    /// each of those would be a pair of log lines every few milliseconds).
     fn keep_what_fits(&mut self, batch: &mut Vec<Arc<FlowEvent>>) {
-        let room = SINK_QUEUE_FLOWS.saturating_sub(self.queued.load(Ordering::Acquire));
+        let queued = self.queued.load(Ordering::Acquire);
+        if queued <= SINK_QUEUE_FLOWS / 2
+            && let Some(left_out) = self.behind.take()
+        {
+            tracing::info!(
+                flows_left_out = left_out,
+                "export file writer caught up: the file has every flow again from here"
+            );
+        }
+        let room = SINK_QUEUE_FLOWS.saturating_sub(queued);
         if batch.len() <= room {
-            if let Some(left_out) = self.behind.take() {
-                tracing::info!(
-                    flows_left_out = left_out,
-                    "export file writer caught up: the file has every flow again from here"
-                );
-            }
             return;
         }
         let left_out = (batch.len() - room) as u64;
@@ -760,10 +766,12 @@ mod tests {
     /// `SINK_QUEUE_FLOWS`, the flows after that are left out of the file
     /// and counted, and once the writer makes room again the file goes on
     /// with the flows that come then. Every flow is in the file or counted.
+    /// The writer counts as caught up (and is logged so once) when half its
+    /// backlog is written, not at the first pass it has room for.
     #[test]
     fn a_stalled_writer_costs_the_file_flows_and_never_holds_up_the_pipeline() {
         use crate::pipeline::Sink;
-        use std::io::{BufRead, BufReader};
+        use std::io::Read;
         use std::os::fd::AsRawFd;
         use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::OpenOptionsExt;
@@ -818,23 +826,38 @@ mod tests {
             .recv_timeout(Duration::from_secs(60))
             .expect("the pipeline handed over every flow without waiting for the stalled writer");
         let mut sink = feeder.join().unwrap();
-        // Read the pipe from here on, before any check can fail: a failing
-        // check drops the sink, which waits for its writer.
-        // SAFETY: fcntl on an open descriptor; it clears O_NONBLOCK.
-        unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_SETFL, 0) };
         let (behind_then, lost_then) = (
             stats.flows_behind.load(Ordering::Relaxed),
             stats.flows_lost.load(Ordering::Relaxed),
         );
-        let lines = std::thread::spawn(move || {
-            BufReader::new(reader)
-                .lines()
-                .map(|l| {
-                    let v: serde_json::Value =
-                        serde_json::from_str(&l.unwrap()).expect("whole JSON lines");
-                    v["socket"]["cookie"].as_u64().expect("a cookie")
-                })
-                .collect::<Vec<u64>>()
+        // Read the pipe until the writer has finished one batch; a failing
+        // check from here on drops the sink, which waits for its writer, so
+        // the pipe is read to its end below before any check.
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sink.queued.load(Ordering::Acquire) >= SINK_QUEUE_FLOWS && Instant::now() < deadline {
+            match (&reader).read(&mut chunk) {
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("reading the pipe: {e}"),
+            }
+        }
+        let room_then =
+            SINK_QUEUE_FLOWS - sink.queued.load(Ordering::Acquire).min(SINK_QUEUE_FLOWS);
+        // Room for a pass, far from half the backlog written: still behind.
+        for i in n..n + 10 {
+            sink.on_flow(&flow_n(i));
+        }
+        sink.flush();
+        let still_behind = sink.behind.is_some();
+        // SAFETY: fcntl on an open descriptor; it clears O_NONBLOCK.
+        unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_SETFL, 0) };
+        let rest = std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            (&reader).read_to_end(&mut rest).map(|_| rest)
         });
         let behind = n - SINK_QUEUE_FLOWS as u64;
         assert_eq!(
@@ -842,23 +865,43 @@ mod tests {
             "what did not fit in the backlog is counted"
         );
         assert_eq!(lost_then, 0, "no write failed");
+        assert!(
+            room_then > 0,
+            "the writer finished a batch once its pipe was read"
+        );
+        assert!(
+            still_behind,
+            "not caught up while more than half the backlog waits ({room_then} flows of room)"
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         while sink.queued.load(Ordering::Acquire) > 0 {
             assert!(Instant::now() < deadline, "the writer never caught up");
             std::thread::sleep(Duration::from_millis(5));
         }
-        for i in n..n + 10 {
+        for i in n + 10..n + 20 {
             sink.on_flow(&flow_n(i));
         }
         sink.flush();
+        assert!(
+            sink.behind.is_none(),
+            "caught up once the backlog was written"
+        );
         // The agent stopping: the writer writes what it has and closes the pipe.
         drop(sink);
-        let cookies = lines.join().unwrap();
-        let expected: Vec<u64> = (0..SINK_QUEUE_FLOWS as u64).chain(n..n + 10).collect();
+        bytes.extend(rest.join().unwrap().expect("reading the pipe"));
+        let cookies: Vec<u64> = bytes
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_slice(l).expect("whole JSON lines");
+                v["socket"]["cookie"].as_u64().expect("a cookie")
+            })
+            .collect();
+        let expected: Vec<u64> = (0..SINK_QUEUE_FLOWS as u64).chain(n..n + 20).collect();
         assert_eq!(
             cookies.len(),
             expected.len(),
-            "the backlog and the flows after the writer caught up"
+            "the backlog and the flows after the writer made room"
         );
         assert!(cookies == expected, "in order, the left-out ones missing");
         assert_eq!(
@@ -868,7 +911,7 @@ mod tests {
         );
         assert_eq!(
             cookies.len() as u64 + behind,
-            n + 10,
+            n + 20,
             "every flow in the file or counted"
         );
     }
