@@ -35,3 +35,171 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
+
+/// A future running on a thread of its own, in a single-threaded tokio
+/// runtime (timers and I/O enabled): the agent's flows go from the ring
+/// reader to the pipeline there, so the two never hand a batch over from
+/// one core to another, and the gRPC side's tasks on the main runtime's
+/// workers never queue in front of them.
+pub struct OwnThread<T> {
+    done: tokio::sync::oneshot::Receiver<T>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    name: String,
+}
+
+/// Starts `future` on a new thread `name`. Fails (naming the thread) when the
+/// runtime or the thread cannot be made.
+pub fn spawn_own_thread<F>(name: &str, future: F) -> anyhow::Result<OwnThread<F::Output>>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use anyhow::Context as _;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .with_context(|| format!("cannot make the runtime of the {name} thread"))?;
+    let (tx, done) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let output = runtime.block_on(future);
+            let _ = tx.send(output);
+        })
+        .with_context(|| format!("cannot start the {name} thread"))?;
+    Ok(OwnThread {
+        done,
+        thread: Some(thread),
+        name: name.to_owned(),
+    })
+}
+
+impl<T> OwnThread<T> {
+    /// Waits for the future's output. Err when its thread ended without
+    /// one (the future panicked), with the panic's message.
+    pub async fn finished(&mut self) -> anyhow::Result<T> {
+        match (&mut self.done).await {
+            Ok(output) => Ok(output),
+            Err(_) => {
+                // The sender is gone without a result: the thread panicked,
+                // and its join gives the payload.
+                let joined = match self.thread.take() {
+                    Some(thread) => tokio::task::spawn_blocking(move || thread.join())
+                        .await
+                        .ok(),
+                    None => None,
+                };
+                let why = match joined {
+                    Some(Err(payload)) => panic_message(payload.as_ref()),
+                    _ => "it ended without a result".to_owned(),
+                };
+                anyhow::bail!("the {} thread failed: {why}", self.name)
+            }
+        }
+    }
+}
+
+/// A named task for `run_tasks`.
+pub type NamedTask = (
+    &'static str,
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+);
+
+/// Runs each future as a task of the current runtime and waits for all of
+/// them. Err names a task that panicked, with the panic's message.
+pub async fn run_tasks(tasks: Vec<NamedTask>) -> anyhow::Result<()> {
+    let handles: Vec<_> = tasks
+        .into_iter()
+        .map(|(name, task)| (name, tokio::spawn(task)))
+        .collect();
+    let mut failed = None;
+    for (name, handle) in handles {
+        if let Err(e) = handle.await {
+            let why = match e.try_into_panic() {
+                Ok(payload) => panic_message(payload.as_ref()),
+                Err(e) => e.to_string(),
+            };
+            failed.get_or_insert(format!("the {name} failed: {why}"));
+        }
+    }
+    match failed {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
+}
+
+/// The message of a panic's payload (a `&str` or `String`, as `panic!`
+/// makes them).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_future_runs_on_its_named_thread_and_its_output_comes_back() {
+        let mut t = spawn_own_thread("fa-test-own", async {
+            // Its own runtime, with timers.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            std::thread::current().name().map(str::to_owned)
+        })
+        .unwrap();
+        let name = t.finished().await.unwrap();
+        assert_eq!(name.as_deref(), Some("fa-test-own"));
+        assert_ne!(
+            std::thread::current().name(),
+            Some("fa-test-own"),
+            "the caller's thread is another"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_thread_that_panics_is_an_error_with_the_panic_message() {
+        let mut t = spawn_own_thread("fa-test-panic", async {
+            panic!("the ring is on fire");
+        })
+        .unwrap();
+        let e = t.finished().await.unwrap_err().to_string();
+        assert!(e.contains("fa-test-panic"), "{e}");
+        assert!(e.contains("the ring is on fire"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_is_named_and_the_others_finish() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(1);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = done.clone();
+        let result = run_tasks(vec![
+            (
+                "reader",
+                Box::pin(async move {
+                    let _tx = tx;
+                    panic!("bad record {}", 7);
+                }),
+            ),
+            (
+                "pipeline",
+                Box::pin(async move {
+                    // Ends when the reader's end of the channel is gone.
+                    while rx.recv().await.is_some() {}
+                    seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                }),
+            ),
+        ])
+        .await;
+        let e = result.unwrap_err().to_string();
+        assert_eq!(e, "the reader failed: bad record 7");
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+        run_tasks(vec![("quiet", Box::pin(async {}))])
+            .await
+            .unwrap();
+    }
+}

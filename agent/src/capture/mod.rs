@@ -7,13 +7,12 @@
 pub mod btf;
 pub mod features;
 pub mod listeners;
-mod reader;
+pub mod reader;
 pub mod record;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::{
@@ -356,28 +355,25 @@ impl Capture {
         grown
     }
 
-    /// Spawns the ring-buffer reader (`reader`). Every `poll` it moves what
-    /// the ring holds to `tx` (waiting when the pipeline is busy: the ring
-    /// buffer holds the rest, and what it cannot hold is counted as lost by
-    /// the kernel), until `shutdown` fires; then it drains what is left and
-    /// returns. When nothing came for a while, it waits for the kernel to
-    /// wake it instead of polling.
-    pub fn spawn_reader(
+    /// The ring-buffer reader (`reader`), to run once (`Reader::run`): every
+    /// poll it moves what the ring holds to `tx` (waiting when the pipeline
+    /// is busy: the ring buffer holds the rest, and what it cannot hold is
+    /// counted as lost by the kernel), until shutdown; then it drains what
+    /// is left and returns. When nothing came for a while, it waits for the
+    /// kernel to wake it instead of polling.
+    pub fn reader(
         &mut self,
         tx: mpsc::Sender<Vec<KernelRecord>>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
-        poll: Duration,
-    ) -> Result<tokio::task::JoinHandle<()>, CaptureError> {
+    ) -> Result<reader::Reader, CaptureError> {
         let ring = self.ring.take().ok_or(CaptureError::Missing(
             "ring buffer (reader already started)",
         ))?;
-        let reader = reader::Reader {
+        Ok(reader::Reader {
             ring,
             asleep: self.reader_slot.take(),
             tx,
             stats: self.stats.clone(),
-        };
-        Ok(tokio::spawn(reader.run(shutdown, poll)))
+        })
     }
 }
 

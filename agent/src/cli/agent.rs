@@ -226,7 +226,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     )?;
     let (tx, rx) = mpsc::channel(crate::capture::READ_QUEUE);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let reader = capture.spawn_reader(tx, shutdown_rx, Duration::from_millis(args.ring_poll_ms))?;
+    let reader = capture.reader(tx)?;
     let pipeline_stats = Arc::new(PipelineStats::default());
     let state = Arc::new(AgentState::new(
         node.clone(),
@@ -239,18 +239,20 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let (enricher, judge) = start_identity_and_policy(&args, endpoints, &capture, policy, &state)?;
     let spire = enricher.spire.clone();
     let mut spire_seen: SpireSeen = None;
-    let pipeline = tokio::spawn(
-        Pipeline::new(
-            node.as_str().into(),
-            Some(enricher),
-            judge,
-            sinks,
-            pipeline_stats.clone(),
-            Duration::from_millis(args.identity_wait_ms),
-            Duration::from_millis(args.encryption_wait_ms),
-        )
-        .run(rx),
+    let pipeline = Pipeline::new(
+        node.as_str().into(),
+        Some(enricher),
+        judge,
+        sinks,
+        pipeline_stats.clone(),
+        Duration::from_millis(args.identity_wait_ms),
+        Duration::from_millis(args.encryption_wait_ms),
     );
+    let poll = Duration::from_millis(args.ring_poll_ms);
+    let mut flows = crate::runtime::spawn_own_thread(
+        "flowaudit-flows",
+        run_flows(reader, pipeline, rx, shutdown_rx, poll),
+    )?;
     // Ready (for /readyz) before saying so in the log.
     state.attached.store(true, Ordering::Relaxed);
     tracing::info!(
@@ -282,6 +284,16 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
             }
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
+            // Only a failure ends it before shutdown: the agent would
+            // look alive and report nothing.
+            ended = flows.finished() => {
+                let why = match ended {
+                    Ok(Ok(())) => anyhow::anyhow!("the ring reader and the pipeline stopped"),
+                    Ok(Err(e)) | Err(e) => e,
+                };
+                capture.detach();
+                return Err(why.context("flows are no longer read: the agent stops"));
+            }
         }
     };
     tracing::info!("{signal}: stopping");
@@ -289,8 +301,11 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     // drain sees every record the kernel ever wrote.
     capture.detach();
     let _ = shutdown_tx.send(true);
-    let _ = reader.await;
-    let _ = pipeline.await;
+    // The rest of the shutdown goes on after a failure; it is the exit's.
+    let flows_ended = flows.finished().await.and_then(|ended| ended);
+    if let Err(e) = &flows_ended {
+        tracing::error!(error = %format!("{e:#}"), "the flows thread failed while stopping");
+    }
     // Every flow is with the stream's subscribers now: each stream ends
     // with them, then with a status saying why.
     let why = format!("the flowaudit agent on node {node} is stopping ({signal})");
@@ -314,7 +329,25 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         "agent stopped; programs detached"
     );
     drop(capture);
-    Ok(())
+    flows_ended
+}
+
+/// The ring reader and the pipeline, on the flows thread: each its own
+/// task (the reader waits for room in the channel while the pipeline works
+/// through it). A task that panics drops its end of the channel, so the
+/// other ends too, and the error names it.
+async fn run_flows(
+    reader: crate::capture::reader::Reader,
+    pipeline: Pipeline,
+    rx: mpsc::Receiver<Vec<crate::capture::record::KernelRecord>>,
+    shutdown: watch::Receiver<bool>,
+    poll: Duration,
+) -> anyhow::Result<()> {
+    crate::runtime::run_tasks(vec![
+        ("ring reader", Box::pin(reader.run(shutdown, poll))),
+        ("pipeline", Box::pin(pipeline.run(rx))),
+    ])
+    .await
 }
 
 /// Starts the endpoint directory and policy watchers and the SPIRE client.
