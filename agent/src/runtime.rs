@@ -42,8 +42,8 @@ pub fn init_logging(format: LogFormat) {
 /// one core to another, and the gRPC side's tasks on the main runtime's
 /// workers never queue in front of them.
 pub struct OwnThread<T> {
-    done: tokio::sync::oneshot::Receiver<T>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// None once the outcome was taken.
+    done: Option<tokio::sync::oneshot::Receiver<Result<T, String>>>,
     name: String,
 }
 
@@ -60,41 +60,36 @@ where
         .build()
         .with_context(|| format!("cannot make the runtime of the {name} thread"))?;
     let (tx, done) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
-            let output = runtime.block_on(future);
+            // The panic's message goes to the waiting side, which says it.
+            let run = std::panic::AssertUnwindSafe(|| runtime.block_on(future));
+            let output = std::panic::catch_unwind(run).map_err(|p| panic_message(p.as_ref()));
             let _ = tx.send(output);
         })
         .with_context(|| format!("cannot start the {name} thread"))?;
     Ok(OwnThread {
-        done,
-        thread: Some(thread),
+        done: Some(done),
         name: name.to_owned(),
     })
 }
 
 impl<T> OwnThread<T> {
-    /// Waits for the future's output. Err when its thread ended without
-    /// one (the future panicked), with the panic's message.
+    /// Waits for the future's output; Err when it panicked, with the
+    /// panic's message. Cancel-safe (a `select!` branch); once it has
+    /// returned, later calls are an error at once.
     pub async fn finished(&mut self) -> anyhow::Result<T> {
-        match (&mut self.done).await {
-            Ok(output) => Ok(output),
-            Err(_) => {
-                // The sender is gone without a result: the thread panicked,
-                // and its join gives the payload.
-                let joined = match self.thread.take() {
-                    Some(thread) => tokio::task::spawn_blocking(move || thread.join())
-                        .await
-                        .ok(),
-                    None => None,
-                };
-                let why = match joined {
-                    Some(Err(payload)) => panic_message(payload.as_ref()),
-                    _ => "it ended without a result".to_owned(),
-                };
-                anyhow::bail!("the {} thread failed: {why}", self.name)
-            }
+        let Some(done) = &mut self.done else {
+            anyhow::bail!("the {} thread's outcome was already taken", self.name);
+        };
+        let outcome = done.await;
+        self.done = None;
+        match outcome {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(why)) => anyhow::bail!("the {} thread failed: {why}", self.name),
+            // Only a thread killed without unwinding drops the sender unsent.
+            Err(_) => anyhow::bail!("the {} thread ended without a result", self.name),
         }
     }
 }
@@ -168,8 +163,9 @@ mod tests {
         })
         .unwrap();
         let e = t.finished().await.unwrap_err().to_string();
-        assert!(e.contains("fa-test-panic"), "{e}");
-        assert!(e.contains("the ring is on fire"), "{e}");
+        assert_eq!(e, "the fa-test-panic thread failed: the ring is on fire");
+        let again = t.finished().await.unwrap_err().to_string();
+        assert!(again.contains("already taken"), "{again}");
     }
 
     #[tokio::test]

@@ -650,17 +650,19 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         );
         let cpu_id = id("agent_cpu_per_conn");
         let cpu_name = name("agent CPU per connection");
-        results.push(if any == 0 || !cpu.is_finite() {
-            BenchResult::not_run(&cpu_id, &cpu_name, "µs", "not run: the agent reported no connection")
+        results.push(if n == 0 || !cpu.is_finite() {
+            BenchResult::not_run(&cpu_id, &cpu_name, "µs", "not run: no connection completed")
         } else {
-            let us = cpu * 1e6 / any as f64;
+            let us = cpu * 1e6 / n as f64;
             BenchResult::new(&cpu_id, &cpu_name, us, "µs")
                 .target("at most 3 µs", us <= 3.0)
                 .detail(format!(
                     "{cpu:.2} s of agent CPU (utime+stime of its process, /proc/PID/stat) from before the \
-                     run until its records drained, over the {any} connections it reported (two sockets, \
-                     four flow events each, export file on); by thread: {}; {figures}",
-                    thread_split(&threads, any, export_mib)
+                     run until its records drained, over the {n} connections the run completed (each \
+                     reached the agent: two sockets, four flow events, export file on; counted over \
+                     them, not over those in the export file, which can leave flows out); by thread: \
+                     {}; {figures}",
+                    thread_split(&threads, n, export_mib)
                 ))
         });
         // The export file's writer against the rest: where the row above goes.
@@ -668,15 +670,15 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         let rest_id = id("agent_cpu_per_conn_without_writer");
         let rest_name = name("agent CPU per connection, the export file's writer thread left out");
         results.push(match writer {
-            Some(w) if any > 0 && cpu.is_finite() => {
+            Some(w) if n > 0 && cpu.is_finite() => {
                 let rest = cpu - w;
-                BenchResult::new(&rest_id, &rest_name, rest * 1e6 / any as f64, "µs").detail(format!(
+                BenchResult::new(&rest_id, &rest_name, rest * 1e6 / n as f64, "µs").detail(format!(
                     "{rest:.2} s of the agent's {cpu:.2} s (every thread but `{WRITER_THREAD}`, \
-                     /proc/PID/task/TID/stat) over the {any} connections it reported: capture, \
+                     /proc/PID/task/TID/stat) over the {n} connections the run completed: capture, \
                      identity, policy, metrics, stream; the writer thread, which serializes each flow \
                      as JSON and writes {export_mib:.0} MiB, took {w:.2} s ({:.2} µs per connection, \
                      {:.2} µs per MiB written)",
-                    w * 1e6 / any as f64,
+                    w * 1e6 / n as f64,
                     w * 1e6 / export_mib.max(f64::MIN_POSITIVE)
                 ))
             }
@@ -684,7 +686,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
                 &rest_id,
                 &rest_name,
                 "µs",
-                format!("not run: no `{WRITER_THREAD}` thread was seen in the agent, or it reported no connection"),
+                format!("not run: no `{WRITER_THREAD}` thread was seen in the agent, or no connection completed"),
             ),
         });
         if plan.pin.is_none() {
