@@ -38,9 +38,9 @@ pub fn init_logging(format: LogFormat) {
 
 /// A future running on a thread of its own, in a single-threaded tokio
 /// runtime (timers and I/O enabled): the agent's flows go from the ring
-/// reader to the pipeline there, so the two never hand a batch over from
-/// one core to another, and the gRPC side's tasks on the main runtime's
-/// workers never queue in front of them.
+/// reader to the pipeline there, so a batch passes between the two within
+/// one thread (no other worker woken for it), and the gRPC side's tasks on
+/// the main runtime's workers never queue in front of them.
 pub struct OwnThread<T> {
     /// None once the outcome was taken.
     done: Option<tokio::sync::oneshot::Receiver<Result<T, String>>>,
