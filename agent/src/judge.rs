@@ -77,7 +77,7 @@ struct EndKey {
     identity_source: flowaudit_policy::IdentitySource,
     spiffe_id: crate::flow::ArcStr,
     /// Namespace, service account, pod name and labels.
-    pod: Arc<crate::flow::PodMeta>,
+    pod: crate::flow::PodRef,
 }
 
 impl EndKey {
@@ -95,7 +95,7 @@ impl EndKey {
         self.kind == ep.kind
             && self.identity_source == ep.identity_source
             && ArcStr::ptr_eq(&self.spiffe_id, &ep.spiffe_id)
-            && Arc::ptr_eq(&self.pod, &ep.pod)
+            && crate::flow::PodRef::ptr_eq(&self.pod, &ep.pod)
     }
 }
 
@@ -106,7 +106,7 @@ impl Memo {
         let mut h = foldhash::fast::FixedState::default().build_hasher();
         for ep in [&flow.source, &flow.destination] {
             h.write_usize(ep.spiffe_id.as_ptr() as usize);
-            h.write_usize(Arc::as_ptr(&ep.pod) as usize);
+            h.write_usize(ep.pod.as_ptr() as usize);
         }
         h.write_u16(flow.l4.destination_port);
         h.write_u8(flow.encryption.state as u8);
@@ -394,7 +394,7 @@ mod tests {
         f.l4.destination_port = port;
         for (ep, sa) in [(&mut f.source, "frontend"), (&mut f.destination, dst_sa)] {
             ep.kind = EndKind::Pod;
-            let pod = Arc::make_mut(&mut ep.pod);
+            let pod = ep.pod.make_mut();
             pod.namespace = "99-apps".into();
             pod.service_account = sa.into();
             ep.spiffe_id = format!("spiffe://demo.local/ns/99-apps/sa/{sa}").into();

@@ -165,11 +165,20 @@ fn addr(family: u16, raw: [u8; 16], port: u16) -> SocketAddr {
 /// Process names remembered per decoding thread ([`comm`]).
 const COMM_SLOTS: usize = 64;
 
+/// Process names made static ([`comm`]) at most, over the agent's life: at
+/// most 16 bytes each, some 128 KiB in all, whatever the node runs.
+const STATIC_COMMS: usize = 4096;
+
 /// The process name in a record (the kernel's NUL-padded `comm`). A node's
 /// connections come from a few processes, so each decoding thread keeps
 /// the last names it decoded (a direct-mapped table of [`COMM_SLOTS`]), and
 /// a record of a known process shares its name instead of allocating one.
+/// The first [`STATIC_COMMS`] names decoded are made static (kept for the
+/// agent's life): every flow holds its process's name, and sharing a static
+/// one touches no reference count (an atomic add and subtract for each
+/// copy otherwise, paid twice per flow).
 fn comm(raw: &[u8; 16]) -> crate::flow::ArcStr {
+    static MADE_STATIC: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     use std::cell::RefCell;
     use std::hash::BuildHasher;
     type Slots = [Option<([u8; 16], crate::flow::ArcStr)>; COMM_SLOTS];
@@ -178,7 +187,9 @@ fn comm(raw: &[u8; 16]) -> crate::flow::ArcStr {
     }
     let decode = || {
         let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
-        crate::flow::ArcStr::from(String::from_utf8_lossy(&raw[..end]).as_ref())
+        let name = crate::flow::ArcStr::from(String::from_utf8_lossy(&raw[..end]).as_ref());
+        crate::flow::make_static(&name, &MADE_STATIC, STATIC_COMMS);
+        name
     };
     let slot = foldhash::fast::FixedState::default().hash_one(raw) as usize % COMM_SLOTS;
     RECENT
@@ -345,6 +356,9 @@ pub(crate) mod tests {
             crate::flow::ArcStr::ptr_eq(&a, &b),
             "the second record of a process shares its name"
         );
+        // Far from the bound in this process: made static, so flows share
+        // it without a reference count.
+        assert!(crate::flow::ArcStr::is_static(&a), "{a} is not static");
         // More names than slots: each still decodes to itself (a slot taken
         // by another name is replaced, never returned for the wrong one).
         let names: Vec<[u8; 16]> = (0..4 * COMM_SLOTS)

@@ -738,7 +738,7 @@ mod tests {
         // line, a SPIFFE ID that reverses itself, a protocol that rings.
         f.source.process = Some("node\x1b[8m".into());
         f.source.spiffe_id = "spiffe://demo.local/ns/a/sa/\u{202e}dnetnorf".into();
-        let pod = std::sync::Arc::make_mut(&mut f.destination.pod);
+        let pod = f.destination.pod.make_mut();
         pod.namespace = "99-apps".into();
         pod.pod_name = "db\r\x1b[1Aok\u{9b}".into();
         std::sync::Arc::make_mut(&mut f.encryption).state =

@@ -212,12 +212,13 @@ fn endpoint_from(e: proto::Endpoint) -> Endpoint {
         identity_source: identity_source_from(e.identity_source),
         identity_detail: e.identity_detail.into(),
         spiffe_id: e.spiffe_id.into(),
-        pod: std::sync::Arc::new(PodMeta {
+        pod: PodMeta {
             namespace: e.namespace.into(),
             pod_name: e.pod_name.into(),
             service_account: e.service_account.into(),
             labels: e.labels.into_iter().collect(),
-        }),
+        }
+        .into(),
         pid: e.pid,
         process: e.process.map(Into::into),
         cgroup_id: e.cgroup_id,
@@ -534,7 +535,9 @@ mod tests {
     #[test]
     fn a_flow_survives_the_protobuf_round_trip() {
         let mut f = sample_flow();
-        std::sync::Arc::make_mut(&mut f.source.pod)
+        f.source
+            .pod
+            .make_mut()
             .labels
             .insert("app".into(), "frontend".into());
         f.source.spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();

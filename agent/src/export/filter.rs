@@ -354,7 +354,7 @@ pub(crate) mod tests {
     }
     fn labelled(ns: &str, pod: &str, app: &str) -> Endpoint {
         let mut e = Endpoint::unknown();
-        let meta = std::sync::Arc::make_mut(&mut e.pod);
+        let meta = e.pod.make_mut();
         meta.namespace = ns.into();
         meta.pod_name = pod.into();
         meta.labels.insert("app".into(), app.into());

@@ -13,9 +13,10 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::sync::Arc;
 
-use super::{ClientCertificate, Encryption, EndKind, Endpoint, FlowEvent, PodMeta, UnknownReason};
+use super::{
+    ClientCertificate, Encryption, EndKind, Endpoint, FlowEvent, PodMeta, PodRef, UnknownReason,
+};
 
 /// Appends `flow` as one compact JSON object (no newline).
 pub fn write_flow(out: &mut Vec<u8>, flow: &FlowEvent) {
@@ -40,14 +41,14 @@ pub struct FlowWriter {
 }
 
 /// A pod (held, so its address stays its own) and its part of a line.
-type CachedPod = (Arc<PodMeta>, Box<[u8]>);
+type CachedPod = (PodRef, Box<[u8]>);
 
 impl FlowWriter {
     /// Appends `flow` as one compact JSON object (no newline).
     pub fn write(&mut self, out: &mut Vec<u8>, flow: &FlowEvent) {
         let pods = &mut self.pods;
         write_with(out, flow, &mut |out, pod| {
-            let key = Arc::as_ptr(pod) as usize;
+            let key = pod.as_ptr() as usize;
             if let Some((_, bytes)) = pods.get(&key) {
                 out.extend_from_slice(bytes);
                 return;
@@ -63,7 +64,7 @@ impl FlowWriter {
     }
 }
 
-type PodPart<'a> = dyn FnMut(&mut Vec<u8>, &Arc<PodMeta>) + 'a;
+type PodPart<'a> = dyn FnMut(&mut Vec<u8>, &PodRef) + 'a;
 
 fn write_with(out: &mut Vec<u8>, flow: &FlowEvent, pod: &mut PodPart<'_>) {
     out.extend_from_slice(b"{\"time\":");
@@ -504,12 +505,13 @@ mod tests {
             );
         };
         let mut f = base();
-        f.source.pod = Arc::new(PodMeta {
+        f.source.pod = PodMeta {
             namespace: "99-apps".into(),
             pod_name: "frontend-7d9f".into(),
             service_account: "frontend".into(),
             labels: BTreeMap::from([("app".to_string(), "front\"end".to_string())]),
-        });
+        }
+        .into();
         check(&mut w, &f);
         check(&mut w, &f);
         assert_eq!(
@@ -518,15 +520,18 @@ mod tests {
             "the source's pod and the destination's (the shared empty one)"
         );
         // The cache shares the Arc: make_mut copies the pod first.
-        Arc::make_mut(&mut f.source.pod)
+        f.source
+            .pod
+            .make_mut()
             .labels
             .insert("tier".into(), "web".into());
         check(&mut w, &f);
         for i in 0..POD_CACHE + 10 {
-            f.destination.pod = Arc::new(PodMeta {
+            f.destination.pod = PodMeta {
                 pod_name: format!("p-{i}").into(),
                 ..PodMeta::default()
-            });
+            }
+            .into();
             check(&mut w, &f);
             assert!(w.pods.len() <= POD_CACHE);
         }
@@ -559,7 +564,7 @@ mod tests {
         full.source.kind = EndKind::Pod;
         full.source.spiffe_id = "spiffe://demo.local/ns/99-apps/sa/frontend".into();
         full.source.identity_source = IdentitySource::Attested;
-        full.source.pod = Arc::new(PodMeta {
+        full.source.pod = PodMeta {
             namespace: "99-apps".into(),
             pod_name: "frontend-7d9f".into(),
             service_account: "frontend".into(),
@@ -567,7 +572,8 @@ mod tests {
                 ("app".to_string(), "frontend".to_string()),
                 ("tier\\x".to_string(), "web \u{1}".to_string()),
             ]),
-        });
+        }
+        .into();
         full.destination.kind = EndKind::World;
         full.destination.identity_source = IdentitySource::Derived;
         full.destination.identity_detail = Cow::Borrowed("derived from pod metadata");
@@ -615,7 +621,7 @@ mod tests {
         for kind in [EndKind::Host, EndKind::Unknown] {
             let mut f = full.clone();
             f.source.kind = kind;
-            Arc::make_mut(&mut f.source.pod).labels.clear();
+            f.source.pod.make_mut().labels.clear();
             f.source.pid = None;
             f.event = EventKind::Close;
             f.verdict = Verdict::Unknown;

@@ -9,9 +9,21 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 pub use arcstr::ArcStr;
+
+/// Makes `s` static (kept for the agent's life) while fewer than `cap`
+/// strings were made so through `made`: a string every flow shares (a
+/// process's name, a derived SPIFFE ID) is then copied and dropped without
+/// touching a reference count, two atomic operations per copy otherwise.
+/// `cap` bounds the memory kept, whatever the node runs.
+pub fn make_static(s: &ArcStr, made: &std::sync::atomic::AtomicUsize, cap: usize) {
+    use std::sync::atomic::Ordering;
+    if made.load(Ordering::Relaxed) < cap && made.fetch_add(1, Ordering::Relaxed) < cap {
+        s.leak();
+    }
+}
 pub use flowaudit_policy::Finding;
 use flowaudit_policy::{EncryptionState, IdentitySource, Verdict};
 use serde::{Deserialize, Serialize};
@@ -141,11 +153,86 @@ pub struct PodMeta {
     pub labels: BTreeMap<String, String>,
 }
 
-impl PodMeta {
-    /// The names of an end no pod stands for: all empty, one shared value.
-    pub fn none() -> Arc<PodMeta> {
-        static NONE: LazyLock<Arc<PodMeta>> = LazyLock::new(Arc::default);
-        NONE.clone()
+/// The names of an end no pod stands for: all empty.
+static NO_POD: PodMeta = PodMeta {
+    namespace: ArcStr::new(),
+    pod_name: ArcStr::new(),
+    service_account: ArcStr::new(),
+    labels: BTreeMap::new(),
+};
+
+/// An end's pod ([`PodMeta`], which it derefs to): the directory's shared
+/// entry, or none, an empty value held without a reference count. Every
+/// end starts without a pod and most are given one a moment later, so a
+/// shared empty `Arc` cost two atomic operations per end for nothing.
+#[derive(Clone, Default)]
+pub struct PodRef(Option<Arc<PodMeta>>);
+
+impl PodRef {
+    /// No pod.
+    pub const NONE: PodRef = PodRef(None);
+
+    /// Where the names live: the same for every end of a pod (and for
+    /// every end without one), so a cache can key on it.
+    pub fn as_ptr(&self) -> *const PodMeta {
+        &**self
+    }
+
+    /// The names to change, copied first if shared (an empty entry is
+    /// made for an end without a pod).
+    pub fn make_mut(&mut self) -> &mut PodMeta {
+        Arc::make_mut(self.0.get_or_insert_with(Arc::default))
+    }
+
+    /// Whether both are the same pod entry (or both none).
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        std::ptr::eq(a.as_ptr(), b.as_ptr())
+    }
+}
+
+impl std::ops::Deref for PodRef {
+    type Target = PodMeta;
+    fn deref(&self) -> &PodMeta {
+        self.0.as_deref().unwrap_or(&NO_POD)
+    }
+}
+
+impl From<Arc<PodMeta>> for PodRef {
+    fn from(pod: Arc<PodMeta>) -> Self {
+        PodRef(Some(pod))
+    }
+}
+
+impl From<PodMeta> for PodRef {
+    fn from(pod: PodMeta) -> Self {
+        PodRef(Some(Arc::new(pod)))
+    }
+}
+
+/// By the names, not where they live: no pod equals an empty one.
+impl PartialEq for PodRef {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for PodRef {}
+
+impl std::fmt::Debug for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl Serialize for PodRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PodRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        PodMeta::deserialize(d).map(PodRef::from)
     }
 }
 
@@ -167,7 +254,7 @@ pub struct Endpoint {
     pub identity_detail: Cow<'static, str>,
     /// `namespace`, `pod_name`, `service_account` and `labels` in JSON.
     #[serde(flatten)]
-    pub pod: Arc<PodMeta>,
+    pub pod: PodRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,7 +271,7 @@ impl Endpoint {
             spiffe_id: ArcStr::new(),
             identity_source: IdentitySource::Unknown,
             identity_detail: Cow::Borrowed(""),
-            pod: PodMeta::none(),
+            pod: PodRef::NONE,
             pid: None,
             process: None,
             cgroup_id: None,
@@ -829,6 +916,40 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    /// An end without a pod reads as empty names, equals an empty pod,
+    /// writes and reads back as one, and is changed through a copy of its own.
+    #[test]
+    fn an_end_without_a_pod_reads_as_empty_names() {
+        let none = PodRef::NONE;
+        assert_eq!(*none, PodMeta::default());
+        assert_eq!(none, PodRef::from(PodMeta::default()));
+        assert!(PodRef::ptr_eq(&none, &PodRef::default()), "one empty value");
+        let mut ep = Endpoint::unknown();
+        let json = serde_json::to_value(&ep).unwrap();
+        assert_eq!(json["namespace"], "");
+        assert_eq!(json["labels"], serde_json::json!({}));
+        let back: Endpoint = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ep);
+        // A pod's entry is shared by pointer; changing an end copies it.
+        let shared = PodRef::from(PodMeta {
+            namespace: "99-apps".into(),
+            ..PodMeta::default()
+        });
+        ep.pod = shared.clone();
+        assert!(PodRef::ptr_eq(&ep.pod, &shared));
+        ep.pod.make_mut().pod_name = "frontend-0".into();
+        assert!(!PodRef::ptr_eq(&ep.pod, &shared));
+        assert_eq!((&*ep.pod.namespace, &*shared.pod_name), ("99-apps", ""));
+        let mut other = Endpoint::unknown();
+        other.pod.make_mut().namespace = "x".into();
+        assert_eq!(other.pod.namespace, "x");
+        assert_eq!(
+            PodRef::NONE.namespace,
+            "",
+            "the shared empty value is untouched"
+        );
+    }
 
     /// The template writer agrees with `write!` over centuries of instants.
     #[test]

@@ -170,15 +170,18 @@ impl IdentityStats {
 }
 
 pub struct Enricher {
-    pub endpoints: Option<watch::Receiver<Arc<EndpointDirectory>>>,
+    /// The endpoint directory's updates.
+    endpoints: Option<watch::Receiver<Arc<EndpointDirectory>>>,
+    /// The directory now, taken from `endpoints` when it changes: a flow
+    /// reads it without the channel's lock or a reference count of its own
+    /// (four atomic operations per flow otherwise).
+    directory: Option<Arc<EndpointDirectory>>,
     pub cgroups: CgroupResolver,
     pub spire: Option<SpireClient>,
     /// For DERIVED IDs; when None, the SPIRE agent's (its bundle's) or the
     /// first attested ID's trust domain.
     pub trust_domain: Option<String>,
     learned_trust_domain: Option<String>,
-    /// `trust_domain` or `learned_trust_domain`, as handed out per flow.
-    shared_trust_domain: Option<Arc<str>>,
     /// This node: peers the directory places here are waited for (their
     /// socket's record) and attested; pods elsewhere are DERIVED.
     pub node_name: String,
@@ -187,6 +190,8 @@ pub struct Enricher {
     /// Lookups by result, read by metrics at scrape time.
     pub stats: Arc<IdentityStats>,
     sockets: SocketTable,
+    /// The IDs derived so far, and the trust domain they are derived in
+    /// (`trust_domain` or `learned_trust_domain`, once one is known).
     derived: DerivedIds,
 }
 
@@ -197,13 +202,15 @@ impl Enricher {
         spire: Option<SpireClient>,
         trust_domain: Option<String>,
     ) -> Self {
+        let mut endpoints = endpoints;
+        let directory = endpoints.as_mut().map(|rx| rx.borrow_and_update().clone());
         Self {
             endpoints,
+            directory,
             cgroups,
             spire,
             trust_domain,
             learned_trust_domain: None,
-            shared_trust_domain: None,
             node_name: String::new(),
             wait_ms: 0,
             stats: Arc::default(),
@@ -212,25 +219,57 @@ impl Enricher {
         }
     }
 
-    /// The trust domain for DERIVED IDs, shared (asked for every flow).
-    fn trust_domain(&mut self) -> Option<Arc<str>> {
+    /// Brings the trust domain of DERIVED IDs (`derived`) up to date. It
+    /// changes at most once, from unknown to known: the one given never
+    /// changes, and one is learned only while none is known. So once known,
+    /// a flow pays a single test for it.
+    fn sync_trust_domain(&mut self) {
+        if self.derived.trust_domain.is_some() {
+            return;
+        }
         if self.trust_domain.is_none() && self.learned_trust_domain.is_none() {
             // The SPIRE agent's own bundle names it as soon as it is connected.
             self.learned_trust_domain = self.spire.as_ref().and_then(SpireClient::trust_domain);
         }
-        let td = self
+        if let Some(td) = self
             .trust_domain
             .as_deref()
-            .or(self.learned_trust_domain.as_deref())?;
-        if self.shared_trust_domain.as_deref() != Some(td) {
-            self.shared_trust_domain = Some(Arc::from(td));
+            .or(self.learned_trust_domain.as_deref())
+        {
+            self.derived.set_trust_domain(td);
         }
-        self.shared_trust_domain.clone()
+    }
+
+    /// The endpoint directory now, if there is one (see `directory`). Taken
+    /// out of `self` for the caller's use; [`Self::put_directory`] gives it back.
+    fn take_directory(&mut self) -> Option<Arc<EndpointDirectory>> {
+        if let Some(rx) = &mut self.endpoints
+            // An error: the directory's source is gone; the last one stays.
+            && rx.has_changed().unwrap_or(false)
+        {
+            self.directory = Some(rx.borrow_and_update().clone());
+        }
+        self.directory.take()
+    }
+
+    fn put_directory(&mut self, dir: Option<Arc<EndpointDirectory>>) {
+        self.directory = dir;
     }
 
     /// Fills kinds, pod metadata and SPIFFE IDs of both ends.
     pub fn enrich(&mut self, flow: &mut FlowEvent) -> Enriched {
-        let dir = self.endpoints.as_ref().map(|rx| rx.borrow().clone());
+        let dir = self.take_directory();
+        let mut pending = self.start(flow, dir.as_deref());
+        self.put_directory(dir);
+        match self.resume(flow, &mut pending, false) {
+            Progress::Waiting => Enriched::Pending(pending),
+            Progress::Done { .. } => Enriched::Done,
+        }
+    }
+
+    /// `enrich` with the directory `dir`, up to the identity answers: what
+    /// they are awaited for.
+    fn start(&mut self, flow: &mut FlowEvent, dir: Option<&EndpointDirectory>) -> PendingIdentity {
         let local_is_source = flow.direction == Direction::Egress;
         let (src, dst) = (
             SocketAddr::new(flow.l4.source_ip, flow.l4.source_port),
@@ -259,7 +298,7 @@ impl Enricher {
         if self.spire.is_some() {
             self.sockets.insert((local_addr, remote_addr), facts);
         }
-        let td = self.trust_domain();
+        self.sync_trust_domain();
         // Connected, or still connecting at start-up: answers can come.
         let answering = self.spire.as_ref().is_some_and(|s| !s.is_down());
 
@@ -290,12 +329,7 @@ impl Enricher {
         let reverse = (remote_addr, local_addr);
         let peer = match (&self.spire, remote.kind) {
             (None, _) => {
-                derive(
-                    &mut self.derived,
-                    remote,
-                    td.as_deref(),
-                    DETAIL_NO_SPIRE_PEER,
-                );
+                derive(&mut self.derived, remote, DETAIL_NO_SPIRE_PEER);
                 PeerWait::Done
             }
             (Some(_), EndKind::Host | EndKind::World) => {
@@ -320,9 +354,9 @@ impl Enricher {
                     _ => Cow::Borrowed("derived from its address through the endpoint directory"),
                 };
                 // Provisional; replaced when the peer is attested.
-                derive(&mut self.derived, remote, td.as_deref(), detail);
+                derive(&mut self.derived, remote, detail);
                 if let Some(f) = self.sockets.get(&reverse) {
-                    self.peer_query(flow, f)
+                    self.peer_query(flow, f, dir)
                 } else if on_this_node && answering && !failed {
                     PeerWait::Socket(reverse)
                 } else {
@@ -337,7 +371,6 @@ impl Enricher {
             derive(
                 &mut self.derived,
                 flow.local_end_mut(),
-                td.as_deref(),
                 DETAIL_NO_SPIRE_LOCAL,
             );
             None
@@ -345,7 +378,6 @@ impl Enricher {
             derive(
                 &mut self.derived,
                 flow.local_end_mut(),
-                td.as_deref(),
                 "the kernel did not see the socket's owner: derived from its address",
             );
             None
@@ -367,17 +399,17 @@ impl Enricher {
                 service_account,
             })
         };
-        let mut pending = PendingIdentity { local, peer };
-        match self.resume(flow, &mut pending, false) {
-            Progress::Waiting => Enriched::Pending(pending),
-            Progress::Done { .. } => Enriched::Done,
-        }
+        PendingIdentity { local, peer }
     }
 
     /// The query for a peer whose socket's record was found, applying its
     /// pod (from the owner's cgroup) to the remote end.
-    fn peer_query(&mut self, flow: &mut FlowEvent, f: SocketFacts) -> PeerWait {
-        let dir = self.endpoints.as_ref().map(|rx| rx.borrow().clone());
+    fn peer_query(
+        &mut self,
+        flow: &mut FlowEvent,
+        f: SocketFacts,
+        dir: Option<&EndpointDirectory>,
+    ) -> PeerWait {
         let pod_uid = f.cgroup_id.and_then(|id| self.cgroups.pod_uid(id));
         let pod = match (&dir, &pod_uid) {
             (Some(d), Some(uid)) => d.pod_by_uid(uid),
@@ -389,13 +421,8 @@ impl Enricher {
         }
         if f.pid.is_none() && pod_uid.is_none() {
             if pod.is_none() {
-                let td = self.trust_domain();
-                derive(
-                    &mut self.derived,
-                    remote_end_mut(flow),
-                    td.as_deref(),
-                    DETAIL_PEER_UNOWNED,
-                );
+                self.sync_trust_domain();
+                derive(&mut self.derived, remote_end_mut(flow), DETAIL_PEER_UNOWNED);
             }
             return PeerWait::Done;
         }
@@ -427,19 +454,16 @@ impl Enricher {
         let mut timed_out = false;
         if let PeerWait::Socket(key) = &p.peer {
             if let Some(f) = self.sockets.get(key) {
-                p.peer = self.peer_query(flow, f);
+                let dir = self.take_directory();
+                p.peer = self.peer_query(flow, f, dir.as_deref());
+                self.put_directory(dir);
             } else if force {
                 let detail = format!(
                     "the peer's socket was not seen on this node within {} ms: derived from its address through the endpoint directory",
                     self.wait_ms
                 );
-                let td = self.trust_domain();
-                derive(
-                    &mut self.derived,
-                    remote_end_mut(flow),
-                    td.as_deref(),
-                    detail,
-                );
+                self.sync_trust_domain();
+                derive(&mut self.derived, remote_end_mut(flow), detail);
                 p.peer = PeerWait::Done;
                 timed_out = true;
             }
@@ -463,13 +487,13 @@ impl Enricher {
         if p.local.is_none() && matches!(p.peer, PeerWait::Done) {
             // A trust domain learned while the flow waited (SPIRE's bundle
             // arrives on connection) names the pods that had none.
-            if let Some(td) = self.trust_domain() {
+            self.sync_trust_domain();
+            if self.derived.trust_domain.is_some() {
                 for ep in [&mut flow.source, &mut flow.destination] {
                     if ep.kind == EndKind::Pod && ep.identity_source == IdentitySource::Unknown {
                         derive(
                             &mut self.derived,
                             ep,
-                            Some(&*td),
                             "derived from its pod's metadata (the trust domain became known while the flow waited)",
                         );
                     }
@@ -489,7 +513,7 @@ impl Enricher {
             Lookup::Pending => LookupResult::Timeout,
             Lookup::Unavailable(_) => LookupResult::Unavailable,
         };
-        let td = self.trust_domain();
+        self.sync_trust_domain();
         match result {
             Lookup::Attested(id) => {
                 if self.trust_domain.is_none() && self.learned_trust_domain.is_none() {
@@ -500,13 +524,11 @@ impl Enricher {
             Lookup::NoIdentity => derive(
                 &mut self.derived,
                 ep,
-                td.as_deref(),
                 "SPIRE gave no identity (no registration entry matches, or the kernel facts name no pod SPIRE could be asked about): derived from its pod's metadata",
             ),
             Lookup::Pending => derive(
                 &mut self.derived,
                 ep,
-                td.as_deref(),
                 format!(
                     "SPIRE did not answer within {} ms: derived from its pod's metadata",
                     self.wait_ms
@@ -517,7 +539,6 @@ impl Enricher {
                 derive(
                     &mut self.derived,
                     ep,
-                    td.as_deref(),
                     "SPIRE's Delegated Identity API is unavailable (see `flowaudit status`): derived from its pod's metadata",
                 )
             }
@@ -574,7 +595,7 @@ fn set_id(
 
 fn apply_pod(ep: &mut Endpoint, p: &PodInfo) {
     ep.kind = EndKind::Pod;
-    ep.pod = p.meta.clone();
+    ep.pod = p.meta.clone().into();
 }
 
 fn apply_peer(ep: &mut Endpoint, peer: &Peer) {
@@ -591,7 +612,7 @@ fn apply_peer(ep: &mut Endpoint, peer: &Peer) {
 /// `DERIVED_IDS_CAP` pairs (a bound, whatever the cluster's churn).
 #[derive(Debug, Default)]
 struct DerivedIds {
-    trust_domain: ArcStr,
+    trust_domain: Option<ArcStr>,
     ids: HashMap<(ArcStr, ArcStr), ArcStr, foldhash::fast::RandomState>,
     /// Recent answers, found by where the names live: a pod's names are
     /// shared from the directory, so most lookups are two pointer
@@ -602,6 +623,9 @@ struct DerivedIds {
 }
 
 const DERIVED_IDS_CAP: usize = 16_384;
+/// Derived IDs made static at most over the agent's life (see
+/// [`crate::flow::make_static`]): some 64 bytes each, 256 KiB in all.
+const STATIC_IDS: usize = 4096;
 const RECENT_IDS: usize = 256;
 
 /// The `recent` slot of a pair of names, from their addresses.
@@ -611,18 +635,24 @@ fn recent_slot(namespace: &ArcStr, service_account: &ArcStr) -> usize {
 }
 
 impl DerivedIds {
-    fn get(&mut self, td: &str, namespace: &ArcStr, service_account: &ArcStr) -> ArcStr {
-        if self.trust_domain != td {
-            self.trust_domain = td.into();
+    /// The trust domain the IDs are derived in; those of another are dropped.
+    fn set_trust_domain(&mut self, td: &str) {
+        if self.trust_domain.as_deref() != Some(td) {
+            self.trust_domain = Some(td.into());
             self.ids.clear();
             self.recent.clear();
         }
+    }
+
+    /// The ID of a pod's service account; `None` while no trust domain is known.
+    fn get(&mut self, namespace: &ArcStr, service_account: &ArcStr) -> Option<ArcStr> {
+        let td = self.trust_domain.as_deref()?;
         let slot = recent_slot(namespace, service_account);
         if let Some(Some((ns, sa, id))) = self.recent.get(slot)
             && ArcStr::ptr_eq(ns, namespace)
             && ArcStr::ptr_eq(sa, service_account)
         {
-            return id.clone();
+            return Some(id.clone());
         }
         // The key's names are shared with the pod's entry: cloning them for
         // the lookup copies no bytes.
@@ -635,6 +665,9 @@ impl DerivedIds {
                 }
                 let id: ArcStr =
                     flowaudit_policy::spiffe::derive_id(td, namespace, service_account).into();
+                static MADE_STATIC: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(0);
+                crate::flow::make_static(&id, &MADE_STATIC, STATIC_IDS);
                 self.ids.insert(key, id.clone());
                 id
             }
@@ -643,32 +676,30 @@ impl DerivedIds {
             self.recent.resize(RECENT_IDS, None);
         }
         self.recent[slot] = Some((namespace.clone(), service_account.clone(), id.clone()));
-        id
+        Some(id)
     }
 }
 
 /// `spiffe://<td>/ns/<ns>/sa/<sa>` from pod metadata, said as DERIVED with
 /// `detail`; UNKNOWN for what is not a pod the directory knows.
-fn derive(
-    ids: &mut DerivedIds,
-    ep: &mut Endpoint,
-    td: Option<&str>,
-    detail: impl Into<Cow<'static, str>>,
-) {
-    match (ep.kind, td) {
-        (EndKind::Pod, Some(td))
-            if !ep.pod.namespace.is_empty() && !ep.pod.service_account.is_empty() =>
-        {
-            let id = ids.get(td, &ep.pod.namespace, &ep.pod.service_account);
-            set_id(ep, id, IdentitySource::Derived, detail);
-        }
-        (EndKind::Pod, None) => set_id(
+fn derive(ids: &mut DerivedIds, ep: &mut Endpoint, detail: impl Into<Cow<'static, str>>) {
+    if ep.kind != EndKind::Pod {
+        return set_id(ep, ArcStr::new(), IdentitySource::Unknown, "");
+    }
+    if ids.trust_domain.is_none() {
+        return set_id(
             ep,
             ArcStr::new(),
             IdentitySource::Unknown,
             "no trust domain known to derive an ID: give --trust-domain or a policy with spec.trustDomain",
-        ),
-        _ => set_id(ep, ArcStr::new(), IdentitySource::Unknown, ""),
+        );
+    }
+    if ep.pod.namespace.is_empty() || ep.pod.service_account.is_empty() {
+        return set_id(ep, ArcStr::new(), IdentitySource::Unknown, "");
+    }
+    match ids.get(&ep.pod.namespace, &ep.pod.service_account) {
+        Some(id) => set_id(ep, id, IdentitySource::Derived, detail),
+        None => set_id(ep, ArcStr::new(), IdentitySource::Unknown, ""),
     }
 }
 
@@ -683,19 +714,25 @@ mod tests {
     fn derived_ids_are_written_once_per_pod_and_follow_the_trust_domain() {
         let mut ids = DerivedIds::default();
         let (ns, sa): (ArcStr, ArcStr) = ("99-apps".into(), "frontend".into());
-        let first = ids.get("demo.local", &ns, &sa);
+        assert_eq!(ids.get(&ns, &sa), None, "no trust domain, no ID");
+        ids.set_trust_domain("demo.local");
+        let first = ids.get(&ns, &sa).unwrap();
         assert_eq!(first, "spiffe://demo.local/ns/99-apps/sa/frontend");
         // Equal names from elsewhere (another pod entry) find the same string.
-        let again = ids.get("demo.local", &"99-apps".into(), &"frontend".into());
+        let again = ids.get(&"99-apps".into(), &"frontend".into()).unwrap();
         assert!(ArcStr::ptr_eq(&first, &again), "{again} was written anew");
         // The same names again: from the recent slots, the same string.
-        let third = ids.get("demo.local", &ns, &sa);
+        let third = ids.get(&ns, &sa).unwrap();
         assert!(ArcStr::ptr_eq(&first, &third), "{third} was written anew");
-        let other = ids.get("other.td", &ns, &sa);
+        // The same trust domain again keeps what was written.
+        ids.set_trust_domain("demo.local");
+        assert!(ArcStr::ptr_eq(&first, &ids.get(&ns, &sa).unwrap()));
+        ids.set_trust_domain("other.td");
+        let other = ids.get(&ns, &sa).unwrap();
         assert_eq!(other, "spiffe://other.td/ns/99-apps/sa/frontend");
         // A recent slot never answers for the old trust domain.
         assert_eq!(
-            ids.get("other.td", &ns, &sa),
+            ids.get(&ns, &sa).unwrap(),
             "spiffe://other.td/ns/99-apps/sa/frontend"
         );
         assert_eq!(ids.ids.len(), 1, "the old trust domain's IDs are dropped");
@@ -705,7 +742,7 @@ mod tests {
             .collect();
         for round in 0..2 {
             for (i, sa) in names.iter().enumerate().skip(round * DERIVED_IDS_CAP) {
-                let id = ids.get("other.td", &ns, sa);
+                let id = ids.get(&ns, sa).unwrap();
                 assert_eq!(id, format!("spiffe://other.td/ns/99-apps/sa/sa{i}"));
             }
         }
@@ -728,6 +765,37 @@ mod tests {
             &"n1".into(),
             &Clock::now(),
         )
+    }
+
+    /// The directory is read once per change, not per flow: a new one
+    /// (a watch update) names the next flow's ends; one whose source is
+    /// gone stays in use.
+    #[test]
+    fn each_flow_is_named_from_the_latest_directory() {
+        let parse = |pod: &str| {
+            let yaml = format!(
+                "endpoints:\n  - {{ips: [10.244.1.9], namespace: 99-apps, pod: {pod}, serviceAccount: postgresql}}\n"
+            );
+            Arc::new(EndpointDirectory::parse(Path::new("e.yaml"), &yaml).unwrap())
+        };
+        let (tx, rx) = watch::channel(parse("postgresql-0"));
+        let mut e = Enricher::new(
+            Some(rx),
+            CgroupResolver::new("/nonexistent".into()),
+            None,
+            Some("demo.local".into()),
+        );
+        let mut name = || {
+            let mut f = flow();
+            assert!(matches!(e.enrich(&mut f), Enriched::Done));
+            f.destination.pod.pod_name.to_string()
+        };
+        assert_eq!(name(), "postgresql-0");
+        assert_eq!(name(), "postgresql-0");
+        tx.send(parse("postgresql-1")).unwrap();
+        assert_eq!(name(), "postgresql-1");
+        drop(tx);
+        assert_eq!(name(), "postgresql-1", "the last directory stays");
     }
 
     #[test]

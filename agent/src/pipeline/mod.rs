@@ -79,6 +79,10 @@ impl Pipeline {
         identity_wait: Duration,
         encryption_wait: Duration,
     ) -> Self {
+        // Every flow holds the node's name: made static (kept for the
+        // agent's life), a flow shares it without touching a reference
+        // count (an atomic add and subtract per flow otherwise).
+        node_name.leak();
         Self {
             node_name,
             enricher,
