@@ -683,10 +683,8 @@ impl DerivedIds {
 /// `spiffe://<td>/ns/<ns>/sa/<sa>` from pod metadata, said as DERIVED with
 /// `detail`; UNKNOWN for what is not a pod the directory knows.
 fn derive(ids: &mut DerivedIds, ep: &mut Endpoint, detail: impl Into<Cow<'static, str>>) {
-    if ep.kind != EndKind::Pod {
-        return set_id(ep, ArcStr::new(), IdentitySource::Unknown, "");
-    }
-    if ids.trust_domain.is_none() {
+    let pod = ep.kind == EndKind::Pod;
+    if pod && ids.trust_domain.is_none() {
         return set_id(
             ep,
             ArcStr::new(),
@@ -694,12 +692,10 @@ fn derive(ids: &mut DerivedIds, ep: &mut Endpoint, detail: impl Into<Cow<'static
             "no trust domain known to derive an ID: give --trust-domain or a policy with spec.trustDomain",
         );
     }
-    if ep.pod.namespace.is_empty() || ep.pod.service_account.is_empty() {
-        return set_id(ep, ArcStr::new(), IdentitySource::Unknown, "");
-    }
-    match ids.get(&ep.pod.namespace, &ep.pod.service_account) {
-        Some(id) => set_id(ep, id, IdentitySource::Derived, detail),
-        None => set_id(ep, ArcStr::new(), IdentitySource::Unknown, ""),
+    let named = pod && !ep.pod.namespace.is_empty() && !ep.pod.service_account.is_empty();
+    match named.then(|| ids.get(&ep.pod.namespace, &ep.pod.service_account)) {
+        Some(Some(id)) => set_id(ep, id, IdentitySource::Derived, detail),
+        _ => set_id(ep, ArcStr::new(), IdentitySource::Unknown, ""),
     }
 }
 
