@@ -281,7 +281,7 @@ impl Judge {
                 flow.verdict = decision.verdict;
                 flow.findings = findings;
                 flow.policy_rule = rule;
-                flow.mutual_auth = decision.mutual_auth;
+                flow.mutual_auth = decision.mutual_auth.map(Box::new);
             }
         }
         // Whatever the policy says, an end that is not who it claims to be

@@ -596,9 +596,12 @@ impl Clock {
         }
     }
 
-    pub fn wall(&self, mono_ns: u64) -> std::time::SystemTime {
-        let ns = (mono_ns as i128 + self.offset_ns).max(0) as u128;
-        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.min(u64::MAX as u128) as u64)
+    /// The wall-clock time of a kernel timestamp (CLOCK_MONOTONIC
+    /// nanoseconds); one before the epoch is the epoch. Plain integer
+    /// arithmetic: every flow's time is made here.
+    pub fn flow_time(&self, mono_ns: u64) -> crate::flow::FlowTime {
+        let ns = (i128::from(mono_ns) + self.offset_ns).clamp(0, i128::from(u64::MAX)) as u64;
+        crate::flow::FlowTime::new((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as u32)
     }
 }
 
@@ -643,10 +646,20 @@ mod tests {
     #[test]
     fn clock_maps_monotonic_now_to_wall_now() {
         let clock = Clock::now();
-        let wall = clock.wall(monotonic_ns());
-        let diff = wall
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_else(|e| e.duration());
-        assert!(diff < std::time::Duration::from_secs(1), "{diff:?}");
+        let t = clock.flow_time(monotonic_ns());
+        let now = crate::flow::FlowTime::now();
+        let diff = (i128::from(now.secs()) * 1_000_000_000 + i128::from(now.nanos()))
+            - (i128::from(t.secs()) * 1_000_000_000 + i128::from(t.nanos()));
+        // The offset comes from two clocks read one after the other: off
+        // by a little either way.
+        assert!(
+            diff.abs() < 1_000_000_000,
+            "{t:?} is {diff} ns before {now:?}"
+        );
+        // Before the epoch is the epoch.
+        let early = Clock {
+            offset_ns: -1_000_000_000_000,
+        };
+        assert_eq!(early.flow_time(5), crate::flow::FlowTime::new(0, 0));
     }
 }

@@ -680,20 +680,20 @@ mod tests {
             cookie: 1,
         };
         let mut f = flow();
-        f.joined = Some(crate::flow::Joined {
+        f.joined = Some(Box::new(crate::flow::Joined {
             halves: vec![
                 half(Direction::Egress, "worker"),
                 half(Direction::Ingress, "worker2"),
             ],
-        });
+        }));
         assert!(
             compact(&f, false).contains(" EGRESS UNKNOWN joined=worker>worker2 sent="),
             "{}",
             compact(&f, false)
         );
-        f.joined = Some(crate::flow::Joined {
+        f.joined = Some(Box::new(crate::flow::Joined {
             halves: vec![half(Direction::Ingress, "worker2")],
-        });
+        }));
         assert!(
             compact(&f, false).contains(" joined=worker2:INGRESS-only "),
             "{}",

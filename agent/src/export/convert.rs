@@ -368,7 +368,7 @@ pub fn flow_to_proto(f: &FlowEvent) -> proto::Flow {
             error: f.socket.error,
             retransmits: f.socket.retransmits,
         }),
-        mutual_auth: f.mutual_auth.as_ref().map(mutual_auth_to),
+        mutual_auth: f.mutual_auth.as_deref().map(mutual_auth_to),
         joined: f.joined.as_ref().map(|j| proto::Joined {
             halves: j.halves.iter().map(half_to).collect(),
         }),
@@ -511,17 +511,20 @@ pub fn flow_from_proto(f: proto::Flow) -> Result<FlowEvent, ConvertError> {
             error: socket.error,
             retransmits: socket.retransmits,
         },
-        mutual_auth: f.mutual_auth.map(mutual_auth_from).transpose()?,
+        mutual_auth: f
+            .mutual_auth
+            .map(|m| mutual_auth_from(m).map(Box::new))
+            .transpose()?,
         joined: f
             .joined
             .map(|j| {
-                Ok::<_, ConvertError>(Joined {
+                Ok::<_, ConvertError>(Box::new(Joined {
                     halves: j
                         .halves
                         .into_iter()
                         .map(half_from)
                         .collect::<Result<_, _>>()?,
-                })
+                }))
             })
             .transpose()?,
     })
@@ -563,7 +566,7 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            f.mutual_auth = Some(flowaudit_policy::MutualAuth {
+            f.mutual_auth = Some(Box::new(flowaudit_policy::MutualAuth {
                 state,
                 enforced_on: if i % 2 == 0 {
                     flowaudit_policy::AuthSide::Ingress
@@ -576,7 +579,7 @@ mod tests {
                 expires: "2026-12-02T08:00:00.000000512Z".into(),
                 path_encryption: flowaudit_policy::PathEncryption::Encrypted,
                 detail: "path encrypted by WireGuard".into(),
-            });
+            }));
             f.findings[0].kind = flowaudit_policy::FindingKind::MutualAuthMissing;
             let back = flow_from_proto(flow_to_proto(&f)).unwrap();
             assert_eq!(back, f, "{state:?}");

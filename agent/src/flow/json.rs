@@ -334,7 +334,6 @@ fn string(out: &mut Vec<u8>, s: &str) {
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -576,7 +575,7 @@ mod tests {
         .into();
         full.destination.kind = EndKind::World;
         full.destination.identity_source = IdentitySource::Derived;
-        full.destination.identity_detail = Cow::Borrowed("derived from pod metadata");
+        full.destination.identity_detail = "derived from pod metadata".into();
         full.destination.pid = Some(4321);
         full.destination.process = Some("post\"gres".into());
         full.destination.cgroup_id = Some(77);
@@ -596,7 +595,7 @@ mod tests {
         full.socket.failure_reason = Some(FailureReason::TimedOut);
         full.socket.error = 110;
         full.socket.retransmits = 3;
-        full.joined = Some(Joined {
+        full.joined = Some(Box::new(Joined {
             halves: vec![JoinedHalf {
                 direction: full.direction,
                 node_name: "precinct-99-worker2".into(),
@@ -610,12 +609,12 @@ mod tests {
                 encryption: EncryptionState::Mtls,
                 cookie: 9,
             }],
-        });
+        }));
         same_as_serde(&full);
-        full.mutual_auth = Some(flowaudit_policy::MutualAuth::not_observable(
+        full.mutual_auth = Some(Box::new(flowaudit_policy::MutualAuth::not_observable(
             flowaudit_policy::AuthSide::Ingress,
             "no Cilium maps",
-        ));
+        )));
         same_as_serde(&full);
 
         for kind in [EndKind::Host, EndKind::Unknown] {

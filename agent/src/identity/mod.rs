@@ -23,7 +23,6 @@
 pub mod cgroup;
 pub mod spire;
 
-use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,7 +40,7 @@ use crate::flow::{ArcStr, Direction, EndKind, Endpoint, EventKind, FlowEvent};
 pub enum Enriched {
     Done,
     /// An end's attested identity is being fetched.
-    Pending(PendingIdentity),
+    Pending(Box<PendingIdentity>),
 }
 
 /// What a parked flow still waits for.
@@ -262,7 +261,7 @@ impl Enricher {
         let mut pending = self.start(flow, dir.as_deref());
         self.put_directory(dir);
         match self.resume(flow, &mut pending, false) {
-            Progress::Waiting => Enriched::Pending(pending),
+            Progress::Waiting => Enriched::Pending(Box::new(pending)),
             Progress::Done { .. } => Enriched::Done,
         }
     }
@@ -333,7 +332,12 @@ impl Enricher {
                 PeerWait::Done
             }
             (Some(_), EndKind::Host | EndKind::World) => {
-                set_id(remote, String::new(), IdentitySource::Unknown, "");
+                set_id(
+                    remote,
+                    ArcStr::new(),
+                    IdentitySource::Unknown,
+                    ArcStr::new(),
+                );
                 PeerWait::Done
             }
             (Some(_), _) => {
@@ -343,15 +347,17 @@ impl Enricher {
                 };
                 let detail = match &remote_peer {
                     Some(Peer::Pod(p)) if !p.node.is_empty() && !on_this_node => {
-                        Cow::Owned(format!(
+                        arcstr::format!(
                             "pod on node {}: derived from its address through the endpoint directory",
                             p.node
-                        ))
+                        )
                     }
-                    _ if failed => Cow::Borrowed(
-                        "the connection never established, so no peer socket to attest: derived from its address through the endpoint directory",
+                    _ if failed => arcstr::literal!(
+                        "the connection never established, so no peer socket to attest: derived from its address through the endpoint directory"
                     ),
-                    _ => Cow::Borrowed("derived from its address through the endpoint directory"),
+                    _ => {
+                        arcstr::literal!("derived from its address through the endpoint directory")
+                    }
                 };
                 // Provisional; replaced when the peer is attested.
                 derive(&mut self.derived, remote, detail);
@@ -378,7 +384,9 @@ impl Enricher {
             derive(
                 &mut self.derived,
                 flow.local_end_mut(),
-                "the kernel did not see the socket's owner: derived from its address",
+                arcstr::literal!(
+                    "the kernel did not see the socket's owner: derived from its address"
+                ),
             );
             None
         } else {
@@ -458,7 +466,7 @@ impl Enricher {
                 p.peer = self.peer_query(flow, f, dir.as_deref());
                 self.put_directory(dir);
             } else if force {
-                let detail = format!(
+                let detail = arcstr::format!(
                     "the peer's socket was not seen on this node within {} ms: derived from its address through the endpoint directory",
                     self.wait_ms
                 );
@@ -494,7 +502,9 @@ impl Enricher {
                         derive(
                             &mut self.derived,
                             ep,
-                            "derived from its pod's metadata (the trust domain became known while the flow waited)",
+                            arcstr::literal!(
+                                "derived from its pod's metadata (the trust domain became known while the flow waited)"
+                            ),
                         );
                     }
                 }
@@ -519,17 +529,24 @@ impl Enricher {
                 if self.trust_domain.is_none() && self.learned_trust_domain.is_none() {
                     self.learned_trust_domain = trust_domain_of(&id.spiffe_id);
                 }
-                set_id(ep, id.spiffe_id.clone(), IdentitySource::Attested, "");
+                set_id(
+                    ep,
+                    id.spiffe_id.clone(),
+                    IdentitySource::Attested,
+                    ArcStr::new(),
+                );
             }
             Lookup::NoIdentity => derive(
                 &mut self.derived,
                 ep,
-                "SPIRE gave no identity (no registration entry matches, or the kernel facts name no pod SPIRE could be asked about): derived from its pod's metadata",
+                arcstr::literal!(
+                    "SPIRE gave no identity (no registration entry matches, or the kernel facts name no pod SPIRE could be asked about): derived from its pod's metadata"
+                ),
             ),
             Lookup::Pending => derive(
                 &mut self.derived,
                 ep,
-                format!(
+                arcstr::format!(
                     "SPIRE did not answer within {} ms: derived from its pod's metadata",
                     self.wait_ms
                 ),
@@ -539,7 +556,9 @@ impl Enricher {
                 derive(
                     &mut self.derived,
                     ep,
-                    "SPIRE's Delegated Identity API is unavailable (see `flowaudit status`): derived from its pod's metadata",
+                    arcstr::literal!(
+                        "SPIRE's Delegated Identity API is unavailable (see `flowaudit status`): derived from its pod's metadata"
+                    ),
                 )
             }
         }
@@ -556,12 +575,16 @@ impl Enricher {
     }
 }
 
-const DETAIL_NO_SPIRE_LOCAL: &str =
-    "no SPIRE (--spire-admin-socket none): derived from the pod of the socket's cgroup";
+const DETAIL_NO_SPIRE_LOCAL: ArcStr = arcstr::literal!(
+    "no SPIRE (--spire-admin-socket none): derived from the pod of the socket's cgroup"
+);
 /// The peer's socket is on this node but the kernel never learned its owner.
-const DETAIL_PEER_UNOWNED: &str = "the peer's socket on this node has no known owning process (a listener older than the agent that could not be recovered): derived from its address through the endpoint directory";
-const DETAIL_NO_SPIRE_PEER: &str =
-    "no SPIRE (--spire-admin-socket none): derived from its address through the endpoint directory";
+const DETAIL_PEER_UNOWNED: ArcStr = arcstr::literal!(
+    "the peer's socket on this node has no known owning process (a listener older than the agent that could not be recovered): derived from its address through the endpoint directory"
+);
+const DETAIL_NO_SPIRE_PEER: ArcStr = arcstr::literal!(
+    "no SPIRE (--spire-admin-socket none): derived from its address through the endpoint directory"
+);
 
 fn remote_end_mut(flow: &mut FlowEvent) -> &mut Endpoint {
     match flow.direction {
@@ -582,15 +605,10 @@ fn trust_domain_of(id: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn set_id(
-    ep: &mut Endpoint,
-    id: impl Into<ArcStr>,
-    source: IdentitySource,
-    detail: impl Into<Cow<'static, str>>,
-) {
+fn set_id(ep: &mut Endpoint, id: impl Into<ArcStr>, source: IdentitySource, detail: ArcStr) {
     ep.spiffe_id = id.into();
     ep.identity_source = source;
-    ep.identity_detail = detail.into();
+    ep.identity_detail = detail;
 }
 
 fn apply_pod(ep: &mut Endpoint, p: &PodInfo) {
@@ -682,20 +700,22 @@ impl DerivedIds {
 
 /// `spiffe://<td>/ns/<ns>/sa/<sa>` from pod metadata, said as DERIVED with
 /// `detail`; UNKNOWN for what is not a pod the directory knows.
-fn derive(ids: &mut DerivedIds, ep: &mut Endpoint, detail: impl Into<Cow<'static, str>>) {
+fn derive(ids: &mut DerivedIds, ep: &mut Endpoint, detail: ArcStr) {
     let pod = ep.kind == EndKind::Pod;
     if pod && ids.trust_domain.is_none() {
         return set_id(
             ep,
             ArcStr::new(),
             IdentitySource::Unknown,
-            "no trust domain known to derive an ID: give --trust-domain or a policy with spec.trustDomain",
+            arcstr::literal!(
+                "no trust domain known to derive an ID: give --trust-domain or a policy with spec.trustDomain"
+            ),
         );
     }
     let named = pod && !ep.pod.namespace.is_empty() && !ep.pod.service_account.is_empty();
     match named.then(|| ids.get(&ep.pod.namespace, &ep.pod.service_account)) {
         Some(Some(id)) => set_id(ep, id, IdentitySource::Derived, detail),
-        _ => set_id(ep, ArcStr::new(), IdentitySource::Unknown, ""),
+        _ => set_id(ep, ArcStr::new(), IdentitySource::Unknown, ArcStr::new()),
     }
 }
 

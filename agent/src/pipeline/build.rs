@@ -3,16 +3,33 @@
 //! the end whose socket the kernel saw, and computes bytes and duration.
 //! Identity and verdict start UNKNOWN; later stages fill them.
 
+use std::sync::Arc;
+
 use flowaudit_common::SocketSide;
 use flowaudit_policy::Verdict;
 
 use crate::capture::Clock;
 use crate::capture::record::KernelEvent;
 use crate::flow::{
-    ArcStr, Direction, Endpoint, EventKind, FailureReason, FlowEvent, FlowTime, L4, Socket, Summary,
+    ArcStr, Direction, Endpoint, EventKind, FailureReason, FlowEvent, L4, Socket, Summary,
 };
 
 impl FlowEvent {
+    /// `from_kernel`, written straight into its `Arc`: the pipeline's flows
+    /// live there from the start, and building one on the stack first cost
+    /// a copy of the whole event into memory the cache no longer held (the
+    /// stream's buffer keeps thousands of flows, so a new flow lands where
+    /// one dropped long ago lived).
+    pub fn shared_from_kernel(ev: &KernelEvent, node_name: &ArcStr, clock: &Clock) -> Arc<Self> {
+        let mut slot = Arc::<Self>::new_uninit();
+        Arc::get_mut(&mut slot)
+            .expect("a new Arc has no other owner")
+            .write(Self::from_kernel(ev, node_name, clock));
+        // SAFETY: the value was written just above.
+        unsafe { slot.assume_init() }
+    }
+
+    #[inline(always)]
     pub fn from_kernel(ev: &KernelEvent, node_name: &ArcStr, clock: &Clock) -> Self {
         let event = ev.kind;
         let mut local = Endpoint::unknown();
@@ -53,7 +70,7 @@ impl FlowEvent {
         };
         // The summary is written once, when the flow is judged (pipeline `emit`).
         FlowEvent {
-            time: FlowTime::from_system(clock.wall(ev.ts_ns)),
+            time: clock.flow_time(ev.ts_ns),
             node_name: node_name.clone(),
             event,
             verdict: Verdict::Unknown,

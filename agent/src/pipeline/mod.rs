@@ -190,7 +190,7 @@ impl Pipeline {
         // In its final `Arc` at once: parked, released and handed to the
         // sinks by pointer. Nothing else holds it until `emit` is done with
         // it, so `make_mut` never copies.
-        let mut flow = Arc::new(FlowEvent::from_kernel(ev, &self.node_name, clock));
+        let mut flow = FlowEvent::shared_from_kernel(ev, &self.node_name, clock);
         let cookie = flow.socket.cookie;
         if flow.event != EventKind::Connect
             && self.parked.holds(cookie)

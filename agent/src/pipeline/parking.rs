@@ -27,7 +27,9 @@ pub struct Parked {
     /// by pointer (into the slab, out, to the sinks), never copied.
     pub flow: Arc<FlowEvent>,
     /// The identity answers still awaited; None when answered or not needed.
-    pub query: Option<PendingIdentity>,
+    /// Boxed: most parked flows wait only for their handshake, and a
+    /// parked flow is moved in and out of the slab.
+    pub query: Option<Box<PendingIdentity>>,
     pub parked_at: Instant,
     /// Until when the identity answers are waited for.
     pub deadline: Instant,

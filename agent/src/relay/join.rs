@@ -208,9 +208,9 @@ fn half(f: &FlowEvent) -> JoinedHalf {
 /// A half whose other half never came.
 fn single(f: &FlowEvent) -> FlowEvent {
     let mut out = f.clone();
-    out.joined = Some(Joined {
+    out.joined = Some(Box::new(Joined {
         halves: vec![half(f)],
-    });
+    }));
     out
 }
 
@@ -261,9 +261,9 @@ fn join(a: &FlowEvent, b: &FlowEvent) -> FlowEvent {
         }
     }
     out.findings = findings.into();
-    out.joined = Some(Joined {
+    out.joined = Some(Box::new(Joined {
         halves: vec![half(egress), half(ingress)],
-    });
+    }));
     // Built from a half, whose summary may have been written already.
     out.summary = crate::flow::Summary::default();
     out
