@@ -600,18 +600,40 @@ impl Hub {
             return;
         }
         let mut inner = self.lock();
+        // Subscribers join under this lock: none now, none before it is
+        // released. Without one, the entries are only counted (their
+        // numbers stay those a subscriber would see), and the flows move
+        // into the history instead of being shared with a batch nobody reads.
+        let followed = self.ring.receiver_count() > 0;
+        let (total, chunks) = (flows.len(), flows.len().div_ceil(BATCH_MAX));
         if self.capacity > 0 {
-            let keep = flows.len().min(self.capacity);
+            let keep = total.min(self.capacity);
             let room = self.capacity - inner.history.len().min(self.capacity);
             let evict = keep.saturating_sub(room).min(inner.history.len());
             inner.history.drain(..evict);
-            inner
-                .history
-                .extend(flows[flows.len() - keep..].iter().cloned());
+            if followed {
+                inner.history.extend(flows[total - keep..].iter().cloned());
+            } else {
+                inner.history.extend(flows.drain(total - keep..));
+            }
+            // The flows the next publish evicts were written thousands of
+            // flows ago, and the cache no longer holds them: have them
+            // fetched now, while the pipeline builds the next flows, so
+            // that dropping them then does not wait for memory.
+            if inner.history.len() >= self.capacity {
+                for f in inner.history.iter().take(keep) {
+                    prefetch(f);
+                }
+            }
         }
-        for batch in flows.chunks(BATCH_MAX) {
-            inner.flows += batch.len() as u64;
-            self.send(&mut inner, Payload::Flows(batch.into()));
+        if followed {
+            for batch in flows.chunks(BATCH_MAX) {
+                inner.flows += batch.len() as u64;
+                self.send(&mut inner, Payload::Flows(batch.into()));
+            }
+        } else {
+            inner.flows += total as u64;
+            inner.entries += chunks as u64;
         }
         drop(inner);
         flows.clear();
@@ -664,6 +686,24 @@ impl Hub {
     fn entries(&self) -> u64 {
         self.lock().entries
     }
+}
+
+/// Asks the CPU to fetch a flow's memory into the cache (a hint: nothing
+/// waits for it, and on other architectures it does nothing).
+fn prefetch(flow: &Arc<FlowEvent>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let p = Arc::as_ptr(flow).cast::<i8>();
+        for line in (0..size_of::<FlowEvent>()).step_by(64) {
+            // SAFETY: a prefetch is a hint that never faults, whatever the
+            // address (`wrapping_add`: it is never dereferenced here), and
+            // SSE is part of every x86_64 CPU.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = flow;
 }
 
 struct Live {
@@ -824,6 +864,16 @@ pub(crate) mod tests {
         Arc::new(Hub::with_ring(capacity, queue, ring, 1000, metrics))
     }
 
+    /// Every buffered flow, no live ones.
+    fn history_only() -> Subscribe {
+        Subscribe {
+            number: 0,
+            follow: false,
+            since: None,
+            filter: FilterSet::default(),
+        }
+    }
+
     /// Every live flow, from now on.
     fn follow_all() -> Subscribe {
         Subscribe {
@@ -937,14 +987,7 @@ pub(crate) mod tests {
         assert_eq!(cookies(&got), (0..40).collect::<Vec<_>>());
         let mut more: Vec<_> = (40..43).map(numbered).collect();
         h.publish_all(&mut more);
-        let last = h
-            .subscribe(Subscribe {
-                number: 0,
-                follow: false,
-                since: None,
-                filter: FilterSet::default(),
-            })
-            .unwrap();
+        let last = h.subscribe(history_only()).unwrap();
         assert_eq!(
             cookies(&futures_collect(last).await),
             vec![38, 39, 40, 41, 42],
@@ -995,6 +1038,43 @@ pub(crate) mod tests {
         );
         assert_eq!(cookies(&items[2..]), (4 * b + 1..=n).collect::<Vec<_>>());
         assert_eq!(h.dropped(), 4 * b);
+    }
+
+    /// Nobody follows: a burst moves into the history (the newest kept),
+    /// and the entries are numbered as for a followed hub, so a follower
+    /// that joins next gets the next flows, with no loss told.
+    #[tokio::test]
+    async fn an_unfollowed_burst_is_kept_and_numbered_as_a_followed_one() {
+        let (alone, watched) = (hub(5, 1000), hub(5, 1000));
+        let watcher = watched.subscribe(follow_all()).unwrap();
+        let n = 2 * BATCH_MAX as u64 + 3;
+        for h in [&alone, &watched] {
+            let mut burst: Vec<_> = (0..n).map(numbered).collect();
+            h.publish_all(&mut burst);
+            assert!(burst.is_empty(), "handed over");
+        }
+        assert_eq!(alone.entries(), watched.entries());
+        assert_eq!(alone.entries(), 3, "three batches");
+        assert_eq!(alone.lock().flows, n);
+        drop(watcher);
+        let last = alone.subscribe(history_only()).unwrap();
+        assert_eq!(
+            cookies(&futures_collect(last).await),
+            (n - 5..n).collect::<Vec<_>>(),
+            "the history keeps the newest 5"
+        );
+        let mut s = alone.subscribe(follow_all()).unwrap();
+        let mut more: Vec<_> = (n..n + 3).map(numbered).collect();
+        alone.publish_all(&mut more);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(s.next().await.unwrap());
+        }
+        assert!(
+            got.iter().all(|i| matches!(i, Item::Flow(_))),
+            "no loss told: {got:?}"
+        );
+        assert_eq!(cookies(&got), (n..n + 3).collect::<Vec<_>>());
     }
 
     async fn futures_collect(mut s: FlowStream) -> Vec<Item> {
