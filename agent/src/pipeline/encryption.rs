@@ -101,6 +101,11 @@ impl EncryptionTracker {
         self.sockets.insert(cookie, Entry::Settled(answer));
     }
 
+    /// Whether any payload of the socket was seen, or its answer given.
+    pub fn knows(&self, cookie: u64) -> bool {
+        self.sockets.contains_key(&cookie)
+    }
+
     /// Whether the socket's answer is final (nothing more will change it).
     pub fn is_settled(&self, cookie: u64) -> bool {
         matches!(self.sockets.get(&cookie), Some(Entry::Settled(_)))

@@ -201,8 +201,18 @@ impl Pipeline {
             // waiting for its handshake goes out at once (with the same
             // answer its wait would have ended with) instead of holding
             // memory until `encryption_wait` runs out.
-            self.encryption.mark(cookie, UnknownReason::NoPayloadSeen);
-            self.parked.wake(cookie);
+            if self.encryption.knows(cookie) {
+                self.encryption.mark(cookie, UnknownReason::NoPayloadSeen);
+                self.parked.wake(cookie);
+            } else {
+                // Nothing was seen: the tracker answers "no payload seen"
+                // for a socket it does not know, so the waits just end
+                // (no entry made for a socket about to be forgotten).
+                let ended = self.parked.end_encryption_waits(cookie);
+                self.stats
+                    .encryption_waits
+                    .fetch_add(ended, Ordering::Relaxed);
+            }
         }
         let query = match &mut self.enricher {
             Some(e) => match e.enrich(Arc::make_mut(&mut flow)) {
@@ -680,6 +690,11 @@ mod tests {
             p.stats.encryption_timeouts.load(Ordering::Relaxed),
             0,
             "settled, not timed out"
+        );
+        assert_eq!(
+            p.stats.encryption_waits.load(Ordering::Relaxed),
+            1,
+            "the CONNECT's wait is counted once"
         );
         assert_eq!(p.encryption.followed(), 0, "the socket is forgotten");
     }

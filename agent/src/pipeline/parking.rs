@@ -90,6 +90,28 @@ impl Parking {
         self.sockets.contains_key(&cookie)
     }
 
+    /// Ends the handshake waits of `cookie`'s parked flows (their answer
+    /// is final, and the encryption tracker gives it without being told)
+    /// and wakes the socket. Returns how many waits ended.
+    pub fn end_encryption_waits(&mut self, cookie: u64) -> u64 {
+        let Some(chain) = self.sockets.get(&cookie) else {
+            return 0;
+        };
+        let mut ended = 0;
+        let mut at = Some(chain.head);
+        while let Some(i) = at {
+            let e = &mut self.slab[i as usize];
+            if let Some(p) = e.parked.as_mut()
+                && p.encryption_deadline.take().is_some()
+            {
+                ended += 1;
+            }
+            at = e.next;
+        }
+        self.woken.push(cookie);
+        ended
+    }
+
     /// Something a parked flow of `cookie` waits for may have come.
     pub fn wake(&mut self, cookie: u64) {
         if self.holds(cookie) {
