@@ -354,6 +354,89 @@ impl BenchNode {
     }
 }
 
+// ---------------------------------------------------------------- SPIRE
+
+/// SPIRE's Delegated Identity API as the agent meets it on a node: the
+/// `spire-double` binary (`tests/src/spire_double.rs`, which cites the
+/// spiffe/spire source of each release it reproduces) on the host, where
+/// the bench's agent runs, knowing the two pods and one registration entry
+/// per workload by namespace and service account (as a ClusterSPIFFEID
+/// makes them). The agent is let in as an authorized delegate. Stopped
+/// (SIGINT) when dropped.
+pub struct BenchSpire {
+    proc: HostProcess,
+    pub socket: PathBuf,
+    pub release: String,
+}
+
+impl BenchSpire {
+    pub fn start(node: &BenchNode, release: &str) -> Result<Self> {
+        let dir = node.dir.join("spire");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let socket = dir.join("admin.sock");
+        let mut cfg = flowaudit_tests::spire_double::SpireDoubleConfig::new(&socket, "demo.local")
+            .ttl(3600)
+            .version(release);
+        for p in [&node.client, &node.server] {
+            let id = format!(
+                "spiffe://demo.local/ns/{}/sa/{}",
+                p.namespace(),
+                p.service_account()
+            );
+            cfg = cfg
+                .pod(p.uid(), p.namespace(), p.service_account(), p.name())
+                .entry(
+                    &id,
+                    &[
+                        &format!("k8s:ns:{}", p.namespace()),
+                        &format!("k8s:sa:{}", p.service_account()),
+                    ],
+                );
+        }
+        cfg.authorized = Some(true);
+        let config = dir.join("spire-double.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(&cfg)?)
+            .with_context(|| format!("write {}", config.display()))?;
+        let bin = flowaudit_tests::simnode::sibling_binary("spire-double", "SPIRE_DOUBLE_BIN")
+            .map_err(|e| anyhow!("{e}"))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut proc = HostProcess::spawn(cmd, "the SPIRE double (spire-double)")?;
+        let stdout = proc
+            .child
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("spire-double stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("\"ready\":true") => {}
+            got => bail!(
+                "spire-double ({}) did not say it was ready: {got:?}",
+                bin.display()
+            ),
+        }
+        Ok(Self {
+            proc,
+            socket,
+            release: release.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
 // ---------------------------------------------------------------- the agent
 
 /// `flowaudit agent` with the flags a DaemonSet would give it (policy,
@@ -370,6 +453,9 @@ pub struct AgentConfig {
     pub binary: PathBuf,
     pub policy: PathBuf,
     pub endpoints: PathBuf,
+    /// SPIRE's admin socket; `None` runs the agent without SPIRE
+    /// (`--spire-admin-socket none`).
+    pub spire_socket: Option<PathBuf>,
     pub extra: Vec<String>,
 }
 
@@ -383,7 +469,8 @@ impl BenchAgent {
             .arg(&cfg.policy)
             .arg("--endpoints")
             .arg(&cfg.endpoints)
-            .args(["--spire-admin-socket", "none"])
+            .arg("--spire-admin-socket")
+            .arg(cfg.spire_socket.as_deref().unwrap_or(Path::new("none")))
             .args(["--metrics-addr", "127.0.0.1:0"])
             .arg("--grpc-addr")
             .arg(format!("unix://{}", sock.display()))
@@ -435,7 +522,7 @@ impl BenchAgent {
                                 "the agent said ready without logging its metrics and gRPC addresses"
                             );
                         }
-                        return Ok(agent);
+                        break;
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -452,6 +539,27 @@ impl BenchAgent {
                 }
             }
         }
+        // With SPIRE, measure the agent as it runs attested, not the
+        // fallback of its first moments.
+        if let Some(socket) = &cfg.spire_socket
+            && wait_until(
+                "the agent's SPIRE connection",
+                Duration::from_secs(30),
+                || {
+                    agent
+                        .metric("flowaudit_spire_connected")
+                        .is_ok_and(|v| v == 1.0)
+                },
+            )
+            .is_err()
+        {
+            bail!(
+                "the agent did not connect to SPIRE at {} within 30 s; its log:\n{}",
+                socket.display(),
+                agent.log_text()
+            );
+        }
+        Ok(agent)
     }
 
     pub fn pid(&self) -> u32 {

@@ -167,6 +167,13 @@ struct RunArgs {
     /// Their rate per second.
     #[arg(long, default_value_t = 200.0)]
     delay_rate: f64,
+    /// The SPIRE release whose Delegated Identity API the agent attests
+    /// through (`spire-double`, which reproduces 1.9.6, 1.10.2, 1.11.3 and
+    /// 1.15.3), or `none` for an agent without SPIRE (every end DERIVED
+    /// from the endpoint directory). Default: the reference log's release,
+    /// as users run it.
+    #[arg(long, default_value = "1.9.6")]
+    spire: String,
     /// Simulated node index (10.213.<index>.0/24).
     #[arg(long, default_value_t = 210)]
     node_index: u8,
@@ -190,6 +197,8 @@ pub struct Ctx {
     pub delay_count: u64,
     pub delay_rate: f64,
     pub pinned_secs: f64,
+    /// How the agent's ends get their identities, for the details.
+    pub identity: String,
     /// The median bare connection rate of item 1, once measured.
     pub bare_rate: std::cell::Cell<Option<f64>>,
     /// The next unused 4-tuple index on the storm ports.
@@ -408,11 +417,31 @@ fn run(args: RunArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let result = (|| -> Result<()> {
         let node = BenchNode::start(args.node_index, &dir, args.server_threads)?;
+        let spire = match args.spire.as_str() {
+            "none" => None,
+            r if !flowaudit_tests::spire_double::RELEASES.contains(&r) => bail!(
+                "--spire {r}: the SPIRE double reproduces the releases {:?}, or say `none`",
+                flowaudit_tests::spire_double::RELEASES
+            ),
+            release => Some(env::BenchSpire::start(&node, release)?),
+        };
+        let identity = match &spire {
+            Some(s) => format!(
+                "identities from SPIRE {} (spire-double, pid {}: Delegated Identity API on a \
+                 unix socket, entries by namespace and service account)",
+                s.release,
+                s.pid()
+            ),
+            None => "no SPIRE (--spire-admin-socket none: ends DERIVED from the endpoint \
+                     directory)"
+                .to_owned(),
+        };
         let ctx = Ctx {
             agent: AgentConfig {
                 binary: agent_bin.clone(),
                 policy,
                 endpoints: node.endpoints.clone(),
+                spire_socket: spire.as_ref().map(|s| s.socket.clone()),
                 extra: args.agent_args.clone(),
             },
             dir: dir.clone(),
@@ -431,17 +460,19 @@ fn run(args: RunArgs) -> Result<()> {
             delay_count: args.delay_count.max(1),
             delay_rate: args.delay_rate,
             pinned_secs: args.pinned_secs,
+            identity,
             bare_rate: std::cell::Cell::new(None),
             storm_index: std::cell::Cell::new(0),
         };
         eprintln!(
-            "bench: node {} with pods {} ({}) and {} ({}); agent {}",
+            "bench: node {} with pods {} ({}) and {} ({}); agent {}; {}",
             node.node.index(),
             node.client.name(),
             node.client.ip4(),
             node.server.name(),
             node.server.ip4(),
-            agent_bin.display()
+            agent_bin.display(),
+            ctx.identity
         );
         let mut conn_index = 0u64;
         for item in &items {
@@ -457,6 +488,7 @@ fn run(args: RunArgs) -> Result<()> {
                 r.emit();
             }
         }
+        drop(spire);
         node.shutdown()
     })();
     if args.workdir.is_none() {

@@ -83,6 +83,7 @@ pub fn connection_rate(
     let cgroup2 = flowaudit_tests::simnode::cgroup2_mount().context("find the cgroup v2 mount")?;
     let mut errors = 0;
     let mut lost = 0.0;
+    let (mut lookups, mut attested) = (0.0, 0.0);
     let mut agent_cpu = Vec::new();
     let mut cpu_per_conn = Vec::new();
     // The floor of the agent's design runs in every round too.
@@ -114,6 +115,8 @@ pub fn connection_rate(
         match a {
             Some(a) => {
                 lost += a.metric("flowaudit_kernel_events_lost_total")?;
+                lookups += a.metric("flowaudit_identity_lookups_total")?;
+                attested += a.metric("flowaudit_identity_lookups_total{result=\"attested\"}")?;
                 if let Some(c0) = cpu0 {
                     let used = a.cpu_and_peak_rss().0 - c0;
                     agent_cpu.push(used / s.elapsed_s);
@@ -139,13 +142,15 @@ pub fn connection_rate(
                 "median {ma:.0} conn/s with the agent vs {mb:.0} bare; runs bare [{}], agent [{}] conn/s; \
                  {} rounds of {:.0} s, alternating; {} client threads, connect/accept/close without payload \
                  between two pods over the bridge; {errors} failed attempts; the agent used {:.0}% of a core \
-                 while it ran (median), kernel events lost: {lost:.0}; {load}",
+                 while it ran (median), kernel events lost: {lost:.0}; {}: {lookups:.0} identity \
+                 lookups settled in the agent runs, {attested:.0} attested; {load}",
                 fmt_runs(&bare, 1.0),
                 fmt_runs(&agent, 1.0),
                 ctx.rounds,
                 ctx.run_secs,
                 ctx.rate_threads,
-                100.0 * median(&agent_cpu)
+                100.0 * median(&agent_cpu),
+                ctx.identity
             )),
         BenchResult::new(
             "connection_rate_floor",
@@ -176,12 +181,13 @@ pub fn connection_rate(
             "agent CPU (utime+stime of its process, /proc/PID/stat) over the connections of each \
              agent run of item 1, median of [{}] µs; two sockets, four flow events per connection, \
              judged and counted, kept for the stream (no subscriber), no export file: the storm and \
-             pinned rows below count the same with the export file on",
+             pinned rows below count the same with the export file on; {}",
             cpu_per_conn
                 .iter()
                 .map(|x| format!("{:.2}", x * 1e6))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            ctx.identity
         )),
     ])
 }

@@ -76,6 +76,43 @@ struct ExportLine<'a> {
     direction: &'a str,
     #[serde(borrow)]
     l4: ExportL4<'a>,
+    #[serde(borrow)]
+    source: ExportEnd<'a>,
+    #[serde(borrow)]
+    destination: ExportEnd<'a>,
+}
+
+#[derive(Deserialize)]
+struct ExportEnd<'a> {
+    #[serde(borrow)]
+    identity_source: &'a str,
+}
+
+/// The ends of the storm's flow events in the export file, by identity
+/// source: with SPIRE every end is a pod on this node whose socket the
+/// agent saw, so all should be ATTESTED; DERIVED ones are the fallback.
+#[derive(Debug, Default)]
+pub struct IdentityTally {
+    pub attested: u64,
+    pub derived: u64,
+    pub unknown: u64,
+}
+
+impl IdentityTally {
+    fn add(&mut self, source: &str) {
+        match source {
+            "ATTESTED" => self.attested += 1,
+            "DERIVED" => self.derived += 1,
+            _ => self.unknown += 1,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        format!(
+            "flow ends by identity source: ATTESTED {}, DERIVED {}, UNKNOWN {}",
+            self.attested, self.derived, self.unknown
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -88,9 +125,11 @@ struct ExportL4<'a> {
     destination_port: u16,
 }
 
-/// Per connection, which of its four flowaudit events the export file holds.
-fn count_flowaudit(path: &Path, exp: &Expected) -> Result<Vec<u8>> {
+/// Per connection, which of its four flowaudit events the export file
+/// holds; and the identity sources of their ends.
+fn count_flowaudit(path: &Path, exp: &Expected) -> Result<(Vec<u8>, IdentityTally)> {
     let mut seen = vec![0u8; exp.len()];
+    let mut ids = IdentityTally::default();
     let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut line = String::new();
@@ -121,8 +160,10 @@ fn count_flowaudit(path: &Path, exp: &Expected) -> Result<Vec<u8>> {
             _ => 0,
         };
         seen[i] |= bit;
+        ids.add(e.source.identity_source);
+        ids.add(e.destination.identity_source);
     }
-    Ok(seen)
+    Ok((seen, ids))
 }
 
 /// Per connection: bit 1 client socket reported, bit 2 server socket.
@@ -604,7 +645,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
 
     if let Some((fa_lost, cpu, (peak_rss, ring_rss), (records, file_lost), threads)) = agent_figures
     {
-        let fa = count_flowaudit(&export, &exp)?;
+        let (fa, ids) = count_flowaudit(&export, &exp)?;
         let all4 = fa.iter().filter(|s| **s == ALL_FOUR).count();
         let any = fa.iter().filter(|s| **s != 0).count();
         let count_bit = |b: u8| fa.iter().filter(|s| **s & b != 0).count();
@@ -628,11 +669,13 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
                 .detail(format!(
                     "{all4} of {n} connections with CONNECT and CLOSE from both sockets ({any} with at least one); \
                      CONNECT egress {} ingress {}, CLOSE egress {} ingress {}; {figures}; \
-                     counted from its export file ({export_mib:.0} MiB)",
+                     counted from its export file ({export_mib:.0} MiB); {}; {}",
                     count_bit(CONNECT_EGRESS),
                     count_bit(CONNECT_INGRESS),
                     count_bit(CLOSE_EGRESS),
                     count_bit(CLOSE_INGRESS),
+                    ids.text(),
+                    ctx.identity,
                 )),
         );
         results.push(
