@@ -32,9 +32,9 @@ use flowaudit_policy::IdentitySource;
 use tokio::sync::watch;
 
 use self::cgroup::CgroupResolver;
-use self::spire::{Lookup, SpireClient, WorkloadQuery};
+use self::spire::{Lookup, LookupMemo, SpireClient, WorkloadQuery};
 use crate::endpoints::{EndpointDirectory, Peer, PodInfo};
-use crate::flow::{ArcStr, Direction, EndKind, Endpoint, EventKind, FlowEvent};
+use crate::flow::{ArcStr, Direction, EndKind, Endpoint, EventKind, FlowEvent, FlowTime};
 
 /// What to do with a flow after enrichment.
 pub enum Enriched {
@@ -81,15 +81,55 @@ struct SocketFacts {
     cgroup_id: Option<u64>,
 }
 
-/// Recent sockets of this node by 4-tuple, so the two sockets of a
-/// same-node connection find each other. Bounded: oldest first out.
+/// The sockets of this node by 4-tuple, so the two sockets of a same-node
+/// connection find each other, for as long as either is open: a socket
+/// leaves when it and its peer have closed (or at its close, when its peer
+/// is not on this node). Bounded all the same: beyond `cap` sockets, the
+/// oldest goes first. (Before 2026-12-05 every socket stayed until 65,536
+/// newer ones pushed it out: under 30,000 connections a second a
+/// connection older than a second found its peer gone at its close and
+/// waited `--identity-wait-ms` for it, and each new socket's insert paid a
+/// cache miss to drop the oldest.)
 struct SocketTable {
     /// Hashed with a per-process random seed (foldhash): a remote peer can
     /// choose its port but not learn the seed, the table is bounded, and
     /// SipHash on every record cost more than the rest of the lookup.
-    map: HashMap<SocketKey, SocketFacts, foldhash::fast::RandomState>,
-    order: VecDeque<SocketKey>,
+    map: HashMap<PackedKey, Slot, foldhash::fast::RandomState>,
+    /// Insertion order, with each slot's serial (a key may leave and come
+    /// back: only the entry with its current serial is its slot).
+    order: VecDeque<(SocketKey, u64)>,
+    serial: u64,
     cap: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    facts: SocketFacts,
+    serial: u64,
+    closed: bool,
+}
+
+/// A [`SocketKey`] hashed as one 128-bit word when both addresses are IPv4
+/// (the derived hash of two `SocketAddr`s is eight writes, two of them
+/// byte slices: a tenth of the identity stage with SPIRE on).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PackedKey(SocketKey);
+
+impl std::hash::Hash for PackedKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        match self.0 {
+            (SocketAddr::V4(a), SocketAddr::V4(b)) => h.write_u128(
+                (u128::from(a.ip().to_bits()) << 64)
+                    | (u128::from(a.port()) << 48)
+                    | (u128::from(b.ip().to_bits()) << 16)
+                    | u128::from(b.port()),
+            ),
+            (a, b) => {
+                a.hash(h);
+                b.hash(h);
+            }
+        }
+    }
 }
 
 impl SocketTable {
@@ -97,23 +137,82 @@ impl SocketTable {
         Self {
             map: HashMap::default(),
             order: VecDeque::new(),
+            serial: 0,
             cap: cap.max(1),
         }
     }
 
     fn insert(&mut self, key: SocketKey, facts: SocketFacts) {
-        if self.map.insert(key, facts).is_none() {
-            self.order.push_back(key);
-            while self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
-                }
+        match self.map.entry(PackedKey(key)) {
+            std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().facts = facts,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.serial += 1;
+                v.insert(Slot {
+                    facts,
+                    serial: self.serial,
+                    closed: false,
+                });
+                self.order.push_back((key, self.serial));
+                self.trim();
             }
         }
     }
 
     fn get(&self, key: &SocketKey) -> Option<SocketFacts> {
-        self.map.get(key).copied()
+        self.map.get(&PackedKey(*key)).map(|s| s.facts)
+    }
+
+    /// The socket `key` closed: it leaves with its peer once both have
+    /// (or at once, when `peer_here` is false and its peer was not seen:
+    /// no socket of this node will ask for it).
+    fn closed(&mut self, key: SocketKey, peer_here: bool) {
+        let reverse = PackedKey((key.1, key.0));
+        match self.map.get(&reverse).map(|s| s.closed) {
+            Some(true) => {
+                self.map.remove(&reverse);
+                self.map.remove(&PackedKey(key));
+            }
+            None if !peer_here => {
+                self.map.remove(&PackedKey(key));
+            }
+            Some(false) | None => {
+                if let Some(s) = self.map.get_mut(&PackedKey(key)) {
+                    s.closed = true;
+                }
+            }
+        }
+    }
+
+    fn is_current(&self, key: &SocketKey, serial: u64) -> bool {
+        self.map
+            .get(&PackedKey(*key))
+            .is_some_and(|s| s.serial == serial)
+    }
+
+    /// Drops the order's entries of sockets that left, and the oldest
+    /// sockets beyond `cap`.
+    fn trim(&mut self) {
+        while let Some(&(k, serial)) = self.order.front() {
+            if self.map.len() <= self.cap && self.is_current(&k, serial) {
+                break;
+            }
+            self.order.pop_front();
+            if self.is_current(&k, serial) {
+                self.map.remove(&PackedKey(k));
+            }
+        }
+        // A long-lived socket at the front holds back the entries behind
+        // it: compact when they outnumber the sockets.
+        if self.order.len() > 2 * self.map.len().max(1024) {
+            let map = &self.map;
+            self.order
+                .retain(|(k, serial)| map.get(&PackedKey(*k)).is_some_and(|s| s.serial == *serial));
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
     }
 }
 
@@ -177,6 +276,8 @@ pub struct Enricher {
     directory: Option<Arc<EndpointDirectory>>,
     pub cgroups: CgroupResolver,
     pub spire: Option<SpireClient>,
+    /// `spire`'s settled answers, asked for both ends of every flow.
+    spire_memo: LookupMemo,
     /// For DERIVED IDs; when None, the SPIRE agent's (its bundle's) or the
     /// first attested ID's trust domain.
     pub trust_domain: Option<String>,
@@ -214,6 +315,7 @@ impl Enricher {
             wait_ms: 0,
             stats: Arc::default(),
             sockets: SocketTable::new(SOCKET_TABLE_CAP),
+            spire_memo: LookupMemo::default(),
             derived: DerivedIds::default(),
         }
     }
@@ -326,6 +428,12 @@ impl Enricher {
             apply_peer(remote, peer);
         }
         let reverse = (remote_addr, local_addr);
+        // Whether the peer's socket may be on this node: a pod here (set
+        // below), or this node itself (a host-network process).
+        let mut peer_here = match &remote_peer {
+            Some(Peer::Host(node)) => self.node_name.is_empty() || **node == *self.node_name,
+            _ => false,
+        };
         let peer = match (&self.spire, remote.kind) {
             (None, _) => {
                 derive(&mut self.derived, remote, DETAIL_NO_SPIRE_PEER);
@@ -361,15 +469,21 @@ impl Enricher {
                 };
                 // Provisional; replaced when the peer is attested.
                 derive(&mut self.derived, remote, detail);
-                if let Some(f) = self.sockets.get(&reverse) {
+                let wait = if let Some(f) = self.sockets.get(&reverse) {
                     self.peer_query(flow, f, dir)
                 } else if on_this_node && answering && !failed {
                     PeerWait::Socket(reverse)
                 } else {
                     PeerWait::Done
-                }
+                };
+                peer_here = on_this_node;
+                wait
             }
         };
+        // A closed socket leaves the table once its peer is done with it.
+        if self.spire.is_some() && flow.event != EventKind::Connect {
+            self.sockets.closed((local_addr, remote_addr), peer_here);
+        }
 
         // Local end: ask SPIRE (by pid, checked against the process start
         // time; or by the pod's selectors).
@@ -402,7 +516,7 @@ impl Enricher {
             Some(WorkloadQuery {
                 pid: facts.pid,
                 pid_start_ns: facts.start_ns,
-                pod_uid: pod_uid.map(|u| u.to_string()),
+                pod_uid,
                 namespace,
                 service_account,
             })
@@ -444,7 +558,7 @@ impl Enricher {
         PeerWait::Query(WorkloadQuery {
             pid: f.pid,
             pid_start_ns: f.start_ns,
-            pod_uid: pod_uid.map(|u| u.to_string()),
+            pod_uid,
             namespace,
             service_account,
         })
@@ -477,7 +591,7 @@ impl Enricher {
             }
         }
         if let PeerWait::Query(q) = &p.peer {
-            let answer = self.poll(q);
+            let answer = self.poll(q, flow.time);
             if !matches!(answer, Lookup::Pending) || force {
                 timed_out |= matches!(answer, Lookup::Pending);
                 self.apply_answer(remote_end_mut(flow), answer, false);
@@ -485,7 +599,7 @@ impl Enricher {
             }
         }
         if let Some(q) = &p.local {
-            let answer = self.poll(q);
+            let answer = self.poll(q, flow.time);
             if !matches!(answer, Lookup::Pending) || force {
                 timed_out |= matches!(answer, Lookup::Pending);
                 self.apply_answer(flow.local_end_mut(), answer, true);
@@ -568,10 +682,11 @@ impl Enricher {
     }
 
     /// SPIRE's answer for `q` now, if any.
-    fn poll(&self, q: &WorkloadQuery) -> Lookup {
-        self.spire
-            .as_ref()
-            .map_or(Lookup::NoIdentity, |s| s.lookup(q))
+    fn poll(&mut self, q: &WorkloadQuery, at: FlowTime) -> Lookup {
+        match &self.spire {
+            Some(s) => self.spire_memo.lookup(s, q, at),
+            None => Lookup::NoIdentity,
+        }
     }
 }
 
@@ -593,8 +708,8 @@ fn remote_end_mut(flow: &mut FlowEvent) -> &mut Endpoint {
     }
 }
 
-fn non_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_owned())
+fn non_empty(s: &ArcStr) -> Option<ArcStr> {
+    (!s.is_empty()).then(|| s.clone())
 }
 
 fn trust_domain_of(id: &str) -> Option<String> {
@@ -988,6 +1103,48 @@ mod tests {
             [2, 0, 0, 0],
             "attested, no_identity, timeout, unavailable"
         );
+        // The connection lives on while 70,000 later sockets (more than
+        // the table holds) open and close: at its close, each socket still
+        // finds its peer at once, and the table is left empty.
+        let event = |rec: &flowaudit_common::FlowRecord| {
+            FlowEvent::from_kernel(
+                &KernelEvent::from_record(rec).unwrap(),
+                &"n1".into(),
+                &Clock::now(),
+            )
+        };
+        for i in 0..70_000u32 {
+            let mut c = r;
+            c.remote_addr[..4].copy_from_slice(&[192, 0, 2, 1]);
+            c.local_port = 10_000 + (i % 50_000) as u16;
+            c.remote_port = 443 + (i / 50_000) as u16;
+            c.sock_cookie = 1_000 + u64::from(i);
+            for kind in [
+                flowaudit_common::RecordKind::Connect,
+                flowaudit_common::RecordKind::Close,
+            ] {
+                c.kind = kind as u8;
+                let mut f = event(&c);
+                assert!(matches!(e.enrich(&mut f), Enriched::Done), "{f:#?}");
+            }
+        }
+        assert_eq!(e.sockets.len(), 2, "the open connection's two sockets");
+        for mut rec in [r, r2] {
+            rec.kind = flowaudit_common::RecordKind::Close as u8;
+            let mut f = event(&rec);
+            assert!(
+                matches!(e.enrich(&mut f), Enriched::Done),
+                "a close waited for its peer: {f:#?}"
+            );
+            for (end, id) in [(&f.source, "frontend"), (&f.destination, "backend")] {
+                assert_eq!(end.identity_source, IdentitySource::Attested, "{f:#?}");
+                assert_eq!(
+                    end.spiffe_id,
+                    format!("spiffe://demo.local/ns/99-apps/sa/{id}")
+                );
+            }
+        }
+        assert_eq!(e.sockets.len(), 0, "both sockets closed");
         drop(e);
         double.stop().await;
     }

@@ -13,8 +13,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::flow::{ArcStr, FlowTime};
 
 use hyper_util::rt::TokioIo;
 use prost::bytes::Bytes;
@@ -41,9 +44,11 @@ pub struct WorkloadQuery {
     /// The process start time in ns since boot (`task_struct.start_boottime`);
     /// 0 if unknown, and then the pid is not trusted.
     pub pid_start_ns: u64,
-    pub pod_uid: Option<String>,
-    pub namespace: Option<String>,
-    pub service_account: Option<String>,
+    /// Shared with the cgroup resolver's cache and the endpoint directory's
+    /// pod: a query costs no allocation.
+    pub pod_uid: Option<ArcStr>,
+    pub namespace: Option<ArcStr>,
+    pub service_account: Option<ArcStr>,
 }
 
 /// What SPIRE attested: the first SVID's SPIFFE ID and expiry, and every ID
@@ -213,6 +218,7 @@ impl SpireClient {
         let shared = Arc::new(Shared {
             socket,
             opts: options,
+            answers_changed: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
                 tick: 0,
@@ -243,6 +249,16 @@ impl SpireClient {
         let (r, _) = self.shared.resolve(q);
         self.shared.report(&r);
         r
+    }
+
+    /// Counts one answer to the observer (what `lookup` does for its own).
+    fn report(&self, r: &Lookup) {
+        self.shared.report(r);
+    }
+
+    /// Changes whenever an answer may have changed (see [`LookupMemo`]).
+    fn answers_changed(&self) -> u64 {
+        self.shared.answers_changed.load(Ordering::Acquire)
     }
 
     /// Like `lookup`, but while the answer is `Pending` waits for it, never
@@ -326,6 +342,67 @@ impl Drop for Tasks {
     }
 }
 
+/// The settled answers of recent queries, kept by their caller (the
+/// pipeline's identity stage asks for both ends of every flow, a few
+/// workloads for thousands of flows a second). A hit costs one hash of the
+/// query and no lock: [`SpireClient::lookup`] builds the query's selectors
+/// (six strings), locks the cache twice and hashes the selectors with
+/// SipHash twice, which with SPIRE on was most of the agent's CPU per
+/// connection. Only attested identities (until their SVID expires) and "no
+/// identity" answers are kept, and all are forgotten when the client's
+/// answers may have changed (a subscription's update, an entry dropped, the
+/// mode or the connection), so a hit is what `lookup` would answer.
+#[derive(Default)]
+pub struct LookupMemo {
+    /// An attested identity with its SVID's expiry, or none (no identity).
+    answers: HashMap<
+        WorkloadQuery,
+        Option<(Arc<AttestedIdentity>, FlowTime)>,
+        foldhash::fast::RandomState,
+    >,
+    /// [`SpireClient::answers_changed`] when `answers` was started.
+    changed: u64,
+}
+
+/// Queries remembered at most; beyond it the memo starts over.
+const MEMO_CAP: usize = 4096;
+
+impl LookupMemo {
+    /// `client.lookup(q)`, from the memo when it holds `q` and its SVID is
+    /// still valid `at` (the flow's time: no clock read per lookup).
+    pub fn lookup(&mut self, client: &SpireClient, q: &WorkloadQuery, at: FlowTime) -> Lookup {
+        // Read before asking: a change after this makes the next call
+        // start over, whatever this one stores.
+        let changed = client.answers_changed();
+        if changed != self.changed || self.answers.len() >= MEMO_CAP {
+            self.answers.clear();
+            self.changed = changed;
+        }
+        let hit = match self.answers.get(q) {
+            Some(Some((id, expires))) if *expires > at => Some(Lookup::Attested(id.clone())),
+            Some(None) => Some(Lookup::NoIdentity),
+            // Expired: `lookup` decides (pending rotation, or unavailable).
+            Some(Some(_)) | None => None,
+        };
+        if let Some(r) = hit {
+            client.report(&r);
+            return r;
+        }
+        let r = client.lookup(q);
+        match &r {
+            Lookup::Attested(id) => {
+                let expires = FlowTime::from_system(id.expires_at);
+                self.answers.insert(q.clone(), Some((id.clone(), expires)));
+            }
+            Lookup::NoIdentity => {
+                self.answers.insert(q.clone(), None);
+            }
+            Lookup::Pending | Lookup::Unavailable(_) => {}
+        }
+        r
+    }
+}
+
 /// A cached workload. Pid keys carry the start time, so a reused pid is a
 /// different key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -397,6 +474,10 @@ struct Shared {
     socket: PathBuf,
     opts: SpireOptions,
     inner: Mutex<Inner>,
+    /// Bumped after every change that can change an answer (an entry's
+    /// state, an entry dropped, the mode, the connection): what a
+    /// [`LookupMemo`] checks its answers against.
+    answers_changed: AtomicU64,
     conn: watch::Sender<Conn>,
     tick_ns: u64,
     runtime: tokio::runtime::Handle,
@@ -412,6 +493,11 @@ enum StartCheck {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called with the change made (the lock still held or just dropped).
+    fn changed(&self) {
+        self.answers_changed.fetch_add(1, Ordering::Release);
     }
 
     fn report(&self, r: &Lookup) {
@@ -524,6 +610,7 @@ impl Shared {
                 "identity cache full: dropping the least recently used workload"
             );
             inner.entries.remove(&oldest);
+            self.changed();
         }
         let state = match &inner.phase {
             Phase::Connecting | Phase::Connected => State::Pending,
@@ -550,6 +637,7 @@ impl Shared {
         if let Some(e) = inner.entries.get_mut(key) {
             e.state = state;
             e.notify.send_modify(|v| *v += 1);
+            self.changed();
         }
     }
 
@@ -564,6 +652,7 @@ impl Shared {
             }
             e.state = State::Unavailable(why);
             e.notify.send_modify(|v| *v += 1);
+            self.changed();
         }
     }
 
@@ -576,6 +665,7 @@ impl Shared {
         let mut inner = self.lock();
         if inner.mode != mode {
             inner.mode = mode;
+            self.changed();
             match mode {
                 SpireMode::Pid => {
                     info!(socket = %self.socket.display(), mode = %mode, why, "SPIRE agent attests by pid (SPIRE 1.10.2+): asking by pid, checked against the process start time")
@@ -608,6 +698,7 @@ impl Shared {
             c.channel = Some(channel);
             c.mode = mode;
         });
+        self.changed();
         drop(inner);
         info!(socket = %self.socket.display(), "connected to the SPIRE agent's Delegated Identity API");
         if !was && let Some(o) = &self.opts.observer {
@@ -640,6 +731,7 @@ impl Shared {
                 c.mode = SpireMode::Unknown;
             });
         }
+        self.changed();
         drop(inner);
         if !repeated {
             // The agent's status loop logs it once, with what it means for flows.
@@ -772,7 +864,7 @@ fn stat_start_ticks(stat: &str) -> Option<u64> {
 
 fn selector_key(q: &WorkloadQuery) -> Option<Key> {
     let mut sel: Vec<(String, String)> = Vec::new();
-    let mut add = |k: &str, v: &Option<String>| {
+    let mut add = |k: &str, v: &Option<ArcStr>| {
         if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
             sel.push(("k8s".into(), format!("{k}:{v}")));
         }
@@ -1018,6 +1110,7 @@ async fn run_sweeper(shared: Arc<Shared>) {
             for k in &gone {
                 inner.entries.remove(k);
             }
+            shared.changed();
         }
     }
 }
@@ -1661,6 +1754,51 @@ mod tests {
             || matches!(c.lookup(&q), Lookup::NoIdentity).then_some(()),
         )
         .await;
+    }
+
+    /// The memo the pipeline asks through answers as the client does: a
+    /// rotated SVID, a removed entry and an entry added back reach it at
+    /// once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_memo_answers_as_the_client_does() {
+        let double = SpireDouble::start(config(VERSION_WITHOUT_PID).ttl(3600))
+            .await
+            .unwrap();
+        let c = SpireClient::start(double.socket_path(), fast());
+        let q = by_pod(FRONTEND_UID, "99-apps", "frontend");
+        let first = attested(&c, &q).await;
+        let mut memo = LookupMemo::default();
+        let now = || FlowTime::now();
+        let expiry = |r: Lookup| match r {
+            Lookup::Attested(id) => Some(id.expires_at),
+            _ => None,
+        };
+        assert_eq!(expiry(memo.lookup(&c, &q, now())), Some(first.expires_at));
+        double.set_ttl(Duration::from_secs(7200));
+        double.rotate_now();
+        let rotated = until("the rotated SVID", Duration::from_secs(3), || {
+            expiry(c.lookup(&q)).filter(|e| *e != first.expires_at)
+        })
+        .await;
+        assert_eq!(expiry(memo.lookup(&c, &q, now())), Some(rotated));
+        double.remove_entry(FRONTEND);
+        until(
+            "the removed entry to become NoIdentity",
+            Duration::from_secs(3),
+            || matches!(c.lookup(&q), Lookup::NoIdentity).then_some(()),
+        )
+        .await;
+        assert!(
+            matches!(memo.lookup(&c, &q, now()), Lookup::NoIdentity),
+            "the memo kept an answer the client no longer gives"
+        );
+        // A "no identity" is kept too, until the client's answers change.
+        double.add_entry(FRONTEND, &["k8s:ns:99-apps", "k8s:sa:frontend"]);
+        until("the entry back", Duration::from_secs(3), || {
+            matches!(c.lookup(&q), Lookup::Attested(_)).then_some(())
+        })
+        .await;
+        assert!(matches!(memo.lookup(&c, &q, now()), Lookup::Attested(_)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
