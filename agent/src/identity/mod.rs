@@ -81,32 +81,15 @@ struct SocketFacts {
     cgroup_id: Option<u64>,
 }
 
-/// The sockets of this node by 4-tuple, so the two sockets of a same-node
-/// connection find each other, for as long as either is open: a socket
-/// leaves when it and its peer have closed (or at its close, when its peer
-/// is not on this node). Bounded all the same: beyond `cap` sockets, the
-/// oldest goes first. (Before 2026-12-05 every socket stayed until 65,536
-/// newer ones pushed it out: under 30,000 connections a second a
-/// connection older than a second found its peer gone at its close and
-/// waited `--identity-wait-ms` for it, and each new socket's insert paid a
-/// cache miss to drop the oldest.)
+/// Recent sockets of this node by 4-tuple, so the two sockets of a
+/// same-node connection find each other. Bounded: oldest first out.
 struct SocketTable {
     /// Hashed with a per-process random seed (foldhash): a remote peer can
     /// choose its port but not learn the seed, the table is bounded, and
     /// SipHash on every record cost more than the rest of the lookup.
-    map: HashMap<PackedKey, Slot, foldhash::fast::RandomState>,
-    /// Insertion order, with each slot's serial (a key may leave and come
-    /// back: only the entry with its current serial is its slot).
-    order: VecDeque<(SocketKey, u64)>,
-    serial: u64,
+    map: HashMap<PackedKey, SocketFacts, foldhash::fast::RandomState>,
+    order: VecDeque<SocketKey>,
     cap: usize,
-}
-
-#[derive(Clone, Copy)]
-struct Slot {
-    facts: SocketFacts,
-    serial: u64,
-    closed: bool,
 }
 
 /// A [`SocketKey`] hashed as one 128-bit word when both addresses are IPv4
@@ -137,82 +120,23 @@ impl SocketTable {
         Self {
             map: HashMap::default(),
             order: VecDeque::new(),
-            serial: 0,
             cap: cap.max(1),
         }
     }
 
     fn insert(&mut self, key: SocketKey, facts: SocketFacts) {
-        match self.map.entry(PackedKey(key)) {
-            std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().facts = facts,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                self.serial += 1;
-                v.insert(Slot {
-                    facts,
-                    serial: self.serial,
-                    closed: false,
-                });
-                self.order.push_back((key, self.serial));
-                self.trim();
-            }
-        }
-    }
-
-    fn get(&self, key: &SocketKey) -> Option<SocketFacts> {
-        self.map.get(&PackedKey(*key)).map(|s| s.facts)
-    }
-
-    /// The socket `key` closed: it leaves with its peer once both have
-    /// (or at once, when `peer_here` is false and its peer was not seen:
-    /// no socket of this node will ask for it).
-    fn closed(&mut self, key: SocketKey, peer_here: bool) {
-        let reverse = PackedKey((key.1, key.0));
-        match self.map.get(&reverse).map(|s| s.closed) {
-            Some(true) => {
-                self.map.remove(&reverse);
-                self.map.remove(&PackedKey(key));
-            }
-            None if !peer_here => {
-                self.map.remove(&PackedKey(key));
-            }
-            Some(false) | None => {
-                if let Some(s) = self.map.get_mut(&PackedKey(key)) {
-                    s.closed = true;
+        if self.map.insert(PackedKey(key), facts).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&PackedKey(old));
                 }
             }
         }
     }
 
-    fn is_current(&self, key: &SocketKey, serial: u64) -> bool {
-        self.map
-            .get(&PackedKey(*key))
-            .is_some_and(|s| s.serial == serial)
-    }
-
-    /// Drops the order's entries of sockets that left, and the oldest
-    /// sockets beyond `cap`.
-    fn trim(&mut self) {
-        while let Some(&(k, serial)) = self.order.front() {
-            if self.map.len() <= self.cap && self.is_current(&k, serial) {
-                break;
-            }
-            self.order.pop_front();
-            if self.is_current(&k, serial) {
-                self.map.remove(&PackedKey(k));
-            }
-        }
-        // A long-lived socket at the front holds back the entries behind
-        // it: compact when they outnumber the sockets.
-        if self.order.len() > 2 * self.map.len().max(1024) {
-            let map = &self.map;
-            self.order
-                .retain(|(k, serial)| map.get(&PackedKey(*k)).is_some_and(|s| s.serial == *serial));
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.map.len()
+    fn get(&self, key: &SocketKey) -> Option<SocketFacts> {
+        self.map.get(&PackedKey(*key)).copied()
     }
 }
 
@@ -428,12 +352,6 @@ impl Enricher {
             apply_peer(remote, peer);
         }
         let reverse = (remote_addr, local_addr);
-        // Whether the peer's socket may be on this node: a pod here (set
-        // below), or this node itself (a host-network process).
-        let mut peer_here = match &remote_peer {
-            Some(Peer::Host(node)) => self.node_name.is_empty() || **node == *self.node_name,
-            _ => false,
-        };
         let peer = match (&self.spire, remote.kind) {
             (None, _) => {
                 derive(&mut self.derived, remote, DETAIL_NO_SPIRE_PEER);
@@ -469,21 +387,15 @@ impl Enricher {
                 };
                 // Provisional; replaced when the peer is attested.
                 derive(&mut self.derived, remote, detail);
-                let wait = if let Some(f) = self.sockets.get(&reverse) {
+                if let Some(f) = self.sockets.get(&reverse) {
                     self.peer_query(flow, f, dir)
                 } else if on_this_node && answering && !failed {
                     PeerWait::Socket(reverse)
                 } else {
                     PeerWait::Done
-                };
-                peer_here = on_this_node;
-                wait
+                }
             }
         };
-        // A closed socket leaves the table once its peer is done with it.
-        if self.spire.is_some() && flow.event != EventKind::Connect {
-            self.sockets.closed((local_addr, remote_addr), peer_here);
-        }
 
         // Local end: ask SPIRE (by pid, checked against the process start
         // time; or by the pod's selectors).
@@ -1103,48 +1015,6 @@ mod tests {
             [2, 0, 0, 0],
             "attested, no_identity, timeout, unavailable"
         );
-        // The connection lives on while 70,000 later sockets (more than
-        // the table holds) open and close: at its close, each socket still
-        // finds its peer at once, and the table is left empty.
-        let event = |rec: &flowaudit_common::FlowRecord| {
-            FlowEvent::from_kernel(
-                &KernelEvent::from_record(rec).unwrap(),
-                &"n1".into(),
-                &Clock::now(),
-            )
-        };
-        for i in 0..70_000u32 {
-            let mut c = r;
-            c.remote_addr[..4].copy_from_slice(&[192, 0, 2, 1]);
-            c.local_port = 10_000 + (i % 50_000) as u16;
-            c.remote_port = 443 + (i / 50_000) as u16;
-            c.sock_cookie = 1_000 + u64::from(i);
-            for kind in [
-                flowaudit_common::RecordKind::Connect,
-                flowaudit_common::RecordKind::Close,
-            ] {
-                c.kind = kind as u8;
-                let mut f = event(&c);
-                assert!(matches!(e.enrich(&mut f), Enriched::Done), "{f:#?}");
-            }
-        }
-        assert_eq!(e.sockets.len(), 2, "the open connection's two sockets");
-        for mut rec in [r, r2] {
-            rec.kind = flowaudit_common::RecordKind::Close as u8;
-            let mut f = event(&rec);
-            assert!(
-                matches!(e.enrich(&mut f), Enriched::Done),
-                "a close waited for its peer: {f:#?}"
-            );
-            for (end, id) in [(&f.source, "frontend"), (&f.destination, "backend")] {
-                assert_eq!(end.identity_source, IdentitySource::Attested, "{f:#?}");
-                assert_eq!(
-                    end.spiffe_id,
-                    format!("spiffe://demo.local/ns/99-apps/sa/{id}")
-                );
-            }
-        }
-        assert_eq!(e.sockets.len(), 0, "both sockets closed");
         drop(e);
         double.stop().await;
     }
