@@ -81,15 +81,35 @@ struct SocketFacts {
     cgroup_id: Option<u64>,
 }
 
-/// Recent sockets of this node by 4-tuple, so the two sockets of a
-/// same-node connection find each other. Bounded: oldest first out.
+/// The sockets of this node by 4-tuple, so the two sockets of a same-node
+/// connection find each other for as long as either is open. A socket
+/// leaves once it and its peer have closed (or once it has, when its peer
+/// is not on this node), at the end of the pipeline's pass
+/// ([`Enricher::end_pass`]): a flow parked until the peer's socket showed
+/// up is looked at in that pass, though both closed in it. Bounded all the
+/// same: beyond `cap` sockets, the oldest goes first. (Until 2026-12-05
+/// every socket stayed until 65,536 newer ones pushed it out: under 30,000
+/// connections a second, a connection older than about a second found its
+/// peer gone at its close and waited `--identity-wait-ms` for it.)
 struct SocketTable {
     /// Hashed with a per-process random seed (foldhash): a remote peer can
     /// choose its port but not learn the seed, the table is bounded, and
     /// SipHash on every record cost more than the rest of the lookup.
-    map: HashMap<PackedKey, SocketFacts, foldhash::fast::RandomState>,
-    order: VecDeque<SocketKey>,
+    map: HashMap<PackedKey, Slot, foldhash::fast::RandomState>,
+    /// Insertion order, with each slot's serial (a 4-tuple may leave and
+    /// come back: only the entry with its current serial is its slot).
+    order: VecDeque<(SocketKey, u64)>,
+    /// Closed sockets that leave at the end of this pass.
+    leaving: Vec<(SocketKey, u64)>,
+    serial: u64,
     cap: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    facts: SocketFacts,
+    serial: u64,
+    closed: bool,
 }
 
 /// A [`SocketKey`] hashed as one 128-bit word when both addresses are IPv4
@@ -120,25 +140,106 @@ impl SocketTable {
         Self {
             map: HashMap::default(),
             order: VecDeque::new(),
+            leaving: Vec::new(),
+            serial: 0,
             cap: cap.max(1),
         }
     }
 
     fn insert(&mut self, key: SocketKey, facts: SocketFacts) {
-        if self.map.insert(PackedKey(key), facts).is_none() {
-            self.order.push_back(key);
-            while self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&PackedKey(old));
-                }
+        match self.map.entry(PackedKey(key)) {
+            std::collections::hash_map::Entry::Occupied(mut o) => o.get_mut().facts = facts,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.serial += 1;
+                v.insert(Slot {
+                    facts,
+                    serial: self.serial,
+                    closed: false,
+                });
+                self.order.push_back((key, self.serial));
+                self.trim();
             }
         }
     }
 
     fn get(&self, key: &SocketKey) -> Option<SocketFacts> {
-        self.map.get(&PackedKey(*key)).copied()
+        self.map.get(&PackedKey(*key)).map(|s| s.facts)
+    }
+
+    /// The socket `key` closed: it leaves with its peer once both have,
+    /// or alone when `peer_here` is false and its peer was not seen (no
+    /// socket of this node will ask for it).
+    fn closed(&mut self, key: SocketKey, peer_here: bool) {
+        let reverse = (key.1, key.0);
+        let peer = self
+            .map
+            .get(&PackedKey(reverse))
+            .map(|s| (s.closed, s.serial));
+        let Some(me) = self.map.get_mut(&PackedKey(key)) else {
+            return;
+        };
+        if me.closed {
+            return;
+        }
+        me.closed = true;
+        let serial = me.serial;
+        match peer {
+            Some((true, peer_serial)) => {
+                self.leaving.push((reverse, peer_serial));
+                self.leaving.push((key, serial));
+            }
+            None if !peer_here => self.leaving.push((key, serial)),
+            // Stays until its peer closes.
+            Some((false, _)) | None => {}
+        }
+    }
+
+    /// The sockets that closed for good leave.
+    fn end_pass(&mut self) {
+        for (k, serial) in std::mem::take(&mut self.leaving) {
+            if self.is_current(&k, serial) {
+                self.map.remove(&PackedKey(k));
+            }
+        }
+        self.trim();
+    }
+
+    fn is_current(&self, key: &SocketKey, serial: u64) -> bool {
+        self.map
+            .get(&PackedKey(*key))
+            .is_some_and(|s| s.serial == serial)
+    }
+
+    /// Drops the order's entries of sockets that left, and the oldest
+    /// sockets beyond `cap`.
+    fn trim(&mut self) {
+        while let Some(&(k, serial)) = self.order.front() {
+            let current = self.is_current(&k, serial);
+            if current && self.map.len() <= self.cap {
+                break;
+            }
+            self.order.pop_front();
+            if current {
+                self.map.remove(&PackedKey(k));
+            }
+        }
+        // A long-lived socket at the front holds back the entries behind
+        // it: compact when they outnumber the sockets.
+        if self.order.len() > 2 * self.map.len().max(1024) {
+            let map = &self.map;
+            self.order
+                .retain(|(k, serial)| map.get(&PackedKey(*k)).is_some_and(|s| s.serial == *serial));
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
     }
 }
+
+/// Nodes whose pods' detail is kept at most (then it starts over).
+const ELSEWHERE_DETAILS: usize = 4096;
 
 /// How a peer's socket is remembered at most (sockets of this node).
 const SOCKET_TABLE_CAP: usize = 65_536;
@@ -202,6 +303,8 @@ pub struct Enricher {
     pub spire: Option<SpireClient>,
     /// `spire`'s settled answers, asked for both ends of every flow.
     spire_memo: LookupMemo,
+    /// See [`Enricher::elsewhere_detail`].
+    elsewhere_details: HashMap<String, ArcStr, foldhash::fast::RandomState>,
     /// For DERIVED IDs; when None, the SPIRE agent's (its bundle's) or the
     /// first attested ID's trust domain.
     pub trust_domain: Option<String>,
@@ -240,6 +343,7 @@ impl Enricher {
             stats: Arc::default(),
             sockets: SocketTable::new(SOCKET_TABLE_CAP),
             spire_memo: LookupMemo::default(),
+            elsewhere_details: HashMap::default(),
             derived: DerivedIds::default(),
         }
     }
@@ -352,6 +456,12 @@ impl Enricher {
             apply_peer(remote, peer);
         }
         let reverse = (remote_addr, local_addr);
+        // Whether the peer's socket may be on this node: a pod here (set
+        // below), or this node itself (a host-network process).
+        let mut peer_here = match &remote_peer {
+            Some(Peer::Host(node)) => self.node_name.is_empty() || **node == *self.node_name,
+            _ => false,
+        };
         let peer = match (&self.spire, remote.kind) {
             (None, _) => {
                 derive(&mut self.derived, remote, DETAIL_NO_SPIRE_PEER);
@@ -373,10 +483,7 @@ impl Enricher {
                 };
                 let detail = match &remote_peer {
                     Some(Peer::Pod(p)) if !p.node.is_empty() && !on_this_node => {
-                        arcstr::format!(
-                            "pod on node {}: derived from its address through the endpoint directory",
-                            p.node
-                        )
+                        self.elsewhere_detail(&p.node)
                     }
                     _ if failed => arcstr::literal!(
                         "the connection never established, so no peer socket to attest: derived from its address through the endpoint directory"
@@ -387,6 +494,7 @@ impl Enricher {
                 };
                 // Provisional; replaced when the peer is attested.
                 derive(&mut self.derived, remote, detail);
+                peer_here = on_this_node;
                 if let Some(f) = self.sockets.get(&reverse) {
                     self.peer_query(flow, f, dir)
                 } else if on_this_node && answering && !failed {
@@ -396,6 +504,9 @@ impl Enricher {
                 }
             }
         };
+        if self.spire.is_some() && flow.event != EventKind::Connect {
+            self.sockets.closed((local_addr, remote_addr), peer_here);
+        }
 
         // Local end: ask SPIRE (by pid, checked against the process start
         // time; or by the pod's selectors).
@@ -591,6 +702,29 @@ impl Enricher {
         if counted {
             self.stats.count(outcome);
         }
+    }
+
+    /// The detail of a pod's end on node `node` (not this one), made once
+    /// per node: with SPIRE, most of a node's flows have such an end.
+    fn elsewhere_detail(&mut self, node: &str) -> ArcStr {
+        if let Some(d) = self.elsewhere_details.get(node) {
+            return d.clone();
+        }
+        if self.elsewhere_details.len() >= ELSEWHERE_DETAILS {
+            self.elsewhere_details.clear();
+        }
+        let d = arcstr::format!(
+            "pod on node {node}: derived from its address through the endpoint directory"
+        );
+        self.elsewhere_details.insert(node.to_owned(), d.clone());
+        d
+    }
+
+    /// The pipeline's pass is over: the parked flows it could release have
+    /// been looked at, so the sockets closed for good leave the same-node
+    /// table.
+    pub fn end_pass(&mut self) {
+        self.sockets.end_pass();
     }
 
     /// SPIRE's answer for `q` now, if any.
@@ -1015,6 +1149,75 @@ mod tests {
             [2, 0, 0, 0],
             "attested, no_identity, timeout, unavailable"
         );
+        let event = |rec: &flowaudit_common::FlowRecord| {
+            FlowEvent::from_kernel(
+                &KernelEvent::from_record(rec).unwrap(),
+                &"n1".into(),
+                &Clock::now(),
+            )
+        };
+        let close = |mut rec: flowaudit_common::FlowRecord| {
+            rec.kind = flowaudit_common::RecordKind::Close as u8;
+            rec
+        };
+        let assert_attested = |f: &FlowEvent| {
+            for (end, id) in [(&f.source, "frontend"), (&f.destination, "backend")] {
+                assert_eq!(end.identity_source, IdentitySource::Attested, "{f:#?}");
+                assert_eq!(
+                    end.spiffe_id,
+                    format!("spiffe://demo.local/ns/99-apps/sa/{id}")
+                );
+            }
+        };
+        // The connection lives on while 70,000 later sockets (more than
+        // the table holds) open and close, a pass each: at its close, each
+        // socket still finds its peer at once, and then both leave.
+        for i in 0..70_000u32 {
+            let mut c = r;
+            c.remote_addr[..4].copy_from_slice(&[192, 0, 2, 1]);
+            c.local_port = 10_000 + (i % 50_000) as u16;
+            c.remote_port = 443 + (i / 50_000) as u16;
+            c.sock_cookie = 1_000 + u64::from(i);
+            for rec in [c, close(c)] {
+                let mut f = event(&rec);
+                assert!(matches!(e.enrich(&mut f), Enriched::Done), "{f:#?}");
+            }
+            e.end_pass();
+        }
+        assert_eq!(e.sockets.len(), 2, "the open connection's two sockets");
+        for rec in [close(r), close(r2)] {
+            let mut f = event(&rec);
+            assert!(
+                matches!(e.enrich(&mut f), Enriched::Done),
+                "a close waited for its peer: {f:#?}"
+            );
+            assert_attested(&f);
+        }
+        e.end_pass();
+        assert_eq!(e.sockets.len(), 0, "both sockets closed");
+        // A client's CONNECT comes before its peer's socket is seen and
+        // waits for it; the peer connects and both close within the same
+        // pass: the waiting CONNECT still finds the peer at the pass's end.
+        let (mut a, mut b) = (r, r2);
+        a.local_port = 43_200;
+        b.remote_port = 43_200;
+        a.sock_cookie = 500;
+        b.sock_cookie = 501;
+        let mut connect = event(&a);
+        let Enriched::Pending(mut waiting) = e.enrich(&mut connect) else {
+            panic!("the CONNECT did not wait for its peer's socket: {connect:#?}");
+        };
+        for rec in [b, close(b), close(a)] {
+            let _ = e.enrich(&mut event(&rec));
+        }
+        assert_eq!(
+            e.resume(&mut connect, &mut waiting, false),
+            Progress::Done { timed_out: false },
+            "{connect:#?}"
+        );
+        assert_attested(&connect);
+        e.end_pass();
+        assert_eq!(e.sockets.len(), 0);
         drop(e);
         double.stop().await;
     }
@@ -1090,6 +1293,15 @@ mod tests {
             "{f:?}"
         );
         assert!(f.source.identity_detail.contains("no SPIRE"), "{f:?}");
+        // With SPIRE, such an end says which node its pod is on; the
+        // sentence is made once per node and shared by its flows.
+        let n2 = e.elsewhere_detail("n2");
+        assert_eq!(
+            n2,
+            "pod on node n2: derived from its address through the endpoint directory"
+        );
+        assert!(ArcStr::ptr_eq(&n2, &e.elsewhere_detail("n2")));
+        assert!(e.elsewhere_detail("n3").starts_with("pod on node n3:"));
     }
 
     #[test]

@@ -243,6 +243,9 @@ impl Pipeline {
     /// `all`: at shutdown, everything goes. `run` calls it after each burst.
     pub fn release(&mut self, all: bool) {
         self.release_some(all, true);
+        if let Some(e) = &mut self.enricher {
+            e.end_pass();
+        }
     }
 
     /// `release`; without `poll`, flows whose identity answer can only be
