@@ -578,11 +578,16 @@ impl BenchAgent {
 
     /// Sum of every series of the metric `name` on /metrics.
     pub fn metric(&self, name: &str) -> Result<f64> {
+        Ok(metric_sum(&self.metrics_text()?, name))
+    }
+
+    /// One scrape of /metrics.
+    pub fn metrics_text(&self) -> Result<String> {
         let (code, body) = http_get(self.metrics, "/metrics")?;
         if code != 200 {
             bail!("GET /metrics answered {code}");
         }
-        Ok(metric_sum(&body, name))
+        Ok(body)
     }
 
     /// (user + system CPU seconds, peak resident MiB) of the agent so far.

@@ -115,8 +115,13 @@ pub fn connection_rate(
         match a {
             Some(a) => {
                 lost += a.metric("flowaudit_kernel_events_lost_total")?;
-                lookups += a.metric("flowaudit_identity_lookups_total")?;
-                attested += a.metric("flowaudit_identity_lookups_total{result=\"attested\"}")?;
+                // One scrape for both: the agent still counts between two.
+                let text = a.metrics_text()?;
+                lookups += env::metric_sum(&text, "flowaudit_identity_lookups_total");
+                attested += env::metric_sum(
+                    &text,
+                    "flowaudit_identity_lookups_total{result=\"attested\"}",
+                );
                 if let Some(c0) = cpu0 {
                     let used = a.cpu_and_peak_rss().0 - c0;
                     agent_cpu.push(used / s.elapsed_s);
