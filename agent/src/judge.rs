@@ -29,6 +29,9 @@ pub struct Judge {
     /// This node's Cilium, asked for flows under a rule that requires
     /// mutual authentication; None answers "not observable" (tests).
     pub cilium: Option<Arc<Cilium>>,
+    /// `policy`'s set now, taken from it when it changes: a flow reads it
+    /// without the channel's lock or a reference count of its own.
+    current: Option<Arc<PolicySet>>,
     memo: Memo,
 }
 
@@ -236,6 +239,7 @@ impl Judge {
         Judge {
             policy,
             cilium,
+            current: None,
             memo: Memo::default(),
         }
     }
@@ -248,9 +252,13 @@ impl Judge {
 
     pub fn judge(&mut self, flow: &mut FlowEvent) {
         let mismatches = identity_mismatches(flow);
-        if let Some(rx) = &self.policy {
-            let set = rx.borrow().clone();
-            if let Some(known) = self.memo.get(&set, flow) {
+        if let Some(rx) = &mut self.policy {
+            let set: &Arc<PolicySet> = match &mut self.current {
+                // An error: the policy's source is gone; the last set stays.
+                Some(set) if !rx.has_changed().unwrap_or(false) => set,
+                slot => slot.insert(rx.borrow_and_update().clone()),
+            };
+            if let Some(known) = self.memo.get(set, flow) {
                 flow.verdict = known.verdict;
                 flow.findings.clone_from(&known.findings);
                 flow.policy_rule.clone_from(&known.policy_rule);

@@ -45,6 +45,8 @@ pub struct CgroupResolver {
     cache: CookieMap<Option<ArcStr>>,
     last_scan: Option<Instant>,
     min_rescan: Duration,
+    /// Scans so far: what was read from `cache` may differ after one.
+    scans: u64,
 }
 
 impl CgroupResolver {
@@ -54,6 +56,7 @@ impl CgroupResolver {
             cache: CookieMap::default(),
             last_scan: None,
             min_rescan: Duration::from_millis(250),
+            scans: 0,
         }
     }
 
@@ -71,8 +74,20 @@ impl CgroupResolver {
         self.cache.get(&cgroup_id).cloned().flatten()
     }
 
+    /// Whether the cgroup with this id was found in the last scan (inside a
+    /// pod or not): `pod_uid` answers it without scanning.
+    pub fn knows(&self, cgroup_id: u64) -> bool {
+        self.cache.contains_key(&cgroup_id)
+    }
+
+    /// Changes with every scan of the tree (see `knows`).
+    pub fn scans(&self) -> u64 {
+        self.scans
+    }
+
     fn scan(&mut self) {
         self.last_scan = Some(Instant::now());
+        self.scans += 1;
         let mut fresh =
             CookieMap::with_capacity_and_hasher(self.cache.len().max(64), Default::default());
         let mut stack = vec![self.root.clone()];
@@ -100,6 +115,12 @@ impl CgroupResolver {
             fresh.insert(m.ino(), None);
         }
         self.cache = fresh;
+    }
+
+    /// Scans at most once per `every` on a miss (250 ms by default).
+    #[cfg(test)]
+    pub(crate) fn rescan_at_most_every(&mut self, every: Duration) {
+        self.min_rescan = every;
     }
 
     #[cfg(test)]

@@ -47,8 +47,19 @@ pub enum Enriched {
 #[derive(Debug)]
 pub struct PendingIdentity {
     /// SPIRE's answer for the local end.
-    local: Option<WorkloadQuery>,
+    local: Option<OwnerWait>,
     peer: PeerWait,
+}
+
+/// SPIRE's answer awaited for a socket's owner, with what the owner memo
+/// keeps once it settles.
+#[derive(Debug)]
+struct OwnerWait {
+    query: WorkloadQuery,
+    facts: SocketFacts,
+    pod: Option<Arc<PodInfo>>,
+    /// [`Enricher::owner_epoch`] when the query was made.
+    epoch: OwnerEpoch,
 }
 
 #[derive(Debug)]
@@ -57,7 +68,7 @@ enum PeerWait {
     /// The peer socket's own record (same node), by its key.
     Socket(SocketKey),
     /// SPIRE's answer for the peer socket's owner.
-    Query(WorkloadQuery),
+    Query(OwnerWait),
 }
 
 /// The outcome of [`Enricher::resume`].
@@ -74,7 +85,7 @@ pub enum Progress {
 type SocketKey = (SocketAddr, SocketAddr);
 
 /// The kernel's facts about a socket's owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct SocketFacts {
     pid: Option<u32>,
     start_ns: u64,
@@ -238,6 +249,74 @@ impl SocketTable {
     }
 }
 
+/// What a socket's owner resolved to: its pod (from its cgroup) and what
+/// SPIRE says about it.
+#[derive(Clone)]
+struct Owner {
+    pod: Option<Arc<PodInfo>>,
+    ask: Ask,
+}
+
+#[derive(Clone)]
+enum Ask {
+    /// Nothing to ask SPIRE by (no pid and no pod UID), or no SPIRE.
+    Nothing,
+    /// SPIRE's settled answer, attested or no identity, with the SVID's
+    /// expiry for an attested one.
+    Settled(Lookup, Option<FlowTime>),
+    /// Not known yet: ask by this.
+    Query(WorkloadQuery),
+}
+
+/// (endpoint directory version, cgroup scans, SPIRE's answers changed):
+/// what an [`Owner`] was read from.
+type OwnerEpoch = (u64, u64, u64);
+
+/// Socket owners resolved so far, by their kernel facts, so that the
+/// sockets of a busy process cost one hash of three integers instead of a
+/// cgroup lookup, a pod lookup by UID string and a SPIRE query whose
+/// strings the SPIRE memo hashes (per flow end: 8 per connection with both
+/// sockets on this node). Everything is forgotten when what it was read
+/// from may have changed ([`OwnerEpoch`]), and an attested answer is
+/// used only until its SVID expires; only answers that settled are kept,
+/// and only for cgroups the resolver knows (an unknown one is looked for
+/// again by the next flow).
+#[derive(Default)]
+struct OwnerMemo {
+    owners: HashMap<SocketFacts, Owner, foldhash::fast::RandomState>,
+    epoch: OwnerEpoch,
+}
+
+/// Owners kept at most; beyond it the memo starts over.
+const OWNER_MEMO_CAP: usize = 4096;
+
+impl OwnerMemo {
+    /// Starts over when `epoch` differs from the one the owners were read in.
+    fn sync(&mut self, epoch: OwnerEpoch) {
+        if epoch != self.epoch || self.owners.len() >= OWNER_MEMO_CAP {
+            self.owners.clear();
+            self.epoch = epoch;
+        }
+    }
+
+    fn get(&self, facts: &SocketFacts, at: FlowTime) -> Option<Owner> {
+        match self.owners.get(facts) {
+            Some(Owner {
+                ask: Ask::Settled(_, Some(expires)),
+                ..
+            }) if *expires <= at => None,
+            found => found.cloned(),
+        }
+    }
+
+    /// Keeps `owner`, read in `epoch`, unless the memo has moved on since.
+    fn put(&mut self, epoch: OwnerEpoch, facts: SocketFacts, owner: Owner) {
+        if epoch == self.epoch {
+            self.owners.insert(facts, owner);
+        }
+    }
+}
+
 /// Nodes whose pods' detail is kept at most (then it starts over).
 const ELSEWHERE_DETAILS: usize = 4096;
 
@@ -303,6 +382,10 @@ pub struct Enricher {
     pub spire: Option<SpireClient>,
     /// `spire`'s settled answers, asked for both ends of every flow.
     spire_memo: LookupMemo,
+    /// Socket owners resolved so far (see [`OwnerMemo`]).
+    owners: OwnerMemo,
+    /// Bumped when `directory` is replaced by a newer one.
+    directory_version: u64,
     /// See [`Enricher::elsewhere_detail`].
     elsewhere_details: HashMap<String, ArcStr, foldhash::fast::RandomState>,
     /// For DERIVED IDs; when None, the SPIRE agent's (its bundle's) or the
@@ -343,6 +426,8 @@ impl Enricher {
             stats: Arc::default(),
             sockets: SocketTable::new(SOCKET_TABLE_CAP),
             spire_memo: LookupMemo::default(),
+            owners: OwnerMemo::default(),
+            directory_version: 0,
             elsewhere_details: HashMap::default(),
             derived: DerivedIds::default(),
         }
@@ -377,6 +462,7 @@ impl Enricher {
             && rx.has_changed().unwrap_or(false)
         {
             self.directory = Some(rx.borrow_and_update().clone());
+            self.directory_version += 1;
         }
         self.directory.take()
     }
@@ -428,19 +514,13 @@ impl Enricher {
             self.sockets.insert((local_addr, remote_addr), facts);
         }
         self.sync_trust_domain();
-        // Connected, or still connecting at start-up: answers can come.
-        let answering = self.spire.as_ref().is_some_and(|s| !s.is_down());
 
         // Local end: the pod its cgroup belongs to is authoritative (a
         // hostNetwork pod shares the node's address); else by address.
-        let pod_uid = facts.cgroup_id.and_then(|id| self.cgroups.pod_uid(id));
-        let local_pod = match (&dir, &pod_uid) {
-            (Some(d), Some(uid)) => d.pod_by_uid(uid),
-            _ => None,
-        };
+        let (owner, epoch) = self.owner(facts, dir, flow.time);
         {
             let local = flow.local_end_mut();
-            match (&local_pod, &dir) {
+            match (&owner.pod, &dir) {
                 (Some(p), _) => apply_pod(local, p),
                 (None, Some(d)) => apply_peer(local, &d.peer(local_addr.ip())),
                 (None, None) => {}
@@ -497,7 +577,11 @@ impl Enricher {
                 peer_here = on_this_node;
                 if let Some(f) = self.sockets.get(&reverse) {
                     self.peer_query(flow, f, dir)
-                } else if on_this_node && answering && !failed {
+                } else if on_this_node
+                    && !failed
+                    // Connected, or still connecting at start-up: answers can come.
+                    && self.spire.as_ref().is_some_and(|s| !s.is_down())
+                {
                     PeerWait::Socket(reverse)
                 } else {
                     PeerWait::Done
@@ -510,41 +594,122 @@ impl Enricher {
 
         // Local end: ask SPIRE (by pid, checked against the process start
         // time; or by the pod's selectors).
-        let local = if self.spire.is_none() {
-            derive(
-                &mut self.derived,
-                flow.local_end_mut(),
-                DETAIL_NO_SPIRE_LOCAL,
-            );
-            None
-        } else if facts.pid.is_none() && pod_uid.is_none() {
-            derive(
-                &mut self.derived,
-                flow.local_end_mut(),
-                arcstr::literal!(
-                    "the kernel did not see the socket's owner: derived from its address"
-                ),
-            );
-            None
+        let local = match owner.ask {
+            _ if self.spire.is_none() => {
+                derive(
+                    &mut self.derived,
+                    flow.local_end_mut(),
+                    DETAIL_NO_SPIRE_LOCAL,
+                );
+                None
+            }
+            Ask::Nothing => {
+                derive(
+                    &mut self.derived,
+                    flow.local_end_mut(),
+                    arcstr::literal!(
+                        "the kernel did not see the socket's owner: derived from its address"
+                    ),
+                );
+                None
+            }
+            Ask::Settled(answer, _) => {
+                self.apply_answer(flow.local_end_mut(), answer, true);
+                None
+            }
+            Ask::Query(query) => Some(OwnerWait {
+                query,
+                facts,
+                pod: owner.pod,
+                epoch,
+            }),
+        };
+        PendingIdentity { local, peer }
+    }
+
+    /// What the memo's owners are read from, now.
+    fn owner_epoch(&self) -> OwnerEpoch {
+        (
+            self.directory_version,
+            self.cgroups.scans(),
+            self.spire.as_ref().map_or(0, SpireClient::answers_changed),
+        )
+    }
+
+    /// The pod of the socket owner with these facts (from its cgroup) and
+    /// what to ask SPIRE about it, or SPIRE's settled answer; from the
+    /// owner memo when it holds them. With the epoch it was read in.
+    fn owner(
+        &mut self,
+        f: SocketFacts,
+        dir: Option<&EndpointDirectory>,
+        at: FlowTime,
+    ) -> (Owner, OwnerEpoch) {
+        // Read before the cgroups and SPIRE are: a change after this is
+        // seen by the next call.
+        let epoch = self.owner_epoch();
+        self.owners.sync(epoch);
+        if let Some(o) = self.owners.get(&f, at) {
+            if let (Ask::Settled(answer, _), Some(s)) = (&o.ask, &self.spire) {
+                // Counted as the SPIRE client counts its own answers.
+                s.report(answer);
+            }
+            return (o, epoch);
+        }
+        let pod_uid = f.cgroup_id.and_then(|id| self.cgroups.pod_uid(id));
+        let pod = match (&dir, &pod_uid) {
+            (Some(d), Some(uid)) => d.pod_by_uid(uid),
+            _ => None,
+        };
+        let ask = if self.spire.is_none() || (f.pid.is_none() && pod_uid.is_none()) {
+            Ask::Nothing
         } else {
             // Selectors come only from the pod found from the socket's
             // cgroup: metadata reached from an address must not attest.
-            let (namespace, service_account) = match &local_pod {
+            let (namespace, service_account) = match &pod {
                 Some(p) => (
                     non_empty(&p.meta.namespace),
                     non_empty(&p.meta.service_account),
                 ),
                 None => (None, None),
             };
-            Some(WorkloadQuery {
-                pid: facts.pid,
-                pid_start_ns: facts.start_ns,
+            Ask::Query(WorkloadQuery {
+                pid: f.pid,
+                pid_start_ns: f.start_ns,
                 pod_uid,
                 namespace,
                 service_account,
             })
         };
-        PendingIdentity { local, peer }
+        let owner = Owner { pod, ask };
+        if matches!(owner.ask, Ask::Nothing) && self.cgroup_known(&f) {
+            self.owners.put(epoch, f, owner.clone());
+        }
+        (owner, epoch)
+    }
+
+    /// Whether the resolver knows the owner's cgroup (or it has none): an
+    /// owner is kept only then.
+    fn cgroup_known(&self, f: &SocketFacts) -> bool {
+        f.cgroup_id.is_none_or(|id| self.cgroups.knows(id))
+    }
+
+    /// Keeps SPIRE's answer for the owner `w` waited for, once it settled.
+    fn remember(&mut self, w: &OwnerWait, answer: &Lookup) {
+        let expires = match answer {
+            Lookup::Attested(id) => Some(FlowTime::from_system(id.expires_at)),
+            Lookup::NoIdentity => None,
+            Lookup::Pending | Lookup::Unavailable(_) => return,
+        };
+        if !self.cgroup_known(&w.facts) {
+            return;
+        }
+        self.owners.sync(self.owner_epoch());
+        let owner = Owner {
+            pod: w.pod.clone(),
+            ask: Ask::Settled(answer.clone(), expires),
+        };
+        self.owners.put(w.epoch, w.facts, owner);
     }
 
     /// The query for a peer whose socket's record was found, applying its
@@ -555,36 +720,30 @@ impl Enricher {
         f: SocketFacts,
         dir: Option<&EndpointDirectory>,
     ) -> PeerWait {
-        let pod_uid = f.cgroup_id.and_then(|id| self.cgroups.pod_uid(id));
-        let pod = match (&dir, &pod_uid) {
-            (Some(d), Some(uid)) => d.pod_by_uid(uid),
-            _ => None,
-        };
+        let (owner, epoch) = self.owner(f, dir, flow.time);
         let remote = remote_end_mut(flow);
-        if let Some(p) = &pod {
+        if let Some(p) = &owner.pod {
             apply_pod(remote, p);
         }
-        if f.pid.is_none() && pod_uid.is_none() {
-            if pod.is_none() {
-                self.sync_trust_domain();
-                derive(&mut self.derived, remote_end_mut(flow), DETAIL_PEER_UNOWNED);
+        match owner.ask {
+            Ask::Nothing => {
+                if owner.pod.is_none() {
+                    self.sync_trust_domain();
+                    derive(&mut self.derived, remote, DETAIL_PEER_UNOWNED);
+                }
+                PeerWait::Done
             }
-            return PeerWait::Done;
+            Ask::Settled(answer, _) => {
+                self.apply_answer(remote, answer, false);
+                PeerWait::Done
+            }
+            Ask::Query(query) => PeerWait::Query(OwnerWait {
+                query,
+                facts: f,
+                pod: owner.pod,
+                epoch,
+            }),
         }
-        let (namespace, service_account) = match &pod {
-            Some(p) => (
-                non_empty(&p.meta.namespace),
-                non_empty(&p.meta.service_account),
-            ),
-            None => (None, None),
-        };
-        PeerWait::Query(WorkloadQuery {
-            pid: f.pid,
-            pid_start_ns: f.start_ns,
-            pod_uid,
-            namespace,
-            service_account,
-        })
     }
 
     /// Moves a flow's identity on: applies the answers that have come, and
@@ -613,18 +772,20 @@ impl Enricher {
                 timed_out = true;
             }
         }
-        if let PeerWait::Query(q) = &p.peer {
-            let answer = self.poll(q, flow.time);
+        if let PeerWait::Query(w) = &p.peer {
+            let answer = self.poll(&w.query, flow.time);
             if !matches!(answer, Lookup::Pending) || force {
                 timed_out |= matches!(answer, Lookup::Pending);
+                self.remember(w, &answer);
                 self.apply_answer(remote_end_mut(flow), answer, false);
                 p.peer = PeerWait::Done;
             }
         }
-        if let Some(q) = &p.local {
-            let answer = self.poll(q, flow.time);
+        if let Some(w) = &p.local {
+            let answer = self.poll(&w.query, flow.time);
             if !matches!(answer, Lookup::Pending) || force {
                 timed_out |= matches!(answer, Lookup::Pending);
+                self.remember(w, &answer);
                 self.apply_answer(flow.local_end_mut(), answer, true);
                 p.local = None;
             }
@@ -1029,50 +1190,26 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn same_node_peer_is_attested_from_its_own_socket() {
         use flowaudit_common::SocketSide;
-        use flowaudit_tests::spire_double::{SpireDouble, SpireDoubleConfig};
-        use std::os::unix::fs::MetadataExt;
         use std::time::Duration;
         const FRONTEND_UID: &str = "11111111-2222-3333-4444-555555555555";
         const BACKEND_UID: &str = "66666666-7777-8888-9999-000000000000";
         let base = flowaudit_tests::support::TestDir::new("fa-enrich");
-        let inode = |uid: &str| {
-            let d = base.join(format!("kubepods/besteffort/pod{uid}/c0ffee"));
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::metadata(&d).unwrap().ino()
-        };
-        let (front_cg, back_cg) = (inode(FRONTEND_UID), inode(BACKEND_UID));
+        let (front_cg, back_cg) = (
+            pod_cgroup(&base, FRONTEND_UID, "c0ffee"),
+            pod_cgroup(&base, BACKEND_UID, "c0ffee"),
+        );
         let yaml = format!(
             "nodes:\n  - {{name: n1, ips: [10.244.0.1]}}\nendpoints:\n  - {{ips: [10.244.1.5], namespace: 99-apps, pod: frontend-7d9f, uid: {FRONTEND_UID}, serviceAccount: frontend, node: n1}}\n  - {{ips: [10.244.1.9], namespace: 99-apps, pod: backend-0, uid: {BACKEND_UID}, serviceAccount: backend, node: n1}}\n"
         );
         let dir = EndpointDirectory::parse(Path::new("e.yaml"), &yaml).unwrap();
-        let socket = base.join("spire/admin.sock");
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        let double = SpireDouble::start(
-            SpireDoubleConfig::new(&socket, "demo.local")
-                .version("1.9.6")
-                .pod(FRONTEND_UID, "99-apps", "frontend", "frontend-7d9f")
-                .pod(BACKEND_UID, "99-apps", "backend", "backend-0")
-                .entry(
-                    "spiffe://demo.local/ns/99-apps/sa/frontend",
-                    &[&format!("k8s:pod-uid:{FRONTEND_UID}")],
-                )
-                .entry(
-                    "spiffe://demo.local/ns/99-apps/sa/backend",
-                    &[&format!("k8s:pod-uid:{BACKEND_UID}")],
-                )
-                .authorize_uid(me, "spiffe://demo.local/ns/flowaudit/sa/flowaudit"),
+        let (double, spire) = spire_1_9_6(
+            &base,
+            &[
+                (FRONTEND_UID, "frontend", "frontend-7d9f"),
+                (BACKEND_UID, "backend", "backend-0"),
+            ],
         )
-        .await
-        .unwrap();
-        let spire = SpireClient::start(&socket, spire::SpireOptions::default());
-        for _ in 0..200 {
-            if spire.status().connected {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(spire.status().connected, "{:?}", spire.status());
+        .await;
         let mut e = Enricher::new(
             Some(watch::channel(Arc::new(dir)).1),
             CgroupResolver::new(base.to_path_buf()),
@@ -1272,6 +1409,178 @@ mod tests {
         assert!(!f.source.identity_detail.is_empty());
         drop(e);
         double.stop().await;
+    }
+
+    /// A container's cgroup directory in pod `uid` under `base`, and its
+    /// inode: the cgroup id the kernel reports.
+    fn pod_cgroup(base: &Path, uid: &str, container: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let d = base.join(format!("kubepods/besteffort/pod{uid}/{container}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::metadata(&d).unwrap().ino()
+    }
+
+    /// A SPIRE 1.9.6 double at `base/spire/admin.sock` that knows the
+    /// `pods` (uid, service account, name) of namespace 99-apps, each with
+    /// an entry `ns/99-apps/sa/<sa>` by its pod UID, and lets this process
+    /// in as a delegate; with a client connected to it.
+    async fn spire_1_9_6(
+        base: &Path,
+        pods: &[(&str, &str, &str)],
+    ) -> (flowaudit_tests::spire_double::SpireDouble, SpireClient) {
+        use flowaudit_tests::spire_double::{SpireDouble, SpireDoubleConfig};
+        let socket = base.join("spire/admin.sock");
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let mut cfg = SpireDoubleConfig::new(&socket, "demo.local")
+            .version("1.9.6")
+            .authorize_uid(me, "spiffe://demo.local/ns/flowaudit/sa/flowaudit");
+        for (uid, sa, name) in pods {
+            cfg = cfg.pod(uid, "99-apps", sa, name).entry(
+                &format!("spiffe://demo.local/ns/99-apps/sa/{sa}"),
+                &[&format!("k8s:pod-uid:{uid}")],
+            );
+        }
+        let double = SpireDouble::start(cfg).await.unwrap();
+        let spire = SpireClient::start(&socket, spire::SpireOptions::default());
+        for _ in 0..200 {
+            if spire.status().connected {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(spire.status().connected, "{:?}", spire.status());
+        (double, spire)
+    }
+
+    /// Enriches `f`, waiting up to 3 s for its answers; true when they
+    /// were all there at once.
+    async fn settle(e: &mut Enricher, f: &mut FlowEvent) -> bool {
+        let mut p = match e.enrich(f) {
+            Enriched::Done => return true,
+            Enriched::Pending(p) => p,
+        };
+        for _ in 0..300 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            if e.resume(f, &mut p, false) != Progress::Waiting {
+                return false;
+            }
+        }
+        panic!("not settled within 3 s: {f:#?}")
+    }
+
+    /// A socket owner is resolved once and then answered from the owner
+    /// memo, but never with what no longer holds: a pod relabelled in the
+    /// directory, an entry removed from SPIRE, a cgroup the resolver did
+    /// not know yet each reach the next flow of the same owner.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_owner_is_read_again_when_what_it_came_from_changes() {
+        use std::time::Duration;
+        const UID: &str = "11111111-2222-3333-4444-555555555555";
+        const ID: &str = "spiffe://demo.local/ns/99-apps/sa/frontend";
+        let base = flowaudit_tests::support::TestDir::new("fa-owners");
+        let directory = |app: &str| {
+            let yaml = format!(
+                "nodes:\n  - {{name: n1, ips: [10.244.0.1]}}\nendpoints:\n  - {{ips: [10.244.1.5], namespace: 99-apps, pod: frontend-7d9f, uid: {UID}, serviceAccount: frontend, node: n1, labels: {{app: {app}}}}}\n"
+            );
+            Arc::new(EndpointDirectory::parse(Path::new("e.yaml"), &yaml).unwrap())
+        };
+        let cg = pod_cgroup(&base, UID, "c0ffee");
+        let (double, spire) = spire_1_9_6(&base, &[(UID, "frontend", "frontend-7d9f")]).await;
+        let (tx, rx) = watch::channel(directory("frontend"));
+        let mut cgroups = CgroupResolver::new(base.to_path_buf());
+        // Only the first miss scans: what the resolver knows stays put.
+        cgroups.rescan_at_most_every(Duration::from_secs(3600));
+        let mut e = Enricher::new(Some(rx), cgroups, Some(spire), None);
+        e.node_name = "n1".into();
+        e.wait_ms = 2000;
+        let mut port = 40000;
+        let mut flow_of = |cgroup_id: u64, tgid: u32| {
+            port += 1;
+            let mut r = sample();
+            r.owner.cgroup_id = cgroup_id;
+            r.owner.tgid = tgid;
+            r.local_port = port;
+            FlowEvent::from_kernel(
+                &KernelEvent::from_record(&r).unwrap(),
+                &"n1".into(),
+                &Clock::now(),
+            )
+        };
+        let facts = |f: &FlowEvent| SocketFacts {
+            pid: f.source.pid,
+            start_ns: f.socket.process_start_ns,
+            cgroup_id: f.source.cgroup_id,
+        };
+        let app = |f: &FlowEvent| f.source.pod.labels.get("app").cloned();
+
+        // The first flows ask SPIRE (the first waits for its subscription);
+        // then the owner is remembered and answered at once.
+        for _ in 0..2 {
+            let mut f = flow_of(cg, 1234);
+            settle(&mut e, &mut f).await;
+            assert_eq!(f.source.spiffe_id, ID, "{f:#?}");
+        }
+        let mut f = flow_of(cg, 1234);
+        assert!(
+            settle(&mut e, &mut f).await,
+            "a remembered owner waits for nothing"
+        );
+        assert_eq!(
+            (f.source.identity_source, &*f.source.spiffe_id),
+            (IdentitySource::Attested, ID)
+        );
+        assert_eq!(app(&f).as_deref(), Some("frontend"));
+        assert!(e.owners.owners.contains_key(&facts(&f)), "not remembered");
+
+        // The pod relabelled: the next flow has the new labels.
+        tx.send(directory("frontend-v2")).unwrap();
+        let mut f = flow_of(cg, 1234);
+        settle(&mut e, &mut f).await;
+        assert_eq!(app(&f).as_deref(), Some("frontend-v2"), "{f:#?}");
+        assert_eq!(f.source.identity_source, IdentitySource::Attested);
+
+        // The entry removed: SPIRE's "no identity" reaches the same owner.
+        double.remove_entry(ID);
+        let mut derived = false;
+        for _ in 0..300 {
+            let mut f = flow_of(cg, 1234);
+            settle(&mut e, &mut f).await;
+            if f.source.identity_source == IdentitySource::Derived {
+                assert!(f.source.identity_detail.contains("SPIRE gave no identity"));
+                derived = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            derived,
+            "the removed entry still attests the remembered owner"
+        );
+        double.add_entry(ID, &[&format!("k8s:pod-uid:{UID}")]);
+
+        // A container the resolver has not scanned yet: its pod is unknown,
+        // and stays unknown only until a scan finds it.
+        let new_cg = pod_cgroup(&base, UID, "c0ffee2");
+        let mut f = flow_of(new_cg, 777);
+        settle(&mut e, &mut f).await;
+        assert_ne!(f.source.identity_source, IdentitySource::Attested, "{f:#?}");
+        assert!(
+            !e.owners.owners.contains_key(&facts(&f)),
+            "an owner of an unknown cgroup was remembered"
+        );
+        e.cgroups.rescan_at_most_every(Duration::ZERO);
+        let mut attested = false;
+        for _ in 0..300 {
+            let mut f = flow_of(new_cg, 777);
+            settle(&mut e, &mut f).await;
+            if f.source.identity_source == IdentitySource::Attested {
+                attested = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(attested, "the new container's pod was never found");
     }
 
     #[test]

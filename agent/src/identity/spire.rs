@@ -252,12 +252,12 @@ impl SpireClient {
     }
 
     /// Counts one answer to the observer (what `lookup` does for its own).
-    fn report(&self, r: &Lookup) {
+    pub(super) fn report(&self, r: &Lookup) {
         self.shared.report(r);
     }
 
     /// Changes whenever an answer may have changed (see [`LookupMemo`]).
-    fn answers_changed(&self) -> u64 {
+    pub(super) fn answers_changed(&self) -> u64 {
         self.shared.answers_changed.load(Ordering::Acquire)
     }
 
