@@ -485,8 +485,8 @@ mod tests {
             let dir = rx.borrow_and_update().clone();
             assert_eq!(pod_name(&dir, "10.9.0.1").as_deref(), Some("web-1"));
             assert_eq!(pod_name(&dir, "fd00:9::2").as_deref(), Some("web-2"));
-            assert_eq!(dir.peer(ip("192.0.2.10")), Peer::Host(Arc::from("n1")));
-            assert_eq!(dir.peer(ip("2001:db8::10")), Peer::Host(Arc::from("n1")));
+            assert_eq!(dir.peer(ip("192.0.2.10")), Peer::Host("n1"));
+            assert_eq!(dir.peer(ip("2001:db8::10")), Peer::Host("n1"));
             assert!(dir.pod_by_uid("uid-hostnet").is_some());
             assert!(dir.pod_by_uid("uid-pending").is_none());
             let p = dir.pod_by_uid("uid-web-1").unwrap();
@@ -597,7 +597,7 @@ mod tests {
         );
         assert_eq!(
             rx.borrow().peer(ip("192.0.2.10")),
-            Peer::Host(Arc::from("n1"))
+            Peer::Host("n1")
         );
         assert!(!task.is_finished(), "the watcher keeps running");
         // And follows changes again.

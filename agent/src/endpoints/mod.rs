@@ -96,12 +96,13 @@ struct DirectoryFile {
     endpoints: Vec<PodInfo>,
 }
 
-/// What an address is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Peer {
-    Pod(Arc<PodInfo>),
+/// What an address is, borrowed from the directory: naming a flow's end
+/// costs no reference count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer<'a> {
+    Pod(&'a PodInfo),
     /// A node's own address (name of the node).
-    Host(Arc<str>),
+    Host(&'a str),
     /// Outside the cluster.
     World,
 }
@@ -187,15 +188,15 @@ impl EndpointDirectory {
         Self::parse(path, &text)
     }
 
-    pub fn peer(&self, ip: IpAddr) -> Peer {
+    pub fn peer(&self, ip: IpAddr) -> Peer<'_> {
         let ip = canonical(ip);
         if let Some(p) = self.by_ip.get(&ip) {
-            Peer::Pod(p.clone())
+            Peer::Pod(p)
         } else if let Some(n) = self.nodes.get(&ip) {
-            Peer::Host(n.clone())
+            Peer::Host(n)
         } else if ip.is_loopback() {
             // Loopback never leaves the namespace it was used in.
-            Peer::Host(Arc::from("localhost"))
+            Peer::Host("localhost")
         } else {
             Peer::World
         }
@@ -301,7 +302,7 @@ endpoints:                  # pods
         ));
         assert_eq!(
             dir.peer("172.18.0.3".parse().unwrap()),
-            Peer::Host(Arc::from("precinct-99-worker"))
+            Peer::Host("precinct-99-worker")
         );
         assert_eq!(dir.peer("8.8.8.8".parse().unwrap()), Peer::World);
         assert!(

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use self::cgroup::CgroupResolver;
 use self::spire::{Lookup, LookupMemo, SpireClient, WorkloadQuery};
 use crate::endpoints::{EndpointDirectory, Peer, PodInfo};
-use crate::flow::{ArcStr, Direction, EndKind, Endpoint, EventKind, FlowEvent, FlowTime};
+use crate::flow::{ArcStr, Direction, EndKind, Endpoint, EventKind, FlowEvent, FlowTime, PodMeta};
 
 /// What to do with a flow after enrichment.
 pub enum Enriched {
@@ -57,7 +57,7 @@ pub struct PendingIdentity {
 struct OwnerWait {
     query: WorkloadQuery,
     facts: SocketFacts,
-    pod: Option<Arc<PodInfo>>,
+    pod: Option<Arc<PodMeta>>,
     /// [`Enricher::owner_epoch`] when the query was made.
     epoch: OwnerEpoch,
 }
@@ -250,10 +250,11 @@ impl SocketTable {
 }
 
 /// What a socket's owner resolved to: its pod (from its cgroup) and what
-/// SPIRE says about it.
+/// SPIRE says about it. Cloned out of the memo for a flow end, which takes
+/// both strings as they are (no count is taken and given back).
 #[derive(Clone)]
 struct Owner {
-    pod: Option<Arc<PodInfo>>,
+    pod: Option<Arc<PodMeta>>,
     ask: Ask,
 }
 
@@ -261,9 +262,9 @@ struct Owner {
 enum Ask {
     /// Nothing to ask SPIRE by (no pid and no pod UID), or no SPIRE.
     Nothing,
-    /// SPIRE's settled answer, attested or no identity, with the SVID's
-    /// expiry for an attested one.
-    Settled(Lookup, Option<FlowTime>),
+    /// SPIRE's settled answer: the attested SPIFFE ID and its SVID's expiry,
+    /// or no identity.
+    Settled(Option<(ArcStr, FlowTime)>),
     /// Not known yet: ask by this.
     Query(WorkloadQuery),
 }
@@ -302,7 +303,7 @@ impl OwnerMemo {
     fn get(&self, facts: &SocketFacts, at: FlowTime) -> Option<Owner> {
         match self.owners.get(facts) {
             Some(Owner {
-                ask: Ask::Settled(_, Some(expires)),
+                ask: Ask::Settled(Some((_, expires))),
                 ..
             }) if *expires <= at => None,
             found => found.cloned(),
@@ -521,7 +522,7 @@ impl Enricher {
         {
             let local = flow.local_end_mut();
             match (&owner.pod, &dir) {
-                (Some(p), _) => apply_pod(local, p),
+                (Some(p), _) => apply_meta(local, p.clone()),
                 (None, Some(d)) => apply_peer(local, &d.peer(local_addr.ip())),
                 (None, None) => {}
             }
@@ -539,7 +540,7 @@ impl Enricher {
         // Whether the peer's socket may be on this node: a pod here (set
         // below), or this node itself (a host-network process).
         let mut peer_here = match &remote_peer {
-            Some(Peer::Host(node)) => self.node_name.is_empty() || **node == *self.node_name,
+            Some(Peer::Host(node)) => self.node_name.is_empty() || *node == self.node_name,
             _ => false,
         };
         let peer = match (&self.spire, remote.kind) {
@@ -613,8 +614,8 @@ impl Enricher {
                 );
                 None
             }
-            Ask::Settled(answer, _) => {
-                self.apply_answer(flow.local_end_mut(), answer, true);
+            Ask::Settled(answer) => {
+                self.apply_settled(flow.local_end_mut(), answer, true);
                 None
             }
             Ask::Query(query) => Some(OwnerWait {
@@ -650,15 +651,19 @@ impl Enricher {
         let epoch = self.owner_epoch();
         self.owners.sync(epoch);
         if let Some(o) = self.owners.get(&f, at) {
-            if let (Ask::Settled(answer, _), Some(s)) = (&o.ask, &self.spire) {
+            if let (Ask::Settled(answer), Some(s)) = (&o.ask, &self.spire) {
                 // Counted as the SPIRE client counts its own answers.
-                s.report(answer);
+                s.report_label(if answer.is_some() {
+                    "attested"
+                } else {
+                    "no_identity"
+                });
             }
             return (o, epoch);
         }
         let pod_uid = f.cgroup_id.and_then(|id| self.cgroups.pod_uid(id));
         let pod = match (&dir, &pod_uid) {
-            (Some(d), Some(uid)) => d.pod_by_uid(uid),
+            (Some(d), Some(uid)) => d.pod_by_uid(uid).map(|p| p.meta.clone()),
             _ => None,
         };
         let ask = if self.spire.is_none() || (f.pid.is_none() && pod_uid.is_none()) {
@@ -667,10 +672,7 @@ impl Enricher {
             // Selectors come only from the pod found from the socket's
             // cgroup: metadata reached from an address must not attest.
             let (namespace, service_account) = match &pod {
-                Some(p) => (
-                    non_empty(&p.meta.namespace),
-                    non_empty(&p.meta.service_account),
-                ),
+                Some(p) => (non_empty(&p.namespace), non_empty(&p.service_account)),
                 None => (None, None),
             };
             Ask::Query(WorkloadQuery {
@@ -696,8 +698,10 @@ impl Enricher {
 
     /// Keeps SPIRE's answer for the owner `w` waited for, once it settled.
     fn remember(&mut self, w: &OwnerWait, answer: &Lookup) {
-        let expires = match answer {
-            Lookup::Attested(id) => Some(FlowTime::from_system(id.expires_at)),
+        let settled = match answer {
+            Lookup::Attested(id) => {
+                Some((id.spiffe_id.clone(), FlowTime::from_system(id.expires_at)))
+            }
             Lookup::NoIdentity => None,
             Lookup::Pending | Lookup::Unavailable(_) => return,
         };
@@ -707,7 +711,7 @@ impl Enricher {
         self.owners.sync(self.owner_epoch());
         let owner = Owner {
             pod: w.pod.clone(),
-            ask: Ask::Settled(answer.clone(), expires),
+            ask: Ask::Settled(settled),
         };
         self.owners.put(w.epoch, w.facts, owner);
     }
@@ -723,7 +727,7 @@ impl Enricher {
         let (owner, epoch) = self.owner(f, dir, flow.time);
         let remote = remote_end_mut(flow);
         if let Some(p) = &owner.pod {
-            apply_pod(remote, p);
+            apply_meta(remote, p.clone());
         }
         match owner.ask {
             Ask::Nothing => {
@@ -733,8 +737,8 @@ impl Enricher {
                 }
                 PeerWait::Done
             }
-            Ask::Settled(answer, _) => {
-                self.apply_answer(remote, answer, false);
+            Ask::Settled(answer) => {
+                self.apply_settled(remote, answer, false);
                 PeerWait::Done
             }
             Ask::Query(query) => PeerWait::Query(OwnerWait {
@@ -865,6 +869,25 @@ impl Enricher {
         }
     }
 
+    /// Applies an answer from the owner memo: as [`Self::apply_answer`]
+    /// (the trust domain was learned when it was first applied).
+    fn apply_settled(
+        &mut self,
+        ep: &mut Endpoint,
+        answer: Option<(ArcStr, FlowTime)>,
+        counted: bool,
+    ) {
+        match answer {
+            Some((id, _)) => {
+                set_id(ep, id, IdentitySource::Attested, ArcStr::new());
+                if counted {
+                    self.stats.count(LookupResult::Attested);
+                }
+            }
+            None => self.apply_answer(ep, Lookup::NoIdentity, counted),
+        }
+    }
+
     /// The detail of a pod's end on node `node` (not this one), made once
     /// per node: with SPIRE, most of a node's flows have such an end.
     fn elsewhere_detail(&mut self, node: &str) -> ArcStr {
@@ -934,8 +957,12 @@ fn set_id(ep: &mut Endpoint, id: impl Into<ArcStr>, source: IdentitySource, deta
 }
 
 fn apply_pod(ep: &mut Endpoint, p: &PodInfo) {
+    apply_meta(ep, p.meta.clone());
+}
+
+fn apply_meta(ep: &mut Endpoint, meta: Arc<PodMeta>) {
     ep.kind = EndKind::Pod;
-    ep.pod = p.meta.clone().into();
+    ep.pod = meta.into();
 }
 
 fn apply_peer(ep: &mut Endpoint, peer: &Peer) {

@@ -256,6 +256,14 @@ impl SpireClient {
         self.shared.report(r);
     }
 
+    /// Counts one answer with this `result` label (see [`Lookup::label`])
+    /// to the observer, for an answer kept outside the client.
+    pub(super) fn report_label(&self, label: &'static str) {
+        if let Some(o) = &self.shared.opts.observer {
+            o.on_lookup(label);
+        }
+    }
+
     /// Changes whenever an answer may have changed (see [`LookupMemo`]).
     pub(super) fn answers_changed(&self) -> u64 {
         self.shared.answers_changed.load(Ordering::Acquire)
