@@ -595,10 +595,7 @@ mod tests {
             "re-listed after 410: {:#?}",
             k.requests()
         );
-        assert_eq!(
-            rx.borrow().peer(ip("192.0.2.10")),
-            Peer::Host("n1")
-        );
+        assert_eq!(rx.borrow().peer(ip("192.0.2.10")), Peer::Host("n1"));
         assert!(!task.is_finished(), "the watcher keeps running");
         // And follows changes again.
         k.update_pod_labels("uid-web-3", &[("app", "web-v2")]);

@@ -590,7 +590,10 @@ impl Enricher {
             }
         };
         if self.spire.is_some() && flow.event != EventKind::Connect {
-            self.sockets.closed((local_addr, remote_addr), peer_here);
+            // A connection that never established has no peer socket to
+            // wait for, on this node or any other.
+            self.sockets
+                .closed((local_addr, remote_addr), peer_here && !failed);
         }
 
         // Local end: ask SPIRE (by pid, checked against the process start
@@ -1073,6 +1076,7 @@ mod tests {
     use super::*;
     use crate::capture::Clock;
     use crate::capture::record::{KernelEvent, tests::sample};
+    use flowaudit_common::FlowRecord;
     use std::path::Path;
 
     #[test]
@@ -1237,22 +1241,11 @@ mod tests {
             ],
         )
         .await;
-        let mut e = Enricher::new(
-            Some(watch::channel(Arc::new(dir)).1),
-            CgroupResolver::new(base.to_path_buf()),
-            Some(spire),
-            None,
-        );
-        e.node_name = "n1".into();
-        e.wait_ms = 2000;
+        let mut e = node_enricher(&base, dir, spire);
         let mut r = sample();
         r.kind = flowaudit_common::RecordKind::Connect as u8;
         r.owner.cgroup_id = front_cg;
-        let mut egress = FlowEvent::from_kernel(
-            &KernelEvent::from_record(&r).unwrap(),
-            &"n1".into(),
-            &Clock::now(),
-        );
+        let mut egress = event_of(&r);
         // The server's accepted socket: the same 4-tuple seen from the other side.
         let mut r2 = r;
         r2.side = SocketSide::Passive as u8;
@@ -1261,11 +1254,7 @@ mod tests {
         r2.owner.cgroup_id = back_cg;
         r2.owner.tgid = 4321;
         r2.sock_cookie = 100;
-        let mut ingress = FlowEvent::from_kernel(
-            &KernelEvent::from_record(&r2).unwrap(),
-            &"n1".into(),
-            &Clock::now(),
-        );
+        let mut ingress = event_of(&r2);
         let mut pending = Vec::new();
         for f in [&mut egress, &mut ingress] {
             pending.push(match e.enrich(f) {
@@ -1480,6 +1469,29 @@ mod tests {
         (double, spire)
     }
 
+    /// An enricher on node n1 with SPIRE and the pods of `dir`, whose
+    /// cgroups are under `base`; flows wait up to 2 s.
+    fn node_enricher(base: &Path, dir: EndpointDirectory, spire: SpireClient) -> Enricher {
+        let mut e = Enricher::new(
+            Some(watch::channel(Arc::new(dir)).1),
+            CgroupResolver::new(base.to_path_buf()),
+            Some(spire),
+            None,
+        );
+        e.node_name = "n1".into();
+        e.wait_ms = 2000;
+        e
+    }
+
+    /// The flow of kernel record `r` on node n1.
+    fn event_of(r: &FlowRecord) -> FlowEvent {
+        FlowEvent::from_kernel(
+            &KernelEvent::from_record(r).unwrap(),
+            &"n1".into(),
+            &Clock::now(),
+        )
+    }
+
     /// Enriches `f`, waiting up to 3 s for its answers; true when they
     /// were all there at once.
     async fn settle(e: &mut Enricher, f: &mut FlowEvent) -> bool {
@@ -1528,11 +1540,7 @@ mod tests {
             r.owner.cgroup_id = cgroup_id;
             r.owner.tgid = tgid;
             r.local_port = port;
-            FlowEvent::from_kernel(
-                &KernelEvent::from_record(&r).unwrap(),
-                &"n1".into(),
-                &Clock::now(),
-            )
+            event_of(&r)
         };
         let facts = |f: &FlowEvent| SocketFacts {
             pid: f.source.pid,
@@ -1608,6 +1616,35 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(attested, "the new container's pod was never found");
+    }
+
+    /// A connection to a pod on this node that never established leaves
+    /// the socket table at once: no peer socket will come to ask for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_connection_leaves_the_socket_table_at_once() {
+        const FRONTEND_UID: &str = "11111111-2222-3333-4444-555555555555";
+        let base = flowaudit_tests::support::TestDir::new("fa-failed");
+        let cg = pod_cgroup(&base, FRONTEND_UID, "c0ffee");
+        let yaml = format!(
+            "endpoints:\n  - {{ips: [10.244.1.5], namespace: 99-apps, pod: frontend-7d9f, uid: {FRONTEND_UID}, serviceAccount: frontend, node: n1}}\n  - {{ips: [10.244.1.9], namespace: 99-apps, pod: backend-0, serviceAccount: backend, node: n1}}\n"
+        );
+        let dir = EndpointDirectory::parse(Path::new("e.yaml"), &yaml).unwrap();
+        let (_double, spire) =
+            spire_1_9_6(&base, &[(FRONTEND_UID, "frontend", "frontend-7d9f")]).await;
+        let mut e = node_enricher(&base, dir, spire);
+        let mut r = sample();
+        r.kind = flowaudit_common::RecordKind::Failed as u8;
+        r.owner.cgroup_id = cg;
+        let mut f = event_of(&r);
+        settle(&mut e, &mut f).await;
+        assert_eq!(f.event, EventKind::Failed);
+        assert_eq!(f.source.identity_source, IdentitySource::Attested, "{f:#?}");
+        assert!(
+            f.destination.identity_detail.contains("never established"),
+            "{f:#?}"
+        );
+        e.end_pass();
+        assert_eq!(e.sockets.len(), 0, "the failed socket stayed in the table");
     }
 
     #[test]
