@@ -54,10 +54,11 @@ const MEMO_SLOTS: usize = 4096;
 /// be freed and reused for other text while it is there. A different
 /// pointer to the same text is only a miss. Decisions that read Cilium's
 /// auth map (a rule requiring mutual authentication) depend on the time of
-/// the connection and are never kept. A new policy version empties it.
+/// the connection and are never kept. The judge empties it when it takes a
+/// new policy version ([`Memo::start_over`]).
 #[derive(Default)]
 struct Memo {
-    policy: Option<Arc<PolicySet>>,
+    /// Empty until the judge takes its first policy set.
     slots: Vec<Option<MemoEntry>>,
     #[cfg(test)]
     hits: u64,
@@ -117,15 +118,15 @@ impl Memo {
         (h.finish() as usize & (MEMO_SLOTS - 1)) & !1
     }
 
-    fn get(&mut self, policy: &Arc<PolicySet>, flow: &FlowEvent) -> Option<&MemoEntry> {
-        if !self.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy)) {
-            self.policy = Some(policy.clone());
-            self.slots.clear();
-            self.slots.resize_with(MEMO_SLOTS, || None);
-            return None;
-        }
+    /// Forgets every decision: they were the last policy version's.
+    fn start_over(&mut self) {
+        self.slots.clear();
+        self.slots.resize_with(MEMO_SLOTS, || None);
+    }
+
+    fn get(&mut self, flow: &FlowEvent) -> Option<&MemoEntry> {
         let set = Self::set(flow);
-        let found = self.slots[set..set + 2].iter().flatten().find(|e| {
+        let found = self.slots.get(set..set + 2)?.iter().flatten().find(|e| {
             e.port == flow.l4.destination_port
                 && e.encryption == observed(&flow.encryption)
                 && e.detail == flow.encryption.unknown_reason
@@ -149,11 +150,18 @@ impl Memo {
         findings: &crate::flow::Findings,
         rule: &crate::flow::ArcStr,
     ) {
-        let set = Self::set(flow);
-        if self.slots[set].is_some() {
-            self.slots[set + 1] = self.slots[set].take();
+        let Some(pair) = self
+            .slots
+            .get_mut(Self::set(flow)..)
+            .and_then(|s| s.get_mut(..2))
+        else {
+            // Before the first policy set (`start_over`): nothing is kept.
+            return;
+        };
+        if pair[0].is_some() {
+            pair[1] = pair[0].take();
         }
-        self.slots[set] = Some(MemoEntry {
+        pair[0] = Some(MemoEntry {
             source: EndKey::of(&flow.source),
             destination: EndKey::of(&flow.destination),
             port: flow.l4.destination_port,
@@ -256,9 +264,12 @@ impl Judge {
             let set: &Arc<PolicySet> = match &mut self.current {
                 // An error: the policy's source is gone; the last set stays.
                 Some(set) if !rx.has_changed().unwrap_or(false) => set,
-                slot => slot.insert(rx.borrow_and_update().clone()),
+                slot => {
+                    self.memo.start_over();
+                    slot.insert(rx.borrow_and_update().clone())
+                }
             };
-            if let Some(known) = self.memo.get(set, flow) {
+            if let Some(known) = self.memo.get(flow) {
                 flow.verdict = known.verdict;
                 flow.findings.clone_from(&known.findings);
                 flow.policy_rule.clone_from(&known.policy_rule);
@@ -451,7 +462,7 @@ mod tests {
                 let (mut a, mut b) = ((*v).clone(), (*v).clone());
                 judge.judge(&mut a);
                 // A judge whose memo is emptied each time: the policy's own answer.
-                fresh.memo = Memo::default();
+                fresh.memo.start_over();
                 fresh.judge(&mut b);
                 assert_eq!(outcome(&a), outcome(&b), "variant {i}, round {round}");
             }

@@ -2,8 +2,9 @@
 //! export file writes one per flow, and serde's derived serializer (a call
 //! per field, and an escape-table lookup per byte of every string) was a
 //! fifth of the agent's CPU in a connection storm. The bytes are exactly
-//! `serde_json::to_vec(&flow)` once the flow's summary is written (this
-//! writer writes it; serde prints it as it stands): the derive stays the
+//! `serde_json::to_vec(&flow)` once the flow's summary is written (these
+//! writers write it when the flow has none yet; serde prints it as it
+//! stands): the derive stays the
 //! definition of the form (and what reads it back), and the tests hold this
 //! writer to it.
 //! The rare parts (Cilium mutual authentication, joined halves) still go
@@ -20,24 +21,44 @@ use super::{
 
 /// Appends `flow` as one compact JSON object (no newline).
 pub fn write_flow(out: &mut Vec<u8>, flow: &FlowEvent) {
-    write_with(out, flow, &mut |out, pod| pod_fields(out, pod));
+    write_with(out, flow, &mut Afresh);
 }
 
 /// Pods pointed to by more flows than this at once (the export file's
 /// writer): beyond it the cache starts over.
 const POD_CACHE: usize = 4096;
 
-/// Writes JSON lines like [`write_flow`], with each pod's names and labels
-/// written once and copied after: an end's pod part is most of its bytes,
-/// and one pod (the endpoint directory's `Arc`) is behind many flows. The
-/// export file's writer keeps one: 340 to 260 ns for the bench's event.
+/// Writes JSON lines like [`write_flow`], keeping what the next line can
+/// reuse:
+/// - each pod's names and labels, written once and copied after: an end's
+///   pod part is most of its bytes, and one pod (the endpoint directory's
+///   `Arc`) is behind many flows (340 to 260 ns for the bench's event);
+/// - the time's text up to the second, so a flow in the same second as the
+///   one before only writes its nanoseconds;
+/// - one buffer for the summaries it writes (a flow's own summary, when a
+///   sink already asked for it, is copied as it is; the writer does not
+///   keep one in the flow).
+///
 /// The cache holds the pod's `Arc`, so the address it is keyed by stays
 /// that pod's: a pod changed through `Arc::make_mut` (shared with the
 /// cache, so copied first) is a new address.
-#[derive(Default)]
 pub struct FlowWriter {
     /// By the pod's address.
     pods: HashMap<usize, CachedPod, foldhash::fast::RandomState>,
+    /// The last time written: its seconds and its text.
+    time: (i64, super::Rfc3339),
+    summary: String,
+}
+
+impl Default for FlowWriter {
+    fn default() -> Self {
+        Self {
+            pods: HashMap::default(),
+            // No flow's seconds: the first time is written whole.
+            time: (i64::MIN, super::FlowTime::new(0, 0).rfc3339()),
+            summary: String::new(),
+        }
+    }
 }
 
 /// A pod (held, so its address stays its own) and its part of a line.
@@ -46,29 +67,87 @@ type CachedPod = (PodRef, Box<[u8]>);
 impl FlowWriter {
     /// Appends `flow` as one compact JSON object (no newline).
     pub fn write(&mut self, out: &mut Vec<u8>, flow: &FlowEvent) {
-        let pods = &mut self.pods;
-        write_with(out, flow, &mut |out, pod| {
-            let key = pod.as_ptr() as usize;
-            if let Some((_, bytes)) = pods.get(&key) {
-                out.extend_from_slice(bytes);
-                return;
-            }
-            if pods.len() >= POD_CACHE {
-                pods.clear();
-            }
-            let mut bytes = Vec::new();
-            pod_fields(&mut bytes, pod);
-            out.extend_from_slice(&bytes);
-            pods.insert(key, (pod.clone(), bytes.into_boxed_slice()));
-        });
+        write_with(out, flow, self);
     }
 }
 
-type PodPart<'a> = dyn FnMut(&mut Vec<u8>, &PodRef) + 'a;
+/// How the parts of a line that repeat between lines are written.
+trait Parts {
+    /// An end's pod part: `,"namespace":…,"labels":{…}`.
+    fn pod(&mut self, out: &mut Vec<u8>, pod: &PodRef);
+    fn time(&mut self, out: &mut Vec<u8>, time: super::FlowTime);
+    fn summary(&mut self, out: &mut Vec<u8>, flow: &FlowEvent);
+}
 
-fn write_with(out: &mut Vec<u8>, flow: &FlowEvent, pod: &mut PodPart<'_>) {
+/// Each part written from the flow, nothing kept ([`write_flow`]).
+struct Afresh;
+
+impl Parts for Afresh {
+    fn pod(&mut self, out: &mut Vec<u8>, pod: &PodRef) {
+        pod_fields(out, pod);
+    }
+
+    fn time(&mut self, out: &mut Vec<u8>, time: super::FlowTime) {
+        string(out, &time.rfc3339());
+    }
+
+    fn summary(&mut self, out: &mut Vec<u8>, flow: &FlowEvent) {
+        string(out, flow.summary());
+    }
+}
+
+impl Parts for FlowWriter {
+    fn pod(&mut self, out: &mut Vec<u8>, pod: &PodRef) {
+        let key = pod.as_ptr() as usize;
+        if let Some((_, bytes)) = self.pods.get(&key) {
+            out.extend_from_slice(bytes);
+            return;
+        }
+        if self.pods.len() >= POD_CACHE {
+            self.pods.clear();
+        }
+        let mut bytes = Vec::new();
+        pod_fields(&mut bytes, pod);
+        out.extend_from_slice(&bytes);
+        self.pods
+            .insert(key, (pod.clone(), bytes.into_boxed_slice()));
+    }
+
+    fn time(&mut self, out: &mut Vec<u8>, time: super::FlowTime) {
+        let (secs, text) = &mut self.time;
+        // The fixed form (years 0 to 9999) ends in nine digits of
+        // nanoseconds and `Z`: only those change within a second.
+        if *secs == time.secs() && text.len == 30 {
+            let mut nanos = time.nanos();
+            for c in text.buf[20..29].iter_mut().rev() {
+                *c = b'0' + (nanos % 10) as u8;
+                nanos /= 10;
+            }
+        } else {
+            *secs = time.secs();
+            *text = time.rfc3339();
+        }
+        // Digits and ASCII punctuation: nothing to escape.
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    }
+
+    fn summary(&mut self, out: &mut Vec<u8>, flow: &FlowEvent) {
+        match flow.summary.0.get() {
+            Some(known) => string(out, known),
+            None => {
+                self.summary.clear();
+                flow.write_summary(&mut self.summary);
+                string(out, &self.summary);
+            }
+        }
+    }
+}
+
+fn write_with(out: &mut Vec<u8>, flow: &FlowEvent, parts: &mut impl Parts) {
     out.extend_from_slice(b"{\"time\":");
-    string(out, &flow.time.rfc3339());
+    parts.time(out, flow.time);
     out.extend_from_slice(b",\"node_name\":");
     string(out, &flow.node_name);
     out.extend_from_slice(b",\"event\":\"");
@@ -100,9 +179,9 @@ fn write_with(out: &mut Vec<u8>, flow: &FlowEvent, pod: &mut PodPart<'_>) {
     out.extend_from_slice(b",\"destination_port\":");
     number(out, u64::from(flow.l4.destination_port));
     out.extend_from_slice(b"},\"source\":");
-    endpoint(out, &flow.source, pod);
+    endpoint(out, &flow.source, parts);
     out.extend_from_slice(b",\"destination\":");
-    endpoint(out, &flow.destination, pod);
+    endpoint(out, &flow.destination, parts);
     out.extend_from_slice(b",\"direction\":\"");
     out.extend_from_slice(flow.direction.as_str().as_bytes());
     out.extend_from_slice(b"\",\"encryption\":");
@@ -114,7 +193,7 @@ fn write_with(out: &mut Vec<u8>, flow: &FlowEvent, pod: &mut PodPart<'_>) {
     out.extend_from_slice(b",\"duration_ms\":");
     number(out, flow.duration_ms);
     out.extend_from_slice(b",\"summary\":");
-    string(out, flow.summary());
+    parts.summary(out, flow);
     let s = &flow.socket;
     out.extend_from_slice(b",\"socket\":{\"cookie\":");
     number(out, s.cookie);
@@ -143,7 +222,7 @@ fn write_with(out: &mut Vec<u8>, flow: &FlowEvent, pod: &mut PodPart<'_>) {
     out.push(b'}');
 }
 
-fn endpoint(out: &mut Vec<u8>, ep: &Endpoint, pod_part: &mut PodPart<'_>) {
+fn endpoint(out: &mut Vec<u8>, ep: &Endpoint, parts: &mut impl Parts) {
     out.extend_from_slice(b"{\"kind\":\"");
     out.extend_from_slice(end_kind(ep.kind).as_bytes());
     out.extend_from_slice(b"\",\"spiffe_id\":");
@@ -155,7 +234,7 @@ fn endpoint(out: &mut Vec<u8>, ep: &Endpoint, pod_part: &mut PodPart<'_>) {
         out.extend_from_slice(b",\"identity_detail\":");
         string(out, &ep.identity_detail);
     }
-    pod_part(out, &ep.pod);
+    parts.pod(out, &ep.pod);
     if let Some(pid) = ep.pid {
         out.extend_from_slice(b",\"pid\":");
         number(out, u64::from(pid));
@@ -498,9 +577,15 @@ mod tests {
         let check = |w: &mut FlowWriter, f: &FlowEvent| {
             let mut ours = Vec::new();
             w.write(&mut ours, f);
+            assert!(
+                f.summary.0.get().is_none(),
+                "the writer keeps no summary in the flow"
+            );
+            let mut with_summary = f.clone();
+            with_summary.summary = f.make_summary().into();
             assert_eq!(
                 String::from_utf8_lossy(&ours),
-                String::from_utf8_lossy(&serde_json::to_vec(f).expect("serialises"))
+                String::from_utf8_lossy(&serde_json::to_vec(&with_summary).expect("serialises"))
             );
         };
         let mut f = base();
@@ -534,6 +619,57 @@ mod tests {
             check(&mut w, &f);
             assert!(w.pods.len() <= POD_CACHE);
         }
+    }
+
+    /// The writer keeps the last time's text: flows in the same second, a
+    /// second later, a day and a year apart, back in time, and past the
+    /// fixed form's years, each written as serde writes them.
+    #[test]
+    fn the_caching_writer_writes_each_time_as_serde_does() {
+        let mut w = FlowWriter::default();
+        let mut f = base();
+        for (secs, nanos) in [
+            (1_764_950_400, 0),
+            (1_764_950_400, 999_999_999),
+            (1_764_950_400, 5),
+            (1_764_950_401, 5),
+            (1_764_950_401, 120_000_000),
+            (1_764_950_401 + 86_400, 1),
+            (1_764_950_401 + 86_400 * 366, 1),
+            (1_764_950_400, 7),
+            (-1, 999_999_999),
+            (-1, 0),
+            (253_402_300_800, 3),
+            (253_402_300_800, 4),
+            (0, 0),
+        ] {
+            f.time = crate::flow::FlowTime::new(secs, nanos);
+            let mut ours = Vec::new();
+            w.write(&mut ours, &f);
+            let line: serde_json::Value = serde_json::from_slice(&ours).expect("a JSON line");
+            assert_eq!(
+                line["time"],
+                serde_json::to_value(f.time).expect("serialises"),
+                "{secs} s {nanos} ns"
+            );
+        }
+    }
+
+    /// A summary the flow already has (asked for by another sink, or
+    /// received with it) is written as it is, escaped.
+    #[test]
+    fn the_caching_writer_copies_a_summary_the_flow_has() {
+        let mut w = FlowWriter::default();
+        let mut f = base();
+        f.summary = String::from("as \"received\"").into();
+        let mut ours = Vec::new();
+        w.write(&mut ours, &f);
+        assert_eq!(
+            String::from_utf8_lossy(&ours),
+            String::from_utf8_lossy(&serde_json::to_vec(&f).expect("serialises"))
+        );
+        let line: serde_json::Value = serde_json::from_slice(&ours).expect("a JSON line");
+        assert_eq!(line["summary"], "as \"received\"");
     }
 
     /// Every optional part, absent and present, and strings that need

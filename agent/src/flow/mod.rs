@@ -617,19 +617,29 @@ impl FlowEvent {
                 + self.source.pod.service_account.len()
                 + self.destination.pod.service_account.len(),
         );
-        write_end_name(&mut s, &self.source, self.l4.source_ip);
+        self.write_summary(&mut s);
+        s
+    }
+
+    /// Appends the summary (what [`FlowEvent::make_summary`] returns) to
+    /// `s`: the export file's writer reuses one buffer for every flow.
+    pub fn write_summary(&self, s: &mut String) {
+        let mut n = itoa::Buffer::new();
+        write_end_name(s, &self.source, self.l4.source_ip);
         s.push_str(" -> ");
-        write_end_name(&mut s, &self.destination, self.l4.destination_ip);
-        // Writing into a String cannot fail.
-        let _ = write!(s, ":{}", self.l4.destination_port);
+        write_end_name(s, &self.destination, self.l4.destination_ip);
+        s.push(':');
+        s.push_str(n.format(self.l4.destination_port));
         match self.event {
             EventKind::Connect => s.push_str(" connected"),
             EventKind::Close => {
-                let _ = write!(
-                    s,
-                    " closed after {} ms, {} B sent, {} B received",
-                    self.duration_ms, self.bytes_sent, self.bytes_received
-                );
+                s.push_str(" closed after ");
+                s.push_str(n.format(self.duration_ms));
+                s.push_str(" ms, ");
+                s.push_str(n.format(self.bytes_sent));
+                s.push_str(" B sent, ");
+                s.push_str(n.format(self.bytes_received));
+                s.push_str(" B received");
             }
             EventKind::Failed => {
                 let reason = self
@@ -645,7 +655,9 @@ impl FlowEvent {
                     }
                 }));
                 if self.socket.retransmits > 0 {
-                    let _ = write!(s, " after {} SYN retransmissions", self.socket.retransmits);
+                    s.push_str(" after ");
+                    s.push_str(n.format(self.socket.retransmits));
+                    s.push_str(" SYN retransmissions");
                 }
             }
         }
@@ -653,7 +665,6 @@ impl FlowEvent {
             s.push_str(": ");
             s.push_str(&f.message);
         }
-        s
     }
 }
 

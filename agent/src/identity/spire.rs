@@ -247,21 +247,15 @@ impl SpireClient {
     /// workload not seen before (then `Pending`).
     pub fn lookup(&self, q: &WorkloadQuery) -> Lookup {
         let (r, _) = self.shared.resolve(q);
-        self.shared.report(&r);
+        self.shared.report(r.label());
         r
     }
 
-    /// Counts one answer to the observer (what `lookup` does for its own).
-    pub(super) fn report(&self, r: &Lookup) {
-        self.shared.report(r);
-    }
-
     /// Counts one answer with this `result` label (see [`Lookup::label`])
-    /// to the observer, for an answer kept outside the client.
+    /// to the observer, for an answer kept outside the client (what
+    /// `lookup` does for its own).
     pub(super) fn report_label(&self, label: &'static str) {
-        if let Some(o) = &self.shared.opts.observer {
-            o.on_lookup(label);
-        }
+        self.shared.report(label);
     }
 
     /// Changes whenever an answer may have changed (see [`LookupMemo`]).
@@ -283,12 +277,12 @@ impl SpireClient {
         loop {
             let (r, rx) = self.shared.resolve(q);
             let (Lookup::Pending, Some(mut rx)) = (&r, rx) else {
-                self.shared.report(&r);
+                self.shared.report(r.label());
                 return r;
             };
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Err(_) => {
-                    self.shared.report(&Lookup::Pending);
+                    self.shared.report(Lookup::Pending.label());
                     return Lookup::Pending;
                 }
                 // Changed, or the entry was evicted: ask again.
@@ -393,7 +387,7 @@ impl LookupMemo {
             Some(Some(_)) | None => None,
         };
         if let Some(r) = hit {
-            client.report(&r);
+            client.report_label(r.label());
             return r;
         }
         let r = client.lookup(q);
@@ -508,9 +502,9 @@ impl Shared {
         self.answers_changed.fetch_add(1, Ordering::Release);
     }
 
-    fn report(&self, r: &Lookup) {
+    fn report(&self, label: &'static str) {
         if let Some(o) = &self.opts.observer {
-            o.on_lookup(r.label());
+            o.on_lookup(label);
         }
     }
 
