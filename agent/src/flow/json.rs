@@ -134,7 +134,7 @@ impl Parts for FlowWriter {
     }
 
     fn summary(&mut self, out: &mut Vec<u8>, flow: &FlowEvent) {
-        match flow.summary.0.get() {
+        match flow.summary.get() {
             Some(known) => string(out, known),
             None => {
                 self.summary.clear();
@@ -578,7 +578,7 @@ mod tests {
             let mut ours = Vec::new();
             w.write(&mut ours, f);
             assert!(
-                f.summary.0.get().is_none(),
+                f.summary.get().is_none(),
                 "the writer keeps no summary in the flow"
             );
             let mut with_summary = f.clone();

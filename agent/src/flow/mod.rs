@@ -435,6 +435,13 @@ pub struct Socket {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary(OnceLock<String>);
 
+impl Summary {
+    /// The summary if it was written (or received); never writes it.
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
 impl From<String> for Summary {
     fn from(s: String) -> Self {
         Self(OnceLock::from(s))
@@ -443,7 +450,7 @@ impl From<String> for Summary {
 
 impl Serialize for Summary {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.0.get().map_or("", String::as_str))
+        s.serialize_str(self.get().unwrap_or_default())
     }
 }
 
