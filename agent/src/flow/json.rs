@@ -115,15 +115,8 @@ impl Parts for FlowWriter {
 
     fn time(&mut self, out: &mut Vec<u8>, time: super::FlowTime) {
         let (secs, text) = &mut self.time;
-        // The fixed form (years 0 to 9999) ends in nine digits of
-        // nanoseconds and `Z`: only those change within a second.
-        if *secs == time.secs() && text.len == 30 {
-            let mut nanos = time.nanos();
-            for c in text.buf[20..29].iter_mut().rev() {
-                *c = b'0' + (nanos % 10) as u8;
-                nanos /= 10;
-            }
-        } else {
+        // Within a second only the nanoseconds change.
+        if *secs != time.secs() || !text.set_nanos(time.nanos()) {
             *secs = time.secs();
             *text = time.rfc3339();
         }

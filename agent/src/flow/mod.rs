@@ -821,7 +821,7 @@ impl FlowTime {
         let (y, m, dd) = civil_from_days(days);
         let mut out = Rfc3339 {
             buf: [0; Rfc3339::CAP],
-            len: 30,
+            len: Rfc3339::FIXED,
         };
         if !(0..=9999).contains(&y) {
             let s = rfc3339_formatted(y, m, dd, rem, self.nanos);
@@ -830,7 +830,7 @@ impl FlowTime {
             out.buf[..out.len].copy_from_slice(&s.as_bytes()[..out.len]);
             return out;
         }
-        out.buf[..30].copy_from_slice(b"0000-00-00T00:00:00.000000000Z");
+        out.buf[..Rfc3339::FIXED].copy_from_slice(b"0000-00-00T00:00:00.000000000Z");
         let fields: [(std::ops::Range<usize>, u64); 7] = [
             (0..4, y as u64),
             (5..7, u64::from(m)),
@@ -840,11 +840,8 @@ impl FlowTime {
             (17..19, (rem % 60) as u64),
             (20..29, u64::from(self.nanos)),
         ];
-        for (range, mut v) in fields {
-            for c in out.buf[range].iter_mut().rev() {
-                *c = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
+        for (range, v) in fields {
+            digits(&mut out.buf[range], v);
         }
         out
     }
@@ -867,6 +864,27 @@ pub struct Rfc3339 {
 
 impl Rfc3339 {
     const CAP: usize = 48;
+    /// Length of the fixed form (years 0 to 9999), whose nanoseconds are
+    /// `buf[20..29]`.
+    const FIXED: usize = 30;
+
+    /// The same text with these nanoseconds (a time in the same second):
+    /// false, changing nothing, when it is not the fixed form.
+    fn set_nanos(&mut self, nanos: u32) -> bool {
+        if self.len != Self::FIXED {
+            return false;
+        }
+        digits(&mut self.buf[20..29], u64::from(nanos));
+        true
+    }
+}
+
+/// Fills `buf` with the last decimal digits of `v`, leading zeros included.
+fn digits(buf: &mut [u8], mut v: u64) {
+    for c in buf.iter_mut().rev() {
+        *c = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
 }
 
 impl std::ops::Deref for Rfc3339 {
