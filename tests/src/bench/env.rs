@@ -678,14 +678,71 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
+/// Clock ticks per second of the CPU times in /proc (`_SC_CLK_TCK`).
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as f64,
+        _ => 100.0,
+    }
+}
+
+/// The whole machine's CPU time so far (the `cpu` line of /proc/stat), in
+/// seconds summed over all CPUs: what every process and the kernel (its
+/// programs, softirqs, interrupts) spent, and how long the CPUs were idle.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MachineCpu {
+    /// user, nice, system, irq, softirq and steal.
+    pub busy: f64,
+    /// idle and iowait.
+    pub idle: f64,
+}
+
+impl MachineCpu {
+    pub fn now() -> Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        Self::parse(&stat).context("/proc/stat has no readable `cpu` line")
+    }
+
+    fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse::<f64>())
+            .collect::<Result<_, _>>()
+            .ok()?;
+        // user nice system idle iowait irq softirq steal [guest guest_nice]:
+        // guest time is counted in user already.
+        let t = |i: usize| f.get(i).copied().unwrap_or(0.0);
+        if f.len() < 4 {
+            return None;
+        }
+        let tick = ticks_per_sec();
+        Some(Self {
+            busy: (t(0) + t(1) + t(2) + t(5) + t(6) + t(7)) / tick,
+            idle: (t(3) + t(4)) / tick,
+        })
+    }
+
+    /// What was spent from `self` to `later`.
+    pub fn until(self, later: Self) -> Self {
+        Self {
+            busy: later.busy - self.busy,
+            idle: later.idle - self.idle,
+        }
+    }
+
+    /// The share of the time the CPUs were busy, 0 to 1.
+    pub fn busy_share(&self) -> f64 {
+        self.busy / (self.busy + self.idle)
+    }
+}
+
 /// The name and user + system CPU seconds of a /proc `stat` line
 /// ("PID (comm) state ...": utime and stime are fields 14 and 15).
 fn stat_name_and_cpu(stat: &str) -> Option<(&str, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let tick = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-        t if t > 0 => t as f64,
-        _ => 100.0,
-    };
+    let tick = ticks_per_sec();
     let (head, rest) = stat.rsplit_once(')')?;
     let comm = &head[head.find('(')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -835,11 +892,7 @@ pub fn busy_others(window: Duration) -> Vec<String> {
         }
         m
     }
-    // SAFETY: sysconf has no preconditions.
-    let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-        t if t > 0 => t as f64,
-        _ => 100.0,
-    };
+    let hz = ticks_per_sec();
     let a = sample();
     std::thread::sleep(window);
     let b = sample();
@@ -879,6 +932,29 @@ pub fn other_agents() -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_cpu_reads_the_cpu_line() {
+        let tick = ticks_per_sec();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        let stat = "cpu  100 10 50 800 40 5 15 2 7 0\ncpu0 50 5 25 400 20 2 7 1 3 0\nintr 1\n";
+        let m = MachineCpu::parse(stat).expect("parsed");
+        assert!(
+            close(m.busy, (100.0 + 10.0 + 50.0 + 5.0 + 15.0 + 2.0) / tick),
+            "{m:?}"
+        );
+        assert!(close(m.idle, (800.0 + 40.0) / tick), "{m:?}");
+        let later = MachineCpu::parse("cpu  200 10 50 900 40 5 15 2 0 0\n").expect("parsed");
+        let d = m.until(later);
+        assert!(close(d.busy, 100.0 / tick), "{d:?}");
+        assert!(close(d.busy_share(), 0.5), "{d:?}");
+        // An old kernel's short line (no steal) still reads; a line of
+        // words does not.
+        let short = MachineCpu::parse("cpu  1 2 3 4\n").expect("parsed");
+        assert!(close(short.idle, 4.0 / tick), "{short:?}");
+        assert!(MachineCpu::parse("cpu  a b c d\n").is_none());
+        assert!(MachineCpu::parse("cpu0 1 2 3 4\n").is_none());
+    }
 
     #[test]
     fn metric_sum_adds_labelled_series() {

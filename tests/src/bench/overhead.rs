@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::env::{self, BenchAgent, BenchNode, CONN_RATE_PORTS, IPERF_PORT};
+use crate::env::{self, BenchAgent, BenchNode, CONN_RATE_PORTS, IPERF_PORT, MachineCpu};
 use crate::report::{BenchResult, median};
 use crate::traffic::StormSummary;
 use crate::{Ctx, storm_client_args};
@@ -86,6 +86,7 @@ pub fn connection_rate(
     let (mut lookups, mut attested) = (0.0, 0.0);
     let mut agent_cpu = Vec::new();
     let mut cpu_per_conn = Vec::new();
+    let mut machine = Machine::default();
     // The floor of the agent's design runs in every round too.
     let round = [Mode::Bare, Mode::Agent, Mode::Floor];
     for (i, mode) in schedule(ctx.rounds, &round).into_iter().enumerate() {
@@ -106,7 +107,9 @@ pub fn connection_rate(
             env::sleep(Duration::from_secs(1))?; // let start-up work settle
         }
         let cpu0 = a.as_ref().map(|a| a.cpu_and_peak_rss().0);
+        let machine0 = MachineCpu::now()?;
         let s = run(ctx.run_secs, first_index)?;
+        machine.add(mode, machine0.until(MachineCpu::now()?), s.completed);
         errors += s.errors;
         eprintln!(
             "bench: connection rate, {mode:?} run: {:.0} connections/s ({} in {:.1} s, {} errors)",
@@ -140,6 +143,7 @@ pub fn connection_rate(
     let floor_ratio = 100.0 * mf / mb;
     let kernel = kernel_cost(ctx, &mut |idx| run(ctx.run_secs, idx), first_index)?;
     let per_conn_us = 1e6 * median(&cpu_per_conn);
+    let machine_row = machine.row(per_conn_us, kernel.value);
     Ok(vec![
         BenchResult::new("connection_rate", "Connection rate with the agent (vs bare)", ratio, "%")
             .target("at least 95% of bare (stretch: 98%)", ratio >= 95.0)
@@ -194,7 +198,90 @@ pub fn connection_rate(
                 .join(", "),
             ctx.identity
         )),
+        machine_row,
     ])
+}
+
+/// The whole machine's CPU in each kind of connection-rate run: busy CPU
+/// seconds per connection made, and the share of the time the CPUs were
+/// busy (`/proc/stat`).
+#[derive(Default)]
+struct Machine {
+    bare: Vec<(f64, f64)>,
+    agent: Vec<(f64, f64)>,
+    floor: Vec<(f64, f64)>,
+}
+
+impl Machine {
+    fn add(&mut self, mode: Mode, spent: MachineCpu, connections: u64) {
+        let runs = match mode {
+            Mode::Bare => &mut self.bare,
+            Mode::Agent => &mut self.agent,
+            Mode::Floor => &mut self.floor,
+            Mode::SockOpsOnly => return,
+        };
+        runs.push((spent.busy / connections.max(1) as f64, spent.busy_share()));
+    }
+
+    /// Medians of (µs per connection, busy %) of `runs`.
+    fn medians(runs: &[(f64, f64)]) -> (f64, f64) {
+        let per_conn: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let busy: Vec<f64> = runs.iter().map(|r| r.1).collect();
+        (1e6 * median(&per_conn), 100.0 * median(&busy))
+    }
+
+    /// Where the connection-rate ratio goes, from the machine's side:
+    /// what the agent adds to the machine's CPU per connection (its own
+    /// process, its programs, and the rest: kernel work outside the
+    /// programs, scheduling, caches), how busy the CPUs stayed, and what
+    /// the 95% target leaves per connection on this workload.
+    fn row(&self, agent_process_us: f64, programs_us: Option<f64>) -> BenchResult {
+        const ID: &str = "connection_rate_machine_cpu_per_conn";
+        const NAME: &str = "Connection rate: machine CPU per connection the agent adds (agent runs less bare runs)";
+        if self.bare.is_empty() || self.agent.is_empty() {
+            return BenchResult::not_run(ID, NAME, "µs", "not run: no bare or no agent run");
+        }
+        let (bare_us, bare_busy) = Self::medians(&self.bare);
+        let (agent_us, agent_busy) = Self::medians(&self.agent);
+        let extra = agent_us - bare_us;
+        let split = match programs_us {
+            Some(k) => format!(
+                "of it, the agent process {agent_process_us:.2} µs (the agent CPU row), its programs \
+                 {k:.2} µs (the kernel-programs row, measured in a run of its own) and the rest \
+                 {:.2} µs: the kernel's work for the agent outside its programs (socket storage \
+                 freed with each socket, the ring buffer), scheduling and caches",
+                extra - agent_process_us - k
+            ),
+            None => format!(
+                "of it, the agent process {agent_process_us:.2} µs (the agent CPU row); its \
+                 programs' share was not measured (see the kernel-programs row)"
+            ),
+        };
+        let floor = if self.floor.is_empty() {
+            String::new()
+        } else {
+            let (floor_us, floor_busy) = Self::medians(&self.floor);
+            format!(
+                "; floor runs {floor_us:.2} µs per connection ({:+.2} µs, CPUs {floor_busy:.1}% busy)",
+                floor_us - bare_us
+            )
+        };
+        // rate = busy CPU seconds per second / CPU seconds per connection,
+        // so the ratio of the rates is the product of these two.
+        let cpu_factor = 100.0 * bare_us / agent_us;
+        let busy_factor = 100.0 * agent_busy / bare_busy;
+        BenchResult::new(ID, NAME, extra, "µs").detail(format!(
+            "the whole machine's busy CPU time (user, system, irq, softirq, steal: /proc/stat) over \
+             the connections made, median of the runs of item 1: bare {bare_us:.2} µs per connection \
+             (CPUs {bare_busy:.1}% busy), with the agent {agent_us:.2} µs ({agent_busy:.1}% busy): \
+             {extra:.2} µs more per connection; {split}{floor}. The rate ratio is the product of \
+             bare's CPU per connection over the agent's ({cpu_factor:.1}%) and how busy the CPUs \
+             stayed with the agent against bare ({busy_factor:.1}%). With the CPUs as busy as in the \
+             bare runs, 95% of bare leaves {:.2} µs per connection for the agent and its programs \
+             together on this workload",
+            bare_us * (1.0 / 0.95 - 1.0)
+        ))
+    }
 }
 
 /// Where the agent's kernel programs spend: one more agent run (not in the
@@ -676,5 +763,44 @@ mod tests {
             schedule(2, &[Bare, Agent, Floor]),
             vec![Bare, Agent, Floor, Bare, Agent, Floor]
         );
+    }
+
+    #[test]
+    fn machine_row_splits_what_the_agent_adds() {
+        let run = |busy: f64, idle: f64| MachineCpu { busy, idle };
+        let mut m = Machine::default();
+        // Bare: 2 CPUs for 5 s, 95% busy, 345,000 connections: 27.54 µs each.
+        m.add(Mode::Bare, run(9.5, 0.5), 345_000);
+        m.add(Mode::Bare, run(9.5, 0.5), 345_000);
+        m.add(Mode::Bare, run(9.0, 1.0), 300_000);
+        // With the agent: 90% busy, 35 µs each.
+        m.add(Mode::Agent, run(9.0, 1.0), 257_143);
+        m.add(Mode::Floor, run(9.5, 0.5), 330_000);
+        m.add(Mode::SockOpsOnly, run(1.0, 9.0), 1);
+        let r = m.row(3.0, Some(3.5));
+        let extra = r.value.expect("a figure");
+        assert!((extra - (35.0 - 27.536)).abs() < 0.01, "{extra}");
+        let d = &r.detail;
+        assert!(
+            d.contains("bare 27.54 µs per connection (CPUs 95.0% busy)"),
+            "{d}"
+        );
+        assert!(d.contains("with the agent 35.00 µs (90.0% busy)"), "{d}");
+        // The rest is what neither the process nor the programs account for.
+        assert!(d.contains("the rest 0.96 µs"), "{d}");
+        assert!(
+            d.contains("floor runs 28.79 µs per connection (+1.25 µs"),
+            "{d}"
+        );
+        // The two factors multiply to the rate ratio: (0.9 / 35) / (0.95 / 27.536).
+        assert!(d.contains("(78.7%)") && d.contains("(94.7%)"), "{d}");
+        assert!(
+            d.contains("95% of bare leaves 1.45 µs per connection"),
+            "{d}"
+        );
+        // Without the programs' figure the rest is not made up.
+        let r = m.row(3.0, None);
+        assert!(!r.detail.contains("the rest"), "{}", r.detail);
+        assert!(Machine::default().row(3.0, None).value.is_none());
     }
 }
