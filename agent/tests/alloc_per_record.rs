@@ -32,8 +32,9 @@ use flowaudit_common::{
 use tokio::sync::watch;
 
 /// Allocations per kernel record allowed in the steady state: measured
-/// 1.76 (40.52 at first, 27.58 in session 7, 6.95 in session 8, 5.96 in
-/// session 12, 4.12 in session 13). Issue 15 asks for at most 2. Shared
+/// 1.11 (40.52 at first, 27.58 in session 7, 6.95 in session 8, 5.96 in
+/// session 12, 4.12 in session 13, 1.76 in session 14). Issue 15 asks for at
+/// most 2; the budget holds what was reached since, with some room. Shared
 /// now: pod names and labels (`ArcStr`, `Labels` from the endpoint
 /// directory), derived and attested SPIFFE IDs, the node name, the process
 /// name (each decoding thread remembers the last names it decoded), the
@@ -41,10 +42,14 @@ use tokio::sync::watch;
 /// name and the findings with their messages (with the judge's memo); the
 /// policy lookup runs on the stack; the stream hub takes flows in batches;
 /// the summary is written only when a flow is serialized (not here: no
-/// subscriber, no file), and so is the time (an integer in the event). What
-/// remains: per flow event, the `Arc` around the event; per payload record,
-/// its bytes and the classifier's buffer.
-const BUDGET: f64 = 2.0;
+/// subscriber, no file), and so is the time (an integer in the event). A
+/// payload record allocates nothing when it opens a plaintext connection:
+/// its bytes are kept in place, and a socket's first chunk is classified on
+/// the stack (session 29). What remains: per flow event, the `Arc` around
+/// the event; on a miss of the judge's memo (this test's 50 pods make
+/// thousands of pairs), the decision's findings; per TLS handshake, its
+/// bytes and the classifier that waits for the other direction.
+const BUDGET: f64 = 1.5;
 
 struct Counting;
 

@@ -59,8 +59,62 @@ pub struct PayloadChunk {
     pub sock_cookie: u64,
     pub outbound: bool,
     pub offset: u32,
-    pub data: Vec<u8>,
+    pub data: ChunkBytes,
     pub mark: Option<UnknownReason>,
+}
+
+/// Bytes of a payload chunk kept in place: the opening of a plaintext
+/// connection, which the kernel cuts at `PAYLOAD_PEEK` bytes, and so most
+/// chunks. Within the size of a flow record, so a `KernelRecord` is no
+/// larger for it.
+const INLINE_CHUNK: usize = flowaudit_common::PAYLOAD_PEEK;
+
+/// A payload chunk's bytes: up to `INLINE_CHUNK` in place (no allocation
+/// per plaintext connection), more (a TLS handshake's records) on the heap.
+#[derive(Clone)]
+pub enum ChunkBytes {
+    Inline { len: u8, bytes: [u8; INLINE_CHUNK] },
+    Heap(Box<[u8]>),
+}
+
+impl From<&[u8]> for ChunkBytes {
+    fn from(b: &[u8]) -> Self {
+        if b.len() <= INLINE_CHUNK {
+            let mut bytes = [0; INLINE_CHUNK];
+            bytes[..b.len()].copy_from_slice(b);
+            Self::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(b.into())
+        }
+    }
+}
+
+impl std::ops::Deref for ChunkBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(b) => b,
+        }
+    }
+}
+
+impl PartialEq for ChunkBytes {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for ChunkBytes {}
+
+impl std::fmt::Debug for ChunkBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
 }
 
 impl KernelRecord {
@@ -109,7 +163,7 @@ impl PayloadChunk {
             sock_cookie: hdr.sock_cookie,
             outbound,
             offset: hdr.offset,
-            data: bytes[head..head + len].to_vec(),
+            data: bytes[head..head + len].into(),
             mark,
         })
     }
@@ -437,7 +491,7 @@ pub(crate) mod tests {
                 sock_cookie: 77,
                 outbound: true,
                 offset: 1024,
-                data: vec![0x16, 3, 1],
+                data: [0x16, 3, 1][..].into(),
                 mark: None,
             }
         );
@@ -462,6 +516,25 @@ pub(crate) mod tests {
             KernelRecord::from_bytes(&as_bytes(&sample())),
             Ok(KernelRecord::Flow(_))
         ));
+    }
+
+    #[test]
+    fn chunk_bytes_keep_a_plaintext_opening_in_place() {
+        let peek: Vec<u8> = (0..INLINE_CHUNK as u8).collect();
+        let c = ChunkBytes::from(&peek[..]);
+        assert!(matches!(c, ChunkBytes::Inline { .. }), "{c:?}");
+        assert_eq!(&*c, &peek[..]);
+        let hello: Vec<u8> = (0..=INLINE_CHUNK as u8).collect();
+        let h = ChunkBytes::from(&hello[..]);
+        assert!(matches!(h, ChunkBytes::Heap(_)), "{h:?}");
+        assert_eq!(&*h, &hello[..]);
+        assert_eq!(&*ChunkBytes::from(&[][..]), &[] as &[u8]);
+        // Equal by their bytes, whichever way they are kept.
+        assert_eq!(ChunkBytes::Heap(peek.clone().into()), c);
+        assert_ne!(ChunkBytes::from(&peek[..3]), ChunkBytes::from(&peek[..4]));
+        assert_eq!(format!("{:?}", ChunkBytes::from(&[1u8, 2][..])), "[1, 2]");
+        // A payload record is no larger than a flow record for it.
+        assert!(std::mem::size_of::<PayloadChunk>() <= std::mem::size_of::<KernelEvent>());
     }
 
     fn payload_bytes(hdr: &PayloadHeader) -> Vec<u8> {

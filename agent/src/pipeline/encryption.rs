@@ -32,38 +32,30 @@ enum Entry {
 #[derive(Default)]
 pub struct EncryptionTracker {
     sockets: CookieMap<Entry>,
+    answers: Answers,
+    /// Sockets not followed because `MAX_SOCKETS` were.
+    pub overflow: u64,
+}
+
+/// The answers given so far, shared between the sockets that have them.
+#[derive(Default)]
+struct Answers {
     shared: HashMap<Encryption, Arc<Encryption>>,
     /// Plaintext answers by protocol: most connections, found without
     /// building, hashing and comparing a whole answer.
     plaintext: Vec<(Option<&'static str>, Arc<Encryption>)>,
     /// UNKNOWN with each reason, for sockets nothing was seen of.
     nothing_seen: [Option<Arc<Encryption>>; UnknownReason::ALL.len()],
-    /// Sockets not followed because `MAX_SOCKETS` were.
-    pub overflow: u64,
 }
 
-impl EncryptionTracker {
-    /// Feeds one chunk of a socket's payload; true when this chunk made
-    /// the socket's answer final.
-    pub fn on_chunk(&mut self, chunk: &PayloadChunk) -> bool {
-        if !self.sockets.contains_key(&chunk.sock_cookie) && self.sockets.len() >= MAX_SOCKETS {
-            self.overflow += 1;
-            return false;
-        }
-        let entry = self
-            .sockets
-            .entry(chunk.sock_cookie)
-            .or_insert_with(|| Entry::Open(Box::default()));
-        let Entry::Open(c) = entry else {
-            // Already final: later bytes change nothing.
-            return false;
-        };
+impl Answers {
+    /// Feeds `chunk` to its socket's classifier `c`: the socket's answer
+    /// if that made it final.
+    fn after(&mut self, c: &mut Classifier, chunk: &PayloadChunk) -> Option<Arc<Encryption>> {
         if let Some(reason) = chunk.mark {
             // The kernel stopped following the stream: what is known now
             // is all there will be, with the reason for what is missing.
-            let e = with_reason(encryption_of(&c.observation()), reason);
-            *entry = Entry::Settled(share(&mut self.shared, e));
-            return true;
+            return Some(self.share(with_reason(encryption_of(&c.observation()), reason)));
         }
         let dir = if chunk.outbound { Dir::Out } else { Dir::In };
         c.feed(dir, chunk.offset, &chunk.data);
@@ -71,14 +63,88 @@ impl EncryptionTracker {
         // anything but a TLS handshake record: plaintext is final here.
         let o = c.observation();
         if o.state == WireState::Plaintext {
-            *entry = Entry::Settled(plaintext(&mut self.plaintext, &mut self.shared, &o));
+            return Some(self.plaintext(&o));
+        }
+        c.is_final().then(|| self.share(encryption_of(&o)))
+    }
+
+    /// The one shared copy of an answer.
+    fn share(&mut self, e: Encryption) -> Arc<Encryption> {
+        if let Some(a) = self.shared.get(&e) {
+            return a.clone();
+        }
+        let a = Arc::new(e);
+        if self.shared.len() < MAX_SHARED {
+            self.shared.insert((*a).clone(), a.clone());
+        }
+        a
+    }
+
+    /// The shared answer for plaintext `o`: by its protocol alone when that
+    /// is all it says (a plaintext observation carries no TLS facts), else
+    /// as any other answer.
+    fn plaintext(&mut self, o: &Observation) -> Arc<Encryption> {
+        let only_protocol = o.tls_version.is_none()
+            && o.sni.is_none()
+            && o.alpn.is_empty()
+            && o.client_cert == ClientCert::Unknown
+            && !o.client_cert_inferred
+            && o.server_spiffe_id.is_none()
+            && o.client_spiffe_id.is_none();
+        if !only_protocol {
+            return self.share(encryption_of(o));
+        }
+        if let Some((_, a)) = self.plaintext.iter().find(|(p, _)| *p == o.protocol) {
+            return a.clone();
+        }
+        let a = self.share(encryption_of(o));
+        if self.plaintext.len() < 64 {
+            self.plaintext.push((o.protocol, a.clone()));
+        }
+        a
+    }
+
+    /// UNKNOWN with `reason`, for a socket nothing was seen of: one shared
+    /// answer per reason.
+    fn nothing_seen(&mut self, reason: UnknownReason) -> Arc<Encryption> {
+        if let Some(a) = &self.nothing_seen[reason as usize] {
+            return a.clone();
+        }
+        let a = self.share(with_reason(Encryption::default(), reason));
+        self.nothing_seen[reason as usize] = Some(a.clone());
+        a
+    }
+}
+
+impl EncryptionTracker {
+    /// Feeds one chunk of a socket's payload; true when this chunk made
+    /// the socket's answer final.
+    pub fn on_chunk(&mut self, chunk: &PayloadChunk) -> bool {
+        if let Some(entry) = self.sockets.get_mut(&chunk.sock_cookie) {
+            // Already final: later bytes change nothing.
+            let Entry::Open(c) = entry else {
+                return false;
+            };
+            let Some(answer) = self.answers.after(c, chunk) else {
+                return false;
+            };
+            *entry = Entry::Settled(answer);
             return true;
         }
-        if c.is_final() {
-            *entry = Entry::Settled(share(&mut self.shared, encryption_of(&o)));
-            return true;
+        if self.sockets.len() >= MAX_SOCKETS {
+            self.overflow += 1;
+            return false;
         }
-        false
+        // The socket's first chunk is classified on the stack: most (a
+        // plaintext opening, a mark) settle with it, and only a handshake
+        // still going on is kept, boxed.
+        let mut c = Classifier::default();
+        let (entry, settled) = match self.answers.after(&mut c, chunk) {
+            Some(answer) => (Entry::Settled(answer), true),
+            None => (Entry::Open(Box::new(c)), false),
+        };
+        self.sockets.insert(chunk.sock_cookie, entry);
+        settled
     }
 
     /// The kernel says the socket's payload was not (fully) captured:
@@ -86,17 +152,11 @@ impl EncryptionTracker {
     pub fn mark(&mut self, cookie: u64, reason: UnknownReason) {
         let answer = match self.sockets.get(&cookie) {
             Some(Entry::Settled(_)) => return,
-            Some(Entry::Open(c)) => share(
-                &mut self.shared,
-                with_reason(encryption_of(&c.observation()), reason),
-            ),
+            Some(Entry::Open(c)) => self
+                .answers
+                .share(with_reason(encryption_of(&c.observation()), reason)),
             None if self.sockets.len() >= MAX_SOCKETS => return,
-            // Nothing seen at all: one shared answer per reason.
-            None => self.nothing_seen[reason as usize]
-                .get_or_insert_with(|| {
-                    share(&mut self.shared, with_reason(Encryption::default(), reason))
-                })
-                .clone(),
+            None => self.answers.nothing_seen(reason),
         };
         self.sockets.insert(cookie, Entry::Settled(answer));
     }
@@ -150,46 +210,6 @@ pub fn not_seen_yet() -> Arc<Encryption> {
     NOT_SEEN_YET.clone()
 }
 
-/// The one shared copy of an answer.
-fn share(shared: &mut HashMap<Encryption, Arc<Encryption>>, e: Encryption) -> Arc<Encryption> {
-    if let Some(a) = shared.get(&e) {
-        return a.clone();
-    }
-    let a = Arc::new(e);
-    if shared.len() < MAX_SHARED {
-        shared.insert((*a).clone(), a.clone());
-    }
-    a
-}
-
-/// The shared answer for plaintext `o`: by its protocol alone when that is
-/// all it says (a plaintext observation carries no TLS facts), else as any
-/// other answer.
-fn plaintext(
-    by_protocol: &mut Vec<(Option<&'static str>, Arc<Encryption>)>,
-    shared: &mut HashMap<Encryption, Arc<Encryption>>,
-    o: &Observation,
-) -> Arc<Encryption> {
-    let only_protocol = o.tls_version.is_none()
-        && o.sni.is_none()
-        && o.alpn.is_empty()
-        && o.client_cert == ClientCert::Unknown
-        && !o.client_cert_inferred
-        && o.server_spiffe_id.is_none()
-        && o.client_spiffe_id.is_none();
-    if !only_protocol {
-        return share(shared, encryption_of(o));
-    }
-    if let Some((_, a)) = by_protocol.iter().find(|(p, _)| *p == o.protocol) {
-        return a.clone();
-    }
-    let a = share(shared, encryption_of(o));
-    if by_protocol.len() < 64 {
-        by_protocol.push((o.protocol, a.clone()));
-    }
-    a
-}
-
 /// Attaches `reason` where something could not be seen: the encryption
 /// itself (UNKNOWN), or a TLS client certificate left undecided.
 fn with_reason(mut e: Encryption, reason: UnknownReason) -> Encryption {
@@ -239,7 +259,7 @@ mod tests {
             sock_cookie: cookie,
             outbound,
             offset,
-            data: data.to_vec(),
+            data: data.into(),
             mark: None,
         }
     }
