@@ -196,6 +196,7 @@ fn ring_buffer_mib(s: &str) -> Result<u32, String> {
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    crate::runtime::return_freed_memory_promptly();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

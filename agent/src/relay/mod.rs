@@ -202,6 +202,7 @@ impl crate::export::metrics::Exposition for RelayState {
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
     crate::runtime::init_logging(args.log_format);
+    crate::runtime::return_freed_memory_promptly();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
