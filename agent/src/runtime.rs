@@ -33,6 +33,9 @@ pub fn node_name(explicit: Option<&str>) -> String {
 /// alternating): peak RSS 122.5 to 129.6 MiB with 1,000 ms (6 runs), 109.7
 /// to 117.4 with 10 ms set here (4 runs), 107.5 and 108.2 with 0; agent CPU
 /// per connection within the runs' spread (`docs/benchmarks.md`, item 3).
+/// The price is page faults when freed pages are needed again (about
+/// 14,000 a second at 40,000 connections a second, against a few hundred):
+/// memory over a DaemonSet's limit kills the container, CPU only throttles.
 pub const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 10;
 
 /// `mi_option_purge_delay` in mimalloc 3's `mi_option_e`
