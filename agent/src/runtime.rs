@@ -34,9 +34,10 @@ pub fn node_name(explicit: Option<&str>) -> String {
 /// to 117.4 with 10 ms set here (4 runs), 107.5 and 108.2 with 0; agent CPU
 /// per connection within the runs' spread (`docs/benchmarks.md`, item 3).
 /// The price is page faults when freed pages are needed again (about
-/// 2,700 a second at 35,000 connections a second, against under 100:
-/// under 0.1 µs per connection); memory over a DaemonSet's limit kills the
-/// container, CPU only throttles.
+/// 2,700 a second at 35,000 connections a second, against under 100: if a
+/// fault costs a microsecond, under 0.1 µs per connection, an estimate not
+/// timed here); memory over a DaemonSet's limit kills the container, CPU
+/// only throttles.
 pub const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 10;
 
 /// `mi_option_purge_delay` in mimalloc 3's `mi_option_e`
