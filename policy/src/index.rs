@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 use crate::ir::{ImportedPolicy, PeerPattern, Tri};
 use crate::model::{Peer, PeerKind};
 use crate::ports::{PortMap, PortSet};
-use crate::spiffe::{Segment, path_segments, split_id};
+use crate::spiffe::{Segment, split_id};
 
 /// Segments of a SPIFFE path that a lookup reads; more are ignored (IDs
 /// have few, and a fixed cap keeps hostile input cheap).
@@ -25,6 +25,8 @@ const MAX_SEGMENTS: usize = 64;
 pub type RuleHits = SmallVec<[(u32, Tri); INLINE_HITS]>;
 type Hits<'s, T> = SmallVec<[(&'s T, Tri); INLINE_HITS]>;
 const INLINE_HITS: usize = 8;
+/// Branches of a trie walk kept on the call stack (see `TrieNode::lookup`).
+const INLINE_PENDING: usize = 16;
 
 /// Trie over path segments.
 #[derive(Debug, Default)]
@@ -56,20 +58,23 @@ impl<T: Default> TrieNode<T> {
 }
 
 impl<T> TrieNode<T> {
-    /// Calls `found` with every pattern that matches `segs`. Depth-first
-    /// with an explicit stack on the call stack, not the heap (judging a
-    /// flow allocates nothing here): IDs come from the network side, and
-    /// neither recursion depth nor memory may depend on them. Each level
-    /// leaves at most one sibling pending, so `MAX_SEGMENTS + 1` entries
-    /// always suffice.
-    fn lookup<'s>(&'s self, segs: &[&str], found: &mut dyn FnMut(&'s T)) {
-        let segs = &segs[..segs.len().min(MAX_SEGMENTS)];
-        let mut stack = [(self, 0usize); MAX_SEGMENTS + 2];
-        let mut len = 1;
-        while len > 0 {
-            len -= 1;
-            let (node, i) = stack[len];
-            if i == segs.len() {
+    /// Calls `found` with every pattern that matches the segments of
+    /// `path` (empty segments skipped, at most `MAX_SEGMENTS` read: IDs
+    /// have few, and a fixed cap keeps hostile input cheap). Depth-first,
+    /// reading the path as it goes, not split up front: no recursion, and
+    /// the pending branches, at most one per level of the trie, are bounded
+    /// by the policy's deepest pattern, never by the ID, which comes from
+    /// the network side. They stay on the call stack for patterns of up to
+    /// `INLINE_PENDING - 1` segments, so judging a flow allocates nothing
+    /// here.
+    fn lookup<'s>(&'s self, path: &str, found: &mut dyn FnMut(&'s T)) {
+        let mut pending: SmallVec<[(&TrieNode<T>, &str, usize); INLINE_PENDING]> = SmallVec::new();
+        pending.push((self, path, 0));
+        while let Some((node, rest, read)) = pending.pop() {
+            // Segments are short: a byte loop, not the `memchr` of
+            // `split_once`, which costs more to set up than to scan them.
+            let rest = &rest[rest.bytes().take_while(|&b| b == b'/').count()..];
+            if rest.is_empty() || read == MAX_SEGMENTS {
                 if let Some(t) = &node.here {
                     found(t);
                 }
@@ -78,13 +83,13 @@ impl<T> TrieNode<T> {
             if let Some(t) = &node.rest {
                 found(t);
             }
-            if let Some(next) = node.lits.get(segs[i]) {
-                stack[len] = (next, i + 1);
-                len += 1;
+            let end = rest.bytes().position(|b| b == b'/').unwrap_or(rest.len());
+            let (seg, after) = rest.split_at(end);
+            if let Some(next) = node.lits.get(seg) {
+                pending.push((next, after, read + 1));
             }
             if let Some(next) = &node.any {
-                stack[len] = (next, i + 1);
-                len += 1;
+                pending.push((next, after, read + 1));
             }
         }
     }
@@ -173,14 +178,7 @@ impl<T> PeerIndex<T> {
             PeerKey::Host => out.extend(self.host.iter().map(|t| (t, Tri::Yes))),
             PeerKey::Id(td, path) => {
                 if let Some(trie) = self.tds.get(td) {
-                    // IDs have few segments; a fixed cap keeps hostile input cheap.
-                    let mut segs = [""; MAX_SEGMENTS];
-                    let mut n = 0;
-                    for (slot, seg) in segs.iter_mut().zip(path_segments(path)) {
-                        *slot = seg;
-                        n += 1;
-                    }
-                    trie.lookup(&segs[..n], &mut |t| out.push((t, Tri::Yes)));
+                    trie.lookup(path, &mut |t| out.push((t, Tri::Yes)));
                 }
             }
             PeerKey::UnknownId => out.extend(self.any_spiffe.iter().map(|t| (t, Tri::Unknown))),
@@ -338,5 +336,127 @@ impl ImportIndex {
         out.sort_unstable();
         out.dedup();
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::PortRange;
+    use crate::spiffe::parse_pattern;
+
+    fn index(rules: &[(&str, &str)]) -> RuleIndex {
+        let mut idx = RuleIndex::default();
+        let ports = PortSet::of(vec![PortRange { lo: 80, hi: 80 }]);
+        for (id, (from, to)) in rules.iter().enumerate() {
+            let pat = |p: &str| PeerPattern::Spiffe(parse_pattern(p).expect(p));
+            idx.insert(id as u32, &[pat(from)], &[pat(to)], &ports);
+        }
+        idx.build();
+        idx
+    }
+
+    fn workload(id: &str) -> Peer<'_> {
+        Peer {
+            kind: PeerKind::Workload,
+            spiffe_id: Some(id),
+            identity_source: crate::model::IdentitySource::Attested,
+            namespace: None,
+            service_account: None,
+            labels: None,
+            name: None,
+        }
+    }
+
+    fn ids(idx: &RuleIndex, src: &str, dst: &str) -> Vec<u32> {
+        idx.lookup(&workload(src), &workload(dst), 80)
+            .into_iter()
+            .map(|(id, t)| {
+                assert_eq!(t, Tri::Yes, "{src} -> {dst}: rule {id} matched with {t:?}");
+                id
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_walk_reads_literals_one_segment_wildcards_and_a_rest() {
+        let idx = index(&[
+            ("spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/y"),
+            ("spiffe://td/ns/*/sa/x", "spiffe://td/ns/b/**"),
+            ("spiffe://td/**", "spiffe://td/ns/b/sa/*"),
+            ("spiffe://other/ns/a/sa/x", "spiffe://td/ns/b/sa/y"),
+        ]);
+        assert_eq!(
+            ids(&idx, "spiffe://td/ns/a/sa/x", "spiffe://td/ns/b/sa/y"),
+            [0, 1, 2]
+        );
+        // Empty segments are skipped, as the reference reading does.
+        assert_eq!(
+            ids(&idx, "spiffe://td//ns/a/sa/x/", "spiffe://td/ns//b/sa/y"),
+            [0, 1, 2]
+        );
+        // `**` needs at least one more segment; `*` exactly one.
+        assert_eq!(
+            ids(&idx, "spiffe://td/ns/c/sa/x", "spiffe://td/ns/b"),
+            [0u32; 0]
+        );
+        assert_eq!(
+            ids(&idx, "spiffe://td/ns/c/sa/x", "spiffe://td/ns/b/sa/y/z"),
+            [1]
+        );
+        assert_eq!(ids(&idx, "spiffe://td/x", "spiffe://td/ns/b/sa/q"), [2]);
+        assert_eq!(
+            ids(&idx, "spiffe://other/ns/a/sa/x", "spiffe://td/ns/b/sa/y"),
+            [3]
+        );
+    }
+
+    #[test]
+    fn a_hostile_id_is_read_only_as_far_as_the_cap() {
+        let idx = index(&[
+            ("spiffe://td/a/**", "spiffe://td/b"),
+            ("spiffe://td/a/a/a", "spiffe://td/b"),
+        ]);
+        let long = format!("spiffe://td{}", "/a".repeat(100_000));
+        assert_eq!(ids(&idx, &long, "spiffe://td/b"), [0]);
+        // Past `MAX_SEGMENTS` segments the rest is not read: the ID is taken
+        // as its first 64 (as before the walk read the path lazily).
+        let capped = format!("spiffe://td{}", "/a".repeat(MAX_SEGMENTS));
+        let idx = index(&[(capped.as_str(), "spiffe://td/b")]);
+        assert_eq!(ids(&idx, &format!("{capped}/more"), "spiffe://td/b"), [0]);
+    }
+
+    #[test]
+    fn patterns_deeper_than_the_inline_branches_still_match() {
+        // Every level has a literal and a `*` branch, so the walk keeps one
+        // pending branch per level: more than fit inline.
+        let depth = INLINE_PENDING + 4;
+        let lit = format!("spiffe://td{}", "/s".repeat(depth));
+        let mut rules = vec![(lit.clone(), "spiffe://td/b".to_string())];
+        for level in 0..depth {
+            let mut segs = vec!["s"; depth];
+            segs[level] = "*";
+            rules.push((
+                format!("spiffe://td/{}", segs.join("/")),
+                "spiffe://td/b".into(),
+            ));
+        }
+        let borrowed: Vec<(&str, &str)> = rules
+            .iter()
+            .map(|(f, t)| (f.as_str(), t.as_str()))
+            .collect();
+        let idx = index(&borrowed);
+        let all: Vec<u32> = (0..=depth as u32).collect();
+        assert_eq!(ids(&idx, &lit, "spiffe://td/b"), all);
+        let mut other = vec!["s"; depth];
+        other[3] = "t";
+        assert_eq!(
+            ids(
+                &idx,
+                &format!("spiffe://td/{}", other.join("/")),
+                "spiffe://td/b"
+            ),
+            [4]
+        );
     }
 }

@@ -907,3 +907,66 @@ fn cilium_mutual_authentication_is_audited_as_cilium_enforces_it() {
         "no auth rule: Cilium must not be asked"
     );
 }
+
+/// The words of each finding, as users read them in events and in
+/// `policy check --explain`: both ends, the port, and the rule.
+#[test]
+fn finding_messages_name_the_ends_the_port_and_the_rule() {
+    let p = load(&["precinct-99-flowpolicy.yaml"]);
+    let c = cast();
+    let (fe, be, pg) = (c.frontend.peer(), c.backend.peer(), c.postgresql.peer());
+    let message = |d: Decision, kind: F| match d.findings.iter().find(|f| f.kind == kind) {
+        Some(f) => f.message.clone(),
+        None => panic!("expected a {kind:?} finding, got {:#?}", d.findings),
+    };
+    let cases = [
+        (
+            message(eval(&p, fe, pg, 5432, E::Plaintext, false), F::DeniedByRule),
+            "deny rule nothing-to-postgresql-from-frontend matches frontend -> postgresql:5432",
+        ),
+        (
+            message(
+                eval(&p, pg, fe, 3000, E::Plaintext, false),
+                F::NoMatchingRule,
+            ),
+            "no rule allows postgresql -> frontend:3000",
+        ),
+        (
+            message(eval(&p, fe, be, 8000, E::Plaintext, false), F::MtlsMissing),
+            "frontend -> backend:8000 is plaintext, but frontend-to-backend requires mTLS",
+        ),
+        (
+            message(
+                eval(&p, fe, be, 8000, E::TlsNoClientCert, false),
+                F::MtlsMissing,
+            ),
+            "frontend -> backend:8000 is TLS without a client certificate, but frontend-to-backend requires mTLS",
+        ),
+        (
+            message(
+                eval(&p, be, pg, 5432, E::Plaintext, true),
+                F::IntendedFlowFailed,
+            ),
+            "backend -> postgresql:5432 is allowed by backend-to-postgresql but failed to connect; something (a network policy, a firewall, the peer) blocks an intended flow",
+        ),
+        (
+            message(eval(&p, fe, be, 65535, E::Mtls, false), F::NoMatchingRule),
+            "no rule allows frontend -> backend:65535",
+        ),
+    ];
+    for (got, want) in cases {
+        assert_eq!(got, want);
+    }
+    // An end whose labels are unknown, under imported policies that select
+    // by label: the decision cannot be made, and the message says why.
+    let cnp = load(&["network-policies.yaml"]);
+    let unlabelled = Peer {
+        labels: None,
+        ..c.frontend.peer()
+    };
+    let d = eval(&cnp, unlabelled, c.backend.peer(), 8000, E::Mtls, false);
+    assert_eq!(
+        message(d, F::UnknownIdentity),
+        "cannot judge frontend -> backend:8000: labels or namespace of an end are unknown"
+    );
+}
