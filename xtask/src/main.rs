@@ -48,7 +48,7 @@ enum Task {
         /// Rewrite the results table in docs/benchmarks.md from this run.
         #[arg(long)]
         write_docs: bool,
-        /// Only these parts (comma-separated): policy, pipeline, stream, node.
+        /// Only these parts (comma-separated): policy, pipeline, instructions, stream, relay, node.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Arguments for `flowaudit-bench run` (after `--`), e.g. `-- --storm-rate 30000`.
@@ -525,7 +525,14 @@ mod bench {
 
     use super::{build, cargo, is_root, project_root, run};
 
-    const PARTS: &[&str] = &["policy", "pipeline", "stream", "relay", "node"];
+    const PARTS: &[&str] = &[
+        "policy",
+        "pipeline",
+        "instructions",
+        "stream",
+        "relay",
+        "node",
+    ];
 
     fn target_dir() -> PathBuf {
         match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
@@ -584,7 +591,7 @@ mod bench {
         if wants("node") && !is_root() {
             bail!(
                 "the node benchmarks load eBPF programs and build network namespaces: run \
-                 `cargo xtask bench` as root (or `--only policy,pipeline,stream,relay` without root)"
+                 `cargo xtask bench` as root (or `--only policy,pipeline,instructions,stream,relay` without root)"
             );
         }
         let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -618,6 +625,9 @@ mod bench {
         // the agent crate (tests never assert on time).
         for (part, test) in [
             ("pipeline", "pipeline_capacity"),
+            // The same pipeline's instructions per record, counted by
+            // callgrind: the one figure here the machine's load cannot move.
+            ("instructions", "pipeline_instructions"),
             ("stream", "stream_throughput"),
             // Issue 17: the relay's added delay and its throughput, 3 nodes.
             ("relay", "relay_throughput"),

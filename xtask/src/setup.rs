@@ -24,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv", // the virtual environment that holds every PyPI package
     "nftables",     // the demo's stand-in for a network policy that drops a flow
     "shellcheck",   // deploy/validate.sh lints the deploy scripts
+    "valgrind",     // callgrind counts the pipeline's instructions (`cargo xtask bench`)
     // The kernel matrix (`cargo xtask kernels`): QEMU boots Debian's kernels,
     // kmod's depmod indexes their modules, virtme-ng (PyPI) shares this
     // machine's filesystem with the guest.

@@ -472,17 +472,173 @@ mod bench {
         }
     }
 
+    /// The pipeline the measurements feed: the endpoint directory of
+    /// [`directory`], the reference scenario's policy, metrics and `hub`.
+    fn pipeline(state: &Arc<AgentState>, hub: &Arc<Hub>) -> (Pipeline, Arc<PipelineStats>) {
+        let policy = crate::judge::load_initial(&[Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/examples/precinct-99-flowpolicy.yaml")])
+        .expect("example policy");
+        let judge = Judge::without_cilium(Some(watch::channel(Arc::new(policy.policy)).1));
+        let enricher = Enricher::new(
+            Some(watch::channel(Arc::new(directory())).1),
+            CgroupResolver::new("/nonexistent".into()),
+            None,
+            Some("demo.local".into()),
+        );
+        let stats = Arc::new(PipelineStats::default());
+        let sinks: Vec<Box<dyn Sink>> = vec![
+            Box::new(MetricsSink::new(state.metrics.clone())),
+            Box::new(HubSink::new(hub.clone(), state.clone())),
+        ];
+        let p = Pipeline::new(
+            "n1".into(),
+            Some(enricher),
+            judge,
+            sinks,
+            stats.clone(),
+            Duration::from_millis(500),
+            Duration::from_millis(250),
+        );
+        (p, stats)
+    }
+
+    /// One batch of raw ring-buffer items through the pipeline, as the
+    /// ring reader hands them over: decoded, taken, released, flushed.
+    fn feed(p: &mut Pipeline, items: &[Vec<u8>], clock: &Clock) {
+        for raw in items {
+            let rec = KernelRecord::from_bytes(raw).expect("synthetic record");
+            p.record(rec, clock);
+        }
+        p.release(false);
+        p.flush();
+    }
+
+    fn agent_state() -> Arc<AgentState> {
+        Arc::new(AgentState::new(
+            "bench".into(),
+            Arc::new(CaptureStats::default()),
+            Arc::new(PipelineStats::default()),
+        ))
+    }
+
+    /// Connections of [`pipeline_instructions`]' workload.
+    const COUNTED_CONNECTIONS: u32 = 100_000;
+
+    /// The workload whose instructions [`pipeline_instructions`] counts: the
+    /// throughput part of [`pipeline_capacity`] (whole connections in
+    /// batches of 1,024 records), without its subscriber and on one thread,
+    /// so that nothing in it depends on how threads are scheduled.
+    #[tokio::test(flavor = "current_thread")]
+    #[ignore = "run by `pipeline_instructions` under callgrind"]
+    async fn pipeline_instructions_workload() {
+        let state = agent_state();
+        let hub = Arc::new(Hub::new(8192, 1 << 16, 16, state.metrics.clone()));
+        let (mut p, stats) = pipeline(&state, &hub);
+        let clock = Clock::now();
+        let items: Vec<Vec<u8>> = (0..COUNTED_CONNECTIONS)
+            .flat_map(|i| connection(i, false))
+            .collect();
+        for chunk in items.chunks(1024) {
+            feed(&mut p, chunk, &clock);
+        }
+        p.release(true);
+        p.flush();
+        assert_eq!(
+            stats.flows.load(Ordering::Relaxed),
+            u64::from(COUNTED_CONNECTIONS) * 2,
+            "every CONNECT and CLOSE went out"
+        );
+    }
+
+    /// Instructions of the pipeline per kernel record: a count, not a time,
+    /// so it does not move with the machine's load (the records-per-second
+    /// rows of [`pipeline_capacity`] do, by a third between nights). Runs
+    /// this binary's [`pipeline_instructions_workload`] under valgrind's
+    /// callgrind, counting only inside `Pipeline::take` (decode, flow,
+    /// identity join, encryption) and `Pipeline::release_some` (policy,
+    /// metrics, the stream hub), not the test's own making of records.
+    /// Run with `cargo test --release -p flowaudit pipeline_instructions -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, run by `cargo xtask bench`"]
+    fn pipeline_instructions() {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let out = std::env::temp_dir().join(format!("fa-callgrind-{}.out", std::process::id()));
+        let run = std::process::Command::new("valgrind")
+            .args([
+                "--tool=callgrind",
+                "--toggle-collect=flowaudit::pipeline::Pipeline::take",
+                "--toggle-collect=flowaudit::pipeline::Pipeline::release_some",
+            ])
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(&exe)
+            .args([
+                "pipeline::bench::pipeline_instructions_workload",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .output();
+        let run = match run {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "could not run valgrind ({e}): it counts the instructions; `cargo xtask setup` installs it (Debian package valgrind)"
+            ),
+        };
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let _ = std::fs::remove_file(&out);
+        assert!(
+            run.status.success(),
+            "the workload under callgrind failed ({}):\n{}\n{}",
+            run.status,
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let counted = callgrind_total(&text).unwrap_or_else(|| {
+            panic!(
+                "no `summary:` or `totals:` line in callgrind's output {}:\n{}",
+                out.display(),
+                text.lines().take(30).collect::<Vec<_>>().join("\n")
+            )
+        });
+        let records = u64::from(COUNTED_CONNECTIONS) * 3;
+        assert!(
+            counted > records,
+            "callgrind counted {counted} instructions for {records} records: the pipeline's functions were not found by name (inlined or renamed?)"
+        );
+        let per_record = counted as f64 / records as f64;
+        result(
+            "pipeline_instructions_per_record",
+            "userspace pipeline: instructions per kernel record",
+            per_record,
+            "instructions",
+            "",
+            true,
+            &format!(
+                "{counted} instructions (valgrind callgrind, inside Pipeline::take and Pipeline::release_some) for {records} records ({COUNTED_CONNECTIONS} connections: CONNECT, first payload, CLOSE), as in the row above but on one thread and without a subscriber; a count, not a time: it does not move with the machine's load"
+            ),
+        );
+    }
+
+    /// The instructions counted in a callgrind output file.
+    fn callgrind_total(text: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("summary:").or(l.strip_prefix("totals:")))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    #[test]
+    fn reads_callgrinds_total() {
+        let text = "version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nfn=(1) main\n5 10\nsummary: 123456\n\ntotals: 123456\n";
+        assert_eq!(callgrind_total(text), Some(123_456));
+        assert_eq!(callgrind_total("events: Ir\n"), None);
+    }
+
     /// Run with `cargo test --release -p flowaudit pipeline_capacity -- --ignored --nocapture`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a measurement, run by `cargo xtask bench`; tests do not assert on time"]
     async fn pipeline_capacity() {
-        let state = Arc::new(AgentState::new(
-            "bench".into(),
-            Arc::new(CaptureStats::default()),
-            Arc::new(PipelineStats::default()),
-        ));
-        let metrics = state.metrics.clone();
-        let hub = Arc::new(Hub::new(8192, 1 << 16, 16, metrics.clone()));
+        let state = agent_state();
+        let hub = Arc::new(Hub::new(8192, 1 << 16, 16, state.metrics.clone()));
         let mut stream = hub
             .subscribe(Subscribe {
                 number: 0,
@@ -503,30 +659,7 @@ mod bench {
                 };
             }
         });
-        let policy = crate::judge::load_initial(&[Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/examples/precinct-99-flowpolicy.yaml")])
-        .expect("example policy");
-        let judge = Judge::without_cilium(Some(watch::channel(Arc::new(policy.policy)).1));
-        let enricher = Enricher::new(
-            Some(watch::channel(Arc::new(directory())).1),
-            CgroupResolver::new("/nonexistent".into()),
-            None,
-            Some("demo.local".into()),
-        );
-        let stats = Arc::new(PipelineStats::default());
-        let sinks: Vec<Box<dyn Sink>> = vec![
-            Box::new(MetricsSink::new(metrics)),
-            Box::new(HubSink::new(hub.clone(), state.clone())),
-        ];
-        let mut p = Pipeline::new(
-            "n1".into(),
-            Some(enricher),
-            judge,
-            sinks,
-            stats.clone(),
-            Duration::from_millis(500),
-            Duration::from_millis(250),
-        );
+        let (mut p, stats) = pipeline(&state, &hub);
         let clock = Clock::now();
 
         // Memory: 100,000 connections left open.
@@ -572,12 +705,7 @@ mod bench {
         let cpu0 = thread_cpu_secs();
         let wall0 = Instant::now();
         for chunk in items.chunks(1024) {
-            for raw in chunk {
-                let rec = KernelRecord::from_bytes(raw).expect("synthetic record");
-                p.record(rec, &clock);
-            }
-            p.release(false);
-            p.flush();
+            feed(&mut p, chunk, &clock);
             tokio::task::yield_now().await;
         }
         let cpu = thread_cpu_secs() - cpu0;

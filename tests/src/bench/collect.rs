@@ -470,6 +470,16 @@ pub fn report(args: ReportArgs) -> Result<()> {
             "Userspace pipeline: events/s per core, memory at 100,000 open flows",
         ));
     }
+    if states.contains_key("instructions") {
+        results.extend(agent_test(
+            read("instructions").as_deref(),
+            read_err("instructions").as_deref(),
+            states.get("instructions").copied(),
+            "pipeline_instructions",
+            "pipeline_instructions",
+            "Userspace pipeline: instructions per kernel record (callgrind)",
+        ));
+    }
     if states.contains_key("stream") {
         results.extend(agent_test(
             read("stream").as_deref(),
