@@ -274,6 +274,13 @@ fn check(flows: &[Value], server: &[IpAddr], port: u16, label: &str, e: &Expect)
             }
         }
     }
+    if !problems.is_empty() {
+        // Each event whole: its unknown reason, cookie and times tell a
+        // record the kernel never sent from one that came late.
+        for f in &events {
+            problems.push(format!("  {label} event: {f}"));
+        }
+    }
     problems
 }
 
@@ -350,7 +357,7 @@ fn each_connection_gets_the_encryption_it_carries() {
     // Every connection closes on both of its sockets; the server's may close
     // a moment after the client's (seconds under emulation).
     let total = cases.len() + 2;
-    agent.wait_for_flows(2 * total, std::time::Duration::from_secs(30), |f| {
+    let all_closed = agent.wait_for_flows(2 * total, std::time::Duration::from_secs(30), |f| {
         f["event"] == "CLOSE"
     });
     let report = agent.stop();
@@ -395,6 +402,15 @@ fn each_connection_gets_the_encryption_it_carries() {
         problems.extend(p);
     }
     eprintln!("handshake matrix: {right} of {total} connections classified right");
+    if !problems.is_empty() {
+        // The agent's counters (losses by place, waits that ran out) and
+        // whether every CLOSE had come when the agent was stopped.
+        problems.push(format!(
+            "all {} CLOSEs seen before the stop: {all_closed}; the agent's stop line: {}",
+            2 * total,
+            report.stopped
+        ));
+    }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     assert_eq!(
         report.counter("kernel_events_lost"),
