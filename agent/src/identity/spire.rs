@@ -924,11 +924,42 @@ fn take_answer(mut resp: SubscribeToX509sviDsResponse) -> State {
     match ids.first() {
         None => State::NoIdentity,
         Some((id, exp)) => State::Attested(Arc::new(AttestedIdentity {
-            spiffe_id: id.as_str().into(),
+            spiffe_id: shared_id(id),
             expires_at: *exp,
             all_ids: ids.iter().map(|(i, _)| i.clone()).collect(),
         })),
     }
+}
+
+/// Attested IDs made static at most over the agent's life: an ID of the
+/// usual 60 characters takes about 100 bytes with the set's entry, 400 KiB
+/// for all of them (SPIFFE bounds an ID at 2,048 bytes).
+const STATIC_ATTESTED_IDS: usize = 4096;
+
+/// The one copy of an attested SPIFFE ID that every answer naming it
+/// shares: static (copied and dropped without touching a reference count,
+/// on the pipeline and on the threads that drop flows alike), and the same
+/// pointer for every process and pod SPIRE attests with it, so that the
+/// judge's memo, keyed by pointer, knows their flows as one pair. Fresh and
+/// counted once `STATIC_ATTESTED_IDS` texts were made static: a bound
+/// whatever the cluster registers. Called once per SPIRE answer, not per
+/// flow.
+fn shared_id(id: &str) -> ArcStr {
+    use std::collections::HashSet;
+    use std::sync::LazyLock;
+    static IDS: LazyLock<Mutex<HashSet<ArcStr>>> = LazyLock::new(Mutex::default);
+    let mut ids = IDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = ids.get(id) {
+        return known.clone();
+    }
+    let fresh = ArcStr::from(id);
+    if ids.len() < STATIC_ATTESTED_IDS {
+        fresh.leak();
+        ids.insert(fresh.clone());
+    }
+    fresh
 }
 
 fn wipe(key: Bytes) {
@@ -2022,6 +2053,69 @@ mod tests {
             "{dbg}"
         );
         assert!(matches!(take_answer(resp), State::NoIdentity));
+    }
+
+    /// An answer naming `id` through the SVID's id field (no certificate).
+    fn answer_for(id: &str) -> SubscribeToX509sviDsResponse {
+        use spire_api::pb::spire::api::agent::delegatedidentity::v1::X509svidWithKey;
+        use spire_api::pb::spire::api::types::{Spiffeid, X509svid};
+        let (td, path) = id
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split_once('/'))
+            .expect("a SPIFFE ID with a path");
+        SubscribeToX509sviDsResponse {
+            x509_svids: vec![X509svidWithKey {
+                x509_svid: Some(X509svid {
+                    id: Some(Spiffeid {
+                        trust_domain: td.into(),
+                        path: format!("/{path}"),
+                    }),
+                    expires_at: 4_000_000_000,
+                    ..Default::default()
+                }),
+                x509_svid_key: Bytes::from_static(b"not a key"),
+            }],
+            federates_with: vec![],
+        }
+    }
+
+    fn attested_id(state: State) -> ArcStr {
+        match state {
+            State::Attested(a) => a.spiffe_id.clone(),
+            other => panic!("expected an attested answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_naming_one_id_share_one_static_copy() {
+        let id = "spiffe://shared.example/ns/99-apps/sa/frontend";
+        let first = attested_id(take_answer(answer_for(id)));
+        let again = attested_id(take_answer(answer_for(id)));
+        assert_eq!(first, id);
+        assert!(ArcStr::ptr_eq(&first, &again), "one copy for both answers");
+        assert!(
+            ArcStr::is_static(&first),
+            "copied without a reference count"
+        );
+        let other = attested_id(take_answer(answer_for(
+            "spiffe://shared.example/ns/99-apps/sa/backend",
+        )));
+        assert_eq!(other, "spiffe://shared.example/ns/99-apps/sa/backend");
+        assert!(!ArcStr::ptr_eq(&first, &other));
+        // Past the bound, IDs are still right, only counted.
+        for i in 0..STATIC_ATTESTED_IDS {
+            shared_id(&format!("spiffe://bound.example/ns/n/sa/{i}"));
+        }
+        let late = shared_id("spiffe://bound.example/ns/n/sa/late");
+        assert_eq!(late, "spiffe://bound.example/ns/n/sa/late");
+        assert!(
+            !ArcStr::is_static(&late),
+            "no more than the bound made static"
+        );
+        assert!(
+            ArcStr::ptr_eq(&shared_id(id), &first),
+            "kept ones stay shared"
+        );
     }
 
     #[derive(Default)]
