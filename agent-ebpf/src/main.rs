@@ -29,7 +29,9 @@
 //! so userspace can tell plaintext from TLS and mutual TLS. A connection is
 //! looked at only until its budget is spent or its first payload shows it is
 //! not TLS. A packet without payload bytes costs two header loads; after
-//! that, a payload packet costs one socket-storage lookup and a flag test.
+//! that, a payload packet costs one socket-storage lookup and a flag test
+//! (inbound, also a read of the socket's state: a payload segment filtered
+//! on a listening socket is kept for the socket it makes, `stash_for_child`).
 #![no_std]
 #![no_main]
 // The one atomic add (`atomic_add`) is written as BPF assembly; the eBPF
@@ -47,7 +49,8 @@ use aya_ebpf::{
         BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_LISTEN, BPF_TCP_SYN_SENT, bpf_sock,
+        bpf_sock_ops,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -92,6 +95,33 @@ static SOCKS: SkStorage<SocketStorage> = SkStorage::new();
 // ESTABLISHED, given back at CLOSE, both by `sock_ops` with atomic adds).
 #[map]
 static WATCHED: Array<u64> = Array::with_max_entries(1, 0);
+
+// Slot 0, per CPU: the payload of a segment that the ingress program saw on
+// a listening socket, kept for the accepted socket that segment makes on
+// the same CPU a moment later (`stash_for_child`, `hand_over`).
+#[map]
+static HANDED: PerCpuArray<Handed> = PerCpuArray::with_max_entries(1, 0);
+
+/// Records of `PAYLOAD_CHUNK` bytes that one handed-over segment fills at
+/// most: a direction's whole budget.
+const HANDED_CHUNKS: usize = PAYLOAD_BUDGET as usize / PAYLOAD_CHUNK;
+
+/// A listener's segment's payload, waiting for its accepted socket.
+#[repr(C)]
+struct Handed {
+    /// Sequence number of the first payload byte.
+    seq: u32,
+    /// Payload bytes in the segment (0: the slot is empty).
+    len: u32,
+    /// Client port << 16 | server port, host order.
+    ports: u32,
+    /// Records filled in `recs` (their headers want only the cookie).
+    chunks: u32,
+    /// 1 when the payload starts with a TLS handshake record.
+    tls: u32,
+    _pad: u32,
+    recs: [PayloadRecord<PAYLOAD_CHUNK>; HANDED_CHUNKS],
+}
 
 // LRU: a listener that closes while the agent is down never gets its entry
 // removed; eviction keeps the map from filling up with them.
@@ -583,6 +613,9 @@ fn on_established(ctx: &SockOpsContext, side: SocketSide) -> Result<(), i64> {
         0,
         capture,
     );
+    if side == SocketSide::Passive && capture == 0 {
+        hand_over(ctx, s);
+    }
     Ok(())
 }
 
@@ -968,17 +1001,25 @@ fn payload(ctx: &SkBuffContext, dir: u8) {
     if total <= start {
         return;
     }
-    follow(ctx, dir, seq, start, total - start);
+    follow(ctx, dir, seq, ip_len, start, total - start);
 }
 
 /// The payload part of `payload`: `len` bytes at `start`, the first of them
-/// at sequence number `seq`.
+/// at sequence number `seq`; the TCP header is at `tcp_at`.
 #[inline(always)]
-fn follow(ctx: &SkBuffContext, dir: u8, seq: u32, start: u32, len: u32) {
+fn follow(ctx: &SkBuffContext, dir: u8, seq: u32, tcp_at: u32, start: u32, len: u32) {
+    let Some(sk) = packet_sock(ctx) else {
+        return;
+    };
+    // SAFETY: `sk` is a full socket the verifier has typed as such; `state` is one of its readable fields.
+    if dir == DIR_IN && unsafe { read_volatile(addr_of!((*sk).state)) } == BPF_TCP_LISTEN {
+        stash_for_child(ctx, seq, tcp_at, start, len);
+        return;
+    }
     // Egress and ingress of one socket may race on its state, costing at
     // worst a chunk copied twice or a mark sent twice (userspace tolerates
     // both).
-    let Some(s) = watched(ctx) else {
+    let Some(s) = watched_sock(sk) else {
         return;
     };
     let cookie = s.cookie;
@@ -1127,6 +1168,12 @@ fn finish(st: &mut PayloadState, done_bit: u32) {
 /// The storage of the packet's socket while its payload is watched.
 #[inline(always)]
 fn watched(ctx: &SkBuffContext) -> Option<&'static mut SocketStorage> {
+    watched_sock(packet_sock(ctx)?)
+}
+
+/// The packet's socket, as a full socket.
+#[inline(always)]
+fn packet_sock(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
     // SAFETY: the skb is the program's context; the verifier types its `sk` field as a socket (common part) or null.
     let sk = unsafe { read_volatile(addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) };
     if sk.is_null() {
@@ -1137,11 +1184,153 @@ fn watched(ctx: &SkBuffContext) -> Option<&'static mut SocketStorage> {
     if sk.is_null() {
         return None;
     }
+    Some(sk)
+}
+
+/// The socket's storage while its payload is watched.
+#[inline(always)]
+fn watched_sock(sk: *mut bpf_sock) -> Option<&'static mut SocketStorage> {
     let s = storage(sk.cast(), false)?;
     if s.payload.flags & PAYLOAD_WATCHED == 0 {
         return None;
     }
     Some(s)
+}
+
+// ---- A listener's segment, handed to its accepted socket -------------------
+//
+// A segment that completes a handshake is filtered on the listening socket:
+// `tcp_v4_rcv` and `tcp_v6_rcv` run `tcp_filter` on `req->rsk_listener` for
+// a request socket, make the accepted socket after that, and do not filter
+// again. `sock_ops` then says PASSIVE_ESTABLISHED for the new socket with
+// `rcv_nxt` still at that segment's first byte, before its data is queued.
+// When that segment carries data (the server listens with TCP_DEFER_ACCEPT,
+// so the bare ACK was dropped, or the ACK was lost or late), the ingress
+// program would never see the client's first bytes on the server's socket.
+// So it copies them here, per CPU, and `hand_over` sends them as the new
+// socket's first inbound payload: both run in one softirq on one CPU.
+
+/// Keeps a listener's inbound segment's payload (`len` bytes at `start`,
+/// the first at sequence number `seq`) for the socket it may make.
+#[inline(always)]
+fn stash_for_child(ctx: &SkBuffContext, seq: u32, tcp_at: u32, start: u32, len: u32) {
+    let Some(h) = HANDED.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot 0 of the array, which always exists; softirq
+    // context, so nothing else on this CPU runs between here and its use.
+    let h = unsafe { &mut *h };
+    h.len = 0;
+    let (Some(ports), Some(first)) = (load::<[u8; 4]>(ctx, tcp_at), load::<u8>(ctx, start)) else {
+        return;
+    };
+    let tls = first == TLS_HANDSHAKE;
+    // Not TLS: the peek that `follow` would take; TLS: up to the budget.
+    let (most, room) = if tls {
+        (HANDED_CHUNKS, PAYLOAD_CHUNK as u32)
+    } else {
+        (1, PAYLOAD_PEEK as u32)
+    };
+    let mut copied = 0u32;
+    let mut chunks = 0u32;
+    for (i, rec) in h.recs.iter_mut().enumerate() {
+        if i >= most || copied >= len {
+            break;
+        }
+        let mut n = len - copied;
+        if n > room {
+            n = room;
+        }
+        // The same n, in a form the verifier bounds (see `emit_bytes`).
+        let n = ((n - 1) & (PAYLOAD_CHUNK as u32 - 1)) + 1;
+        rec.hdr = header(0, DIR_IN, copied, n);
+        // SAFETY: the destination is this record's data in the map value, with room for PAYLOAD_CHUNK >= n bytes.
+        let ok = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                start + copied,
+                rec.data.as_mut_ptr() as *mut _,
+                n,
+            ) == 0
+        };
+        if !ok {
+            break;
+        }
+        copied += n;
+        chunks += 1;
+    }
+    if chunks == 0 {
+        return;
+    }
+    h.seq = seq;
+    h.ports = (u16::from_be_bytes([ports[0], ports[1]]) as u32) << 16
+        | u16::from_be_bytes([ports[2], ports[3]]) as u32;
+    h.chunks = chunks;
+    h.tls = tls as u32;
+    h.len = len;
+}
+
+/// At PASSIVE_ESTABLISHED: when this CPU's kept segment is the one that
+/// made this socket (its ports, and its first byte at `rcv_nxt`), sends
+/// its bytes as the socket's first inbound payload and moves the inbound
+/// stream past them, as `follow` would have. The slot is emptied either way.
+#[inline(always)]
+fn hand_over(ctx: &SockOpsContext, s: &mut SocketStorage) {
+    let Some(h) = HANDED.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: as in `stash_for_child`: this CPU's slot, in the same softirq.
+    let h = unsafe { &mut *h };
+    let len = h.len;
+    if len == 0 {
+        return;
+    }
+    h.len = 0;
+    let ops = ctx.ops;
+    // remote_port holds the port in network byte order in its upper half.
+    let ports = (u32::from_be(field!(ops, remote_port)) & 0xffff) << 16
+        | (field!(ops, local_port) & 0xffff);
+    let rcv = field!(ops, rcv_nxt);
+    let st = &mut s.payload;
+    if h.seq != rcv || h.ports != ports || st.in_next != rcv {
+        return;
+    }
+    let chunks = h.chunks;
+    let mut copied = 0u32;
+    let mut lost = false;
+    for (i, rec) in h.recs.iter_mut().enumerate() {
+        if i as u32 >= chunks {
+            break;
+        }
+        rec.hdr.sock_cookie = s.cookie;
+        let n = rec.hdr.len;
+        if EVENTS
+            .output::<PayloadRecord<PAYLOAD_CHUNK>>(rec, submit_flags())
+            .is_err()
+        {
+            count_loss(LossPlace::RingFullPayload);
+            lost = true;
+            break;
+        }
+        copied += n;
+    }
+    if h.tls == 0 {
+        // As `follow` does with a first payload that is not TLS.
+        if lost {
+            st.flags |= PAYLOAD_IN_LOST | PAYLOAD_IN_DONE;
+        } else {
+            st.flags &= !PAYLOAD_WATCHED;
+        }
+        return;
+    }
+    st.flags |= PAYLOAD_TLS;
+    st.in_next = rcv.wrapping_add(len);
+    st.in_taken = copied;
+    if lost {
+        give_up(s.cookie, st, DIR_IN, copied, MARK_LOST);
+    } else if copied >= PAYLOAD_BUDGET || copied < len {
+        finish(st, PAYLOAD_IN_DONE);
+    }
 }
 
 #[inline(always)]

@@ -284,20 +284,62 @@ fn check(flows: &[Value], server: &[IpAddr], port: u16, label: &str, e: &Expect)
     problems
 }
 
+/// Test certificates under `dir` for the scenario's service accounts `names`.
+fn pki(dir: &std::path::Path, names: &[&str]) -> TlsMaterial {
+    let leaves: Vec<(&str, String)> = names.iter().map(|n| (*n, format!("{TD}/{n}"))).collect();
+    let leaves: Vec<(&str, &str)> = leaves.iter().map(|(n, id)| (*n, id.as_str())).collect();
+    TlsMaterial::generate(&dir.join("pki"), &leaves).expect("test certificates")
+}
+
+/// What a plaintext connection looks like in every one of its events.
+fn plaintext(
+    protocol: &'static str,
+    verdict: &'static str,
+    findings: &'static [&'static str],
+) -> Expect {
+    Expect {
+        state: "PLAINTEXT",
+        client_certificate: "",
+        inferred: false,
+        tls_version: "",
+        server_spiffe_id: "",
+        client_spiffe_id: "",
+        protocol,
+        verdict,
+        findings,
+    }
+}
+
+/// Fails with every problem found, followed by the agent's counters
+/// (losses by place, waits that ran out) and whether all `closes` CLOSE
+/// events had come when the agent was stopped; then asserts that no kernel
+/// event was lost.
+fn assert_no_problems(
+    mut problems: Vec<String>,
+    closes: usize,
+    all_closed: bool,
+    report: &flowaudit_tests::agent::AgentReport,
+) {
+    if !problems.is_empty() {
+        problems.push(format!(
+            "all {closes} CLOSEs seen before the stop: {all_closed}; the agent's stop line: {}",
+            report.stopped
+        ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert_eq!(
+        report.counter("kernel_events_lost"),
+        0,
+        "kernel events lost"
+    );
+}
+
 #[test]
 fn each_connection_gets_the_encryption_it_carries() {
     require_root();
     let sim = Precinct99::start(60).expect("precinct-99 on a simulated node");
     let dir = temp_dir("mtls");
-    let material = TlsMaterial::generate(
-        &dir.join("pki"),
-        &[
-            ("backend", &format!("{TD}/backend")),
-            ("frontend", &format!("{TD}/frontend")),
-            ("postgresql", &format!("{TD}/postgresql")),
-        ],
-    )
-    .expect("test certificates");
+    let material = pki(&dir, &["backend", "frontend", "postgresql"]);
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, POLICY).expect("policy");
     let agent = sim.agent(
@@ -370,17 +412,6 @@ fn each_connection_gets_the_encryption_it_carries() {
         right += usize::from(p.is_empty());
         problems.extend(p);
     }
-    let plaintext = |protocol, verdict, findings| Expect {
-        state: "PLAINTEXT",
-        client_certificate: "",
-        inferred: false,
-        tls_version: "",
-        server_spiffe_id: "",
-        client_spiffe_id: "",
-        protocol,
-        verdict,
-        findings,
-    };
     let postgresql_ips = [IpAddr::V4(postgresql.ip4())];
     let plaintext_cases = [
         (
@@ -402,21 +433,7 @@ fn each_connection_gets_the_encryption_it_carries() {
         problems.extend(p);
     }
     eprintln!("handshake matrix: {right} of {total} connections classified right");
-    if !problems.is_empty() {
-        // The agent's counters (losses by place, waits that ran out) and
-        // whether every CLOSE had come when the agent was stopped.
-        problems.push(format!(
-            "all {} CLOSEs seen before the stop: {all_closed}; the agent's stop line: {}",
-            2 * total,
-            report.stopped
-        ));
-    }
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
-    assert_eq!(
-        report.counter("kernel_events_lost"),
-        0,
-        "kernel events lost"
-    );
+    assert_no_problems(problems, 2 * total, all_closed, &report);
 }
 
 /// One plaintext HTTP request from the frontend to the backend (port 8000).
@@ -802,4 +819,220 @@ fn ipv6_extension_headers_are_reported_not_observable() {
             f["encryption"]["unknown_reason"]
         );
     }
+}
+
+/// A one-connection Python server in `pod` that listens on `ip:port` with
+/// `TCP_DEFER_ACCEPT`: the kernel drops the handshake's bare last ACK, and
+/// the client's first data segment is what makes the accepted socket. It
+/// reads once and answers 16 zero bytes (plaintext), or, with `tls` (a
+/// certificate and key), completes a TLS handshake (ALPN h2, http/1.1, no
+/// CertificateRequest), echoes what it read reversed and waits for the
+/// client to close first (s_client fails on an EOF without close_notify).
+fn deferred_accept_server(
+    pod: &flowaudit_tests::Pod,
+    ip: IpAddr,
+    port: u16,
+    tls: Option<(String, String)>,
+) -> flowaudit_tests::simnode::PodProcess {
+    use std::io::BufRead;
+    let (cert, key) = tls.unwrap_or_default();
+    let script = "import socket, ssl, sys\n\
+        ip, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]\n\
+        s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET)\n\
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)\n\
+        s.bind((ip, port))\n\
+        s.listen(4)\n\
+        print('READY', flush=True)\n\
+        c, _ = s.accept()\n\
+        c.settimeout(10)\n\
+        if cert:\n\
+        \x20   ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+        \x20   ctx.load_cert_chain(cert, key)\n\
+        \x20   ctx.set_alpn_protocols(['h2', 'http/1.1'])\n\
+        \x20   c = ctx.wrap_socket(c, server_side=True)\n\
+        data = c.recv(4096)\n\
+        c.sendall(data[::-1] if cert else bytes(16))\n\
+        try:\n\
+        \x20   while cert and c.recv(4096):\n\
+        \x20       pass\n\
+        except Exception:\n\
+        \x20   pass\n\
+        c.close()\n";
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args([
+        "-c",
+        script,
+        &ip.to_string(),
+        &port.to_string(),
+        &cert,
+        &key,
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::inherit());
+    let mut proc = pod
+        .spawn_guarded(cmd)
+        .expect("python3 deferred-accept server");
+    let stdout = proc
+        .child_mut()
+        .stdout
+        .take()
+        .expect("the server's stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next().and_then(Result::ok));
+    });
+    let line = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert!(
+        matches!(&line, Ok(Some(l)) if l == "READY"),
+        "the deferred-accept server on port {port} did not start listening: {line:?}"
+    );
+    proc
+}
+
+/// A server listening with `TCP_DEFER_ACCEPT` (nginx `listen ... deferred`,
+/// haproxy `defer-accept`) gets its accepted socket from the client's first
+/// data segment, which the kernel filters on the listening socket only.
+/// The server's end must still be classified from what the client sent:
+/// its HTTP request (the server answers 16 zero bytes, which say nothing;
+/// over IPv4 and IPv6), and its ClientHello (where SNI and ALPN come from),
+/// also one longer than a kernel record. Both ends of each
+/// connection must match what a server without the option gets.
+#[test]
+fn a_deferred_accept_server_sees_the_clients_first_bytes() {
+    require_root();
+    let sim = Precinct99::start(72).expect("precinct-99 on a simulated node");
+    let dir = temp_dir("mtls-deferred");
+    let material = pki(&dir, &["backend", "frontend"]);
+    let (_agent_dir, agent) = agent_under_policy(
+        &sim,
+        "mtls-deferred-agent",
+        &["--encryption-wait-ms", "5000"],
+    );
+    let frontend = &sim.workloads[FRONTEND].pod;
+    let backend = &sim.workloads[BACKEND].pod;
+    let ip = IpAddr::V4(backend.ip4());
+
+    let ip6 = IpAddr::V6(backend.ip6());
+    let http = b"GET /api/orders HTTP/1.1\r\nHost: backend\r\n\r\n";
+    for (ip, port) in [(ip, 8496), (ip6, 8495)] {
+        let _plain = deferred_accept_server(backend, ip, port, None);
+        assert!(
+            tls::raw_client(frontend, ip, port, http).expect("http client"),
+            "plaintext HTTP client to {ip} failed"
+        );
+    }
+    let backend_cert = Some((material.cert("backend"), material.key("backend")));
+    let _tls = deferred_accept_server(backend, ip, 8497, backend_cert.clone());
+    let (ok, out) =
+        tls::client(frontend, &material, ip, 8497, Version::Tls13, None).expect("TLS client");
+    assert!(
+        ok,
+        "the TLS handshake with the deferred-accept server failed: {out}"
+    );
+
+    // A ClientHello longer than one kernel record (1,024 bytes), as clients
+    // offering post-quantum key shares send: a long ALPN list here.
+    let _big = deferred_accept_server(backend, ip, 8494, backend_cert);
+    let script = "import socket, ssl, sys\n\
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+        ctx.load_verify_locations(sys.argv[3])\n\
+        ctx.check_hostname = False\n\
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3\n\
+        ctx.set_alpn_protocols(['h2', 'http/1.1'] + ['p%d-' % i + 'x' * 200 for i in range(8)])\n\
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n\
+        t = ctx.wrap_socket(s, server_hostname='backend.demo.local')\n\
+        t.sendall(b'hello')\n\
+        assert t.recv(64) == b'olleh'\n\
+        t.close()\n";
+    let out = frontend
+        .output({
+            let mut c = std::process::Command::new("python3");
+            c.args(["-c", script, &ip.to_string(), "8494", &material.ca()]);
+            c
+        })
+        .expect("python3 TLS client");
+    assert!(
+        out.status.success(),
+        "the TLS client with a long ClientHello failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let all_closed = agent.wait_for_flows(8, std::time::Duration::from_secs(30), |f| {
+        f["event"] == "CLOSE"
+    });
+    let report = agent.stop();
+    let http_expect = plaintext("http", "VIOLATION", &["MTLS_MISSING"]);
+    let mut problems = check(
+        &report.flows,
+        &[ip],
+        8496,
+        "plaintext HTTP to a deferred-accept server",
+        &http_expect,
+    );
+    problems.extend(check(
+        &report.flows,
+        &[ip6],
+        8495,
+        "plaintext HTTP to a deferred-accept server over IPv6",
+        &http_expect,
+    ));
+    problems.extend(check(
+        &report.flows,
+        &[ip],
+        8497,
+        "TLS1.3 to a deferred-accept server",
+        &Expect {
+            state: "TLS",
+            client_certificate: "NOT_SENT",
+            inferred: true,
+            tls_version: "TLS1.3",
+            server_spiffe_id: "",
+            client_spiffe_id: "",
+            protocol: "tls",
+            verdict: "VIOLATION",
+            findings: &["MTLS_MISSING"],
+        },
+    ));
+    // The long ClientHello: both ends see all of it (its SNI, and its ALPN
+    // list, which runs past the first record), and agree.
+    let big: Vec<&Value> = report
+        .flows
+        .iter()
+        .filter(|f| f["l4"]["destination_port"] == 8494)
+        .collect();
+    let offered: Vec<String> = ["h2".to_owned(), "http/1.1".to_owned()]
+        .into_iter()
+        .chain((0..8).map(|i| format!("p{i}-{}", "x".repeat(200))))
+        .collect();
+    let client_end = big
+        .iter()
+        .find(|f| f["event"] == "CLOSE" && f["direction"] == "EGRESS");
+    if big.len() != 4 {
+        problems.push(format!(
+            "long ClientHello: {} events, expected CONNECT and CLOSE of both sockets",
+            big.len()
+        ));
+    }
+    for f in &big {
+        let enc = &f["encryption"];
+        let alpn: Vec<&str> = enc["alpn"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if str_of(enc, &["state"]) != "TLS"
+            || str_of(enc, &["tls_version"]) != "TLS1.3"
+            || str_of(enc, &["sni"]) != "backend.demo.local"
+            || alpn != offered
+            || client_end.map(|c| &c["encryption"]) != Some(enc)
+        {
+            problems.push(format!(
+                "long ClientHello: {} {}: expected TLS1.3, SNI backend.demo.local, the 10 offered ALPN names, and the client end's encryption; got {enc}",
+                f["event"], f["direction"]
+            ));
+        }
+    }
+    assert_no_problems(problems, 8, all_closed, &report);
 }
