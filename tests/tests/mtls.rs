@@ -821,73 +821,80 @@ fn ipv6_extension_headers_are_reported_not_observable() {
     }
 }
 
-/// A one-connection Python server in `pod` that listens on `ip:port` with
-/// `TCP_DEFER_ACCEPT`: the kernel drops the handshake's bare last ACK, and
-/// the client's first data segment is what makes the accepted socket. It
-/// reads once and answers 16 zero bytes (plaintext), or, with `tls` (a
-/// certificate and key), completes a TLS handshake (ALPN h2, http/1.1, no
-/// CertificateRequest), echoes what it read reversed and waits for the
-/// client to close first (s_client fails on an EOF without close_notify).
-fn deferred_accept_server(
+/// One Python process in `pod` that listens on each of `listeners` (address,
+/// port, TLS or not) with `TCP_DEFER_ACCEPT`, so that the kernel drops the
+/// handshake's bare last ACK and the client's first data segment is what
+/// makes the accepted socket. Each listener takes one connection and reads
+/// once; a plaintext one answers 16 zero bytes, a TLS one (with `cert`: a
+/// certificate and key; ALPN h2, http/1.1, no CertificateRequest) echoes
+/// what it read reversed and waits for the client to close first
+/// (s_client fails on an EOF without close_notify). One process for all:
+/// Python starts slowly under the kernel matrix's emulation.
+fn deferred_accept_servers(
     pod: &flowaudit_tests::Pod,
-    ip: IpAddr,
-    port: u16,
-    tls: Option<(String, String)>,
+    cert: (&str, &str),
+    listeners: &[(IpAddr, u16, bool)],
 ) -> flowaudit_tests::simnode::PodProcess {
     use std::io::BufRead;
-    let (cert, key) = tls.unwrap_or_default();
-    let script = "import socket, ssl, sys\n\
-        ip, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]\n\
-        s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET)\n\
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)\n\
-        s.bind((ip, port))\n\
-        s.listen(4)\n\
+    let script = "import socket, ssl, sys, threading\n\
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+        ctx.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+        ctx.set_alpn_protocols(['h2', 'http/1.1'])\n\
+        def serve(s, tls):\n\
+        \x20   c, _ = s.accept()\n\
+        \x20   c.settimeout(30)\n\
+        \x20   try:\n\
+        \x20       if tls:\n\
+        \x20           c = ctx.wrap_socket(c, server_side=True)\n\
+        \x20       data = c.recv(4096)\n\
+        \x20       c.sendall(data[::-1] if tls else bytes(16))\n\
+        \x20       while tls and c.recv(4096):\n\
+        \x20           pass\n\
+        \x20   except Exception as e:\n\
+        \x20       print('server on', s.getsockname(), 'failed:', e, file=sys.stderr)\n\
+        \x20   c.close()\n\
+        threads = []\n\
+        for spec in sys.argv[3:]:\n\
+        \x20   ip, port, tls = spec.split(',')\n\
+        \x20   s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET)\n\
+        \x20   s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        \x20   s.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)\n\
+        \x20   s.bind((ip, int(port)))\n\
+        \x20   s.listen(4)\n\
+        \x20   threads.append(threading.Thread(target=serve, args=(s, tls == 'tls')))\n\
+        for t in threads:\n\
+        \x20   t.start()\n\
         print('READY', flush=True)\n\
-        c, _ = s.accept()\n\
-        c.settimeout(10)\n\
-        if cert:\n\
-        \x20   ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
-        \x20   ctx.load_cert_chain(cert, key)\n\
-        \x20   ctx.set_alpn_protocols(['h2', 'http/1.1'])\n\
-        \x20   c = ctx.wrap_socket(c, server_side=True)\n\
-        data = c.recv(4096)\n\
-        c.sendall(data[::-1] if cert else bytes(16))\n\
-        try:\n\
-        \x20   while cert and c.recv(4096):\n\
-        \x20       pass\n\
-        except Exception:\n\
-        \x20   pass\n\
-        c.close()\n";
+        for t in threads:\n\
+        \x20   t.join()\n";
     let mut cmd = std::process::Command::new("python3");
-    cmd.args([
-        "-c",
-        script,
-        &ip.to_string(),
-        &port.to_string(),
-        &cert,
-        &key,
-    ])
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::inherit());
+    cmd.args(["-c", script, cert.0, cert.1]);
+    for (ip, port, tls) in listeners {
+        cmd.arg(format!(
+            "{ip},{port},{}",
+            if *tls { "tls" } else { "plain" }
+        ));
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
     let mut proc = pod
         .spawn_guarded(cmd)
-        .expect("python3 deferred-accept server");
+        .expect("python3 deferred-accept servers");
     let stdout = proc
         .child_mut()
         .stdout
         .take()
-        .expect("the server's stdout is piped");
+        .expect("the servers' stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = std::io::BufReader::new(stdout).lines();
         let _ = tx.send(lines.next().and_then(Result::ok));
     });
-    let line = rx.recv_timeout(std::time::Duration::from_secs(10));
+    let line = rx.recv_timeout(std::time::Duration::from_secs(60));
     assert!(
         matches!(&line, Ok(Some(l)) if l == "READY"),
-        "the deferred-accept server on port {port} did not start listening: {line:?}"
+        "the deferred-accept servers ({listeners:?}) did not start listening in 60 s: {line:?}"
     );
     proc
 }
@@ -914,18 +921,25 @@ fn a_deferred_accept_server_sees_the_clients_first_bytes() {
     let frontend = &sim.workloads[FRONTEND].pod;
     let backend = &sim.workloads[BACKEND].pod;
     let ip = IpAddr::V4(backend.ip4());
-
     let ip6 = IpAddr::V6(backend.ip6());
     let http = b"GET /api/orders HTTP/1.1\r\nHost: backend\r\n\r\n";
+    let (cert, key) = (material.cert("backend"), material.key("backend"));
+    let _servers = deferred_accept_servers(
+        backend,
+        (&cert, &key),
+        &[
+            (ip, 8496, false),
+            (ip6, 8495, false),
+            (ip, 8497, true),
+            (ip, 8494, true),
+        ],
+    );
     for (ip, port) in [(ip, 8496), (ip6, 8495)] {
-        let _plain = deferred_accept_server(backend, ip, port, None);
         assert!(
             tls::raw_client(frontend, ip, port, http).expect("http client"),
             "plaintext HTTP client to {ip} failed"
         );
     }
-    let backend_cert = Some((material.cert("backend"), material.key("backend")));
-    let _tls = deferred_accept_server(backend, ip, 8497, backend_cert.clone());
     let (ok, out) =
         tls::client(frontend, &material, ip, 8497, Version::Tls13, None).expect("TLS client");
     assert!(
@@ -935,14 +949,13 @@ fn a_deferred_accept_server_sees_the_clients_first_bytes() {
 
     // A ClientHello longer than one kernel record (1,024 bytes), as clients
     // offering post-quantum key shares send: a long ALPN list here.
-    let _big = deferred_accept_server(backend, ip, 8494, backend_cert);
     let script = "import socket, ssl, sys\n\
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
         ctx.load_verify_locations(sys.argv[3])\n\
         ctx.check_hostname = False\n\
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3\n\
         ctx.set_alpn_protocols(['h2', 'http/1.1'] + ['p%d-' % i + 'x' * 200 for i in range(8)])\n\
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n\
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)\n\
         t = ctx.wrap_socket(s, server_hostname='backend.demo.local')\n\
         t.sendall(b'hello')\n\
         assert t.recv(64) == b'olleh'\n\
