@@ -119,7 +119,9 @@ struct Handed {
     chunks: u32,
     /// 1 when the payload starts with a TLS handshake record.
     tls: u32,
-    _pad: u32,
+    /// 1 when a load from the packet failed after `chunks` records: the
+    /// bytes past them are lost, and the new socket's stream must say so.
+    lost: u32,
     recs: [PayloadRecord<PAYLOAD_CHUNK>; HANDED_CHUNKS],
 }
 
@@ -1233,6 +1235,7 @@ fn stash_for_child(ctx: &SkBuffContext, seq: u32, tcp_at: u32, start: u32, len: 
     };
     let mut copied = 0u32;
     let mut chunks = 0u32;
+    let mut lost = false;
     for (i, rec) in h.recs.iter_mut().enumerate() {
         if i >= most || copied >= len {
             break;
@@ -1254,19 +1257,20 @@ fn stash_for_child(ctx: &SkBuffContext, seq: u32, tcp_at: u32, start: u32, len: 
             ) == 0
         };
         if !ok {
+            lost = true;
             break;
         }
         copied += n;
         chunks += 1;
     }
-    if chunks == 0 {
-        return;
-    }
+    // Kept even when nothing was copied: the socket must still be told
+    // that its first bytes were lost, as `follow` tells it.
     h.seq = seq;
     h.ports = (u16::from_be_bytes([ports[0], ports[1]]) as u32) << 16
         | u16::from_be_bytes([ports[2], ports[3]]) as u32;
     h.chunks = chunks;
     h.tls = tls as u32;
+    h.lost = lost as u32;
     h.len = len;
 }
 
@@ -1297,7 +1301,9 @@ fn hand_over(ctx: &SockOpsContext, s: &mut SocketStorage) {
     }
     let chunks = h.chunks;
     let mut copied = 0u32;
-    let mut lost = false;
+    // Bytes the ingress program could not copy are lost like bytes the
+    // ring had no room for.
+    let mut lost = h.lost != 0;
     for (i, rec) in h.recs.iter_mut().enumerate() {
         if i as u32 >= chunks {
             break;
