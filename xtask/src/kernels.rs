@@ -307,6 +307,19 @@ fn kvm_usable() -> bool {
         && (cpu.contains(" vmx") || cpu.contains(" svm"))
 }
 
+/// The slowest test in a test binary's log and its seconds, from the lines
+/// that `--report-time` writes: `test NAME ... ok <12.345s>`.
+fn slowest_test(log: &str) -> Option<(&str, f64)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("test ")?;
+            let (name, outcome) = rest.split_once(" ... ")?;
+            let secs = outcome.split_once('<')?.1.strip_suffix("s>")?;
+            Some((name, secs.parse::<f64>().ok()?))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
 /// The outcome of one kernel.
 pub struct Outcome {
     pub kernel: String,
@@ -354,6 +367,10 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
         root = root.display(),
         out = out.display(),
     ));
+    // Each test's time goes into its line of the log (`--report-time`, a
+    // libtest option that the test binary takes only as unstable: the
+    // environment variable lets a stable build's test harness accept it),
+    // so that the matrix's summary can name where its time goes.
     for entry in k.tests {
         let (name, filter) = split_entry(entry);
         let exe = tests
@@ -362,7 +379,7 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
             .map(|(_, exe)| exe)
             .with_context(|| format!("kernel {}: `{name}` is not in TESTS", k.name))?;
         script.push_str(&format!(
-            "s=$(date +%s); {exe} {filter} --test-threads=1 > $out/{name}.log 2>&1; rc=$?\n\
+            "s=$(date +%s); RUSTC_BOOTSTRAP=1 {exe} {filter} --test-threads=1 -Z unstable-options --report-time > $out/{name}.log 2>&1; rc=$?\n\
              echo \"{name} $rc $(( $(date +%s) - s ))\" >> $out/results\n",
             exe = exe.display(),
         ));
@@ -421,11 +438,14 @@ fn run_one(k: &Kernel, tests: &[(String, PathBuf)]) -> Result<Outcome> {
             continue;
         };
         let log = std::fs::read_to_string(out.join(format!("{name}.log"))).unwrap_or_default();
-        let summary = log
+        let mut summary = log
             .lines()
             .rfind(|l| l.starts_with("test result:"))
             .unwrap_or("no test result line")
             .to_string();
+        if let Some((test, secs)) = slowest_test(&log) {
+            summary.push_str(&format!("; slowest: {test} {secs:.0}s"));
+        }
         // A filter that matched nothing passes with "0 passed": not a pass.
         let ok = rc == "0" && passed_count(&summary) > 0;
         if !ok {
@@ -654,6 +674,17 @@ linux-image-6.12.95+deb12-amd64 - Linux 6.12 for 64-bit PCs (signed)
         assert_eq!(
             failure_excerpt(crashed, 2),
             ["test a ... ok", "Segmentation fault"]
+        );
+    }
+
+    #[test]
+    fn names_the_slowest_test_from_report_time_lines() {
+        let log = "running 3 tests\ntest a ... ok <3.500s>\ntest b_slow ... FAILED <120.250s>\ntest c ... ok <9.000s>\nsome output ... <not a time>\n\ntest result: FAILED. 2 passed; 1 failed";
+        assert_eq!(slowest_test(log), Some(("b_slow", 120.25)));
+        // Without --report-time (an older log) there is nothing to name.
+        assert_eq!(
+            slowest_test("test a ... ok\ntest result: ok. 1 passed"),
+            None
         );
     }
 
