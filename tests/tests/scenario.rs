@@ -10,7 +10,6 @@
 //! agent does, both inside the kind-like node. Needs root; never skips.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use flowaudit_tests::agent::flows_between;
 use flowaudit_tests::scenario::{FRONTEND, Precinct99, SCENARIO};
@@ -119,27 +118,41 @@ fn scenario_against(index: u8, version: &str) {
     double.stop();
 }
 
+/// Replaces `path` whole (a new file renamed over it, as a ConfigMap's
+/// update swaps its files): the agent never reads it half written.
+fn replace_file(path: &std::path::Path, content: &str) {
+    let new = path.with_extension("new");
+    std::fs::write(&new, content).unwrap_or_else(|e| panic!("writing {}: {e}", new.display()));
+    std::fs::rename(&new, path).unwrap_or_else(|e| panic!("renaming onto {}: {e}", path.display()));
+}
+
 #[test]
 fn endpoint_directory_changes_apply_while_running() {
     require_root();
     let sim = Precinct99::start(31).expect("precinct-99 on a simulated node");
     let dir = temp_dir("endpoints-change");
-    let agent = sim.agent(&dir, &scenario_policy(), &["--spire-admin-socket", "none"]);
-    // The file the agent watches.
+    let mut agent = sim.agent(&dir, &scenario_policy(), &["--spire-admin-socket", "none"]);
+    // The file the agent watches (it looks once a second).
     let endpoints = dir.join("endpoints.yaml");
     let frontend_to_backend = &SCENARIO[1];
     assert_eq!(frontend_to_backend.from, Some(FRONTEND));
     let before = sim.run(frontend_to_backend).expect("traffic");
     // A broken version: rejected, the last good directory stays in force.
-    std::fs::write(&endpoints, "endpoints: [[[").expect("break endpoints");
-    std::thread::sleep(Duration::from_millis(2500));
+    replace_file(&endpoints, "endpoints: [[[");
+    agent.wait_for_log(30, "the broken endpoint directory rejected", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("endpoint directory rejected"))
+    });
     let during = sim.run(frontend_to_backend).expect("traffic");
     // frontend now runs under another service account: a workload no rule knows.
     let changed = sim
         .endpoint_directory()
         .replace("serviceAccount: frontend", "serviceAccount: frontend-v2");
-    std::fs::write(&endpoints, changed).expect("rewrite endpoints");
-    std::thread::sleep(Duration::from_millis(2500));
+    replace_file(&endpoints, &changed);
+    agent.wait_for_log(30, "the changed endpoint directory reloaded", |v| {
+        v["message"] == "endpoint directory reloaded"
+    });
     let after = sim.run(frontend_to_backend).expect("traffic");
     let report = agent.stop();
     let egress = |rec: &flowaudit_tests::simpod::ConnRecord| -> Value {
