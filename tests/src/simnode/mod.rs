@@ -246,7 +246,6 @@ impl SimNode {
         };
         node.netns_inode = netns::inode(&netns)?;
         let n = netns.as_str();
-        cmd::ip(&["-n", n, "link", "set", "lo", "up"])?;
         // No DAD on the node's links (bridge, transit veths): a router whose
         // link-local address is still tentative sends no neighbour
         // solicitation, so a forwarded packet would wait ~2 s.
@@ -257,42 +256,29 @@ impl SimNode {
         // forward_delay 0 and no multicast snooping: ports forward at once and
         // IPv6 neighbour discovery is flooded, so a fresh pod is reachable
         // without waiting for MLD reports.
-        cmd::ip(&[
-            "-n",
+        let (ip4, ip6) = (format!("{}/24", node.ip4), format!("{}/64", node.ip6));
+        cmd::ip_batch(
             n,
-            "link",
-            "add",
-            BRIDGE,
-            "type",
-            "bridge",
-            "forward_delay",
-            "0",
-            "stp_state",
-            "0",
-            "mcast_snooping",
-            "0",
-        ])?;
-        cmd::ip(&[
-            "-n",
-            n,
-            "addr",
-            "add",
-            &format!("{}/24", node.ip4),
-            "dev",
-            BRIDGE,
-        ])?;
-        cmd::ip(&[
-            "-n",
-            n,
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", node.ip6),
-            "dev",
-            BRIDGE,
-            "nodad",
-        ])?;
-        cmd::ip(&["-n", n, "link", "set", BRIDGE, "up"])?;
+            &[
+                cmd::line(&["link", "set", "lo", "up"]),
+                cmd::line(&[
+                    "link",
+                    "add",
+                    BRIDGE,
+                    "type",
+                    "bridge",
+                    "forward_delay",
+                    "0",
+                    "stp_state",
+                    "0",
+                    "mcast_snooping",
+                    "0",
+                ]),
+                cmd::line(&["addr", "add", &ip4, "dev", BRIDGE]),
+                cmd::line(&["addr", "add", &ip6, "dev", BRIDGE, "nodad"]),
+                cmd::line(&["link", "set", BRIDGE, "up"]),
+            ],
+        )?;
         // New namespaces start with forwarding off; state it so that a changed
         // default can never turn the node into a router.
         netns::run_in(n, || {
@@ -393,65 +379,40 @@ impl SimNode {
         netns::add(&p.netns)?;
         p.netns_inode = netns::inode(&p.netns)?;
         let (n, pn) = (self.netns.as_str(), p.netns.as_str());
-        cmd::ip(&[
-            "-n",
+        cmd::ip_batch(
             n,
-            "link",
-            "add",
-            &p.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
+            &[
+                cmd::line(&[
+                    "link",
+                    "add",
+                    &p.host_veth,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    pn,
+                ]),
+                cmd::line(&["link", "set", &p.host_veth, "master", BRIDGE, "up"]),
+            ],
+        )?;
+        let (ip4, ip6) = (format!("{}/24", p.ip4), format!("{}/64", p.ip6));
+        let (via4, via6) = (self.ip4.to_string(), self.ip6.to_string());
+        cmd::ip_batch(
             pn,
-        ])?;
-        cmd::ip(&["-n", n, "link", "set", &p.host_veth, "master", BRIDGE, "up"])?;
-        cmd::ip(&["-n", pn, "link", "set", "lo", "up"])?;
-        cmd::ip(&[
-            "-n",
-            pn,
-            "addr",
-            "add",
-            &format!("{}/24", p.ip4),
-            "dev",
-            "eth0",
-        ])?;
-        // nodad: the address is usable at once instead of after ~1 s of DAD.
-        cmd::ip(&[
-            "-n",
-            pn,
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", p.ip6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        cmd::ip(&["-n", pn, "link", "set", "eth0", "up"])?;
-        // Off-subnet traffic goes to the node, which routes it to a linked
-        // node (SimNode::link) or drops it.
-        cmd::ip(&[
-            "-n",
-            pn,
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.ip4.to_string(),
-        ])?;
-        cmd::ip(&[
-            "-n",
-            pn,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.ip6.to_string(),
-        ])?;
+            &[
+                cmd::line(&["link", "set", "lo", "up"]),
+                cmd::line(&["addr", "add", &ip4, "dev", "eth0"]),
+                // nodad: the address is usable at once instead of after ~1 s of DAD.
+                cmd::line(&["addr", "add", &ip6, "dev", "eth0", "nodad"]),
+                cmd::line(&["link", "set", "eth0", "up"]),
+                // Off-subnet traffic goes to the node, which routes it to a
+                // linked node (SimNode::link) or drops it.
+                cmd::line(&["route", "add", "default", "via", &via4]),
+                cmd::line(&["route", "add", "::/0", "via", &via6]),
+            ],
+        )?;
         Ok(())
     }
 
@@ -682,61 +643,31 @@ impl SimNode {
         }
         let (a, b) = (self, other);
         let (va, vb) = (format!("fx{}", b.index), format!("fx{}", a.index));
-        cmd::ip(&[
-            "-n", &a.netns, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
-            &b.netns,
-        ])?;
         for (me, peer, dev) in [(a, b, &va), (b, a, &vb)] {
             let n = me.netns.as_str();
             let (my4, my6) = (me.transit_ip4(), me.transit_ip6());
             let (peer4, peer6) = (peer.transit_ip4(), peer.transit_ip6());
-            cmd::ip(&["-n", n, "addr", "add", &format!("{my4}/32"), "dev", dev])?;
-            cmd::ip(&[
-                "-n",
-                n,
-                "-6",
-                "addr",
-                "add",
-                &format!("{my6}/128"),
-                "dev",
-                dev,
-                "nodad",
-            ])?;
-            cmd::ip(&["-n", n, "link", "set", dev, "up"])?;
-            cmd::ip(&["-n", n, "route", "add", &format!("{peer4}/32"), "dev", dev])?;
-            cmd::ip(&[
-                "-n",
-                n,
-                "-6",
-                "route",
-                "add",
-                &format!("{peer6}/128"),
-                "dev",
-                dev,
-            ])?;
-            cmd::ip(&[
-                "-n",
-                n,
-                "route",
-                "add",
-                &peer.subnet4(),
-                "via",
-                &peer4.to_string(),
-                "dev",
-                dev,
-            ])?;
-            cmd::ip(&[
-                "-n",
-                n,
-                "-6",
-                "route",
-                "add",
-                &peer.subnet6(),
-                "via",
-                &peer6.to_string(),
-                "dev",
-                dev,
-            ])?;
+            let (p4, p6) = (peer4.to_string(), peer6.to_string());
+            let (a4, a6) = (format!("{my4}/32"), format!("{my6}/128"));
+            let (r4, r6) = (format!("{peer4}/32"), format!("{peer6}/128"));
+            let (s4, s6) = (peer.subnet4(), peer.subnet6());
+            let mut commands = Vec::new();
+            if std::ptr::eq(me, a) {
+                // The link itself, made from the first node's side.
+                commands.push(cmd::line(&[
+                    "link", "add", dev, "type", "veth", "peer", "name", &vb, "netns", &b.netns,
+                ]));
+            }
+            commands.extend([
+                cmd::line(&["addr", "add", &a4, "dev", dev]),
+                cmd::line(&["addr", "add", &a6, "dev", dev, "nodad"]),
+                cmd::line(&["link", "set", dev, "up"]),
+                cmd::line(&["route", "add", &r4, "dev", dev]),
+                cmd::line(&["route", "add", &r6, "dev", dev]),
+                cmd::line(&["route", "add", &s4, "via", &p4, "dev", dev]),
+                cmd::line(&["route", "add", &s6, "via", &p6, "dev", dev]),
+            ]);
+            cmd::ip_batch(n, &commands)?;
             netns::run_in(n, || {
                 netns::write_sysctl("net.ipv4.ip_forward", "1")?;
                 netns::write_sysctl("net.ipv6.conf.all.forwarding", "1")
