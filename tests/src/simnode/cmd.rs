@@ -5,18 +5,24 @@ use std::process::Command;
 
 use super::SimError;
 
+/// Why `ip ARGS` could not start: iproute2 missing, or the error.
+fn spawn_failed(e: std::io::Error, args: &str) -> SimError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        SimError::IpMissing
+    } else {
+        SimError::Io {
+            what: format!("spawn `ip {args}`"),
+            source: e,
+        }
+    }
+}
+
 /// Runs `ip ARGS...` and fails with the command line and its stderr.
 pub(crate) fn ip(args: &[&str]) -> Result<String, SimError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            SimError::IpMissing
-        } else {
-            SimError::Io {
-                what: format!("spawn `ip {}`", args.join(" ")),
-                source: e,
-            }
-        }
-    })?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| spawn_failed(e, &args.join(" ")))?;
     if !out.status.success() {
         return Err(SimError::Command {
             cmd: format!("ip {}", args.join(" ")),
@@ -44,16 +50,7 @@ pub(crate) fn ip_batch(netns: &str, commands: &[Vec<String>]) -> Result<(), SimE
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                SimError::IpMissing
-            } else {
-                SimError::Io {
-                    what: format!("spawn `ip -n {netns} -batch -`"),
-                    source: e,
-                }
-            }
-        })?;
+        .map_err(|e| spawn_failed(e, &format!("-n {netns} -batch -")))?;
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let fed = stdin.write_all((lines.join("\n") + "\n").as_bytes());
     drop(stdin);
