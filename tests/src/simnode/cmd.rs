@@ -33,7 +33,7 @@ pub(crate) fn ip(args: &[&str]) -> Result<String, SimError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `commands` (each the arguments of one `ip` command, without global
+/// Runs `lines` (each the arguments of one `ip` command, without global
 /// options: an IPv6 address or prefix says the family) in network
 /// namespace `netns` with one `ip -batch` process, which stops at the first
 /// that fails; fails with that command's line and what `ip` printed. One
@@ -41,9 +41,8 @@ pub(crate) fn ip(args: &[&str]) -> Result<String, SimError> {
 /// kernel matrix runs, every process start costs about half a second
 /// (2026-12-06, 5.10 guest: 10 `ip` runs 5.2 s, one batch of the same 10
 /// commands 0.84 s).
-pub(crate) fn ip_batch(netns: &str, commands: &[Vec<String>]) -> Result<(), SimError> {
+pub(crate) fn ip_batch(netns: &str, lines: &[String]) -> Result<(), SimError> {
     use std::io::Write;
-    let lines: Vec<String> = commands.iter().map(|c| c.join(" ")).collect();
     let mut child = Command::new("ip")
         .args(["-n", netns, "-batch", "-"])
         .stdin(std::process::Stdio::piped())
@@ -80,9 +79,9 @@ pub(crate) fn ip_batch(netns: &str, commands: &[Vec<String>]) -> Result<(), SimE
     })
 }
 
-/// Builds one `ip_batch` command from its words.
-pub(crate) fn line(words: &[&str]) -> Vec<String> {
-    words.iter().map(|w| w.to_string()).collect()
+/// One `ip_batch` command line from its words.
+pub(crate) fn line(words: &[&str]) -> String {
+    words.join(" ")
 }
 
 /// Checks once that we are root and that iproute2 is installed, so the
