@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use super::ahead::Ahead;
 use crate::flow::FlowEvent;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,46 +78,83 @@ struct WriteBehind {
     off: bool,
 }
 
+/// One step of write-behind: the byte ranges (offset, length) to drop
+/// from the page cache, then to start writing to disk. A length of 0 means
+/// to the end of the file.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BehindStep {
+    pub drop: Option<(u64, u64)>,
+    pub start: Option<(u64, u64)>,
+}
+
+impl BehindStep {
+    /// Makes the calls on `file`.
+    pub(super) fn run(self, file: &File) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        if let Some((from, n)) = self.drop {
+            // Pages still being written stay; the kernel drops only clean
+            // ones. SAFETY: an advice on an open descriptor.
+            let e = unsafe {
+                libc::posix_fadvise(fd, from as i64, n as i64, libc::POSIX_FADV_DONTNEED)
+            };
+            if e != 0 {
+                return Err(std::io::Error::from_raw_os_error(e));
+            }
+        }
+        if let Some((from, n)) = self.start {
+            // SAFETY: a system call on an open descriptor.
+            if unsafe {
+                libc::sync_file_range(fd, from as i64, n as i64, libc::SYNC_FILE_RANGE_WRITE)
+            } != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
 impl WriteBehind {
     /// The file is done with (rotated): what is on disk of it leaves the
-    /// page cache too.
-    fn leave(&self, file: &File) {
-        use std::os::fd::AsRawFd;
-        if !self.off {
-            // SAFETY: an advice on an open descriptor; it changes no data.
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    /// page cache too. On the helper thread when there is one.
+    fn leave(&self, file: &File, ahead: Option<&Ahead>) {
+        if self.off {
+            return;
+        }
+        let step = BehindStep {
+            drop: Some((0, 0)),
+            start: None,
+        };
+        if ahead.is_none_or(|a| !a.behind(file, step)) {
+            let _ = step.run(file);
         }
     }
 
     /// After the file grew to `len`: start writing the new window to disk,
-    /// drop the one before from the page cache. Never waits for the disk.
-    /// Best effort: a failure turns it off for this file and is not a
-    /// write error (the lines are in the file).
-    fn advance(&mut self, file: &File, len: u64) {
-        use std::os::fd::AsRawFd;
+    /// drop the one before from the page cache. Never waits for the disk
+    /// itself: with a helper thread ([`Ahead`]), that thread makes the
+    /// calls, since starting a writeback can wait for the disk (the block
+    /// layer's writeback throttling held the writer up to a second at a
+    /// time in pinned bench runs, 2026-12-06). Best effort: a failure turns
+    /// it off for this file and is not a write error (the lines are in the
+    /// file).
+    fn advance(&mut self, file: &File, len: u64, ahead: Option<&Ahead>) {
         if self.off || len < self.started + WRITE_BEHIND {
             return;
         }
-        let fd = file.as_raw_fd();
-        let done = (|| {
-            if self.started > self.dropped {
-                let (from, n) = (self.dropped as i64, (self.started - self.dropped) as i64);
-                // Pages still being written stay; the kernel drops only
-                // clean ones. SAFETY: an advice on an open descriptor.
-                let e = unsafe { libc::posix_fadvise(fd, from, n, libc::POSIX_FADV_DONTNEED) };
-                if e != 0 {
-                    return Err(std::io::Error::from_raw_os_error(e));
-                }
-                self.dropped = self.started;
-            }
-            let (from, n) = (self.started as i64, (len - self.started) as i64);
-            // SAFETY: a system call on an open descriptor.
-            if unsafe { libc::sync_file_range(fd, from, n, libc::SYNC_FILE_RANGE_WRITE) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            self.started = len;
+        let step = BehindStep {
+            drop: (self.started > self.dropped)
+                .then(|| (self.dropped, self.started - self.dropped)),
+            start: Some((self.started, len - self.started)),
+        };
+        let done = if ahead.is_some_and(|a| a.behind(file, step)) {
             Ok(())
-        })();
+        } else {
+            step.run(file)
+        };
+        self.dropped = self.started;
+        self.started = len;
         if let Err(error) = done {
             self.off = true;
             tracing::debug!(
@@ -141,6 +179,9 @@ pub struct ExportFile {
     max_bytes: u64,
     max_backups: u32,
     behind: WriteBehind,
+    /// Disk blocks of the next file allocated ahead (`None` where that
+    /// would not help: see [`super::ahead`]).
+    ahead: Option<Ahead>,
     pub stats: Arc<ExportFileStats>,
     /// A rename onto this path fails (tests simulate a failing rotation).
     #[cfg(test)]
@@ -172,6 +213,8 @@ impl ExportFile {
         }
         let file = open_append(path)?;
         let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let max_bytes = max_bytes.max(1);
+        let ahead = Ahead::start(path, &file, on_disk, max_bytes);
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -179,9 +222,10 @@ impl ExportFile {
             pending: Vec::with_capacity(BUFFER + 4096),
             json: Default::default(),
             torn: false,
-            max_bytes: max_bytes.max(1),
+            max_bytes,
             max_backups,
             behind: WriteBehind::default(),
+            ahead,
             stats: Arc::default(),
             #[cfg(test)]
             fail_rename_to: None,
@@ -254,7 +298,8 @@ impl ExportFile {
         let Err(source) = result else {
             self.on_disk += self.pending.len() as u64;
             self.pending.clear();
-            self.behind.advance(&self.file, self.on_disk);
+            self.behind
+                .advance(&self.file, self.on_disk, self.ahead.as_ref());
             return Ok(true);
         };
         let whole = self.pending[..done]
@@ -284,21 +329,45 @@ impl ExportFile {
         std::fs::rename(from, to)
     }
 
-    /// The new file is made first, under a hidden name; then backups shift
-    /// up into the first free slot (replacing the oldest only when every
-    /// slot is taken), the current file becomes `.1` and the new one takes
-    /// its name. Nothing is deleted, so a rotation that fails half-way
-    /// loses at most the oldest backup, once; the next one fills the gap.
+    /// The new file is made first, under a hidden name (or is the spare
+    /// whose blocks were allocated ahead, when it is ready); then backups
+    /// shift up into the first free slot (replacing the oldest only when
+    /// every slot is taken), the current file becomes `.1` and the new one
+    /// takes its name. Nothing is deleted, so a rotation that fails
+    /// half-way loses at most the oldest backup, once; the next one fills
+    /// the gap.
     fn rotate(&mut self) -> Result<(), ExportError> {
-        let err = |source| ExportError::Rotate {
-            path: self.path.clone(),
-            source,
+        let spare = self.ahead.as_mut().and_then(|a| a.take_spare());
+        let fresh = match spare {
+            Some(spare) => spare,
+            None => {
+                let mut fresh = self.path.clone();
+                let name = self.path.file_name().unwrap_or_default().to_string_lossy();
+                fresh.set_file_name(format!(".{name}.rotating"));
+                let _ = std::fs::remove_file(&fresh);
+                fresh
+            }
         };
-        let mut fresh = self.path.clone();
-        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
-        fresh.set_file_name(format!(".{name}.rotating"));
-        let _ = std::fs::remove_file(&fresh);
-        let file = open_append(&fresh)?;
+        let rotated = match open_append(&fresh) {
+            Ok(file) => self
+                .shift_onto(file, &fresh)
+                .map_err(|source| ExportError::Rotate {
+                    path: self.path.clone(),
+                    source,
+                }),
+            Err(e) => Err(e),
+        };
+        if let Some(a) = &self.ahead {
+            // Taken or not, renamed or removed: the next spare may be made
+            // now (its making starts by removing what has the spare's name).
+            a.want_spare();
+        }
+        rotated
+    }
+
+    /// `rotate`'s renames, onto the new file `file` at `fresh`; on failure
+    /// `fresh` is removed.
+    fn shift_onto(&mut self, file: File, fresh: &Path) -> std::io::Result<()> {
         let shifted = (|| {
             if self.max_backups > 0 {
                 let top = (1..=self.max_backups)
@@ -310,13 +379,13 @@ impl ExportFile {
                 self.rename(&self.path, &self.backup(1))?;
             }
             // Without backups this replaces the full file in one step.
-            self.rename(&fresh, &self.path)
+            self.rename(fresh, &self.path)
         })();
         if let Err(e) = shifted {
-            let _ = std::fs::remove_file(&fresh);
-            return Err(err(e));
+            let _ = std::fs::remove_file(fresh);
+            return Err(e);
         }
-        self.behind.leave(&self.file);
+        self.behind.leave(&self.file, self.ahead.as_ref());
         self.file = file;
         self.on_disk = 0;
         self.behind = WriteBehind::default();
@@ -327,6 +396,16 @@ impl ExportFile {
 impl Drop for ExportFile {
     fn drop(&mut self) {
         let _ = self.write_out();
+        if let Some(ahead) = self.ahead.take() {
+            // Its thread is done first (an allocation under way ends).
+            drop(ahead);
+            // Blocks allocated ahead and not written go back to the disk
+            // (a truncation to its own length frees those past the end).
+            // Not after a failed write: its cut-off is pending (`torn`).
+            if !self.torn {
+                let _ = self.file.set_len(self.on_disk);
+            }
+        }
     }
 }
 
@@ -962,6 +1041,108 @@ mod tests {
         )
     }
 
+    /// Waits until the helper thread made the write-behind steps handed to it.
+    fn settle(ex: &ExportFile) {
+        if let Some(a) = &ex.ahead {
+            a.settle();
+        }
+    }
+
+    /// Bytes of disk blocks `p` holds.
+    fn allocated(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map_or(0, |m| m.blocks() * 512)
+    }
+
+    /// Waits (at most 30 s) until the helper thread made the spare.
+    fn wait_spare(ex: &ExportFile, spare: &Path) {
+        let a = ex.ahead.as_ref().unwrap_or_else(|| {
+            panic!(
+                "no helper thread allocates ahead for {}: is the test directory on tmpfs?",
+                ex.path.display()
+            )
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !a.spare_ready() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no spare at {} after 30 s (its file system may not take fallocate: the agent then allocates nothing ahead, but this test needs a disk that does, as CI's ext4)",
+                spare.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn rotation_moves_onto_a_spare_whose_blocks_were_allocated_ahead() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = disk_dir("ahead");
+        let path = dir.join("flows.jsonl");
+        let spare = dir.join(".flows.jsonl.spare");
+        let max = 1u64 << 20;
+        let mut ex = ExportFile::open(&path, max, 3).unwrap();
+        wait_spare(&ex, &spare);
+        // The spare: empty, its blocks allocated; so is the current file
+        // (allocated first).
+        let meta = std::fs::metadata(&spare).expect("the spare file");
+        assert_eq!(meta.len(), 0, "a spare is empty: readers see no bytes");
+        assert!(
+            allocated(&spare) >= max,
+            "the spare holds {} bytes of blocks, not {max}",
+            allocated(&spare)
+        );
+        assert!(
+            allocated(&path) >= max,
+            "the current file holds {} bytes of blocks ahead, not {max}",
+            allocated(&path)
+        );
+        let spare_inode = meta.ino();
+        // Write until the file rotates: the spare takes the file's name.
+        while !dir.join("flows.jsonl.1").exists() {
+            ex.write(&flow()).unwrap();
+        }
+        ex.flush().unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().ino(),
+            spare_inode,
+            "the rotation renamed the spare into place"
+        );
+        // The next spare is made for the next rotation.
+        wait_spare(&ex, &spare);
+        assert_ne!(std::fs::metadata(&spare).unwrap().ino(), spare_inode);
+        assert_eq!(ex.stats.errors.load(Ordering::Relaxed), 0);
+        // Stopping gives back what was allocated and not written, and the spare.
+        drop(ex);
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len > 0 && len < max);
+        assert!(
+            allocated(&path) < len + (64 << 10),
+            "after the agent stops, the current file holds {} bytes of blocks for {len} bytes of lines",
+            allocated(&path)
+        );
+        assert!(!spare.exists(), "the spare is removed when the agent stops");
+        let lines = assert_whole_lines(&dir.join("flows.jsonl.1"), "rotated")
+            + assert_whole_lines(&path, "current");
+        assert!(lines > 2);
+    }
+
+    #[test]
+    fn nothing_is_allocated_ahead_on_tmpfs() {
+        // tmpfs blocks are memory: the agent's memory limit.
+        let fs = Tmpfs::mount("ahead-tmpfs", "8m");
+        let path = fs.0.join("flows.jsonl");
+        let mut ex = ExportFile::open(&path, 1 << 20, 1).unwrap();
+        assert!(
+            ex.ahead.is_none(),
+            "no helper thread allocates ahead on tmpfs"
+        );
+        ex.write(&flow()).unwrap();
+        ex.flush().unwrap();
+        drop(ex);
+        assert!(!fs.0.join(".flows.jsonl.spare").exists());
+        assert_eq!(assert_whole_lines(&path, "tmpfs"), 1);
+    }
+
     #[test]
     fn written_windows_leave_the_page_cache_behind_the_writer() {
         let dir = disk_dir("behind");
@@ -976,6 +1157,7 @@ mod tests {
         };
         // The first window: its writing to disk starts; wait until it is on disk.
         fill(&mut ex, window + 1);
+        settle(&ex);
         assert_eq!(
             ex.behind.started, ex.on_disk,
             "writing the first window was started"
@@ -986,6 +1168,7 @@ mod tests {
         assert!(first > 0, "the lines just written are in the page cache");
         // The second window: the first one (on disk by now) leaves the cache.
         fill(&mut ex, 2 * window + 2);
+        settle(&ex);
         let total = (window / 4096) as usize;
         let first_after = resident_pages(&reader, 0, window);
         let second = resident_pages(&reader, window + 4096, 2 * window);

@@ -4,6 +4,7 @@
 //! Sinks: the export file ([`file`]), Prometheus counters ([`metrics`]) and
 //! the flow hub behind the gRPC stream ([`hub`], [`grpc`]).
 
+mod ahead;
 pub mod convert;
 pub mod file;
 pub mod filter;
@@ -38,7 +39,10 @@ pub mod proto {
 pub struct ExportArgs {
     /// Write flow events to this file as JSON lines, rotated by size. It is
     /// written out behind the writer every 8 MiB, and what is on disk then
-    /// leaves the page cache. A writer 16,384 flows behind (a slow disk)
+    /// leaves the page cache. On a disk, the next file's blocks are
+    /// allocated ahead (a hidden spare, `.NAME.spare`, up to 256 MiB; size 0)
+    /// so that the writer never waits to allocate; the blocks not written
+    /// are given back when the agent stops. A writer 16,384 flows behind (a slow disk)
     /// leaves the next flows out of the file and counts them
     /// (flowaudit_export_file_flows_lost_total); capture never waits for it.
     #[arg(long, env = "FLOWAUDIT_EXPORT_FILE", value_name = "PATH")]

@@ -130,6 +130,19 @@ struct ExportL4<'a> {
 fn count_flowaudit(path: &Path, exp: &Expected) -> Result<(Vec<u8>, IdentityTally)> {
     let mut seen = vec![0u8; exp.len()];
     let mut ids = IdentityTally::default();
+    for file in with_backups(path) {
+        count_flowaudit_file(&file, exp, &mut seen, &mut ids)?;
+    }
+    Ok((seen, ids))
+}
+
+/// `count_flowaudit` of one of the export's files.
+fn count_flowaudit_file(
+    path: &Path,
+    exp: &Expected,
+    seen: &mut [u8],
+    ids: &mut IdentityTally,
+) -> Result<()> {
     let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut line = String::new();
@@ -163,7 +176,7 @@ fn count_flowaudit(path: &Path, exp: &Expected) -> Result<(Vec<u8>, IdentityTall
         ids.add(e.source.identity_source);
         ids.add(e.destination.identity_source);
     }
-    Ok((seen, ids))
+    Ok(())
 }
 
 /// Per connection: bit 1 client socket reported, bit 2 server socket.
@@ -229,14 +242,35 @@ fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map_or(0, |m| m.len())
 }
 
+/// `p` and its rotated backups `p.1`, `p.2`, ... (those that exist): the
+/// export file's lines, whatever rotation did with them.
+fn with_backups(p: &Path) -> Vec<PathBuf> {
+    let mut all = vec![p.to_path_buf()];
+    for n in 1.. {
+        let mut b = p.as_os_str().to_owned();
+        b.push(format!(".{n}"));
+        let b = PathBuf::from(b);
+        if !b.exists() {
+            break;
+        }
+        all.push(b);
+    }
+    all
+}
+
+/// Bytes in `p` and its rotated backups.
+fn len_with_backups(p: &Path) -> u64 {
+    with_backups(p).iter().map(|f| file_len(f)).sum()
+}
+
 /// Waits until every file stopped growing for `quiet` (at most `limit`).
 fn wait_quiet(files: &[&Path], quiet: Duration, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
-    let mut last: Vec<u64> = files.iter().map(|f| file_len(f)).collect();
+    let mut last: Vec<u64> = files.iter().map(|f| len_with_backups(f)).collect();
     let mut since = Instant::now();
     while Instant::now() < deadline {
         env::sleep(Duration::from_millis(250))?;
-        let now: Vec<u64> = files.iter().map(|f| file_len(f)).collect();
+        let now: Vec<u64> = files.iter().map(|f| len_with_backups(f)).collect();
         if now != last {
             last = now;
             since = Instant::now();
@@ -463,8 +497,10 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
             &[
                 "--export-file".into(),
                 export.display().to_string(),
-                "--export-file-max-size-mb".into(),
-                "65536".into(),
+                // Rotated at the default size, as a node's file is; every
+                // backup kept, so that every line can be counted.
+                "--export-file-max-backups".into(),
+                EXPORT_BACKUPS.to_string(),
             ],
         )?),
         false => None,
@@ -649,7 +685,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         let all4 = fa.iter().filter(|s| **s == ALL_FOUR).count();
         let any = fa.iter().filter(|s| **s != 0).count();
         let count_bit = |b: u8| fa.iter().filter(|s| **s & b != 0).count();
-        let export_mib = file_len(&export) as f64 / (1 << 20) as f64;
+        let export_mib = len_with_backups(&export) as f64 / (1 << 20) as f64;
         let (share_text, share_met) = match plan.pin {
             None => (
                 "100% (all four events of every connection), 0 lost",
@@ -759,8 +795,10 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
                 )),
             );
         }
-        // The export file can be large; nothing else needs it.
-        let _ = std::fs::remove_file(&export);
+        // The export files can be large; nothing else needs them.
+        for f in with_backups(&export) {
+            let _ = std::fs::remove_file(f);
+        }
     }
 
     match &tcplife {
@@ -839,6 +877,10 @@ fn ring_note(extra: &[String]) -> String {
 pub fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// Backups of the export file the storms keep: more than a storm writes
+/// (64 MiB each, the default size; a 30 s storm writes about 3.5 GiB).
+const EXPORT_BACKUPS: u32 = 10_000;
 
 /// The thread that serializes and writes the export file
 /// (`agent/src/export/file.rs`).
