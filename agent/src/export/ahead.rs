@@ -6,9 +6,10 @@
 //! the writeback, and a `write` waits for the inode's allocation lock while
 //! a writeback holds it. Finding free blocks may read a block group's
 //! bitmap from the disk, and behind a disk busy with writes that read took
-//! seconds (2026-12-06, 15 s pinned bench runs: the writer thread 30 to 240
-//! samples of 10 ms in `ext4_wait_block_bitmap`, 386 to 397 block
-//! allocations of its own, 2.7% to 32% of connections left out of the file).
+//! seconds (2026-12-06, four 15 s pinned bench runs: the writer thread 17
+//! to 238 samples of 10 ms in `ext4_wait_block_bitmap`, 319 to 401 block
+//! allocations of its own, 1.9% to 31.7% of connections left out of the
+//! file).
 //! With the file's blocks allocated beforehand (`fallocate`, keeping its
 //! size), the same runs had no allocation in the writer and no wait for a
 //! bitmap.
@@ -17,8 +18,9 @@
 //! `file.rs`): starting a writeback waits when the block layer throttles
 //! writeback, and dropping pages from the page cache first drains every
 //! CPU's page lists, which waits for a worker on each CPU; with the
-//! workload's CPU busy, the writer waited there for seconds (same runs:
-//! up to 456 samples in `wbt_wait`, 844 in `__lru_add_drain_all`).
+//! workload's CPU busy, the writer waited there for seconds (later runs
+//! of the same day: up to 456 samples in `wbt_wait`, 844 in
+//! `__lru_add_drain_all`).
 //!
 //! So a helper thread allocates the rest of the file the agent starts on,
 //! and then a spare: the next file, made under a hidden name with its
@@ -174,8 +176,9 @@ impl Ahead {
     }
 
     /// At a rotation: the spare's path when it is ready (the caller renames
-    /// it into place), and the next one is asked for; `None` when it is
-    /// still being made (the caller makes a plain file, without waiting).
+    /// it into place, then asks for the next with [`Ahead::want_spare`]);
+    /// `None` when it is still being made (the caller makes a plain file,
+    /// without waiting).
     pub fn take_spare(&mut self) -> Option<PathBuf> {
         let taken = self
             .state
