@@ -81,13 +81,6 @@ pub struct Ahead {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// The spare's name for the export file `path`: hidden, beside it (a rename
-/// within one directory, so within one file system).
-fn spare_path(path: &Path) -> PathBuf {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    path.with_file_name(format!(".{name}.spare"))
-}
-
 /// Whether blocks of files in `dir` are memory (tmpfs, ramfs).
 fn in_memory(dir: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
@@ -143,7 +136,8 @@ impl Ahead {
             return None;
         }
         let len = max_bytes.min(AHEAD_MAX);
-        let spare = spare_path(path);
+        // Beside the file: a rename within one directory, one file system.
+        let spare = super::file::hidden_beside(path, "spare");
         let state = Arc::new(AtomicU8::new(MAKING));
         let (tx, rx) = mpsc::channel::<Job>();
         let behind_queued = Arc::new(AtomicUsize::new(0));
