@@ -1,5 +1,6 @@
-//! The export file's disk blocks, allocated ahead of its writer on a thread
-//! of their own.
+//! The export file's helper thread: what can wait for the disk, taken off
+//! its writer (disk blocks allocated ahead, write-behind's calls, the
+//! rotations' renames).
 //!
 //! A file system that allocates blocks when pages are written back (ext4's
 //! delayed allocation) makes the writer allocate: its write-behind starts
@@ -30,18 +31,33 @@
 //! written would not do: `fallocate` holds the inode's lock for as long as
 //! it allocates, so the writer would wait for the bitmap all the same.
 //!
-//! Not on tmpfs or ramfs, whose blocks are memory (the agent's memory
-//! limit), nor for a file that is not a regular file (a pipe, a device). A
-//! file system without `fallocate` turns it off, once, with a debug line.
+//! The same thread makes the rotations' renames. They look names up in
+//! the directory, and behind a directory block the journal is writing
+//! that lookup waited seconds (a 15 s pinned run of 2026-12-06: 458 of the
+//! writer's 10 ms samples in `__ext4_find_entry` under a rename, 49% of
+//! connections left out of the file). So at a rotation the writer asks
+//! the helper, waits for its answer at most [`ROTATE_WAIT`] (a rotation
+//! takes well under a millisecond when the disk is not stuck), and
+//! otherwise goes on appending to the current file until the answer
+//! comes; the next line after it starts the new file. Then the file
+//! renamed to `.1` takes lines for a while after the rotation, as a
+//! program's log does under `logrotate` until it reopens, and the file
+//! grows past its size by what came meanwhile.
+//!
+//! Nothing is allocated ahead on tmpfs or ramfs, whose blocks are memory
+//! (the agent's memory limit); a file system without `fallocate` turns the
+//! allocation off, once, with a debug line. There the helper only makes
+//! the rotations and write-behind's calls. A file that is not a regular
+//! file (a pipe, a device) gets no helper.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::Duration;
 
-use super::file::BehindStep;
+use super::file::{BehindStep, Names};
 
 /// Of each file, at most this much is allocated ahead: a `--export-file-
 /// max-size-mb` of gigabytes still gets its first part ahead, and the disk
@@ -64,7 +80,26 @@ enum Job {
     Current(File, u64),
     /// Make the spare.
     Spare,
+    /// Rotate: a new file (the spare when it is ready) takes the export
+    /// file's name, which the current file gives up to become `.1`.
+    Rotate(Names),
 }
+
+/// How long the writer waits for a rotation it asked for before it goes on
+/// appending to the current file (see the module's text).
+pub const ROTATE_WAIT: Duration = Duration::from_millis(20);
+
+/// Where the rotation the writer asked for stands.
+enum Rotation {
+    Idle,
+    Asked,
+    /// The new file, open for appending (already under the export file's
+    /// name), or why the rotation failed.
+    Done(std::io::Result<File>),
+}
+
+/// The rotation's state and its signal to the waiting writer.
+type RotationSlot = (Mutex<Rotation>, Condvar);
 
 /// Write-behind steps handed over and not made yet, at most: beyond, the
 /// next steps are left out (each holds a descriptor of the file; the kernel
@@ -74,7 +109,13 @@ const BEHIND_QUEUE: usize = 64;
 
 pub struct Ahead {
     spare: PathBuf,
+    /// The spare's state; the helper thread takes the spare itself.
+    #[cfg_attr(not(test), allow(dead_code))]
     state: Arc<AtomicU8>,
+    rotation: Arc<RotationSlot>,
+    /// Blocks are allocated ahead (not on tmpfs or ramfs).
+    #[cfg_attr(not(test), allow(dead_code))]
+    allocate: bool,
     /// Write-behind steps handed over, not made yet.
     behind_queued: Arc<AtomicUsize>,
     tx: Option<mpsc::Sender<Job>>,
@@ -122,75 +163,95 @@ fn allocate(file: &File, from: u64, len: u64) -> std::io::Result<()> {
 }
 
 impl Ahead {
-    /// Starts allocating ahead for the export file `path`, open as
-    /// `current` with `on_disk` bytes, whose files grow to `max_bytes`;
-    /// `None` where it would not help (see the module's text) or the
-    /// thread could not start.
+    /// Starts the helper of the export file `path`, open as `current` with
+    /// `on_disk` bytes, whose files grow to `max_bytes`: it allocates ahead
+    /// where that helps (see the module's text); `None` for a file that is
+    /// not a regular file, or when the thread could not start (the writer
+    /// then does it all itself).
     pub fn start(path: &Path, current: &File, on_disk: u64, max_bytes: u64) -> Option<Self> {
         let regular = current.metadata().is_ok_and(|m| m.file_type().is_file());
+        if !regular {
+            return None;
+        }
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        if !regular || in_memory(dir) {
-            return None;
-        }
+        let allocate = !in_memory(dir);
         let len = max_bytes.min(AHEAD_MAX);
         // Beside the file: a rename within one directory, one file system.
         let spare = super::file::hidden_beside(path, "spare");
-        let state = Arc::new(AtomicU8::new(MAKING));
+        let state = Arc::new(AtomicU8::new(if allocate { MAKING } else { NONE }));
+        let rotation = Arc::new((Mutex::new(Rotation::Idle), Condvar::new()));
         let (tx, rx) = mpsc::channel::<Job>();
         let behind_queued = Arc::new(AtomicUsize::new(0));
         let thread = {
-            let (spare, state, queued) = (spare.clone(), state.clone(), behind_queued.clone());
+            let helper = Helper {
+                spare: spare.clone(),
+                state: state.clone(),
+                rotation: rotation.clone(),
+                behind_queued: behind_queued.clone(),
+                len,
+                off: !allocate,
+            };
             std::thread::Builder::new()
                 .name("export-file-ahead".into())
-                .spawn(move || helper(rx, &spare, &state, &queued, len))
+                .spawn(move || helper.run(rx))
         };
         let thread = match thread {
             Ok(t) => t,
             Err(error) => {
-                tracing::debug!(%error, "export file: no thread to allocate its blocks ahead; the writer allocates them");
+                tracing::debug!(%error, "export file: no helper thread; the writer allocates its blocks and rotates it itself");
                 return None;
             }
         };
-        if on_disk < len
-            && let Ok(f) = current.try_clone()
-        {
-            let _ = tx.send(Job::Current(f, on_disk));
+        if allocate {
+            if on_disk < len
+                && let Ok(f) = current.try_clone()
+            {
+                let _ = tx.send(Job::Current(f, on_disk));
+            }
+            let _ = tx.send(Job::Spare);
         }
-        let _ = tx.send(Job::Spare);
         Some(Self {
             spare,
             state,
+            rotation,
+            allocate,
             behind_queued,
             tx: Some(tx),
             thread: Some(thread),
         })
     }
 
-    /// At a rotation: the spare's path when it is ready (the caller renames
-    /// it into place, then asks for the next with [`Ahead::want_spare`]);
-    /// `None` when it is still being made (the caller makes a plain file,
-    /// without waiting).
-    pub fn take_spare(&mut self) -> Option<PathBuf> {
-        let taken = self
-            .state
-            .compare_exchange(READY, NONE, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        taken.then(|| self.spare.clone())
-    }
-
-    /// After a rotation: asks for the next spare, unless one is being made.
-    /// A spare whose making failed (a full disk) is asked for again here.
-    pub fn want_spare(&self) {
-        if self
-            .state
-            .compare_exchange(NONE, MAKING, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-            && let Some(tx) = &self.tx
-        {
-            let _ = tx.send(Job::Spare);
+    /// The rotation of the files `names`: the new file when the helper has
+    /// made it (already under the export file's name), or why it failed;
+    /// `None` while it is under way. The first call asks the helper and
+    /// waits for its answer at most `wait`; later ones only look.
+    pub fn rotation(&self, names: &Names, wait: Duration) -> Option<std::io::Result<File>> {
+        let (slot, done) = &*self.rotation;
+        let mut r = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Rotation::Idle = *r {
+            let sent = self
+                .tx
+                .as_ref()
+                .is_some_and(|tx| tx.send(Job::Rotate(names.clone())).is_ok());
+            if !sent {
+                // The helper is gone: rotate here.
+                return Some(names.rotate(None));
+            }
+            *r = Rotation::Asked;
+            r = done
+                .wait_timeout_while(r, wait, |r| matches!(r, Rotation::Asked))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        match std::mem::replace(&mut *r, Rotation::Idle) {
+            Rotation::Done(made) => Some(made),
+            other => {
+                *r = other;
+                None
+            }
         }
     }
 
@@ -217,6 +278,26 @@ impl Ahead {
         self.state.load(Ordering::Acquire) == READY
     }
 
+    /// Whether the helper allocates ahead (not on tmpfs or ramfs).
+    #[cfg(test)]
+    pub fn allocates(&self) -> bool {
+        self.allocate
+    }
+
+    /// Waits (at most 30 s) until the rotation asked for is answered.
+    #[cfg(test)]
+    pub fn wait_rotation(&self) {
+        let (slot, done) = &*self.rotation;
+        let r = slot.lock().unwrap();
+        let (r, _) = done
+            .wait_timeout_while(r, Duration::from_secs(30), |r| matches!(r, Rotation::Asked))
+            .unwrap();
+        assert!(
+            !matches!(*r, Rotation::Asked),
+            "the helper thread did not answer a rotation in 30 s"
+        );
+    }
+
     /// Waits (at most 30 s) until the write-behind steps handed over are made.
     #[cfg(test)]
     pub fn settle(&self) {
@@ -232,78 +313,112 @@ impl Ahead {
 }
 
 impl Drop for Ahead {
-    /// Waits for an allocation under way, then removes the spare.
+    /// Waits for an allocation or a rotation under way, then removes the
+    /// spare. A new file the writer did not take yet (it is already in
+    /// place, empty) gives back the blocks allocated ahead for it.
     fn drop(&mut self) {
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.spare);
+        let slot = &self.rotation.0;
+        if let Rotation::Done(Ok(file)) = &*slot.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = file.set_len(0);
+        }
     }
 }
 
-/// The helper thread: runs the jobs until the sender is dropped.
-fn helper(
-    rx: mpsc::Receiver<Job>,
-    spare: &Path,
-    state: &AtomicU8,
-    behind_queued: &AtomicUsize,
+/// The helper thread's side.
+struct Helper {
+    spare: PathBuf,
+    state: Arc<AtomicU8>,
+    rotation: Arc<RotationSlot>,
+    behind_queued: Arc<AtomicUsize>,
+    /// Allocated ahead of each file, at most.
     len: u64,
-) {
-    let off = AtomicBool::new(false);
-    let unsupported = |e: &std::io::Error| {
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
-        )
-    };
-    let failed = |what: &str, e: std::io::Error| {
+    /// Nothing is allocated ahead: the file system's blocks are memory, or
+    /// it has no `fallocate`.
+    off: bool,
+}
+
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+    )
+}
+
+impl Helper {
+    /// Runs the jobs until the sender is dropped.
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut behind_failed = false;
+        while let Ok(job) = rx.recv() {
+            match job {
+                Job::Behind(file, step) => {
+                    // Best effort, as on the writer (see `WriteBehind`).
+                    let done = step.run(&file);
+                    self.behind_queued.fetch_sub(1, Ordering::AcqRel);
+                    if let Err(error) = done
+                        && !std::mem::replace(&mut behind_failed, true)
+                    {
+                        tracing::debug!(%error, "export file: write-behind failed (its pages stay in the page cache until the kernel writes them)");
+                    }
+                }
+                Job::Current(file, from) => {
+                    if !self.off
+                        && let Err(e) = allocate(&file, from, self.len.saturating_sub(from))
+                    {
+                        self.failed("the current file", e);
+                    }
+                }
+                Job::Spare => self.make_spare(),
+                Job::Rotate(names) => {
+                    let ready = self
+                        .state
+                        .compare_exchange(READY, NONE, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok();
+                    let made = names.rotate(ready.then_some(self.spare.as_path()));
+                    let (slot, done) = &*self.rotation;
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Rotation::Done(made);
+                    done.notify_all();
+                    // Taken or not, renamed or removed: the next spare.
+                    self.make_spare();
+                }
+            }
+        }
+    }
+
+    fn failed(&mut self, what: &str, e: std::io::Error) {
         if unsupported(&e) {
-            off.store(true, Ordering::Relaxed);
+            self.off = true;
             tracing::debug!(error = %e, "export file: its file system cannot allocate blocks ahead (fallocate); the writer allocates them");
         } else {
             tracing::debug!(error = %e, "export file: could not allocate {what} ahead; the writer allocates its blocks");
         }
-    };
-    let mut behind_failed = false;
-    while let Ok(job) = rx.recv() {
-        if let Job::Behind(file, step) = &job {
-            // Best effort, as on the writer (see `WriteBehind`).
-            let done = step.run(file);
-            behind_queued.fetch_sub(1, Ordering::AcqRel);
-            if let Err(error) = done
-                && !std::mem::replace(&mut behind_failed, true)
-            {
-                tracing::debug!(%error, "export file: write-behind failed (its pages stay in the page cache until the kernel writes them)");
-            }
-            continue;
+    }
+
+    /// Makes the spare (unless nothing is allocated ahead): empty, its
+    /// blocks allocated. One that fails (a full disk) is tried again at
+    /// the next rotation.
+    fn make_spare(&mut self) {
+        if self.off {
+            self.state.store(NONE, Ordering::Release);
+            return;
         }
-        if off.load(Ordering::Relaxed) {
-            state.store(NONE, Ordering::Release);
-            continue;
-        }
-        match job {
-            Job::Behind(..) => {}
-            Job::Current(file, from) => {
-                if let Err(e) = allocate(&file, from, len.saturating_sub(from)) {
-                    failed("the current file", e);
-                }
-            }
-            Job::Spare => {
-                let _ = std::fs::remove_file(spare);
-                let made = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(spare)
-                    .and_then(|f| allocate(&f, 0, len));
-                match made {
-                    Ok(()) => state.store(READY, Ordering::Release),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(spare);
-                        state.store(NONE, Ordering::Release);
-                        failed("the next file", e);
-                    }
-                }
+        self.state.store(MAKING, Ordering::Release);
+        let _ = std::fs::remove_file(&self.spare);
+        let made = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&self.spare)
+            .and_then(|f| allocate(&f, 0, self.len));
+        match made {
+            Ok(()) => self.state.store(READY, Ordering::Release),
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.spare);
+                self.state.store(NONE, Ordering::Release);
+                self.failed("the next file", e);
             }
         }
     }

@@ -2,7 +2,9 @@
 //! Vector). When the file reaches `max_bytes` it is renamed to `PATH.1`
 //! (older ones shift to `.2`, ...) and a new one starts; at most
 //! `max_backups` old files are kept. Lines are whole: a reader never sees
-//! half an event at a rotation.
+//! half an event at a rotation. Where a helper thread makes the rotation's
+//! renames (see [`super::ahead`]), a file can grow past `max_bytes` by the
+//! lines that came while its renames waited for the disk.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -10,8 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::ahead::Ahead;
+use super::ahead::{Ahead, ROTATE_WAIT};
 use crate::flow::FlowEvent;
+
+/// After a rotation failed, the next is tried this much later; meanwhile
+/// lines go on into the current file.
+const ROTATE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -167,6 +173,7 @@ impl WriteBehind {
 
 pub struct ExportFile {
     path: PathBuf,
+    names: Names,
     file: File,
     /// Length of the file: whole lines only.
     on_disk: u64,
@@ -177,26 +184,116 @@ pub struct ExportFile {
     /// cut off yet: nothing is appended until it is.
     torn: bool,
     max_bytes: u64,
-    max_backups: u32,
     behind: WriteBehind,
-    /// Disk blocks of the next file allocated ahead (`None` where that
-    /// would not help: see [`super::ahead`]).
+    /// The helper thread: disk blocks of the next file allocated ahead,
+    /// write-behind's calls and the rotations (`None` for a file that is
+    /// not a regular file: see [`super::ahead`]).
     ahead: Option<Ahead>,
+    /// How long a rotation is waited for before lines go on into the
+    /// current file ([`ROTATE_WAIT`]).
+    rotate_wait: std::time::Duration,
+    /// A rotation failed: no other is tried before this.
+    retry_at: Option<std::time::Instant>,
+    /// Rotations fail now (told once, and again when one works).
+    rotate_failing: bool,
     pub stats: Arc<ExportFileStats>,
+}
+
+fn append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The export file's name and its backups' (`PATH.1`, `PATH.2`, ...), and
+/// the renames of a rotation. Made on the helper thread when there is one.
+#[derive(Debug, Clone)]
+pub(super) struct Names {
+    path: PathBuf,
+    max_backups: u32,
     /// A rename onto this path fails (tests simulate a failing rotation).
     #[cfg(test)]
     fail_rename_to: Option<PathBuf>,
+    /// Renames wait until this gate opens (tests simulate a stuck disk).
+    #[cfg(test)]
+    gate: Option<Arc<Gate>>,
 }
 
-fn open_append(path: &Path) -> Result<File, ExportError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| ExportError::Open {
-            path: path.into(),
-            source,
-        })
+/// A gate renames wait at (at most 30 s); open when its flag is true.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(super) struct Gate(std::sync::Mutex<bool>, std::sync::Condvar);
+
+#[cfg(test)]
+impl Gate {
+    fn open(&self) {
+        *self.0.lock().unwrap() = true;
+        self.1.notify_all();
+    }
+
+    fn pass(&self) {
+        let open = self.0.lock().unwrap();
+        let _ = self
+            .1
+            .wait_timeout_while(open, std::time::Duration::from_secs(30), |open| !*open)
+            .unwrap();
+    }
+}
+
+impl Names {
+    fn backup(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        #[cfg(test)]
+        {
+            if let Some(g) = &self.gate {
+                g.pass();
+            }
+            if self.fail_rename_to.as_deref() == Some(to) {
+                return Err(std::io::Error::other("simulated rename failure"));
+            }
+        }
+        std::fs::rename(from, to)
+    }
+
+    /// A rotation: the new file is made first, under a hidden name (or is
+    /// `spare`, made ahead with its blocks allocated); then backups shift
+    /// up into the first free slot (replacing the oldest only when every
+    /// slot is taken), the current file becomes `.1` and the new one takes
+    /// its name. Nothing is deleted, so a rotation that fails half-way
+    /// loses at most the oldest backup, once; the next one fills the gap.
+    /// Returns the new file, open for appending; on failure the new file
+    /// is removed.
+    pub(super) fn rotate(&self, spare: Option<&Path>) -> std::io::Result<File> {
+        let fresh = match spare {
+            Some(spare) => spare.to_path_buf(),
+            None => {
+                let fresh = hidden_beside(&self.path, "rotating");
+                let _ = std::fs::remove_file(&fresh);
+                fresh
+            }
+        };
+        let shifted = append(&fresh).and_then(|file| {
+            if self.max_backups > 0 {
+                let top = (1..=self.max_backups)
+                    .find(|&n| !self.backup(n).exists())
+                    .unwrap_or(self.max_backups);
+                for n in (1..top).rev() {
+                    self.rename(&self.backup(n), &self.backup(n + 1))?;
+                }
+                self.rename(&self.path, &self.backup(1))?;
+            }
+            // Without backups this replaces the full file in one step.
+            self.rename(&fresh, &self.path)?;
+            Ok(file)
+        });
+        if shifted.is_err() {
+            let _ = std::fs::remove_file(&fresh);
+        }
+        shifted
+    }
 }
 
 /// `.NAME.what` beside the export file `path`: the hidden names of files
@@ -218,24 +315,35 @@ impl ExportFile {
                 source,
             })?;
         }
-        let file = open_append(path)?;
+        let file = append(path).map_err(|source| ExportError::Open {
+            path: path.into(),
+            source,
+        })?;
         let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
         let max_bytes = max_bytes.max(1);
         let ahead = Ahead::start(path, &file, on_disk, max_bytes);
         Ok(Self {
             path: path.to_path_buf(),
+            names: Names {
+                path: path.to_path_buf(),
+                max_backups,
+                #[cfg(test)]
+                fail_rename_to: None,
+                #[cfg(test)]
+                gate: None,
+            },
             file,
             on_disk,
             pending: Vec::with_capacity(BUFFER + 4096),
             json: Default::default(),
             torn: false,
             max_bytes,
-            max_backups,
             behind: WriteBehind::default(),
             ahead,
+            rotate_wait: ROTATE_WAIT,
+            retry_at: None,
+            rotate_failing: false,
             stats: Arc::default(),
-            #[cfg(test)]
-            fail_rename_to: None,
         })
     }
 
@@ -253,12 +361,14 @@ impl ExportFile {
         self.json.write(&mut self.pending, flow);
         self.pending.push(b'\n');
         let before = self.on_disk + start as u64;
-        if before > 0 && before + (self.pending.len() - start) as u64 > self.max_bytes {
+        if before > 0
+            && before + (self.pending.len() - start) as u64 > self.max_bytes
+            && let Some(next) = self.next_file()
+        {
             // This line starts the next file.
             let line = self.pending.split_off(start);
             self.write_out()?;
-            let rotated = self.rotate();
-            self.failed(rotated, 1)?;
+            self.switch_to(next);
             self.pending = line;
         }
         if self.pending.len() >= BUFFER {
@@ -322,79 +432,48 @@ impl ExportFile {
         self.failed(Err(err(source)), lost)
     }
 
-    fn backup(&self, n: u32) -> PathBuf {
-        let mut p = self.path.clone().into_os_string();
-        p.push(format!(".{n}"));
-        PathBuf::from(p)
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        #[cfg(test)]
-        if self.fail_rename_to.as_deref() == Some(to) {
-            return Err(std::io::Error::other("simulated rename failure"));
+    /// The file the next line starts, once the current one is full: the
+    /// rotation's new file when it is made; `None` while it is under way
+    /// (on the helper thread: see [`super::ahead`]) or after it failed
+    /// (counted in `errors`, tried again [`ROTATE_RETRY`] later). Until
+    /// then lines go on into the current file: none is lost.
+    fn next_file(&mut self) -> Option<File> {
+        if self.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+            return None;
         }
-        std::fs::rename(from, to)
-    }
-
-    /// The new file is made first, under a hidden name (or is the spare
-    /// whose blocks were allocated ahead, when it is ready); then backups
-    /// shift up into the first free slot (replacing the oldest only when
-    /// every slot is taken), the current file becomes `.1` and the new one
-    /// takes its name. Nothing is deleted, so a rotation that fails
-    /// half-way loses at most the oldest backup, once; the next one fills
-    /// the gap.
-    fn rotate(&mut self) -> Result<(), ExportError> {
-        let spare = self.ahead.as_mut().and_then(|a| a.take_spare());
-        let fresh = match spare {
-            Some(spare) => spare,
-            None => {
-                let fresh = hidden_beside(&self.path, "rotating");
-                let _ = std::fs::remove_file(&fresh);
-                fresh
-            }
+        let made = match &self.ahead {
+            Some(a) => a.rotation(&self.names, self.rotate_wait)?,
+            None => self.names.rotate(None),
         };
-        let rotated = match open_append(&fresh) {
-            Ok(file) => self
-                .shift_onto(file, &fresh)
-                .map_err(|source| ExportError::Rotate {
-                    path: self.path.clone(),
-                    source,
-                }),
-            Err(e) => Err(e),
-        };
-        if let Some(a) = &self.ahead {
-            // Taken or not, renamed or removed: the next spare may be made
-            // now (its making starts by removing what has the spare's name).
-            a.want_spare();
-        }
-        rotated
-    }
-
-    /// `rotate`'s renames, onto the new file `file` at `fresh`; on failure
-    /// `fresh` is removed.
-    fn shift_onto(&mut self, file: File, fresh: &Path) -> std::io::Result<()> {
-        let shifted = (|| {
-            if self.max_backups > 0 {
-                let top = (1..=self.max_backups)
-                    .find(|&n| !self.backup(n).exists())
-                    .unwrap_or(self.max_backups);
-                for n in (1..top).rev() {
-                    self.rename(&self.backup(n), &self.backup(n + 1))?;
+        match made {
+            Ok(file) => {
+                self.retry_at = None;
+                if std::mem::take(&mut self.rotate_failing) {
+                    tracing::info!(path = %self.path.display(), "export file rotated again");
                 }
-                self.rename(&self.path, &self.backup(1))?;
+                Some(file)
             }
-            // Without backups this replaces the full file in one step.
-            self.rename(fresh, &self.path)
-        })();
-        if let Err(e) = shifted {
-            let _ = std::fs::remove_file(fresh);
-            return Err(e);
+            Err(source) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.retry_at = Some(std::time::Instant::now() + ROTATE_RETRY);
+                if !std::mem::replace(&mut self.rotate_failing, true) {
+                    let e = ExportError::Rotate {
+                        path: self.path.clone(),
+                        source,
+                    };
+                    tracing::error!(error = %e, "export file rotation failed: lines go on into the current file, past its size, and the rotation is tried again each second (counted in flowaudit_export_file_errors_total)");
+                }
+                None
+            }
         }
+    }
+
+    /// Lines go on in `file`, the rotation's new file.
+    fn switch_to(&mut self, file: File) {
         self.behind.leave(&self.file, self.ahead.as_ref());
         self.file = file;
         self.on_disk = 0;
         self.behind = WriteBehind::default();
-        Ok(())
     }
 }
 
@@ -649,7 +728,7 @@ mod tests {
         crate::flow::json::write_flow(&mut line, &flow());
         let line_len = line.len() as u64 + 1;
         // Room for 3 lines per file, 2 backups.
-        let mut ex = ExportFile::open(&path, line_len * 3, 2).unwrap();
+        let mut ex = open_waiting(&path, line_len * 3, 2);
         for _ in 0..10 {
             ex.write(&flow()).unwrap();
         }
@@ -668,7 +747,7 @@ mod tests {
         assert!(!dir.join("flows.jsonl.3").exists());
         // Reopening appends to the current file.
         drop(ex);
-        let mut ex = ExportFile::open(&path, line_len * 3, 2).unwrap();
+        let mut ex = open_waiting(&path, line_len * 3, 2);
         ex.write(&flow()).unwrap();
         ex.flush().unwrap();
         assert_eq!(count(&path), 2);
@@ -678,49 +757,138 @@ mod tests {
         TestDir::new(&format!("fa-export-{name}"))
     }
 
+    /// Opens the export file; its rotations are waited for as long as
+    /// they take (at most 30 s), so that each file ends where its size
+    /// says (the agent waits [`ROTATE_WAIT`], then goes on).
+    fn open_waiting(path: &Path, max_bytes: u64, max_backups: u32) -> ExportFile {
+        let mut ex = ExportFile::open(path, max_bytes, max_backups).unwrap();
+        ex.rotate_wait = std::time::Duration::from_secs(30);
+        ex
+    }
+
+    /// A flow told apart by its source port.
+    fn flow_n(n: u16) -> FlowEvent {
+        let mut f = flow();
+        f.l4.source_port = n;
+        f
+    }
+
+    /// The source ports of the lines of `p`, all whole events.
+    fn ports(p: &Path) -> Vec<u16> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<FlowEvent>(l)
+                    .unwrap_or_else(|e| panic!("a torn line in {}: {e}: {l}", p.display()))
+                    .l4
+                    .source_port
+            })
+            .collect()
+    }
+
+    /// A rotation that fails loses no line (they go on into the current
+    /// file), no backup but the oldest (which it drops anyway) and is told
+    /// and counted once; the next try, a second later, fills the gap. The
+    /// same with the helper thread making the renames and without (the
+    /// writer's own, for a file that gets no helper).
     #[test]
-    fn a_failing_rotation_keeps_the_backups() {
-        let dir = scratch("rotation");
+    fn a_failing_rotation_keeps_the_backups_and_every_line() {
+        for helper in [true, false] {
+            let dir = scratch(if helper { "rotation" } else { "rotation-here" });
+            let path = dir.join("flows.jsonl");
+            let file = |suffix: &str| dir.join(format!("flows.jsonl{suffix}"));
+            let current = serde_json::to_string(&flow_n(1)).unwrap() + "\n";
+            for (suffix, text) in [
+                ("", current.as_str()),
+                (".1", "one"),
+                (".2", "two"),
+                (".3", "three"),
+            ] {
+                std::fs::write(file(suffix), text).unwrap();
+            }
+            // One byte per file: every line rotates; the last step of the
+            // rotation (the current file becoming .1) fails.
+            let mut ex = open_waiting(&path, 1, 3);
+            if !helper {
+                ex.ahead = None;
+            }
+            ex.names.fail_rename_to = Some(file(".1"));
+            for n in 2..=4 {
+                ex.write(&flow_n(n))
+                    .expect("a failed rotation is no failed write");
+            }
+            ex.flush().unwrap();
+            let backups = || -> Vec<String> {
+                [".1", ".2", ".3"]
+                    .iter()
+                    .map(|s| std::fs::read_to_string(file(s)).unwrap_or_else(|_| "-".into()))
+                    .collect()
+            };
+            assert_eq!(
+                ex.stats.errors.load(Ordering::Relaxed),
+                1,
+                "one failure, then no other try within the second (helper: {helper})"
+            );
+            assert_eq!(ex.stats.flows_lost.load(Ordering::Relaxed), 0);
+            // Only the oldest, which the rotation drops anyway, may be gone.
+            assert_eq!(backups(), ["-", "one", "two"], "helper: {helper}");
+            assert_eq!(
+                ports(&path),
+                [1, 2, 3, 4],
+                "the lines went on into the current file"
+            );
+            // The next try (here without waiting the second) works.
+            ex.names.fail_rename_to = None;
+            ex.retry_at = None;
+            ex.write(&flow_n(5)).unwrap();
+            ex.flush().unwrap();
+            assert_eq!(ports(&path), [5], "the new file holds the next line");
+            assert_eq!(ports(&file(".1")), [1, 2, 3, 4]);
+            assert_eq!(
+                backups()[1..],
+                ["one", "two"],
+                "the next rotation fills the gap"
+            );
+        }
+    }
+
+    /// A rotation whose renames wait for the disk (held here at a gate)
+    /// does not hold up the writer: after [`ROTATE_WAIT`] lines go on into
+    /// the current file, and the first line after the rotation is done
+    /// starts the new one. Nothing is lost or reordered.
+    #[test]
+    fn a_rotation_stuck_on_the_disk_never_holds_up_the_writer() {
+        let dir = scratch("stuck");
         let path = dir.join("flows.jsonl");
-        let file = |suffix: &str| dir.join(format!("flows.jsonl{suffix}"));
-        for (suffix, text) in [
-            ("", "current"),
-            (".1", "one"),
-            (".2", "two"),
-            (".3", "three"),
-        ] {
-            std::fs::write(file(suffix), text).unwrap();
+        let line = serde_json::to_string(&flow_n(1)).unwrap().len() as u64 + 1;
+        let mut ex = ExportFile::open(&path, 3 * line, 2).unwrap();
+        assert!(ex.ahead.is_some(), "a regular file gets a helper thread");
+        let gate = Arc::new(Gate::default());
+        ex.names.gate = Some(gate.clone());
+        // Three lines fill the file; the fourth asks for the rotation,
+        // which waits at the gate (up to 30 s: a writer making the
+        // renames itself would wait that long, and the rotation would be
+        // done before the assertions below).
+        for n in 1..=10 {
+            ex.write(&flow_n(n)).unwrap();
         }
-        // One byte per file: every write rotates; the last step of each
-        // rotation (the current file becoming .1) fails.
-        let mut ex = ExportFile::open(&path, 1, 3).unwrap();
-        ex.fail_rename_to = Some(file(".1"));
-        for _ in 0..3 {
-            ex.write(&flow()).expect_err("the rotation fails");
-        }
-        let contents = || -> Vec<String> {
-            ["", ".1", ".2", ".3"]
-                .iter()
-                .map(|s| std::fs::read_to_string(file(s)).unwrap_or_else(|_| "-".into()))
-                .collect()
-        };
-        // Only the oldest, which the rotation drops anyway, may be gone.
-        assert_eq!(
-            contents(),
-            ["current", "-", "one", "two"],
-            "after 3 failed rotations"
-        );
-        ex.fail_rename_to = None;
-        ex.write(&flow()).expect("the rotation works again");
         ex.flush().unwrap();
-        let after = contents();
-        assert_eq!(
-            after[1..],
-            ["current", "one", "two"],
-            "the next rotation fills the gap"
+        assert!(
+            !dir.join("flows.jsonl.1").exists(),
+            "the writer went on before the renames (still held)"
         );
-        serde_json::from_str::<FlowEvent>(after[0].trim_end())
-            .expect("the new file holds the flow");
+        assert_eq!(ports(&path), (1..=10).collect::<Vec<_>>());
+        gate.open();
+        ex.ahead.as_ref().unwrap().wait_rotation();
+        ex.write(&flow_n(11)).unwrap();
+        ex.flush().unwrap();
+        assert_eq!(
+            ports(&dir.join("flows.jsonl.1")),
+            (1..=10).collect::<Vec<_>>()
+        );
+        assert_eq!(ports(&path), [11]);
+        assert_eq!(ex.stats.errors.load(Ordering::Relaxed), 0);
     }
 
     /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop
@@ -1085,7 +1253,7 @@ mod tests {
         let path = dir.join("flows.jsonl");
         let spare = dir.join(".flows.jsonl.spare");
         let max = 1u64 << 20;
-        let mut ex = ExportFile::open(&path, max, 3).unwrap();
+        let mut ex = open_waiting(&path, max, 3);
         wait_spare(&ex, &spare);
         // The spare: empty, its blocks allocated; so is the current file
         // (allocated first).
@@ -1136,16 +1304,24 @@ mod tests {
         // tmpfs blocks are memory: the agent's memory limit.
         let fs = Tmpfs::mount("ahead-tmpfs", "8m");
         let path = fs.0.join("flows.jsonl");
-        let mut ex = ExportFile::open(&path, 1 << 20, 1).unwrap();
+        let line = serde_json::to_string(&flow()).unwrap().len() as u64 + 1;
+        let mut ex = open_waiting(&path, line, 1);
         assert!(
-            ex.ahead.is_none(),
-            "no helper thread allocates ahead on tmpfs"
+            ex.ahead.as_ref().is_some_and(|a| !a.allocates()),
+            "the helper thread allocates nothing ahead on tmpfs"
         );
+        // It still makes the rotation.
+        ex.write(&flow()).unwrap();
         ex.write(&flow()).unwrap();
         ex.flush().unwrap();
-        drop(ex);
         assert!(!fs.0.join(".flows.jsonl.spare").exists());
         assert_eq!(assert_whole_lines(&path, "tmpfs"), 1);
+        assert_eq!(
+            assert_whole_lines(&fs.0.join("flows.jsonl.1"), "tmpfs .1"),
+            1
+        );
+        drop(ex);
+        assert!(!fs.0.join(".flows.jsonl.spare").exists());
     }
 
     #[test]
