@@ -6,7 +6,7 @@
 //! (`--input-file`, like `hubble observe --input-file`; the same filters
 //! apply here), optionally followed as it grows and across rotations.
 
-use std::io::{BufRead, BufReader, Seek, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -475,6 +475,9 @@ fn run_file(
         return Ok(());
     }
     let mut inode = inode_of(input);
+    // Once the file was found rotated away: whether lines came from the
+    // old file since the last wait.
+    let mut rotated: Option<bool> = None;
     loop {
         let n = reader.read_line(&mut line)?;
         if n > 0 && line.ends_with('\n') {
@@ -482,22 +485,54 @@ fn run_file(
                 return Ok(());
             }
             line.clear();
+            if rotated.is_some() {
+                rotated = Some(true);
+            }
             continue;
         }
         if !quiet_pipe(out.flush())? {
             return Ok(());
         }
-        // At the end: wait, then check whether the file was rotated away.
-        std::thread::sleep(Duration::from_millis(100));
-        let now = inode_of(input);
-        if now.is_some() && now != inode {
-            // Finish the old file, then continue on the new one from its start.
-            reader = BufReader::new(open()?);
-            reader.rewind()?;
-            inode = now;
+        match rotated {
+            // The old file takes lines for a moment after its rename (the
+            // agent's writer goes on until the rotation is done): it is
+            // read to its end until a wait brings nothing more, then the
+            // new one from its start.
+            Some(false) => {
+                if !line.is_empty() {
+                    // A line the writer never finished: said and skipped.
+                    if !emit(&line, &mut out)? {
+                        return Ok(());
+                    }
+                    line.clear();
+                }
+                reader = BufReader::new(open()?);
+                // The file now read (the path may have moved on again).
+                inode = reader.get_ref().metadata().ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.ino()
+                });
+                rotated = None;
+            }
+            Some(true) => {
+                rotated = Some(false);
+                std::thread::sleep(FOLLOW_POLL);
+            }
+            None => {
+                // At the end: wait, then check whether the file was rotated away.
+                std::thread::sleep(FOLLOW_POLL);
+                let now = inode_of(input);
+                if now.is_some() && now != inode {
+                    rotated = Some(true);
+                }
+            }
         }
     }
 }
+
+/// How often `observe -f --input-file` looks for more lines at the end of
+/// the file, and whether it was rotated.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 fn inode_of(p: &std::path::Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;

@@ -47,7 +47,12 @@ pub struct ExportArgs {
     /// (flowaudit_export_file_flows_lost_total); capture never waits for it.
     #[arg(long, env = "FLOWAUDIT_EXPORT_FILE", value_name = "PATH")]
     pub export_file: Option<PathBuf>,
-    /// Rotate the export file when it reaches this many MiB.
+    /// Rotate the export file when it reaches this many MiB. The renames
+    /// are made beside the writer; while they wait for the disk (more
+    /// than 20 ms) lines go on into the full file, so it can grow past
+    /// this size. A rotation that fails loses no line: it is logged,
+    /// counted (flowaudit_export_file_errors_total) and tried again each
+    /// second.
     #[arg(
         long,
         env = "FLOWAUDIT_EXPORT_FILE_MAX_SIZE_MB",
