@@ -172,7 +172,7 @@ impl WriteBehind {
 }
 
 pub struct ExportFile {
-    path: PathBuf,
+    /// Its path (`names.path`) and its backups'.
     names: Names,
     file: File,
     /// Length of the file: whole lines only.
@@ -323,7 +323,6 @@ impl ExportFile {
         let max_bytes = max_bytes.max(1);
         let ahead = Ahead::start(path, &file, on_disk, max_bytes);
         Ok(Self {
-            path: path.to_path_buf(),
             names: Names {
                 path: path.to_path_buf(),
                 max_backups,
@@ -365,11 +364,13 @@ impl ExportFile {
             && before + (self.pending.len() - start) as u64 > self.max_bytes
             && let Some(next) = self.next_file()
         {
-            // This line starts the next file.
+            // This line starts the next file. The lines before it end the
+            // current one (or are counted lost, when that write fails).
             let line = self.pending.split_off(start);
-            self.write_out()?;
+            let ended = self.write_out();
             self.switch_to(next);
             self.pending = line;
+            ended?;
         }
         if self.pending.len() >= BUFFER {
             self.write_out()?;
@@ -388,7 +389,7 @@ impl ExportFile {
     /// and the lines that did not fit are dropped and counted.
     fn write_out(&mut self) -> Result<bool, ExportError> {
         let err = |source| ExportError::Write {
-            path: self.path.clone(),
+            path: self.names.path.clone(),
             source,
         };
         if self.torn {
@@ -449,7 +450,7 @@ impl ExportFile {
             Ok(file) => {
                 self.retry_at = None;
                 if std::mem::take(&mut self.rotate_failing) {
-                    tracing::info!(path = %self.path.display(), "export file rotated again");
+                    tracing::info!(path = %self.names.path.display(), "export file rotated again");
                 }
                 Some(file)
             }
@@ -458,7 +459,7 @@ impl ExportFile {
                 self.retry_at = Some(std::time::Instant::now() + ROTATE_RETRY);
                 if !std::mem::replace(&mut self.rotate_failing, true) {
                     let e = ExportError::Rotate {
-                        path: self.path.clone(),
+                        path: self.names.path.clone(),
                         source,
                     };
                     tracing::error!(error = %e, "export file rotation failed: lines go on into the current file, past its size, and the rotation is tried again each second (counted in flowaudit_export_file_errors_total)");
@@ -470,6 +471,10 @@ impl ExportFile {
 
     /// Lines go on in `file`, the rotation's new file.
     fn switch_to(&mut self, file: File) {
+        if std::mem::take(&mut self.torn) {
+            // The last try to cut off what a failed write left.
+            let _ = self.file.set_len(self.on_disk);
+        }
         self.behind.leave(&self.file, self.ahead.as_ref());
         self.file = file;
         self.on_disk = 0;
@@ -1232,7 +1237,7 @@ mod tests {
         let a = ex.ahead.as_ref().unwrap_or_else(|| {
             panic!(
                 "no helper thread allocates ahead for {}: is the test directory on tmpfs?",
-                ex.path.display()
+                ex.names.path.display()
             )
         });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
