@@ -18,9 +18,11 @@ use flowaudit_tests::support::TestDir;
 const PER_FILE: u64 = 20;
 const LINES: u64 = 200;
 
-#[test]
-fn observe_follows_the_export_file_across_rotations_without_losing_a_line() {
-    let dir = TestDir::new("fa-observe-follow");
+/// Writes `LINES` flows, one every `every`, through the agent's writer
+/// into a file that rotates every `PER_FILE` lines, with `observe -f
+/// --input-file` following it: observe prints every line once, in order.
+fn follow(name: &str, every: Duration) {
+    let dir = TestDir::new(name);
     let path = dir.join("flows.jsonl");
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/flows.jsonl");
     let text = std::fs::read_to_string(&golden).unwrap();
@@ -49,15 +51,12 @@ fn observe_follows_the_export_file_across_rotations_without_losing_a_line() {
         }
     });
 
-    // One line every 15 ms: a file rotates every 300 ms or so, slower than
-    // observe looks (every 100 ms), and lines keep coming around each
-    // rotation.
     for i in 0..LINES {
         let mut f = template.clone();
         f.socket.cookie = i;
         ex.write(&f).unwrap();
         ex.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(15));
+        std::thread::sleep(every);
     }
     let rotations = (1..)
         .take_while(|n| dir.join(format!("flows.jsonl.{n}")).exists())
@@ -98,4 +97,19 @@ fn observe_follows_the_export_file_across_rotations_without_losing_a_line() {
         ex.stats.errors.load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+}
+
+/// One line every 15 ms: a file rotates every 300 ms or so, slower than
+/// observe looks (every 100 ms), and lines keep coming around each
+/// rotation, into the file rotated away too.
+#[test]
+fn observe_follows_the_export_file_across_rotations_without_losing_a_line() {
+    follow("fa-observe-follow", Duration::from_millis(15));
+}
+
+/// One line every 2 ms: the file rotates every 40 ms or so, several times
+/// between two looks of observe; the files in between are read in turn.
+#[test]
+fn observe_reads_every_file_of_rotations_faster_than_it_looks() {
+    follow("fa-observe-follow-fast", Duration::from_millis(2));
 }

@@ -7,7 +7,7 @@
 //! apply here), optionally followed as it grows and across rotations.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, ValueEnum};
@@ -497,7 +497,7 @@ fn run_file(
             // The old file takes lines for a moment after its rename (the
             // agent's writer goes on until the rotation is done): it is
             // read to its end until a wait brings nothing more, then the
-            // new one from its start.
+            // next one from its start.
             Some(false) => {
                 if !line.is_empty() {
                     // A line the writer never finished: said and skipped.
@@ -506,13 +506,20 @@ fn run_file(
                     }
                     line.clear();
                 }
-                reader = BufReader::new(open()?);
-                // The file now read (the path may have moved on again).
-                inode = reader.get_ref().metadata().ok().map(|m| {
-                    use std::os::unix::fs::MetadataExt;
-                    m.ino()
-                });
-                rotated = None;
+                // The next file is the one rotated away after it, when
+                // the file rotated again meanwhile, else the file at `input`.
+                match rotated_after(input, inode_of_file(reader.get_ref())) {
+                    Some(next) => {
+                        reader = BufReader::new(next);
+                        rotated = Some(true);
+                    }
+                    None => {
+                        reader = BufReader::new(open()?);
+                        // The file now read (the path may have moved on again).
+                        inode = inode_of_file(reader.get_ref());
+                        rotated = None;
+                    }
+                }
             }
             Some(true) => {
                 rotated = Some(false);
@@ -534,9 +541,36 @@ fn run_file(
 /// the file, and whether it was rotated.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
-fn inode_of(p: &std::path::Path) -> Option<u64> {
+/// Backups looked at, at most, for the file being read.
+const BACKUPS_LOOKED_AT: u32 = 100_000;
+
+/// The backup of `input` (`INPUT.1`, `INPUT.2`, ...) rotated away right
+/// after the file `ours` (an inode), opened: there is one when the file
+/// rotated more than once while observe read the older ones. `None` when
+/// `ours` is `INPUT.1` or not among them (deleted: no backups kept, or the
+/// oldest); the file at `input` is next then.
+fn rotated_after(input: &Path, ours: Option<u64>) -> Option<std::fs::File> {
+    let mut newer = None;
+    for n in 1..=BACKUPS_LOOKED_AT {
+        let mut p = input.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        let f = std::fs::File::open(&p).ok()?;
+        if inode_of_file(&f) == ours {
+            return newer;
+        }
+        newer = Some(f);
+    }
+    None
+}
+
+fn inode_of(p: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).ok().map(|m| m.ino())
+}
+
+fn inode_of_file(f: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().ok().map(|m| m.ino())
 }
 
 /// How an end is named: its SPIFFE ID, else namespace/pod, else its address;
