@@ -1,6 +1,6 @@
-//! The export file's helper thread: what can wait for the disk, taken off
-//! its writer (disk blocks allocated ahead, write-behind's calls, the
-//! rotations' renames).
+//! The export file's helper threads: what can wait for the disk, taken off
+//! its writer (disk blocks allocated ahead and write-behind's calls on one
+//! thread, the rotations' renames on another).
 //!
 //! A file system that allocates blocks when pages are written back (ext4's
 //! delayed allocation) makes the writer allocate: its write-behind starts
@@ -31,13 +31,20 @@
 //! written would not do: `fallocate` holds the inode's lock for as long as
 //! it allocates, so the writer would wait for the bitmap all the same.
 //!
-//! The same thread makes the rotations' renames. They look names up in
-//! the directory, and behind a directory block the journal is writing
-//! that lookup waited seconds (a 15 s pinned run of 2026-12-06: 458 of the
-//! writer's 10 ms samples in `__ext4_find_entry` under a rename, 49% of
-//! connections left out of the file). So at a rotation the writer asks
-//! the helper, waits for its answer at most [`ROTATE_WAIT`] (a rotation
-//! takes well under a millisecond when the disk is not stuck), and
+//! A second thread, `export-file-rotate`, makes the rotations' renames.
+//! They look names up in the directory, and behind a directory block the
+//! journal is writing that lookup waited seconds (a 15 s pinned run of
+//! 2026-12-06: 458 of the writer's 10 ms samples in `__ext4_find_entry`
+//! under a rename, 49% of connections left out of the file). It is not the
+//! first thread: a write-behind call there can wait far longer than a
+//! rename (one `sync_file_range` took 12.6 s in a pinned run of
+//! 2026-12-06), and a rotation queued behind it would wait as long. It
+//! takes the spare when the spare's state says it is ready, and asks the
+//! first thread for the next one only when none is being made, so a spare
+//! is never made twice nor removed while it is renamed. At a rotation the
+//! writer asks this thread, waits for its answer at most [`ROTATE_WAIT`]
+//! (a rotation takes well under a millisecond when the disk is not stuck:
+//! 15 µs on average, 73 µs at most, for 27 rotations of a pinned run), and
 //! otherwise goes on appending to the current file until the answer
 //! comes; the next line after it starts the new file. Then the file
 //! renamed to `.1` takes lines for a while after the rotation, as a
@@ -46,9 +53,9 @@
 //!
 //! Nothing is allocated ahead on tmpfs or ramfs, whose blocks are memory
 //! (the agent's memory limit); a file system without `fallocate` turns the
-//! allocation off, once, with a debug line. There the helper only makes
+//! allocation off, once, with a debug line. There the helpers only make
 //! the rotations and write-behind's calls. A file that is not a regular
-//! file (a pipe, a device) gets no helper.
+//! file (a pipe, a device) gets no helpers.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -70,6 +77,7 @@ const NONE: u8 = 0;
 const MAKING: u8 = 1;
 const READY: u8 = 2;
 
+/// The first thread's jobs.
 enum Job {
     /// Write-behind's calls on the file being written (see
     /// [`super::file::BehindStep`]): starting a writeback can wait for the
@@ -80,9 +88,10 @@ enum Job {
     Current(File, u64),
     /// Make the spare.
     Spare,
-    /// Rotate: a new file (the spare when it is ready) takes the export
-    /// file's name, which the current file gives up to become `.1`.
-    Rotate(Names),
+    /// Wait until the gate opens (tests: a write-behind call stuck on the
+    /// disk).
+    #[cfg(test)]
+    Hold(Arc<super::file::Gate>),
 }
 
 /// How long the writer waits for a rotation it asked for before it goes on
@@ -109,7 +118,7 @@ const BEHIND_QUEUE: usize = 64;
 
 pub struct Ahead {
     spare: PathBuf,
-    /// The spare's state; the helper thread takes the spare itself.
+    /// The spare's state; the rotation thread takes the spare itself.
     #[cfg_attr(not(test), allow(dead_code))]
     state: Arc<AtomicU8>,
     rotation: Arc<RotationSlot>,
@@ -118,8 +127,12 @@ pub struct Ahead {
     allocate: bool,
     /// Write-behind steps handed over, not made yet.
     behind_queued: Arc<AtomicUsize>,
+    /// To the first thread (allocation, write-behind).
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// To the rotation thread.
+    rotate_tx: Option<mpsc::Sender<Names>>,
+    rotate_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Whether blocks of files in `dir` are memory (tmpfs, ramfs).
@@ -184,24 +197,37 @@ impl Ahead {
         let state = Arc::new(AtomicU8::new(if allocate { MAKING } else { NONE }));
         let rotation = Arc::new((Mutex::new(Rotation::Idle), Condvar::new()));
         let (tx, rx) = mpsc::channel::<Job>();
+        let (rotate_tx, rotate_rx) = mpsc::channel::<Names>();
         let behind_queued = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let helper = Helper {
-                spare: spare.clone(),
-                state: state.clone(),
-                rotation: rotation.clone(),
-                behind_queued: behind_queued.clone(),
-                len,
-                off: !allocate,
-            };
-            std::thread::Builder::new()
-                .name("export-file-ahead".into())
-                .spawn(move || helper.run(rx))
+        let helper = Helper {
+            spare: spare.clone(),
+            state: state.clone(),
+            behind_queued: behind_queued.clone(),
+            len,
+            off: !allocate,
         };
-        let thread = match thread {
+        let rotator = Rotator {
+            spare: spare.clone(),
+            state: state.clone(),
+            rotation: rotation.clone(),
+            spares: allocate.then(|| tx.clone()),
+        };
+        // The rotation thread holds a sender of the first thread's jobs: it
+        // starts first, so that when the first cannot start, dropping the
+        // senders ends it.
+        let threads = std::thread::Builder::new()
+            .name("export-file-rotate".into())
+            .spawn(move || rotator.run(rotate_rx))
+            .and_then(|r| {
+                std::thread::Builder::new()
+                    .name("export-file-ahead".into())
+                    .spawn(move || helper.run(rx))
+                    .map(|a| (a, r))
+            });
+        let (thread, rotate_thread) = match threads {
             Ok(t) => t,
             Err(error) => {
-                tracing::debug!(%error, "export file: no helper thread; the writer allocates its blocks and rotates it itself");
+                tracing::debug!(%error, "export file: no helper threads; the writer allocates its blocks and rotates it itself");
                 return None;
             }
         };
@@ -221,6 +247,8 @@ impl Ahead {
             behind_queued,
             tx: Some(tx),
             thread: Some(thread),
+            rotate_tx: Some(rotate_tx),
+            rotate_thread: Some(rotate_thread),
         })
     }
 
@@ -233,9 +261,9 @@ impl Ahead {
         let mut r = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Rotation::Idle = *r {
             let sent = self
-                .tx
+                .rotate_tx
                 .as_ref()
-                .is_some_and(|tx| tx.send(Job::Rotate(names.clone())).is_ok());
+                .is_some_and(|tx| tx.send(names.clone()).is_ok());
             if !sent {
                 // The helper is gone: rotate here.
                 return Some(names.rotate(None));
@@ -284,6 +312,23 @@ impl Ahead {
         self.allocate
     }
 
+    /// Holds the first thread (allocation, write-behind) until `gate`
+    /// opens, as a write-behind call stuck on the disk does (30 s at most).
+    /// It counts as a write-behind step until it passes.
+    #[cfg(test)]
+    pub fn hold(&self, gate: Arc<super::file::Gate>) {
+        let tx = self.tx.as_ref().expect("the first thread runs");
+        self.behind_queued.fetch_add(1, Ordering::AcqRel);
+        tx.send(Job::Hold(gate))
+            .expect("the first thread takes jobs");
+    }
+
+    /// Write-behind steps (and holds) handed over and not made yet.
+    #[cfg(test)]
+    pub fn behind_pending(&self) -> usize {
+        self.behind_queued.load(Ordering::Acquire)
+    }
+
     /// Waits (at most 30 s) until the rotation asked for is answered.
     #[cfg(test)]
     pub fn wait_rotation(&self) {
@@ -313,10 +358,15 @@ impl Ahead {
 }
 
 impl Drop for Ahead {
-    /// Waits for an allocation or a rotation under way, then removes the
-    /// spare. A new file the writer did not take yet (it is already in
+    /// Waits for a rotation, then an allocation, under way, then removes
+    /// the spare. A new file the writer did not take yet (it is already in
     /// place, empty) gives back the blocks allocated ahead for it.
     fn drop(&mut self) {
+        // The rotation thread first: it holds a sender of the first one's.
+        self.rotate_tx = None;
+        if let Some(t) = self.rotate_thread.take() {
+            let _ = t.join();
+        }
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -329,11 +379,10 @@ impl Drop for Ahead {
     }
 }
 
-/// The helper thread's side.
+/// The first thread's side: allocation and write-behind.
 struct Helper {
     spare: PathBuf,
     state: Arc<AtomicU8>,
-    rotation: Arc<RotationSlot>,
     behind_queued: Arc<AtomicUsize>,
     /// Allocated ahead of each file, at most.
     len: u64,
@@ -373,17 +422,10 @@ impl Helper {
                     }
                 }
                 Job::Spare => self.make_spare(),
-                Job::Rotate(names) => {
-                    let ready = self
-                        .state
-                        .compare_exchange(READY, NONE, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok();
-                    let made = names.rotate(ready.then_some(self.spare.as_path()));
-                    let (slot, done) = &*self.rotation;
-                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Rotation::Done(made);
-                    done.notify_all();
-                    // Taken or not, renamed or removed: the next spare.
-                    self.make_spare();
+                #[cfg(test)]
+                Job::Hold(gate) => {
+                    gate.pass();
+                    self.behind_queued.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
@@ -400,7 +442,9 @@ impl Helper {
 
     /// Makes the spare (unless nothing is allocated ahead): empty, its
     /// blocks allocated. One that fails (a full disk) is tried again at
-    /// the next rotation.
+    /// the next rotation. Asked for only while the state is `MAKING` (at
+    /// the start, or by the rotation thread once it took the spare or
+    /// found none), so no rotation renames the path it works on.
     fn make_spare(&mut self) {
         if self.off {
             self.state.store(NONE, Ordering::Release);
@@ -419,6 +463,43 @@ impl Helper {
                 let _ = std::fs::remove_file(&self.spare);
                 self.state.store(NONE, Ordering::Release);
                 self.failed("the next file", e);
+            }
+        }
+    }
+}
+
+/// The rotation thread's side.
+struct Rotator {
+    spare: PathBuf,
+    state: Arc<AtomicU8>,
+    rotation: Arc<RotationSlot>,
+    /// Where the next spare is asked for; `None` when nothing is allocated
+    /// ahead (tmpfs, ramfs).
+    spares: Option<mpsc::Sender<Job>>,
+}
+
+impl Rotator {
+    /// Rotates the files as asked until the sender is dropped.
+    fn run(self, rx: mpsc::Receiver<Names>) {
+        while let Ok(names) = rx.recv() {
+            let ready = self
+                .state
+                .compare_exchange(READY, NONE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+            let made = names.rotate(ready.then_some(self.spare.as_path()));
+            let (slot, done) = &*self.rotation;
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Rotation::Done(made);
+            done.notify_all();
+            // The next spare, unless one is being made (the first thread
+            // may still be on it, or behind a write-behind call).
+            if let Some(tx) = &self.spares
+                && self
+                    .state
+                    .compare_exchange(NONE, MAKING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                && tx.send(Job::Spare).is_err()
+            {
+                self.state.store(NONE, Ordering::Release);
             }
         }
     }

@@ -204,7 +204,8 @@ fn append(path: &Path) -> std::io::Result<File> {
 }
 
 /// The export file's name and its backups' (`PATH.1`, `PATH.2`, ...), and
-/// the renames of a rotation. Made on the helper thread when there is one.
+/// the renames of a rotation. Made on the rotation thread when there is one
+/// (see [`super::ahead`]).
 #[derive(Debug, Clone)]
 pub(super) struct Names {
     path: PathBuf,
@@ -217,19 +218,20 @@ pub(super) struct Names {
     gate: Option<Arc<Gate>>,
 }
 
-/// A gate renames wait at (at most 30 s); open when its flag is true.
+/// A gate renames (or, in tests, the helper thread of allocation and
+/// write-behind) wait at, at most 30 s; open when its flag is true.
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub(super) struct Gate(std::sync::Mutex<bool>, std::sync::Condvar);
 
 #[cfg(test)]
 impl Gate {
-    fn open(&self) {
+    pub(super) fn open(&self) {
         *self.0.lock().unwrap() = true;
         self.1.notify_all();
     }
 
-    fn pass(&self) {
+    pub(super) fn pass(&self) {
         let open = self.0.lock().unwrap();
         let _ = self
             .1
@@ -893,6 +895,42 @@ mod tests {
             (1..=10).collect::<Vec<_>>()
         );
         assert_eq!(ports(&path), [11]);
+        assert_eq!(ex.stats.errors.load(Ordering::Relaxed), 0);
+    }
+
+    /// A write-behind call stuck on the disk (the helper thread that makes
+    /// them held at a gate, up to 30 s) holds up no rotation: the renames
+    /// are another thread's. The writer waits up to 30 s for the rotation
+    /// here, so a rotation queued behind the held call would be answered
+    /// only once the hold gave up, and the hold would not be pending.
+    #[test]
+    fn a_write_behind_call_stuck_on_the_disk_never_holds_up_a_rotation() {
+        let dir = scratch("behind-stuck");
+        let path = dir.join("flows.jsonl");
+        let mut one = Vec::new();
+        crate::flow::json::write_flow(&mut one, &flow_n(1));
+        let line = one.len() as u64 + 1;
+        let mut ex = open_waiting(&path, 3 * line, 2);
+        let gate = Arc::new(Gate::default());
+        let ahead = ex
+            .ahead
+            .as_ref()
+            .expect("a regular file gets helper threads");
+        ahead.hold(gate.clone());
+        for n in 1..=4 {
+            ex.write(&flow_n(n)).unwrap();
+        }
+        ex.flush().unwrap();
+        let ahead = ex.ahead.as_ref().unwrap();
+        // The hold, and any write-behind step the writes queued behind it.
+        assert!(
+            ahead.behind_pending() >= 1,
+            "the write-behind thread was let go before the rotation was done"
+        );
+        assert_eq!(ports(&dir.join("flows.jsonl.1")), [1, 2, 3]);
+        assert_eq!(ports(&path), [4]);
+        gate.open();
+        ahead.settle();
         assert_eq!(ex.stats.errors.load(Ordering::Relaxed), 0);
     }
 

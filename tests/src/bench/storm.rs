@@ -745,21 +745,24 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
                 ))
         });
         // The export file's writer against the rest: where the row above goes.
-        // With its helper, which allocates the file's blocks and starts its
-        // writeback (`agent/src/export/ahead.rs`).
-        let writer = threads
-            .get(WRITER_THREAD)
-            .map(|w| w + threads.get(AHEAD_THREAD).copied().unwrap_or(0.0));
+        // With its helpers, which allocate the file's blocks, start its
+        // writeback and rotate it (`agent/src/export/ahead.rs`).
+        let writer = threads.get(WRITER_THREAD).map(|w| {
+            w + [AHEAD_THREAD, ROTATE_THREAD]
+                .iter()
+                .map(|t| threads.get(*t).copied().unwrap_or(0.0))
+                .sum::<f64>()
+        });
         let rest_id = id("agent_cpu_per_conn_without_writer");
         let rest_name = name("agent CPU per connection, the export file's threads left out");
         results.push(match writer {
             Some(w) if n > 0 && cpu.is_finite() => {
                 let rest = cpu - w;
                 BenchResult::new(&rest_id, &rest_name, rest * 1e6 / n as f64, "µs").detail(format!(
-                    "{rest:.2} s of the agent's {cpu:.2} s (every thread but `{WRITER_THREAD}` and \
-                     `{AHEAD_THREAD}`, /proc/PID/task/TID/stat) over the {n} connections the run \
+                    "{rest:.2} s of the agent's {cpu:.2} s (every thread but `{WRITER_THREAD}`, \
+                     `{AHEAD_THREAD}` and `{ROTATE_THREAD}`, /proc/PID/task/TID/stat) over the {n} connections the run \
                      completed: capture, identity, policy, metrics, stream; the writer thread, which \
-                     serializes each flow as JSON and writes {export_mib:.0} MiB, and its helper took \
+                     serializes each flow as JSON and writes {export_mib:.0} MiB, and its helpers took \
                      {w:.2} s ({:.2} µs per connection, {:.2} µs per MiB written)",
                     w * 1e6 / n as f64,
                     w * 1e6 / export_mib.max(f64::MIN_POSITIVE)
@@ -893,6 +896,9 @@ const WRITER_THREAD: &str = "export-file";
 /// The writer's helper thread, `export-file-ahead` (`agent/src/export/ahead.rs`),
 /// as the kernel names it (15 bytes at most).
 const AHEAD_THREAD: &str = "export-file-ahe";
+
+/// The writer's rotation thread, `export-file-rotate`, as the kernel names it.
+const ROTATE_THREAD: &str = "export-file-rot";
 
 /// The agent's count of flows missing from its export file (both reasons).
 const FILE_LOST: &str = "flowaudit_export_file_flows_lost_total";
