@@ -37,8 +37,8 @@ const END_CACHE: usize = 4096;
 ///   copied after: the ends of a busy pair of workloads repeat from flow to
 ///   flow (the same pod, SPIFFE ID, process and cgroup), and the two ends
 ///   are most of a line's bytes. A storm-like line went from 4,538 to
-///   3,572 instructions (callgrind over the `json_line_workload` test,
-///   counting inside `FlowWriter::write`, 2026-12-07);
+///   3,572 instructions (the `json_line_instructions` measurement,
+///   2026-12-07);
 /// - each pod's names and labels, written once and copied after, for an
 ///   end not cached yet: one pod (the endpoint directory's `Arc`) is behind
 ///   many flows (340 to 260 ns for the bench's event);
@@ -901,13 +901,13 @@ mod tests {
         f
     }
 
+    /// Lines of [`json_line_workload`].
+    const COUNTED_LINES: u64 = 100_000;
+
     /// 100,000 storm-like lines through one caching writer: the workload
-    /// whose instructions per line are counted, by hand, with `valgrind
-    /// --tool=callgrind --toggle-collect='flowaudit::flow::json::FlowWriter::write'
-    /// <the lib's test binary> flow::json::tests::json_line_workload --exact
-    /// --ignored` (the callgrind total over 100,000).
+    /// whose instructions [`json_line_instructions`] counts.
     #[test]
-    #[ignore = "a measurement, run under callgrind by hand"]
+    #[ignore = "run by `json_line_instructions` under callgrind"]
     fn json_line_workload() {
         let pod = |name: &str, sa: &str| -> PodRef {
             PodMeta {
@@ -930,7 +930,7 @@ mod tests {
             "spiffe://demo.local/ns/99-apps/sa/backend".into(),
         ];
         let process = crate::flow::ArcStr::from("simpod");
-        let flows: Vec<FlowEvent> = (0..100_000)
+        let flows: Vec<FlowEvent> = (0..COUNTED_LINES)
             .map(|i| typical(i, &pods, &ids, &process))
             .collect();
         let mut w = FlowWriter::default();
@@ -945,6 +945,34 @@ mod tests {
             out.push(b'\n');
         }
         total += out.len();
-        assert!(total > 100_000 * 500, "{total} bytes");
+        assert!(total as u64 > COUNTED_LINES * 500, "{total} bytes");
+    }
+
+    /// Instructions of the export file's JSON writer per line: a count, not
+    /// a time (callgrind, inside `FlowWriter::write`, over
+    /// [`json_line_workload`]). Run with `cargo test --release -p flowaudit
+    /// json_line_instructions -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, run by `cargo xtask bench`"]
+    fn json_line_instructions() {
+        let counted = crate::pipeline::bench::callgrind_count(
+            "flow::json::tests::json_line_workload",
+            &["flowaudit::flow::json::FlowWriter::write"],
+        );
+        assert!(
+            counted > COUNTED_LINES * 100,
+            "callgrind counted {counted} instructions for {COUNTED_LINES} lines: FlowWriter::write was not found by name (inlined or renamed?)"
+        );
+        crate::pipeline::bench::result(
+            "json_line_instructions",
+            "export file: JSON writer instructions per flow line",
+            counted as f64 / COUNTED_LINES as f64,
+            "instructions",
+            "",
+            true,
+            &format!(
+                "{counted} instructions (valgrind callgrind, inside FlowWriter::write) for {COUNTED_LINES} storm-like lines (both ends pods with labels and attested IDs, repeating as a busy pair's do); a count, not a time: it does not move with the machine's load"
+            ),
+        );
     }
 }

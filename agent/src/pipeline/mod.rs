@@ -368,7 +368,7 @@ fn later(now: Instant, wait: Duration) -> Instant {
 }
 
 #[cfg(test)]
-mod bench {
+pub(crate) mod bench {
     //! Capacity of the userspace pipeline, fed synthetic kernel records:
     //! decode -> flow -> identity join (endpoint directory) -> encryption ->
     //! policy -> metrics and the stream hub with one live subscriber.
@@ -461,7 +461,15 @@ mod bench {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
-    fn result(id: &str, name: &str, value: f64, unit: &str, target: &str, met: bool, detail: &str) {
+    pub(crate) fn result(
+        id: &str,
+        name: &str,
+        value: f64,
+        unit: &str,
+        target: &str,
+        met: bool,
+        detail: &str,
+    ) {
         println!(
             "bench-result: {}",
             serde_json::json!({"id": id, "name": name, "value": value, "unit": unit,
@@ -561,45 +569,13 @@ mod bench {
     #[test]
     #[ignore = "a measurement, run by `cargo xtask bench`"]
     fn pipeline_instructions() {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let out = std::env::temp_dir().join(format!("fa-callgrind-{}.out", std::process::id()));
-        let run = std::process::Command::new("valgrind")
-            .args([
-                "--tool=callgrind",
-                "--toggle-collect=flowaudit::pipeline::Pipeline::take",
-                "--toggle-collect=flowaudit::pipeline::Pipeline::release_some",
-            ])
-            .arg(format!("--callgrind-out-file={}", out.display()))
-            .arg(&exe)
-            .args([
-                "pipeline::bench::pipeline_instructions_workload",
-                "--exact",
-                "--ignored",
-                "--test-threads=1",
-            ])
-            .output();
-        let run = match run {
-            Ok(r) => r,
-            Err(e) => panic!(
-                "could not run valgrind ({e}): it counts the instructions; `cargo xtask setup` installs it (Debian package valgrind)"
-            ),
-        };
-        let text = std::fs::read_to_string(&out).unwrap_or_default();
-        let _ = std::fs::remove_file(&out);
-        assert!(
-            run.status.success(),
-            "the workload under callgrind failed ({}):\n{}\n{}",
-            run.status,
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
+        let counted = callgrind_count(
+            "pipeline::bench::pipeline_instructions_workload",
+            &[
+                "flowaudit::pipeline::Pipeline::take",
+                "flowaudit::pipeline::Pipeline::release_some",
+            ],
         );
-        let counted = callgrind_total(&text).unwrap_or_else(|| {
-            panic!(
-                "no `summary:` or `totals:` line in callgrind's output {}:\n{}",
-                out.display(),
-                text.lines().take(30).collect::<Vec<_>>().join("\n")
-            )
-        });
         let records = u64::from(COUNTED_CONNECTIONS) * 3;
         assert!(
             counted > records,
@@ -617,6 +593,47 @@ mod bench {
                 "{counted} instructions (valgrind callgrind, inside Pipeline::take and Pipeline::release_some) for {records} records ({COUNTED_CONNECTIONS} connections: CONNECT, first payload, CLOSE), as in the row above but on one thread and without a subscriber; a count, not a time: it does not move with the machine's load"
             ),
         );
+    }
+
+    /// Runs this test binary's ignored test `test` (its full path) under
+    /// valgrind's callgrind and returns the instructions counted inside the
+    /// functions `inside` (and what they call).
+    pub(crate) fn callgrind_count(test: &str, inside: &[&str]) -> u64 {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let out = std::env::temp_dir().join(format!(
+            "fa-callgrind-{}-{}.out",
+            std::process::id(),
+            test.rsplit("::").next().unwrap_or(test)
+        ));
+        let run = std::process::Command::new("valgrind")
+            .arg("--tool=callgrind")
+            .args(inside.iter().map(|f| format!("--toggle-collect={f}")))
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(&exe)
+            .args([test, "--exact", "--ignored", "--test-threads=1"])
+            .output();
+        let run = match run {
+            Ok(r) => r,
+            Err(e) => panic!(
+                "could not run valgrind ({e}): it counts the instructions; `cargo xtask setup` installs it (Debian package valgrind)"
+            ),
+        };
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let _ = std::fs::remove_file(&out);
+        assert!(
+            run.status.success(),
+            "the workload under callgrind failed ({}):\n{}\n{}",
+            run.status,
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        callgrind_total(&text).unwrap_or_else(|| {
+            panic!(
+                "no `summary:` or `totals:` line in callgrind's output {}:\n{}",
+                out.display(),
+                text.lines().take(30).collect::<Vec<_>>().join("\n")
+            )
+        })
     }
 
     /// The instructions counted in a callgrind output file.
