@@ -21,6 +21,7 @@ use super::convert;
 use super::filter::FilterSet;
 use super::h2_authority::AuthorityFix;
 use super::hub::{Hub, HubError, Item, LostSource, Subscribe};
+use super::linger::{LINGER, Lingering, Lingers};
 use super::mtls::{ClientTls, ServerTls};
 use super::proto;
 use super::proto::flow_audit_client::FlowAuditClient;
@@ -219,12 +220,14 @@ pub fn is_stopping(status: &Status) -> bool {
 pub const STREAM_END_WAIT: Duration = Duration::from_secs(5);
 
 /// Stops gRPC servers gracefully: each stops accepting, lets its open
-/// requests finish (a closed hub ends its follow streams), then closes its
-/// connections. Clones share the servers.
+/// requests finish (a closed hub ends its follow streams), then ends its
+/// connections, each closed once its client has read the end (see
+/// [`super::linger`]). Clones share the servers.
 #[derive(Clone)]
 pub struct GrpcStop {
     signal: Arc<tokio::sync::watch::Sender<bool>>,
     servers: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    lingers: Lingers,
 }
 
 impl Default for GrpcStop {
@@ -232,6 +235,7 @@ impl Default for GrpcStop {
         Self {
             signal: Arc::new(tokio::sync::watch::channel(false).0),
             servers: Arc::default(),
+            lingers: Lingers::default(),
         }
     }
 }
@@ -259,8 +263,24 @@ impl GrpcStop {
 
     /// Tells every server to stop and waits until they have, at most
     /// [`STREAM_END_WAIT`] (a client that reads nothing keeps its stream
-    /// open; then it is said in the log). Servers spawned later stop at once.
+    /// open; then it is said in the log), then until each ended connection's
+    /// client has closed it, at most [`LINGER`] more. Servers spawned later
+    /// stop at once.
     pub async fn stop(&self) {
+        self.end_servers().await;
+        let cut = self.lingers.wait().await;
+        if cut > 0 {
+            tracing::info!(
+                connections = cut,
+                linger = ?LINGER,
+                "gRPC clients did not close their ended connections in time; closed"
+            );
+        }
+    }
+
+    /// The first half of [`GrpcStop::stop`]: the servers end, their
+    /// connections linger.
+    async fn end_servers(&self) {
         self.signal.send_replace(true);
         let servers = std::mem::take(&mut *self.servers.lock().unwrap_or_else(|p| p.into_inner()));
         let all = futures_util::future::join_all(servers);
@@ -408,7 +428,7 @@ fn prepare_socket(path: &Path) -> Result<(), GrpcError> {
     }
 }
 
-impl Connected for AuthorityFix<tokio::net::UnixStream> {
+impl Connected for AuthorityFix<Lingering<tokio::net::UnixStream>> {
     type ConnectInfo = UdsConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -472,8 +492,9 @@ pub async fn serve_service<S: FlowAudit>(
                 )?;
                 let guard = SocketGuard(path.clone());
                 // Stock clients send the socket path as :authority: see h2_authority.
+                let lingers = stop.lingers.clone();
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
-                    .map(|conn| conn.map(AuthorityFix::new));
+                    .map(move |conn| conn.map(|c| AuthorityFix::new(Lingering::new(c, &lingers))));
                 stop.spawn(|stopped| async move {
                     let _guard = guard;
                     if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped).await {
@@ -496,7 +517,7 @@ pub async fn serve_service<S: FlowAudit>(
                     })?;
                 match tls {
                     Some(tls) => {
-                        let incoming = tls.incoming(listener);
+                        let incoming = tls.incoming(listener, &stop.lingers);
                         stop.spawn(|stopped| async move {
                             if let Err(e) =
                                 router.serve_with_incoming_shutdown(incoming, stopped).await
@@ -506,7 +527,9 @@ pub async fn serve_service<S: FlowAudit>(
                         });
                     }
                     None if local.ip().is_loopback() => {
-                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                        let lingers = stop.lingers.clone();
+                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+                            .map(move |conn| conn.map(|c| Lingering::new(c, &lingers)));
                         stop.spawn(|stopped| async move {
                             if let Err(e) =
                                 router.serve_with_incoming_shutdown(incoming, stopped).await
@@ -624,6 +647,198 @@ pub(crate) mod tests {
         for bad in ["unix://relative.sock", "localhost", ":4245", "host:port"] {
             assert!(GrpcAddr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A raw HTTP/2 client on a Unix socket, for what stock clients do at
+    /// a connection's end that tonic's own client does not.
+    struct RawClient(std::os::unix::net::UnixStream);
+
+    impl RawClient {
+        /// Connects with no window for stream data (each stream's flows and
+        /// status wait for [`RawClient::open_window`]) and asks to follow.
+        fn follow(sock: &Path) -> Self {
+            use crate::export::h2_authority::PREFACE;
+            use crate::export::h2_authority::tests::{frame, request_block};
+            use prost::Message;
+            use std::io::Write;
+            let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut out = PREFACE.to_vec();
+            out.extend(frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0])); // INITIAL_WINDOW_SIZE 0
+            out.extend(frame(0x1, 0x4, 1, &request_block(b"localhost")));
+            let request = proto::GetFlowsRequest {
+                follow: true,
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let mut body = vec![0];
+            body.extend((request.len() as u32).to_be_bytes());
+            body.extend(request);
+            out.extend(frame(0x0, 0x1, 1, &body));
+            s.write_all(&out).unwrap();
+            Self(s)
+        }
+
+        fn read_frame(&mut self) -> crate::export::h2_authority::tests::Frame {
+            use std::io::Read;
+            let mut bytes = vec![0; 9];
+            self.0
+                .read_exact(&mut bytes)
+                .expect("a frame from the server");
+            let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+            bytes.resize(9 + len, 0);
+            self.0.read_exact(&mut bytes[9..]).unwrap();
+            crate::export::h2_authority::tests::frames_after_preface(&bytes)
+                .pop()
+                .unwrap()
+        }
+
+        /// Reads up to the ping of the server's graceful shutdown (after its
+        /// first GOAWAY) and answers it and every SETTINGS, as clients do.
+        fn answer_up_to_the_shutdown_ping(
+            &mut self,
+        ) -> Vec<crate::export::h2_authority::tests::Frame> {
+            use crate::export::h2_authority::tests::frame;
+            use std::io::Write;
+            let mut seen = Vec::new();
+            loop {
+                let f = self.read_frame();
+                let unacked = f.flags & 0x1 == 0;
+                if f.kind == 0x4 && unacked {
+                    self.0.write_all(&frame(0x4, 0x1, 0, &[])).unwrap();
+                }
+                let ping = f.kind == 0x6 && unacked;
+                if ping {
+                    self.0.write_all(&frame(0x6, 0x1, 0, &f.payload)).unwrap();
+                }
+                seen.push(f);
+                if ping {
+                    return seen;
+                }
+            }
+        }
+
+        /// A WINDOW_UPDATE of 1 MiB on `stream` (0: the connection's).
+        fn open_window(&mut self, stream: u32) -> std::io::Result<()> {
+            use crate::export::h2_authority::tests::frame;
+            use std::io::Write;
+            self.0
+                .write_all(&frame(0x8, 0, stream, &(1u32 << 20).to_be_bytes()))
+        }
+    }
+
+    async fn unix_server(name: &str) -> (PathBuf, Arc<Hub>, GrpcStop) {
+        use crate::capture::CaptureStats;
+        use crate::pipeline::PipelineStats;
+        let dir = std::env::temp_dir().join(format!("fa-grpc-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sock = dir.join("s.sock");
+        let state = Arc::new(AgentState::new(
+            "test".into(),
+            Arc::new(CaptureStats::default()),
+            Arc::new(PipelineStats::default()),
+        ));
+        let hub = Arc::new(Hub::new(64, 64, 16, state.metrics.clone()));
+        let stop = GrpcStop::default();
+        let addr = format!("unix://{}", sock.display());
+        serve(std::slice::from_ref(&addr), hub.clone(), state, None, &stop)
+            .await
+            .unwrap();
+        (sock, hub, stop)
+    }
+
+    /// grpc-core writes (a WINDOW_UPDATE for the flows it consumed) before
+    /// it reads the rest of its buffer. A stopping server whose connection
+    /// ended must not have closed it then, or the write fails (EPIPE) and
+    /// the client fails the call with that, never reading the status it had
+    /// been sent (see [`super::super::linger`]). Here a client writes after
+    /// the server has ended, then reads the flow and the status, and closes.
+    #[tokio::test]
+    async fn a_client_that_writes_before_reading_the_end_still_gets_the_status() {
+        let (sock, hub, stop) = unix_server("linger").await;
+        let dir = sock.parent().unwrap().to_path_buf();
+        let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
+        let client = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut c = RawClient::follow(&sock);
+            let mut frames = c.answer_up_to_the_shutdown_ping();
+            // The flow and the status go out; then h2 ends the connection.
+            c.open_window(1).unwrap();
+            ended_rx.recv().unwrap();
+            let wrote = c.open_window(0);
+            let mut rest = Vec::new();
+            let read = c.0.read_to_end(&mut rest);
+            frames.extend(crate::export::h2_authority::tests::frames_after_preface(
+                &rest,
+            ));
+            (wrote, read, frames)
+        });
+        while hub.subscribers() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        hub.publish_all(&mut vec![Arc::new(sample_flow())]);
+        hub.close("the server is stopping (SIGTERM)");
+        stop.end_servers().await;
+        ended_tx.send(()).unwrap();
+        let (wrote, read, frames) = client.await.unwrap();
+        wrote.expect("a write after the server ended the connection");
+        read.expect("the rest of the connection, up to its end");
+        assert_eq!(stop.lingers.wait().await, 0, "the client closed it");
+        let on_stream = |kind: u8| {
+            frames
+                .iter()
+                .filter(move |f| f.kind == kind && f.stream == 1)
+        };
+        assert!(
+            on_stream(0x0).any(|f| f.payload.len() > 5),
+            "the flow: {frames:?}"
+        );
+        let mut decoder = loona_hpack::Decoder::new();
+        let blocks: Vec<_> = on_stream(0x1)
+            .map(|f| (f.flags, decoder.decode(&f.payload).unwrap()))
+            .collect();
+        let (flags, trailers) = blocks.last().expect("headers on the stream");
+        assert_eq!(flags & 0x1, 0x1, "the last block ends the stream");
+        let field = |name: &[u8]| {
+            trailers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(field(b"grpc-status").as_deref(), Some("14"), "{trailers:?}");
+        assert_eq!(
+            field(b"grpc-message").as_deref(),
+            Some("the%20server%20is%20stopping%20(SIGTERM)")
+        );
+        assert!(
+            frames.iter().any(|f| f.kind == 0x7),
+            "the GOAWAY: {frames:?}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A client that never closes an ended connection holds the stop up for
+    /// [`LINGER`] at most; it is counted.
+    #[tokio::test]
+    async fn a_client_that_never_closes_is_cut_after_the_linger() {
+        let (sock, hub, stop) = unix_server("linger-cut").await;
+        let dir = sock.parent().unwrap().to_path_buf();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let client = tokio::task::spawn_blocking(move || {
+            let mut c = RawClient::follow(&sock);
+            c.answer_up_to_the_shutdown_ping();
+            // Open until the test is done with it.
+            done_rx.recv().unwrap();
+        });
+        while hub.subscribers() < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        hub.close("the server is stopping (SIGTERM)");
+        stop.end_servers().await;
+        assert_eq!(stop.lingers.wait().await, 1, "cut at the linger");
+        done_tx.send(()).unwrap();
+        client.await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// Delivery capacity of the stream over a real Unix socket: one

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
 
 /// The client connection preface (RFC 9113 section 3.4).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
 /// SETTINGS_MAX_FRAME_SIZE's initial value, the only one h2 accepts unless
 /// configured otherwise (tonic does not): re-encoded frames stay within it.
@@ -504,7 +504,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// grpcio 1.76 on a Unix socket: preface, SETTINGS, and two concurrent
@@ -515,7 +515,7 @@ mod tests {
 
     const SOCKET_PATH: &[u8] = b"/var/run/flowaudit/flowaudit.sock";
 
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         write_frame_head(payload.len(), kind, flags, stream, &mut out);
         out.extend_from_slice(payload);
@@ -529,7 +529,7 @@ mod tests {
         encode_string(value, out);
     }
 
-    fn request_block(authority: &[u8]) -> Vec<u8> {
+    pub(crate) fn request_block(authority: &[u8]) -> Vec<u8> {
         let mut b = vec![0x83, 0x86]; // :method POST, :scheme http
         indexed_literal(b":path", b"/flowaudit.v1.FlowAudit/GetFlows", &mut b);
         indexed_literal(b":authority", authority, &mut b);
@@ -553,17 +553,23 @@ mod tests {
     }
 
     #[derive(Debug, PartialEq)]
-    struct Frame {
-        kind: u8,
-        flags: u8,
-        stream: u32,
-        payload: Vec<u8>,
+    pub(crate) struct Frame {
+        pub kind: u8,
+        pub flags: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
     }
 
     fn frames(bytes: &[u8]) -> Vec<Frame> {
-        let mut rest = bytes
-            .strip_prefix(PREFACE)
-            .expect("output starts with the preface");
+        frames_after_preface(
+            bytes
+                .strip_prefix(PREFACE)
+                .expect("output starts with the preface"),
+        )
+    }
+
+    /// Whole frames, as a server sends them (no preface).
+    pub(crate) fn frames_after_preface(mut rest: &[u8]) -> Vec<Frame> {
         let mut v = Vec::new();
         while !rest.is_empty() {
             let head: [u8; 9] = rest[..9].try_into().unwrap();

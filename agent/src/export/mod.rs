@@ -11,6 +11,7 @@ pub mod filter;
 pub mod grpc;
 pub mod h2_authority;
 pub mod hub;
+pub mod linger;
 pub mod metrics;
 pub mod mtls;
 pub mod state;

@@ -31,6 +31,8 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
+
+use super::linger::{Lingering, Lingers};
 use zeroize::Zeroizing;
 
 /// How long a client may take to complete the TLS handshake.
@@ -571,11 +573,16 @@ impl ServerTls {
 
     /// Accepts TCP connections and completes their handshakes concurrently
     /// (a slow or hostile client holds up no one else); yields only the
-    /// connections whose peer was authorized.
+    /// connections whose peer was authorized. Each lingers in `lingers`
+    /// when it ends (see [`super::linger`]).
     pub fn incoming(
         &self,
         listener: TcpListener,
-    ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+        lingers: &Lingers,
+    ) -> tokio_stream::wrappers::ReceiverStream<
+        Result<TlsStream<Lingering<TcpStream>>, std::io::Error>,
+    > {
+        let lingers = lingers.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let acceptor = self.acceptor.clone();
         tokio::spawn(async move {
@@ -588,6 +595,7 @@ impl ServerTls {
                         continue;
                     }
                 };
+                let tcp = Lingering::new(tcp, &lingers);
                 let acceptor = acceptor.clone();
                 let out = tx.clone();
                 tokio::spawn(async move {
