@@ -267,8 +267,9 @@ impl GrpcStop {
     /// client has closed it, at most [`LINGER`] more. Servers spawned later
     /// stop at once.
     pub async fn stop(&self) {
+        let before = self.lingers.cut();
         self.end_servers().await;
-        let cut = self.lingers.wait().await;
+        let cut = self.lingers.wait().await - before;
         if cut > 0 {
             tracing::info!(
                 connections = cut,

@@ -45,13 +45,18 @@ pub struct Lingers {
 }
 
 impl Lingers {
+    /// How many ended connections, since the start, were closed at
+    /// [`LINGER`] rather than by their client.
+    pub fn cut(&self) -> u64 {
+        self.cut.load(Ordering::Relaxed)
+    }
+
     /// Waits until every connection ended so far has been closed; returns
-    /// how many of them, ever, were closed at [`LINGER`] rather than by their
-    /// client.
+    /// [`Lingers::cut`] then.
     pub async fn wait(&self) -> u64 {
         self.tasks.close();
         self.tasks.wait().await;
-        self.cut.load(Ordering::Relaxed)
+        self.cut()
     }
 }
 
