@@ -30,9 +30,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
-/// How long an ended connection waits for its client to close it. A stock
-/// client closes as soon as it has read the end (grpc-core, tonic: a few
-/// milliseconds); this bounds a client that never does.
+/// How long an ended connection waits for its client to close it (a
+/// client that has read the end closes it); this bounds one that never
+/// does.
 pub const LINGER: Duration = Duration::from_secs(2);
 
 /// The connections waiting for their clients to close, shared by the
