@@ -204,11 +204,14 @@ impl Drop for Tracefs {
 /// connection-rate runs, `STORM_PORTS` for the storm; `simpod serve` answers
 /// the event-delay connections on `DELAY_PORT`; iperf3 listens on `IPERF_PORT`.
 pub const CONN_RATE_PORTS: std::ops::Range<u16> = 8000..8016;
-pub const STORM_PORTS: std::ops::Range<u16> = 9000..9016;
+pub const STORM_PORTS: std::ops::Range<u16> = 9000..9064;
 pub const DELAY_PORT: u16 = 8100;
 pub const IPERF_PORT: u16 = 5201;
-/// Client ports the generators bind explicitly (4-tuples never repeat
-/// within a run: 16 server ports x 50,000 client ports).
+/// Client ports the generators bind explicitly. 4-tuples never repeat
+/// within a run: the storm's 64 server ports x 50,000 client ports give
+/// 3,200,000 (80 s at 40,000 connections a second; a run that used them
+/// all stops early and says so); 16 ports, as before 2026-12-07, gave
+/// 800,000, which a 25 s pinned run outgrew.
 pub const CLIENT_PORTS: (u16, u16) = (10000, 59999);
 
 pub struct BenchNode {
@@ -832,6 +835,49 @@ pub fn proc_bpf_map_rss(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// The block device holding `path` and how many of its interrupts each CPU
+/// has taken (from `/sys/dev/block`, the device's `msi_irqs` and
+/// `/proc/interrupts`); None when that cannot be told (tmpfs, a device
+/// without MSI interrupts, another sysfs layout).
+pub fn disk_interrupts(path: &Path) -> Option<(String, Vec<u64>)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let block = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    let name = block.file_name()?.to_string_lossy().into_owned();
+    // A partition's device is its disk's parent: walk up to the first
+    // directory with interrupts.
+    let irqs: Vec<u32> = block.ancestors().find_map(|d| {
+        let list: Vec<u32> = std::fs::read_dir(d.join("msi_irqs"))
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        (!list.is_empty()).then_some(list)
+    })?;
+    let text = std::fs::read_to_string("/proc/interrupts").ok()?;
+    let counts = interrupt_counts(&text, &irqs);
+    (counts.iter().sum::<u64>() > 0).then_some((name, counts))
+}
+
+/// Adds up, per CPU, the counts of `irqs` in `/proc/interrupts` text.
+fn interrupt_counts(text: &str, irqs: &[u32]) -> Vec<u64> {
+    let mut lines = text.lines();
+    let cpus = lines.next().map_or(0, |h| h.split_whitespace().count());
+    let mut sum = vec![0u64; cpus];
+    for line in lines {
+        let Some((irq, rest)) = line.trim_start().split_once(':') else {
+            continue;
+        };
+        if !irq.parse::<u32>().is_ok_and(|n| irqs.contains(&n)) {
+            continue;
+        }
+        for (cpu, n) in rest.split_whitespace().take(cpus).enumerate() {
+            sum[cpu] += n.parse::<u64>().unwrap_or(0);
+        }
+    }
+    sum
+}
+
 /// Sets the CPU affinity of every thread of `pid` (threads it starts later
 /// inherit it from their parent thread): `Some(cpu)` pins them to that CPU,
 /// `None` gives them every CPU back. Errors name the thread that refused.
@@ -932,6 +978,22 @@ pub fn other_agents() -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interrupt_counts_add_up_a_devices_lines_per_cpu() {
+        let text = "           CPU0       CPU1       \n \
+             35:          0          1 PCI-MSIX-0000:00:02.0   0-edge      virtio1-config\n \
+             36:          7     102107 PCI-MSIX-0000:00:02.0   1-edge      virtio1-req.0\n \
+             38:          0       7702 PCI-MSIX-0000:00:03.0   1-edge      virtio2-input.0\n\
+            NMI:          0          0   Non-maskable interrupts\n";
+        assert_eq!(interrupt_counts(text, &[35, 36]), vec![7, 102108]);
+        assert_eq!(interrupt_counts(text, &[99]), vec![0, 0]);
+    }
+
+    #[test]
+    fn a_file_on_no_block_device_has_no_disk() {
+        assert_eq!(disk_interrupts(Path::new("/proc/self/stat")), None);
+    }
 
     #[test]
     fn machine_cpu_reads_the_cpu_line() {

@@ -152,6 +152,12 @@ struct RunArgs {
     /// Seconds of the pinned (DaemonSet) run, flat out.
     #[arg(long, default_value_t = 15.0)]
     pinned_secs: f64,
+    /// The CPU the pinned run gives the agent (0 or 1); the load gets the
+    /// other. Default: the CPU that takes most of the interrupts of the
+    /// disk holding the export file, else 0. On the load's CPU, that
+    /// disk's completions wait for the load (docs/benchmarks.md, item 7).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pinned_agent_cpu: Option<u8>,
     /// Client threads of the storm.
     #[arg(long, default_value_t = 8)]
     storm_threads: usize,
@@ -197,6 +203,9 @@ pub struct Ctx {
     pub delay_count: u64,
     pub delay_rate: f64,
     pub pinned_secs: f64,
+    /// The CPU the pinned run gives the agent; None = the disk's (see
+    /// `pinned_cpus`).
+    pub pinned_agent_cpu: Option<usize>,
     /// How the agent's ends get their identities, for the details.
     pub identity: String,
     /// The median bare connection rate of item 1, once measured.
@@ -325,6 +334,52 @@ fn main() -> Result<()> {
 
 /// Item 3 (the sustained storm, all watchers) or item 7 (the agent alone,
 /// pinned to CPU 0 while the load runs on CPU 1).
+/// The pinned run's CPUs and why the agent has its CPU. By default the agent
+/// gets the CPU that takes the interrupts of the disk its export file is
+/// on: the load keeps its CPU busy with kernel network work, and the kernel
+/// threads the file's writeback needs there (that CPU's softirq thread, its
+/// kblockd worker) wait for seconds. With the disk's interrupts on the
+/// load's CPU, 25 s runs wrote almost nothing to the disk: the file's pages
+/// stayed dirty until the kernel's dirty limit made the writer wait
+/// (2026-12-07: 83.9% to 89.9% of connections in the file in 14 runs; with
+/// the agent on the disk's CPU, 100.00% in 2; docs/benchmarks.md, item 7).
+fn pinned_cpus(ctx: &Ctx) -> storm::PinPlan {
+    let disk = env::disk_interrupts(&ctx.dir);
+    let disk_text = match &disk {
+        Some((name, counts)) => format!(
+            "the export file's disk ({name}) has taken its interrupts on CPUs {}",
+            counts
+                .iter()
+                .enumerate()
+                .map(|(cpu, n)| format!("{cpu}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => "which CPU takes the export file's disk's interrupts could not be told".to_owned(),
+    };
+    let (agent, why) = match ctx.pinned_agent_cpu {
+        Some(cpu) => (
+            cpu,
+            format!("CPU {cpu} chosen with --pinned-agent-cpu; {disk_text}"),
+        ),
+        None => {
+            let busiest = disk.as_ref().and_then(|(_, counts)| {
+                let (cpu, n) = counts.iter().enumerate().take(2).max_by_key(|(_, n)| **n)?;
+                (*n > 0).then_some(cpu)
+            });
+            match busiest {
+                Some(cpu) => (cpu, format!("the agent has the disk's CPU, {disk_text}")),
+                None => (0, format!("CPU 0 by default; {disk_text}")),
+            }
+        }
+    };
+    storm::PinPlan {
+        agent,
+        load: 1 - agent,
+        why,
+    }
+}
+
 fn run_storm(ctx: &Ctx, node: &BenchNode, pinned: bool) -> Result<Vec<BenchResult>> {
     let plan = if pinned {
         if storm::num_cpus() < 2 {
@@ -345,7 +400,7 @@ fn run_storm(ctx: &Ctx, node: &BenchNode, pinned: bool) -> Result<Vec<BenchResul
             rate: 0,
             threads: ctx.storm_threads,
             watchers: vec![Watcher::Flowaudit],
-            pin: Some((0, 1)),
+            pin: Some(pinned_cpus(ctx)),
             first_index: ctx.storm_index.get(),
         }
     } else {
@@ -460,6 +515,7 @@ fn run(args: RunArgs) -> Result<()> {
             delay_count: args.delay_count.max(1),
             delay_rate: args.delay_rate,
             pinned_secs: args.pinned_secs,
+            pinned_agent_cpu: args.pinned_agent_cpu.map(usize::from),
             identity,
             bare_rate: std::cell::Cell::new(None),
             storm_index: std::cell::Cell::new(0),

@@ -32,11 +32,24 @@ impl Expected {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read the completed connections {}", path.display()))?;
         let mut index = HashMap::new();
-        for line in text.lines() {
+        for (no, line) in text.lines().enumerate() {
             let mut it = line.split_whitespace().map(str::parse::<u16>);
-            if let (Some(Ok(c)), Some(Ok(s))) = (it.next(), it.next()) {
-                let n = index.len();
-                index.entry((c, s)).or_insert(n);
+            let (Some(Ok(c)), Some(Ok(s))) = (it.next(), it.next()) else {
+                bail!(
+                    "{}:{}: not \"client_port server_port\": {line:?}",
+                    path.display(),
+                    no + 1
+                );
+            };
+            let n = index.len();
+            if index.insert((c, s), n).is_some() {
+                // Records are matched by 4-tuple: two connections on one
+                // would count as one.
+                bail!(
+                    "{}:{}: the generator used the 4-tuple {c} -> {s} twice in one run",
+                    path.display(),
+                    no + 1
+                );
             }
         }
         Ok(Self {
@@ -458,14 +471,21 @@ pub struct StormPlan {
     pub rate: u64,
     pub threads: usize,
     pub watchers: Vec<Watcher>,
-    /// (the agent's CPU, the load's CPU).
-    pub pin: Option<(usize, usize)>,
+    pub pin: Option<PinPlan>,
     /// Index of the first 4-tuple (after the previous storm's).
     pub first_index: u64,
 }
 
 /// Runs one storm and matches every watcher's records to it; the results
 /// and the next free 4-tuple index.
+/// Where a pinned run puts the agent and the load, and why.
+#[derive(Debug, Clone)]
+pub struct PinPlan {
+    pub agent: usize,
+    pub load: usize,
+    pub why: String,
+}
+
 pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<BenchResult>, u64)> {
     let dir = ctx.dir.join(plan.id);
     std::fs::create_dir_all(&dir)?;
@@ -506,7 +526,13 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         false => None,
     };
     let mut pin_note = String::new();
-    if let Some((agent_cpu, load_cpu)) = plan.pin {
+    if let Some(PinPlan {
+        agent: agent_cpu,
+        load: load_cpu,
+        why,
+    }) = &plan.pin
+    {
+        let (agent_cpu, load_cpu) = (*agent_cpu, *load_cpu);
         if let Some(a) = &agent {
             env::pin_process(a.pid(), Some(agent_cpu)).context("pin the agent")?;
         }
@@ -514,7 +540,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
             .context("pin the storm server")?;
         pin_note = format!(
             "; the agent (every thread) pinned to CPU {agent_cpu}, the generator and the server \
-             to CPU {load_cpu} (sched_setaffinity)"
+             to CPU {load_cpu} (sched_setaffinity; {why})"
         );
     }
     env::sleep(Duration::from_secs(1))?;
@@ -565,7 +591,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
             plan.first_index,
             Some(&completed_file),
         ),
-        plan.pin.map(|p| p.1),
+        plan.pin.as_ref().map(|p| p.load),
     );
     let out = node.run_in_client(&args);
     if plan.pin.is_some() {
@@ -668,13 +694,18 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         .target(&rate_text, rate_met)
         .detail(format!(
             "{} connections completed in {:.2} s ({} failed) by {} client threads, {pace} \
-                 (paced runs go flat out when behind), {} server ports, unique 4-tuples; watched by \
-                 {watching}, all on these {} cores{pin_note}{bare}; {load}",
+                 (paced runs go flat out when behind), {} server ports, unique 4-tuples{}; \
+                 watched by {watching}, all on these {} cores{pin_note}{bare}; {load}",
             sum.completed,
             sum.elapsed_s,
             sum.errors,
             plan.threads,
             ports.len(),
+            if sum.exhausted {
+                " (STOPPED EARLY: every 4-tuple was used; fewer seconds or more server ports)"
+            } else {
+                ""
+            },
             num_cpus()
         )),
     );
@@ -686,7 +717,7 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         let any = fa.iter().filter(|s| **s != 0).count();
         let count_bit = |b: u8| fa.iter().filter(|s| **s & b != 0).count();
         let export_mib = len_with_backups(&export) as f64 / (1 << 20) as f64;
-        let (share_text, share_met) = match plan.pin {
+        let (share_text, share_met) = match &plan.pin {
             None => (
                 "100% (all four events of every connection), 0 lost",
                 all4 == n && fa_lost == 0.0,
@@ -926,5 +957,58 @@ fn thread_split(threads: &BTreeMap<String, f64>, conns: usize, export_mib: f64) 
         "not read".into()
     } else {
         parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Expected> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "fa-bench-expected-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("completed.txt");
+        std::fs::write(&path, text)?;
+        let exp = Expected::load(
+            &path,
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+        );
+        std::fs::remove_dir_all(&dir)?;
+        exp
+    }
+
+    #[test]
+    fn completed_connections_are_found_either_way_round() {
+        let exp = load("10000 9000\n10001 9000\n10000 9001\n").unwrap();
+        assert_eq!(exp.len(), 3);
+        let (c, s) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(exp.find((c, 10001), (s, 9000)), Some((1, true)));
+        assert_eq!(exp.find((s, 9001), (c, 10000)), Some((2, false)));
+        assert_eq!(exp.find((c, 10002), (s, 9000)), None);
+    }
+
+    #[test]
+    fn a_tuple_used_twice_is_an_error_not_one_connection() {
+        let e = load("10000 9000\n10001 9000\n10000 9000\n").err().unwrap();
+        let text = format!("{e:#}");
+        assert!(
+            text.contains(":3: the generator used the 4-tuple 10000 -> 9000 twice"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_line_names_its_place() {
+        let e = load("10000 9000\nnonsense\n").err().unwrap();
+        assert!(
+            format!("{e:#}").contains("completed.txt:2: not \"client_port server_port\""),
+            "{e:#}"
+        );
     }
 }

@@ -138,6 +138,17 @@ pub struct StormSummary {
     pub per_sec: f64,
     /// One past the highest tuple index used: the next run's `first_index`.
     pub next_index: u64,
+    /// The run stopped before its time because every 4-tuple had been used
+    /// once: a tuple used twice in one run would make two connections one
+    /// record set for the bench's matching.
+    #[serde(default)]
+    pub exhausted: bool,
+}
+
+/// How many distinct 4-tuples the options give: one run uses each at most once.
+pub fn tuple_space(opts: &StormOpts) -> u64 {
+    let span = u64::from(opts.client_ports.1.saturating_sub(opts.client_ports.0)) + 1;
+    opts.server_ports.len() as u64 * span
 }
 
 /// The `i`-th 4-tuple: server ports cycle fastest, so consecutive
@@ -181,6 +192,7 @@ pub fn storm_client(opts: StormOpts) -> Result<()> {
             sum.first_error = r.first_error;
         }
         sum.next_index = sum.next_index.max(r.next_index);
+        sum.exhausted |= r.exhausted;
         if opts.completed_file.is_some() {
             completed.extend(r.done);
         }
@@ -206,6 +218,7 @@ struct ThreadResult {
     errors: u64,
     first_error: Option<String>,
     next_index: u64,
+    exhausted: bool,
 }
 
 fn storm_thread(opts: &StormOpts, t: usize, start: Instant) -> ThreadResult {
@@ -215,12 +228,19 @@ fn storm_thread(opts: &StormOpts, t: usize, start: Instant) -> ThreadResult {
         errors: 0,
         first_error: None,
         next_index: 0,
+        exhausted: false,
     };
     let server_ip = opts.server_ip;
+    let space = tuple_space(opts);
     let mut k: u64 = 0;
     loop {
         let now = start.elapsed();
         if now >= opts.duration {
+            break;
+        }
+        // Past the space, tuples would repeat within this run.
+        if k * threads + t as u64 >= space {
+            r.exhausted = true;
             break;
         }
         if opts.rate > 0 {
@@ -367,6 +387,32 @@ mod tests {
         assert_eq!(all.len(), 300);
         assert_eq!(tuple(&opts, 0), (10000, 9000));
         assert_eq!(tuple(&opts, 4), (10001, 9001));
+        assert_eq!(tuple_space(&opts), 300);
         assert_eq!(tuple(&opts, 300), tuple(&opts, 0), "wraps after the space");
+    }
+
+    #[test]
+    fn a_run_stops_when_every_tuple_is_used() {
+        // Nothing listens on port 1 of loopback: each attempt fails at once,
+        // but it takes its tuple all the same.
+        let opts = StormOpts {
+            server_ip: Ipv4Addr::LOCALHOST,
+            server_ports: vec![1, 2],
+            client_ip: Ipv4Addr::LOCALHOST,
+            client_ports: (61000, 61004),
+            threads: 3,
+            duration: Duration::from_secs(30),
+            rate: 0,
+            first_index: 7,
+            completed_file: None,
+            pin_cpu: None,
+        };
+        let start = Instant::now();
+        let results: Vec<_> = (0..3).map(|t| storm_thread(&opts, t, start)).collect();
+        assert!(start.elapsed() < Duration::from_secs(30), "stopped early");
+        assert!(results.iter().all(|r| r.exhausted));
+        let tried: u64 = results.iter().map(|r| r.done.len() as u64 + r.errors).sum();
+        assert_eq!(tried, 10, "each of the 10 tuples once");
+        assert_eq!(results.iter().map(|r| r.next_index).max(), Some(17));
     }
 }
