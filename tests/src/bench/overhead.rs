@@ -86,6 +86,9 @@ pub fn connection_rate(
     let (mut lookups, mut attested) = (0.0, 0.0);
     let mut agent_cpu = Vec::new();
     let mut cpu_per_conn = Vec::new();
+    // CPU seconds by thread name over all agent runs, and their connections.
+    let mut by_thread: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut agent_conns = 0u64;
     let mut machine = Machine::default();
     // The floor of the agent's design runs in every round too.
     let round = [Mode::Bare, Mode::Agent, Mode::Floor];
@@ -107,6 +110,7 @@ pub fn connection_rate(
             env::sleep(Duration::from_secs(1))?; // let start-up work settle
         }
         let cpu0 = a.as_ref().map(|a| a.cpu_and_peak_rss().0);
+        let threads0 = a.as_ref().map(|a| env::proc_thread_cpu(a.pid()));
         let machine0 = MachineCpu::now()?;
         let s = run(ctx.run_secs, first_index)?;
         machine.add(mode, machine0.until(MachineCpu::now()?), s.completed);
@@ -129,6 +133,13 @@ pub fn connection_rate(
                     let used = a.cpu_and_peak_rss().0 - c0;
                     agent_cpu.push(used / s.elapsed_s);
                     cpu_per_conn.push(used / s.completed as f64);
+                }
+                if let Some(t0) = &threads0 {
+                    let after = env::proc_thread_cpu(a.pid());
+                    for (name, cpu) in env::thread_cpu_by_name(t0, &after) {
+                        *by_thread.entry(name).or_default() += cpu;
+                    }
+                    agent_conns += s.completed;
                 }
                 a.stop()?;
                 agent.push(s.per_sec);
@@ -188,7 +199,8 @@ pub fn connection_rate(
         )
         .detail(format!(
             "agent CPU (utime+stime of its process, /proc/PID/stat) over the connections of each \
-             agent run of item 1, median of [{}] µs; two sockets, four flow events per connection, \
+             agent run of item 1, median of [{}] µs; by thread, over all those runs \
+             (/proc/PID/task/TID/stat): {}; two sockets, four flow events per connection, \
              judged and counted, kept for the stream (no subscriber), no export file: the storm and \
              pinned rows below count the same with the export file on; {}",
             cpu_per_conn
@@ -196,6 +208,7 @@ pub fn connection_rate(
                 .map(|x| format!("{:.2}", x * 1e6))
                 .collect::<Vec<_>>()
                 .join(", "),
+            crate::storm::thread_split(&by_thread, agent_conns as usize, 0.0),
             ctx.identity
         )),
         machine_row,
