@@ -332,8 +332,6 @@ fn main() -> Result<()> {
     }
 }
 
-/// Item 3 (the sustained storm, all watchers) or item 7 (the agent alone,
-/// pinned to CPU 0 while the load runs on CPU 1).
 /// The pinned run's CPUs and why the agent has its CPU. By default the agent
 /// gets the CPU that takes the interrupts of the disk its export file is
 /// on: the load keeps its CPU busy with kernel network work, and the kernel
@@ -380,6 +378,8 @@ fn pinned_cpus(ctx: &Ctx) -> storm::PinPlan {
     }
 }
 
+/// Item 3 (the sustained storm, all watchers) or item 7 (the agent alone,
+/// pinned to one CPU while the load runs on the other: `pinned_cpus`).
 fn run_storm(ctx: &Ctx, node: &BenchNode, pinned: bool) -> Result<Vec<BenchResult>> {
     let plan = if pinned {
         if storm::num_cpus() < 2 {

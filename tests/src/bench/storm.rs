@@ -476,8 +476,6 @@ pub struct StormPlan {
     pub first_index: u64,
 }
 
-/// Runs one storm and matches every watcher's records to it; the results
-/// and the next free 4-tuple index.
 /// Where a pinned run puts the agent and the load, and why.
 #[derive(Debug, Clone)]
 pub struct PinPlan {
@@ -486,6 +484,8 @@ pub struct PinPlan {
     pub why: String,
 }
 
+/// Runs one storm and matches every watcher's records to it; the results
+/// and the next free 4-tuple index.
 pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<BenchResult>, u64)> {
     let dir = ctx.dir.join(plan.id);
     std::fs::create_dir_all(&dir)?;
@@ -936,7 +936,6 @@ const FILE_LOST: &str = "flowaudit_export_file_flows_lost_total";
 
 /// "export-file 6.10 s (9.80 µs/conn), tokio-rt-worker 1.20 s (...)": each
 /// thread name's CPU over the run, largest first.
-/// Each thread's CPU, busiest first, in seconds and per connection.
 pub fn thread_split(threads: &BTreeMap<String, f64>, conns: usize, export_mib: f64) -> String {
     let mut v: Vec<(&String, &f64)> = threads.iter().filter(|(_, c)| **c > 0.0).collect();
     v.sort_by(|a, b| b.1.total_cmp(a.1));
