@@ -526,21 +526,16 @@ pub fn storm(ctx: &Ctx, node: &BenchNode, plan: &StormPlan) -> Result<(Vec<Bench
         false => None,
     };
     let mut pin_note = String::new();
-    if let Some(PinPlan {
-        agent: agent_cpu,
-        load: load_cpu,
-        why,
-    }) = &plan.pin
-    {
-        let (agent_cpu, load_cpu) = (*agent_cpu, *load_cpu);
+    if let Some(pin) = &plan.pin {
         if let Some(a) = &agent {
-            env::pin_process(a.pid(), Some(agent_cpu)).context("pin the agent")?;
+            env::pin_process(a.pid(), Some(pin.agent)).context("pin the agent")?;
         }
-        env::pin_process(node.server_proc.host_pid(), Some(load_cpu))
+        env::pin_process(node.server_proc.host_pid(), Some(pin.load))
             .context("pin the storm server")?;
         pin_note = format!(
-            "; the agent (every thread) pinned to CPU {agent_cpu}, the generator and the server \
-             to CPU {load_cpu} (sched_setaffinity; {why})"
+            "; the agent (every thread) pinned to CPU {}, the generator and the server \
+             to CPU {} (sched_setaffinity; {})",
+            pin.agent, pin.load, pin.why
         );
     }
     env::sleep(Duration::from_secs(1))?;
