@@ -155,7 +155,7 @@ struct RunArgs {
     /// The CPU the pinned run gives the agent (0 or 1); the load gets the
     /// other. Default: the CPU that takes most of the interrupts of the
     /// disk holding the export file, else 0. On the load's CPU, that
-    /// disk's completions wait for the load (docs/benchmarks.md, item 7).
+    /// disk's requests waited for the load's end (docs/benchmarks.md, item 7).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=1))]
     pinned_agent_cpu: Option<u8>,
     /// Client threads of the storm.
