@@ -30,6 +30,49 @@ enum Mode {
     /// No agent: programs that do nothing, at the agent's attach points
     /// (`floor.rs`).
     Floor,
+    /// The agent's programs as in `Agent` runs, its process stopped
+    /// (SIGSTOP) while the load runs: its records wait in a ring sized to
+    /// hold them all ([`ring_mib_for`]).
+    Stopped,
+}
+
+/// Flow records per connection of the connection-rate load: CONNECT and
+/// CLOSE of both sockets (no payload).
+const RECORDS_PER_CONNECTION: f64 = 4.0;
+
+/// The ring (MiB, a power of two, at least the default 32) that holds
+/// every record of a run of `secs` at `rate` connections a second, with
+/// half as much again to spare; `None` beyond the agent's largest ring
+/// (1,024 MiB).
+fn ring_mib_for(rate: f64, secs: f64) -> Option<u32> {
+    // Each record in the ring: its 8-byte header, then the record.
+    let record = (std::mem::size_of::<flowaudit_common::FlowRecord>() + 8) as f64;
+    let mib = (1.5 * rate * secs * RECORDS_PER_CONNECTION * record / f64::from(1u32 << 20)).ceil();
+    if !mib.is_finite() || mib > 1024.0 {
+        return None;
+    }
+    Some((mib as u32).max(32).next_power_of_two())
+}
+
+/// SIGCONT on drop: a stopped agent goes on, also when a run fails.
+struct StoppedProcess(i32);
+
+impl StoppedProcess {
+    fn stop(pid: u32) -> Result<Self> {
+        let pid = i32::try_from(pid).context("agent pid")?;
+        // SAFETY: a signal to our own child, which is still running.
+        if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+            bail!("SIGSTOP the agent (pid {pid}): {}", std::io::Error::last_os_error());
+        }
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for StoppedProcess {
+    fn drop(&mut self) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }
 
 /// The alternating schedule: `round` (bare first) `rounds` times.
@@ -80,6 +123,8 @@ pub fn connection_rate(
     eprintln!("bench: connection rate: warm-up run");
     run(ctx.run_secs, first_index)?;
     let (mut bare, mut agent, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let mut stopped = Vec::new();
+    let (mut stopped_lost, mut stopped_ring) = (0.0, 0u32);
     let cgroup2 = flowaudit_tests::simnode::cgroup2_mount().context("find the cgroup v2 mount")?;
     let mut errors = 0;
     let mut lost = 0.0;
@@ -90,8 +135,9 @@ pub fn connection_rate(
     let mut by_thread: std::collections::BTreeMap<String, f64> = Default::default();
     let mut agent_conns = 0u64;
     let mut machine = Machine::default();
-    // The floor of the agent's design runs in every round too.
-    let round = [Mode::Bare, Mode::Agent, Mode::Floor];
+    // The floor of the agent's design runs in every round too, and so does
+    // the agent with its process stopped: the kernel's side of its cost.
+    let round = [Mode::Bare, Mode::Agent, Mode::Stopped, Mode::Floor];
     for (i, mode) in schedule(ctx.rounds, &round).into_iter().enumerate() {
         env::check_interrupted()?;
         let a = match mode {
@@ -100,6 +146,23 @@ pub fn connection_rate(
                 &ctx.dir.join(format!("agent-rate-{i}")),
                 &[],
             )?),
+            Mode::Stopped => {
+                // Bare runs first in each round, so there is a rate to size by.
+                let mib = ring_mib_for(median(&bare), ctx.run_secs).with_context(|| {
+                    format!(
+                        "no ring of at most 1,024 MiB holds a {} s run at {:.0} connections/s: \
+                         shorten --run-secs",
+                        ctx.run_secs,
+                        median(&bare)
+                    )
+                })?;
+                stopped_ring = stopped_ring.max(mib);
+                Some(BenchAgent::start(
+                    &ctx.agent,
+                    &ctx.dir.join(format!("agent-rate-{i}")),
+                    &["--ring-buffer-mib".to_owned(), mib.to_string()],
+                )?)
+            }
             Mode::Bare | Mode::SockOpsOnly | Mode::Floor => None,
         };
         let _floor = match mode {
@@ -111,15 +174,27 @@ pub fn connection_rate(
         }
         let cpu0 = a.as_ref().map(|a| a.cpu_and_peak_rss().0);
         let threads0 = a.as_ref().map(|a| env::proc_thread_cpu(a.pid()));
+        let frozen = match (&a, mode) {
+            (Some(a), Mode::Stopped) => Some(StoppedProcess::stop(a.pid())?),
+            _ => None,
+        };
         let machine0 = MachineCpu::now()?;
         let s = run(ctx.run_secs, first_index)?;
         machine.add(mode, machine0.until(MachineCpu::now()?), s.completed);
+        drop(frozen);
         errors += s.errors;
         eprintln!(
             "bench: connection rate, {mode:?} run: {:.0} connections/s ({} in {:.1} s, {} errors)",
             s.per_sec, s.completed, s.elapsed_s, s.errors
         );
         match a {
+            Some(a) if mode == Mode::Stopped => {
+                // Its records drain now; what the ring could not hold is
+                // counted by the programs, whenever the agent reads it.
+                stopped_lost += a.metric("flowaudit_kernel_events_lost_total")?;
+                a.stop()?;
+                stopped.push(s.per_sec);
+            }
             Some(a) => {
                 lost += a.metric("flowaudit_kernel_events_lost_total")?;
                 // One scrape for both: the agent still counts between two.
@@ -149,9 +224,11 @@ pub fn connection_rate(
         }
     }
     let (mb, ma, mf) = (median(&bare), median(&agent), median(&floor));
+    let ms = median(&stopped);
     ctx.bare_rate.set(Some(mb));
     let ratio = 100.0 * ma / mb;
     let floor_ratio = 100.0 * mf / mb;
+    let stopped_ratio = 100.0 * ms / mb;
     let kernel = kernel_cost(ctx, &mut |idx| run(ctx.run_secs, idx), first_index)?;
     let per_conn_us = 1e6 * median(&cpu_per_conn);
     let machine_row = machine.row(per_conn_us, kernel.value);
@@ -185,6 +262,27 @@ pub fn connection_rate(
              ingress/egress, each returning at once, attached to the cgroup v2 root by BPF links; \
              no agent process. Beyond the runs' spread, the agent's figure can come no closer to bare than this one",
             fmt_runs(&floor, 1.0),
+        )),
+        BenchResult::new(
+            "connection_rate_process_stopped",
+            "Connection rate with the agent's programs and its process stopped (vs bare)",
+            stopped_ratio,
+            "%",
+        )
+        .detail(format!(
+            "the kernel's side of the agent's cost, in the same rounds as the rows above: the agent \
+             started as in its runs, then stopped (SIGSTOP) from before the load until after it, so \
+             its programs run as in the agent runs and its process costs nothing; its records wait \
+             in a ring of {stopped_ring} MiB (--ring-buffer-mib, sized to hold a whole run), and \
+             kernel events lost: {stopped_lost:.0}{}; median {ms:.0} conn/s vs {mb:.0} bare, runs [{}] \
+             conn/s. Between this row and the agent's: what its process costs the workload",
+            if stopped_lost > 0.0 {
+                " (records the ring could not hold cost the programs less than records \
+                 written: this figure is then above the programs' true cost)"
+            } else {
+                ""
+            },
+            fmt_runs(&stopped, 1.0),
         )),
         kernel,
         BenchResult::new(
@@ -223,6 +321,7 @@ struct Machine {
     bare: Vec<(f64, f64)>,
     agent: Vec<(f64, f64)>,
     floor: Vec<(f64, f64)>,
+    stopped: Vec<(f64, f64)>,
 }
 
 impl Machine {
@@ -231,6 +330,7 @@ impl Machine {
             Mode::Bare => &mut self.bare,
             Mode::Agent => &mut self.agent,
             Mode::Floor => &mut self.floor,
+            Mode::Stopped => &mut self.stopped,
             Mode::SockOpsOnly => return,
         };
         runs.push((spent.busy / connections.max(1) as f64, spent.busy_share()));
@@ -270,15 +370,18 @@ impl Machine {
                  programs' share was not measured (see the kernel-programs row)"
             ),
         };
-        let floor = if self.floor.is_empty() {
-            String::new()
-        } else {
-            let (floor_us, floor_busy) = Self::medians(&self.floor);
+        let others = |runs: &[(f64, f64)], what: &str| {
+            if runs.is_empty() {
+                return String::new();
+            }
+            let (us, busy) = Self::medians(runs);
             format!(
-                "; floor runs {floor_us:.2} µs per connection ({:+.2} µs, CPUs {floor_busy:.1}% busy)",
-                floor_us - bare_us
+                "; {what} {us:.2} µs per connection ({:+.2} µs, CPUs {busy:.1}% busy)",
+                us - bare_us
             )
         };
+        let floor = others(&self.floor, "floor runs")
+            + &others(&self.stopped, "runs with the agent's process stopped (its programs alone)");
         // rate = busy CPU seconds per second / CPU seconds per connection,
         // so the ratio of the rates is the product of these two.
         let cpu_factor = 100.0 * bare_us / agent_us;
@@ -570,7 +673,7 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
         let args = match mode {
             Mode::Agent => Some(&agent_args),
             Mode::SockOpsOnly => off_args.as_ref(),
-            Mode::Bare | Mode::Floor => None,
+            Mode::Bare | Mode::Floor | Mode::Stopped => None,
         };
         let _floor = match mode {
             Mode::Floor => Some(crate::floor::Floor::attach(&cgroup2)?),
@@ -600,6 +703,7 @@ pub fn bulk_throughput(ctx: &Ctx, node: &BenchNode) -> Result<Vec<BenchResult>> 
             Mode::Agent => agent.push(bps),
             Mode::SockOpsOnly => sock_ops.push(bps),
             Mode::Floor => floor.push(bps),
+            Mode::Stopped => unreachable!("the throughput rounds have no stopped-agent runs"),
         }
     }
     let kernel = bulk_kernel_cost(ctx, &agent_args, &run)?;
@@ -779,6 +883,25 @@ mod tests {
     }
 
     #[test]
+    fn the_stopped_agents_ring_holds_a_whole_run() {
+        let record = (std::mem::size_of::<flowaudit_common::FlowRecord>() + 8) as f64;
+        for (rate, secs) in [(60_000.0, 5.0), (45_000.0, 5.0), (1_000.0, 5.0), (100_000.0, 10.0)] {
+            let mib = ring_mib_for(rate, secs).expect("a ring that fits");
+            assert!(mib.is_power_of_two() && mib >= 32, "{mib}");
+            let needed = rate * secs * RECORDS_PER_CONNECTION * record;
+            assert!(
+                f64::from(mib) * f64::from(1u32 << 20) >= 1.5 * needed,
+                "{mib} MiB for {needed} bytes"
+            );
+        }
+        // The bench's usual run: 60,000 connections a second for 5 s.
+        assert_eq!(ring_mib_for(60_000.0, 5.0), Some(512));
+        // Beyond the agent's largest ring, or with no rate known yet.
+        assert_eq!(ring_mib_for(200_000.0, 30.0), None);
+        assert_eq!(ring_mib_for(f64::NAN, 5.0), None);
+    }
+
+    #[test]
     fn machine_row_splits_what_the_agent_adds() {
         let run = |busy: f64, idle: f64| MachineCpu { busy, idle };
         let mut m = Machine::default();
@@ -789,6 +912,8 @@ mod tests {
         // With the agent: 90% busy, 35 µs each.
         m.add(Mode::Agent, run(9.0, 1.0), 257_143);
         m.add(Mode::Floor, run(9.5, 0.5), 330_000);
+        // Its process stopped: 95% busy, 30 µs each.
+        m.add(Mode::Stopped, run(9.5, 0.5), 316_667);
         m.add(Mode::SockOpsOnly, run(1.0, 9.0), 1);
         let r = m.row(3.0, Some(3.5));
         let extra = r.value.expect("a figure");
@@ -803,6 +928,13 @@ mod tests {
         assert!(d.contains("the rest 0.96 µs"), "{d}");
         assert!(
             d.contains("floor runs 28.79 µs per connection (+1.25 µs"),
+            "{d}"
+        );
+        assert!(
+            d.contains(
+                "runs with the agent's process stopped (its programs alone) 30.00 µs per \
+                 connection (+2.46 µs, CPUs 95.0% busy)"
+            ),
             "{d}"
         );
         // The two factors multiply to the rate ratio: (0.9 / 35) / (0.95 / 27.536).
