@@ -62,7 +62,10 @@ impl StoppedProcess {
         let pid = i32::try_from(pid).context("agent pid")?;
         // SAFETY: a signal to our own child, which is still running.
         if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
-            bail!("SIGSTOP the agent (pid {pid}): {}", std::io::Error::last_os_error());
+            bail!(
+                "SIGSTOP the agent (pid {pid}): {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(Self(pid))
     }
@@ -189,10 +192,13 @@ pub fn connection_rate(
         );
         match a {
             Some(a) if mode == Mode::Stopped => {
-                // Its records drain now; what the ring could not hold is
-                // counted by the programs, whenever the agent reads it.
-                stopped_lost += a.metric("flowaudit_kernel_events_lost_total")?;
-                a.stop()?;
+                // What the ring could not hold the programs counted; the
+                // agent reads those counters each second, and last when it
+                // stops, after its records drained: its stop line has all.
+                let at_stop = a.stop()?;
+                stopped_lost += at_stop["kernel_events_lost"].as_f64().with_context(|| {
+                    format!("the agent's stop line has no kernel_events_lost: {at_stop}")
+                })?;
                 stopped.push(s.per_sec);
             }
             Some(a) => {
@@ -381,7 +387,10 @@ impl Machine {
             )
         };
         let floor = others(&self.floor, "floor runs")
-            + &others(&self.stopped, "runs with the agent's process stopped (its programs alone)");
+            + &others(
+                &self.stopped,
+                "runs with the agent's process stopped (its programs alone)",
+            );
         // rate = busy CPU seconds per second / CPU seconds per connection,
         // so the ratio of the rates is the product of these two.
         let cpu_factor = 100.0 * bare_us / agent_us;
@@ -885,7 +894,12 @@ mod tests {
     #[test]
     fn the_stopped_agents_ring_holds_a_whole_run() {
         let record = (std::mem::size_of::<flowaudit_common::FlowRecord>() + 8) as f64;
-        for (rate, secs) in [(60_000.0, 5.0), (45_000.0, 5.0), (1_000.0, 5.0), (100_000.0, 10.0)] {
+        for (rate, secs) in [
+            (60_000.0, 5.0),
+            (45_000.0, 5.0),
+            (1_000.0, 5.0),
+            (100_000.0, 10.0),
+        ] {
             let mib = ring_mib_for(rate, secs).expect("a ring that fits");
             assert!(mib.is_power_of_two() && mib >= 32, "{mib}");
             let needed = rate * secs * RECORDS_PER_CONNECTION * record;
