@@ -1,9 +1,12 @@
 //! Items 1 and 2: what the attached agent costs the workloads. Bare and
-//! agent runs alternate (bare, agent, bare, agent, ...) on the same pods in
-//! one process, and the ratio of the medians is reported.
+//! agent runs alternate (bare, agent, ..., bare, agent, ...) on the same
+//! pods in one process, with a floor run (programs that do nothing) in each
+//! round, and the ratio of the medians is reported.
 //!
 //! - Connection rate: `storm-client` flat out (connect, read EOF, close; no
 //!   payload) from the client pod to the storm server in the server pod.
+//!   Each round also has the agent with its process stopped during the
+//!   load: the kernel's side of its cost.
 //! - Bulk throughput: one `iperf3` TCP stream between the pods; when the
 //!   agent can leave its payload programs (cgroup_skb) unattached, a third
 //!   run per round has the agent with `sock_ops` only, which isolates what
@@ -284,7 +287,7 @@ pub fn connection_rate(
              conn/s. Between this row and the agent's: what its process costs the workload",
             if stopped_lost > 0.0 {
                 " (records the ring could not hold cost the programs less than records \
-                 written: this figure is then above the programs' true cost)"
+                 written, so this ratio is then higher than the programs' true cost allows)"
             } else {
                 ""
             },
