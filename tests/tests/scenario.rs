@@ -118,6 +118,14 @@ fn scenario_against(index: u8, version: &str) {
     double.stop();
 }
 
+/// The client's CONNECT event (EGRESS) of the connection `rec`.
+fn connect_egress(flows: &[Value], rec: &flowaudit_tests::simpod::ConnRecord) -> Value {
+    flows_between(flows, rec.local.expect("local"), rec.remote)
+        .find(|e| e["direction"] == "EGRESS" && e["event"] == "CONNECT")
+        .cloned()
+        .unwrap_or_else(|| panic!("no CONNECT EGRESS for {rec:?}"))
+}
+
 /// Replaces `path` whole (a new file renamed over it, as a ConfigMap's
 /// update swaps its files): the agent never reads it half written.
 fn replace_file(path: &std::path::Path, content: &str) {
@@ -155,12 +163,7 @@ fn endpoint_directory_changes_apply_while_running() {
     });
     let after = sim.run(frontend_to_backend).expect("traffic");
     let report = agent.stop();
-    let egress = |rec: &flowaudit_tests::simpod::ConnRecord| -> Value {
-        flows_between(&report.flows, rec.local.expect("local"), rec.remote)
-            .find(|e| e["direction"] == "EGRESS" && e["event"] == "CONNECT")
-            .cloned()
-            .unwrap_or_else(|| panic!("no CONNECT EGRESS for {rec:?}"))
-    };
+    let egress = |rec| connect_egress(&report.flows, rec);
     for rec in [&before, &during] {
         let e = egress(rec);
         assert_eq!(
@@ -184,4 +187,73 @@ fn endpoint_directory_changes_apply_while_running() {
     );
     assert_eq!(a["verdict"], "VIOLATION", "{a}");
     assert!(findings(&a).contains(&"NO_MATCHING_RULE"), "{a}");
+}
+
+/// A policy change applies to the running agent: a broken version is
+/// rejected and counted, the last good one stays in force; a version with
+/// another `spec.trustDomain` renames the DERIVED ends of the next flows
+/// (and its rules, renamed with it, still match them). Every load, the
+/// first included, is counted in `flowaudit_policy_reloads_total`.
+#[test]
+fn policy_changes_apply_while_running() {
+    require_root();
+    let sim = Precinct99::start(32).expect("precinct-99 on a simulated node");
+    let dir = temp_dir("policy-change");
+    let scenario = std::fs::read_to_string(scenario_policy()).expect("the scenario policy");
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, &scenario).expect("writing the policy");
+    let mut agent = sim.agent(&dir, &policy, &["--spire-admin-socket", "none"]);
+    let reloads = |agent: &flowaudit_tests::agent::RunningAgent, result: &str| -> f64 {
+        let (code, text) = agent.http_get("/metrics");
+        assert_eq!(code, 200, "{text}");
+        metric_sample(
+            &text,
+            &format!("flowaudit_policy_reloads_total{{result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(reloads(&agent, "success"), 1.0, "the first load is counted");
+    assert_eq!(reloads(&agent, "failure"), 0.0);
+
+    let frontend_to_backend = &SCENARIO[1];
+    assert_eq!(frontend_to_backend.from, Some(FRONTEND));
+    let before = sim.run(frontend_to_backend).expect("traffic");
+    replace_file(
+        &policy,
+        "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nspec: [[[",
+    );
+    agent.wait_for_log(30, "the broken policy rejected", |v| {
+        v["message"] == "policy rejected"
+    });
+    assert_eq!(
+        reloads(&agent, "failure"),
+        1.0,
+        "the rejected version is counted"
+    );
+    let during = sim.run(frontend_to_backend).expect("traffic");
+    replace_file(&policy, &scenario.replace("demo.local", "precinct.example"));
+    agent.wait_for_log(30, "the renamed policy reloaded", |v| {
+        v["message"] == "policy reloaded"
+    });
+    assert_eq!(reloads(&agent, "success"), 2.0);
+    let after = sim.run(frontend_to_backend).expect("traffic");
+    let report = agent.stop();
+    let egress = |rec| connect_egress(&report.flows, rec);
+    for (rec, td) in [
+        (&before, "demo.local"),
+        (&during, "demo.local"),
+        (&after, "precinct.example"),
+    ] {
+        let e = egress(rec);
+        for (end, sa) in [("source", "frontend"), ("destination", "backend")] {
+            assert_eq!(e[end]["identity_source"], "DERIVED", "{e}");
+            assert_eq!(
+                e[end]["spiffe_id"],
+                format!("spiffe://{td}/ns/99-apps/sa/{sa}"),
+                "{end} in {td}: {e}"
+            );
+        }
+        assert_eq!(e["verdict"], frontend_to_backend.verdict, "{e}");
+        let rule = e["policy_rule"].as_str().unwrap_or_default();
+        assert!(rule.contains("frontend-to-backend"), "{e}");
+    }
 }

@@ -72,8 +72,9 @@ pub struct AgentArgs {
     /// --endpoints is given).
     #[arg(long, env = "FLOWAUDIT_KUBERNETES")]
     pub kubernetes: bool,
-    /// Trust domain for DERIVED identities (default: the policy's, else the
-    /// first attested identity's).
+    /// Trust domain for DERIVED identities (default: the policy's, followed
+    /// as it is reloaded; else the SPIRE agent's, or the first attested
+    /// identity's).
     #[arg(long, env = "FLOWAUDIT_TRUST_DOMAIN", value_name = "DOMAIN")]
     pub trust_domain: Option<String>,
     /// How long a flow may wait for SPIRE to attest its local end before it
@@ -364,6 +365,9 @@ fn start_identity_and_policy(
         args.cilium_bpf_dir.clone(),
         state.metrics.cilium.clone(),
     ));
+    // The policy's updates, for the trust domain of DERIVED IDs when
+    // --trust-domain does not give one.
+    let mut policy_updates = None;
     let judge = match policy {
         Some(loaded) => {
             for w in &loaded.warnings {
@@ -378,6 +382,9 @@ fn start_identity_and_policy(
             if trust_domain.is_none() {
                 trust_domain = loaded.policy.trust_domains().first().cloned();
             }
+            // Counted as every later load is: a fresh agent shows what it
+            // runs on.
+            state.metrics.policy_reload(true);
             state.report_policy(PolicyStatus {
                 version: Some(loaded.policy.version().to_owned()),
                 rules: loaded.policy.rule_count() as u64,
@@ -385,6 +392,9 @@ fn start_identity_and_policy(
                 last_error: None,
             });
             let (tx, rx) = watch::channel(Arc::new(loaded.policy));
+            if args.trust_domain.is_none() {
+                policy_updates = Some(rx.clone());
+            }
             let st = state.clone();
             let hook = Box::new(
                 move |ok: bool, version: &str, rules: usize, error: Option<String>| {
@@ -436,7 +446,10 @@ fn start_identity_and_policy(
         );
     }
     let cgroups = CgroupResolver::new(capture.cgroup_root.clone());
-    let mut enricher = Enricher::new(endpoints, cgroups, spire, trust_domain);
+    let mut enricher = Enricher::new(endpoints, cgroups, spire, args.trust_domain.clone());
+    if let Some(rx) = policy_updates {
+        enricher.follow_policy(rx);
+    }
     enricher.node_name = node_name(args.node_name.as_deref());
     enricher.wait_ms = args.identity_wait_ms;
     // Counted once per flow end, when its identity is settled (not per poll).

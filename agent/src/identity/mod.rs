@@ -396,9 +396,16 @@ pub struct Enricher {
     directory_version: u64,
     /// See [`Enricher::elsewhere_detail`].
     elsewhere_details: HashMap<String, ArcStr, foldhash::fast::RandomState>,
-    /// For DERIVED IDs; when None, the SPIRE agent's (its bundle's) or the
-    /// first attested ID's trust domain.
+    /// For DERIVED IDs, given (`--trust-domain`): it wins over the
+    /// policy's and over what is learned.
     pub trust_domain: Option<String>,
+    /// The policy's updates, followed for its trust domain (see
+    /// [`Enricher::follow_policy`]).
+    policy: Option<watch::Receiver<Arc<flowaudit_policy::PolicySet>>>,
+    /// The trust domain of the policy in force (its first), if it has one.
+    policy_trust_domain: Option<String>,
+    /// Without either: the SPIRE agent's (its bundle's) or the first
+    /// attested ID's trust domain.
     learned_trust_domain: Option<String>,
     /// This node: peers the directory places here are waited for (their
     /// socket's record) and attested; pods elsewhere are DERIVED.
@@ -428,6 +435,8 @@ impl Enricher {
             cgroups,
             spire,
             trust_domain,
+            policy: None,
+            policy_trust_domain: None,
             learned_trust_domain: None,
             node_name: String::new(),
             wait_ms: 0,
@@ -441,24 +450,47 @@ impl Enricher {
         }
     }
 
+    /// Takes the trust domain of DERIVED IDs from the policy in force
+    /// (its `spec.trustDomain`), following its reloads, wherever no
+    /// `trust_domain` was given. A reload that changes it renames the next
+    /// flows' DERIVED ends; one that drops it keeps the last one known
+    /// (or what is learned), rather than leave pods without names.
+    pub fn follow_policy(&mut self, mut policy: watch::Receiver<Arc<flowaudit_policy::PolicySet>>) {
+        self.policy_trust_domain = policy.borrow_and_update().trust_domains().first().cloned();
+        self.policy = Some(policy);
+    }
+
+    /// The trust domain DERIVED IDs are made in, by precedence: the one
+    /// given, the policy's, the one learned.
+    fn known_trust_domain(&self) -> Option<&str> {
+        self.trust_domain
+            .as_deref()
+            .or(self.policy_trust_domain.as_deref())
+            .or(self.learned_trust_domain.as_deref())
+    }
+
     /// Brings the trust domain of DERIVED IDs (`derived`) up to date. It
-    /// changes at most once, from unknown to known: the one given never
-    /// changes, and one is learned only while none is known. So once known,
-    /// a flow pays a single test for it.
+    /// changes from unknown to known once, and after that only with a
+    /// policy that names another one; so once known, a flow pays a test of
+    /// the policy channel's version for it.
     fn sync_trust_domain(&mut self) {
-        if self.derived.trust_domain.is_some() {
+        if let Some(rx) = &mut self.policy
+            && rx.has_changed().unwrap_or(false)
+        {
+            let td = rx.borrow_and_update().trust_domains().first().cloned();
+            if td.is_some() {
+                self.policy_trust_domain = td;
+            }
+        } else if self.derived.trust_domain.is_some() {
             return;
         }
-        if self.trust_domain.is_none() && self.learned_trust_domain.is_none() {
+        if self.known_trust_domain().is_none() {
             // The SPIRE agent's own bundle names it as soon as it is connected.
             self.learned_trust_domain = self.spire.as_ref().and_then(SpireClient::trust_domain);
         }
-        if let Some(td) = self
-            .trust_domain
-            .as_deref()
-            .or(self.learned_trust_domain.as_deref())
-        {
-            self.derived.set_trust_domain(td);
+        if let Some(td) = self.known_trust_domain() {
+            let td = td.to_owned();
+            self.derived.set_trust_domain(&td);
         }
     }
 
@@ -838,7 +870,7 @@ impl Enricher {
         self.sync_trust_domain();
         match result {
             Lookup::Attested(id) => {
-                if self.trust_domain.is_none() && self.learned_trust_domain.is_none() {
+                if self.known_trust_domain().is_none() {
                     self.learned_trust_domain = trust_domain_of(&id.spiffe_id);
                 }
                 set_id(
@@ -1726,6 +1758,73 @@ mod tests {
         );
         assert!(ArcStr::ptr_eq(&n2, &e.elsewhere_detail("n2")));
         assert!(e.elsewhere_detail("n3").starts_with("pod on node n3:"));
+    }
+
+    /// The policy in force names the trust domain of DERIVED IDs, also
+    /// after a reload that changes it; `--trust-domain` wins over it; a
+    /// policy that names none keeps the last one.
+    #[test]
+    fn derived_ids_follow_the_policys_trust_domain_across_reloads() {
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/examples/precinct-99-flowpolicy.yaml"),
+        )
+        .expect("the example policy");
+        let policy = |text: &str| {
+            let loaded = flowaudit_policy::load_sources(&[flowaudit_policy::Source {
+                name: "policy.yaml".into(),
+                text: text.into(),
+            }])
+            .expect("a valid policy");
+            Arc::new(loaded.policy)
+        };
+        let renamed = example.replace("demo.local", "precinct.example");
+        let unnamed = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: 99-apps}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
+        let source_id = |e: &mut Enricher| {
+            let mut f = flow();
+            e.enrich(&mut f);
+            assert_eq!(f.source.identity_source, IdentitySource::Derived, "{f:?}");
+            f.source.spiffe_id.to_string()
+        };
+
+        let (tx, rx) = watch::channel(policy(&example));
+        let mut e = Enricher::new(
+            Some(directory()),
+            CgroupResolver::new("/nonexistent".into()),
+            None,
+            None,
+        );
+        e.follow_policy(rx.clone());
+        assert_eq!(
+            source_id(&mut e),
+            "spiffe://demo.local/ns/99-apps/sa/frontend"
+        );
+        tx.send(policy(&renamed)).unwrap();
+        assert_eq!(
+            source_id(&mut e),
+            "spiffe://precinct.example/ns/99-apps/sa/frontend",
+            "the reloaded policy's trust domain"
+        );
+        tx.send(policy(unnamed)).unwrap();
+        assert_eq!(
+            source_id(&mut e),
+            "spiffe://precinct.example/ns/99-apps/sa/frontend",
+            "a policy without one keeps the last"
+        );
+
+        let mut given = Enricher::new(
+            Some(directory()),
+            CgroupResolver::new("/nonexistent".into()),
+            None,
+            Some("given.example".into()),
+        );
+        given.follow_policy(rx);
+        tx.send(policy(&example)).unwrap();
+        assert_eq!(
+            source_id(&mut given),
+            "spiffe://given.example/ns/99-apps/sa/frontend",
+            "--trust-domain wins over the policy's"
+        );
     }
 
     #[test]
