@@ -305,6 +305,15 @@ endpoints:                  # pods
             Peer::Host("precinct-99-worker")
         );
         assert_eq!(dir.peer("8.8.8.8".parse().unwrap()), Peer::World);
+        // Loopback never leaves the namespace it was used in: the host
+        // `localhost`, not the world (docs/kubernetes.md).
+        for lo in ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(
+                dir.peer(lo.parse().unwrap()),
+                Peer::Host("localhost"),
+                "{lo}"
+            );
+        }
         assert!(
             dir.pod_by_uid("3f1c2a9e-5b7d-4c1e-9a0b-2d6f8e4c1a77")
                 .is_some()
