@@ -349,9 +349,11 @@ fn stamp(paths: &[PathBuf]) -> Vec<(PathBuf, FileStamp)> {
     }
 }
 
-/// Polls the policy paths every second; publishes each good new version.
+/// Polls the policy paths every second; publishes each good new version,
+/// evaluated with `options` (the agent's flags) as the first one is.
 pub async fn watch_policies(
     paths: Vec<PathBuf>,
+    options: flowaudit_policy::EvalOptions,
     tx: watch::Sender<Arc<PolicySet>>,
     hook: ReloadHook,
 ) {
@@ -372,7 +374,10 @@ pub async fn watch_policies(
                 let rules = loaded.policy.rule_count();
                 tracing::info!(version = loaded.policy.version(), rules, "policy reloaded");
                 hook(true, loaded.policy.version(), rules, None);
-                if tx.send(Arc::new(loaded.policy)).is_err() {
+                if tx
+                    .send(Arc::new(loaded.policy.with_options(options)))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -628,8 +633,12 @@ mod tests {
         let (tx, mut rx) = watch::channel(Arc::new(loaded.policy));
         let results = Arc::new(std::sync::Mutex::new(Vec::new()));
         let r2 = results.clone();
+        let strict = flowaudit_policy::EvalOptions {
+            unverified_mtls_is_violation: true,
+        };
         let task = tokio::spawn(watch_policies(
             vec![dir.to_path_buf()],
+            strict,
             tx,
             Box::new(move |ok, _version: &str, rules, _why| r2.lock().unwrap().push((ok, rules))),
         ));
@@ -648,6 +657,11 @@ mod tests {
             .expect("reload")
             .unwrap();
         assert_ne!(rx.borrow().version(), first);
+        assert_eq!(
+            rx.borrow().options(),
+            strict,
+            "a reloaded version keeps the agent's options (--mtls-unverified)"
+        );
         assert_eq!(results.lock().unwrap().last(), Some(&(true, 1)));
         task.abort();
     }

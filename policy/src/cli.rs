@@ -13,8 +13,8 @@ use serde::Serialize;
 use crate::diag::Severity;
 use crate::load::check_paths;
 use crate::model::{
-    AuthSide, Decision, EncryptionState, Flow, IdentitySource, MutualAuth, MutualAuthState,
-    NoCilium, ObservedEncryption, PathEncryption, Peer, PeerKind,
+    AuthSide, Decision, EncryptionState, EvalOptions, Flow, IdentitySource, MutualAuth,
+    MutualAuthState, NoCilium, ObservedEncryption, PathEncryption, Peer, PeerKind,
 };
 use crate::spiffe::{derive_id, ns_sa_of, split_id};
 
@@ -79,9 +79,41 @@ pub struct ExplainArgs {
     /// `--mutual-auth`).
     #[arg(long, value_enum, default_value_t = PathArg::Unknown, requires = "mutual_auth")]
     pub path_encryption: PathArg,
+    /// How MTLS_UNVERIFIED counts under a rule that requires mTLS (as the
+    /// agent's flag of the same name).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value_t = MtlsUnverified::Report,
+        env = "FLOWAUDIT_MTLS_UNVERIFIED"
+    )]
+    pub mtls_unverified: MtlsUnverified,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+}
+
+/// How `MTLS_UNVERIFIED` (TLS whose client certificate cannot be observed,
+/// or encryption not seen) counts under a rule that requires mTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum MtlsUnverified {
+    /// A finding; the verdict stays COMPLIANT (TLS 1.3 hides client
+    /// authentication: flagging every such flow would drown real findings).
+    #[default]
+    Report,
+    /// A VIOLATION, as MTLS_MISSING is: only mTLS seen on the wire (or
+    /// Cilium's auth map) satisfies a rule that requires it.
+    Violation,
+}
+
+impl MtlsUnverified {
+    /// The policy engine's options for this mode.
+    pub fn eval_options(self) -> EvalOptions {
+        EvalOptions {
+            unverified_mtls_is_violation: self == MtlsUnverified::Violation,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -396,7 +428,8 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             return 1;
         }
     };
-    let td = loaded.policy.trust_domains().first();
+    let policy = loaded.policy.with_options(a.mtls_unverified.eval_options());
+    let td = policy.trust_domains().first();
     from.derive(td);
     to.derive(td);
     let encryption: ObservedEncryption = a.encryption.into();
@@ -426,7 +459,7 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             None => &NoCilium,
         },
     };
-    let d: Decision = loaded.policy.evaluate(&flow);
+    let d: Decision = policy.evaluate(&flow);
     if a.output == OutputFormat::Json {
         let j = ExplainJson {
             verdict: d.verdict,
@@ -440,7 +473,7 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             destination_port: a.port,
             encryption: encryption.state(),
             failed: a.failed,
-            policy_version: loaded.policy.version(),
+            policy_version: policy.version(),
         };
         let _ = writeln!(
             out,

@@ -96,25 +96,31 @@ fn explain_frontend_to_postgresql() {
     );
 }
 
+/// `policy explain` of frontend -> backend:8000 under the example policy,
+/// then `more` arguments.
+fn explain_frontend_to_backend(name: &str, more: &[&str]) {
+    let args: Vec<&str> = [
+        "explain",
+        "--policy",
+        "../deploy/examples/precinct-99-flowpolicy.yaml",
+        "--from",
+        "spiffe://demo.local/ns/99-apps/sa/frontend",
+        "--to",
+        "spiffe://demo.local/ns/99-apps/sa/backend",
+        "--port",
+        "8000",
+    ]
+    .into_iter()
+    .chain(more.iter().copied())
+    .collect();
+    golden(name, &args);
+}
+
 #[test]
 fn explain_plaintext_frontend_to_backend_json() {
-    golden(
+    explain_frontend_to_backend(
         "explain-frontend-backend-json",
-        &[
-            "explain",
-            "--policy",
-            "../deploy/examples/precinct-99-flowpolicy.yaml",
-            "--from",
-            "spiffe://demo.local/ns/99-apps/sa/frontend",
-            "--to",
-            "spiffe://demo.local/ns/99-apps/sa/backend",
-            "--port",
-            "8000",
-            "--encryption",
-            "plaintext",
-            "-o",
-            "json",
-        ],
+        &["--encryption", "plaintext", "-o", "json"],
     );
 }
 
@@ -207,5 +213,17 @@ fn explain_cilium_mutual_authentication() {
     golden(
         "explain-cilium-auth-expired-json",
         &with(&["--mutual-auth", "expired", "-o", "json"]),
+    );
+}
+
+/// TLS whose client certificate cannot be seen (TLS 1.3) under a rule that
+/// requires mTLS: reported but COMPLIANT by default, a VIOLATION with
+/// `--mtls-unverified violation`.
+#[test]
+fn explain_tls13_unverified_reported_or_violation() {
+    explain_frontend_to_backend("explain-tls13-unverified-report", &["--encryption", "tls"]);
+    explain_frontend_to_backend(
+        "explain-tls13-unverified-violation",
+        &["--encryption", "tls", "--mtls-unverified", "violation"],
     );
 }

@@ -185,6 +185,14 @@ fn pod_ends<'a>(flows: impl Iterator<Item = &'a Value>, local: bool) -> Vec<&'a 
         .collect()
 }
 
+/// The kinds of a flow event's findings, in order.
+pub fn finding_kinds(flow: &Value) -> Vec<&str> {
+    flow["findings"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
+        .unwrap_or_default()
+}
+
 /// One sample of the Prometheus exposition: `name{labels}` exactly.
 pub fn metric_sample(text: &str, series: &str) -> f64 {
     text.lines()

@@ -17,7 +17,7 @@ use flowaudit_tests::cilium_double::{
 use flowaudit_tests::scenario::{BACKEND, Precinct99, endpoint_entry};
 use flowaudit_tests::simnode::{Pod, PodSpec};
 use flowaudit_tests::simpod::{ConnectOpts, ServeOpts};
-use flowaudit_tests::support::{require_root, temp_dir};
+use flowaudit_tests::support::{finding_kinds, require_root, temp_dir};
 use serde_json::Value;
 
 const BACKEND_ID: u32 = 20_001;
@@ -90,10 +90,7 @@ fn check(flows: &[Value], from: &Pod, to: Ipv4Addr, e: &Expect) -> Vec<String> {
     }
     let mut wrong = Vec::new();
     for f in events {
-        let kinds: Vec<&str> = f["findings"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
-            .unwrap_or_default();
+        let kinds = finding_kinds(f);
         let messages: Vec<&str> = f["findings"]
             .as_array()
             .map(|a| a.iter().filter_map(|x| x["message"].as_str()).collect())

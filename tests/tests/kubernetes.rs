@@ -15,13 +15,6 @@ use flowaudit_tests::simpod::ConnRecord;
 use flowaudit_tests::support::*;
 use serde_json::Value;
 
-fn findings(f: &Value) -> Vec<&str> {
-    f["findings"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
-        .unwrap_or_default()
-}
-
 /// Waits until the agent has listed pods and nodes and is watching both:
 /// its watch requests come after the lists complete.
 fn wait_until_watching(k: &KubeStandin) {
@@ -122,7 +115,7 @@ fn pod_metadata_comes_from_the_kubernetes_api_and_follows_changes() {
         assert_eq!(e["verdict"], flow.verdict, "{}: {e}", flow.label);
         if !flow.finding.is_empty() {
             assert!(
-                findings(e).contains(&flow.finding),
+                finding_kinds(e).contains(&flow.finding),
                 "{}: expected {} in {e}",
                 flow.label,
                 flow.finding
@@ -209,5 +202,5 @@ fn pod_metadata_comes_from_the_kubernetes_api_and_follows_changes() {
     );
     assert_eq!(a["destination"]["identity_source"], "DERIVED", "{a}");
     assert_eq!(a["verdict"], "VIOLATION", "{a}");
-    assert!(findings(a).contains(&"NO_MATCHING_RULE"), "{a}");
+    assert!(finding_kinds(a).contains(&"NO_MATCHING_RULE"), "{a}");
 }

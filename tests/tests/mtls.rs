@@ -226,10 +226,7 @@ fn check(flows: &[Value], server: &[IpAddr], port: u16, label: &str, e: &Expect)
     };
     for f in &events {
         let enc = &f["encryption"];
-        let findings: Vec<&str> = f["findings"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
-            .unwrap_or_default();
+        let findings = finding_kinds(f);
         let got = (
             str_of(enc, &["state"]),
             str_of(enc, &["client_certificate"]),
@@ -597,10 +594,7 @@ fn encryption_not_seen_is_never_silently_compliant() {
             // events carry what was seen then (plaintext, MTLS_MISSING).
             continue;
         };
-        let kinds: Vec<&str> = f["findings"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
-            .unwrap_or_default();
+        let kinds = finding_kinds(f);
         let unverified = f["findings"]
             .as_array()
             .and_then(|a| a.iter().find(|x| x["kind"] == "MTLS_UNVERIFIED"));
@@ -718,8 +712,9 @@ fn payload_capture_off_says_not_watched_for_every_event() {
                 && f["encryption"]["unknown_reason"] == "not_watched"
                 && unverified.is_some_and(|u| u["message"]
                     .as_str()
-                    .is_some_and(|m| m.contains("payload capture is off"))),
-            "{} {}: expected UNKNOWN (not_watched) with an MTLS_UNVERIFIED that names the switch: {f}",
+                    .is_some_and(|m| m.contains("payload capture is off")))
+                && f["verdict"] == "COMPLIANT",
+            "{} {}: expected UNKNOWN (not_watched) with an MTLS_UNVERIFIED that names the switch, reported but COMPLIANT (--mtls-unverified report, the default): {f}",
             f["event"],
             f["direction"]
         );
@@ -733,6 +728,35 @@ fn payload_capture_off_says_not_watched_for_every_event() {
         "payload_map_full counted {lost} with capture off"
     );
     assert_eq!(report.counter("kernel_events_lost"), 0);
+}
+
+/// `--mtls-unverified violation`: where a rule requires mTLS, encryption
+/// that was not seen (here: payload capture off) makes the flow a
+/// VIOLATION, with the same MTLS_UNVERIFIED finding.
+#[test]
+fn mtls_unverified_counts_as_a_violation_when_asked() {
+    require_root();
+    let sim = Precinct99::start(73).expect("precinct-99 on a simulated node");
+    let (_dir, agent) = agent_under_policy(
+        &sim,
+        "mtls-unverified-violation",
+        &["--payload-capture=false", "--mtls-unverified", "violation"],
+    );
+    let (_metrics, to_backend, _report) = plaintext_rounds(&sim, agent, 1);
+    assert_eq!(
+        to_backend.len(),
+        4,
+        "CONNECT and CLOSE of both sockets: {to_backend:#?}"
+    );
+    for f in &to_backend {
+        let kinds = finding_kinds(f);
+        assert!(
+            f["verdict"] == "VIOLATION" && kinds.contains(&"MTLS_UNVERIFIED"),
+            "{} {}: expected a VIOLATION with MTLS_UNVERIFIED: {f}",
+            f["event"],
+            f["direction"]
+        );
+    }
 }
 
 /// Issue 16: packets with IPv6 extension headers are not parsed by the
@@ -804,10 +828,7 @@ fn ipv6_extension_headers_are_reported_not_observable() {
     // server's inbound stream are not observable. (The server's answer has
     // none, but the classification ends at the first mark.)
     for f in &events {
-        let findings: Vec<&str> = f["findings"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
-            .unwrap_or_default();
+        let findings = finding_kinds(f);
         assert!(
             f["encryption"]["state"] == "UNKNOWN"
                 && f["encryption"]["unknown_reason"] == "not_observable"

@@ -17,13 +17,6 @@ use flowaudit_tests::spire_double::{NodeDouble, VERSION_WITH_PID, VERSION_WITHOU
 use flowaudit_tests::support::*;
 use serde_json::Value;
 
-fn findings(f: &Value) -> Vec<&str> {
-    f["findings"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|x| x["kind"].as_str()).collect())
-        .unwrap_or_default()
-}
-
 #[test]
 fn scenario_flows_get_the_intended_verdicts() {
     require_root();
@@ -67,7 +60,7 @@ fn scenario_against(index: u8, version: &str) {
         assert_eq!(e["verdict"], flow.verdict, "{version} {}: {e}", flow.label);
         if !flow.finding.is_empty() {
             assert!(
-                findings(e).contains(&flow.finding),
+                finding_kinds(e).contains(&flow.finding),
                 "{version} {}: expected {} in {e}",
                 flow.label,
                 flow.finding
@@ -171,7 +164,7 @@ fn endpoint_directory_changes_apply_while_running() {
             "{e}"
         );
         assert_eq!(e["verdict"], frontend_to_backend.verdict, "{e}");
-        assert_eq!(findings(&e), vec![frontend_to_backend.finding], "{e}");
+        assert_eq!(finding_kinds(&e), vec![frontend_to_backend.finding], "{e}");
     }
     assert!(
         report.logs.iter().any(|l| l["message"]
@@ -186,7 +179,7 @@ fn endpoint_directory_changes_apply_while_running() {
         "{a}"
     );
     assert_eq!(a["verdict"], "VIOLATION", "{a}");
-    assert!(findings(&a).contains(&"NO_MATCHING_RULE"), "{a}");
+    assert!(finding_kinds(&a).contains(&"NO_MATCHING_RULE"), "{a}");
 }
 
 /// A policy change applies to the running agent: a broken version is

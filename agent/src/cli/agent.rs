@@ -43,6 +43,18 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub policy: Vec<PathBuf>,
+    /// How MTLS_UNVERIFIED (TLS whose client certificate cannot be observed,
+    /// as in TLS 1.3, or encryption not seen) counts under a rule that
+    /// requires mTLS: `report` (a finding; the verdict stays COMPLIANT) or
+    /// `violation` (a VIOLATION, as MTLS_MISSING is).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value_t = flowaudit_policy::cli::MtlsUnverified::Report,
+        env = "FLOWAUDIT_MTLS_UNVERIFIED"
+    )]
+    pub mtls_unverified: flowaudit_policy::cli::MtlsUnverified,
     /// The SPIRE agent's admin socket (Delegated Identity API); `none` disables
     /// attestation (local ends then get DERIVED identities).
     #[arg(
@@ -391,7 +403,8 @@ fn start_identity_and_policy(
                 loaded: Some(std::time::SystemTime::now()),
                 last_error: None,
             });
-            let (tx, rx) = watch::channel(Arc::new(loaded.policy));
+            let options = args.mtls_unverified.eval_options();
+            let (tx, rx) = watch::channel(Arc::new(loaded.policy.with_options(options)));
             if args.trust_domain.is_none() {
                 policy_updates = Some(rx.clone());
             }
@@ -407,7 +420,12 @@ fn start_identity_and_policy(
                     });
                 },
             );
-            tokio::spawn(crate::judge::watch_policies(args.policy.clone(), tx, hook));
+            tokio::spawn(crate::judge::watch_policies(
+                args.policy.clone(),
+                options,
+                tx,
+                hook,
+            ));
             Judge::new(Some(rx), Some(cilium.clone()))
         }
         None => Judge::new(None, Some(cilium.clone())),
