@@ -428,7 +428,17 @@ fn start_identity_and_policy(
             ));
             Judge::new(Some(rx), Some(cilium.clone()))
         }
-        None => Judge::new(None, Some(cilium.clone())),
+        None => {
+            // Said as such by `status` (an empty version), rather than as
+            // a stage that has not reported.
+            state.report_policy(PolicyStatus {
+                version: Some(String::new()),
+                rules: 0,
+                loaded: None,
+                last_error: None,
+            });
+            Judge::new(None, Some(cilium.clone()))
+        }
     };
     let spire = match args.spire_admin_socket.as_str() {
         "" | "none" => {

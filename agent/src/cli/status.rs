@@ -134,10 +134,13 @@ pub fn render(s: &proto::ServerStatusResponse) -> String {
     } else {
         format!("no ({})", s.not_ready_reason)
     };
-    let identity = s
-        .identity_cache
-        .as_ref()
-        .map_or(NA.to_owned(), |c| format!("{} entries", c.entries));
+    let spire_disabled = s.spire.as_ref().is_some_and(|sp| sp.mode == "disabled");
+    let identity = match &s.identity_cache {
+        Some(c) => format!("{} entries", c.entries),
+        // Only SPIRE's answers are cached.
+        None if spire_disabled => "none kept (SPIRE disabled)".to_owned(),
+        None => NA.to_owned(),
+    };
     let spire = s.spire.as_ref().map_or(NA.to_owned(), |sp| {
         let state = if sp.connected {
             "connected"
@@ -163,7 +166,7 @@ pub fn render(s: &proto::ServerStatusResponse) -> String {
     });
     let policy = s.policy.as_ref().map_or(NA.to_owned(), |p| {
         let mut v = if p.version.is_empty() {
-            "none loaded".to_owned()
+            "none (the agent runs without --policy: flows are not judged against one)".to_owned()
         } else {
             format!("{} ({} rules)", p.version, p.rules)
         };
@@ -310,6 +313,31 @@ Kernel:             every feature available
 Kernel losses:      none
 "
         );
+    }
+
+    /// An agent run with `--spire-admin-socket none` and no `--policy`
+    /// says so, rather than "not available" for ever.
+    #[test]
+    fn text_status_names_what_the_agent_runs_without() {
+        let s = proto::ServerStatusResponse {
+            spire: Some(proto::SpireStatus {
+                connected: false,
+                socket: String::new(),
+                mode: "disabled".into(),
+                detail: "SPIRE attestation disabled".into(),
+            }),
+            policy: Some(proto::PolicyStatus::default()),
+            ..Default::default()
+        };
+        let text = render(&s);
+        for line in [
+            "Identity cache:     none kept (SPIRE disabled)\n",
+            "SPIRE connection:   disabled: local ends get DERIVED identities from their pod\n",
+            "Policy version:     none (the agent runs without --policy: flows are not judged against one)\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        assert!(!text.contains(NA), "{text}");
     }
 
     #[test]

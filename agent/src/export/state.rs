@@ -37,7 +37,8 @@ pub struct SpireStatus {
 #[derive(Debug, Clone, Default)]
 pub struct PolicyStatus {
     /// Identifies the version in force (e.g. a content hash); `None` while
-    /// no valid policy has been loaded, which makes the agent not ready.
+    /// no valid policy has been loaded, which makes the agent not ready;
+    /// empty when the agent runs without `--policy`.
     pub version: Option<String>,
     pub rules: u64,
     pub loaded: Option<SystemTime>,
