@@ -572,6 +572,14 @@ fn label_selector(
                 Some(None) => continue,
                 Some(Some(lk)) => lk,
             };
+            if !matches!(op.as_str(), "In" | "NotIn" | "Exists" | "DoesNotExist") {
+                let opnode = em.get("operator").unwrap_or(e);
+                ctx.error_at(
+                    opnode,
+                    format!("unknown operator `{op}`; expected In, NotIn, Exists or DoesNotExist"),
+                );
+                continue;
+            }
             let needs_values = matches!(op.as_str(), "In" | "NotIn");
             if needs_values && values.is_empty() {
                 ctx.error_at(
@@ -588,17 +596,7 @@ fn label_selector(
                 "In" => Req::In(lk, values),
                 "NotIn" => Req::NotIn(lk, values),
                 "Exists" => Req::Exists(lk),
-                "DoesNotExist" => Req::DoesNotExist(lk),
-                other => {
-                    let opnode = em.get("operator").unwrap_or(e);
-                    ctx.error_at(
-                        opnode,
-                        format!(
-                            "unknown operator `{other}`; expected In, NotIn, Exists or DoesNotExist"
-                        ),
-                    );
-                    continue;
-                }
+                _ => Req::DoesNotExist(lk),
             });
         }
     }

@@ -133,7 +133,11 @@ pub fn check_paths<P: AsRef<Path>>(paths: &[P]) -> Result<CheckReport, PolicyErr
             text,
         });
     }
-    let mut report = check_sources(&sources);
+    let given: Vec<String> = paths
+        .iter()
+        .map(|p| p.as_ref().display().to_string())
+        .collect();
+    let mut report = check_named(&sources, &given.join(", "));
     report.files = files;
     Ok(report)
 }
@@ -169,6 +173,14 @@ enum Doc {
 
 /// Parses, validates and (if error-free) compiles sources.
 pub fn check_sources(sources: &[Source]) -> CheckReport {
+    let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    check_named(sources, &names.join(", "))
+}
+
+/// [`check_sources`]; `given` names what was asked for (the paths, which
+/// may be directories without a policy file) in the error for sources that
+/// hold no policy at all.
+fn check_named(sources: &[Source], given: &str) -> CheckReport {
     let mut diagnostics = Vec::new();
     let mut summary = Summary {
         files: sources.len(),
@@ -340,6 +352,25 @@ pub fn check_sources(sources: &[Source]) -> CheckReport {
         ctx.diags.sort_by_key(|d| (d.line, d.col));
         diagnostics.append(&mut ctx.diags);
     }
+    let policies = summary.flow_policies
+        + summary.cilium_network_policies
+        + summary.cilium_clusterwide_network_policies
+        + summary.network_policies;
+    if policies == 0 && diagnostics.iter().all(|d| d.severity != Severity::Error) {
+        // A wrong path or an empty mount would otherwise judge every flow
+        // against nothing: each one a VIOLATION (NO_MATCHING_RULE).
+        diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            file: if given.is_empty() { "(no sources)".into() } else { given.into() },
+            line: 0,
+            col: 0,
+            message: if sources.is_empty() {
+                "no policy file: a directory is read for its *.yaml and *.yml files, and it has none; with no policy every flow would be a violation".into()
+            } else {
+                "no policy: these files hold no FlowPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy (they are empty, comments only, or an empty List); with no policy every flow would be a violation".into()
+            },
+        });
+    }
     summary.errors = diagnostics
         .iter()
         .filter(|d| d.severity == Severity::Error)
@@ -379,4 +410,82 @@ fn version_of(sources: &[Source]) -> String {
         }
     }
     format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(sources: &[(&str, &str)]) -> Vec<String> {
+        let sources: Vec<Source> = sources
+            .iter()
+            .map(|(name, text)| Source {
+                name: (*name).into(),
+                text: (*text).into(),
+            })
+            .collect();
+        let report = check_sources(&sources);
+        assert_eq!(report.policy.is_none(), report.summary.errors > 0);
+        report
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn sources_without_a_policy_are_an_error_not_an_empty_policy() {
+        let e = errors(&[("a.yaml", ""), ("b.yaml", "# just a comment\n---\n")]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("a.yaml, b.yaml: no policy: these files hold no FlowPolicy"),
+            "{e:?}"
+        );
+        let e = errors(&[("l.yaml", "kind: List\napiVersion: v1\nitems: []\n")]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        // A directory without policy files: named as given.
+        let dir = std::env::temp_dir().join(format!("fa-policy-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("notes.txt"), "kind: FlowPolicy\n").unwrap();
+        let report = check_paths(&[&dir]).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(report.policy.is_none());
+        assert_eq!(
+            report.diagnostics[0].to_string(),
+            format!(
+                "{}: no policy file: a directory is read for its *.yaml and *.yml files, and it has none; with no policy every flow would be a violation",
+                dir.display()
+            )
+        );
+        // One policy among empty files is a policy.
+        let fp = "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nmetadata: {name: p}\nspec:\n  trustDomain: demo.local\n  rules: []\n";
+        assert_eq!(
+            errors(&[("a.yaml", ""), ("p.yaml", fp)]),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn an_unknown_selector_operator_is_named_before_its_values_are_judged() {
+        let np = |op: &str| {
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: n, namespace: a}}\nspec:\n  podSelector:\n    matchExpressions: [{{key: app, operator: {op}, values: [x]}}]\n  policyTypes: [Ingress]\n"
+            )
+        };
+        let e = errors(&[("np.yaml", &np("Inn"))]);
+        assert_eq!(
+            e,
+            vec![
+                "np.yaml:6:45: unknown operator `Inn`; expected In, NotIn, Exists or DoesNotExist"
+            ]
+        );
+        let e = errors(&[("np.yaml", &np("Exists"))]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].ends_with("operator `Exists` takes no `values`"),
+            "{e:?}"
+        );
+        assert_eq!(errors(&[("np.yaml", &np("In"))]), Vec::<String>::new());
+    }
 }

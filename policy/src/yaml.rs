@@ -93,26 +93,34 @@ pub fn load(ctx: &mut Ctx, text: &str) -> Vec<MarkedYaml<'static>> {
     }
 }
 
-/// Rough upper bound of flow-collection nesting and indentation depth: counts open
-/// brackets, and treats every 2 columns of block indentation as a level.
+/// The first place where collections nest deeper than [`MAX_DEPTH`], read
+/// from the parser's events (which keep their own stack on the heap, never
+/// recursing), so that brackets in comments and quoted strings do not count.
+/// A syntax error ends the check (the loader reports it), except the
+/// scanner's own limit of 255 open brackets, which it can reach while it
+/// reads ahead of the events: that is this error too, where it says.
 fn too_deep(text: &str) -> Option<(usize, usize)> {
     let mut depth: usize = 0;
-    for (lineno, line) in text.lines().enumerate() {
-        let indent = line.len() - line.trim_start_matches([' ', '-']).len();
-        if indent / 2 > MAX_DEPTH * 2 {
-            return Some((lineno + 1, 1));
-        }
-        for (col, ch) in line.char_indices() {
-            match ch {
-                '[' | '{' => {
-                    depth += 1;
-                    if depth > MAX_DEPTH {
-                        return Some((lineno + 1, col + 1));
-                    }
-                }
-                ']' | '}' => depth = depth.saturating_sub(1),
-                _ => {}
+    for item in saphyr_parser::Parser::new_from_str(text) {
+        let (event, span) = match item {
+            Ok(e) => e,
+            Err(e) if e.info().contains("recursion limit") => {
+                return Some((e.marker().line(), e.marker().col() + 1));
             }
+            Err(_) => return None,
+        };
+        match event {
+            saphyr_parser::Event::SequenceStart(..) | saphyr_parser::Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some((span.start.line(), span.start.col() + 1));
+                }
+            }
+            saphyr_parser::Event::SequenceEnd | saphyr_parser::Event::MappingEnd => {
+                depth = depth.saturating_sub(1)
+            }
+            saphyr_parser::Event::StreamEnd => return None,
+            _ => {}
         }
     }
     None
@@ -324,5 +332,56 @@ impl<'n, 'i> Map<'n, 'i> {
     pub fn opt_string(&self, ctx: &mut Ctx, key: &str, what: &str) -> Option<String> {
         self.get(key)
             .and_then(|v| string(ctx, v, &format!("`{key}` of {what}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> (usize, Vec<Diagnostic>) {
+        let mut ctx = Ctx::new("p.yaml");
+        let docs = load(&mut ctx, text);
+        (docs.len(), ctx.diags)
+    }
+
+    #[test]
+    fn brackets_in_comments_and_strings_are_not_nesting() {
+        let text = format!(
+            "# {open}\nkind: FlowPolicy\nnote: \"{open}\"\nother: '{close}{open}'\nlist: [a, {{b: c}}]\n",
+            open = "{[".repeat(70),
+            close = "]}".repeat(3),
+        );
+        let (docs, diags) = load_text(&text);
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(docs, 1);
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_refused_where_it_goes_too_deep() {
+        // Flow style: 100,000 brackets must neither crash nor be parsed.
+        let (docs, diags) = load_text(&format!("a: {}", "[".repeat(100_000)));
+        assert_eq!(docs, 0);
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert_eq!(
+            diags[0].message,
+            format!("nesting deeper than {MAX_DEPTH} levels")
+        );
+        assert_eq!(diags[0].line, 1);
+        // Block style, one mapping per line.
+        let block: String = (0..=MAX_DEPTH)
+            .map(|i| format!("{}k{i}:\n", "  ".repeat(i)))
+            .collect();
+        let (docs, diags) = load_text(&block);
+        assert_eq!(docs, 0);
+        assert_eq!(diags[0].line, MAX_DEPTH + 1, "{diags:?}");
+        // At the limit it loads.
+        let (docs, diags) = load_text(&format!(
+            "{}{}",
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        ));
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(docs, 1);
     }
 }

@@ -6,6 +6,7 @@
 //! (`--input-file`, like `hubble observe --input-file`; the same filters
 //! apply here), optionally followed as it grows and across rotations.
 
+use std::cell::Cell;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -290,9 +291,18 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
-        let reason = match client.get_flows(request.clone()).await {
-            Err(status) => super::printable(status.message()).into_owned(),
-            Ok(response) => {
+        // A server that takes the connection and never answers (not an
+        // agent, or a stuck one) must not hold the command for ever, and
+        // Ctrl-C must work meanwhile (its handler is in place).
+        let answer = tokio::select! {
+            biased;
+            _ = &mut ctrl_c => return Ok(()),
+            a = tokio::time::timeout(grpc::ANSWER_WAIT, client.get_flows(request.clone())) => a,
+        };
+        let reason = match answer {
+            Err(_) => format!("no answer within {} s", grpc::ANSWER_WAIT.as_secs()),
+            Ok(Err(status)) => super::printable(status.message()).into_owned(),
+            Ok(Ok(response)) => {
                 let mut stream = response.into_inner();
                 loop {
                     let next = tokio::select! {
@@ -378,7 +388,12 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
                 _ = &mut ctrl_c => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
             }
-            match grpc::connect_tls(&args.server, &tls).await {
+            let connected = tokio::select! {
+                biased;
+                _ = &mut ctrl_c => return Ok(()),
+                c = grpc::connect_tls(&args.server, &tls) => c,
+            };
+            match connected {
                 Ok(c) => break c,
                 Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
             }
@@ -418,16 +433,36 @@ fn run_file(
     let since = args.since.as_ref().map(convert::flow_time);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    let name = if input.as_os_str() == "-" {
+        "standard input".to_owned()
+    } else {
+        input.display().to_string()
+    };
+    // Lines of the file now read (from 1 again after a rotation), and how
+    // many were flows and how many were skipped, over the whole run.
+    let (lineno, flows, skipped) = (Cell::new(0u64), Cell::new(0u64), Cell::new(0u64));
     // Some(flow) when the line is a flow that passes the filters.
     let parse = |line: &str| -> Option<FlowEvent> {
+        lineno.set(lineno.get() + 1);
         match serde_json::from_str::<FlowEvent>(line) {
             Ok(flow) => {
+                flows.set(flows.get() + 1);
                 (filter.matches(&flow) && since.is_none_or(|s| flow.time >= s)).then_some(flow)
             }
             Err(e) if !line.trim().is_empty() => {
+                skipped.set(skipped.get() + 1);
+                // serde_json places it in the line (always line 1 of it):
+                // the file's line is said instead, with the column.
+                let mut why = e.to_string();
+                if let Some(at) = why.rfind(" at line ") {
+                    why.truncate(at);
+                }
                 eprintln!(
-                    "flowaudit observe: skipping a line that is not a flow event: {}",
-                    super::printable(&e.to_string())
+                    "flowaudit observe: {}:{}:{}: skipping a line that is not a flow event: {}",
+                    super::printable(&name),
+                    lineno.get(),
+                    e.column(),
+                    super::printable(&why)
                 );
                 None
             }
@@ -440,13 +475,24 @@ fn run_file(
             None => Ok(true),
         }
     };
+    // Without --follow: lines that were all something else are an error
+    // (the wrong file), not an empty answer.
+    let none_read = || -> anyhow::Result<()> {
+        if flows.get() == 0 && skipped.get() > 0 {
+            anyhow::bail!(
+                "no flow events in {name}: its {} non-empty lines are not flow events (JSON lines as `flowaudit agent --export-file` writes them)",
+                skipped.get()
+            );
+        }
+        Ok(())
+    };
     if input.as_os_str() == "-" {
         for line in std::io::stdin().lock().lines() {
             if !emit(&line?, &mut out)? {
                 return Ok(());
             }
         }
-        return Ok(());
+        return none_read();
     }
     let open = || {
         std::fs::File::open(input)
@@ -472,7 +518,7 @@ fn run_file(
     }
     out.flush()?;
     if !args.follow {
-        return Ok(());
+        return none_read();
     }
     let mut inode = inode_of(input);
     // Once the file was found rotated away: whether lines came from the
@@ -511,10 +557,12 @@ fn run_file(
                 match rotated_after(input, inode_of_file(reader.get_ref())) {
                     Some(next) => {
                         reader = BufReader::new(next);
+                        lineno.set(0);
                         rotated = Some(true);
                     }
                     None => {
                         reader = BufReader::new(open()?);
+                        lineno.set(0);
                         // The file now read (the path may have moved on again).
                         inode = inode_of_file(reader.get_ref());
                         rotated = None;
@@ -847,6 +895,70 @@ mod tests {
             compact(&f, false).ends_with(" EGRESS PLAINTEXT(postgresql)"),
             "{}",
             compact(&f, false)
+        );
+    }
+
+    /// `observe` as parsed from its command line.
+    fn observe_args(args: &[&str]) -> ObserveArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ObserveArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("observe").chain(args.iter().copied()),
+        )
+        .unwrap()
+        .args
+    }
+
+    /// PRODUCT.md's example event, as the contract writes it (no `socket`).
+    const CONTRACT_EVENT: &str = r#"{"time":"2026-11-28T12:00:01.123456789Z","node_name":"precinct-99-worker","event":"CONNECT","verdict":"VIOLATION","findings":[{"kind":"NO_MATCHING_RULE","message":"no rule allows frontend -> postgresql:5432"}],"policy_rule":"","l4":{"protocol":"TCP","source_ip":"10.244.1.5","source_port":43122,"destination_ip":"10.244.1.9","destination_port":5432},"source":{"spiffe_id":"spiffe://demo.local/ns/99-apps/sa/frontend","identity_source":"ATTESTED","namespace":"99-apps","pod_name":"frontend-7d9f","service_account":"frontend","labels":{"app":"frontend"},"pid":1234,"process":"node"},"destination":{"spiffe_id":"spiffe://demo.local/ns/99-apps/sa/postgresql","identity_source":"DERIVED","namespace":"99-apps","pod_name":"postgresql-0","service_account":"postgresql","labels":{"app":"postgresql"}},"direction":"EGRESS","encryption":{"state":"PLAINTEXT","tls_version":"","sni":"","alpn":[]},"bytes_sent":0,"bytes_received":0,"duration_ms":0,"summary":"frontend -> postgresql:5432 plaintext: no rule allows this flow"}"#;
+
+    #[test]
+    fn input_files_in_the_contracts_json_form_are_read_and_other_files_are_an_error() {
+        let f: FlowEvent = serde_json::from_str(CONTRACT_EVENT).unwrap();
+        assert_eq!(f.source.pod.pod_name.as_str(), "frontend-7d9f");
+        assert_eq!(f.l4.destination_port, 5432);
+        assert_eq!(f.socket, crate::flow::Socket::default());
+        let dir = std::env::temp_dir().join(format!("fa-observe-input-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.jsonl");
+        std::fs::write(&good, format!("not a flow\n{CONTRACT_EVENT}\n")).unwrap();
+        let bad = dir.join("bad.jsonl");
+        std::fs::write(&bad, "not a flow\n{}\n\n").unwrap();
+        let good_run = run(&observe_args(&["--input-file", good.to_str().unwrap()]));
+        let bad_run = run(&observe_args(&["--input-file", bad.to_str().unwrap()]));
+        let _ = std::fs::remove_dir_all(&dir);
+        good_run.unwrap();
+        let e = bad_run.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "no flow events in {}: its 2 non-empty lines",
+                bad.display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_server_that_never_answers_ends_observe_with_an_error() {
+        // The kernel completes the handshake from the backlog; nobody reads.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let args = observe_args(&["--server", &server]);
+        std::thread::spawn(move || {
+            let _ = tx.send(run(&args).map_err(|e| e.to_string()));
+        });
+        let ended = rx
+            .recv_timeout(grpc::ANSWER_WAIT * 4)
+            .expect("observe still waits on a server that never answers");
+        drop(listener);
+        let e = ended.unwrap_err();
+        assert!(
+            e.contains(&format!("the stream from {server} failed")) && e.contains("within 10 s"),
+            "{e}"
         );
     }
 }

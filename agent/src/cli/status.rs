@@ -37,11 +37,17 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
         let mut client = grpc::connect_tls(&args.server, &tls).await?;
         let status = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
+            grpc::ANSWER_WAIT,
             client.server_status(proto::ServerStatusRequest {}),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("the agent at {} did not answer within 10 s", args.server))?
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the agent at {} did not answer within {} s",
+                args.server,
+                grpc::ANSWER_WAIT.as_secs()
+            )
+        })?
         .map_err(|s| {
             anyhow::anyhow!(
                 "the agent at {} answered with an error: {}",

@@ -559,6 +559,11 @@ pub async fn connect(text: &str) -> Result<FlowAuditClient<Channel>, GrpcError> 
 
 /// Connects to an agent; a `HOST:PORT` uses mTLS when `tls` is configured
 /// (a Unix socket never does).
+/// How long a client waits for a connection (TCP, and TLS where asked
+/// for) and for the server's first answer to a call: a server that takes
+/// the connection and never answers ends the command instead of holding it.
+pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn connect_tls(
     text: &str,
     tls: &ClientTls,
@@ -573,6 +578,7 @@ pub async fn connect_tls(
             // The URI is required by the API but unused: the connector dials the socket.
             let endpoint = TonicEndpoint::from_static("http://localhost");
             endpoint
+                .connect_timeout(ANSWER_WAIT)
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
                     async move {
@@ -588,6 +594,7 @@ pub async fn connect_tls(
             // TLS is done by the connector; the scheme only names HTTP/2.
             TonicEndpoint::from_shared(format!("http://{hostport}"))
                 .map_err(|_| GrpcError::Addr(text.to_owned()))?
+                .connect_timeout(ANSWER_WAIT)
                 .connect_with_connector(tower::service_fn(move |_| {
                     let (tls, hostport) = (tls.clone(), hostport.clone());
                     async move {
@@ -600,6 +607,7 @@ pub async fn connect_tls(
         }
         GrpcAddr::Tcp(hostport) => TonicEndpoint::from_shared(format!("http://{hostport}"))
             .map_err(|_| GrpcError::Addr(text.to_owned()))?
+            .connect_timeout(ANSWER_WAIT)
             .connect()
             .await
             .map_err(err)?,

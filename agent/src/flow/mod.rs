@@ -410,7 +410,7 @@ impl ClientCertificate {
 /// Kernel facts that do not belong to either end: which socket, which
 /// network namespace, why it failed. Kept so a CONNECT can be tied to its
 /// CLOSE and a pod's traffic told apart from the host's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Socket {
     pub cookie: u64,
     pub netns_cookie: u64,
@@ -561,6 +561,9 @@ pub struct FlowEvent {
     pub duration_ms: u64,
     /// Written when a sink first serializes the flow: see [`Summary`].
     pub summary: Summary,
+    /// Not in PRODUCT.md's JSON form: a line without it (written by hand
+    /// or by another tool in that form) reads as socket 0.
+    #[serde(default)]
     pub socket: Socket,
     /// Cilium mutual authentication, on flows under a rule that requires it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
