@@ -50,7 +50,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("flowaudit: {e:#}");
+            eprintln!("flowaudit: {}", flowaudit::cli::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -87,7 +87,7 @@ pub struct AgentArgs {
     /// Trust domain for DERIVED identities (default: the policy's, followed
     /// as it is reloaded; else the SPIRE agent's, or the first attested
     /// identity's).
-    #[arg(long, env = "FLOWAUDIT_TRUST_DOMAIN", value_name = "DOMAIN")]
+    #[arg(long, env = "FLOWAUDIT_TRUST_DOMAIN", value_name = "DOMAIN", value_parser = trust_domain)]
     pub trust_domain: Option<String>,
     /// How long a flow may wait for SPIRE to attest its local end before it
     /// goes out with an UNKNOWN identity (counted).
@@ -195,6 +195,15 @@ fn wait_ms(s: &str) -> Result<u64, String> {
     }
 }
 
+fn trust_domain(s: &str) -> Result<String, String> {
+    match flowaudit_policy::spiffe::valid_trust_domain(s) {
+        true => Ok(s.to_owned()),
+        false => Err(format!(
+            "`{s}` is not a trust domain: lower-case letters, digits, `.`, `-` and `_` (e.g. demo.local), without `spiffe://`"
+        )),
+    }
+}
+
 fn ring_buffer_mib(s: &str) -> Result<u32, String> {
     let n: u32 = s
         .parse()
@@ -233,6 +242,11 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         }
         false => Some(crate::judge::load_initial(&args.policy)?),
     };
+    args.export.check()?;
+    if let Some(path) = &args.endpoints {
+        // Read again by `start_endpoints`, which follows it from then on.
+        EndpointDirectory::load(path)?;
+    }
     let mut capture = Capture::start(
         args.ring_buffer_mib << 20,
         args.payload_sockets,
@@ -605,6 +619,67 @@ mod tests {
         for bad in ["0", "3", "2048", "x", "-8"] {
             let e = ring_buffer_mib(bad).unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    /// What the agent refuses from its flags alone, before it attaches
+    /// anything (`run_async` checks these first).
+    #[test]
+    fn typos_in_addresses_tls_flags_and_the_trust_domain_are_refused_from_the_flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: super::AgentArgs,
+        }
+        let check = |args: &[&str]| -> Result<(), String> {
+            let cli = Cli::try_parse_from(std::iter::once("flowaudit").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?;
+            cli.agent.export.check().map_err(|e| e.to_string())
+        };
+        check(&[]).unwrap();
+        check(&[
+            "--grpc-addr",
+            "127.0.0.1:4244",
+            "--grpc-addr",
+            "unix:///run/f.sock",
+        ])
+        .unwrap();
+        check(&[
+            "--workload-api",
+            "unix:///run/w.sock",
+            "--allow-peer",
+            "spiffe://d/ns/*/sa/*",
+            "--grpc-addr",
+            "0.0.0.0:4244",
+        ])
+        .unwrap();
+        for (args, says) in [
+            (
+                &["--trust-domain", "Demo.Local"][..],
+                "is not a trust domain",
+            ),
+            (
+                &["--trust-domain", "spiffe://demo.local"][..],
+                "is not a trust domain",
+            ),
+            (
+                &["--allow-peer", "spiffe:/x", "--workload-api", "unix:///w"][..],
+                "is not a SPIFFE ID",
+            ),
+            (
+                &["--allow-peer", "spiffe://d/x"][..],
+                "--allow-peer needs TLS",
+            ),
+            (&["--workload-api", "unix:///w"][..], "no --allow-peer"),
+            (
+                &["--grpc-addr", "0.0.0.0:4244"][..],
+                "listens beyond loopback",
+            ),
+            (&["--grpc-addr", "tcp://x"][..], "invalid gRPC address"),
+        ] {
+            let e = check(args).expect_err("refused");
+            assert!(e.contains(says), "{args:?}: {e}");
         }
     }
 

@@ -37,6 +37,25 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// An error and its causes, `: `-joined as `{e:#}` writes them, without a
+/// cause whose text the message before it already holds (our errors name
+/// their cause in their own message, and also give it as their source).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !last.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        last = part;
+    }
+    text
+}
+
 fn needs_escape(c: char) -> bool {
     c == '\\'
         || c.is_control() // C0, DEL, C1
@@ -50,7 +69,29 @@ fn needs_escape(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{error_text, printable};
+
+    #[test]
+    fn an_error_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read directory {path}: {source}")]
+        struct Read {
+            path: &'static str,
+            source: std::io::Error,
+        }
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(Read {
+            path: "/x",
+            source: io(),
+        });
+        assert_eq!(
+            error_text(&e),
+            format!("cannot read directory /x: {}", io())
+        );
+        // A cause the message does not hold is kept, as `{:#}` keeps it.
+        let e = anyhow::Error::new(io()).context("starting");
+        assert_eq!(error_text(&e), format!("starting: {}", io()));
+    }
 
     #[test]
     fn printable_escapes_what_drives_or_fools_a_terminal() {

@@ -285,6 +285,11 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
     };
     let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
     let mut client = grpc::connect_tls(&args.server, &tls).await?;
+    if args.last == Some(0) && !args.follow {
+        // The last 0 flows: none, as from a file (the protocol's 0 would
+        // ask for the whole buffer).
+        return Ok(());
+    }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let mut last_time: Option<prost_types::Timestamp> = None;

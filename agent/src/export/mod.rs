@@ -148,6 +148,31 @@ impl StreamEnd {
 /// Opens every configured sink and starts the servers that feed from them
 /// (metrics HTTP, gRPC). Every listener is bound before this returns, so a
 /// taken port or socket fails the agent's start with a clear error.
+impl ExportArgs {
+    /// What can be told wrong from the flags alone (addresses, TLS flags
+    /// and --allow-peer globs, plaintext TCP beyond loopback), so that the
+    /// agent stops on a typo before it attaches anything. [`start`] still
+    /// finds what only trying shows (a port in use, a file it cannot read).
+    pub fn check(&self) -> anyhow::Result<()> {
+        let tls = self.tls.check()?.is_some();
+        for text in &self.grpc_addr {
+            if let grpc::GrpcAddr::Tcp(hostport) = grpc::GrpcAddr::parse(text)? {
+                let loopback = match hostport.parse::<std::net::SocketAddr>() {
+                    Ok(a) => a.ip().is_loopback(),
+                    // A host name: known once bound (`start` refuses then).
+                    Err(_) => true,
+                };
+                if !tls && !loopback {
+                    return Err(
+                        grpc::GrpcError::PlaintextBeyondLoopback { addr: text.clone() }.into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 pub async fn start(args: &ExportArgs, state: &Arc<AgentState>) -> anyhow::Result<Started> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(path) = &args.export_file {

@@ -620,15 +620,30 @@ impl ServerTls {
     }
 }
 
+impl TlsArgs {
+    /// The flags on their own, with nothing read or asked: the globs, and
+    /// TLS and --allow-peer only together. The agent checks them before it
+    /// attaches anything; loading checks them again.
+    pub fn check(&self) -> Result<Option<AllowedPeers>, TlsError> {
+        let allowed = match self.allow_peer.is_empty() {
+            true => None,
+            false => Some(AllowedPeers::parse(&self.allow_peer)?),
+        };
+        let tls = self.workload_api.is_some() || self.tls_cert.is_some();
+        match (tls, &allowed) {
+            (false, Some(_)) => Err(TlsError::AllowPeerWithoutTls),
+            (true, None) => Err(TlsError::NoAllowedPeer),
+            _ => Ok(allowed),
+        }
+    }
+}
+
 /// The identity and allowed peers, or `None` without TLS flags.
 async fn load_with_peers(
     args: &TlsArgs,
 ) -> Result<Option<(Arc<Identity>, AllowedPeers)>, TlsError> {
-    // Check the globs before asking SPIRE for anything.
-    let allowed = match args.allow_peer.is_empty() {
-        true => None,
-        false => Some(AllowedPeers::parse(&args.allow_peer)?),
-    };
+    // Check the flags before asking SPIRE for anything.
+    let allowed = args.check()?;
     let identity = Identity::load(args).await?;
     match (identity, allowed) {
         (None, None) => Ok(None),
