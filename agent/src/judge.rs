@@ -357,7 +357,13 @@ pub async fn watch_policies(
     tx: watch::Sender<Arc<PolicySet>>,
     hook: ReloadHook,
 ) {
-    let mut last = stamp(&paths);
+    // Nothing seen yet: the first tick (at once) reads the paths again, so
+    // an edit made while the agent started is not taken as the version
+    // loaded then; the same content again changes nothing.
+    let mut last = Vec::new();
+    // Whether the last attempt was rejected: a good version then clears
+    // the error even when it is the one in force.
+    let mut rejected = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -368,33 +374,50 @@ pub async fn watch_policies(
         last = now;
         match flowaudit_policy::load_paths(&paths) {
             Ok(loaded) => {
+                let same = loaded.policy.version() == tx.borrow().version();
+                if same && !rejected {
+                    continue;
+                }
+                rejected = false;
                 for w in &loaded.warnings {
                     tracing::warn!(%w, "policy warning");
                 }
                 let rules = loaded.policy.rule_count();
                 tracing::info!(version = loaded.policy.version(), rules, "policy reloaded");
                 hook(true, loaded.policy.version(), rules, None);
-                if tx
-                    .send(Arc::new(loaded.policy.with_options(options)))
-                    .is_err()
+                // The version in force again (a rejected edit undone): the
+                // error is cleared above; nothing new to judge by.
+                if !same
+                    && tx
+                        .send(Arc::new(loaded.policy.with_options(options)))
+                        .is_err()
                 {
                     return;
                 }
             }
             Err(e) => {
+                rejected = true;
+                let errors = || {
+                    e.diagnostics()
+                        .iter()
+                        .filter(|d| d.severity == flowaudit_policy::Severity::Error)
+                };
                 for d in e.diagnostics() {
-                    tracing::error!(%d, "policy rejected");
+                    match d.severity {
+                        flowaudit_policy::Severity::Error => tracing::error!(%d, "policy rejected"),
+                        _ => tracing::warn!(%d, "policy warning"),
+                    }
                 }
-                if e.diagnostics().is_empty() {
+                if errors().next().is_none() {
                     tracing::error!(error = %e, "policy rejected");
                 }
                 tracing::error!(
                     version = tx.borrow().version(),
                     "the last good policy stays in force"
                 );
-                let why = e
-                    .diagnostics()
-                    .first()
+                // The first error, never a warning that came before it.
+                let why = errors()
+                    .next()
                     .map_or_else(|| e.to_string(), ToString::to_string);
                 let (version, rules) = {
                     let p = tx.borrow();
@@ -664,5 +687,78 @@ mod tests {
         );
         assert_eq!(results.lock().unwrap().last(), Some(&(true, 1)));
         task.abort();
+    }
+
+    /// An edit made between the first load and the watcher's start is
+    /// taken; the same content again is no reload, except after a rejected
+    /// one, whose error it clears; a rejection is told by its first error,
+    /// not by a warning before it.
+    #[tokio::test]
+    async fn the_watcher_takes_edits_made_while_the_agent_started_and_reports_errors_not_warnings()
+    {
+        let (dir, file) = dir_with(POLICY);
+        let loaded = load_initial(std::slice::from_ref(&file)).unwrap();
+        let first = loaded.policy.version().to_owned();
+        let (tx, mut rx) = watch::channel(Arc::new(loaded.policy));
+        // Edited before the watcher runs (the agent attaches meanwhile).
+        std::fs::write(&file, POLICY.replace("8000]", "8000, 8001]")).unwrap();
+        let edited = load_initial(std::slice::from_ref(&file))
+            .unwrap()
+            .policy
+            .version()
+            .to_owned();
+        let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r2 = results.clone();
+        let task = tokio::spawn(watch_policies(
+            vec![dir.to_path_buf()],
+            Default::default(),
+            tx,
+            Box::new(move |ok, version: &str, _rules, why| {
+                r2.lock().unwrap().push((ok, version.to_owned(), why))
+            }),
+        ));
+        tokio::time::timeout(Duration::from_secs(3), rx.changed())
+            .await
+            .expect("the edit made during start-up is taken")
+            .unwrap();
+        assert_eq!(rx.borrow_and_update().version(), edited);
+        assert_ne!(edited, first);
+        // A second trust domain (a warning) before an error.
+        let broken = format!(
+            "{}---\n{}",
+            POLICY
+                .replace("metadata: {name: t}", "metadata: {name: t2}")
+                .replace("demo.local", "other.local")
+                .replace("frontend-to-backend", "other"),
+            POLICY.replace("ports: [8000]", "ports: [0]")
+        );
+        std::fs::write(&file, &broken).unwrap();
+        until_results(&results, 2).await;
+        // The same content as in force, after the rejection: told good again.
+        std::fs::write(&file, POLICY.replace("8000]", "8000, 8001]")).unwrap();
+        until_results(&results, 3).await;
+        let results = results.lock().unwrap().clone();
+        assert_eq!(results[0], (true, edited.clone(), None));
+        let (ok, version, why) = &results[1];
+        assert!(!ok);
+        assert_eq!(version, &edited, "the version in force stays");
+        let why = why.as_deref().unwrap_or_default();
+        assert!(why.contains("port") && !why.contains("warning"), "{why}");
+        assert_eq!(results[2], (true, edited, None));
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the same version is not sent again"
+        );
+        task.abort();
+    }
+
+    async fn until_results<T>(results: &std::sync::Mutex<Vec<T>>, n: usize) {
+        for _ in 0..50 {
+            if results.lock().unwrap().len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the watcher did not report {n} loads within 5 s");
     }
 }

@@ -61,8 +61,8 @@ pub struct ExplainArgs {
     /// Destination of the flow.
     #[arg(long, value_name = "PEER", long_help = PEER_HELP)]
     pub to: String,
-    /// Destination TCP port.
-    #[arg(long)]
+    /// Destination TCP port (1-65535).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
     /// What was seen on the wire.
     #[arg(long, value_enum, default_value_t = EncryptionArg::Unknown)]
@@ -303,6 +303,9 @@ impl PeerArg {
                         ));
                     };
                     let (k, v) = (k.trim(), v.trim());
+                    if v.is_empty() {
+                        return Err(format!("`{part}` in `{t}` has no value after `=`"));
+                    }
                     match k {
                         "ns" | "namespace" => p.namespace = Some(v.to_string()),
                         "sa" | "serviceaccount" => p.service_account = Some(v.to_string()),

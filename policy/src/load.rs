@@ -266,6 +266,16 @@ fn check_named(sources: &[Source], given: &str) -> CheckReport {
                         ));
                         if !fp.trust_domain.is_empty() && !trust_domains.contains(&fp.trust_domain)
                         {
+                            if let Some(first) = trust_domains.first() {
+                                let at = map.get("spec").unwrap_or(n);
+                                ctx.warn_at(
+                                    at,
+                                    format!(
+                                        "trust domain `{}` after `{first}`: DERIVED identities (from pod metadata) are named in the first one, `{first}`, so rules for workloads in `{}` match only attested ends (the agent's --trust-domain chooses another)",
+                                        fp.trust_domain, fp.trust_domain
+                                    ),
+                                );
+                            }
                             trust_domains.push(fp.trust_domain.clone());
                         }
                         for r in fp.rules {
@@ -463,6 +473,37 @@ mod tests {
         assert_eq!(
             errors(&[("a.yaml", ""), ("p.yaml", fp)]),
             Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_second_trust_domain_is_a_warning_naming_the_one_derived_ids_use() {
+        let fp = |name: &str, td: &str| {
+            format!(
+                "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nmetadata: {{name: {name}}}\nspec:\n  trustDomain: {td}\n  rules: []\n"
+            )
+        };
+        let sources = [
+            Source {
+                name: "a.yaml".into(),
+                text: fp("a", "demo.local"),
+            },
+            Source {
+                name: "b.yaml".into(),
+                text: fp("b", "demo.local"),
+            },
+            Source {
+                name: "c.yaml".into(),
+                text: fp("c", "other.local"),
+            },
+        ];
+        let report = check_sources(&sources);
+        assert!(report.policy.is_some());
+        let warnings: Vec<String> = report.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("c.yaml:5:3: warning: trust domain `other.local` after `demo.local`: DERIVED identities"),
+            "{warnings:?}"
         );
     }
 

@@ -164,6 +164,24 @@ fn explain_world_to_frontend() {
 }
 
 #[test]
+fn explain_peer_with_an_empty_value() {
+    golden(
+        "explain-empty-value",
+        &[
+            "explain",
+            "--policy",
+            "../deploy/examples",
+            "--from",
+            "ns=,app=frontend",
+            "--to",
+            "world",
+            "--port",
+            "443",
+        ],
+    );
+}
+
+#[test]
 fn explain_bad_peer() {
     golden(
         "explain-bad-peer",

@@ -423,13 +423,20 @@ fn start_identity_and_policy(
                 policy_updates = Some(rx.clone());
             }
             let st = state.clone();
+            // When the version in force was loaded: a rejected reload
+            // leaves it as it was.
+            let loaded_at = std::sync::Mutex::new(std::time::SystemTime::now());
             let hook = Box::new(
                 move |ok: bool, version: &str, rules: usize, error: Option<String>| {
                     st.metrics.policy_reload(ok);
+                    let mut at = loaded_at.lock().unwrap_or_else(|p| p.into_inner());
+                    if ok {
+                        *at = std::time::SystemTime::now();
+                    }
                     st.report_policy(PolicyStatus {
                         version: Some(version.to_owned()),
                         rules: rules as u64,
-                        loaded: Some(std::time::SystemTime::now()),
+                        loaded: Some(*at),
                         last_error: error,
                     });
                 },

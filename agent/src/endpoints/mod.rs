@@ -188,6 +188,24 @@ impl EndpointDirectory {
         Self::parse(path, &text)
     }
 
+    /// [`load`](Self::load) for a new version of a file that had one: an
+    /// empty file is refused then (a file being written, a key emptied by
+    /// mistake), since it would make every pod a stranger at once; a
+    /// directory without pods is written `endpoints: []`.
+    pub fn reload(path: &Path) -> Result<Self, EndpointsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| EndpointsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if text.trim().is_empty() {
+            return Err(EndpointsError::Invalid {
+                path: path.to_path_buf(),
+                message: "the file is now empty (still being written?); write `endpoints: []` for a directory without pods".into(),
+            });
+        }
+        Self::parse(path, &text)
+    }
+
     pub fn peer(&self, ip: IpAddr) -> Peer<'_> {
         let ip = canonical(ip);
         if let Some(p) = self.by_ip.get(&ip) {
@@ -242,7 +260,7 @@ pub async fn watch_file(path: PathBuf, tx: tokio::sync::watch::Sender<Arc<Endpoi
             continue;
         }
         stamp = now;
-        match EndpointDirectory::load(&path) {
+        match EndpointDirectory::reload(&path) {
             Ok(dir) => {
                 tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory reloaded");
                 if tx.send(Arc::new(dir)).is_err() {
@@ -366,6 +384,10 @@ endpoints:                  # pods
             rx.borrow().peer("10.244.1.5".parse().unwrap()),
             Peer::Pod(_)
         ));
+        // An empty file (truncated for a rewrite): rejected too.
+        std::fs::write(&path, "\n").unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_millis(2500), rx.changed()).await;
+        assert!(r.is_err(), "an emptied file must not be published");
         // A good version with a new pod: published.
         std::fs::write(
             &path,
@@ -377,9 +399,16 @@ endpoints:                  # pods
             .expect("reload")
             .unwrap();
         assert!(matches!(
-            rx.borrow().peer("10.244.1.9".parse().unwrap()),
+            rx.borrow_and_update().peer("10.244.1.9".parse().unwrap()),
             Peer::Pod(_)
         ));
+        // Without pods, said so: published.
+        std::fs::write(&path, "endpoints: []\n").unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.changed())
+            .await
+            .expect("reload")
+            .unwrap();
+        assert!(rx.borrow().is_empty());
         task.abort();
     }
 }
