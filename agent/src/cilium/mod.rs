@@ -104,6 +104,24 @@ struct Remote {
     key: u8,
 }
 
+/// The map pinned as `newer`, else (only where no such map is pinned: a
+/// release before it) the one pinned as `older`, with the name it has. Any
+/// other failure to open `newer` (permission denied, not a map) is said
+/// as such, not taken for an older release's layout.
+fn newer_or_older<M>(
+    open: &impl Fn(&str) -> Result<M, CiliumError>,
+    newer: &'static str,
+    older: &'static str,
+) -> Result<(M, &'static str), CiliumError> {
+    match open(newer) {
+        Ok(m) => Ok((m, newer)),
+        Err(CiliumError::Open { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok((open(older)?, older))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl Maps {
     fn open(dir: &Path) -> Result<Maps, CiliumError> {
         let open = |name: &str| {
@@ -129,9 +147,10 @@ impl Maps {
             (auth.info.key_size, auth.info.value_size) == (12, 8),
             "key 12, value 8",
         )?;
-        let (ipcache, ipcache_layout, ipname) = match open("cilium_ipcache_v2") {
-            Ok(m) => (m, IpcacheLayout::V2, "cilium_ipcache_v2"),
-            Err(_) => (open("cilium_ipcache")?, IpcacheLayout::V1, "cilium_ipcache"),
+        let (ipcache, ipname) = newer_or_older(&open, "cilium_ipcache_v2", "cilium_ipcache")?;
+        let ipcache_layout = match ipname {
+            "cilium_ipcache_v2" => IpcacheLayout::V2,
+            _ => IpcacheLayout::V1,
         };
         let want = match ipcache_layout {
             IpcacheLayout::V1 => 12,
@@ -144,10 +163,7 @@ impl Maps {
             "key 24, value 12 (cilium_ipcache) or 24 (cilium_ipcache_v2)",
         )?;
         // 1.16 and 1.17 have both node maps; their auth_lookup reads v2.
-        let (node, nodename) = match open("cilium_node_map_v2") {
-            Ok(m) => (m, "cilium_node_map_v2"),
-            Err(_) => (open("cilium_node_map")?, "cilium_node_map"),
-        };
+        let (node, nodename) = newer_or_older(&open, "cilium_node_map_v2", "cilium_node_map")?;
         let want = if nodename == "cilium_node_map_v2" {
             4
         } else {
@@ -556,6 +572,33 @@ mod tests {
             stats.by_state[3].load(std::sync::atomic::Ordering::Relaxed),
             1
         );
+    }
+
+    #[test]
+    fn only_a_newer_map_that_is_not_pinned_falls_back_to_the_older_name() {
+        use std::io::ErrorKind;
+        let opener = |newer: Option<ErrorKind>| {
+            move |name: &str| match (name, newer) {
+                ("v2", Some(kind)) => Err(CiliumError::Open {
+                    path: name.into(),
+                    source: kind.into(),
+                }),
+                _ => Ok(name.to_owned()),
+            }
+        };
+        let pick = |newer| newer_or_older(&opener(newer), "v2", "v1");
+        assert_eq!(pick(None).unwrap(), ("v2".to_owned(), "v2"));
+        assert_eq!(
+            pick(Some(ErrorKind::NotFound)).unwrap(),
+            ("v1".to_owned(), "v1")
+        );
+        match pick(Some(ErrorKind::PermissionDenied)) {
+            Err(CiliumError::Open { path, source }) => {
+                assert_eq!(path, Path::new("v2"));
+                assert_eq!(source.kind(), ErrorKind::PermissionDenied);
+            }
+            other => panic!("a newer map that cannot be opened is that error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -263,7 +263,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     ));
     let crate::export::Started { sinks, stream } =
         crate::export::start(&args.export, &state).await?;
-    let endpoints = start_endpoints(&args).await?;
+    let endpoints = start_endpoints(&args, &state).await?;
     let (enricher, judge) = start_identity_and_policy(&args, endpoints, &capture, policy, &state)?;
     let spire = enricher.spire.clone();
     let mut spire_seen: SpireSeen = None;
@@ -510,7 +510,9 @@ fn start_identity_and_policy(
 /// API (`--kubernetes`, on by default inside a cluster), watched either way.
 async fn start_endpoints(
     args: &AgentArgs,
+    state: &AgentState,
 ) -> anyhow::Result<Option<watch::Receiver<Arc<EndpointDirectory>>>> {
+    let stats = state.metrics.endpoints.clone();
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
     match (&args.endpoints, args.kubernetes) {
         (Some(_), true) => anyhow::bail!(
@@ -520,7 +522,7 @@ async fn start_endpoints(
             let dir = EndpointDirectory::load(path)?;
             tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory loaded");
             let (tx, rx) = watch::channel(Arc::new(dir));
-            tokio::spawn(crate::endpoints::watch_file(path.clone(), tx));
+            tokio::spawn(crate::endpoints::watch_file(path.clone(), tx, stats));
             Ok(Some(rx))
         }
         (None, explicit) if explicit || in_cluster => {
@@ -531,6 +533,7 @@ async fn start_endpoints(
                 client,
                 tx,
                 Some(ready_tx),
+                stats,
             ));
             // Flows judged before the first list would all be "world".
             if tokio::time::timeout(Duration::from_secs(10), ready_rx)

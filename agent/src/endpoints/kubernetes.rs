@@ -104,7 +104,9 @@ pub async fn watch_cluster(
     client: Client,
     tx: watch::Sender<Arc<EndpointDirectory>>,
     ready: Option<oneshot::Sender<()>>,
+    stats: Arc<super::DirectoryStats>,
 ) {
+    use std::sync::atomic::Ordering;
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff();
     let nodes =
@@ -132,6 +134,7 @@ pub async fn watch_cluster(
                     if pod_store.handle(ev, pod_key, pod_entry) && dirty_since.is_none() {
                         dirty_since = Some(Instant::now());
                     }
+                    stats.errors.store(pod_store.errors + node_store.errors, Ordering::Relaxed);
                 }
                 None => return,
             },
@@ -139,6 +142,7 @@ pub async fn watch_cluster(
                 Some(ev) => {
                     let was_failing = node_store.failing;
                     let changed = node_store.handle(ev, node_key, node_info);
+                    stats.errors.store(pod_store.errors + node_store.errors, Ordering::Relaxed);
                     // A nodes watch that starts failing may unblock the
                     // first publication.
                     if (changed || (node_store.failing && !was_failing && !published))
@@ -155,6 +159,7 @@ pub async fn watch_cluster(
                 let dir = build_directory(&pod_store, &node_store);
                 let pods_n = pod_store.items.len();
                 let nodes_n = node_store.items.len();
+                stats.pods.store(dir.len() as u64, Ordering::Relaxed);
                 tx.send_replace(Arc::new(dir));
                 if published {
                     tracing::debug!(pods = pods_n, nodes = nodes_n, "endpoint directory updated from the Kubernetes API");
@@ -424,16 +429,18 @@ mod tests {
     ) -> (
         watch::Receiver<Arc<EndpointDirectory>>,
         tokio::task::JoinHandle<()>,
+        Arc<crate::endpoints::DirectoryStats>,
     ) {
         let client = standin_client(standin).await;
         let (tx, rx) = watch::channel(Arc::new(EndpointDirectory::default()));
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(watch_cluster(client, tx, Some(ready_tx)));
+        let stats = Arc::new(crate::endpoints::DirectoryStats::default());
+        let task = tokio::spawn(watch_cluster(client, tx, Some(ready_tx), stats.clone()));
         tokio::time::timeout(Duration::from_secs(10), ready_rx)
             .await
             .expect("initial directory published within 10 s")
             .expect("watcher alive");
-        (rx, task)
+        (rx, task, stats)
     }
 
     async fn wait_for(
@@ -480,7 +487,12 @@ mod tests {
                 .host_network(true)
                 .ips(&[ip("192.0.2.10")]),
         );
-        let (mut rx, task) = start(&k).await;
+        let (mut rx, task, stats) = start(&k).await;
+        assert_eq!(
+            stats.pods.load(std::sync::atomic::Ordering::Relaxed),
+            rx.borrow().len() as u64
+        );
+        assert!(rx.borrow().len() >= 3);
         {
             let dir = rx.borrow_and_update().clone();
             assert_eq!(pod_name(&dir, "10.9.0.1").as_deref(), Some("web-1"));
@@ -547,8 +559,10 @@ mod tests {
         k.add_node("n1", &[ip("192.0.2.10")]);
         k.add_pod(web(1));
         k.add_pod(web(2));
-        let (mut rx, task) = start(&k).await;
+        let (mut rx, task, stats) = start(&k).await;
         assert_eq!(pod_name(&rx.borrow(), "10.9.0.1").as_deref(), Some("web-1"));
+        let errors = || stats.errors.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(errors(), 0);
 
         // Down: open watches are cut, reconnects refused. The last
         // directory stays in force.
@@ -561,6 +575,10 @@ mod tests {
             assert_eq!(pod_name(&dir, "10.9.0.1").as_deref(), Some("web-1"));
             assert_eq!(pod_name(&dir, "10.9.0.2").as_deref(), Some("web-2"));
         }
+        assert!(
+            errors() > 0,
+            "the failed watch calls are counted for /metrics"
+        );
         // Back on the same port: the watch resumes from where it was and
         // gets what happened meanwhile.
         k.restart();
@@ -611,7 +629,7 @@ mod tests {
     async fn stops_when_the_pipeline_is_gone() {
         let k = KubeStandin::start();
         k.add_node("n1", &[ip("192.0.2.10")]);
-        let (rx, task) = start(&k).await;
+        let (rx, task, _) = start(&k).await;
         drop(rx);
         tokio::time::timeout(Duration::from_secs(5), task)
             .await

@@ -116,6 +116,8 @@ pub struct EndpointDirectory {
     by_ip: FastMap<IpAddr, Arc<PodInfo>>,
     by_uid: FastMap<String, Arc<PodInfo>>,
     nodes: FastMap<IpAddr, Arc<str>>,
+    /// Pods it holds (each once, whatever its addresses).
+    pods: usize,
 }
 
 impl EndpointDirectory {
@@ -127,6 +129,7 @@ impl EndpointDirectory {
                 dir.nodes.insert(canonical(ip), name.clone());
             }
         }
+        dir.pods = pods.len();
         for p in pods {
             let p = Arc::new(p);
             for ip in &p.ips {
@@ -181,11 +184,7 @@ impl EndpointDirectory {
     }
 
     pub fn load(path: &Path) -> Result<Self, EndpointsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| EndpointsError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::parse(path, &read(path)?)
     }
 
     /// [`load`](Self::load) for a new version of a file that had one: an
@@ -193,10 +192,7 @@ impl EndpointDirectory {
     /// mistake), since it would make every pod a stranger at once; a
     /// directory without pods is written `endpoints: []`.
     pub fn reload(path: &Path) -> Result<Self, EndpointsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| EndpointsError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read(path)?;
         if text.trim().is_empty() {
             return Err(EndpointsError::Invalid {
                 path: path.to_path_buf(),
@@ -224,8 +220,9 @@ impl EndpointDirectory {
         self.by_uid.get(uid).cloned()
     }
 
+    /// Pods it holds.
     pub fn len(&self) -> usize {
-        self.by_uid.len().max(self.by_ip.len())
+        self.pods
     }
 
     pub fn is_empty(&self) -> bool {
@@ -248,9 +245,38 @@ pub fn file_stamp(path: &Path) -> Option<(u64, u64, i64, i64)> {
     Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
+fn read(path: &Path) -> Result<String, EndpointsError> {
+    std::fs::read_to_string(path).map_err(|source| EndpointsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// What the endpoint directory's source did, read by `/metrics`
+/// (`flowaudit_endpoint_directory_pods`, `..._errors_total`): a directory
+/// that stopped following the cluster shows there, not only in the logs.
+#[derive(Debug, Default)]
+pub struct DirectoryStats {
+    /// Pods in the directory in force.
+    pub pods: std::sync::atomic::AtomicU64,
+    /// New versions of the `--endpoints` file refused, and Kubernetes
+    /// list or watch calls that failed: each time, the last good
+    /// directory stayed in force.
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
 /// Watches the file and publishes every good new version on `tx`. A bad
-/// version is logged with its position and the last good one stays.
-pub async fn watch_file(path: PathBuf, tx: tokio::sync::watch::Sender<Arc<EndpointDirectory>>) {
+/// version is logged with its position and counted, and the last good one
+/// stays.
+pub async fn watch_file(
+    path: PathBuf,
+    tx: tokio::sync::watch::Sender<Arc<EndpointDirectory>>,
+    stats: Arc<DirectoryStats>,
+) {
+    use std::sync::atomic::Ordering;
+    stats
+        .pods
+        .store(tx.borrow().len() as u64, Ordering::Relaxed);
     let mut stamp = file_stamp(&path);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
@@ -263,11 +289,13 @@ pub async fn watch_file(path: PathBuf, tx: tokio::sync::watch::Sender<Arc<Endpoi
         match EndpointDirectory::reload(&path) {
             Ok(dir) => {
                 tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory reloaded");
+                stats.pods.store(dir.len() as u64, Ordering::Relaxed);
                 if tx.send(Arc::new(dir)).is_err() {
                     return;
                 }
             }
             Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "endpoint directory rejected; the last good version stays in force")
             }
         }
@@ -374,7 +402,12 @@ endpoints:                  # pods
         std::fs::write(&path, SAMPLE).unwrap();
         let (tx, mut rx) =
             tokio::sync::watch::channel(Arc::new(EndpointDirectory::load(&path).unwrap()));
-        let task = tokio::spawn(watch_file(path.clone(), tx));
+        let stats = Arc::new(DirectoryStats::default());
+        let task = tokio::spawn(watch_file(path.clone(), tx, stats.clone()));
+        let counted = |stats: &DirectoryStats| {
+            use std::sync::atomic::Ordering::Relaxed;
+            (stats.pods.load(Relaxed), stats.errors.load(Relaxed))
+        };
         // A broken version: rejected, nothing published.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         std::fs::write(&path, "endpoints: [[[").unwrap();
@@ -388,6 +421,11 @@ endpoints:                  # pods
         std::fs::write(&path, "\n").unwrap();
         let r = tokio::time::timeout(std::time::Duration::from_millis(2500), rx.changed()).await;
         assert!(r.is_err(), "an emptied file must not be published");
+        assert_eq!(
+            counted(&stats),
+            (1, 2),
+            "two versions refused, one pod in force"
+        );
         // A good version with a new pod: published.
         std::fs::write(
             &path,
@@ -409,6 +447,7 @@ endpoints:                  # pods
             .expect("reload")
             .unwrap();
         assert!(rx.borrow().is_empty());
+        assert_eq!(counted(&stats), (0, 2));
         task.abort();
     }
 }

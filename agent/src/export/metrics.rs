@@ -153,6 +153,8 @@ pub struct Metrics {
     policy_rules: Gauge,
     /// Updated by the export file sink, read on each scrape.
     pub export_file: Arc<ExportFileStats>,
+    /// The endpoint directory's source (`--endpoints` or Kubernetes).
+    pub endpoints: Arc<crate::endpoints::DirectoryStats>,
     /// Updated by the Cilium reader, read on each scrape.
     pub cilium: Arc<CiliumStats>,
     /// Updated by the identity stage, read on each scrape.
@@ -221,6 +223,29 @@ impl Collector for ExportFileCollector {
                 ("write_failed", &self.0.flows_lost),
                 ("writer_behind", &self.0.flows_behind),
             ],
+        )
+    }
+}
+
+/// The endpoint directory's size and its source's failures, read on each
+/// scrape.
+#[derive(Debug)]
+struct DirectoryCollector(Arc<crate::endpoints::DirectoryStats>);
+
+impl Collector for DirectoryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pods = ConstGauge::new(self.0.pods.load(Ordering::Relaxed) as i64);
+        pods.encode(encoder.encode_descriptor(
+            "flowaudit_endpoint_directory_pods",
+            "Pods in the endpoint directory in force (from --endpoints or the Kubernetes API)",
+            None,
+            pods.metric_type(),
+        )?)?;
+        counter(
+            &mut encoder,
+            "flowaudit_endpoint_directory_errors",
+            "New --endpoints file versions refused and Kubernetes list/watch calls that failed; each time the last good directory stayed in force",
+            &self.0.errors,
         )
     }
 }
@@ -334,6 +359,8 @@ impl Metrics {
         registry.register_collector(Box::new(KernelCollector(capture)));
         let export_file = Arc::<ExportFileStats>::default();
         registry.register_collector(Box::new(ExportFileCollector(export_file.clone())));
+        let endpoints = Arc::<crate::endpoints::DirectoryStats>::default();
+        registry.register_collector(Box::new(DirectoryCollector(endpoints.clone())));
         let cilium = Arc::<CiliumStats>::default();
         registry.register_collector(Box::new(CiliumCollector(cilium.clone())));
         let identity = Arc::<IdentityStats>::default();
@@ -421,6 +448,7 @@ impl Metrics {
             policy_reloads,
             policy_rules,
             export_file,
+            endpoints,
             cilium,
             identity,
         }
@@ -907,6 +935,32 @@ mod tests {
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn the_endpoint_directory_shows_its_pods_and_its_sources_errors() {
+        let m = Arc::new(Metrics::new("0", Arc::new(CaptureStats::default())));
+        let text = m.encode_prometheus_text();
+        assert_eq!(
+            sample(&text, "flowaudit_endpoint_directory_pods"),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "flowaudit_endpoint_directory_errors_total"),
+            Some(0.0)
+        );
+        m.endpoints.pods.store(5, Ordering::Relaxed);
+        m.endpoints.errors.fetch_add(3, Ordering::Relaxed);
+        let text = m.encode_prometheus_text();
+        assert_eq!(
+            sample(&text, "flowaudit_endpoint_directory_pods"),
+            Some(5.0)
+        );
+        assert_eq!(
+            sample(&text, "flowaudit_endpoint_directory_errors_total"),
+            Some(3.0)
+        );
     }
 
     /// The export file's losses, one series per reason, from 0.
