@@ -168,6 +168,54 @@ pub async fn run_tasks(tasks: Vec<NamedTask>) -> anyhow::Result<()> {
     }
 }
 
+/// Tasks that follow the agent's inputs for as long as it runs (the policy
+/// and endpoint-directory watchers): none of them ends on its own. One
+/// that panicked, or returned, leaves the agent ready and judging by a
+/// state nobody updates any more, which nothing but a log line would tell;
+/// [`Watchers::ended`] says which one stopped and why, so the agent can stop
+/// too (and its DaemonSet starts it again, following its inputs afresh).
+#[derive(Default)]
+pub struct Watchers {
+    tasks: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Watchers {
+    /// Runs `task` on the current runtime, known as `name` (e.g. "policy
+    /// watcher").
+    pub fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.tasks.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits until a task ends and says which and how; never ready while
+    /// none runs. Cancel-safe (a `select!` branch).
+    pub async fn ended(&mut self) -> anyhow::Error {
+        let Some(ended) = self.tasks.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, why) = match ended {
+            Ok((id, ())) => (id, "it returned".to_owned()),
+            Err(e) => {
+                let id = e.id();
+                match e.try_into_panic() {
+                    Ok(payload) => (
+                        id,
+                        format!("it panicked: {}", panic_message(payload.as_ref())),
+                    ),
+                    Err(e) => (id, e.to_string()),
+                }
+            }
+        };
+        let name = self.names.remove(&id).unwrap_or("a watcher");
+        anyhow::anyhow!("the {name} stopped ({why}): its input is no longer followed")
+    }
+}
+
 /// The message of a panic's payload (a `&str` or `String`, as `panic!`
 /// makes them).
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -266,5 +314,34 @@ mod tests {
         run_tasks(vec![("quiet", Box::pin(async {}))])
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_panics_or_returns_is_named_and_none_is_never_ready() {
+        let mut none = Watchers::default();
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), none.ended()).await;
+        assert!(waited.is_err(), "no watcher, nothing ended");
+
+        let mut w = Watchers::default();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        w.spawn("policy watcher", async move {
+            let _ = wait.await;
+            panic!("version {} unreadable", 3);
+        });
+        w.spawn("endpoints watcher", std::future::pending());
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), w.ended()).await;
+        assert!(early.is_err(), "both still run");
+        go.send(()).unwrap();
+        assert_eq!(
+            w.ended().await.to_string(),
+            "the policy watcher stopped (it panicked: version 3 unreadable): its input is no longer followed"
+        );
+
+        let mut r = Watchers::default();
+        r.spawn("Kubernetes watcher", async {});
+        assert_eq!(
+            r.ended().await.to_string(),
+            "the Kubernetes watcher stopped (it returned): its input is no longer followed"
+        );
     }
 }

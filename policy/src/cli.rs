@@ -28,7 +28,9 @@ convention also gives namespace and service account; its labels stay unknown.";
 #[derive(Debug, Clone, Subcommand)]
 pub enum PolicyCommand {
     /// Parse, validate and summarise policies (FlowPolicy, CiliumNetworkPolicy,
-    /// CiliumClusterwideNetworkPolicy, NetworkPolicy); exit non-zero on errors.
+    /// CiliumClusterwideNetworkPolicy, NetworkPolicy). Every path is read and
+    /// checked, and every problem told; exit 0 when valid, 1 on policy
+    /// errors, 2 when a path cannot be read.
     Check(CheckArgs),
     /// Show the verdict, findings and rule flowaudit would give one flow.
     Explain(ExplainArgs),
@@ -197,13 +199,8 @@ fn check(a: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let report = match check_paths(&a.paths) {
         Ok(r) => r,
         Err(e) => {
-            for d in e.diagnostics() {
-                let _ = writeln!(err, "{d}");
-            }
-            if e.diagnostics().is_empty() {
-                let _ = writeln!(err, "error: {e}");
-            }
-            return if e.diagnostics().is_empty() { 2 } else { 1 };
+            let _ = writeln!(err, "error: {e}");
+            return 2;
         }
     };
     let s = &report.summary;
@@ -254,7 +251,9 @@ fn check(a: &CheckArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             s.warnings
         );
     }
-    if report
+    if report.unreadable > 0 {
+        2
+    } else if report
         .diagnostics
         .iter()
         .any(|d| d.severity == Severity::Error)

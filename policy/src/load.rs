@@ -49,6 +49,9 @@ pub struct CheckReport {
     pub policy: Option<PolicySet>,
     /// The files read (for the agent's change watcher).
     pub files: Vec<PathBuf>,
+    /// Paths and files that could not be read, each an error in
+    /// `diagnostics` (so there is no policy): `policy check` exits 2.
+    pub unreadable: usize,
 }
 
 /// A successfully loaded policy.
@@ -106,40 +109,86 @@ pub fn expand_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>, PolicyE
     Ok(files)
 }
 
-/// Reads and checks policy paths. I/O problems are errors; policy problems are in the
-/// report.
+/// Reads and checks policy paths. Only no paths at all is an `Err`: a path
+/// or file that cannot be read is an error in the report, naming it, and
+/// the rest are read and checked all the same (so one run tells every
+/// problem); the report then has no policy.
 pub fn check_paths<P: AsRef<Path>>(paths: &[P]) -> Result<CheckReport, PolicyError> {
-    let files = expand_paths(paths)?;
+    if paths.is_empty() {
+        return Err(PolicyError::NoPaths);
+    }
+    let mut unreadable = Vec::new();
+    let mut files = Vec::new();
+    for p in paths {
+        match expand_paths(std::slice::from_ref(p)) {
+            Ok(found) => files.extend(found),
+            Err(e) => unreadable.push(unreadable_path(p.as_ref(), &e)),
+        }
+    }
     let mut sources = Vec::with_capacity(files.len());
-    for f in &files {
-        let bytes = std::fs::read(f).map_err(|source| PolicyError::Io {
-            path: f.clone(),
-            source,
-        })?;
-        let text = match String::from_utf8(bytes) {
-            Ok(t) => t,
-            Err(_) => {
-                return Err(PolicyError::Invalid(vec![Diagnostic {
+    let mut read = Vec::with_capacity(files.len());
+    for f in files {
+        let text = match std::fs::read(&f) {
+            Ok(bytes) => String::from_utf8(bytes),
+            Err(source) => {
+                unreadable.push(unreadable_path(
+                    &f,
+                    &PolicyError::Io {
+                        path: f.clone(),
+                        source,
+                    },
+                ));
+                continue;
+            }
+        };
+        let text = match text {
+            Ok(text) => text,
+            Err(e) => {
+                // Where the first bad byte is, as an editor counts it.
+                let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+                let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
+                let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                let col = 1 + String::from_utf8_lossy(&good[line_start..]).chars().count();
+                unreadable.push(Diagnostic {
                     severity: Severity::Error,
                     file: f.display().to_string(),
-                    line: 0,
-                    col: 0,
-                    message: "file is not valid UTF-8".into(),
-                }]));
+                    line,
+                    col,
+                    message: "not valid UTF-8 (a YAML file is UTF-8 text)".into(),
+                });
+                continue;
             }
         };
         sources.push(Source {
             name: f.display().to_string(),
             text,
         });
+        read.push(f);
     }
     let given: Vec<String> = paths
         .iter()
         .map(|p| p.as_ref().display().to_string())
         .collect();
-    let mut report = check_named(&sources, &given.join(", "));
-    report.files = files;
+    let mut report = check_named(&sources, &given.join(", "), unreadable);
+    report.files = read;
     Ok(report)
+}
+
+/// The error of a path (given, or found in a directory) that could not be
+/// read, naming it.
+fn unreadable_path(path: &Path, e: &PolicyError) -> Diagnostic {
+    let message = match e {
+        PolicyError::Io { source, .. } => format!("cannot read: {source}"),
+        PolicyError::NotFileOrDir(_) => "neither a file nor a directory".into(),
+        other => other.to_string(),
+    };
+    Diagnostic {
+        severity: Severity::Error,
+        file: path.display().to_string(),
+        line: 0,
+        col: 0,
+        message,
+    }
 }
 
 /// Loads policy paths for the agent (initially and on every reload): `Err` if anything
@@ -174,14 +223,17 @@ enum Doc {
 /// Parses, validates and (if error-free) compiles sources.
 pub fn check_sources(sources: &[Source]) -> CheckReport {
     let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
-    check_named(sources, &names.join(", "))
+    check_named(sources, &names.join(", "), Vec::new())
 }
 
 /// [`check_sources`]; `given` names what was asked for (the paths, which
 /// may be directories without a policy file) in the error for sources that
 /// hold no policy at all.
-fn check_named(sources: &[Source], given: &str) -> CheckReport {
-    let mut diagnostics = Vec::new();
+/// Checks `sources`; `unreadable` are the errors of paths that could not be
+/// read, reported first.
+fn check_named(sources: &[Source], given: &str, unreadable: Vec<Diagnostic>) -> CheckReport {
+    let unreadable_n = unreadable.len();
+    let mut diagnostics = unreadable;
     let mut summary = Summary {
         files: sources.len(),
         ..Default::default()
@@ -393,6 +445,7 @@ fn check_named(sources: &[Source], given: &str) -> CheckReport {
         summary,
         policy,
         files: Vec::new(),
+        unreadable: unreadable_n,
     }
 }
 

@@ -76,6 +76,23 @@ fn check_json() {
     );
 }
 
+/// A path that does not exist and a file that is not UTF-8 are named, and
+/// the readable file is still checked; exit 2 (unreadable paths), in JSON
+/// too.
+#[test]
+fn check_unreadable_paths_are_named_and_the_rest_is_checked() {
+    let args = [
+        "tests/fixtures/no-such-policy.yaml",
+        "tests/fixtures/netpol.yaml",
+        "tests/fixtures/latin1.yaml",
+    ];
+    golden("check-unreadable", &[&["check"][..], &args].concat());
+    golden(
+        "check-unreadable-json",
+        &[&["check", "-o", "json"][..], &args].concat(),
+    );
+}
+
 #[test]
 fn explain_frontend_to_postgresql() {
     golden(

@@ -263,8 +263,10 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     ));
     let crate::export::Started { sinks, stream } =
         crate::export::start(&args.export, &state).await?;
-    let endpoints = start_endpoints(&args, &state).await?;
-    let (enricher, judge) = start_identity_and_policy(&args, endpoints, &capture, policy, &state)?;
+    let mut watchers = crate::runtime::Watchers::default();
+    let endpoints = start_endpoints(&args, &state, &mut watchers).await?;
+    let (enricher, judge) =
+        start_identity_and_policy(&args, endpoints, &capture, policy, &state, &mut watchers)?;
     let spire = enricher.spire.clone();
     let mut spire_seen: SpireSeen = None;
     let pipeline = Pipeline::new(
@@ -321,6 +323,10 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
                 };
                 capture.detach();
                 return Err(why.context("flows are no longer read: the agent stops"));
+            }
+            why = watchers.ended() => {
+                capture.detach();
+                return Err(why.context("the agent stops rather than judge flows by a state that no longer changes"));
             }
         }
     };
@@ -385,6 +391,7 @@ fn start_identity_and_policy(
     capture: &Capture,
     policy: Option<flowaudit_policy::Loaded>,
     state: &Arc<AgentState>,
+    watchers: &mut crate::runtime::Watchers,
 ) -> anyhow::Result<(Enricher, Judge)> {
     let mut trust_domain = args.trust_domain.clone();
     let cilium = Arc::new(crate::cilium::Cilium::new(
@@ -441,12 +448,10 @@ fn start_identity_and_policy(
                     });
                 },
             );
-            tokio::spawn(crate::judge::watch_policies(
-                args.policy.clone(),
-                options,
-                tx,
-                hook,
-            ));
+            watchers.spawn(
+                "policy watcher",
+                crate::judge::watch_policies(args.policy.clone(), options, tx, hook),
+            );
             Judge::new(Some(rx), Some(cilium.clone()))
         }
         None => {
@@ -511,6 +516,7 @@ fn start_identity_and_policy(
 async fn start_endpoints(
     args: &AgentArgs,
     state: &AgentState,
+    watchers: &mut crate::runtime::Watchers,
 ) -> anyhow::Result<Option<watch::Receiver<Arc<EndpointDirectory>>>> {
     let stats = state.metrics.endpoints.clone();
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
@@ -522,19 +528,20 @@ async fn start_endpoints(
             let dir = EndpointDirectory::load(path)?;
             tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory loaded");
             let (tx, rx) = watch::channel(Arc::new(dir));
-            tokio::spawn(crate::endpoints::watch_file(path.clone(), tx, stats));
+            watchers.spawn(
+                "--endpoints file watcher",
+                crate::endpoints::watch_file(path.clone(), tx, stats),
+            );
             Ok(Some(rx))
         }
         (None, explicit) if explicit || in_cluster => {
             let client = crate::endpoints::kubernetes::client().await?;
             let (tx, rx) = watch::channel(Arc::new(EndpointDirectory::default()));
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            tokio::spawn(crate::endpoints::kubernetes::watch_cluster(
-                client,
-                tx,
-                Some(ready_tx),
-                stats,
-            ));
+            watchers.spawn(
+                "Kubernetes pod and node watcher",
+                crate::endpoints::kubernetes::watch_cluster(client, tx, Some(ready_tx), stats),
+            );
             // Flows judged before the first list would all be "world".
             if tokio::time::timeout(Duration::from_secs(10), ready_rx)
                 .await
