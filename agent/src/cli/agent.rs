@@ -243,10 +243,12 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
         false => Some(crate::judge::load_initial(&args.policy)?),
     };
     args.export.check()?;
-    if let Some(path) = &args.endpoints {
-        // Read again by `start_endpoints`, which follows it from then on.
-        EndpointDirectory::load(path)?;
-    }
+    // The first version, followed by `start_endpoints` from then on.
+    let endpoints_file = args
+        .endpoints
+        .as_deref()
+        .map(EndpointDirectory::load)
+        .transpose()?;
     let mut capture = Capture::start(
         args.ring_buffer_mib << 20,
         args.payload_sockets,
@@ -264,7 +266,7 @@ async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
     let crate::export::Started { sinks, stream } =
         crate::export::start(&args.export, &state).await?;
     let mut watchers = crate::runtime::Watchers::default();
-    let endpoints = start_endpoints(&args, &state, &mut watchers).await?;
+    let endpoints = start_endpoints(&args, endpoints_file, &state, &mut watchers).await?;
     let (enricher, judge) =
         start_identity_and_policy(&args, endpoints, &capture, policy, &state, &mut watchers)?;
     let spire = enricher.spire.clone();
@@ -511,21 +513,22 @@ fn start_identity_and_policy(
     Ok((enricher, judge))
 }
 
-/// The endpoint directory: from `--endpoints FILE`, or from the Kubernetes
-/// API (`--kubernetes`, on by default inside a cluster), watched either way.
+/// The endpoint directory: from `--endpoints FILE` (`file` is its first
+/// version, read before anything was attached), or from the Kubernetes API
+/// (`--kubernetes`, on by default inside a cluster), watched either way.
 async fn start_endpoints(
     args: &AgentArgs,
+    file: Option<EndpointDirectory>,
     state: &AgentState,
     watchers: &mut crate::runtime::Watchers,
 ) -> anyhow::Result<Option<watch::Receiver<Arc<EndpointDirectory>>>> {
     let stats = state.metrics.endpoints.clone();
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
-    match (&args.endpoints, args.kubernetes) {
+    match (args.endpoints.as_ref().zip(file), args.kubernetes) {
         (Some(_), true) => anyhow::bail!(
             "--endpoints and --kubernetes both set: choose one source for the endpoint directory"
         ),
-        (Some(path), false) => {
-            let dir = EndpointDirectory::load(path)?;
+        (Some((path, dir)), false) => {
             tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory loaded");
             let (tx, rx) = watch::channel(Arc::new(dir));
             watchers.spawn(

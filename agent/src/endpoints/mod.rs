@@ -50,6 +50,8 @@ pub struct PodInfo {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PodEntry {
+    /// None for a hostNetwork pod, known by its `uid` alone.
+    #[serde(default)]
     ips: Vec<IpAddr>,
     namespace: ArcStr,
     pod: ArcStr,
@@ -157,29 +159,10 @@ impl EndpointDirectory {
                 }
             })?
         };
-        let mut seen: HashMap<IpAddr, &str> = HashMap::new();
-        for p in &file.endpoints {
-            if p.ips.is_empty() {
-                return Err(EndpointsError::Invalid {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "endpoint {}/{} has no ips",
-                        p.meta.namespace, p.meta.pod_name
-                    ),
-                });
-            }
-            for ip in &p.ips {
-                if let Some(other) = seen.insert(canonical(*ip), &p.meta.pod_name) {
-                    return Err(EndpointsError::Invalid {
-                        path: path.to_path_buf(),
-                        message: format!(
-                            "address {ip} belongs to both pod {other} and pod {}",
-                            p.meta.pod_name
-                        ),
-                    });
-                }
-            }
-        }
+        check_pods(&file).map_err(|message| EndpointsError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(Self::from_pods(file.nodes, file.endpoints))
     }
 
@@ -230,6 +213,54 @@ impl EndpointDirectory {
     }
 }
 
+/// What the file says that cannot be true of a cluster: a pod with no
+/// address and no UID to know it by, an address or a UID of two pods, a
+/// pod at a node's own address.
+fn check_pods(file: &DirectoryFile) -> Result<(), String> {
+    let name = |p: &PodInfo| format!("{}/{}", p.meta.namespace, p.meta.pod_name);
+    let nodes: HashMap<IpAddr, &str> = file
+        .nodes
+        .iter()
+        .flat_map(|n| n.ips.iter().map(|ip| (canonical(*ip), n.name.as_str())))
+        .collect();
+    let mut ips: HashMap<IpAddr, &PodInfo> = HashMap::new();
+    let mut uids: HashMap<&str, &PodInfo> = HashMap::new();
+    for p in &file.endpoints {
+        if p.ips.is_empty() && p.uid.is_empty() {
+            return Err(format!(
+                "endpoint {} has no ips and no uid: give its addresses, or its uid alone for a hostNetwork pod (known by the UID in its processes' cgroup, as the Kubernetes API source keeps them)",
+                name(p)
+            ));
+        }
+        for ip in &p.ips {
+            if let Some(node) = nodes.get(&canonical(*ip)) {
+                return Err(format!(
+                    "address {ip} of endpoint {} is node {node}'s own address: a hostNetwork pod shares its node's addresses, and listing them would make every connection of the node look like this pod; write it with `ips: []` and its uid (known by UID only, as the Kubernetes API source keeps such pods)",
+                    name(p)
+                ));
+            }
+            if let Some(other) = ips.insert(canonical(*ip), p) {
+                return Err(format!(
+                    "address {ip} belongs to both endpoint {} and endpoint {}",
+                    name(other),
+                    name(p)
+                ));
+            }
+        }
+        if !p.uid.is_empty()
+            && let Some(other) = uids.insert(&p.uid, p)
+        {
+            return Err(format!(
+                "uid {} belongs to both endpoint {} and endpoint {}",
+                p.uid,
+                name(other),
+                name(p)
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -245,10 +276,38 @@ pub fn file_stamp(path: &Path) -> Option<(u64, u64, i64, i64)> {
     Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
+/// The largest `--endpoints` file read: about 200,000 pods as PRODUCT.md
+/// writes them. A path given by mistake (a log, `/dev/zero`) is refused
+/// rather than read into memory without end.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
 fn read(path: &Path) -> Result<String, EndpointsError> {
-    std::fs::read_to_string(path).map_err(|source| EndpointsError::Read {
+    use std::io::Read as _;
+    let failed = |source| EndpointsError::Read {
         path: path.to_path_buf(),
         source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(failed)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(EndpointsError::Invalid {
+            path: path.to_path_buf(),
+            message: format!(
+                "larger than {} MiB: not an endpoint directory (wrong path?)",
+                MAX_FILE_BYTES >> 20
+            ),
+        });
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        failed(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 text (first bad byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        ))
     })
 }
 
@@ -384,14 +443,78 @@ endpoints:                  # pods
         let e = EndpointDirectory::parse(Path::new("e.yaml"), dup)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("10.0.0.1") && e.contains("x") && e.contains("y"),
-            "{e}"
+        assert_eq!(
+            e,
+            "e.yaml: address 10.0.0.1 belongs to both endpoint a/x and endpoint a/y"
         );
         assert!(
             EndpointDirectory::parse(Path::new("e.yaml"), "")
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    /// What cannot be true of a cluster is refused, naming the endpoints;
+    /// a hostNetwork pod is written by its UID alone and known by it, its
+    /// node's addresses stay the node's.
+    #[test]
+    fn addresses_and_uids_of_two_endpoints_or_of_a_node_are_refused() {
+        let parse = |text: &str| {
+            EndpointDirectory::parse(Path::new("e.yaml"), text).map_err(|e| e.to_string())
+        };
+        let node = "nodes:\n  - {name: w1, ips: [172.18.0.3]}\n";
+        assert_eq!(
+            parse(&format!(
+                "{node}endpoints:\n  - {{ips: [172.18.0.3], namespace: kube-system, pod: kube-proxy-x, uid: u1}}\n"
+            ))
+            .unwrap_err(),
+            "e.yaml: address 172.18.0.3 of endpoint kube-system/kube-proxy-x is node w1's own address: a hostNetwork pod shares its node's addresses, and listing them would make every connection of the node look like this pod; write it with `ips: []` and its uid (known by UID only, as the Kubernetes API source keeps such pods)"
+        );
+        let host_network = parse(&format!(
+            "{node}endpoints:\n  - {{namespace: kube-system, pod: kube-proxy-x, uid: u1}}\n  - {{ips: [], namespace: a, pod: b, uid: u2}}\n"
+        ))
+        .unwrap();
+        assert_eq!(host_network.len(), 2);
+        assert_eq!(
+            host_network.peer("172.18.0.3".parse().unwrap()),
+            Peer::Host("w1")
+        );
+        let by_uid = host_network.pod_by_uid("u1").expect("known by its UID");
+        assert_eq!(by_uid.meta.pod_name.as_str(), "kube-proxy-x");
+        assert!(by_uid.ips.is_empty());
+        assert_eq!(
+            parse("endpoints:\n  - {ips: [], namespace: a, pod: b}\n").unwrap_err(),
+            "e.yaml: endpoint a/b has no ips and no uid: give its addresses, or its uid alone for a hostNetwork pod (known by the UID in its processes' cgroup, as the Kubernetes API source keeps them)"
+        );
+        assert_eq!(
+            parse("endpoints:\n  - {ips: [10.0.0.1], namespace: a, pod: x, uid: u1}\n  - {ips: [10.0.0.2], namespace: b, pod: y, uid: u1}\n").unwrap_err(),
+            "e.yaml: uid u1 belongs to both endpoint a/x and endpoint b/y"
+        );
+    }
+
+    /// A path given by mistake is refused before it is read into memory
+    /// whole; a file that is not text says so.
+    #[test]
+    fn a_file_too_large_or_not_text_is_refused() {
+        let dir = flowaudit_tests::support::TestDir::new("fa-endpoints-size");
+        let big = dir.path().join("big.yaml");
+        std::fs::File::create(&big)
+            .and_then(|f| f.set_len(MAX_FILE_BYTES + 1))
+            .unwrap();
+        let e = EndpointDirectory::load(&big).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: larger than 64 MiB: not an endpoint directory (wrong path?)",
+                big.display()
+            )
+        );
+        let binary = dir.path().join("bin.yaml");
+        std::fs::write(&binary, b"endpoints: []\n\xff\xfe").unwrap();
+        let e = EndpointDirectory::load(&binary).unwrap_err().to_string();
+        assert!(
+            e.ends_with("not UTF-8 text (first bad byte at offset 14)"),
+            "{e}"
         );
     }
 
