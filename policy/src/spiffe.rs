@@ -147,6 +147,41 @@ pub fn parse_pattern(text: &str) -> Result<IdPattern, String> {
     })
 }
 
+/// The longest SPIFFE ID the SPIFFE standard allows, in bytes.
+pub const MAX_ID_BYTES: usize = 2048;
+
+/// Checks a workload's SPIFFE ID as the SPIFFE standard defines one: a
+/// trust domain and a path of segments of letters, digits, `.`, `-` and `_`
+/// (none empty, `.` or `..`), at most [`MAX_ID_BYTES`]. The error says what
+/// is wrong, without repeating the ID.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.len() > MAX_ID_BYTES {
+        return Err(format!("longer than {MAX_ID_BYTES} bytes"));
+    }
+    let Some((td, path)) = split_id(id) else {
+        return Err("does not start with `spiffe://`".into());
+    };
+    if !valid_trust_domain(td) {
+        return Err(format!(
+            "`{td}` is not a valid trust domain (lower-case letters, digits, `.`, `-`, `_`)"
+        ));
+    }
+    if path.is_empty() {
+        return Err("has no path".into());
+    }
+    for segment in path.split('/') {
+        if segment.is_empty() {
+            return Err("has an empty path segment".into());
+        }
+        if !valid_segment(segment) {
+            return Err(format!(
+                "path segment `{segment}` is not letters, digits, `.`, `-`, `_` (or is `.` or `..`)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The DERIVED identity convention: `spiffe://<td>/ns/<ns>/sa/<sa>`.
 pub fn derive_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
@@ -215,6 +250,39 @@ mod tests {
         for (pat, id, want) in cases {
             let p = parse_pattern(pat).unwrap_or_else(|e| panic!("{pat} should parse: {e}"));
             assert_eq!(p.matches(id), want, "pattern {pat} against {id}");
+        }
+    }
+
+    #[test]
+    fn ids_are_checked_as_the_spiffe_standard_defines_them() {
+        for good in [
+            "spiffe://demo.local/ns/99-apps/sa/frontend",
+            "spiffe://example.org/Service_A/v1.2",
+        ] {
+            assert_eq!(check_id(good), Ok(()), "{good}");
+        }
+        let long = format!("spiffe://demo.local/{}", "a".repeat(MAX_ID_BYTES));
+        for (bad, why) in [
+            ("http://demo.local/x", "does not start with `spiffe://`"),
+            (
+                "spiffe://Demo.local/x",
+                "`Demo.local` is not a valid trust domain (lower-case letters, digits, `.`, `-`, `_`)",
+            ),
+            ("spiffe://demo.local", "has no path"),
+            ("spiffe://demo.local/", "has no path"),
+            ("spiffe://demo.local/ns/a/", "has an empty path segment"),
+            ("spiffe://demo.local/ns//sa/x", "has an empty path segment"),
+            (
+                "spiffe://demo.local/ns/a b",
+                "path segment `a b` is not letters, digits, `.`, `-`, `_` (or is `.` or `..`)",
+            ),
+            (
+                "spiffe://demo.local/ns/../sa/x",
+                "path segment `..` is not letters, digits, `.`, `-`, `_` (or is `.` or `..`)",
+            ),
+            (long.as_str(), "longer than 2048 bytes"),
+        ] {
+            assert_eq!(check_id(bad), Err(why.to_string()), "{bad}");
         }
     }
 

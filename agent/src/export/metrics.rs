@@ -310,7 +310,7 @@ impl Collector for IdentityCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut family = encoder.encode_descriptor(
             "flowaudit_identity_lookups",
-            "Identity lookups by result (attested, no_identity, timeout, unavailable), once per flow end when it is settled",
+            "Identity lookups by result (attested, no_identity, timeout, unavailable, unreadable), once per flow end when it is settled",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;

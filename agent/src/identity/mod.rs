@@ -343,14 +343,17 @@ pub enum LookupResult {
     Timeout,
     /// The Delegated Identity API could not be asked.
     Unavailable,
+    /// SPIRE answered with SVIDs, none of which could be read.
+    Unreadable,
 }
 
 impl LookupResult {
-    pub const ALL: [LookupResult; 4] = [
+    pub const ALL: [LookupResult; 5] = [
         LookupResult::Attested,
         LookupResult::NoIdentity,
         LookupResult::Timeout,
         LookupResult::Unavailable,
+        LookupResult::Unreadable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -359,6 +362,7 @@ impl LookupResult {
             LookupResult::NoIdentity => "no_identity",
             LookupResult::Timeout => "timeout",
             LookupResult::Unavailable => "unavailable",
+            LookupResult::Unreadable => "unreadable",
         }
     }
 }
@@ -745,7 +749,7 @@ impl Enricher {
                 Some((id.spiffe_id.clone(), FlowTime::from_system(id.expires_at)))
             }
             Lookup::NoIdentity => None,
-            Lookup::Pending | Lookup::Unavailable(_) => return,
+            Lookup::Pending | Lookup::Unavailable(_) | Lookup::Unreadable(_) => return,
         };
         if !self.cgroup_known(&w.facts) {
             return;
@@ -866,6 +870,7 @@ impl Enricher {
             Lookup::NoIdentity => LookupResult::NoIdentity,
             Lookup::Pending => LookupResult::Timeout,
             Lookup::Unavailable(_) => LookupResult::Unavailable,
+            Lookup::Unreadable(_) => LookupResult::Unreadable,
         };
         self.sync_trust_domain();
         match result {
@@ -905,6 +910,13 @@ impl Enricher {
                     ),
                 )
             }
+            // Rare (a certificate flowaudit cannot read): the reason is
+            // written for each end.
+            Lookup::Unreadable(why) => derive(
+                &mut self.derived,
+                ep,
+                arcstr::format!("{why}: derived from its pod's metadata"),
+            ),
         }
         if counted {
             self.stats.count(outcome);
@@ -1277,6 +1289,38 @@ mod tests {
         assert_eq!(f.destination.kind, EndKind::Pod);
     }
 
+    /// An answer SPIRE gave but flowaudit could not read: the end is
+    /// DERIVED, its reason is that answer's, and it is counted apart from
+    /// "no identity".
+    #[test]
+    fn an_unreadable_spire_answer_is_derived_with_its_reason() {
+        let mut e = Enricher::new(
+            Some(directory()),
+            CgroupResolver::new("/nonexistent".into()),
+            None,
+            Some("demo.local".into()),
+        );
+        let mut f = flow();
+        assert!(matches!(e.enrich(&mut f), Enriched::Done));
+        let why = "SPIRE answered with 1 SVID, none readable: its leaf certificate has no spiffe:// URI SAN, and no ID beside it";
+        e.apply_answer(&mut f.source, Lookup::Unreadable(why.into()), true);
+        assert_eq!(f.source.identity_source, IdentitySource::Derived);
+        assert_eq!(
+            f.source.spiffe_id,
+            "spiffe://demo.local/ns/99-apps/sa/frontend"
+        );
+        assert_eq!(
+            f.source.identity_detail,
+            format!("{why}: derived from its pod's metadata")
+        );
+        let counted: Vec<(&str, u64)> = LookupResult::ALL
+            .iter()
+            .map(|r| (r.label(), e.stats.lookups(*r)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(counted, [("unreadable", 1)]);
+    }
+
     #[test]
     fn hosts_and_world_have_no_identity() {
         let mut e = Enricher::new(
@@ -1382,8 +1426,8 @@ mod tests {
             .collect();
         assert_eq!(
             counted,
-            [2, 0, 0, 0],
-            "attested, no_identity, timeout, unavailable"
+            [2, 0, 0, 0, 0],
+            "attested, no_identity, timeout, unavailable, unreadable"
         );
         let event = |rec: &flowaudit_common::FlowRecord| {
             FlowEvent::from_kernel(

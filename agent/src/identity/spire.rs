@@ -72,6 +72,10 @@ pub enum Lookup {
     /// SPIRE is down, refuses flowaudit, or failed; the reason says which and
     /// what to do.
     Unavailable(String),
+    /// SPIRE answered with SVIDs, and none could be read (a certificate
+    /// that does not parse or names no valid SPIFFE ID); the reason says
+    /// why. Not "no identity": SPIRE has an entry for the workload.
+    Unreadable(String),
 }
 
 impl Lookup {
@@ -82,6 +86,7 @@ impl Lookup {
             Lookup::NoIdentity => "no_identity",
             Lookup::Pending => "pending",
             Lookup::Unavailable(_) => "unavailable",
+            Lookup::Unreadable(_) => "unreadable",
         }
     }
 }
@@ -399,7 +404,7 @@ impl LookupMemo {
             Lookup::NoIdentity => {
                 self.answers.insert(q.clone(), None);
             }
-            Lookup::Pending | Lookup::Unavailable(_) => {}
+            Lookup::Pending | Lookup::Unavailable(_) | Lookup::Unreadable(_) => {}
         }
         r
     }
@@ -423,6 +428,8 @@ enum State {
     Attested(Arc<AttestedIdentity>),
     NoIdentity,
     Unavailable(String),
+    /// SVIDs came, none readable (see [`Lookup::Unreadable`]).
+    Unreadable(String),
     /// This pid cannot be asked by pid: look at the selectors key instead
     /// (None: there is none, so no identity).
     Redirect(Option<Key>),
@@ -580,6 +587,7 @@ impl Shared {
                 State::Redirect(None) | State::NoIdentity => Lookup::NoIdentity,
                 State::Pending => Lookup::Pending,
                 State::Unavailable(why) => Lookup::Unavailable(why.clone()),
+                State::Unreadable(why) => Lookup::Unreadable(why.clone()),
                 State::Attested(id) if id.expires_at > SystemTime::now() => {
                     Lookup::Attested(id.clone())
                 }
@@ -649,7 +657,12 @@ impl Shared {
         let keep = self.opts.keep_during_outage;
         let mut inner = self.lock();
         if let Some(e) = inner.entries.get_mut(key) {
-            if keep && matches!(e.state, State::Attested(_) | State::NoIdentity) {
+            if keep
+                && matches!(
+                    e.state,
+                    State::Attested(_) | State::NoIdentity | State::Unreadable(_)
+                )
+            {
                 return;
             }
             e.state = State::Unavailable(why);
@@ -718,7 +731,7 @@ impl Shared {
         for e in inner.entries.values_mut() {
             let drop_answer = match e.state {
                 State::Pending | State::Unavailable(_) => true,
-                State::Attested(_) | State::NoIdentity => !keep,
+                State::Attested(_) | State::NoIdentity | State::Unreadable(_) => !keep,
                 State::Redirect(_) => false,
             };
             if drop_answer {
@@ -900,35 +913,71 @@ fn request_for(key: &Key) -> SubscribeToX509sviDsRequest {
 
 /// Turns an answer into cache state. The private keys are taken out and
 /// wiped first (where the buffer is ours alone; otherwise just dropped).
+/// SVIDs that cannot be read are left out; when none can, the state says
+/// why. SPIRE sends an SVID only for a matching entry, with its `Id`,
+/// `CertChain` and `ExpiresAt` all set (spiffe/spire
+/// `pkg/agent/api/delegatedidentity/v1/service.go`,
+/// `composeX509SVIDBySelectors`; an identity without a certificate fails
+/// the whole answer there), so such an answer is a certificate flowaudit
+/// cannot read, not one without an entry.
 fn take_answer(mut resp: SubscribeToX509sviDsResponse) -> State {
     let mut ids: Vec<(String, SystemTime)> = Vec::new();
+    let mut unreadable: Vec<String> = Vec::new();
     for s in &mut resp.x509_svids {
         wipe(std::mem::take(&mut s.x509_svid_key));
-        let Some(svid) = &s.x509_svid else { continue };
-        let from_der = svid
-            .cert_chain
-            .first()
-            .and_then(|der| leaf_id_and_expiry(der));
-        let parsed = from_der.or_else(|| {
-            let id = svid.id.as_ref()?;
-            let exp = UNIX_EPOCH + Duration::from_secs(u64::try_from(svid.expires_at).ok()?);
-            Some((format!("spiffe://{}{}", id.trust_domain, id.path), exp))
-        });
-        if let Some(p) = parsed
-            && !ids.iter().any(|(i, _)| *i == p.0)
-        {
-            ids.push(p);
+        let read = match &s.x509_svid {
+            Some(svid) => read_svid(svid),
+            None => Err("an SVID without its certificate or ID".into()),
+        };
+        match read {
+            Ok(p) if ids.iter().any(|(i, _)| *i == p.0) => {}
+            Ok(p) => ids.push(p),
+            Err(why) => unreadable.push(why),
         }
     }
+    let svids = resp.x509_svids.len();
     drop(resp);
-    match ids.first() {
-        None => State::NoIdentity,
-        Some((id, exp)) => State::Attested(Arc::new(AttestedIdentity {
+    match (ids.first(), unreadable.first()) {
+        (Some((id, exp)), _) => State::Attested(Arc::new(AttestedIdentity {
             spiffe_id: shared_id(id),
             expires_at: *exp,
             all_ids: ids.iter().map(|(i, _)| i.clone()).collect(),
         })),
+        (None, Some(why)) => State::Unreadable(format!(
+            "SPIRE answered with {svids} SVID{}, none readable: {why}",
+            if svids == 1 { "" } else { "s" }
+        )),
+        (None, None) => State::NoIdentity,
     }
+}
+
+/// An SVID's SPIFFE ID and expiry: from its leaf certificate (the URI SAN,
+/// `notAfter`), else from the answer's `id` and `expires_at`; the ID must
+/// be a valid SPIFFE ID. The error says what could not be read.
+fn read_svid(
+    svid: &spire_api::pb::spire::api::types::X509svid,
+) -> Result<(String, SystemTime), String> {
+    let from_der = match svid.cert_chain.first() {
+        Some(der) => leaf_id_and_expiry(der),
+        None => Err("no certificate".to_owned()),
+    };
+    let (id, exp) = match (from_der, &svid.id) {
+        (Ok(p), _) => p,
+        (Err(_), Some(id)) => {
+            let exp = u64::try_from(svid.expires_at)
+                .map_err(|_| format!("its expiry {} is before 1970", svid.expires_at))?;
+            (
+                format!("spiffe://{}{}", id.trust_domain, id.path),
+                UNIX_EPOCH + Duration::from_secs(exp),
+            )
+        }
+        (Err(why), None) => return Err(format!("{why}, and no ID beside it")),
+    };
+    flowaudit_policy::spiffe::check_id(&id).map_err(|why| {
+        let shown: String = id.chars().take(120).collect();
+        format!("its SPIFFE ID `{shown}` is not valid: {why}")
+    })?;
+    Ok((id, exp))
 }
 
 /// Attested IDs made static at most over the agent's life: an ID of the
@@ -969,16 +1018,27 @@ fn wipe(key: Bytes) {
 }
 
 /// The SPIFFE ID (URI SAN) and NotAfter of an X.509-SVID leaf.
-fn leaf_id_and_expiry(der: &[u8]) -> Option<(String, SystemTime)> {
+fn leaf_id_and_expiry(der: &[u8]) -> Result<(String, SystemTime), String> {
     use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let not_after = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let id = san.value.general_names.iter().find_map(|g| match g {
-        GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
-        _ => None,
-    })?;
-    Some((id, UNIX_EPOCH + Duration::from_secs(not_after)))
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| format!("its leaf certificate does not parse ({e})"))?;
+    let not_after = u64::try_from(cert.validity().not_after.timestamp())
+        .map_err(|_| "its leaf certificate expires before 1970".to_owned())?;
+    let no_id = || "its leaf certificate has no spiffe:// URI SAN".to_owned();
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("its leaf certificate's SAN does not parse ({e})"))?
+        .ok_or_else(no_id)?;
+    let id = san
+        .value
+        .general_names
+        .iter()
+        .find_map(|g| match g {
+            GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
+            _ => None,
+        })
+        .ok_or_else(no_id)?;
+    Ok((id, UNIX_EPOCH + Duration::from_secs(not_after)))
 }
 
 fn socket_absent(path: &Path) -> String {
@@ -1284,6 +1344,9 @@ async fn follow(
                     }
                 }
                 first = false;
+                if let State::Unreadable(why) = &state {
+                    warn!(?key, %why, "SPIRE's answer for a workload could not be read: its ends are DERIVED");
+                }
                 shared.set_state(key, state);
             }
             Ok(None) => {
@@ -2092,7 +2155,54 @@ mod tests {
             !dbg.contains(&format!("{:?}", &keys[0][keys[0].len() - 12..])[1..30]),
             "{dbg}"
         );
-        assert!(matches!(take_answer(resp), State::NoIdentity));
+        assert!(matches!(take_answer(resp), State::Unreadable(_)));
+    }
+
+    /// SVIDs that cannot be read are not "no identity" (SPIRE sends one
+    /// only for a matching entry): the answer says which and why; a
+    /// readable SVID beside them is the identity; an empty answer is none.
+    #[test]
+    fn an_answer_whose_svids_cannot_be_read_says_why() {
+        use spire_api::pb::spire::api::agent::delegatedidentity::v1::X509svidWithKey;
+        use spire_api::pb::spire::api::types::X509svid;
+        let garbage = || X509svidWithKey {
+            x509_svid: Some(X509svid {
+                cert_chain: vec![Bytes::from_static(b"not DER")],
+                expires_at: 4_000_000_000,
+                ..Default::default()
+            }),
+            x509_svid_key: Bytes::from_static(b"not a key"),
+        };
+        let unreadable = |resp| match take_answer(resp) {
+            State::Unreadable(why) => why,
+            other => panic!("expected an unreadable answer, got {other:?}"),
+        };
+        let why = unreadable(answer_for("spiffe://demo.local/ns//sa/frontend"));
+        assert_eq!(
+            why,
+            "SPIRE answered with 1 SVID, none readable: its SPIFFE ID `spiffe://demo.local/ns//sa/frontend` is not valid: has an empty path segment"
+        );
+        let why = unreadable(answer_for("spiffe://Demo.local/ns/a/sa/b"));
+        assert!(why.ends_with("is not valid: `Demo.local` is not a valid trust domain (lower-case letters, digits, `.`, `-`, `_`)"), "{why}");
+        let mut two = SubscribeToX509sviDsResponse {
+            x509_svids: vec![garbage(), garbage()],
+            federates_with: vec![],
+        };
+        let why = unreadable(two.clone());
+        assert!(
+            why.starts_with(
+                "SPIRE answered with 2 SVIDs, none readable: its leaf certificate does not parse ("
+            ) && why.ends_with("), and no ID beside it"),
+            "{why}"
+        );
+        two.x509_svids
+            .extend(answer_for("spiffe://demo.local/ns/99-apps/sa/frontend").x509_svids);
+        assert_eq!(
+            attested_id(take_answer(two)),
+            "spiffe://demo.local/ns/99-apps/sa/frontend"
+        );
+        let empty = SubscribeToX509sviDsResponse::default();
+        assert!(matches!(take_answer(empty), State::NoIdentity));
     }
 
     /// An answer naming `id` through the SVID's id field (no certificate).
