@@ -1262,14 +1262,19 @@ mod tests {
         assert_eq!(name(), "postgresql-1", "the last directory stays");
     }
 
-    #[test]
-    fn without_spire_both_pod_ends_are_derived_from_metadata() {
-        let mut e = Enricher::new(
+    /// The sample directory, no cgroups, no SPIRE, trust domain demo.local.
+    fn without_spire() -> Enricher {
+        Enricher::new(
             Some(directory()),
             CgroupResolver::new("/nonexistent".into()),
             None,
             Some("demo.local".into()),
-        );
+        )
+    }
+
+    #[test]
+    fn without_spire_both_pod_ends_are_derived_from_metadata() {
+        let mut e = without_spire();
         let mut f = flow();
         assert!(matches!(e.enrich(&mut f), Enriched::Done));
         assert_eq!(
@@ -1294,12 +1299,7 @@ mod tests {
     /// "no identity".
     #[test]
     fn an_unreadable_spire_answer_is_derived_with_its_reason() {
-        let mut e = Enricher::new(
-            Some(directory()),
-            CgroupResolver::new("/nonexistent".into()),
-            None,
-            Some("demo.local".into()),
-        );
+        let mut e = without_spire();
         let mut f = flow();
         assert!(matches!(e.enrich(&mut f), Enriched::Done));
         let why = "SPIRE answered with 1 SVID, none readable: its leaf certificate has no spiffe:// URI SAN, and no ID beside it";
@@ -1323,12 +1323,7 @@ mod tests {
 
     #[test]
     fn hosts_and_world_have_no_identity() {
-        let mut e = Enricher::new(
-            Some(directory()),
-            CgroupResolver::new("/nonexistent".into()),
-            None,
-            Some("demo.local".into()),
-        );
+        let mut e = without_spire();
         let mut f = flow();
         f.l4.destination_ip = "10.244.0.1".parse().unwrap();
         e.enrich(&mut f);
