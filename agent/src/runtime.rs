@@ -168,6 +168,45 @@ pub async fn run_tasks(tasks: Vec<NamedTask>) -> anyhow::Result<()> {
     }
 }
 
+/// How long a connection must have lasted for the reconnect [`Backoff`] to
+/// start again from its first wait.
+pub const STAYED_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The waits before reconnecting to a server (SPIRE, an agent the relay
+/// follows, the one `observe -f` follows): doubled after each attempt up to
+/// `max`, and back to `initial` only after a connection that stayed up
+/// [`STAYED_UP`]. One dropped at once backs off as a failed connect does:
+/// a server that accepts and then drops (or refuses the call on) each
+/// connection would otherwise be dialled at the shortest wait for ever.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: std::time::Duration,
+    max: std::time::Duration,
+    next: std::time::Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: std::time::Duration, max: std::time::Duration) -> Self {
+        Self {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    /// The wait before the next attempt, after a connection that lasted
+    /// `lasted` (`None`: the attempt failed); the wait after it is twice as
+    /// long, up to `max`.
+    pub fn next(&mut self, lasted: Option<std::time::Duration>) -> std::time::Duration {
+        if lasted.is_some_and(|l| l >= STAYED_UP) {
+            self.next = self.initial;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+}
+
 /// Tasks that follow the agent's inputs for as long as it runs (the policy
 /// and endpoint-directory watchers): none of them ends on its own. One
 /// that panicked, or returned, leaves the agent ready and judging by a
@@ -314,6 +353,34 @@ mod tests {
         run_tasks(vec![("quiet", Box::pin(async {}))])
             .await
             .unwrap();
+    }
+
+    #[test]
+    fn reconnects_back_off_until_a_connection_stays_up() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(200), Duration::from_secs(5));
+        // Failed connects, then connections dropped at once: the wait grows
+        // all the same.
+        let waits: Vec<Duration> = [
+            None,
+            None,
+            Some(ms(30)),
+            Some(ms(30)),
+            None,
+            Some(ms(9_999)),
+        ]
+        .into_iter()
+        .map(|lasted| b.next(lasted))
+        .collect();
+        assert_eq!(
+            waits,
+            [ms(200), ms(400), ms(800), ms(1600), ms(3200), ms(5000)]
+        );
+        assert_eq!(b.next(None), ms(5000), "never past the longest wait");
+        // A connection that stayed up starts again from the first wait.
+        assert_eq!(b.next(Some(STAYED_UP)), ms(200));
+        assert_eq!(b.next(None), ms(400));
     }
 
     #[tokio::test]

@@ -295,7 +295,13 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
     let mut last_time: Option<prost_types::Timestamp> = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut backoff =
+        crate::runtime::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
+        let asked_at = tokio::time::Instant::now();
+        // The server's answer when it refused the call (not a broken
+        // connection): retrying the same request would only be refused again.
+        let mut refused = None;
         // A server that takes the connection and never answers (not an
         // agent, or a stuck one) must not hold the command for ever, and
         // Ctrl-C must work meanwhile (its handler is in place).
@@ -306,7 +312,10 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
         };
         let reason = match answer {
             Err(_) => format!("no answer within {} s", grpc::ANSWER_WAIT.as_secs()),
-            Ok(Err(status)) => super::printable(status.message()).into_owned(),
+            Ok(Err(status)) => {
+                refused = refuses_for_good(&status);
+                super::printable(status.message()).into_owned()
+            }
             Ok(Ok(response)) => {
                 let mut stream = response.into_inner();
                 loop {
@@ -355,6 +364,7 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
                             None => {}
                         },
                         Some(Err(status)) => {
+                            refused = refuses_for_good(&status);
                             break super::printable(status.message()).into_owned();
                         }
                         None => break "the agent ended the stream".to_owned(),
@@ -368,6 +378,12 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
                 return Ok(());
             }
             anyhow::bail!("the stream from {} failed: {reason}", args.server);
+        }
+        if let Some(code) = refused {
+            anyhow::bail!(
+                "{} refused the stream ({code:?}: {reason}); asking again would not change that",
+                args.server
+            );
         }
         eprintln!(
             "flowaudit observe: lost the connection to {} ({reason}); reconnecting",
@@ -387,7 +403,10 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
             },
             None => parse_since("0s").unwrap_or_default(),
         });
-        let mut delay = Duration::from_millis(200);
+        // A stream refused or ended at once (a server at its subscriber
+        // limit, one that restarts in a loop) is asked again ever more
+        // slowly, up to every 5 s.
+        let mut delay = backoff.next(Some(asked_at.elapsed()));
         client = loop {
             tokio::select! {
                 _ = &mut ctrl_c => return Ok(()),
@@ -400,11 +419,27 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
             };
             match connected {
                 Ok(c) => break c,
-                Err(_) => delay = (delay * 2).min(Duration::from_secs(2)),
+                Err(_) => delay = backoff.next(None),
             }
         };
         eprintln!("flowaudit observe: reconnected to {}", args.server);
     }
+}
+
+/// The code of a refusal that asking again cannot change (a request the
+/// server cannot take, a client it does not allow, a server that is no
+/// flowaudit agent or relay); None for what may pass (the server stopping,
+/// a broken connection, a full subscriber list).
+fn refuses_for_good(status: &tonic::Status) -> Option<tonic::Code> {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::Unimplemented
+    )
+    .then(|| status.code())
 }
 
 /// One line for a relay's node status notice.
@@ -965,5 +1000,62 @@ mod tests {
             e.contains(&format!("the stream from {server} failed")) && e.contains("within 10 s"),
             "{e}"
         );
+    }
+
+    /// A server that refuses the call ends `observe -f` at once with its
+    /// answer (it asked again 5 times a second, for ever), once per kind of
+    /// refusal that asking again cannot change.
+    #[test]
+    fn a_stream_refused_for_good_ends_observe_follow_with_the_refusal() {
+        use crate::export::proto::flow_audit_server::{FlowAudit, FlowAuditServer};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        struct Refusing(tonic::Code, Arc<AtomicU32>);
+        #[tonic::async_trait]
+        impl FlowAudit for Refusing {
+            type GetFlowsStream = grpc::FlowResponseStream;
+            async fn get_flows(
+                &self,
+                _: tonic::Request<proto::GetFlowsRequest>,
+            ) -> Result<tonic::Response<Self::GetFlowsStream>, tonic::Status> {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                Err(tonic::Status::new(self.0, "not for you"))
+            }
+            async fn server_status(
+                &self,
+                _: tonic::Request<proto::ServerStatusRequest>,
+            ) -> Result<tonic::Response<proto::ServerStatusResponse>, tonic::Status> {
+                Err(tonic::Status::unimplemented("no status here"))
+            }
+        }
+        use std::sync::Arc;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for code in [tonic::Code::PermissionDenied, tonic::Code::Unimplemented] {
+            let calls = Arc::new(AtomicU32::new(0));
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            let server = listener.local_addr().unwrap().to_string();
+            let service = FlowAuditServer::new(Refusing(code, calls.clone()));
+            rt.spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            let (tx, rx) = std::sync::mpsc::channel();
+            let args = observe_args(&["--server", &server, "-f"]);
+            std::thread::spawn(move || {
+                let _ = tx.send(run(&args).map_err(|e| e.to_string()));
+            });
+            let ended = rx.recv_timeout(grpc::ANSWER_WAIT * 2).unwrap_or_else(|_| {
+                panic!("observe -f still asks a server that refuses ({code:?})")
+            });
+            assert_eq!(
+                ended.unwrap_err(),
+                format!(
+                    "{server} refused the stream ({code:?}: not for you); asking again would not change that"
+                )
+            );
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "asked once");
+        }
     }
 }

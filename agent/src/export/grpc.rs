@@ -557,13 +557,32 @@ pub async fn connect(text: &str) -> Result<FlowAuditClient<Channel>, GrpcError> 
     connect_tls(text, &ClientTls::default()).await
 }
 
-/// Connects to an agent; a `HOST:PORT` uses mTLS when `tls` is configured
-/// (a Unix socket never does).
 /// How long a client waits for a connection (TCP, and TLS where asked
 /// for) and for the server's first answer to a call: a server that takes
 /// the connection and never answers ends the command instead of holding it.
 pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How often a client pings the server over HTTP/2 (and, at the TCP
+/// level, probes it) while connected, and how long it waits for the
+/// answer: a server that stopped answering with its connection still open
+/// (a frozen process, a node gone without closing its connections) ends
+/// the call within about 20 s, where the stream would otherwise wait for
+/// ever (the relay showed such a node "connected" for good).
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What every client endpoint has: [`ANSWER_WAIT`] to connect, and
+/// [`KEEPALIVE`] pings while connected.
+fn client_endpoint(endpoint: TonicEndpoint) -> TonicEndpoint {
+    endpoint
+        .connect_timeout(ANSWER_WAIT)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(KEEPALIVE))
+}
+
+/// Connects to an agent; a `HOST:PORT` uses mTLS when `tls` is configured
+/// (a Unix socket never does).
 pub async fn connect_tls(
     text: &str,
     tls: &ClientTls,
@@ -576,9 +595,7 @@ pub async fn connect_tls(
     let channel = match addr {
         GrpcAddr::Unix(path) => {
             // The URI is required by the API but unused: the connector dials the socket.
-            let endpoint = TonicEndpoint::from_static("http://localhost");
-            endpoint
-                .connect_timeout(ANSWER_WAIT)
+            client_endpoint(TonicEndpoint::from_static("http://localhost"))
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
                     async move {
@@ -593,8 +610,8 @@ pub async fn connect_tls(
             let tls = tls.clone();
             // TLS is done by the connector; the scheme only names HTTP/2.
             TonicEndpoint::from_shared(format!("http://{hostport}"))
+                .map(client_endpoint)
                 .map_err(|_| GrpcError::Addr(text.to_owned()))?
-                .connect_timeout(ANSWER_WAIT)
                 .connect_with_connector(tower::service_fn(move |_| {
                     let (tls, hostport) = (tls.clone(), hostport.clone());
                     async move {
@@ -606,8 +623,8 @@ pub async fn connect_tls(
                 .map_err(err)?
         }
         GrpcAddr::Tcp(hostport) => TonicEndpoint::from_shared(format!("http://{hostport}"))
+            .map(client_endpoint)
             .map_err(|_| GrpcError::Addr(text.to_owned()))?
-            .connect_timeout(ANSWER_WAIT)
             .connect()
             .await
             .map_err(err)?,

@@ -1127,24 +1127,11 @@ fn jitter(d: Duration) -> Duration {
     d + d.mul_f64(f64::from(n % 250) / 1000.0)
 }
 
-/// How long a connection to SPIRE must have lasted for the reconnect
-/// backoff to start again from `backoff_initial`.
-const STAYED_UP: Duration = Duration::from_secs(10);
-
-/// The backoff after a connection that lasted `lasted`: from the start
-/// again only if it stayed up [`STAYED_UP`].
-fn backoff_after(backoff: Duration, lasted: Duration, opts: &SpireOptions) -> Duration {
-    if lasted >= STAYED_UP {
-        opts.backoff_initial
-    } else {
-        backoff
-    }
-}
-
 async fn run_connection(shared: Arc<Shared>) {
-    let mut backoff = shared.opts.backoff_initial;
+    let mut backoff =
+        crate::runtime::Backoff::new(shared.opts.backoff_initial, shared.opts.backoff_max);
     loop {
-        match shared.connect_once().await {
+        let lasted = match shared.connect_once().await {
             Ok((channel, mut bundles, trust_domains)) => {
                 let connected_at = tokio::time::Instant::now();
                 let mode = match shared.detect_mode(channel.clone()).await {
@@ -1184,12 +1171,14 @@ async fn run_connection(shared: Arc<Shared>) {
                 // one dropped at once (a SPIRE agent that flaps) backs off
                 // as a failed connect does, since each reconnect has SPIRE
                 // send every watched workload's SVID again.
-                backoff = backoff_after(backoff, connected_at.elapsed(), &shared.opts);
+                Some(connected_at.elapsed())
             }
-            Err(why) => shared.set_down(why),
-        }
-        tokio::time::sleep(jitter(backoff)).await;
-        backoff = (backoff * 2).min(shared.opts.backoff_max);
+            Err(why) => {
+                shared.set_down(why);
+                None
+            }
+        };
+        tokio::time::sleep(jitter(backoff.next(lasted))).await;
     }
 }
 
@@ -1416,27 +1405,6 @@ mod tests {
             .entry(FRONTEND, &["k8s:ns:99-apps", "k8s:sa:frontend"])
             .entry(BACKEND, &[&format!("k8s:pod-uid:{BACKEND_UID}")])
             .authorize_uid(uid(), FLOWAUDIT)
-    }
-
-    #[test]
-    fn a_spire_agent_that_drops_each_connection_at_once_is_retried_ever_more_slowly() {
-        let opts = SpireOptions::default();
-        let mut backoff = opts.backoff_initial;
-        let mut waits = Vec::new();
-        for _ in 0..8 {
-            // Connected, then dropped at once: the wait grows as for a failed connect.
-            backoff = backoff_after(backoff, Duration::from_millis(30), &opts);
-            waits.push(backoff);
-            backoff = (backoff * 2).min(opts.backoff_max);
-        }
-        assert_eq!(waits[0], opts.backoff_initial);
-        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
-        assert_eq!(*waits.last().unwrap(), opts.backoff_max);
-        // A connection that lasted starts again from the first wait.
-        assert_eq!(
-            backoff_after(opts.backoff_max, STAYED_UP, &opts),
-            opts.backoff_initial
-        );
     }
 
     fn fast() -> SpireOptions {

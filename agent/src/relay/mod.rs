@@ -786,6 +786,102 @@ mod tests {
         stopping.await.unwrap();
     }
 
+    /// A TCP proxy on loopback to `to` whose traffic can be stopped both
+    /// ways, as by a frozen agent or a node gone without closing its
+    /// connections: they stay open and nothing comes back.
+    async fn freezable_proxy(to: String) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+        use std::sync::atomic::AtomicBool;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        async fn pipe(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            frozen: Arc<AtomicBool>,
+        ) {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                while frozen.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // Cancel-safe: a read cut short by the timeout took nothing.
+                let n = match tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf))
+                    .await
+                {
+                    Err(_) => continue,
+                    Ok(Ok(0) | Err(_)) => return,
+                    Ok(Ok(n)) => n,
+                };
+                while frozen.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&to).await else {
+                    continue;
+                };
+                let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+                tokio::spawn(pipe(cr, sw, f.clone()));
+                tokio::spawn(pipe(sr, cw, f.clone()));
+            }
+        });
+        (addr, frozen)
+    }
+
+    /// An agent that stops answering while its connection stays open is
+    /// shown UNAVAILABLE within the keepalive's interval and wait (it was
+    /// "connected" for good), and comes BACK when it answers again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_stops_answering_is_shown_unavailable_then_back() {
+        let (_hub, addr) = agent("n1").await;
+        let (proxy, frozen) = freezable_proxy(addr).await;
+        let cli = Cli::parse_from([
+            "relay",
+            "--peers",
+            &proxy,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]);
+        let relay = start(&cli.relay).await.unwrap();
+        wait_connected(&relay).await;
+        let node = || relay.state.peers.snapshot().remove(0);
+        frozen.store(true, Ordering::SeqCst);
+        let frozen_at = Instant::now();
+        let deadline = frozen_at + grpc::KEEPALIVE * 2 + Duration::from_secs(20);
+        while node().state != peers::NodeState::Unavailable {
+            assert!(
+                Instant::now() < deadline,
+                "still {:?} ({}) {:?} after the agent stopped answering",
+                node().state,
+                node().detail,
+                frozen_at.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let unavailable = node().detail;
+        frozen.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while node().state != peers::NodeState::Back {
+            assert!(
+                Instant::now() < deadline,
+                "not back after the agent answers again: {:?} ({}); unavailable because: {unavailable}",
+                node().state,
+                node().detail
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        relay.stop("test over").await;
+    }
+
     #[test]
     fn durations_parse_with_units_and_bad_ones_are_named() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));

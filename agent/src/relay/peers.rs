@@ -294,7 +294,7 @@ async fn connect(
 async fn run(ctx: Arc<PeerContext>, info: Arc<Mutex<PeerInfo>>, named: bool) {
     let mut since: Option<prost_types::Timestamp> = None;
     let mut first = true;
-    let mut delay = BACKOFF_MIN;
+    let mut backoff = crate::runtime::Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         let address = lock(&info).address.clone();
         let request = proto::GetFlowsRequest {
@@ -316,12 +316,11 @@ async fn run(ctx: Arc<PeerContext>, info: Arc<Mutex<PeerInfo>>, named: bool) {
                         i.detail = reason;
                     }
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(backoff.next(None)).await;
                 continue;
             }
         };
-        delay = BACKOFF_MIN;
+        let connected_at = tokio::time::Instant::now();
         let name = {
             let mut i = lock(&info);
             if !named && !agent_name.is_empty() {
@@ -403,6 +402,8 @@ async fn run(ctx: Arc<PeerContext>, info: Arc<Mutex<PeerInfo>>, named: bool) {
             drop(i);
             ctx.notify(notice);
         }
-        tokio::time::sleep(delay).await;
+        // An agent that ends each stream at once is not redialled at the
+        // shortest wait for ever.
+        tokio::time::sleep(backoff.next(Some(connected_at.elapsed()))).await;
     }
 }
