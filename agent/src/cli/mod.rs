@@ -40,6 +40,24 @@ pub fn printable(s: &str) -> Cow<'_, str> {
 /// An error and its causes, `: `-joined as `{e:#}` writes them, without a
 /// cause whose text the message before it already holds (our errors name
 /// their cause in their own message, and also give it as their source).
+/// Connects `status` and `observe` to `--server`: a failure says where,
+/// why, and what to check.
+pub async fn connect_server(
+    server: &str,
+    tls: &crate::export::mtls::ClientTls,
+) -> anyhow::Result<
+    crate::export::proto::flow_audit_client::FlowAuditClient<tonic::transport::Channel>,
+> {
+    crate::export::grpc::connect_tls(server, tls)
+        .await
+        .map_err(|e| match e {
+            crate::export::grpc::GrpcError::Connect { .. } => anyhow::anyhow!(
+                "{e} (is a flowaudit agent or relay running there? --server names it)"
+            ),
+            other => other.into(),
+        })
+}
+
 pub fn error_text(e: &anyhow::Error) -> String {
     let mut text = String::new();
     let mut last = String::new();

@@ -284,7 +284,7 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
         join: args.join,
     };
     let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
-    let mut client = grpc::connect_tls(&args.server, &tls).await?;
+    let mut client = super::connect_server(&args.server, &tls).await?;
     if args.last == Some(0) && !args.follow {
         // The last 0 flows: none, as from a file (the protocol's 0 would
         // ask for the whole buffer).

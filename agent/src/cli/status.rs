@@ -35,7 +35,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         .build()?;
     let status = runtime.block_on(async {
         let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
-        let mut client = grpc::connect_tls(&args.server, &tls).await?;
+        let mut client = super::connect_server(&args.server, &tls).await?;
         let status = tokio::time::timeout(
             grpc::ANSWER_WAIT,
             client.server_status(proto::ServerStatusRequest {}),

@@ -60,13 +60,10 @@ pub enum GrpcError {
     PlaintextBeyondLoopback { addr: String },
     #[error("server reflection could not load the flowaudit.v1 descriptors: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error(
-        "could not connect to the flowaudit agent at {addr}: {source} (is `flowaudit agent` running there? pass --server)"
-    )]
-    Connect {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    /// `why` is the whole chain of causes (tonic's own text is only
+    /// "transport error").
+    #[error("could not connect to {addr}: {why}")]
+    Connect { addr: String, why: String },
 }
 
 /// Where the gRPC server listens or a client connects.
@@ -581,6 +578,24 @@ fn client_endpoint(endpoint: TonicEndpoint) -> TonicEndpoint {
         .tcp_keepalive(Some(KEEPALIVE))
 }
 
+/// The causes under `e`, each said once (`client error (Connect):
+/// Connection refused (os error 111)`), or `e` itself when it has none.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let part = cause.to_string();
+        if !parts.last().is_some_and(|last| last.contains(&part)) {
+            parts.push(part);
+        }
+        next = cause.source();
+    }
+    match parts.is_empty() {
+        true => e.to_string(),
+        false => parts.join(": "),
+    }
+}
+
 /// Connects to an agent; a `HOST:PORT` uses mTLS when `tls` is configured
 /// (a Unix socket never does).
 pub async fn connect_tls(
@@ -588,9 +603,9 @@ pub async fn connect_tls(
     tls: &ClientTls,
 ) -> Result<FlowAuditClient<Channel>, GrpcError> {
     let addr = GrpcAddr::parse(text)?;
-    let err = |source| GrpcError::Connect {
+    let err = |e: tonic::transport::Error| GrpcError::Connect {
         addr: text.to_owned(),
-        source,
+        why: causes(&e),
     };
     let channel = match addr {
         GrpcAddr::Unix(path) => {
@@ -637,6 +652,32 @@ pub(crate) mod tests {
     use super::*;
     use crate::export::hub::tests::sample_flow;
     use crate::export::metrics::Metrics;
+
+    /// The cause is said, not tonic's bare "transport error".
+    #[tokio::test]
+    async fn a_failed_connect_says_why() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let e = connect(&addr)
+            .await
+            .expect_err("nothing listens")
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "could not connect to {addr}: tcp connect error: Connection refused (os error 111)"
+            )
+        );
+        let e = connect("unix:///nonexistent/flowaudit.sock")
+            .await
+            .expect_err("no socket")
+            .to_string();
+        assert_eq!(
+            e,
+            "could not connect to unix:///nonexistent/flowaudit.sock: No such file or directory (os error 2)"
+        );
+    }
 
     /// A follow stream of everything the server at `addr` publishes.
     pub async fn follow(addr: &str) -> tonic::Streaming<proto::GetFlowsResponse> {

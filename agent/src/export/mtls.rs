@@ -293,8 +293,24 @@ impl Identity {
                 )
             })?
             .to_string();
+        let certified = CertifiedKey::new(chain, signer);
+        // A key of another certificate would fail every handshake, on
+        // both sides, long after the start.
+        match certified.keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(_) => {
+                return Err(pem_err(
+                    "--tls-key",
+                    key,
+                    format!(
+                        "this private key is not the key of the certificate in {} (--tls-cert): give the key made with that certificate",
+                        cert.display()
+                    ),
+                ));
+            }
+        }
         let material = Material {
-            key: Arc::new(CertifiedKey::new(chain, signer)),
+            key: Arc::new(certified),
             spiffe_id,
             by_domain: HashMap::new(),
             any_domain: roots,
@@ -760,6 +776,46 @@ mod tests {
                 .await
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    /// A key that is not the certificate's is refused at start, naming
+    /// both files (every handshake failed later, on both sides).
+    #[tokio::test]
+    async fn a_key_of_another_certificate_is_refused_at_start() {
+        let dir = flowaudit_tests::support::TestDir::new("fa-mtls-keys");
+        let m = flowaudit_tests::tls::TlsMaterial::generate(
+            dir.path(),
+            &[
+                ("relay", "spiffe://demo.local/ns/flowaudit/sa/relay"),
+                ("agent", "spiffe://demo.local/ns/flowaudit/sa/agent"),
+            ],
+        )
+        .expect("openssl makes the test PKI (cargo xtask setup installs it)");
+        let args = |key: &str| TlsArgs {
+            tls_cert: Some(m.cert("relay").into()),
+            tls_key: Some(key.into()),
+            tls_ca: Some(m.ca().into()),
+            allow_peer: globs(&["spiffe://demo.local/ns/flowaudit/sa/*"]),
+            ..Default::default()
+        };
+        assert!(
+            ServerTls::load(&args(&m.key("relay")))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let e = ServerTls::load(&args(&m.key("agent")))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&m.key("agent"))
+                && e.contains(&format!(
+                    "this private key is not the key of the certificate in {} (--tls-cert)",
+                    m.cert("relay")
+                )),
+            "{e}"
         );
     }
 }

@@ -113,7 +113,8 @@ pub async fn spawn(args: &KubernetesArgs, peers: Arc<Peers>) -> Result<(), Disco
     Ok(())
 }
 
-/// Keeps the peer table equal to the agents' pods, keyed by node.
+/// Keeps the peers it found equal to the agents' pods, keyed by node; the
+/// peers `--peers` names are not its own and stay.
 pub async fn watch(
     api: Api<Pod>,
     selector_text: String,
@@ -125,6 +126,8 @@ pub async fn watch(
     let events = watcher::watcher(api, config).default_backoff();
     let mut events = std::pin::pin!(events);
     let mut pods: Reflected<Agent> = Reflected::new("agent pods");
+    // The nodes this watch made peers of.
+    let mut found: std::collections::BTreeSet<String> = Default::default();
     while let Some(ev) = events.next().await {
         if !pods.handle(ev, pod_key, |p| agent_of(p, &selector, port)) {
             continue;
@@ -134,11 +137,12 @@ pub async fn watch(
         for a in pods.items.values() {
             wanted.insert(&a.node, &a.address);
         }
-        for key in peers.keys() {
+        for key in &found {
             if !wanted.contains_key(key.as_str()) {
-                peers.remove(&key);
+                peers.remove(key);
             }
         }
+        found = wanted.keys().map(|k| (*k).to_owned()).collect();
         for (node, address) in wanted {
             peers.upsert(node, Some(node), address);
         }
@@ -213,6 +217,8 @@ mod tests {
         }));
         let text = "app.kubernetes.io/name=flowaudit,app.kubernetes.io/component=agent";
         let selector = LabelSelector::parse(text).unwrap();
+        // A peer named by --peers: not the watch's to remove.
+        peers.upsert("127.0.0.8:4244", None, "127.0.0.8:4244");
         let task = tokio::spawn(watch(
             Api::<Pod>::namespaced(client, "flowaudit"),
             text.to_owned(),
@@ -220,8 +226,15 @@ mod tests {
             4244,
             peers.clone(),
         ));
-        wait_for(&peers, "the running agent is the one peer", |p| {
-            p.len() == 1 && p[0].name == "worker" && p[0].address == "127.0.0.2:4244"
+        let static_peer = |p: &[super::super::peers::PeerInfo]| {
+            p.iter()
+                .any(|x| x.address == "127.0.0.8:4244" && x.state != NodeState::Gone)
+        };
+        wait_for(&peers, "the running agent and the --peers one", |p| {
+            p.len() == 2
+                && p.iter()
+                    .any(|x| x.name == "worker" && x.address == "127.0.0.2:4244")
+                && static_peer(p)
         })
         .await;
         // A second node's agent comes; the first is recreated elsewhere.
@@ -229,7 +242,7 @@ mod tests {
         k.delete_pod("uid-flowaudit-a");
         k.add_pod(agent_pod("flowaudit-a2", "worker", "127.0.0.5"));
         wait_for(&peers, "worker moved to its new pod, worker2 added", |p| {
-            p.len() == 2
+            p.len() == 3
                 && p.iter().any(|x| {
                     x.name == "worker"
                         && x.address == "127.0.0.5:4244"
@@ -240,12 +253,17 @@ mod tests {
         })
         .await;
         k.delete_pod("uid-flowaudit-b");
-        wait_for(&peers, "worker2's agent is gone", |p| {
-            p.iter()
-                .any(|x| x.name == "worker2" && x.state == NodeState::Gone)
-                && p.iter()
-                    .any(|x| x.name == "worker" && x.state != NodeState::Gone)
-        })
+        wait_for(
+            &peers,
+            "worker2's agent is gone, the --peers one stays",
+            |p| {
+                p.iter()
+                    .any(|x| x.name == "worker2" && x.state == NodeState::Gone)
+                    && p.iter()
+                        .any(|x| x.name == "worker" && x.state != NodeState::Gone)
+                    && static_peer(p)
+            },
+        )
         .await;
         task.abort();
     }

@@ -296,6 +296,13 @@ pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
         (false, false) => return Err(RelayError::AllowAgentWithoutTls.into()),
         _ => {}
     }
+    // Told as the relay's flag (the agents' allow list is given to the
+    // client side as its --allow-peer).
+    if let Err(crate::export::mtls::TlsError::AllowPeer { glob, reason }) =
+        crate::export::mtls::AllowedPeers::parse(&args.allow_agent)
+    {
+        anyhow::bail!("--allow-agent {glob}: {reason}");
+    }
     let server_tls = ServerTls::load(&args.tls).await?;
     let client_tls = ClientTls::load(&TlsArgs {
         allow_peer: args.allow_agent.clone(),
@@ -880,6 +887,30 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         relay.stop("test over").await;
+    }
+
+    #[tokio::test]
+    async fn a_bad_allow_agent_is_named_as_such() {
+        let cli = Cli::parse_from([
+            "relay",
+            "--peers",
+            "127.0.0.1:4244",
+            "--tls-cert",
+            "/nonexistent/relay.pem",
+            "--tls-key",
+            "/nonexistent/relay.key",
+            "--tls-ca",
+            "/nonexistent/ca.pem",
+            "--allow-peer",
+            "spiffe://demo.local/ns/ops/**",
+            "--allow-agent",
+            "bogus",
+        ]);
+        let e = start(&cli.relay).await.err().expect("refused").to_string();
+        assert!(
+            e.starts_with("--allow-agent bogus: `bogus` is not a SPIFFE ID"),
+            "{e}"
+        );
     }
 
     #[test]
