@@ -889,6 +889,66 @@ mod tests {
         relay.stop("test over").await;
     }
 
+    /// A node down before a follower came is told to it first (notices
+    /// are sent on a change, so it learnt nothing of it before).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_learns_of_the_nodes_down_already() {
+        let (_hub, addr) = agent("n1").await;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let cli = Cli::parse_from([
+            "relay",
+            "--peers",
+            &format!("{addr},{dead}"),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]);
+        let relay = start(&cli.relay).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let states = || {
+            relay
+                .state
+                .peers
+                .snapshot()
+                .iter()
+                .map(|p| (p.address.clone(), p.state))
+                .collect::<Vec<_>>()
+        };
+        while !states()
+            .iter()
+            .any(|(a, s)| *a == dead && *s == peers::NodeState::Unavailable)
+            || !states()
+                .iter()
+                .any(|(a, s)| *a == addr && *s == peers::NodeState::Connected)
+        {
+            assert!(Instant::now() < deadline, "{:?}", states());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut stream = follow(&relay.grpc[0].to_string()).await;
+        let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a notice at once")
+            .expect("the stream is open")
+            .expect("not an error");
+        let Some(proto::get_flows_response::Response::NodeStatus(n)) = first.response else {
+            panic!("expected a node status first, got {first:?}");
+        };
+        assert_eq!(n.state, proto::NodeState::Unavailable as i32, "{n:?}");
+        assert_eq!(n.address, dead);
+        assert!(n.message.contains("Connection refused"), "{n:?}");
+        // Only the node that is down: the connected one says nothing.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), stream.next())
+                .await
+                .is_err(),
+            "a second notice"
+        );
+        relay.stop("test over").await;
+    }
+
     #[tokio::test]
     async fn a_bad_allow_agent_is_named_as_such() {
         let cli = Cli::parse_from([

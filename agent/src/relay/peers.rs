@@ -207,23 +207,28 @@ impl Drop for Peers {
 /// Changes the state and makes the notice that tells it.
 fn set_state(info: &mut PeerInfo, state: NodeState, detail: String) -> proto::GetFlowsResponse {
     info.state = state;
-    info.detail = detail.clone();
+    info.detail = detail;
     info.since = SystemTime::now();
     match state {
         NodeState::Unavailable | NodeState::Gone => {
-            tracing::warn!(node = %info.name, address = %info.address, state = state_name(state), reason = %detail, "node stream");
+            tracing::warn!(node = %info.name, address = %info.address, state = state_name(state), reason = %info.detail, "node stream");
         }
         _ => {
             tracing::info!(node = %info.name, address = %info.address, state = state_name(state), "node stream");
         }
     }
+    notice_of(info)
+}
+
+/// The node status notice of a node as it is now.
+pub fn notice_of(info: &PeerInfo) -> proto::GetFlowsResponse {
     proto::GetFlowsResponse {
         node_name: info.name.clone(),
         response: Some(Response::NodeStatus(proto::NodeStatusEvent {
-            state: state as i32,
+            state: info.state as i32,
             node_name: info.name.clone(),
             address: info.address.clone(),
-            message: detail,
+            message: info.detail.clone(),
         })),
     }
 }

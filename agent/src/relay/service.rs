@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use tokio_stream::StreamExt as _;
+
 use super::RelayState;
+use super::peers::{NodeState, notice_of};
 use crate::export::grpc::{FlowResponseStream, flow_stream, system_time_to_proto};
 use crate::export::proto;
 use crate::export::proto::flow_audit_server::FlowAudit;
@@ -40,7 +43,26 @@ impl FlowAudit for RelayService {
         } else {
             &self.state.raw
         };
-        Ok(Response::new(flow_stream(hub, req, &self.state.name)?))
+        let follow = req.follow;
+        let stream = flow_stream(hub, req, &self.state.name)?;
+        if !follow {
+            return Ok(Response::new(stream));
+        }
+        // A follower learns of the nodes that are down already, not only
+        // of those that go down after it came (notices are sent on a
+        // change): else a relay whose nodes are all unreachable streams
+        // nothing, saying nothing.
+        let down: Vec<Result<proto::GetFlowsResponse, Status>> = self
+            .state
+            .peers
+            .snapshot()
+            .iter()
+            .filter(|p| matches!(p.state, NodeState::Unavailable | NodeState::Gone))
+            .map(|p| Ok(notice_of(p)))
+            .collect();
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(down).chain(stream),
+        )))
     }
 
     async fn server_status(
