@@ -34,10 +34,11 @@ pub const DEFAULT_ADDR: &str = "unix:///var/run/flowaudit/flowaudit.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcError {
+    /// The address, and what is wrong with it.
     #[error(
-        "invalid gRPC address `{0}`: expected unix:///path/to.sock or HOST:PORT (e.g. 127.0.0.1:4245)"
+        "invalid gRPC address `{0}`: {1}; expected unix:///path/to.sock or HOST:PORT (e.g. 127.0.0.1:4244, [::1]:4244)"
     )]
-    Addr(String),
+    Addr(String, &'static str),
     #[error("could not create the directory of the gRPC socket {path}: {source}")]
     SocketDir {
         path: PathBuf,
@@ -75,9 +76,10 @@ pub enum GrpcAddr {
 
 impl GrpcAddr {
     pub fn parse(text: &str) -> Result<Self, GrpcError> {
+        let bad = |why| Err(GrpcError::Addr(text.to_owned(), why));
         if let Some(path) = text.strip_prefix("unix://") {
             if !path.starts_with('/') {
-                return Err(GrpcError::Addr(text.to_owned()));
+                return bad("a unix:// path must be absolute");
             }
             return Ok(GrpcAddr::Unix(PathBuf::from(path)));
         }
@@ -85,13 +87,32 @@ impl GrpcAddr {
             .strip_prefix("http://")
             .unwrap_or(text)
             .trim_end_matches('/');
-        // HOST:PORT with a numeric port; IPv6 hosts in brackets.
-        match hostport.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(GrpcAddr::Tcp(hostport.to_owned()))
-            }
-            _ => Err(GrpcError::Addr(text.to_owned())),
+        if hostport.contains("://") {
+            return bad(
+                "only unix:// and http:// (or no scheme) are spoken; TLS is set by the TLS flags, not by https://",
+            );
         }
+        // HOST:PORT with a numeric port; IPv6 hosts in brackets.
+        let Some((host, port)) = hostport.rsplit_once(':') else {
+            return bad("no port");
+        };
+        if host.is_empty() {
+            return bad("no host");
+        }
+        if port.parse::<u16>().is_err() {
+            return bad("the port is not a number from 0 to 65535");
+        }
+        let bracketed = host.starts_with('[') && host.ends_with(']');
+        if host.contains(':') && !bracketed {
+            return bad("an IPv6 address goes in brackets");
+        }
+        // What the connection will be made from must parse too.
+        if host.contains(['/', '@', '?', '#'])
+            || http::Uri::try_from(format!("http://{hostport}")).is_err()
+        {
+            return bad("the host is not a name or an address");
+        }
+        Ok(GrpcAddr::Tcp(hostport.to_owned()))
     }
 }
 
@@ -626,7 +647,7 @@ pub async fn connect_tls(
             // TLS is done by the connector; the scheme only names HTTP/2.
             TonicEndpoint::from_shared(format!("http://{hostport}"))
                 .map(client_endpoint)
-                .map_err(|_| GrpcError::Addr(text.to_owned()))?
+                .map_err(|_| GrpcError::Addr(text.to_owned(), "not a URI"))?
                 .connect_with_connector(tower::service_fn(move |_| {
                     let (tls, hostport) = (tls.clone(), hostport.clone());
                     async move {
@@ -639,7 +660,7 @@ pub async fn connect_tls(
         }
         GrpcAddr::Tcp(hostport) => TonicEndpoint::from_shared(format!("http://{hostport}"))
             .map(client_endpoint)
-            .map_err(|_| GrpcError::Addr(text.to_owned()))?
+            .map_err(|_| GrpcError::Addr(text.to_owned(), "not a URI"))?
             .connect()
             .await
             .map_err(err)?,
@@ -711,8 +732,25 @@ pub(crate) mod tests {
             GrpcAddr::parse("http://localhost:4245").unwrap(),
             GrpcAddr::Tcp("localhost:4245".into())
         );
-        for bad in ["unix://relative.sock", "localhost", ":4245", "host:port"] {
-            assert!(GrpcAddr::parse(bad).is_err(), "{bad}");
+        for (bad, why) in [
+            ("unix://relative.sock", "a unix:// path must be absolute"),
+            ("localhost", "no port"),
+            (":4245", "no host"),
+            ("host:port", "the port is not a number from 0 to 65535"),
+            ("::1:4244", "an IPv6 address goes in brackets"),
+            (
+                "https://127.0.0.1:4244",
+                "only unix:// and http:// (or no scheme) are spoken; TLS is set by the TLS flags, not by https://",
+            ),
+            ("user@host:4244", "the host is not a name or an address"),
+            ("a b:4244", "the host is not a name or an address"),
+        ] {
+            match GrpcAddr::parse(bad) {
+                Err(GrpcError::Addr(text, reason)) => {
+                    assert_eq!((text.as_str(), reason), (bad, why));
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 

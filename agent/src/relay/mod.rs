@@ -124,12 +124,23 @@ pub struct RelayArgs {
         long,
         env = "FLOWAUDIT_MAX_SUBSCRIBERS",
         default_value_t = 256,
-        value_name = "N"
+        value_name = "N",
+        value_parser = subscribers
     )]
     pub max_subscribers: usize,
     /// Log format on standard error.
     #[arg(long, env = "FLOWAUDIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// `--max-subscribers`: 0 would refuse every follower.
+fn subscribers(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=65_536).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{s}`: the number of followers at once must be from 1 to 65536"
+        )),
+    }
 }
 
 /// `250ms`, `1s`, `2.5s`, `1m`: at most 60 s (flows wait in memory).
@@ -168,8 +179,8 @@ pub enum RelayError {
         "--allow-agent needs TLS: add --workload-api unix:///PATH or --tls-cert F --tls-key F --tls-ca F"
     )]
     AllowAgentWithoutTls,
-    #[error("--peers {0}: expected HOST:PORT")]
-    Peer(String),
+    #[error("--peers {0}: {1}; expected HOST:PORT (IPv6 in brackets: [::1]:4244)")]
+    Peer(String, String),
 }
 
 /// Everything the relay's front ends read.
@@ -275,10 +286,25 @@ impl Running {
     }
 }
 
+/// An agent's address, as its connection will be made: HOST:PORT (TCP,
+/// where mTLS can be spoken).
 fn check_peer(p: &str) -> Result<(), RelayError> {
-    match p.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(RelayError::Peer(p.to_owned())),
+    if p.trim().is_empty() {
+        return Err(RelayError::Peer(
+            p.to_owned(),
+            "an empty entry (two commas in a row?)".into(),
+        ));
+    }
+    match crate::export::grpc::GrpcAddr::parse(p) {
+        Ok(crate::export::grpc::GrpcAddr::Tcp(_)) => Ok(()),
+        Ok(crate::export::grpc::GrpcAddr::Unix(_)) => Err(RelayError::Peer(
+            p.to_owned(),
+            "an agent is followed over TCP (its --grpc-addr HOST:PORT)".into(),
+        )),
+        Err(crate::export::grpc::GrpcError::Addr(_, why)) => {
+            Err(RelayError::Peer(p.to_owned(), why.into()))
+        }
+        Err(e) => Err(RelayError::Peer(p.to_owned(), e.to_string())),
     }
 }
 
@@ -971,6 +997,38 @@ mod tests {
             e.starts_with("--allow-agent bogus: `bogus` is not a SPIFFE ID"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn max_subscribers_is_at_least_one() {
+        for bad in ["0", "x", "65537"] {
+            let e = Cli::try_parse_from(["relay", "--peers", "a:1", "--max-subscribers", bad])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"))
+                .to_string();
+            assert!(e.contains("must be from 1 to 65536"), "{bad}: {e}");
+        }
+        let ok = Cli::try_parse_from(["relay", "--peers", "a:1", "--max-subscribers", "1"]);
+        assert_eq!(ok.map(|c| c.relay.max_subscribers).ok(), Some(1));
+    }
+
+    #[test]
+    fn peers_are_checked_as_their_connections_will_be_made() {
+        check_peer("10.244.1.2:4244").unwrap();
+        check_peer("[fd00::2]:4244").unwrap();
+        for (bad, why) in [
+            ("::1:4244", "an IPv6 address goes in brackets"),
+            ("", "an empty entry (two commas in a row?)"),
+            (
+                "unix:///run/flowaudit.sock",
+                "an agent is followed over TCP (its --grpc-addr HOST:PORT)",
+            ),
+        ] {
+            assert_eq!(
+                check_peer(bad).unwrap_err().to_string(),
+                format!("--peers {bad}: {why}; expected HOST:PORT (IPv6 in brackets: [::1]:4244)")
+            );
+        }
     }
 
     #[test]
