@@ -322,7 +322,9 @@ impl<T: PartialEq> Reflected<T> {
                 return false;
             }
         };
-        if self.failing {
+        // `Init` comes before the list call is made, so it is no sign of
+        // recovery: each retry against an API that refuses would say so.
+        if self.failing && !matches!(ev, Event::Init) {
             self.failing = false;
             tracing::info!(resource = self.what, "Kubernetes watch recovered");
         }
@@ -377,6 +379,27 @@ mod tests {
 
     fn pod(v: serde_json::Value) -> Pod {
         serde_json::from_value(v).unwrap()
+    }
+
+    /// A watch that fails is failing until objects come again: the
+    /// watcher's `Init`, sent before each list call, is no recovery (each
+    /// retry against an API that refuses said "recovered").
+    #[test]
+    fn a_failing_watch_recovers_when_objects_come_not_when_it_asks_again() {
+        let mut r: Reflected<String> = Reflected::new("pods");
+        let key = |s: &String| Some(s.clone());
+        let conv = |s: &String| Some(s.clone());
+        r.handle(Err(watcher::Error::NoResourceVersion), key, conv);
+        assert!(r.failing && r.errors == 1);
+        r.handle(Ok(Event::Init), key, conv);
+        assert!(r.failing, "asking again is not recovering");
+        r.handle(Err(watcher::Error::NoResourceVersion), key, conv);
+        r.handle(Ok(Event::Init), key, conv);
+        r.handle(Ok(Event::InitApply("a".to_string())), key, conv);
+        assert!(!r.failing, "objects came");
+        assert_eq!(r.errors, 2);
+        assert!(r.handle(Ok(Event::InitDone), key, conv));
+        assert!(r.listed && r.items.contains_key("a"));
     }
 
     #[test]

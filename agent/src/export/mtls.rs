@@ -117,12 +117,12 @@ pub enum TlsError {
         path: PathBuf,
         reason: String,
     },
-    #[error(
-        "no X.509-SVID from the SPIRE Workload API at {endpoint}: {source} (is the SPIRE agent running, and registered an entry for this workload?)"
-    )]
+    #[error("no X.509-SVID from the SPIRE Workload API at {endpoint}: {source} ({hint})")]
     WorkloadApi {
         endpoint: String,
         source: spiffe::X509SourceError,
+        /// What to check: the socket, when it does not exist.
+        hint: &'static str,
     },
     #[error("the Workload API's SVID or bundle is unusable: {0}")]
     Svid(String),
@@ -322,6 +322,24 @@ impl Identity {
     }
 
     async fn from_workload_api(endpoint: &str) -> Result<Arc<Self>, TlsError> {
+        let socket_missing = || {
+            endpoint
+                .strip_prefix("unix://")
+                .is_some_and(|p| !Path::new(p).exists())
+        };
+        // Said before the wait, which can be long.
+        match socket_missing() {
+            true => tracing::warn!(
+                endpoint,
+                wait_s = WORKLOAD_API_SYNC_TIMEOUT.as_secs(),
+                "the SPIRE Workload API socket does not exist (yet): waiting for it and for an X.509-SVID"
+            ),
+            false => tracing::info!(
+                endpoint,
+                wait_s = WORKLOAD_API_SYNC_TIMEOUT.as_secs(),
+                "asking the SPIRE Workload API for an X.509-SVID"
+            ),
+        }
         let source = spiffe::X509Source::builder()
             .endpoint(endpoint)
             .initial_sync_timeout(WORKLOAD_API_SYNC_TIMEOUT)
@@ -330,6 +348,10 @@ impl Identity {
             .map_err(|source| TlsError::WorkloadApi {
                 endpoint: endpoint.to_owned(),
                 source,
+                hint: match socket_missing() {
+                    true => "the socket does not exist: is the SPIRE agent running, and its socket's directory mounted here?",
+                    false => "is the SPIRE agent running, and registered an entry for this workload?",
+                },
             })?;
         let source = Arc::new(source);
         let material = material_of(&source)?;
