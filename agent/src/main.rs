@@ -26,7 +26,7 @@ enum Command {
     /// Print flow events.
     #[command(after_long_help = cli::observe::IDENTITY_SOURCES_HELP, after_help = cli::observe::IDENTITY_SOURCES_HELP)]
     Observe(cli::observe::ObserveArgs),
-    /// Print a running agent's status (node, uptime, flows, losses, identity, SPIRE, policy).
+    /// Print a running agent's status (node, uptime, flows, losses, identity, SPIRE, policy), or a relay's (each node's)
     Status(cli::status::StatusArgs),
     /// Serve one stream for the whole cluster: every node's agent over mTLS, merged in time order, with cross-node connections joined on request.
     Relay(flowaudit::relay::RelayArgs),

@@ -40,6 +40,19 @@ pub fn printable(s: &str) -> Cow<'_, str> {
 /// An error and its causes, `: `-joined as `{e:#}` writes them, without a
 /// cause whose text the message before it already holds (our errors name
 /// their cause in their own message, and also give it as their source).
+/// What a call's error status says, printable, with what to check when it
+/// is HTTP/2 failing under gRPC (tonic says only "h2 protocol error: http2
+/// error" for a server that wants TLS, or does not speak gRPC).
+pub fn call_error(status: &tonic::Status) -> String {
+    let message = printable(status.message()).into_owned();
+    match message.starts_with("h2 protocol error") {
+        true => format!(
+            "{message} (does the server want TLS? without --workload-api or --tls-cert this client speaks plaintext; and is it a flowaudit agent or relay, speaking gRPC?)"
+        ),
+        false => message,
+    }
+}
+
 /// Connects `status` and `observe` to `--server`: a failure says where,
 /// why, and what to check.
 pub async fn connect_server(
@@ -128,5 +141,19 @@ mod tests {
             assert_eq!(printable(raw), shown, "escaping {raw:?}");
         }
         assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    /// HTTP/2 failing under gRPC (plaintext to a TLS server: seen against
+    /// a relay with --tls-cert, 2026-12-07) says what to check; other
+    /// answers are told as they are.
+    #[test]
+    fn an_http2_failure_says_what_to_check() {
+        let h2 = tonic::Status::unknown("h2 protocol error: http2 error");
+        assert_eq!(
+            super::call_error(&h2),
+            "h2 protocol error: http2 error (does the server want TLS? without --workload-api or --tls-cert this client speaks plaintext; and is it a flowaudit agent or relay, speaking gRPC?)"
+        );
+        let other = tonic::Status::resource_exhausted("too many stream subscribers (1)");
+        assert_eq!(super::call_error(&other), "too many stream subscribers (1)");
     }
 }

@@ -314,7 +314,7 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
             Err(_) => format!("no answer within {} s", grpc::ANSWER_WAIT.as_secs()),
             Ok(Err(status)) => {
                 refused = refuses_for_good(&status);
-                super::printable(status.message()).into_owned()
+                super::call_error(&status)
             }
             Ok(Ok(response)) => {
                 let mut stream = response.into_inner();

@@ -52,7 +52,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
             anyhow::anyhow!(
                 "the agent at {} answered with an error: {}",
                 args.server,
-                printable(s.message())
+                super::call_error(&s)
             )
         })?;
         anyhow::Ok(status.into_inner())
