@@ -90,12 +90,20 @@ fn render_relay(s: &proto::ServerStatusResponse) -> String {
         .iter()
         .filter(|n| matches!(node_state(n.state), "connected" | "back"))
         .count();
+    // The relay serves with no node connected, but has nothing to merge.
+    let nodes = match s.not_ready_reason.as_str() {
+        "" => format!("{connected}/{} connected", s.nodes.len()),
+        why => format!(
+            "{connected}/{} connected ({}: no flows until one is)",
+            s.nodes.len(),
+            printable(why)
+        ),
+    };
     let mut out = format!(
-        "Relay:              {}\nVersion:            {}\nUptime:             {}\nNodes:              {connected}/{} connected\nFlows merged:       {}\nFlow buffer:        {}/{}\nStream subscribers: {} ({} flows dropped for slow subscribers)\n",
+        "Relay:              {}\nVersion:            {}\nUptime:             {}\nNodes:              {nodes}\nFlows merged:       {}\nFlow buffer:        {}/{}\nStream subscribers: {} ({} flows dropped for slow subscribers)\n",
         printable(&s.node_name),
         printable(&s.version),
         uptime(s.uptime_seconds),
-        s.nodes.len(),
         s.flows_seen,
         s.flows_buffered,
         s.flow_buffer_capacity,
@@ -526,5 +534,19 @@ Kernel losses:      none
         let json = as_json(&s);
         assert_eq!(json["nodes"][1]["state"], "UNAVAILABLE");
         assert_eq!(json["relay"], true);
+
+        // None connected: the relay says it has nothing to merge.
+        let none = proto::ServerStatusResponse {
+            nodes: vec![s.nodes[1].clone()],
+            not_ready_reason: "no node connected".into(),
+            ..s
+        };
+        let text = render(&none);
+        assert!(
+            text.contains(
+                "Nodes:              0/1 connected (no node connected: no flows until one is)\n"
+            ),
+            "{text}"
+        );
     }
 }

@@ -599,6 +599,23 @@ fn client_endpoint(endpoint: TonicEndpoint) -> TonicEndpoint {
         .tcp_keepalive(Some(KEEPALIVE))
 }
 
+/// A failed connect to a Unix socket, said with what is at the path when
+/// it is not a socket: connecting to a regular file fails with "Permission
+/// denied" or "Connection refused", which hides the wrong path.
+fn unix_connect_error(path: &Path, e: std::io::Error) -> std::io::Error {
+    let what = match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_socket() => return e,
+        Ok(m) if m.is_dir() => "a directory",
+        Ok(m) if m.is_file() => "a regular file",
+        Ok(_) => "a file of another kind",
+        Err(_) => return e,
+    };
+    std::io::Error::new(
+        e.kind(),
+        format!("{} is {what}, not a Unix socket ({e})", path.display()),
+    )
+}
+
 /// The causes under `e`, each said once (`client error (Connect):
 /// Connection refused (os error 111)`), or `e` itself when it has none.
 fn causes(e: &(dyn std::error::Error + 'static)) -> String {
@@ -635,7 +652,9 @@ pub async fn connect_tls(
                 .connect_with_connector(tower::service_fn(move |_| {
                     let path = path.clone();
                     async move {
-                        let s = tokio::net::UnixStream::connect(path).await?;
+                        let s = tokio::net::UnixStream::connect(&path)
+                            .await
+                            .map_err(|e| unix_connect_error(&path, e))?;
                         Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
                     }
                 }))
@@ -698,6 +717,22 @@ pub(crate) mod tests {
             e,
             "could not connect to unix:///nonexistent/flowaudit.sock: No such file or directory (os error 2)"
         );
+        let dir = std::env::temp_dir().join(format!("fa-connect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, "x").unwrap();
+        for (path, what) in [(&file, "a regular file"), (&dir, "a directory")] {
+            let addr = format!("unix://{}", path.display());
+            let e = connect(&addr).await.expect_err("not a socket").to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "could not connect to {addr}: {} is {what}, not a Unix socket (",
+                    path.display()
+                )),
+                "{e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A follow stream of everything the server at `addr` publishes.

@@ -80,7 +80,8 @@ pub struct TlsArgs {
     )]
     pub tls_ca: Option<PathBuf>,
     /// SPIFFE ID allowed at the other end of a TCP gRPC connection (for
-    /// `agent`: its clients; for `observe` and `status`: the agent dialed),
+    /// `agent` and `relay`: their clients; for `observe` and `status`: the
+    /// agent or relay dialed),
     /// repeatable. Globs as in policies: `*` one segment, `**` any rest,
     /// e.g. 'spiffe://demo.local/ns/flowaudit/sa/*'. Required with TLS:
     /// no peer is allowed by default.
@@ -198,6 +199,26 @@ impl Material {
     }
 }
 
+/// Refuses a `--tls-ca` file with a certificate that is not a CA's (a
+/// leaf given by mistake): rustls would take it as a trust anchor, and
+/// every peer's handshake would then fail with an unknown issuer.
+fn not_a_ca(certs: &[CertificateDer<'static>]) -> Result<(), String> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    for (i, c) in certs.iter().enumerate() {
+        let (_, parsed) = X509Certificate::from_der(c.as_ref())
+            .map_err(|e| format!("certificate {} does not parse: {e}", i + 1))?;
+        if !parsed.is_ca() {
+            return Err(format!(
+                "certificate {} ({}) is not a CA certificate (no basic constraints CA:TRUE): \
+                 give the CA that issued the peers' certificates (the trust bundle), not a peer's own certificate",
+                i + 1,
+                parsed.subject()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn anchors(
     certs: impl IntoIterator<Item = CertificateDer<'static>>,
 ) -> Result<Vec<TrustAnchor<'static>>, String> {
@@ -275,7 +296,9 @@ impl Identity {
             Ok(certs)
         };
         let chain = certs("--tls-cert", cert)?;
-        let roots = anchors(certs("--tls-ca", ca)?).map_err(|e| pem_err("--tls-ca", ca, e))?;
+        let ca_certs = certs("--tls-ca", ca)?;
+        not_a_ca(&ca_certs).map_err(|e| pem_err("--tls-ca", ca, e))?;
+        let roots = anchors(ca_certs).map_err(|e| pem_err("--tls-ca", ca, e))?;
         let key_pem = read("--tls-key", key)?;
         let mut key_der = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| pem_err("--tls-key", key, format!("no private key: {e}")))?;
@@ -831,6 +854,21 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
+        // A peer's own certificate given as the CA.
+        let leaf_as_ca = ServerTls::load(&TlsArgs {
+            tls_ca: Some(m.cert("agent").into()),
+            ..args(&m.key("relay"))
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            leaf_as_ca.contains(&m.cert("agent"))
+                && leaf_as_ca.contains("--tls-ca")
+                && leaf_as_ca.contains("certificate 1 (")
+                && leaf_as_ca.contains("is not a CA certificate"),
+            "{leaf_as_ca}"
+        );
         assert!(
             e.contains(&m.key("agent"))
                 && e.contains(&format!(

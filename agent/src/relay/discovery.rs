@@ -23,7 +23,7 @@ use crate::export::filter::LabelSelector;
 pub struct KubernetesArgs {
     /// Find the agents through the Kubernetes API: the pods of the
     /// DaemonSet (on by default inside a cluster when --peers is not given).
-    #[arg(long)]
+    #[arg(long, env = "FLOWAUDIT_KUBERNETES")]
     pub kubernetes: bool,
     /// The agents' namespace (default: $POD_NAMESPACE, else flowaudit).
     #[arg(long, env = "FLOWAUDIT_AGENT_NAMESPACE", value_name = "NS")]

@@ -102,14 +102,14 @@ pub struct RelayArgs {
     pub flow_buffer: usize,
     /// How long a flow waits for older flows from slower nodes before it
     /// goes out (time order across nodes holds within it): 500ms, 1s, ...
-    #[arg(long, env = "FLOWAUDIT_SORT_WINDOW", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "FLOWAUDIT_SORT_WINDOW", allow_hyphen_values = true, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     pub sort_window: Duration,
     /// Flows the sort window holds at most; beyond, the oldest goes out at once.
     #[arg(long, env = "FLOWAUDIT_SORT_BUFFER", default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub sort_buffer: u64,
     /// How long one half of a connection waits for the other (`--join`
     /// subscribers) before it goes out alone.
-    #[arg(long, env = "FLOWAUDIT_JOIN_WINDOW", default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, env = "FLOWAUDIT_JOIN_WINDOW", allow_hyphen_values = true, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
     pub join_window: Duration,
     /// Flows asked of each node when first connected (the last N of its buffer).
     #[arg(
@@ -146,7 +146,8 @@ fn subscribers(s: &str) -> Result<usize, String> {
 /// `250ms`, `1s`, `2.5s`, `1m`: at most 60 s (flows wait in memory).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+    // A sign is read with the number, so `-1s` is said to be out of range.
+    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-')) {
         Some(i) => t.split_at(i),
         None => (t, ""),
     };
@@ -390,12 +391,6 @@ pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
         joined,
         stats,
     ));
-    for p in &args.peers {
-        peers.upsert(p, None, p);
-    }
-    if kubernetes {
-        discovery::spawn(&args.discovery, peers.clone()).await?;
-    }
     let stop = crate::export::grpc::GrpcStop::default();
     let grpc = crate::export::grpc::serve_service(
         &args.grpc_addr,
@@ -407,6 +402,14 @@ pub async fn start(args: &RelayArgs) -> anyhow::Result<Running> {
     let metrics_addr =
         crate::export::metrics::serve(args.metrics_addr, state.clone(), args.metrics_allow.clone())
             .await?;
+    // Nodes are dialled once the relay's own listeners are up: a bad
+    // --grpc-addr or --metrics-addr ends the start before any node is.
+    for p in &args.peers {
+        peers.upsert(p, None, p);
+    }
+    if kubernetes {
+        discovery::spawn(&args.discovery, peers.clone()).await?;
+    }
     Ok(Running {
         state,
         grpc,
@@ -915,6 +918,34 @@ mod tests {
         relay.stop("test over").await;
     }
 
+    /// A listener of the relay's own that cannot be bound ends the start
+    /// before any node is dialled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_listener_ends_the_start_before_any_node_is_dialled() {
+        let node = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        node.set_nonblocking(true).unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let cli = Cli::parse_from([
+            "relay",
+            "--peers",
+            &node.local_addr().unwrap().to_string(),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            &taken.local_addr().unwrap().to_string(),
+        ]);
+        assert!(
+            start(&cli.relay).await.is_err(),
+            "the metrics port is taken"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            node.accept().map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::WouldBlock),
+            "the node was dialled"
+        );
+    }
+
     /// A node down before a follower came is told to it first (notices
     /// are sent on a change, so it learnt nothing of it before).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1040,6 +1071,21 @@ mod tests {
         for bad in ["", "s", "1h", "2m", "-1s", "1.2.3s", "é"] {
             let e = parse_duration(bad).unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_duration("-1s").unwrap_err(),
+            "`-1s`: must be from 0 to 60 s"
+        );
+        // On the command line too, where clap took `-1s` for a flag.
+        for flag in ["--sort-window", "--join-window"] {
+            let e = Cli::try_parse_from(["relay", "--peers", "a:1", flag, "-1s"])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} -1s accepted"))
+                .to_string();
+            assert!(
+                e.contains(flag) && e.contains("`-1s`: must be from 0 to 60 s"),
+                "{flag}: {e}"
+            );
         }
     }
 }
