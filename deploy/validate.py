@@ -175,9 +175,11 @@ def cmd_posture(paths: list[str]) -> int:
         spec = ds["spec"]["template"]["spec"]
         _pod_checks(c, where, spec)
         c.check(spec.get("hostPID") is True, f"{where}: hostPID (pids shared with the kernel and the SPIRE agent)")
-        tolerated = {t.get("key") for t in spec.get("tolerations") or []}
-        c.check("node-role.kubernetes.io/control-plane" in tolerated,
-                f"{where}: tolerates control-plane nodes")
+        every_taint = any(t.get("operator") == "Exists" and not t.get("key") and not t.get("effect")
+                          for t in spec.get("tolerations") or [])
+        c.check(every_taint, f"{where}: tolerates every taint (an untolerated node would go unaudited)")
+        c.check(spec.get("priorityClassName") == "system-node-critical",
+                f"{where}: priorityClassName system-node-critical (a full node must not keep its agent Pending)")
         hostpaths = _hostpaths(spec)
         c.check(not any(h.startswith(FORBIDDEN_PATHS) for h in hostpaths),
                 f"{where}: no tracefs or debugfs hostPath")

@@ -27,6 +27,9 @@ deploy="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${FLOWAUDIT_VENV:-$(dirname "$deploy")/target/venv}"
 [ -x "$venv/bin/python3" ] && export PATH="$venv/bin:$PATH"
 export FLOWAUDIT_KUBE_VERSION="${FLOWAUDIT_KUBE_VERSION:-1.31.0}"
+# checkov asks PyPI for a newer version at every start unless told not to:
+# the validation is offline.
+export CKV_SKIP_PACKAGE_UPDATE_CHECK=true
 keep=0
 [ "${1:-}" = "--keep" ] && keep=1
 
@@ -80,7 +83,11 @@ render "$deploy/kustomize/base" "$out/rendered/base.yaml"
 render "$deploy/kustomize/overlays/kind" "$out/rendered/kind.yaml"
 # What kind/up.sh renders: a throwaway overlay on overlays/kind setting the tag.
 uptag="0123456789ab-20260101T000000Z"
-upo="$(mktemp -d "$deploy/kustomize/overlays/.up.XXXXXX")"
+# Made in a copy of the tree under $out: the checkout is never written to
+# (it may be read-only), and the EXIT trap removes it.
+cp -r "$deploy/kustomize" "$out/kustomize"
+upo="$out/kustomize/overlays/up"
+mkdir -p "$upo"
 cat >"$upo/kustomization.yaml" <<EOF
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
@@ -92,7 +99,6 @@ images:
     newTag: "${uptag}"
 EOF
 render "$upo" "$out/up-overlay.yaml"
-rm -rf "$upo"
 if [ "$render_ok" -eq 1 ]; then
   if grep -q "image: flowaudit:${uptag}\$" "$out/up-overlay.yaml"; then
     echo "  ok    base, kind overlay and the up.sh overlay render; the up.sh tag reaches the DaemonSet"

@@ -326,8 +326,17 @@ fn an_agent_started_before_spire_serves_tcp_once_the_workload_api_answers() {
     });
     let addr = listening["addr"].as_str().unwrap().to_owned();
     assert_status_ok(&addr, &ops, "ops once SPIRE answered");
-    drop(agent);
+    let report = agent.stop();
     drop(double);
+    // The start waited 5 s for the SVID, not the Workload API's 30 s: the
+    // kernel events' reader and the kubelet's probes wait for the start.
+    let waited = log_lines(&report.logs, "no SVID yet");
+    assert!(
+        waited.iter().any(|v| v["error"]
+            .as_str()
+            .is_some_and(|e| e == "the SPIRE Workload API gave none within 5 s")),
+        "the agent must go on after 5 s without its SVID; its warnings: {waited:#?}"
+    );
 }
 
 #[test]

@@ -248,7 +248,7 @@ pub fn run(args: &ObserveArgs) -> anyhow::Result<()> {
     // Check the filters here too, so a typo fails before connecting.
     let filter = FilterSet::compile(std::slice::from_ref(&args.filter()), &[])?;
     match &args.input_file {
-        Some(path) => run_file(args, path, &filter, &printer),
+        Some(path) => run_file(args, path, &filter, &printer, &mut std::io::stdout().lock()),
         None => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -469,10 +469,9 @@ fn run_file(
     input: &std::path::Path,
     filter: &FilterSet,
     printer: &Printer,
+    mut out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let since = args.since.as_ref().map(convert::flow_time);
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
     let name = if input.as_os_str() == "-" {
         "standard input".to_owned()
     } else {
@@ -484,6 +483,11 @@ fn run_file(
     // Some(flow) when the line is a flow that passes the filters.
     let parse = |line: &str| -> Option<FlowEvent> {
         lineno.set(lineno.get() + 1);
+        // A byte order mark (an editor's) before the first line.
+        let line = match lineno.get() {
+            1 => line.strip_prefix('\u{feff}').unwrap_or(line),
+            _ => line,
+        };
         match serde_json::from_str::<FlowEvent>(line) {
             Ok(flow) => {
                 flows.set(flows.get() + 1);
@@ -526,9 +530,20 @@ fn run_file(
         }
         Ok(())
     };
+    // A read that fails (not text, a directory) names the file and line.
+    let unreadable = |e: std::io::Error| {
+        anyhow::anyhow!(
+            "cannot read {}{}: {e}",
+            super::printable(&name),
+            match lineno.get() {
+                0 => String::new(),
+                n => format!(" after line {n}"),
+            }
+        )
+    };
     if input.as_os_str() == "-" {
         for line in std::io::stdin().lock().lines() {
-            if !emit(&line?, &mut out)? {
+            if !emit(&line.map_err(unreadable)?, &mut out)? {
                 return Ok(());
             }
         }
@@ -541,12 +556,15 @@ fn run_file(
     let mut reader = BufReader::new(open()?);
     let mut existing: Vec<FlowEvent> = Vec::new();
     let mut line = String::new();
-    while reader.read_line(&mut line)? > 0 {
-        if line.ends_with('\n') {
+    while reader.read_line(&mut line).map_err(unreadable)? > 0 {
+        // A last line with no newline is a whole one when the file is
+        // read once; with --follow it may be one still being written,
+        // which following picks up.
+        if line.ends_with('\n') || !args.follow {
             existing.extend(parse(&line));
             line.clear();
         } else {
-            break; // a line still being written: follow picks it up
+            break;
         }
     }
     let last = args.last.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
@@ -565,7 +583,7 @@ fn run_file(
     // old file since the last wait.
     let mut rotated: Option<bool> = None;
     loop {
-        let n = reader.read_line(&mut line)?;
+        let n = reader.read_line(&mut line).map_err(unreadable)?;
         if n > 0 && line.ends_with('\n') {
             if !emit(&line, &mut out)? {
                 return Ok(());
@@ -977,6 +995,52 @@ mod tests {
                 "no flow events in {}: its 2 non-empty lines",
                 bad.display()
             )),
+            "{e}"
+        );
+    }
+
+    /// A file read once: its last line counts without a newline, a byte
+    /// order mark does not hide the first, and a read that fails names
+    /// the file.
+    #[test]
+    fn an_input_file_is_read_to_its_last_byte_and_its_failures_are_named() {
+        let dir = flowaudit_tests::support::TestDir::new("fa-observe-edges");
+        let second = CONTRACT_EVENT.replace("43122", "43123");
+        let printed = |path: &Path| {
+            let args = observe_args(&["--input-file", path.to_str().unwrap(), "-o", "json"]);
+            let filter = FilterSet::compile(std::slice::from_ref(&args.filter()), &[]).unwrap();
+            let printer = Printer {
+                output: args.output,
+                color: false,
+            };
+            let mut out = Vec::new();
+            run_file(&args, path, &filter, &printer, &mut out).map(|()| {
+                String::from_utf8(out)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str::<FlowEvent>(l).unwrap().l4.source_port)
+                    .collect::<Vec<u16>>()
+            })
+        };
+        let no_newline = dir.path().join("no-newline.jsonl");
+        std::fs::write(&no_newline, format!("{CONTRACT_EVENT}\n{second}")).unwrap();
+        assert_eq!(printed(&no_newline).unwrap(), [43122, 43123]);
+        let bom = dir.path().join("bom.jsonl");
+        std::fs::write(&bom, format!("\u{feff}{CONTRACT_EVENT}\n{second}\n")).unwrap();
+        assert_eq!(printed(&bom).unwrap(), [43122, 43123]);
+        let e = printed(dir.path()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "cannot read {}: Is a directory (os error 21)",
+                dir.path().display()
+            )
+        );
+        let binary = dir.path().join("binary.jsonl");
+        std::fs::write(&binary, b"{CONTRACT}\n\xff\xfe\n").unwrap();
+        let e = printed(&binary).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("cannot read {} after line 1: ", binary.display())),
             "{e}"
         );
     }

@@ -568,6 +568,21 @@ pub async fn serve_service<S: FlowAudit>(
     Ok(bound)
 }
 
+/// Binds each TCP address of `addrs` for a moment, so that one taken (or
+/// not of this host) fails the start even when its listener starts later
+/// (the agent's, once SPIRE gave it an SVID).
+pub fn check_bind(addrs: &[String]) -> Result<(), GrpcError> {
+    for text in addrs {
+        if let GrpcAddr::Tcp(hostport) = GrpcAddr::parse(text)? {
+            std::net::TcpListener::bind(hostport.as_str()).map_err(|source| GrpcError::Bind {
+                addr: text.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- client
 
 /// Connects to an agent (`unix:///path` or `HOST:PORT`).
@@ -733,6 +748,19 @@ pub(crate) mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_taken_port_is_found_before_its_listener_starts() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let e = check_bind(std::slice::from_ref(&addr)).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("could not listen for gRPC on {addr}: ")),
+            "{e}"
+        );
+        drop(taken);
+        check_bind(&[addr, "unix:///nonexistent/x.sock".into()]).unwrap();
     }
 
     /// A follow stream of everything the server at `addr` publishes.

@@ -199,23 +199,36 @@ pub async fn start(args: &ExportArgs, state: &Arc<AgentState>) -> anyhow::Result
     ));
     sinks.push(Box::new(hub::HubSink::new(hub.clone(), state.clone())));
 
-    // TCP listeners wait for an SVID; the audit and the Unix socket never
-    // do: an agent whose SPIRE agent is not up yet keeps auditing, and its
-    // TCP listeners start once the Workload API answers.
-    let (tls, deferred) = match mtls::ServerTls::load(&args.tls).await {
-        Ok(tls) => (tls, Vec::new()),
-        Err(e @ mtls::TlsError::WorkloadApi { .. }) => {
-            let tcp: Vec<String> = args
-                .grpc_addr
-                .iter()
-                .filter(|a| !a.starts_with("unix://"))
-                .cloned()
-                .collect();
-            tracing::warn!(error = %e, tcp = ?tcp, "no SVID yet: the TCP gRPC listeners start when the SPIRE Workload API answers; auditing and the Unix socket go on meanwhile");
-            (None, tcp)
-        }
-        Err(e) => return Err(e.into()),
+    // TCP listeners wait for an SVID; the audit, /metrics and the health
+    // endpoints (the kubelet's probes) and the Unix socket never do: an
+    // agent whose SPIRE agent is not up yet (or is restarting) keeps
+    // auditing, and its TCP listeners start once the Workload API answers.
+    let tcp = || -> Vec<String> {
+        args.grpc_addr
+            .iter()
+            .filter(|a| !a.starts_with("unix://"))
+            .cloned()
+            .collect()
     };
+    let no_svid_yet = |why: &dyn std::fmt::Display, tcp: Vec<String>| {
+        tracing::warn!(error = %why, tcp = ?tcp, "no SVID yet: the TCP gRPC listeners start when the SPIRE Workload API answers; auditing, /metrics, /healthz and the Unix socket go on meanwhile");
+        tcp
+    };
+    let (tls, deferred) =
+        match tokio::time::timeout(SVID_WAIT_AT_START, mtls::ServerTls::load(&args.tls)).await {
+            Ok(Ok(tls)) => (tls, Vec::new()),
+            Ok(Err(e @ mtls::TlsError::WorkloadApi { .. })) => (None, no_svid_yet(&e, tcp())),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                let why = format!(
+                    "the SPIRE Workload API gave none within {} s",
+                    SVID_WAIT_AT_START.as_secs()
+                );
+                (None, no_svid_yet(&why, tcp()))
+            }
+        };
+    // A port taken now fails the start, as it does without the wait.
+    grpc::check_bind(&deferred)?;
     if let Some(tls) = &tls {
         tracing::info!(spiffe_id = %tls.spiffe_id(), allow_peer = ?args.tls.allow_peer, "TCP gRPC listeners use mTLS");
     }
@@ -251,7 +264,16 @@ pub async fn start(args: &ExportArgs, state: &Arc<AgentState>) -> anyhow::Result
     })
 }
 
+/// How long the agent's start waits for its SVID before it goes on
+/// without (its TCP listeners then start in the background, see
+/// [`serve_when_svid`]): a SPIRE agent that is up answers in milliseconds,
+/// and the start must not hold up the kernel events' reader or the health
+/// endpoints for the Workload API's whole 30 s wait (the liveness probe
+/// killed an agent whose SPIRE agent was slow).
+const SVID_WAIT_AT_START: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Retries the Workload API until it gives an SVID, then serves `addrs`.
+/// The first try is at once: the start's was cut short.
 async fn serve_when_svid(
     addrs: Vec<String>,
     tls: mtls::TlsArgs,
@@ -259,9 +281,11 @@ async fn serve_when_svid(
     state: Arc<AgentState>,
     stop: grpc::GrpcStop,
 ) {
-    let mut delay = std::time::Duration::from_secs(2);
+    let mut backoff = crate::runtime::Backoff::new(
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(30),
+    );
     loop {
-        tokio::time::sleep(delay).await;
         match mtls::ServerTls::load(&tls).await {
             Ok(Some(server)) => {
                 tracing::info!(spiffe_id = %server.spiffe_id(), allow_peer = ?tls.allow_peer, "TCP gRPC listeners use mTLS");
@@ -278,7 +302,7 @@ async fn serve_when_svid(
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "still no SVID from the SPIRE Workload API; retrying");
-                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                tokio::time::sleep(backoff.next(None)).await;
             }
         }
     }
