@@ -49,6 +49,8 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Already in the JSON log.
+        Err(e) if e.is::<flowaudit::runtime::Logged>() => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("flowaudit: {}", flowaudit::cli::error_text(&e));
             std::process::ExitCode::FAILURE

@@ -69,6 +69,26 @@ pub fn return_freed_memory_promptly() -> std::ffi::c_long {
     delay_ms
 }
 
+/// An error the JSON log already holds: `main` only sets the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Logged(pub String);
+
+/// Ends a long-running command (`agent`, `relay`). With JSON logs, the
+/// error that ends it is one more JSON line (`level` ERROR, `error` the
+/// whole cause), not printed again as plain text: the one line that says
+/// why the process stopped is the one a JSON log pipeline must read.
+pub fn end_with(result: anyhow::Result<()>, format: LogFormat, what: &str) -> anyhow::Result<()> {
+    match (result, format) {
+        (Err(e), LogFormat::Json) => {
+            let text = crate::cli::error_text(&e);
+            tracing::error!(error = %text, "{what} stopped");
+            Err(Logged(text).into())
+        }
+        (r, _) => r,
+    }
+}
+
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWAUDIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -16,7 +16,7 @@ use crate::model::{
     AuthSide, Decision, EncryptionState, EvalOptions, Flow, IdentitySource, MutualAuth,
     MutualAuthState, NoCilium, ObservedEncryption, PathEncryption, Peer, PeerKind,
 };
-use crate::spiffe::{derive_id, ns_sa_of, split_id};
+use crate::spiffe::{derive_id, ns_sa_of};
 
 const PEER_HELP: &str = "A SPIFFE ID (spiffe://demo.local/ns/99-apps/sa/frontend), `world`, `host`, `unknown`, \
 or a pod description `ns=99-apps,app=frontend[,sa=frontend]`: keys `ns` (namespace), `sa` (service account), \
@@ -38,7 +38,9 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {
-    /// Policy files or directories (every *.yaml / *.yml in them).
+    /// Policy files or directories (every *.yaml / *.yml in them, not in
+    /// their subdirectories); `-` reads standard input. A file reached
+    /// twice is read once.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
     /// Output format.
@@ -48,7 +50,8 @@ pub struct CheckArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ExplainArgs {
-    /// Policy file or directory; repeatable.
+    /// Policy file or directory; repeatable, or several separated by
+    /// commas; `-` reads standard input.
     #[arg(
         long = "policy",
         required = true,
@@ -325,9 +328,14 @@ impl PeerArg {
     }
 
     fn set_id(&mut self, id: &str) -> Result<(), String> {
-        if split_id(id).is_none_or(|(td, path)| td.is_empty() || path.is_empty()) {
+        // One workload's ID: a glob (`*`, `**`) is a rule's, not a flow's.
+        if let Err(why) = crate::spiffe::check_id(id) {
+            let glob = match id.contains('*') {
+                true => "; a flow's end has one ID, not a glob",
+                false => "",
+            };
             return Err(format!(
-                "`{id}` is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"
+                "`{id}` is not a SPIFFE ID (spiffe://<trust-domain>/<path>): {why}{glob}"
             ));
         }
         self.spiffe_id = Some(id.to_string());
@@ -417,14 +425,21 @@ fn explain(a: &ExplainArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             return 2;
         }
     };
-    let loaded = match crate::load::load_paths(&a.policy) {
+    // A path that cannot be read exits 2, as in `policy check`.
+    let mut unreadable = false;
+    let loaded = match crate::load::check_paths(&a.policy).and_then(|report| {
+        unreadable = report.unreadable > 0;
+        crate::load::into_loaded(report)
+    }) {
         Ok(l) => l,
         Err(e) => {
             for d in e.diagnostics() {
                 let _ = writeln!(err, "{d}");
             }
-            if e.diagnostics().is_empty() {
-                let _ = writeln!(err, "error: {e}");
+            if e.diagnostics().is_empty() || unreadable {
+                if e.diagnostics().is_empty() {
+                    let _ = writeln!(err, "error: {e}");
+                }
                 return 2;
             }
             return 1;

@@ -422,7 +422,9 @@ fn port_entry(ctx: &mut Ctx, pm: &Map<'_, '_>, cilium: bool) -> Option<Option<Po
     if cilium && text == "0" {
         return Some(None);
     }
-    if !text.is_empty() && !text.bytes().all(|b| b.is_ascii_digit()) {
+    // A named port (IANA_SVC_NAME) has a letter; `-1` or `8.5` is a bad
+    // number, not a name.
+    if text.bytes().any(|b| b.is_ascii_alphabetic()) {
         ctx.warn_at(
             pnode,
             format!("named port `{text}` cannot be resolved without the pod spec; this entry matches no flow"),

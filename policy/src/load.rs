@@ -4,6 +4,7 @@
 //! any error makes loading fail, so a reload never swaps in a broken policy.
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -73,11 +74,17 @@ pub fn expand_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>, PolicyE
     let mut files = Vec::new();
     for p in paths {
         let p = p.as_ref();
+        if p.as_os_str() == "-" {
+            files.push(p.to_path_buf());
+            continue;
+        }
         let meta = std::fs::metadata(p).map_err(|source| PolicyError::Io {
             path: p.to_path_buf(),
             source,
         })?;
-        if meta.is_file() {
+        // A pipe named on the command line (`/dev/stdin`, `<(...)`) is read
+        // as a file is; `-` is standard input (see `check_paths`).
+        if meta.is_file() || meta.file_type().is_fifo() || p.as_os_str() == "-" {
             files.push(p.to_path_buf());
         } else if meta.is_dir() {
             let rd = std::fs::read_dir(p).map_err(|source| PolicyError::Io {
@@ -96,8 +103,13 @@ pub fn expand_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>, PolicyE
                 if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
                     continue;
                 }
-                if path.is_file() {
-                    found.push(path);
+                // A link that leads nowhere (or in a loop) is kept, so that
+                // reading it says so, rather than skipped unseen; a
+                // directory named *.yaml is not a file to read.
+                match std::fs::metadata(&path) {
+                    Ok(m) if m.is_file() => found.push(path),
+                    Ok(_) => {}
+                    Err(_) => found.push(path),
                 }
             }
             found.sort();
@@ -125,10 +137,22 @@ pub fn check_paths<P: AsRef<Path>>(paths: &[P]) -> Result<CheckReport, PolicyErr
             Err(e) => unreadable.push(unreadable_path(p.as_ref(), &e)),
         }
     }
+    // A file reached twice (given and in a directory given, or through a
+    // link) is read once: twice, its rules were each other's duplicates.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
     let mut sources = Vec::with_capacity(files.len());
     let mut read = Vec::with_capacity(files.len());
     for f in files {
-        let text = match std::fs::read(&f) {
+        let stdin = f.as_os_str() == "-";
+        let bytes = match stdin {
+            true => {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut b).map(|_| b)
+            }
+            false => std::fs::read(&f),
+        };
+        let text = match bytes {
             Ok(bytes) => String::from_utf8(bytes),
             Err(source) => {
                 unreadable.push(unreadable_path(
@@ -160,7 +184,10 @@ pub fn check_paths<P: AsRef<Path>>(paths: &[P]) -> Result<CheckReport, PolicyErr
             }
         };
         sources.push(Source {
-            name: f.display().to_string(),
+            name: match stdin {
+                true => "standard input".to_owned(),
+                false => f.display().to_string(),
+            },
             text,
         });
         read.push(f);
@@ -203,7 +230,7 @@ pub fn load_sources(sources: &[Source]) -> Result<Loaded, PolicyError> {
     into_loaded(check_sources(sources))
 }
 
-fn into_loaded(report: CheckReport) -> Result<Loaded, PolicyError> {
+pub(crate) fn into_loaded(report: CheckReport) -> Result<Loaded, PolicyError> {
     match report.policy {
         Some(policy) => Ok(Loaded {
             policy,
@@ -495,6 +522,62 @@ mod tests {
             .filter(|d| d.severity == Severity::Error)
             .map(|d| d.to_string())
             .collect()
+    }
+
+    /// A negative or fractional port is an error, not a named port.
+    #[test]
+    fn a_port_with_no_letter_is_a_number_or_an_error() {
+        let np = |port: &str| {
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: n, namespace: a}}\nspec:\n  podSelector: {{}}\n  ingress:\n    - ports:\n        - {{port: {port}}}\n"
+            )
+        };
+        for bad in ["-1", "8.5"] {
+            let e = errors(&[("n.yaml", &np(bad))]);
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert!(e[0].starts_with("n.yaml:8:"), "{bad}: {e:?}");
+        }
+        assert_eq!(errors(&[("n.yaml", &np("http"))]), Vec::<String>::new());
+    }
+
+    /// A file reached twice is read once; a link in a directory that
+    /// leads nowhere is named, not skipped; a pipe given is read.
+    #[test]
+    fn paths_are_read_once_and_none_is_skipped_unseen() {
+        let dir = std::env::temp_dir().join(format!("fa-policy-paths-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fp = "apiVersion: flowaudit.io/v1alpha1\nkind: FlowPolicy\nmetadata: {name: p}\nspec:\n  trustDomain: demo.local\n  rules:\n    - {name: r, from: [world], to: [host], ports: [1]}\n";
+        let p = dir.join("p.yaml");
+        std::fs::write(&p, fp).unwrap();
+        let report = check_paths(&[p.clone(), dir.clone(), dir.join("./p.yaml")]).unwrap();
+        assert!(report.policy.is_some(), "{:?}", report.diagnostics);
+        assert_eq!(report.files, std::slice::from_ref(&p));
+        std::os::unix::fs::symlink(dir.join("missing.yaml"), dir.join("q.yaml")).unwrap();
+        let report = check_paths(&[&dir]).unwrap();
+        assert_eq!(report.unreadable, 1);
+        assert_eq!(
+            report.diagnostics[0].to_string(),
+            format!(
+                "{}: cannot read: No such file or directory (os error 2)",
+                dir.join("q.yaml").display()
+            )
+        );
+        std::fs::remove_file(dir.join("q.yaml")).unwrap();
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, fp).unwrap())
+        };
+        let report = check_paths(&[&fifo]).unwrap();
+        writer.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(report.policy.is_some(), "{:?}", report.diagnostics);
     }
 
     #[test]

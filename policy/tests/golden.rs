@@ -216,6 +216,54 @@ fn explain_bad_peer() {
     );
 }
 
+/// A glob is a rule's, not a flow end's: refused (exit 2). A policy path
+/// that cannot be read exits 2, as in `policy check`.
+#[test]
+fn explain_refuses_a_glob_peer_and_names_an_unreadable_policy() {
+    golden(
+        "explain-glob-peer",
+        &[
+            "explain",
+            "--policy",
+            "../deploy/examples",
+            "--from",
+            "spiffe://demo.local/ns/*/sa/frontend",
+            "--to",
+            "world",
+            "--port",
+            "1",
+        ],
+    );
+    golden(
+        "explain-unreadable",
+        &[
+            "explain",
+            "--policy",
+            "tests/fixtures/no-such-policy.yaml",
+            "--from",
+            "world",
+            "--to",
+            "host",
+            "--port",
+            "1",
+        ],
+    );
+}
+
+/// A file given and also in a directory given is read once (its rules
+/// were each other's duplicates, and the agent refused them).
+#[test]
+fn check_a_file_given_twice() {
+    golden(
+        "check-twice",
+        &[
+            "check",
+            "../deploy/examples/precinct-99-flowpolicy.yaml",
+            "../deploy/examples",
+        ],
+    );
+}
+
 #[test]
 fn explain_cilium_mutual_authentication() {
     let base = [

@@ -34,8 +34,9 @@ pub struct AgentArgs {
     #[arg(long, env = "FLOWAUDIT_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
     /// Intended policy: a file or directory of FlowPolicy, CiliumNetworkPolicy
-    /// or NetworkPolicy YAML (repeatable). Reloaded on change; an invalid new
-    /// version is rejected and the last good one stays in force.
+    /// or NetworkPolicy YAML (repeatable, or several separated by commas).
+    /// Reloaded on change; an invalid new version is rejected and the last
+    /// good one stays in force.
     #[arg(
         long,
         env = "FLOWAUDIT_POLICY",
@@ -55,13 +56,15 @@ pub struct AgentArgs {
         env = "FLOWAUDIT_MTLS_UNVERIFIED"
     )]
     pub mtls_unverified: flowaudit_policy::cli::MtlsUnverified,
-    /// The SPIRE agent's admin socket (Delegated Identity API); `none` disables
-    /// attestation (local ends then get DERIVED identities).
+    /// The SPIRE agent's admin socket (Delegated Identity API): its path
+    /// (`unix://` before it is taken too); `none` disables attestation
+    /// (local ends then get DERIVED identities).
     #[arg(
         long,
         env = "FLOWAUDIT_SPIRE_ADMIN_SOCKET",
         value_name = "PATH",
-        default_value = crate::identity::spire::DEFAULT_ADMIN_SOCKET
+        default_value = crate::identity::spire::DEFAULT_ADMIN_SOCKET,
+        value_parser = admin_socket
     )]
     pub spire_admin_socket: String,
     /// How workloads are asked about: `auto` (by pid where the SPIRE agent
@@ -77,7 +80,12 @@ pub struct AgentArgs {
     pub spire_attest_by: AttestBy,
     /// Static endpoint directory (YAML: pods and nodes by address), for nodes
     /// without the Kubernetes API and for tests. Reloaded on change.
-    #[arg(long, env = "FLOWAUDIT_ENDPOINTS", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "FLOWAUDIT_ENDPOINTS",
+        value_name = "PATH",
+        conflicts_with = "kubernetes"
+    )]
     pub endpoints: Option<PathBuf>,
     /// Watch pods and nodes through the Kubernetes API for the endpoint
     /// directory (default: on when KUBERNETES_SERVICE_HOST is set and no
@@ -90,7 +98,8 @@ pub struct AgentArgs {
     #[arg(long, env = "FLOWAUDIT_TRUST_DOMAIN", value_name = "DOMAIN", value_parser = trust_domain)]
     pub trust_domain: Option<String>,
     /// How long a flow may wait for SPIRE to attest its local end before it
-    /// goes out with an UNKNOWN identity (counted).
+    /// goes out with a DERIVED identity from its pod (identity_detail says
+    /// so; counted in flowaudit_identity_lookups_total).
     #[arg(
         long,
         env = "FLOWAUDIT_IDENTITY_WAIT_MS",
@@ -216,14 +225,37 @@ fn ring_buffer_mib(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// `--spire-admin-socket`: `none`, or an absolute path, which may be
+/// written as a URI (`unix:///run/...`, as `--workload-api` is). An empty
+/// value (an unset variable in a manifest) is refused rather than taken as
+/// `none`: it would silently turn attestation off.
+fn admin_socket(s: &str) -> Result<String, String> {
+    let path = s.strip_prefix("unix://").unwrap_or(s);
+    match path {
+        "none" if path == s => Ok(s.to_owned()),
+        "" => Err(
+            "empty: give the SPIRE agent's admin socket path, or `none` to run without SPIRE"
+                .to_owned(),
+        ),
+        p if p.starts_with('/') => Ok(p.to_owned()),
+        _ => Err(format!(
+            "`{s}`: the admin socket's path must be absolute, e.g. {}",
+            crate::identity::spire::DEFAULT_ADMIN_SOCKET
+        )),
+    }
+}
+
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let format = args.log_format;
     crate::runtime::return_freed_memory_promptly();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
-    runtime.block_on(run_async(args))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run_async(args)));
+    crate::runtime::end_with(result, format, "flowaudit agent")
 }
 
 async fn run_async(args: AgentArgs) -> anyhow::Result<()> {
@@ -469,7 +501,7 @@ fn start_identity_and_policy(
         }
     };
     let spire = match args.spire_admin_socket.as_str() {
-        "" | "none" => {
+        "none" => {
             let detail = "SPIRE attestation disabled (--spire-admin-socket none): local ends get DERIVED identities from their pod (socket cgroup -> pod UID -> endpoint directory)";
             tracing::warn!("{detail}");
             state.report_spire(crate::export::state::SpireStatus {
@@ -657,6 +689,11 @@ mod tests {
                 .map_err(|e| e.to_string())?;
             cli.agent.export.check().map_err(|e| e.to_string())
         };
+        // A regular file where a socket's or a directory's path is given.
+        let dir = flowaudit_tests::support::TestDir::new("fa-agent-flags");
+        let file = dir.path().join("regular");
+        std::fs::write(&file, "x").unwrap();
+        let file = file.display().to_string();
         check(&[]).unwrap();
         check(&[
             "--grpc-addr",
@@ -697,10 +734,54 @@ mod tests {
                 "listens beyond loopback",
             ),
             (&["--grpc-addr", "tcp://x"][..], "invalid gRPC address"),
+            (
+                &["--workload-api", "/run/w.sock"][..],
+                "the Workload API is given as a URI: unix:///run/w.sock",
+            ),
+            (
+                &["--endpoints", "/e.yaml", "--kubernetes"][..],
+                "cannot be used with",
+            ),
+            (
+                &["--grpc-addr", &format!("unix://{file}")][..],
+                "is not a socket",
+            ),
+            (
+                &["--export-file", &format!("{file}/flows.jsonl")][..],
+                "could not open export file",
+            ),
+            (
+                &[
+                    "--tls-cert",
+                    "/nonexistent/c.pem",
+                    "--tls-key",
+                    "/nonexistent/k.pem",
+                    "--tls-ca",
+                    "/nonexistent/ca.pem",
+                    "--allow-peer",
+                    "spiffe://d/x",
+                ][..],
+                "could not read --tls-cert /nonexistent/c.pem",
+            ),
+            (&["--spire-admin-socket", ""][..], "empty: give the SPIRE"),
+            (
+                &["--spire-admin-socket", "run/admin.sock"][..],
+                "must be absolute",
+            ),
+            (&["--export-file-max-size-mb", "0"][..], "0 is not in 1..="),
+            (&["--flow-buffer", "0"][..], "0 is not in 1..="),
         ] {
             let e = check(args).expect_err("refused");
             assert!(e.contains(says), "{args:?}: {e}");
         }
+        let admin = |v: &str| {
+            Cli::try_parse_from(["flowaudit", "--spire-admin-socket", v])
+                .map(|c| c.agent.spire_admin_socket)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(admin("unix:///run/a.sock").unwrap(), "/run/a.sock");
+        assert_eq!(admin("none").unwrap(), "none");
+        assert!(admin("unix://none").is_err());
     }
 
     #[test]

@@ -309,18 +309,27 @@ fn lines_in(bytes: &[u8]) -> u64 {
     bytes.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
+/// Opens `path` to append to (made with its directory when missing).
+fn create(path: &Path) -> Result<File, ExportError> {
+    let open_err = |source| ExportError::Open {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(open_err)?;
+    }
+    append(path).map_err(open_err)
+}
+
+/// Whether the export file can be opened (made where missing), so that a
+/// wrong path stops the agent before it attaches anything.
+pub fn check_path(path: &Path) -> Result<(), ExportError> {
+    create(path).map(drop)
+}
+
 impl ExportFile {
     pub fn open(path: &Path, max_bytes: u64, max_backups: u32) -> Result<Self, ExportError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| ExportError::Open {
-                path: path.into(),
-                source,
-            })?;
-        }
-        let file = append(path).map_err(|source| ExportError::Open {
-            path: path.into(),
-            source,
-        })?;
+        let file = create(path)?;
         let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
         let max_bytes = max_bytes.max(1);
         let ahead = Ahead::start(path, &file, on_disk, max_bytes);

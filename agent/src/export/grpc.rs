@@ -425,6 +425,15 @@ impl Drop for SocketGuard {
     }
 }
 
+/// What can be told of a Unix socket's path before it is bound: a file
+/// of another kind there is never replaced.
+pub fn check_socket_path(path: &Path) -> Result<(), GrpcError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => Err(GrpcError::NotASocket(path.to_path_buf())),
+        _ => Ok(()),
+    }
+}
+
 fn prepare_socket(path: &Path) -> Result<(), GrpcError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| GrpcError::SocketDir {
@@ -432,6 +441,7 @@ fn prepare_socket(path: &Path) -> Result<(), GrpcError> {
             source,
         })?;
     }
+    check_socket_path(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             // A live socket belongs to a running agent; a dead one is left
@@ -442,8 +452,7 @@ fn prepare_socket(path: &Path) -> Result<(), GrpcError> {
             let _ = std::fs::remove_file(path);
             Ok(())
         }
-        Ok(_) => Err(GrpcError::NotASocket(path.to_path_buf())),
-        Err(_) => Ok(()),
+        _ => Ok(()),
     }
 }
 
@@ -754,7 +763,9 @@ pub(crate) mod tests {
     fn a_taken_port_is_found_before_its_listener_starts() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap().to_string();
-        let e = check_bind(std::slice::from_ref(&addr)).unwrap_err().to_string();
+        let e = check_bind(std::slice::from_ref(&addr))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(&format!("could not listen for gRPC on {addr}: ")),
             "{e}"

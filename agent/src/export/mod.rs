@@ -58,7 +58,8 @@ pub struct ExportArgs {
         long,
         env = "FLOWAUDIT_EXPORT_FILE_MAX_SIZE_MB",
         default_value_t = 64,
-        value_name = "MIB"
+        value_name = "MIB",
+        value_parser = clap::value_parser!(u64).range(1..=1 << 20)
     )]
     pub export_file_max_size_mb: u64,
     /// How many rotated export files to keep (PATH.1 ... PATH.N).
@@ -104,7 +105,8 @@ pub struct ExportArgs {
         long,
         env = "FLOWAUDIT_FLOW_BUFFER",
         default_value_t = 8192,
-        value_name = "N"
+        value_name = "N",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000)
     )]
     pub flow_buffer: usize,
     /// Flows queued per stream subscriber before it starts losing them.
@@ -155,8 +157,18 @@ impl ExportArgs {
     /// finds what only trying shows (a port in use, a file it cannot read).
     pub fn check(&self) -> anyhow::Result<()> {
         let tls = self.tls.check()?.is_some();
+        // Certificate files are read now too (the Workload API is asked
+        // later: it may not be up yet).
+        self.tls.check_files()?;
+        if let Some(path) = &self.export_file {
+            file::check_path(path)?;
+        }
         for text in &self.grpc_addr {
-            if let grpc::GrpcAddr::Tcp(hostport) = grpc::GrpcAddr::parse(text)? {
+            let addr = grpc::GrpcAddr::parse(text)?;
+            if let grpc::GrpcAddr::Unix(path) = &addr {
+                grpc::check_socket_path(path)?;
+            }
+            if let grpc::GrpcAddr::Tcp(hostport) = addr {
                 let loopback = match hostport.parse::<std::net::SocketAddr>() {
                     Ok(a) => a.ip().is_loopback(),
                     // A host name: known once bound (`start` refuses then).

@@ -51,7 +51,8 @@ pub struct TlsArgs {
         long,
         env = "FLOWAUDIT_WORKLOAD_API",
         value_name = "unix:///PATH",
-        conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"]
+        conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"],
+        value_parser = workload_api_endpoint
     )]
     pub workload_api: Option<String>,
     /// mTLS on TCP gRPC with this certificate chain (PEM, leaf first, its URI
@@ -695,6 +696,36 @@ impl TlsArgs {
             (false, Some(_)) => Err(TlsError::AllowPeerWithoutTls),
             (true, None) => Err(TlsError::NoAllowedPeer),
             _ => Ok(allowed),
+        }
+    }
+}
+
+/// `--workload-api`: a Unix socket as a URI (`unix:///PATH`), or
+/// `tcp://IP:PORT`, as the SPIFFE Workload Endpoint specification has it.
+/// A bare path was refused only after the 30 s wait, as "not a valid URI".
+fn workload_api_endpoint(s: &str) -> Result<String, String> {
+    match s.strip_prefix("unix://") {
+        Some(path) if path.starts_with('/') && path.len() > 1 => Ok(s.to_owned()),
+        Some(_) => Err(format!(
+            "`{s}`: a socket's path must be absolute, as in unix:///run/spire/sockets/agent.sock (three slashes)"
+        )),
+        None if s.starts_with("tcp://") => Ok(s.to_owned()),
+        None if s.starts_with('/') => Err(format!(
+            "`{s}`: the Workload API is given as a URI: unix://{s}"
+        )),
+        None => Err(format!(
+            "`{s}`: expected unix:///PATH (the SPIRE agent's Workload API socket) or tcp://IP:PORT"
+        )),
+    }
+}
+
+impl TlsArgs {
+    /// Reads and checks `--tls-cert`, `--tls-key` and `--tls-ca` (nothing
+    /// without them), so that a wrong file stops the agent at once.
+    pub fn check_files(&self) -> Result<(), TlsError> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Identity::from_files(cert, key, ca).map(drop),
+            _ => Ok(()),
         }
     }
 }

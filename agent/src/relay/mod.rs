@@ -97,7 +97,8 @@ pub struct RelayArgs {
         long,
         env = "FLOWAUDIT_FLOW_BUFFER",
         default_value_t = 16384,
-        value_name = "N"
+        value_name = "N",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000)
     )]
     pub flow_buffer: usize,
     /// How long a flow waits for older flows from slower nodes before it
@@ -214,12 +215,17 @@ impl crate::export::metrics::Exposition for RelayState {
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
     crate::runtime::init_logging(args.log_format);
+    let format = args.log_format;
     crate::runtime::return_freed_memory_promptly();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
-    runtime.block_on(async move {
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return crate::runtime::end_with(Err(e.into()), format, "flowaudit relay"),
+    };
+    let result = runtime.block_on(async move {
         let relay = start(&args).await?;
         tracing::info!(
             grpc = ?relay.grpc,
@@ -231,7 +237,8 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         let why = format!("the flowaudit relay is stopping ({signal})");
         relay.stop(&why).await;
         anyhow::Ok(())
-    })
+    });
+    crate::runtime::end_with(result, format, "flowaudit relay")
 }
 
 /// Which signal asked the relay to stop.
@@ -1032,6 +1039,11 @@ mod tests {
 
     #[test]
     fn max_subscribers_is_at_least_one() {
+        let e = Cli::try_parse_from(["relay", "--peers", "a:1", "--flow-buffer", "0"])
+            .err()
+            .expect("--flow-buffer 0 accepted")
+            .to_string();
+        assert!(e.contains("0 is not in 1..="), "{e}");
         for bad in ["0", "x", "65537"] {
             let e = Cli::try_parse_from(["relay", "--peers", "a:1", "--max-subscribers", bad])
                 .err()
