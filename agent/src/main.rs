@@ -36,7 +36,21 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::CommandFactory;
+            let args: Vec<String> = std::env::args_os()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let note = cli::env_note(&e, &Cli::command(), &args, |v| std::env::var_os(v));
+            let _ = e.print();
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            return std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     let result = match cli.command {
         Command::Agent(args) => cli::agent::run(args),
         Command::Observe(args) => cli::observe::run(&args),

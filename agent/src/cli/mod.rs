@@ -11,6 +11,43 @@ pub mod agent;
 pub mod observe;
 pub mod status;
 
+/// A note for a command-line error about a flag that was not typed: its
+/// value came from its environment variable (clap names only the flag,
+/// which leaves `FLOWAUDIT_METRICS_ADDR=bad` a riddle). `args` is the
+/// command line, `env` looks a variable up.
+pub fn env_note(
+    e: &clap::Error,
+    cmd: &clap::Command,
+    args: &[String],
+    env: impl Fn(&std::ffi::OsStr) -> Option<std::ffi::OsString>,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let scope = args
+        .iter()
+        .skip(1)
+        .find_map(|a| cmd.find_subcommand(a))
+        .unwrap_or(cmd);
+    let var = scope
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))?
+        .get_env()?;
+    env(var)?;
+    let flag = format!("--{long}");
+    let typed = args
+        .iter()
+        .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+    (!typed).then(|| {
+        format!(
+            "note: {flag} was not on the command line: the value came from the environment variable {}",
+            var.to_string_lossy()
+        )
+    })
+}
+
 /// `s` with everything that could drive or fool a terminal made visible:
 /// C0 controls, DEL and C1 controls as `\xNN` (ESC is `\x1b`), bidi
 /// overrides, invisible format characters and Unicode line separators as
@@ -100,7 +137,7 @@ fn needs_escape(c: char) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{error_text, printable};
+    use super::{env_note, error_text, printable};
 
     #[test]
     fn an_error_names_each_cause_once() {
@@ -155,5 +192,39 @@ mod tests {
         );
         let other = tonic::Status::resource_exhausted("too many stream subscribers (1)");
         assert_eq!(super::call_error(&other), "too many stream subscribers (1)");
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_its_variable() {
+        use clap::{Arg, Command};
+        let cmd = Command::new("flowaudit").subcommand(
+            Command::new("agent").arg(
+                Arg::new("addr")
+                    .long("metrics-addr")
+                    .env("FLOWAUDIT_METRICS_ADDR")
+                    .value_parser(clap::value_parser!(std::net::SocketAddr)),
+            ),
+        );
+        let env = |v: &std::ffi::OsStr| (v == "FLOWAUDIT_METRICS_ADDR").then(|| "bad".into());
+        // The error clap gives for the bad value (the test's own
+        // environment has no such variable: the value is typed here), and
+        // the command line as the user wrote it.
+        let e = cmd
+            .clone()
+            .try_get_matches_from(["flowaudit", "agent", "--metrics-addr", "bad"])
+            .unwrap_err();
+        let note = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            env_note(&e, &cmd, &args, env)
+        };
+        assert_eq!(
+            note(&["flowaudit", "agent"]).as_deref(),
+            Some(
+                "note: --metrics-addr was not on the command line: the value came from the environment variable FLOWAUDIT_METRICS_ADDR"
+            )
+        );
+        // Typed: the flag is named, as clap does.
+        assert_eq!(note(&["flowaudit", "agent", "--metrics-addr", "x"]), None);
+        assert_eq!(note(&["flowaudit", "agent", "--metrics-addr=x"]), None);
     }
 }

@@ -107,8 +107,9 @@ pub struct ObserveArgs {
     pub encryption: Vec<i32>,
     /// From `flowaudit relay`: one flow per connection seen on two nodes,
     /// its two halves (EGRESS on the client's node, INGRESS on the
-    /// server's) joined, each end as its own node attested it.
-    #[arg(long)]
+    /// server's) joined, each end as its own node attested it. A relay's
+    /// work: not with --input-file.
+    #[arg(long, conflicts_with = "input_file")]
     pub join: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Compact)]
@@ -956,14 +957,15 @@ mod tests {
         );
     }
 
+    #[derive(clap::Parser)]
+    struct ObserveArgsCli {
+        #[command(flatten)]
+        args: ObserveArgs,
+    }
+
     /// `observe` as parsed from its command line.
     fn observe_args(args: &[&str]) -> ObserveArgs {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: ObserveArgs,
-        }
-        <Cli as clap::Parser>::try_parse_from(
+        <ObserveArgsCli as clap::Parser>::try_parse_from(
             std::iter::once("observe").chain(args.iter().copied()),
         )
         .unwrap()
@@ -985,6 +987,16 @@ mod tests {
         std::fs::write(&good, format!("not a flow\n{CONTRACT_EVENT}\n")).unwrap();
         let bad = dir.join("bad.jsonl");
         std::fs::write(&bad, "not a flow\n{}\n\n").unwrap();
+        let join = <ObserveArgsCli as clap::Parser>::try_parse_from([
+            "observe",
+            "--input-file",
+            "x",
+            "--join",
+        ]);
+        assert!(
+            join.is_err_and(|e| e.to_string().contains("cannot be used with")),
+            "--join takes a relay, not a file"
+        );
         let good_run = run(&observe_args(&["--input-file", good.to_str().unwrap()]));
         let bad_run = run(&observe_args(&["--input-file", bad.to_str().unwrap()]));
         let _ = std::fs::remove_dir_all(&dir);

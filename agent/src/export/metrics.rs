@@ -43,6 +43,17 @@ use crate::identity::{IdentityStats, LookupResult};
 use flowaudit_common::LossPlace;
 
 /// Most `{source,destination,port}` series of `flowaudit_policy_violations_total`.
+/// `--metrics-addr`: the IP address and port to listen on. The error says
+/// the form expected (the standard library's said only "invalid socket
+/// address syntax", also for a host name or a port past 65535).
+pub fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "`{s}`: expected IP:PORT to listen on, e.g. 0.0.0.0:9966, 127.0.0.1:9966 or [::]:9966 (an IP address, not a host name; a port up to 65535)"
+        )
+    })
+}
+
 pub const VIOLATION_SERIES_CAP: usize = 1000;
 /// A violation series unseen this long is dropped (its workloads are likely gone).
 pub const VIOLATION_SERIES_IDLE: Duration = Duration::from_secs(15 * 60);
@@ -897,6 +908,18 @@ async fn readyz(State(state): State<Arc<dyn Exposition>>) -> Response {
 mod tests {
     use super::*;
     use crate::pipeline::Sink;
+
+    #[test]
+    fn listen_addresses_are_ip_and_port_and_the_error_says_so() {
+        assert_eq!(listen_addr("[::]:9966").unwrap().port(), 9966);
+        for bad in ["localhost:9966", "127.0.0.1:99999", "9966"] {
+            let e = listen_addr(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("`{bad}`: expected IP:PORT")),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn metrics_allow_blocks_contain_their_addresses_only() {

@@ -75,7 +75,8 @@ pub struct ExportArgs {
         long,
         env = "FLOWAUDIT_METRICS_ADDR",
         default_value = "0.0.0.0:9966",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = crate::export::metrics::listen_addr
     )]
     pub metrics_addr: SocketAddr,
     /// Answer /metrics only to clients in this CIDR (repeatable, e.g. the

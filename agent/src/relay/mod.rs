@@ -71,7 +71,8 @@ pub struct RelayArgs {
         long,
         env = "FLOWAUDIT_METRICS_ADDR",
         default_value = "0.0.0.0:9967",
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = crate::export::metrics::listen_addr
     )]
     pub metrics_addr: SocketAddr,
     /// Answer /metrics only to these source blocks (CIDR, repeatable); others get 403.
