@@ -97,6 +97,7 @@ log "loading $image into kind nodes"
 # admin socket the agents run with DERIVED identities. deploy/README.md
 # explains each.
 spire_ok=1
+spire_here=1
 if k get namespace "$SPIRE_NAMESPACE" >/dev/null 2>&1; then
   agent_conf="$(k -n "$SPIRE_NAMESPACE" get configmap spire-agent -o jsonpath='{.data.agent\.conf}' 2>/dev/null || true)"
   if [ -z "$agent_conf" ]; then
@@ -124,8 +125,9 @@ if k get namespace "$SPIRE_NAMESPACE" >/dev/null 2>&1; then
     spire_ok=0
   fi
 else
-  warn "namespace $SPIRE_NAMESPACE not found: no SPIRE here, so the agents and the relay get no SVID for their mTLS gRPC ports and do not start (deploy/README.md, \"Relay\")"
+  warn "namespace $SPIRE_NAMESPACE not found: no SPIRE here, so the agents run with DERIVED identities and without their mTLS gRPC port, and the relay (which needs its SVID) is not deployed (deploy/README.md, \"Relay\")"
   spire_ok=0
+  spire_here=0
 fi
 
 # --- flowaudit ----------------------------------------------------------------
@@ -146,21 +148,30 @@ images:
 EOF
 rendered="$overlay/rendered.yaml"
 k kustomize "$overlay" >"$rendered"
-if ! k get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then
-  warn "no ServiceMonitor CRD (prometheus-operator) in this cluster: skipping the ServiceMonitor; the prometheus.io annotations still apply"
-  python_filter='import sys, yaml; docs=[d for d in yaml.safe_load_all(sys.stdin) if d and d.get("kind") != "ServiceMonitor"]; yaml.safe_dump_all(docs, sys.stdout, sort_keys=False)'
+# drop WHAT PYTHON_CONDITION: leaves out the rendered objects d for which
+# the condition holds.
+drop() {
   if command -v python3 >/dev/null 2>&1 && python3 -c 'import yaml' 2>/dev/null; then
-    python3 -c "$python_filter" <"$rendered" >"$rendered.filtered"
+    python3 -c "import sys, yaml; docs=[d for d in yaml.safe_load_all(sys.stdin) if d and not ($2)]; yaml.safe_dump_all(docs, sys.stdout, sort_keys=False)" <"$rendered" >"$rendered.filtered"
     mv "$rendered.filtered" "$rendered"
   else
-    die "cannot drop the ServiceMonitor without python3 + PyYAML; install the prometheus-operator CRDs or PyYAML"
+    die "cannot leave out $1 without python3 + PyYAML; install PyYAML"
   fi
+}
+if ! k get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then
+  warn "no ServiceMonitor CRD (prometheus-operator) in this cluster: skipping the ServiceMonitor; the prometheus.io annotations still apply"
+  drop "the ServiceMonitors" 'd.get("kind") == "ServiceMonitor"'
+fi
+workloads="daemonset/flowaudit deployment/flowaudit-relay"
+if [ "$spire_here" -eq 0 ]; then
+  drop "the relay" 'd.get("metadata", {}).get("name", "").startswith("flowaudit-relay")'
+  workloads="daemonset/flowaudit"
 fi
 log "applying flowaudit ($image)"
 k apply -f "$rendered"
 
 log "waiting for the rollout (timeout $ROLLOUT_TIMEOUT)"
-for workload in daemonset/flowaudit deployment/flowaudit-relay; do
+for workload in $workloads; do
   if ! k -n flowaudit rollout status "$workload" --timeout "$ROLLOUT_TIMEOUT"; then
     k -n flowaudit get pods -o wide || true
     k -n flowaudit describe "$workload" | tail -n 20 || true
