@@ -327,7 +327,8 @@ def _container_checks(c: Checks, cw: str, spec: dict[str, Any], ctr: dict[str, A
     by_name = {m["name"]: m for m in ctr.get("volumeMounts") or []}
     paths = {m.get("mountPath") for m in by_name.values()}
     c.check(paths == mounts, f"{cw}: mounts are exactly {sorted(mounts)} (got {sorted(paths)})")
-    c.check(not any(m.get("mountPropagation") for m in by_name.values()), f"{cw}: no mount propagation")
+    c.check(all(m.get("mountPropagation", "None") in ("None", "HostToContainer") for m in by_name.values()),
+            f"{cw}: no Bidirectional mount propagation (HostToContainer at most: the host's mounts reach the container, never the reverse)")
     for v in spec.get("volumes") or []:
         if "hostPath" in v:
             m = by_name.get(v["name"])
