@@ -11,6 +11,15 @@ pub mod agent;
 pub mod observe;
 pub mod status;
 
+/// The TLS of `observe` and `status`: a missing Workload API socket is
+/// said at once (see [`crate::export::mtls::TlsArgs::check_socket_now`]).
+pub async fn client_tls(
+    args: &crate::export::mtls::TlsArgs,
+) -> anyhow::Result<crate::export::mtls::ClientTls> {
+    args.check_socket_now().map_err(anyhow::Error::msg)?;
+    Ok(crate::export::mtls::ClientTls::load(args).await?)
+}
+
 /// A note for a command-line error about a flag that was not typed: its
 /// value came from its environment variable (clap names only the flag,
 /// which leaves `FLOWAUDIT_METRICS_ADDR=bad` a riddle). `args` is the
@@ -183,6 +192,39 @@ mod tests {
     /// HTTP/2 failing under gRPC (plaintext to a TLS server: seen against
     /// a relay with --tls-cert, 2026-12-07) says what to check; other
     /// answers are told as they are.
+    /// A command asked to use a Workload API socket that does not exist
+    /// says so before it dials anything (it waited 30 s for the socket).
+    #[test]
+    fn a_missing_workload_api_socket_is_said_at_once() {
+        let args = crate::export::mtls::TlsArgs {
+            workload_api: Some("unix:///nonexistent/spire/agent.sock".into()),
+            allow_peer: vec!["spiffe://demo.local/ns/flowaudit/sa/flowaudit".into()],
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // A paused clock: a wait of any length would fail the timeout below
+        // at once, so this asserts there was no wait at all, not a time.
+        let e = rt.block_on(async {
+            tokio::time::pause();
+            tokio::time::timeout(
+                std::time::Duration::from_millis(1),
+                super::client_tls(&args),
+            )
+            .await
+            .expect("the command waited for the socket")
+            .err()
+            .expect("refused")
+            .to_string()
+        });
+        assert_eq!(
+            e,
+            "--workload-api unix:///nonexistent/spire/agent.sock: the socket does not exist: is the SPIRE agent running on this machine, and is that its socket_path?"
+        );
+    }
+
     #[test]
     fn an_http2_failure_says_what_to_check() {
         let h2 = tonic::Status::unknown("h2 protocol error: http2 error");

@@ -284,7 +284,7 @@ async fn run_server(args: &ObserveArgs, printer: &Printer) -> anyhow::Result<()>
         deny: vec![],
         join: args.join,
     };
-    let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
+    let tls = super::client_tls(&args.tls).await?;
     let mut client = super::connect_server(&args.server, &tls).await?;
     if args.last == Some(0) && !args.follow {
         // The last 0 flows: none, as from a file (the protocol's 0 would

@@ -34,7 +34,7 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let status = runtime.block_on(async {
-        let tls = crate::export::mtls::ClientTls::load(&args.tls).await?;
+        let tls = super::client_tls(&args.tls).await?;
         let mut client = super::connect_server(&args.server, &tls).await?;
         let status = tokio::time::timeout(
             grpc::ANSWER_WAIT,

@@ -346,11 +346,7 @@ impl Identity {
     }
 
     async fn from_workload_api(endpoint: &str) -> Result<Arc<Self>, TlsError> {
-        let socket_missing = || {
-            endpoint
-                .strip_prefix("unix://")
-                .is_some_and(|p| !Path::new(p).exists())
-        };
+        let socket_missing = || workload_api_socket_missing(endpoint);
         // Said before the wait, which can be long.
         match socket_missing() {
             true => tracing::warn!(
@@ -719,7 +715,27 @@ fn workload_api_endpoint(s: &str) -> Result<String, String> {
     }
 }
 
+/// Whether `endpoint` names a Unix socket that does not exist (now).
+fn workload_api_socket_missing(endpoint: &str) -> bool {
+    endpoint
+        .strip_prefix("unix://")
+        .is_some_and(|p| !Path::new(p).exists())
+}
+
 impl TlsArgs {
+    /// For a command (`observe`, `status`), which does not wait for a
+    /// SPIRE agent as the agent and the relay do: a `--workload-api`
+    /// socket that does not exist is an error at once (it was one after
+    /// the Workload API's 30 s wait).
+    pub fn check_socket_now(&self) -> Result<(), String> {
+        match &self.workload_api {
+            Some(endpoint) if workload_api_socket_missing(endpoint) => Err(format!(
+                "--workload-api {endpoint}: the socket does not exist: is the SPIRE agent running on this machine, and is that its socket_path?"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads and checks `--tls-cert`, `--tls-key` and `--tls-ca` (nothing
     /// without them), so that a wrong file stops the agent at once.
     pub fn check_files(&self) -> Result<(), TlsError> {
