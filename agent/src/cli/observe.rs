@@ -16,6 +16,7 @@ use flowaudit_policy::Verdict;
 use tokio_stream::StreamExt;
 
 use crate::export::filter::FilterSet;
+use crate::export::filter::arg as filter_arg;
 use crate::export::proto;
 use crate::export::{convert, grpc};
 use crate::flow::{Direction, Endpoint, FlowEvent};
@@ -47,7 +48,7 @@ Identity of each end (identity_source, with identity_detail saying why when not 
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
     /// The agent's gRPC address: unix:///PATH or HOST:PORT.
-    #[arg(long, env = "FLOWAUDIT_SERVER", default_value = grpc::DEFAULT_ADDR, value_name = "ADDR")]
+    #[arg(long, env = "FLOWAUDIT_SERVER", default_value = grpc::DEFAULT_ADDR, value_name = "ADDR", value_parser = grpc::addr_arg)]
     pub server: String,
     #[command(flatten)]
     pub tls: crate::export::mtls::TlsArgs,
@@ -70,10 +71,10 @@ pub struct ObserveArgs {
     #[arg(long, value_name = "KIND", value_parser = |s: &str| enum_value(s, "FINDING_KIND", proto::FindingKind::from_str_name))]
     pub finding: Vec<i32>,
     /// Source SPIFFE ID glob (`*` one segment, `**` the rest), e.g. 'spiffe://demo.local/ns/99-apps/**'.
-    #[arg(long, value_name = "GLOB")]
+    #[arg(long, value_name = "GLOB", value_parser = filter_arg::identity)]
     pub from_identity: Vec<String>,
     /// Destination SPIFFE ID glob.
-    #[arg(long, value_name = "GLOB")]
+    #[arg(long, value_name = "GLOB", value_parser = filter_arg::identity)]
     pub to_identity: Vec<String>,
     /// Either end in this namespace.
     #[arg(long, value_name = "NS")]
@@ -85,16 +86,16 @@ pub struct ObserveArgs {
     #[arg(long, value_name = "NS")]
     pub to_namespace: Vec<String>,
     /// Source pod name prefix, optionally in a namespace: [NS/]PREFIX.
-    #[arg(long, value_name = "[NS/]PREFIX")]
+    #[arg(long, value_name = "[NS/]PREFIX", value_parser = filter_arg::pod)]
     pub from_pod: Vec<String>,
     /// Destination pod name prefix: [NS/]PREFIX.
-    #[arg(long, value_name = "[NS/]PREFIX")]
+    #[arg(long, value_name = "[NS/]PREFIX", value_parser = filter_arg::pod)]
     pub to_pod: Vec<String>,
     /// Source labels, Kubernetes selector syntax: app=frontend, 'app in (a,b)', '!canary'.
-    #[arg(long, value_name = "SELECTOR")]
+    #[arg(long, value_name = "SELECTOR", value_parser = filter_arg::labels)]
     pub from_label: Vec<String>,
     /// Destination labels, Kubernetes selector syntax.
-    #[arg(long, value_name = "SELECTOR")]
+    #[arg(long, value_name = "SELECTOR", value_parser = filter_arg::labels)]
     pub to_label: Vec<String>,
     /// Destination (server) port.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]

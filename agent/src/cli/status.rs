@@ -20,7 +20,7 @@ pub enum StatusOutput {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The agent's gRPC address: unix:///PATH or HOST:PORT.
-    #[arg(long, env = "FLOWAUDIT_SERVER", default_value = grpc::DEFAULT_ADDR, value_name = "ADDR")]
+    #[arg(long, env = "FLOWAUDIT_SERVER", default_value = grpc::DEFAULT_ADDR, value_name = "ADDR", value_parser = grpc::addr_arg)]
     pub server: String,
     #[command(flatten)]
     pub tls: crate::export::mtls::TlsArgs,

@@ -145,6 +145,31 @@ struct PodPrefix {
     prefix: String,
 }
 
+/// Value parsers for the command line's filter flags (`observe`): a bad
+/// glob, pod or selector is a usage error there (exit 2, naming the
+/// flag), as a bad enum value is; the same checks as [`Filter::compile`].
+pub mod arg {
+    use super::{FilterError, LabelSelector, PodPrefix, parse_pattern};
+
+    pub fn identity(s: &str) -> Result<String, String> {
+        parse_pattern(s)
+            .map(|_| s.to_owned())
+            .map_err(|e| FilterError::Identity(e).to_string())
+    }
+
+    pub fn pod(s: &str) -> Result<String, String> {
+        PodPrefix::parse(s)
+            .map(|_| s.to_owned())
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn labels(s: &str) -> Result<String, String> {
+        LabelSelector::parse(s)
+            .map(|_| s.to_owned())
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl PodPrefix {
     fn parse(text: &str) -> Result<Self, FilterError> {
         match text.split_once('/') {

@@ -577,6 +577,14 @@ pub async fn serve_service<S: FlowAudit>(
     Ok(bound)
 }
 
+/// The value parser of a gRPC address flag (`--grpc-addr`, `--server`):
+/// a malformed one is a usage error (exit 2, naming the flag).
+pub fn addr_arg(s: &str) -> Result<String, String> {
+    GrpcAddr::parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 /// Binds each TCP address of `addrs` for a moment, so that one taken (or
 /// not of this host) fails the start even when its listener starts later
 /// (the agent's, once SPIRE gave it an SVID).

@@ -96,7 +96,8 @@ pub struct ExportArgs {
         env = "FLOWAUDIT_GRPC_ADDR",
         value_delimiter = ',',
         default_value = grpc::DEFAULT_ADDR,
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = grpc::addr_arg
     )]
     pub grpc_addr: Vec<String>,
     #[command(flatten)]

@@ -64,7 +64,7 @@ pub struct RelayArgs {
     pub discovery: discovery::KubernetesArgs,
     /// Where the relay serves `flowaudit.v1.FlowAudit`: HOST:PORT (mTLS
     /// beyond loopback) or unix:///PATH; repeatable.
-    #[arg(long, env = "FLOWAUDIT_GRPC_ADDR", value_name = "ADDR", default_values_t = [DEFAULT_GRPC_ADDR.to_owned()])]
+    #[arg(long, env = "FLOWAUDIT_GRPC_ADDR", value_name = "ADDR", default_values_t = [DEFAULT_GRPC_ADDR.to_owned()], value_parser = crate::export::grpc::addr_arg)]
     pub grpc_addr: Vec<String>,
     /// /metrics, /healthz and /readyz.
     #[arg(
