@@ -69,6 +69,24 @@ pub fn return_freed_memory_promptly() -> std::ffi::c_long {
     delay_ms
 }
 
+/// An error with its causes, each said once (`a: b: c`), for the one line
+/// a command prints when it fails.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !last.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        last = part;
+    }
+    text
+}
+
 /// An error the JSON log already holds: `main` only sets the exit code.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -81,7 +99,7 @@ pub struct Logged(pub String);
 pub fn end_with(result: anyhow::Result<()>, format: LogFormat, what: &str) -> anyhow::Result<()> {
     match (result, format) {
         (Err(e), LogFormat::Json) => {
-            let text = crate::cli::error_text(&e);
+            let text = error_text(&e);
             tracing::error!(error = %text, "{what} stopped");
             Err(Logged(text).into())
         }

@@ -117,21 +117,7 @@ pub async fn connect_server(
         })
 }
 
-pub fn error_text(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    let mut last = String::new();
-    for cause in e.chain() {
-        let part = cause.to_string();
-        if !last.contains(&part) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&part);
-        }
-        last = part;
-    }
-    text
-}
+pub use crate::runtime::error_text;
 
 fn needs_escape(c: char) -> bool {
     c == '\\'
