@@ -557,10 +557,8 @@ async fn start_endpoints(
     let stats = state.metrics.endpoints.clone();
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
     match (args.endpoints.as_ref().zip(file), args.kubernetes) {
-        (Some(_), true) => anyhow::bail!(
-            "--endpoints and --kubernetes both set: choose one source for the endpoint directory"
-        ),
-        (Some((path, dir)), false) => {
+        // clap refuses --endpoints with --kubernetes.
+        (Some((path, dir)), _) => {
             tracing::info!(path = %path.display(), pods = dir.len(), "endpoint directory loaded");
             let (tx, rx) = watch::channel(Arc::new(dir));
             watchers.spawn(

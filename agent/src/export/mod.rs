@@ -217,30 +217,32 @@ pub async fn start(args: &ExportArgs, state: &Arc<AgentState>) -> anyhow::Result
     // endpoints (the kubelet's probes) and the Unix socket never do: an
     // agent whose SPIRE agent is not up yet (or is restarting) keeps
     // auditing, and its TCP listeners start once the Workload API answers.
-    let tcp = || -> Vec<String> {
-        args.grpc_addr
-            .iter()
-            .filter(|a| !a.starts_with("unix://"))
-            .cloned()
-            .collect()
-    };
-    let no_svid_yet = |why: &dyn std::fmt::Display, tcp: Vec<String>| {
-        tracing::warn!(error = %why, tcp = ?tcp, "no SVID yet: the TCP gRPC listeners start when the SPIRE Workload API answers; auditing, /metrics, /healthz and the Unix socket go on meanwhile");
-        tcp
-    };
-    let (tls, deferred) =
+    let (tls, no_svid) =
         match tokio::time::timeout(SVID_WAIT_AT_START, mtls::ServerTls::load(&args.tls)).await {
-            Ok(Ok(tls)) => (tls, Vec::new()),
-            Ok(Err(e @ mtls::TlsError::WorkloadApi { .. })) => (None, no_svid_yet(&e, tcp())),
+            Ok(Ok(tls)) => (tls, None),
+            Ok(Err(e @ mtls::TlsError::WorkloadApi { .. })) => (None, Some(e.to_string())),
             Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                let why = format!(
+            Err(_) => (
+                None,
+                Some(format!(
                     "the SPIRE Workload API gave none within {} s",
                     SVID_WAIT_AT_START.as_secs()
-                );
-                (None, no_svid_yet(&why, tcp()))
-            }
+                )),
+            ),
         };
+    let deferred: Vec<String> = match &no_svid {
+        None => Vec::new(),
+        Some(why) => {
+            let tcp: Vec<String> = args
+                .grpc_addr
+                .iter()
+                .filter(|a| !a.starts_with("unix://"))
+                .cloned()
+                .collect();
+            tracing::warn!(error = %why, tcp = ?tcp, "no SVID yet: the TCP gRPC listeners start when the SPIRE Workload API answers; auditing, /metrics, /healthz and the Unix socket go on meanwhile");
+            tcp
+        }
+    };
     // A port taken now fails the start, as it does without the wait.
     grpc::check_bind(&deferred)?;
     if let Some(tls) = &tls {
